@@ -1,0 +1,297 @@
+"""`Which`: what model to load, one attrs class per loader variant.
+
+Positional order and defaults are the spec's; upstream's later additions are
+keyword-only so that they can never shift a positional argument.  Each variant
+carries class attributes the runner dispatches on: `kind` (text, vision,
+diffusion, speech, embedding), `variant` (the canonical class name),
+`weights_format` (safetensors, gguf, ggml) and `adapter_kind` (None, lora, xlora).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+from ._fields import enum_field, field, int_field, list_field, str_field, str_or_list_field
+from .config import LoraAdapter, TextAutoMapParams, VisionAutoMapParams
+from .enums import (
+    Architecture,
+    DiffusionArchitecture,
+    EmbeddingArchitecture,
+    IsqOrganization,
+    ModelDType,
+    SpeechLoaderType,
+    VisionArchitecture,
+)
+
+
+def _auto_map(value: Any) -> Any:
+    # The spec prints the default as `(None,)` (a stray trailing comma in the
+    # upstream pyi); treat a literal `(None,)` the same as None.
+    return None if value == (None,) else value
+
+
+def _auto_map_field(cls: type, *, kw_only: bool = False) -> Any:
+    return field(
+        None,
+        kw_only=kw_only,
+        converter=_auto_map,
+        validator=attrs.validators.optional(attrs.validators.instance_of(cls)),
+    )
+
+
+def _dtype() -> Any:
+    return enum_field(ModelDType, ModelDType.Auto)
+
+
+def _arch(enum_cls: type, *, required: bool = False) -> Any:
+    if required:
+        return enum_field(enum_cls)
+    return enum_field(enum_cls, None, optional=True)
+
+
+def _organization() -> Any:
+    return enum_field(IsqOrganization, None, optional=True, kw_only=True)
+
+
+_GIB = 1 << 30
+
+
+class WhichVariant:
+    """Base of every `Which.*` class, so `isinstance(x, WhichVariant)` works."""
+
+    kind: ClassVar[str]
+    variant: ClassVar[str]
+    weights_format: ClassVar[str] = "safetensors"
+    adapter_kind: ClassVar[str | None] = None
+
+
+def _variant(kind: str, weights_format: str = "safetensors", adapter_kind: str | None = None):
+    def wrap(cls: type) -> type:
+        cls.kind = kind
+        cls.variant = cls.__name__
+        cls.weights_format = weights_format
+        cls.adapter_kind = adapter_kind
+        return attrs.define(cls)
+
+    return wrap
+
+
+class Which:
+    """Namespace of loader variants, e.g. `Which.Plain(model_id=...)`."""
+
+    @_variant("text")
+    class Plain(WhichVariant):
+        model_id: str = str_field()
+        arch: Architecture | None = _arch(Architecture)
+        tokenizer_json: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        organization: IsqOrganization | None = enum_field(IsqOrganization, None, optional=True)
+        from_uqff: str | list[str] | None = str_or_list_field(None)
+        write_uqff: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        calibration_file: str | None = str_field(None)
+        imatrix: str | None = str_field(None)
+        hf_cache_path: str | None = str_field(None)
+        matformer_config_path: str | None = str_field(None, kw_only=True)
+        matformer_slice_name: str | None = str_field(None, kw_only=True)
+
+    @_variant("text", adapter_kind="xlora")
+    class XLora(WhichVariant):
+        xlora_model_id: str = str_field()
+        order: str = str_field()
+        arch: Architecture | None = _arch(Architecture)
+        model_id: str | None = str_field(None)
+        tokenizer_json: str | None = str_field(None)
+        tgt_non_granular_index: int | None = int_field(None)
+        topology: str | None = str_field(None)
+        from_uqff: str | list[str] | None = str_or_list_field(None)
+        write_uqff: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        hf_cache_path: str | None = str_field(None)
+
+    @_variant("text", adapter_kind="lora")
+    class Lora(WhichVariant):
+        # Required by the spec; optional here only because upstream's newer
+        # form passes `adapters=[LoraAdapter(...)]` instead (checked below).
+        adapter_model_id: str | list[str] | None = str_or_list_field(None)
+        arch: Architecture | None = _arch(Architecture)
+        model_id: str | None = str_field(None)
+        tokenizer_json: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        from_uqff: str | list[str] | None = str_or_list_field(None)
+        write_uqff: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        hf_cache_path: str | None = str_field(None)
+        adapters: list[LoraAdapter] = list_field(kw_only=True)
+        max_adapters: int = int_field(16, kw_only=True)
+        max_rank: int = int_field(256, kw_only=True)
+        max_bytes: int = int_field(8 * _GIB, kw_only=True)
+
+        def __attrs_post_init__(self) -> None:
+            if self.adapter_model_id is None and not self.adapters:
+                raise ValueError("adapter_model_id: required unless `adapters` is given")
+            for i, adapter in enumerate(self.adapters):
+                if not isinstance(adapter, LoraAdapter):
+                    raise TypeError(f"adapters[{i}]: must be a LoraAdapter, got {adapter!r}")
+
+    @_variant("text", weights_format="gguf")
+    class GGUF(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str | list[str] = str_or_list_field()
+        tok_model_id: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        tokenizer_json: str | None = str_field(None, kw_only=True)
+        mmproj_filename: str | None = str_field(None, kw_only=True)
+        organization: IsqOrganization | None = _organization()
+        write_uqff: str | None = str_field(None, kw_only=True)
+        imatrix: str | None = str_field(None, kw_only=True)
+        calibration_file: str | None = str_field(None, kw_only=True)
+        max_edge: int | None = int_field(None, kw_only=True)
+        multimodal_auto_map_params: VisionAutoMapParams | None = _auto_map_field(
+            VisionAutoMapParams, kw_only=True
+        )
+        adapters: list[LoraAdapter] = list_field(kw_only=True)
+        max_adapters: int = int_field(16, kw_only=True)
+        max_rank: int = int_field(256, kw_only=True)
+        max_bytes: int = int_field(8 * _GIB, kw_only=True)
+        hf_cache_path: str | None = str_field(None, kw_only=True)
+        matformer_config_path: str | None = str_field(None, kw_only=True)
+        matformer_slice_name: str | None = str_field(None, kw_only=True)
+
+    @_variant("text", weights_format="gguf", adapter_kind="xlora")
+    class XLoraGGUF(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str | list[str] = str_or_list_field()
+        xlora_model_id: str = str_field()
+        order: str = str_field()
+        tok_model_id: str | None = str_field(None)
+        tgt_non_granular_index: int | None = int_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        tokenizer_json: str | None = str_field(None, kw_only=True)
+        hf_cache_path: str | None = str_field(None, kw_only=True)
+
+    @_variant("text", weights_format="gguf", adapter_kind="lora")
+    class LoraGGUF(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str | list[str] = str_or_list_field()
+        adapters_model_id: str = str_field()
+        order: str = str_field()
+        tok_model_id: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        tokenizer_json: str | None = str_field(None, kw_only=True)
+        hf_cache_path: str | None = str_field(None, kw_only=True)
+
+    @_variant("text", weights_format="ggml")
+    class GGML(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str = str_field()
+        tok_model_id: str | None = str_field(None)
+        tokenizer_json: str | None = str_field(None)
+        # None means the GGML default of 1 (no grouped-query attention).
+        gqa: int | None = int_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+
+    @_variant("text", weights_format="ggml", adapter_kind="xlora")
+    class XLoraGGML(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str = str_field()
+        xlora_model_id: str = str_field()
+        order: str = str_field()
+        tok_model_id: str | None = str_field(None)
+        tgt_non_granular_index: int | None = int_field(None)
+        tokenizer_json: str | None = str_field(None)
+        gqa: int | None = int_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+
+    @_variant("text", weights_format="ggml", adapter_kind="lora")
+    class LoraGGML(WhichVariant):
+        quantized_model_id: str = str_field()
+        quantized_filename: str = str_field()
+        adapters_model_id: str = str_field()
+        order: str = str_field()
+        tok_model_id: str | None = str_field(None)
+        tokenizer_json: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+        gqa: int | None = int_field(None, kw_only=True)
+
+    @_variant("embedding")
+    class Embedding(WhichVariant):
+        model_id: str = str_field()
+        arch: EmbeddingArchitecture | None = _arch(EmbeddingArchitecture)
+        tokenizer_json: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        from_uqff: str | list[str] | None = str_or_list_field(None)
+        write_uqff: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        hf_cache_path: str | None = str_field(None)
+        imatrix: str | None = str_field(None, kw_only=True)
+        calibration_file: str | None = str_field(None, kw_only=True)
+
+    @_variant("vision")
+    class VisionPlain(WhichVariant):
+        model_id: str = str_field()
+        arch: VisionArchitecture = _arch(VisionArchitecture, required=True)
+        tokenizer_json: str | None = str_field(None)
+        topology: str | None = str_field(None)
+        from_uqff: str | list[str] | None = str_or_list_field(None)
+        write_uqff: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+        max_edge: int | None = int_field(None)
+        auto_map_params: VisionAutoMapParams | None = _auto_map_field(VisionAutoMapParams)
+        calibration_file: str | None = str_field(None)
+        imatrix: str | None = str_field(None)
+        hf_cache_path: str | None = str_field(None)
+        matformer_config_path: str | None = str_field(None, kw_only=True)
+        matformer_slice_name: str | None = str_field(None, kw_only=True)
+        organization: IsqOrganization | None = _organization()
+
+    MultimodalPlain = VisionPlain
+
+    @_variant("diffusion")
+    class DiffusionPlain(WhichVariant):
+        model_id: str = str_field()
+        arch: DiffusionArchitecture = _arch(DiffusionArchitecture, required=True)
+        dtype: ModelDType = _dtype()
+
+    @_variant("speech")
+    class Speech(WhichVariant):
+        model_id: str = str_field()
+        # The spec types this DiffusionArchitecture (a doc slip); the loader
+        # enum upstream actually takes is SpeechLoaderType.
+        arch: SpeechLoaderType = _arch(SpeechLoaderType, required=True)
+        dac_model_id: str | None = str_field(None)
+        dtype: ModelDType = _dtype()
+
+
+WHICH_VARIANTS: tuple[type[WhichVariant], ...] = (
+    Which.Plain,
+    Which.XLora,
+    Which.Lora,
+    Which.GGUF,
+    Which.XLoraGGUF,
+    Which.LoraGGUF,
+    Which.GGML,
+    Which.XLoraGGML,
+    Which.LoraGGML,
+    Which.Embedding,
+    Which.VisionPlain,
+    Which.DiffusionPlain,
+    Which.Speech,
+)

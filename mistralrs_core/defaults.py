@@ -1,0 +1,24 @@
+"""The core's own defaults, registered through the same hooks as any plugin."""
+from mistralrs_core.hookspecs import hookimpl
+
+
+@hookimpl
+def mistralrs_register_loaders(register):
+    register("safetensors", "mistralrs_core.loading.model_loader:SafetensorsLoader")
+
+
+@hookimpl
+def mistralrs_register_quantizers(register):
+    register("none", "mistralrs_core.layers.linear:UnquantizedMethod")
+
+
+@hookimpl
+def mistralrs_register_samplers(register):
+    register("default", "mistralrs_core.sampling.sampler:Sampler")
+
+
+@hookimpl
+def mistralrs_select_loader(which, kind):
+    if type(which).__name__ in ("Plain", "Embedding"):
+        return "safetensors"
+    return None

@@ -1,0 +1,54 @@
+"""How many KV blocks to allocate, from the ``pa_*`` Runner arguments."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEFAULT_BLOCK_SIZE = 32
+# Without explicit sizing, the CPU pool gets at most this much memory.
+CPU_DEFAULT_BUDGET = 2 << 30
+
+
+def bytes_per_token(specs, dtype: torch.dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return sum((s.num_heads * (s.k_dim + s.v_dim)) * elem for s in specs if s is not None)
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+def pool_tokens(opts, specs, dtype, device: torch.device, max_context: int) -> int:
+    """Priority (as upstream): pa_ctxt_len > pa_gpu_mem_usage > pa_gpu_mem > default."""
+    per_tok = max(1, bytes_per_token(specs, dtype))
+    if opts.pa_ctxt_len is not None:
+        if opts.pa_ctxt_len < 1:
+            raise ValueError("pa_ctxt_len: must be >= 1")
+        return opts.pa_ctxt_len
+    if opts.pa_gpu_mem_usage is not None:
+        if not 0 < opts.pa_gpu_mem_usage <= 1:
+            raise ValueError("pa_gpu_mem_usage: must be in (0, 1]")
+        return int(_available_memory(device) * opts.pa_gpu_mem_usage) // per_tok
+    if opts.pa_gpu_mem is not None:
+        if opts.pa_gpu_mem < 1:
+            raise ValueError("pa_gpu_mem: must be >= 1 (MB)")
+        return (opts.pa_gpu_mem << 20) // per_tok
+    if device.type == "cuda":
+        return int(_available_memory(device) * 0.9) // per_tok
+    want = opts.max_seqs * max_context
+    budget = min(CPU_DEFAULT_BUDGET, _available_memory(device) // 4)
+    return max(min(want, budget // per_tok), min(max_context, 8 * budget // per_tok))
+
+
+def block_size(opts) -> int:
+    bs = opts.pa_blk_size or DEFAULT_BLOCK_SIZE
+    if bs < 1:
+        raise ValueError("pa_blk_size: must be >= 1")
+    return bs

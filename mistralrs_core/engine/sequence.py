@@ -1,0 +1,61 @@
+"""A sequence is one choice of one request moving through the engine."""
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+
+_ids = itertools.count()
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Sequence:
+    __slots__ = ("id", "group", "index", "prompt_ids", "output_ids", "blocks", "block_hashes",
+                 "num_computed", "status", "state", "detok", "text", "emitted", "finish_reason",
+                 "logprobs", "arrival", "first_token_time", "admitted_time", "preemptions", "stop_at",
+                 "max_tokens", "prompt_len")
+
+    def __init__(self, group, index: int, prompt_ids: list[int], state, detok, max_tokens: int):
+        self.id = next(_ids)
+        self.group = group                 # the owning request (engine.RequestGroup)
+        self.index = index                 # choice index
+        self.prompt_ids = prompt_ids
+        self.prompt_len = len(prompt_ids)
+        self.output_ids: list[int] = []
+        self.blocks: list[int] = []
+        self.block_hashes: list[int] = []
+        self.num_computed = 0              # tokens whose K/V sit in the cache
+        self.status = SeqStatus.WAITING
+        self.state = state                 # sampling.SamplingState (shares output_ids)
+        self.detok = detok
+        self.text = ""                     # full decoded output text so far
+        self.emitted = 0                   # chars of ``text`` already sent to a stream
+        self.finish_reason: str | None = None
+        self.logprobs: list = []
+        self.arrival = time.perf_counter()
+        self.admitted_time: float | None = None
+        self.first_token_time: float | None = None
+        self.preemptions = 0
+        self.stop_at: int | None = None    # char index where a stop string begins
+        self.max_tokens = max_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def __repr__(self):
+        return (f"Sequence(id={self.id}, prompt={self.prompt_len}, out={len(self.output_ids)}, "
+                f"computed={self.num_computed}, {self.status.name})")

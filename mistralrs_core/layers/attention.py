@@ -1,0 +1,162 @@
+"""Attention over the paged KV cache (torch path, any device).
+
+The model runner hands every layer one ``AttentionMetadata`` describing the flat token
+batch: which sequence each token belongs to, where its K/V goes in the block pool
+(``slot_mapping``) and which blocks hold each sequence's context (``block_tables``).
+A layer writes its new K/V into the pool, gathers each sequence's context into a padded
+[B, K, heads, dim] view and runs one batched attention call.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+
+@attrs.define
+class KVCacheSpec:
+    """What one layer stores per token: ``num_heads`` x (``k_dim`` + ``v_dim``)."""
+    num_heads: int
+    k_dim: int
+    v_dim: int
+
+
+class LayerKVCache:
+    """One layer's share of the block pool: k [blocks, block_size, heads, k_dim], v likewise."""
+
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype, device):
+        self.spec = spec
+        self.block_size = block_size
+        self.k = torch.zeros(num_blocks, block_size, spec.num_heads, spec.k_dim, dtype=dtype, device=device)
+        self.v = (torch.zeros(num_blocks, block_size, spec.num_heads, spec.v_dim, dtype=dtype, device=device)
+                  if spec.v_dim else None)
+
+    def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
+        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, slot_mapping, k.to(self.k.dtype))
+        if self.v is not None and v is not None:
+            self.v.view(-1, *self.v.shape[2:]).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+
+    def gather(self, block_tables: torch.Tensor, max_len: int):
+        """Contexts as [B, max_len, heads, dim] (positions beyond a context are junk, masked later)."""
+        b = block_tables.shape[0]
+        k = self.k[block_tables].reshape(b, -1, *self.k.shape[2:])[:, :max_len]
+        v = None if self.v is None else self.v[block_tables].reshape(b, -1, *self.v.shape[2:])[:, :max_len]
+        return k, v
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + (self.v.nbytes if self.v is not None else 0)
+
+
+@attrs.define(eq=False)
+class AttentionMetadata:
+    """Per-step description of the flat token batch (shared by every layer)."""
+    query_lens: list[int]           # tokens of each sequence in this step
+    context_lens: list[int]         # KV length of each sequence after this step
+    slot_mapping: torch.Tensor      # [T] pool slot of each new token
+    block_tables: torch.Tensor      # [B, max_blocks] block ids (padded with 0)
+    token_index: torch.Tensor       # [T] row in the padded [B * q_max] layout
+    q_max: int
+    k_max: int
+    # True when each sequence's context is exactly its new tokens (a fresh prefill).
+    fresh_prefill: bool = False
+    causal: bool = True
+    _masks: dict = attrs.field(factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    def mask(self, device, sliding_window: int | None = None) -> torch.Tensor:
+        """Boolean [B, 1, q_max, k_max]: True where a query may attend a key."""
+        key = (sliding_window, self.causal)
+        m = self._masks.get(key)
+        if m is None:
+            q_lens = torch.tensor(self.query_lens, device=device)
+            c_lens = torch.tensor(self.context_lens, device=device)
+            qi = torch.arange(self.q_max, device=device)[None, :]
+            kj = torch.arange(self.k_max, device=device)[None, None, :]
+            q_pos = (c_lens - q_lens)[:, None] + qi                     # [B, q_max] absolute positions
+            valid_q = qi < q_lens[:, None]
+            m = kj < c_lens[:, None, None]
+            if self.causal:
+                m = m & (kj <= q_pos[:, :, None])
+            if sliding_window is not None:
+                m = m & (kj > q_pos[:, :, None] - sliding_window)
+            # Padding queries attend key 0 so softmax never sees an empty row; their output is dropped.
+            m = m | (~valid_q[:, :, None] & (kj == 0))
+            m = m[:, None]
+            self._masks[key] = m
+        return m
+
+
+def _pad_queries(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[T, H, D] -> [B, H, q_max, D]."""
+    b = meta.num_seqs
+    if b == 1 and meta.q_max == x.shape[0]:
+        return x[None].transpose(1, 2)
+    out = x.new_zeros(b * meta.q_max, *x.shape[1:])
+    out.index_copy_(0, meta.token_index, x)
+    return out.view(b, meta.q_max, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad(o: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[B, H, q_max, D] -> [T, H, D]."""
+    o = o.transpose(1, 2)
+    if meta.num_seqs == 1 and meta.q_max == meta.token_index.shape[0]:
+        return o[0]
+    return o.reshape(-1, *o.shape[2:]).index_select(0, meta.token_index)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+              cache: LayerKVCache | None, *, scale: float, sliding_window: int | None = None,
+              softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] (rope applied) -> [T, Hq, Dv]."""
+    if cache is not None:
+        cache.write(meta.slot_mapping, k, v)
+    if meta.fresh_prefill or cache is None:
+        keys, values = _pad_queries(k, meta), _pad_queries(v, meta)
+        k_len = meta.q_max
+    else:
+        kc, vc = cache.gather(meta.block_tables, meta.k_max)
+        keys, values = kc.transpose(1, 2), vc.transpose(1, 2)
+        k_len = meta.k_max
+    queries = _pad_queries(q, meta)
+    if keys.dtype != queries.dtype:
+        keys, values = keys.to(queries.dtype), values.to(queries.dtype)
+    mask = meta.mask(q.device, sliding_window)
+    if meta.fresh_prefill or cache is None:
+        mask = mask[..., :k_len]
+    if softcap is None and sinks is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=keys.shape[1] != queries.shape[1])
+    else:
+        out = eager_attention(queries, keys, values, mask, scale, softcap, sinks)
+    return _unpad(out, meta)
+
+
+def eager_attention(q, k, v, mask, scale, softcap=None, sinks=None):
+    """Explicit softmax(QK^T) V for variants SDPA lacks (logit soft-capping, sink logits)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        # A per-head learned logit joins the softmax and then is dropped.
+        sink = sinks.reshape(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1).to(scores.dtype)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.amax(dim=-1, keepdim=True)
+        probs = torch.softmax(combined, dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

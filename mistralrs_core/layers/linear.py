@@ -1,0 +1,86 @@
+"""Linear and embedding layers whose weight may be a quantized method."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistralrs_core.layers.quantized import QuantMethod
+
+
+class UnquantizedMethod:
+    """Plain dense weight; registered as the core's ``none`` quantizer."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+    def embedding(self, ids):
+        return F.embedding(ids, self.weight)
+
+    def dequantize(self):
+        return self.weight.float()
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` where W is a dense parameter or a plugin's ``QuantMethod``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False)
+                     if bias else None)
+        self.qmethod: QuantMethod | None = None
+
+    def set_quant_method(self, method: QuantMethod) -> None:
+        if (method.out_features, method.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight has shape {(method.out_features, method.in_features)}, "
+                             f"expected {(self.out_features, self.in_features)}")
+        self.qmethod = method
+        # Drop the dense parameter so memory holds only the packed form.
+        self.weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qmethod is not None:
+            y = self.qmethod.forward(x)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        else:
+            y = F.linear(x, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+    def extra_repr(self):
+        q = f", quant={type(self.qmethod).__name__}" if self.qmethod is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}{q}"
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device="meta"), requires_grad=False)
+        self.qmethod: QuantMethod | None = None
+
+    def set_quant_method(self, method: QuantMethod) -> None:
+        self.qmethod = method
+        self.weight = None
+
+    def forward(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.qmethod is not None:
+            out = self.qmethod.embedding(ids)
+            return out.to(dtype) if dtype is not None else out
+        return F.embedding(ids, self.weight)
+
+    def as_lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Tied output projection ``x @ E^T``."""
+        if self.qmethod is not None:
+            return self.qmethod.forward(x)
+        return F.linear(x, self.weight)

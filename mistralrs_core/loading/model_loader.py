@@ -1,0 +1,91 @@
+"""Builds text pipelines from a Hugging Face-style directory (config.json + safetensors)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mistralrs_core.plugins import get_registry, installed_plugins
+
+
+def detect_architecture(hf_config: dict, kind: str = "text", arch=None):
+    reg = get_registry()
+    if arch is not None:
+        name = getattr(arch, "name", arch)
+        entry = reg.architecture(str(name), kind)
+        if entry is None:
+            raise ValueError(f"arch: no installed {kind} family {name!r}; known {kind} families: "
+                             f"{', '.join(reg.names(kind)) or 'none'}; installed plugins: "
+                             f"{', '.join(installed_plugins())}")
+        return entry
+    entry = reg.architecture_for_hf(hf_config, kind)
+    if entry is None:
+        from mistralrs_core.plugins import get_plugin_manager
+        name = get_plugin_manager().hook.mistralrs_select_architecture(config=hf_config, kind=kind)
+        if name:
+            entry = reg.architecture(name, kind)
+    if entry is None:
+        raise ValueError(
+            f"unknown model family (model_type={hf_config.get('model_type')!r}, "
+            f"architectures={hf_config.get('architectures')}); known {kind} families: "
+            f"{', '.join(reg.names(kind)) or 'none'}; installed plugins: {', '.join(installed_plugins())}")
+    return entry
+
+
+def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cpu", kind="text"):
+    from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    hf = load_model_config(model_dir)
+    entry = detect_architecture(hf, kind, arch)
+    cls = entry.load()
+    model = cls.from_hf_config(hf, dtype)
+    weights = SafetensorsWeights(model_dir)
+    model.load_weights(weights.items(), device=device)
+    model.eval()
+    return model, hf
+
+
+def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, generation_config: dict,
+                       opts, device: torch.device):
+    """Wire a loaded model to an engine sized by the options (shared by every text loader)."""
+    from mistralrs_core.engine import kv_pool
+    from mistralrs_core.engine.engine import Engine, EngineConfig
+    from mistralrs_core.pipeline.text import TextPipeline
+    from mistralrs_core.tokenization.eos import generation_eos_ids
+
+    cache_dtype = model.dtype
+    if opts.pa_cache_type is not None and getattr(opts.pa_cache_type, "name", "Auto") != "Auto":
+        from mistralrs_core.errors import NotAvailableYet
+        raise NotAvailableYet("pa_cache_type=F8E4M3", "the KV cache is stored in the model dtype")
+    specs = model.kv_cache_specs()
+    bs = kv_pool.block_size(opts)
+    tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len)
+    num_blocks = max(2, -(-tokens // bs))
+    cfg = EngineConfig(max_seqs=opts.max_seqs, block_size=bs, num_blocks=num_blocks,
+                       prefix_cache=opts.prefix_cache_n > 0, no_kv_cache=opts.no_kv_cache,
+                       max_batch_tokens=opts.max_batch_tokens or 2048, seed=opts.seed,
+                       device=str(device), cache_dtype=cache_dtype)
+    eos = generation_eos_ids(tokenizer, template, generation_config, hf_config)
+    engine = Engine(model, tokenizer, cfg, eos, name=name)
+    return TextPipeline(name, model, tokenizer, template, engine, generation_config)
+
+
+class SafetensorsLoader:
+    """``Which.Plain``: a local or hub directory with config.json, safetensors and tokenizer."""
+
+    def load(self, which, opts, name: str):
+        from mistralrs_core.loading.hf_config import load_generation_config
+        from mistralrs_core.loading.options import pick_device, pick_dtype
+        from mistralrs_core.loading.resolve import resolve_model_dir
+        from mistralrs_core.tokenization.chat_template import resolve_chat_template
+        from mistralrs_core.tokenization.tokenizer import Tokenizer
+
+        model_dir = resolve_model_dir(which.model_id, hf_cache_path=getattr(which, "hf_cache_path", None),
+                                      token_source=opts.token_source)
+        device = pick_device(opts.device)
+        dtype = pick_dtype(which.dtype, device)
+        tokenizer = Tokenizer.from_dir(model_dir, tokenizer_json=which.tokenizer_json)
+        model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device)
+        template = resolve_chat_template(model_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
+        gen_cfg = load_generation_config(model_dir)
+        return make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device)

@@ -1,0 +1,88 @@
+"""What every text model gives the engine, and weight loading by Hugging Face names."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache
+from mistralrs_core.layers.linear import Embedding, Linear
+from mistralrs_core.layers.quantized import QuantizedWeight
+
+
+class CausalLM(nn.Module):
+    """Base of every generative text model.
+
+    Subclasses build their modules with Hugging Face names, on the meta device; weights
+    arrive through ``load_weights``. ``forward`` returns hidden states for the flat token
+    batch, ``compute_logits`` turns selected rows into float32 logits.
+    """
+
+    #: names in checkpoints that carry no weights we need
+    ignored_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.dtype = dtype
+        self.max_context_len = 4096
+
+    # --- engine interface -------------------------------------------------
+    def kv_cache_specs(self) -> list[KVCacheSpec | None]:
+        raise NotImplementedError
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                caches: list[LayerKVCache | None]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- weights ----------------------------------------------------------
+    def map_weight_name(self, name: str) -> str | None:
+        """Hook for checkpoints whose names differ from the module tree; None drops it."""
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
+                     device: torch.device | str = "cpu") -> None:
+        modules = dict(self.named_modules())
+        for raw_name, value in weights:
+            if raw_name.endswith(self.ignored_weight_suffixes):
+                continue
+            name = self.map_weight_name(raw_name)
+            if name is None:
+                continue
+            mod_name, _, attr = name.rpartition(".")
+            module = modules.get(mod_name)
+            if module is None or not hasattr(module, attr):
+                raise ValueError(f"unexpected weight {raw_name!r} for {type(self).__name__}")
+            self._assign(module, attr, value, name, device)
+        self.finish_loading(device)
+
+    def _assign(self, module: nn.Module, attr: str, value, name: str, device) -> None:
+        if isinstance(value, QuantizedWeight) and not isinstance(value, torch.Tensor):
+            if attr == "weight" and isinstance(module, (Linear, Embedding)):
+                module.set_quant_method(value.quant_method(self.dtype))
+                return
+            value = value.dequantize()
+        current = getattr(module, attr)
+        if current is not None and tuple(current.shape) != tuple(value.shape):
+            raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, "
+                             f"expected {tuple(current.shape)}")
+        tensor = value.to(device=device, dtype=self.dtype)
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+    def finish_loading(self, device) -> None:
+        """Tie weights, then fail loudly on anything the checkpoint did not provide."""
+        self.tie_weights()
+        missing = [n for n, p in self.named_parameters() if p.device.type == "meta"]
+        if missing:
+            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for "
+                             f"{type(self).__name__}: {shown}")
+
+    def tie_weights(self) -> None:
+        pass
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

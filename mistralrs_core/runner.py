@@ -1,0 +1,299 @@
+"""``Runner``: the SDK's entry point, holding one or more loaded models.
+
+Multi-model design: a Runner keeps a table ``model_id -> ModelSlot``. The constructor
+loads ``which`` (or each element of a list of ``Which``) under its model id (the
+``model_id`` / ``quantized_model_id`` of the variant, made unique with ``-2``, ``-3``
+...); ``add_model`` loads more later. The first model is the default. Each slot keeps
+its ``Which`` and load options, so ``unload_model`` frees the engine and weights while
+``reload_model`` (or any request routed to it) rebuilds them.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from typing import Any, Callable, Mapping
+
+from mistralrs_core.api.which import WhichVariant  # noqa: F401
+from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.loading.options import LoadOptions
+from mistralrs_core.plugins import get_plugin_manager, get_registry, installed_plugins
+
+log = logging.getLogger("mistralrs")
+
+
+class ModelSlot:
+    def __init__(self, model_id: str, which, opts: LoadOptions):
+        self.model_id = model_id
+        self.which = which
+        self.opts = opts
+        self.pipeline = None
+        self.status = "unloaded"
+        self.lock = threading.RLock()
+
+
+def _which_model_id(which) -> str:
+    for attr in ("model_id", "quantized_model_id", "xlora_model_id", "adapter_model_id"):
+        v = getattr(which, attr, None)
+        if v:
+            return str(v)
+    return "default"
+
+
+def load_pipeline(which, opts: LoadOptions, name: str):
+    """Find the loader for ``which`` through the plugins and load it."""
+    if not isinstance(which, WhichVariant):
+        raise ValueError(f"which: expected a Which.* variant, got {type(which).__name__}")
+    kind = getattr(which, "kind", "text")
+    pm = get_plugin_manager()
+    loader_name = pm.hook.mistralrs_select_loader(which=which, kind=kind)
+    if loader_name is None:
+        raise NotAvailableYet(
+            f"Which.{type(which).__name__}",
+            f"no installed plugin loads it; installed plugins: {', '.join(installed_plugins())}")
+    entry = get_registry().loaders.get(loader_name.lower())
+    if entry is None:
+        raise ValueError(f"loader {loader_name!r} was selected but is not registered")
+    loader = entry.load()()
+    return loader.load(which, opts, name)
+
+
+class Runner:
+    def __init__(
+        self,
+        which,
+        max_seqs: int = 16,
+        no_kv_cache: bool = False,
+        prefix_cache_n: int = 16,
+        token_source: str = "cache",
+        speculative_gamma: int = 32,
+        which_draft=None,
+        chat_template: str | None = None,
+        jinja_explicit: str | None = None,
+        num_device_layers: list[str] | None = None,
+        in_situ_quant: str | None = None,
+        anymoe_config=None,
+        pa_gpu_mem: int | None = None,
+        pa_gpu_mem_usage: float | None = None,
+        pa_ctxt_len: int | None = None,
+        pa_blk_size: int | None = None,
+        pa_cache_type=None,
+        no_paged_attn: bool = False,
+        paged_attn: bool = False,
+        seed: int | None = None,
+        enable_search: bool = False,
+        search_embedding_model: str | None = None,
+        search_callback: Callable[[str], list[dict[str, str]]] | None = None,
+        tool_callbacks: Mapping[str, Callable[[str, dict], str]] | None = None,
+        mcp_client_config=None,
+        code_execution_config=None,
+        shell_config=None,
+        mtp_model=None,
+        mtp_n_predict: int | None = None,
+        *,
+        device: str | None = None,
+    ) -> None:
+        unavailable = [
+            ("which_draft", which_draft is not None, "speculative decoding"),
+            ("mtp_model", mtp_model is not None, "multi-token prediction"),
+            ("anymoe_config", anymoe_config is not None, "AnyMoE"),
+            ("num_device_layers", bool(num_device_layers), "manual device mapping"),
+            ("enable_search", bool(enable_search), "web search"),
+            ("search_embedding_model", search_embedding_model is not None, "web search"),
+            ("search_callback", search_callback is not None, "web search"),
+            ("tool_callbacks", bool(tool_callbacks), "tool calling"),
+            ("mcp_client_config", mcp_client_config is not None, "the MCP client"),
+            ("code_execution_config", code_execution_config is not None, "code execution"),
+            ("shell_config", shell_config is not None, "the shell tool"),
+        ]
+        for field, present, what in unavailable:
+            if present:
+                raise NotAvailableYet(f"Runner({field}=...) ({what})")
+        if in_situ_quant is not None and "isq" not in get_registry().quantizers:
+            raise NotAvailableYet("Runner(in_situ_quant=...) (in-situ quantization)",
+                                  "install mistralrs-quant with ISQ support")
+        if max_seqs < 1:
+            raise ValueError("max_seqs: must be >= 1")
+        if prefix_cache_n < 0:
+            raise ValueError("prefix_cache_n: must be >= 0")
+        self._defaults = LoadOptions(
+            max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
+            token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
+            in_situ_quant=in_situ_quant, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
+            pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
+            no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device)
+        self.speculative_gamma = speculative_gamma
+        self._models: dict[str, ModelSlot] = {}
+        self._default: str | None = None
+        self._lock = threading.RLock()
+        for w in (which if isinstance(which, (list, tuple)) else [which]):
+            self.add_model(w)
+
+    # --- model table ------------------------------------------------------
+    def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
+        """Load another model into this runner; ``options`` override the Runner's load options."""
+        import attrs
+        opts = attrs.evolve(self._defaults, **options) if options else self._defaults
+        with self._lock:
+            mid = model_id or _which_model_id(which)
+            base, k = mid, 2
+            while model_id is None and mid in self._models:
+                mid, k = f"{base}-{k}", k + 1
+            if mid in self._models:
+                raise ValueError(f"model_id: {mid!r} is already loaded")
+            slot = ModelSlot(mid, which, opts)
+            self._load(slot)
+            self._models[mid] = slot
+            if self._default is None or default:
+                self._default = mid
+        return mid
+
+    def _load(self, slot: ModelSlot) -> None:
+        with slot.lock:
+            if slot.pipeline is not None:
+                return
+            prev = slot.status
+            slot.status = "reloading" if prev == "unloaded" and slot.model_id in self._models else "loading"
+            try:
+                slot.pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                slot.status = "loaded"
+            except BaseException:
+                slot.status = prev
+                raise
+
+    def _slot(self, model_id: str | None) -> ModelSlot:
+        with self._lock:
+            mid = model_id if model_id not in (None, "default") else self._default
+            if model_id == "default" and "default" in self._models:
+                mid = "default"
+            slot = self._models.get(mid) if mid is not None else None
+            if slot is None:
+                raise ValueError(f"model_id: unknown model {model_id!r}; loaded models: {list(self._models)}")
+        return slot
+
+    def _pipeline(self, model_id: str | None):
+        slot = self._slot(model_id)
+        if slot.pipeline is None:
+            self._load(slot)  # automatic reload of an unloaded model
+        return slot.pipeline
+
+    def list_models(self) -> list[str]:
+        return list(self._models)
+
+    def get_default_model_id(self) -> str | None:
+        return self._default
+
+    def set_default_model_id(self, model_id: str) -> None:
+        with self._lock:
+            if model_id not in self._models:
+                raise ValueError(f"model_id: unknown model {model_id!r}; loaded models: {list(self._models)}")
+            self._default = model_id
+
+    def is_model_loaded(self, model_id: str) -> bool:
+        slot = self._models.get(model_id)
+        return slot is not None and slot.pipeline is not None
+
+    def unload_model(self, model_id: str) -> None:
+        slot = self._slot(model_id)
+        with slot.lock:
+            if slot.pipeline is not None:
+                slot.pipeline.shutdown()
+                slot.pipeline = None
+                slot.status = "unloaded"
+        gc.collect()
+
+    def reload_model(self, model_id: str) -> None:
+        self._load(self._slot(model_id))
+
+    def list_models_with_status(self) -> list[tuple[str, str]]:
+        return [(m, s.status) for m, s in self._models.items()]
+
+    def list_unloaded_models(self) -> list[str]:
+        return [m for m, s in self._models.items() if s.pipeline is None]
+
+    def get_model_status(self, model_id: str) -> str | None:
+        slot = self._models.get(model_id)
+        return slot.status if slot is not None else None
+
+    def remove_model(self, model_id: str) -> None:
+        self.unload_model(model_id)
+        with self._lock:
+            del self._models[model_id]
+            if self._default == model_id:
+                self._default = next(iter(self._models), None)
+
+    def shutdown(self) -> None:
+        for mid in list(self._models):
+            self.unload_model(mid)
+
+    def __del__(self):
+        try:
+            for slot in self._models.values():
+                if slot.pipeline is not None:
+                    slot.pipeline.shutdown()
+        except Exception:
+            pass
+
+    # --- requests ---------------------------------------------------------
+    def send_chat_completion_request(self, request, model_id: str | None = None):
+        return self._pipeline(model_id).chat(request)
+
+    def send_completion_request(self, request, model_id: str | None = None):
+        return self._pipeline(model_id).completion(request)
+
+    def send_chat_completion_request_to_model(self, request, model_id: str):
+        return self.send_chat_completion_request(request, model_id=model_id)
+
+    def send_completion_request_to_model(self, request, model_id: str):
+        return self.send_completion_request(request, model_id=model_id)
+
+    def send_embedding_request(self, request, model_id: str | None = None) -> list[list[float]]:
+        pipe = self._pipeline(model_id)
+        if not hasattr(pipe, "embed"):
+            raise ValueError(f"model_id: model {pipe.name!r} is not an embedding model")
+        return pipe.embed(request)
+
+    def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280,
+                       model_id: str | None = None, save_file: str | None = None):
+        pipe = self._pipeline(model_id)
+        if not hasattr(pipe, "generate_image"):
+            raise ValueError(f"model_id: model {pipe.name!r} is not a diffusion model")
+        return pipe.generate_image(prompt, response_format, height, width, save_file)
+
+    def generate_audio(self, prompt: str, model_id: str | None = None):
+        pipe = self._pipeline(model_id)
+        if not hasattr(pipe, "generate_audio"):
+            raise ValueError(f"model_id: model {pipe.name!r} is not a speech model")
+        return pipe.generate_audio(prompt)
+
+    def send_re_isq(self, dtype: str, model_id: str | None = None) -> None:
+        raise NotAvailableYet("send_re_isq (in-situ quantization)")
+
+    def tokenize_text(self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None,
+                      model_id: str | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError("text: must be a string")
+        return self._pipeline(model_id).tokenize(text, add_special_tokens)
+
+    def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True,
+                        model_id: str | None = None) -> str:
+        return self._pipeline(model_id).detokenize(list(tokens), skip_special_tokens)
+
+    def max_sequence_length(self, model_id: str | None = None) -> int | None:
+        return getattr(self._pipeline(model_id), "max_context", None)
+
+    # Agentic sessions and produced files arrive with the tools plugin.
+    def export_session(self, session_id: str, model_id: str | None = None):
+        raise NotAvailableYet("agentic sessions")
+
+    def import_session(self, session_id: str, session_json: str, model_id: str | None = None):
+        raise NotAvailableYet("agentic sessions")
+
+    def delete_session(self, session_id: str, model_id: str | None = None) -> bool:
+        raise NotAvailableYet("agentic sessions")
+
+    def list_session_ids(self, model_id: str | None = None) -> list[str]:
+        raise NotAvailableYet("agentic sessions")
+
+    def find_file(self, file_id: str):
+        raise NotAvailableYet("produced files")

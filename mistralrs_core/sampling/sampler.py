@@ -1,0 +1,98 @@
+"""The default sampler: one call turns a batch of raw logits into one token per sequence."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import pipeline
+from .pipeline import LogitsProcessor
+from .state import SampledToken, SamplingState
+
+
+class Sampler:
+    """Runs the logits pipeline over a mixed batch and draws one token per row.
+
+    Rows may mix greedy and sampled decoding and any parameters. Greedy rows take the
+    argmax of the processed logits, so penalties, bias and processors still shape them;
+    temperature and the top-k/top-p/min-p filters only concern sampled rows. When no row
+    needs any processing the whole call is a single argmax.
+    """
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        states: Sequence[SamplingState],
+        processors: Sequence[LogitsProcessor | None] | None = None,
+    ) -> list[SampledToken]:
+        if logits.dim() != 2 or logits.shape[0] != len(states):
+            raise ValueError(f"logits must be [len(states), vocab], got {tuple(logits.shape)} for {len(states)} states")
+        if processors is not None and len(processors) != len(states):
+            raise ValueError(f"processors must have one entry per state ({len(states)}), got {len(processors)}")
+        if not states:
+            return []
+        raw = logits if logits.dtype == torch.float32 else logits.float()
+        params = [st.params for st in states]
+        has_processors = processors is not None and any(p is not None for p in processors)
+        edits = has_processors or any(p.uses_dry or p.uses_penalties or p.logit_bias for p in params)
+
+        if not edits and all(p.greedy for p in params):
+            tokens = raw.argmax(dim=-1)
+        else:
+            tokens = self._sample_processed(raw, states, processors if has_processors else None, edits)
+        return self._finish(raw, tokens, states)
+
+    def _sample_processed(
+        self,
+        raw: torch.Tensor,
+        states: Sequence[SamplingState],
+        processors: Sequence[LogitsProcessor | None] | None,
+        edits: bool,
+    ) -> torch.Tensor:
+        if edits:
+            x = raw.clone()  # the raw logits stay untouched for logprobs
+            pipeline.apply_dry(x, states)
+            pipeline.apply_penalties(x, states)
+            pipeline.apply_logit_bias(x, states)
+            pipeline.apply_processors(x, states, processors)
+        else:
+            x = raw
+        tokens = x.argmax(dim=-1)
+        rows = [r for r, st in enumerate(states) if not st.params.greedy]
+        if not rows:
+            return tokens
+        sampled_states = [states[r] for r in rows]
+        sp = [st.params for st in sampled_states]
+        index = torch.tensor(rows, dtype=torch.long, device=x.device)
+        sub = pipeline.apply_temperature(x.index_select(0, index), [p.temperature for p in sp])
+        sub = pipeline.apply_top_k(sub, [p.top_k for p in sp])
+        sub = pipeline.apply_top_p(sub, [p.top_p for p in sp])
+        sub = pipeline.apply_min_p(sub, [p.min_p for p in sp])
+        drawn = pipeline.sample_inverse_cdf(sub, pipeline.draw_uniforms(sampled_states, x.device))
+        return tokens.index_copy(0, index, drawn)
+
+    @staticmethod
+    def _finish(raw: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplingState]) -> list[SampledToken]:
+        token_ids = tokens.tolist()
+        rows = [r for r, st in enumerate(states) if st.params.logprobs]
+        if not rows:
+            return [SampledToken(t) for t in token_ids]
+
+        index = torch.tensor(rows, dtype=torch.long, device=raw.device)
+        logp = torch.log_softmax(raw.index_select(0, index), dim=-1)
+        chosen = logp.gather(1, tokens.index_select(0, index)[:, None]).squeeze(1).tolist()
+        wanted = [min(states[r].params.top_logprobs or 0, raw.shape[1]) for r in rows]
+        top_vals: list[list[float]] = [[] for _ in rows]
+        top_ids: list[list[int]] = [[] for _ in rows]
+        if max(wanted) > 0:
+            values, ids = logp.topk(max(wanted), dim=-1)
+            top_vals, top_ids = values.tolist(), ids.tolist()
+
+        out = [SampledToken(t) for t in token_ids]
+        for j, r in enumerate(rows):
+            k = wanted[j]
+            out[r] = SampledToken(
+                token_ids[r], chosen[j], [(top_ids[j][i], top_vals[j][i]) for i in range(k)]
+            )
+        return out

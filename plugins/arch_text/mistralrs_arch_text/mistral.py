@@ -1,0 +1,10 @@
+"""Mistral: Llama with an optional sliding attention window."""
+from __future__ import annotations
+
+from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    @classmethod
+    def config_from_hf(cls, hf):
+        return base_config(hf, sliding_window=hf.get("sliding_window"))
