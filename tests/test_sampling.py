@@ -303,8 +303,8 @@ def test_dry_matches_reference_on_random_contexts():
 
 def test_dry_match_length_capped():
     ctx = [1] * 200
-    lengths = pipeline.dry_match_lengths(torch.tensor(ctx), [], 4)
-    assert lengths.tolist() == [0, pipeline.DRY_MAX_MATCH, 0, 0]
+    tokens, lengths = pipeline.dry_match_lengths(torch.tensor(ctx), [])
+    assert tokens.tolist() == [1] and lengths.tolist() == [pipeline.DRY_MAX_MATCH]
 
 
 def test_dry_changes_greedy_choice():

@@ -272,6 +272,15 @@ def test_special_tokens_from_config(all_tokenizers):
     assert u.unk_token == "<unk>" and u.unk_token_id == 0
 
 
+def test_special_token_forms(tmp_path):
+    raw = build_byte_level(CHATML_SPECIALS, None)
+    write_model_dir(tmp_path, raw, {"eos_token": {"content": "<|im_end|>"}, "bos_token": None})
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    t = Tokenizer.from_dir(tmp_path)
+    assert t.eos_token == "<|im_end|>" and t.bos_token is None and t.pad_token == "<|endoftext|>"
+    assert t.chat_template is None
+
+
 def test_add_eos_ids_extends_set(chatml_dir):
     t = Tokenizer.from_dir(chatml_dir)
     end = t.token_to_id("<|endoftext|>")
@@ -285,9 +294,9 @@ def test_encode_decode_roundtrip(all_tokenizers, name):
     for text in SAMPLES:
         ids = t.encode(text, add_special_tokens=False)
         decoded = t.decode(ids)
-        if name == "unigram":
-            # Metaspace collapses nothing but may drop the leading space it added.
-            assert decoded.strip() == text.strip() or decoded == text
+        if name == "unigram" and text.startswith(" "):
+            # Metaspace's decoder drops one leading space, the one it assumes it prepended.
+            assert decoded == text[1:]
         else:
             assert decoded == text, (name, text, decoded)
         assert "\ufffd" not in decoded

@@ -264,6 +264,29 @@ class Which:
 
     MultimodalPlain = VisionPlain
 
+    @staticmethod
+    def MistralGGUF(  # noqa: N802  (spelled as in the spec's example)
+        tok_model_id: str | None = None,
+        quantized_model_id: str | None = None,
+        quantized_filename: str | list[str] | None = None,
+        tokenizer_json: str | None = None,
+        repeat_last_n: int = 64,
+        **kwargs: Any,
+    ) -> Which.GGUF:
+        """The spec's oldest example loads `Which.MistralGGUF(...)`, the
+        per-family loader of early releases; it is a GGUF load like any other.
+        `repeat_last_n` (the old repetition-penalty window) is accepted and
+        ignored, as upstream itself dropped it from every loader."""
+        if quantized_model_id is None or quantized_filename is None:
+            raise TypeError("MistralGGUF: quantized_model_id and quantized_filename are required")
+        return Which.GGUF(
+            quantized_model_id,
+            quantized_filename,
+            tok_model_id,
+            tokenizer_json=tokenizer_json,
+            **kwargs,
+        )
+
     @_variant("diffusion")
     class DiffusionPlain(WhichVariant):
         model_id: str = str_field()

@@ -10,6 +10,8 @@ entries and breaker sequences, never over the vocabulary or a sequence's tokens.
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +31,27 @@ _NEG_INF = float("-inf")
 
 def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def padded_ids(rows: Sequence[Sequence[Sequence[int]]], device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """Long [n, W] of token ids, row r being the concatenation of the id lists in rows[r].
+
+    Short rows are padded by repeating their own first id, so a padded slot always names
+    a token the row really contains: a gather/compute/scatter over it recomputes the same
+    value as the real slot and needs no separate mask. Lists go through an int64 array
+    (a C-level copy) rather than torch.tensor on nested lists, which walks every id in
+    Python and dominated the cost for long contexts.
+    """
+    lengths = [sum(len(part) for part in parts) for parts in rows]
+    width = max(1, max(lengths, default=0))
+    buf = array("q")
+    for parts, n in zip(rows, lengths):
+        first = next((part[0] for part in parts if len(part)), 0)
+        for part in parts:
+            buf.extend(part)
+        buf.extend([first] * (width - n))
+    ids = torch.frombuffer(buf, dtype=torch.long).view(len(rows), width)
+    return ids.to(device), lengths
 
 
 # --------------------------------------------------------------------------- DRY
@@ -53,28 +76,30 @@ def breaker_mask(context: torch.Tensor, breakers: Sequence[Sequence[int]]) -> to
     return mask
 
 
-def dry_match_lengths(context: torch.Tensor, breakers: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
-    """Long [V]: for each token, the longest repeat of the context's tail it would extend.
+def dry_match_lengths(context: torch.Tensor, breakers: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, lengths): each token that would extend a repeat of the context's tail, and
+    the longest such repeat.
 
     For every earlier occurrence i of the last token, the repeat length is how far
     context[..i] and the whole context agree reading backwards (capped at DRY_MAX_MATCH,
     stopped by a breaker), and the token that followed i is the one that would extend
-    it. All occurrences and all backwards offsets are compared at once as a
+    it. All occurrences and all backwards offsets are compared at once as an
     [occurrences, DRY_MAX_MATCH] grid; the cumulative product turns "agrees at offset m"
-    into "agrees at every offset up to m".
+    into "agrees at every offset up to m". The result is sparse (no vocabulary-sized
+    tensor), as only tokens seen in the context can be penalised.
     """
-    lengths = torch.zeros(vocab_size, dtype=torch.long, device=context.device)
+    empty = context.new_zeros(0)
     n = context.shape[0]
     if n < 2:
-        return lengths
+        return empty, empty
     is_break = breaker_mask(context, breakers)
     # A tail that ends in a breaker starts a fresh segment: nothing to extend.
     if bool(is_break[-1]):
-        return lengths
+        return empty, empty
     occ = torch.nonzero(context[:-1] == context[-1]).squeeze(1)
     occ = occ[~is_break[occ + 1]]  # continuing with a breaker is never penalised
     if occ.numel() == 0:
-        return lengths
+        return empty, empty
     width = min(DRY_MAX_MATCH, n)
     offsets = torch.arange(width, device=context.device)
     tail_pos = n - 1 - offsets
@@ -83,10 +108,9 @@ def dry_match_lengths(context: torch.Tensor, breakers: Sequence[Sequence[int]], 
     back = occ[:, None] - offsets[None, :]
     agree = (back >= 0) & (context[back.clamp(min=0)] == context[tail_pos][None, :]) & tail_ok[None, :]
     match = agree.to(torch.long).cumprod(dim=1).sum(dim=1)
-    follower = context[occ + 1]
-    if vocab_size:
-        follower = follower.clamp(max=vocab_size - 1)
-    return lengths.scatter_reduce_(0, follower, match, reduce="amax")
+    tokens, slot = torch.unique(context[occ + 1], return_inverse=True)
+    longest = torch.zeros_like(tokens).scatter_reduce_(0, slot, match, reduce="amax")
+    return tokens, longest
 
 
 def apply_dry(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
@@ -95,42 +119,17 @@ def apply_dry(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
         p = st.params
         if not p.dry_multiplier:
             continue
-        context = _long(list(st.prompt_ids) + list(st.output_ids), logits.device)
-        lengths = dry_match_lengths(context, p.dry_sequence_breakers, vocab)
-        hit = lengths >= max(p.dry_allowed_length, 1)
-        exponent = (lengths - p.dry_allowed_length).clamp(min=0).to(logits.dtype)
-        penalty = p.dry_multiplier * torch.pow(p.dry_base, exponent)
-        logits[row] -= torch.where(hit, penalty, torch.zeros_like(penalty))
+        context, _ = padded_ids([(st.prompt_ids, st.output_ids)], logits.device)
+        tokens, lengths = dry_match_lengths(context[0], p.dry_sequence_breakers)
+        hit = (lengths >= max(p.dry_allowed_length, 1)) & (tokens < vocab)
+        if not bool(hit.any()):
+            continue
+        tokens, lengths = tokens[hit], lengths[hit]
+        exponent = (lengths - p.dry_allowed_length).to(logits.dtype)
+        logits[row, tokens] -= p.dry_multiplier * torch.pow(p.dry_base, exponent)
 
 
 # --------------------------------------------------------------------- penalties
-
-
-def token_counts(
-    logits: torch.Tensor, rows: Sequence[int], states: Sequence[SamplingState], with_prompt: Sequence[bool]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts of generated tokens and of prompt tokens for the given rows, each [n, V].
-
-    One scatter_add over a padded [n, L] index tensor of output-then-prompt ids: prompt
-    ids are shifted into a second vocabulary-sized band and padding into a trash column,
-    so both count tables come out of a single pass. Prompt ids are only included for
-    rows that need them (the repetition penalty).
-    """
-    vocab = logits.shape[1]
-    device = logits.device
-    seqs = [
-        list(states[r].output_ids) + (list(states[r].prompt_ids) if inc else []) for r, inc in zip(rows, with_prompt)
-    ]
-    width = max(1, max(len(s) for s in seqs))
-    padded = _long([s + [0] * (width - len(s)) for s in seqs], device)
-    out_len = _long([len(states[r].output_ids) for r in rows], device)[:, None]
-    total_len = _long([len(s) for s in seqs], device)[:, None]
-    pos = torch.arange(width, device=device)[None, :]
-    index = padded.clamp(0, vocab - 1) + torch.where(pos >= out_len, vocab, 0)
-    index = torch.where(pos >= total_len, 2 * vocab, index)
-    counts = torch.zeros(len(rows), 2 * vocab + 1, dtype=logits.dtype, device=device)
-    counts.scatter_add_(1, index, torch.ones_like(index, dtype=logits.dtype))
-    return counts[:, :vocab], counts[:, vocab : 2 * vocab]
 
 
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
@@ -141,24 +140,49 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> No
     at prompt and generated tokens, as transformers does, and divides positive logits /
     multiplies negative ones once per distinct seen token. It runs after the additive
     penalties, as in upstream, so it sees the logit they left.
+
+    Only tokens present in a context can change, so the work is done on the [n, L]
+    context ids rather than on [n, V] rows: one scatter_add of the generated ids gives
+    the counts, a gather reads the logits at every context slot, and a scatter writes the
+    penalised values back (a token repeated in the context gets the same value written
+    from each of its slots).
     """
-    rows = [r for r, st in enumerate(states) if st.params.uses_penalties]
+    rows, parts, rep = [], [], []
+    for r, st in enumerate(states):
+        p = st.params
+        if not p.uses_penalties:
+            continue
+        rp = p.repetition_penalty if p.repetition_penalty is not None else 1.0
+        context = (st.output_ids, st.prompt_ids if rp != 1.0 else ())
+        # An empty context has nothing to penalise (and no real id to pad with).
+        if any(len(c) for c in context):
+            rows.append(r)
+            parts.append(context)
+            rep.append(rp)
     if not rows:
         return
-    params = [states[r].params for r in rows]
-    rep = [p.repetition_penalty if p.repetition_penalty is not None else 1.0 for p in params]
-    gen, prompt = token_counts(logits, rows, states, [r != 1.0 for r in rep])
     dtype, device = logits.dtype, logits.device
+    vocab = logits.shape[1]
+    params = [states[r].params for r in rows]
+    ids, _ = padded_ids(parts, device)
+    ids = ids.clamp(0, vocab - 1)
+    generated = torch.arange(ids.shape[1], device=device)[None, :] < _long(
+        [len(states[r].output_ids) for r in rows], device
+    )[:, None]
+    counts = torch.zeros(len(rows), vocab, dtype=dtype, device=device)
+    counts.scatter_add_(1, ids, generated.to(dtype))
+    count = counts.gather(1, ids)
+
     freq = torch.tensor([p.frequency_penalty or 0.0 for p in params], dtype=dtype, device=device)[:, None]
     pres = torch.tensor([p.presence_penalty or 0.0 for p in params], dtype=dtype, device=device)[:, None]
     rep_t = torch.tensor(rep, dtype=dtype, device=device)[:, None]
-    index = _long(rows, device)
-    sub = logits.index_select(0, index)
-    sub = sub - freq * gen - pres * (gen > 0).to(dtype)
-    seen = (gen + prompt) > 0
-    # Rows without a repetition penalty carry 1.0, for which both branches are exact no-ops.
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep_t, sub * rep_t), sub)
-    logits.index_copy_(0, index, sub)
+    row_index = _long(rows, device)[:, None].expand_as(ids)
+    vals = logits[row_index, ids]
+    vals = vals - freq * count - pres * (count > 0).to(dtype)
+    # Every slot is a seen token (padding repeats one); rows without a repetition penalty
+    # carry 1.0, for which both branches are exact no-ops.
+    vals = torch.where(vals > 0, vals / rep_t, vals * rep_t)
+    logits.index_put_((row_index, ids), vals)
 
 
 def apply_logit_bias(logits: torch.Tensor, states: Sequence[SamplingState]) -> None:
@@ -229,35 +253,56 @@ def apply_top_k(logits: torch.Tensor, top_k: Sequence[int | None]) -> torch.Tens
     return logits.index_copy(0, index, sub.masked_fill(sub < kth, _NEG_INF))
 
 
+# Nucleus search windows: most nuclei fit in the few hundred most likely tokens, so a
+# partial top-k settles them without sorting the whole vocabulary; rows whose nucleus
+# is wider move to the next window, and the last resort is a full sort.
+TOP_P_WINDOWS = (256, 4096)
+
+
 def apply_top_p(logits: torch.Tensor, top_p: Sequence[float | None]) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches top_p.
 
     A token survives when the mass of the tokens ranked above it is still below top_p,
     so the token that crosses the threshold is included and the top token always is.
     """
-    rows = [r for r, p in enumerate(top_p) if p is not None and p < 1.0]
-    if not rows:
+    vocab = logits.shape[1]
+    pending = [r for r, p in enumerate(top_p) if p is not None and p < 1.0]
+    if not pending:
         return logits
-    index = _long(rows, logits.device)
-    p = torch.tensor([top_p[r] for r in rows], dtype=logits.dtype, device=logits.device)[:, None]
-    sub = logits.index_select(0, index)
-    sorted_probs, order = torch.softmax(sub, dim=-1).sort(dim=-1, descending=True, stable=True)
-    mass_above = F.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))
-    drop_sorted = mass_above >= p
-    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-    return logits.index_copy(0, index, sub.masked_fill(drop, _NEG_INF))
+    out = logits.clone()
+    for window in (*(w for w in TOP_P_WINDOWS if w < vocab), vocab):
+        index = _long(pending, logits.device)
+        p = torch.tensor([top_p[r] for r in pending], dtype=logits.dtype, device=logits.device)[:, None]
+        sub = logits.index_select(0, index)
+        probs = torch.softmax(sub, dim=-1)
+        if window < vocab:
+            top_probs, order = probs.topk(window, dim=-1)
+        else:
+            top_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        mass = top_probs.cumsum(dim=-1)
+        done = (mass[:, -1] >= p[:, 0]) if window < vocab else torch.ones_like(mass[:, -1], dtype=torch.bool)
+        keep_ranked = F.pad(mass[:, :-1], (1, 0)) < p
+        keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, order, keep_ranked)
+        settled = torch.nonzero(done).squeeze(1)
+        out.index_copy_(0, index[settled], sub.masked_fill(~keep, _NEG_INF)[settled])
+        pending = [r for r, d in zip(pending, done.tolist()) if not d]
+        if not pending:
+            break
+    return out
 
 
 def apply_min_p(logits: torch.Tensor, min_p: Sequence[float | None]) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's."""
+    """Drop tokens whose probability is below min_p times the most likely token's.
+
+    p_i < m * p_max is l_i - l_max < log(m) in logit space, which needs no softmax.
+    """
     rows = [r for r, m in enumerate(min_p) if m]
     if not rows:
         return logits
     index = _long(rows, logits.device)
-    m = torch.tensor([min_p[r] for r in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    log_m = torch.tensor([math.log(min_p[r]) for r in rows], dtype=logits.dtype, device=logits.device)[:, None]
     sub = logits.index_select(0, index)
-    probs = torch.softmax(sub, dim=-1)
-    drop = probs < m * probs.max(dim=-1, keepdim=True).values
+    drop = sub - sub.max(dim=-1, keepdim=True).values < log_m
     return logits.index_copy(0, index, sub.masked_fill(drop, _NEG_INF))
 
 

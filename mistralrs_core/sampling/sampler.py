@@ -58,19 +58,25 @@ class Sampler:
             pipeline.apply_processors(x, states, processors)
         else:
             x = raw
-        tokens = x.argmax(dim=-1)
         rows = [r for r, st in enumerate(states) if not st.params.greedy]
         if not rows:
-            return tokens
+            return x.argmax(dim=-1)
         sampled_states = [states[r] for r in rows]
         sp = [st.params for st in sampled_states]
+        all_sampled = len(rows) == len(states)
         index = torch.tensor(rows, dtype=torch.long, device=x.device)
-        sub = pipeline.apply_temperature(x.index_select(0, index), [p.temperature for p in sp])
+        sub = pipeline.apply_temperature(x if all_sampled else x.index_select(0, index), [p.temperature for p in sp])
         sub = pipeline.apply_top_k(sub, [p.top_k for p in sp])
         sub = pipeline.apply_top_p(sub, [p.top_p for p in sp])
         sub = pipeline.apply_min_p(sub, [p.min_p for p in sp])
         drawn = pipeline.sample_inverse_cdf(sub, pipeline.draw_uniforms(sampled_states, x.device))
-        return tokens.index_copy(0, index, drawn)
+        if all_sampled:
+            return drawn
+        greedy = torch.tensor([r for r in range(len(states)) if r not in set(rows)], dtype=torch.long, device=x.device)
+        tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
+        tokens.index_copy_(0, index, drawn)
+        tokens.index_copy_(0, greedy, x.index_select(0, greedy).argmax(dim=-1))
+        return tokens
 
     @staticmethod
     def _finish(raw: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplingState]) -> list[SampledToken]:
