@@ -2,8 +2,7 @@
 
 from mistralrs_core.api import *  # noqa: F401,F403
 from mistralrs_core.api import __all__ as _api_all
+from mistralrs_core.errors import ModelError, NotAvailableYet
+from mistralrs_core.runner import Runner
 
-# TODO(lead): enable once mistralrs_core/runner.py lands.
-# from mistralrs_core.runner import Runner  # noqa: E402
-
-__all__ = list(_api_all)  # + ["Runner"] with the line above
+__all__ = [*_api_all, "Runner", "NotAvailableYet", "ModelError"]

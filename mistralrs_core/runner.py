@@ -211,6 +211,14 @@ class Runner:
     def list_unloaded_models(self) -> list[str]:
         return [m for m, s in self._models.items() if s.pipeline is None]
 
+    def engine_stats(self, model_id: str) -> dict | None:
+        """A loaded model's engine counters (queue, running sequences, KV blocks); None when
+        the model is unloaded or has no engine. Never triggers a reload."""
+        slot = self._models.get(model_id)
+        engine = getattr(slot.pipeline, "engine", None) if slot is not None else None
+        snapshot = getattr(engine, "snapshot", None)
+        return snapshot() if snapshot is not None else None
+
     def get_model_status(self, model_id: str) -> str | None:
         slot = self._models.get(model_id)
         return slot.status if slot is not None else None

@@ -201,14 +201,36 @@ def test_min_p(min_p, kept):
 
 
 def test_filters_exact_masks():
-    x = KNOWN[None].repeat(3, 1)
-    inf = float("-inf")
-    out = pipeline.apply_top_k(x, [2, None, 4])
-    assert out[0].tolist()[2:] == [inf, inf] and torch.equal(out[1:], x[1:])
-    out = pipeline.apply_top_p(x, [0.75, 1.0, None])
-    assert out[0].tolist()[2:] == [inf, inf] and torch.equal(out[1:], x[1:])
-    out = pipeline.apply_min_p(x, [0.5, 0.0, None])
-    assert out[0].tolist()[2:] == [inf, inf] and torch.equal(out[1:], x[1:])
+    probs = KNOWN.exp()[None].repeat(3, 1)
+    for fn, param, kept in [
+        (pipeline.apply_top_k, [2, None, 4], [0.5, 0.3, 0, 0]),
+        (pipeline.apply_top_p, [0.75, 1.0, None], [0.5, 0.3, 0, 0]),
+        (pipeline.apply_min_p, [0.5, 0.0, None], [0.5, 0.3, 0, 0]),
+    ]:
+        out = fn(probs.clone(), param)
+        assert out[0].tolist() == pytest.approx(kept)
+        assert torch.equal(out[1:], probs[1:])
+
+
+def test_filters_compose_on_renormalised_probabilities():
+    # top-k 3 leaves [0.5, 0.3, 0.15]; renormalised, 0.5 + 0.3 is 0.84 >= 0.82, so two
+    # tokens make the nucleus. Without top-k they hold only 0.8 and a third is needed.
+    probs = KNOWN.exp()[None]
+    out = pipeline.apply_top_p(pipeline.apply_top_k(probs.clone(), [3]), [0.82])
+    assert (out[0] > 0).tolist() == [True, True, False, False]
+    out = pipeline.apply_top_p(probs.clone(), [0.82])
+    assert (out[0] > 0).tolist() == [True, True, True, False]
+
+
+def test_top_p_wide_nucleus_uses_larger_windows():
+    vocab = 6000
+    logits = torch.randn(3, vocab, generator=gen(11)) * 0.1  # nearly flat: nuclei of thousands
+    probs = torch.softmax(logits, -1)
+    out = pipeline.apply_top_p(probs.clone(), [0.02, 0.5, 0.97])
+    for r, p in enumerate([0.02, 0.5, 0.97]):
+        sorted_p = probs[r].sort(descending=True).values
+        above = torch.cat([torch.zeros(1), sorted_p.cumsum(0)[:-1]])
+        assert int((out[r] > 0).sum()) == int((above < p).sum())
 
 
 def test_sampled_frequencies_follow_softmax():

@@ -666,3 +666,18 @@ def test_matches_transformers(which, llama3_dir, chatml_dir, llama2_dir):
         assert ours.encode(text, add_special_tokens=False) == auto.encode(text, add_special_tokens=False)
         ids = auto.encode(text)
         assert ours.decode(ids) == auto.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", ["llama3", "chatml", "llama2", "unigram"])
+def test_incremental_with_chat_prompt_context(all_tokenizers, name):
+    t = all_tokenizers[name]
+    prompt = apply_chat_template(ChatTemplate(CHATML_TEMPLATE), t, MESSAGES)
+    for text in SAMPLES:
+        gen = t.encode(text, add_special_tokens=False)
+        d = IncrementalDetokenizer(t, True, prompt)
+        deltas = [d.push(i) for i in gen]
+        out = "".join(deltas) + d.flush()
+        kept = [i for i in prompt if i not in t.special_ids]
+        expected = t.decode(kept[-5:] + gen)[len(t.decode(kept[-5:])):]
+        assert out == expected == d.text, (name, text)
+        assert all("\ufffd" not in x for x in deltas)

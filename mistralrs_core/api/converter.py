@@ -12,6 +12,8 @@ The OpenAI request parsers live in openai.py and are re-exported here.
 from __future__ import annotations
 
 import base64
+import types
+import typing
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -74,6 +76,35 @@ CONVERTER.register_unstructure_hook(bytes, lambda b: base64.b64encode(b).decode(
 CONVERTER.register_structure_hook(
     bytes, lambda v, _: base64.b64decode(v) if isinstance(v, str) else bytes(v)
 )
+
+
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return ()
+
+
+def _is_str_union(tp: Any) -> bool:
+    # cattrs cannot pick a branch for e.g. `str | LoraAdapterGeneration | None`
+    # or `str | dict | None`; the JSON value's own type decides instead.
+    args = [a for a in _union_args(tp) if a is not type(None)]
+    return str in args and len(args) > 1
+
+
+def _structure_str_union(value: Any, tp: Any) -> Any:
+    args = _union_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if attrs.has(arg) and isinstance(value, dict):
+            return CONVERTER.structure(value, arg)
+    plain = tuple(typing.get_origin(a) or a for a in args if not attrs.has(a))
+    if isinstance(value, plain):
+        return value
+    raise ValueError(f"cannot read {value!r} as {tp}")
+
+
+CONVERTER.register_structure_hook_func(_is_str_union, _structure_str_union)
 
 
 def to_json_dict(obj: Any) -> Any:

@@ -328,7 +328,8 @@ def validate_completion_request(req: CompletionRequest) -> CompletionRequest:
     _str("prompt", req.prompt, optional=False, non_empty=True)
     _sampling(req)
     _int("best_of", req.best_of, 1)
-    if req.best_of < req.n_choices:
+    # best_of=1 is the SDK default and means "as many as n_choices" (OpenAI's default).
+    if 1 < req.best_of < req.n_choices:
         _fail("best_of", f"must be >= n_choices ({req.n_choices}), got {req.best_of}")
     _bool("echo_prompt", req.echo_prompt)
     _str("suffix", req.suffix)

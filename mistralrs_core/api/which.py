@@ -58,13 +58,26 @@ def _organization() -> Any:
 _GIB = 1 << 30
 
 
-class WhichVariant:
-    """Base of every `Which.*` class, so `isinstance(x, WhichVariant)` works."""
+class Which:
+    """Namespace and common base of the loader variants: `Which.Plain(model_id=...)`.
+
+    As with upstream's pyo3 enum, every variant is a subclass, so
+    `isinstance(x, Which)` tells a model selection from anything else.
+    """
 
     kind: ClassVar[str]
     variant: ClassVar[str]
     weights_format: ClassVar[str] = "safetensors"
     adapter_kind: ClassVar[str | None] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Which:
+            raise TypeError("Which is not constructible; use a variant such as Which.Plain(...)")
+        return super().__new__(cls)
+
+
+# For engine code where "a variant" reads better than "a Which".
+WhichVariant = Which
 
 
 def _variant(kind: str, weights_format: str = "safetensors", adapter_kind: str | None = None):
@@ -73,237 +86,249 @@ def _variant(kind: str, weights_format: str = "safetensors", adapter_kind: str |
         cls.variant = cls.__name__
         cls.weights_format = weights_format
         cls.adapter_kind = adapter_kind
-        return attrs.define(cls)
+        cls.__qualname__ = f"Which.{cls.__name__}"
+        made = attrs.define(cls)
+        setattr(Which, cls.__name__, made)
+        return made
 
     return wrap
 
 
-class Which:
-    """Namespace of loader variants, e.g. `Which.Plain(model_id=...)`."""
-
-    @_variant("text")
-    class Plain(WhichVariant):
-        model_id: str = str_field()
-        arch: Architecture | None = _arch(Architecture)
-        tokenizer_json: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        organization: IsqOrganization | None = enum_field(IsqOrganization, None, optional=True)
-        from_uqff: str | list[str] | None = str_or_list_field(None)
-        write_uqff: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        calibration_file: str | None = str_field(None)
-        imatrix: str | None = str_field(None)
-        hf_cache_path: str | None = str_field(None)
-        matformer_config_path: str | None = str_field(None, kw_only=True)
-        matformer_slice_name: str | None = str_field(None, kw_only=True)
-
-    @_variant("text", adapter_kind="xlora")
-    class XLora(WhichVariant):
-        xlora_model_id: str = str_field()
-        order: str = str_field()
-        arch: Architecture | None = _arch(Architecture)
-        model_id: str | None = str_field(None)
-        tokenizer_json: str | None = str_field(None)
-        tgt_non_granular_index: int | None = int_field(None)
-        topology: str | None = str_field(None)
-        from_uqff: str | list[str] | None = str_or_list_field(None)
-        write_uqff: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        hf_cache_path: str | None = str_field(None)
-
-    @_variant("text", adapter_kind="lora")
-    class Lora(WhichVariant):
-        # Required by the spec; optional here only because upstream's newer
-        # form passes `adapters=[LoraAdapter(...)]` instead (checked below).
-        adapter_model_id: str | list[str] | None = str_or_list_field(None)
-        arch: Architecture | None = _arch(Architecture)
-        model_id: str | None = str_field(None)
-        tokenizer_json: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        from_uqff: str | list[str] | None = str_or_list_field(None)
-        write_uqff: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        hf_cache_path: str | None = str_field(None)
-        adapters: list[LoraAdapter] = list_field(kw_only=True)
-        max_adapters: int = int_field(16, kw_only=True)
-        max_rank: int = int_field(256, kw_only=True)
-        max_bytes: int = int_field(8 * _GIB, kw_only=True)
-
-        def __attrs_post_init__(self) -> None:
-            if self.adapter_model_id is None and not self.adapters:
-                raise ValueError("adapter_model_id: required unless `adapters` is given")
-            for i, adapter in enumerate(self.adapters):
-                if not isinstance(adapter, LoraAdapter):
-                    raise TypeError(f"adapters[{i}]: must be a LoraAdapter, got {adapter!r}")
-
-    @_variant("text", weights_format="gguf")
-    class GGUF(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str | list[str] = str_or_list_field()
-        tok_model_id: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        tokenizer_json: str | None = str_field(None, kw_only=True)
-        mmproj_filename: str | None = str_field(None, kw_only=True)
-        organization: IsqOrganization | None = _organization()
-        write_uqff: str | None = str_field(None, kw_only=True)
-        imatrix: str | None = str_field(None, kw_only=True)
-        calibration_file: str | None = str_field(None, kw_only=True)
-        max_edge: int | None = int_field(None, kw_only=True)
-        multimodal_auto_map_params: VisionAutoMapParams | None = _auto_map_field(
-            VisionAutoMapParams, kw_only=True
-        )
-        adapters: list[LoraAdapter] = list_field(kw_only=True)
-        max_adapters: int = int_field(16, kw_only=True)
-        max_rank: int = int_field(256, kw_only=True)
-        max_bytes: int = int_field(8 * _GIB, kw_only=True)
-        hf_cache_path: str | None = str_field(None, kw_only=True)
-        matformer_config_path: str | None = str_field(None, kw_only=True)
-        matformer_slice_name: str | None = str_field(None, kw_only=True)
-
-    @_variant("text", weights_format="gguf", adapter_kind="xlora")
-    class XLoraGGUF(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str | list[str] = str_or_list_field()
-        xlora_model_id: str = str_field()
-        order: str = str_field()
-        tok_model_id: str | None = str_field(None)
-        tgt_non_granular_index: int | None = int_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        tokenizer_json: str | None = str_field(None, kw_only=True)
-        hf_cache_path: str | None = str_field(None, kw_only=True)
-
-    @_variant("text", weights_format="gguf", adapter_kind="lora")
-    class LoraGGUF(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str | list[str] = str_or_list_field()
-        adapters_model_id: str = str_field()
-        order: str = str_field()
-        tok_model_id: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        tokenizer_json: str | None = str_field(None, kw_only=True)
-        hf_cache_path: str | None = str_field(None, kw_only=True)
-
-    @_variant("text", weights_format="ggml")
-    class GGML(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str = str_field()
-        tok_model_id: str | None = str_field(None)
-        tokenizer_json: str | None = str_field(None)
-        # None means the GGML default of 1 (no grouped-query attention).
-        gqa: int | None = int_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-
-    @_variant("text", weights_format="ggml", adapter_kind="xlora")
-    class XLoraGGML(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str = str_field()
-        xlora_model_id: str = str_field()
-        order: str = str_field()
-        tok_model_id: str | None = str_field(None)
-        tgt_non_granular_index: int | None = int_field(None)
-        tokenizer_json: str | None = str_field(None)
-        gqa: int | None = int_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-
-    @_variant("text", weights_format="ggml", adapter_kind="lora")
-    class LoraGGML(WhichVariant):
-        quantized_model_id: str = str_field()
-        quantized_filename: str = str_field()
-        adapters_model_id: str = str_field()
-        order: str = str_field()
-        tok_model_id: str | None = str_field(None)
-        tokenizer_json: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
-        gqa: int | None = int_field(None, kw_only=True)
-
-    @_variant("embedding")
-    class Embedding(WhichVariant):
-        model_id: str = str_field()
-        arch: EmbeddingArchitecture | None = _arch(EmbeddingArchitecture)
-        tokenizer_json: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        from_uqff: str | list[str] | None = str_or_list_field(None)
-        write_uqff: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        hf_cache_path: str | None = str_field(None)
-        imatrix: str | None = str_field(None, kw_only=True)
-        calibration_file: str | None = str_field(None, kw_only=True)
-
-    @_variant("vision")
-    class VisionPlain(WhichVariant):
-        model_id: str = str_field()
-        arch: VisionArchitecture = _arch(VisionArchitecture, required=True)
-        tokenizer_json: str | None = str_field(None)
-        topology: str | None = str_field(None)
-        from_uqff: str | list[str] | None = str_or_list_field(None)
-        write_uqff: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
-        max_edge: int | None = int_field(None)
-        auto_map_params: VisionAutoMapParams | None = _auto_map_field(VisionAutoMapParams)
-        calibration_file: str | None = str_field(None)
-        imatrix: str | None = str_field(None)
-        hf_cache_path: str | None = str_field(None)
-        matformer_config_path: str | None = str_field(None, kw_only=True)
-        matformer_slice_name: str | None = str_field(None, kw_only=True)
-        organization: IsqOrganization | None = _organization()
-
-    MultimodalPlain = VisionPlain
-
-    @staticmethod
-    def MistralGGUF(  # noqa: N802  (spelled as in the spec's example)
-        tok_model_id: str | None = None,
-        quantized_model_id: str | None = None,
-        quantized_filename: str | list[str] | None = None,
-        tokenizer_json: str | None = None,
-        repeat_last_n: int = 64,
-        **kwargs: Any,
-    ) -> Which.GGUF:
-        """The spec's oldest example loads `Which.MistralGGUF(...)`, the
-        per-family loader of early releases; it is a GGUF load like any other.
-        `repeat_last_n` (the old repetition-penalty window) is accepted and
-        ignored, as upstream itself dropped it from every loader."""
-        if quantized_model_id is None or quantized_filename is None:
-            raise TypeError("MistralGGUF: quantized_model_id and quantized_filename are required")
-        return Which.GGUF(
-            quantized_model_id,
-            quantized_filename,
-            tok_model_id,
-            tokenizer_json=tokenizer_json,
-            **kwargs,
-        )
-
-    @_variant("diffusion")
-    class DiffusionPlain(WhichVariant):
-        model_id: str = str_field()
-        arch: DiffusionArchitecture = _arch(DiffusionArchitecture, required=True)
-        dtype: ModelDType = _dtype()
-
-    @_variant("speech")
-    class Speech(WhichVariant):
-        model_id: str = str_field()
-        # The spec types this DiffusionArchitecture (a doc slip); the loader
-        # enum upstream actually takes is SpeechLoaderType.
-        arch: SpeechLoaderType = _arch(SpeechLoaderType, required=True)
-        dac_model_id: str | None = str_field(None)
-        dtype: ModelDType = _dtype()
+@_variant("text")
+class Plain(Which):
+    model_id: str = str_field()
+    arch: Architecture | None = _arch(Architecture)
+    tokenizer_json: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    organization: IsqOrganization | None = enum_field(IsqOrganization, None, optional=True)
+    from_uqff: str | list[str] | None = str_or_list_field(None)
+    write_uqff: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    calibration_file: str | None = str_field(None)
+    imatrix: str | None = str_field(None)
+    hf_cache_path: str | None = str_field(None)
+    matformer_config_path: str | None = str_field(None, kw_only=True)
+    matformer_slice_name: str | None = str_field(None, kw_only=True)
 
 
-WHICH_VARIANTS: tuple[type[WhichVariant], ...] = (
+@_variant("text", adapter_kind="xlora")
+class XLora(Which):
+    xlora_model_id: str = str_field()
+    order: str = str_field()
+    arch: Architecture | None = _arch(Architecture)
+    model_id: str | None = str_field(None)
+    tokenizer_json: str | None = str_field(None)
+    tgt_non_granular_index: int | None = int_field(None)
+    topology: str | None = str_field(None)
+    from_uqff: str | list[str] | None = str_or_list_field(None)
+    write_uqff: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    hf_cache_path: str | None = str_field(None)
+
+
+@_variant("text", adapter_kind="lora")
+class Lora(Which):
+    # Required by the spec; optional here only because upstream's newer
+    # form passes `adapters=[LoraAdapter(...)]` instead (checked below).
+    adapter_model_id: str | list[str] | None = str_or_list_field(None)
+    arch: Architecture | None = _arch(Architecture)
+    model_id: str | None = str_field(None)
+    tokenizer_json: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    from_uqff: str | list[str] | None = str_or_list_field(None)
+    write_uqff: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    hf_cache_path: str | None = str_field(None)
+    adapters: list[LoraAdapter] = list_field(kw_only=True)
+    max_adapters: int = int_field(16, kw_only=True)
+    max_rank: int = int_field(256, kw_only=True)
+    max_bytes: int = int_field(8 * _GIB, kw_only=True)
+
+    def __attrs_post_init__(self) -> None:
+        if self.adapter_model_id is None and not self.adapters:
+            raise ValueError("adapter_model_id: required unless `adapters` is given")
+        for i, adapter in enumerate(self.adapters):
+            if not isinstance(adapter, LoraAdapter):
+                raise TypeError(f"adapters[{i}]: must be a LoraAdapter, got {adapter!r}")
+
+
+@_variant("text", weights_format="gguf")
+class GGUF(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str | list[str] = str_or_list_field()
+    tok_model_id: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    tokenizer_json: str | None = str_field(None, kw_only=True)
+    mmproj_filename: str | None = str_field(None, kw_only=True)
+    organization: IsqOrganization | None = _organization()
+    write_uqff: str | None = str_field(None, kw_only=True)
+    imatrix: str | None = str_field(None, kw_only=True)
+    calibration_file: str | None = str_field(None, kw_only=True)
+    max_edge: int | None = int_field(None, kw_only=True)
+    multimodal_auto_map_params: VisionAutoMapParams | None = _auto_map_field(
+        VisionAutoMapParams, kw_only=True
+    )
+    adapters: list[LoraAdapter] = list_field(kw_only=True)
+    max_adapters: int = int_field(16, kw_only=True)
+    max_rank: int = int_field(256, kw_only=True)
+    max_bytes: int = int_field(8 * _GIB, kw_only=True)
+    hf_cache_path: str | None = str_field(None, kw_only=True)
+    matformer_config_path: str | None = str_field(None, kw_only=True)
+    matformer_slice_name: str | None = str_field(None, kw_only=True)
+
+
+@_variant("text", weights_format="gguf", adapter_kind="xlora")
+class XLoraGGUF(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str | list[str] = str_or_list_field()
+    xlora_model_id: str = str_field()
+    order: str = str_field()
+    tok_model_id: str | None = str_field(None)
+    tgt_non_granular_index: int | None = int_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    tokenizer_json: str | None = str_field(None, kw_only=True)
+    hf_cache_path: str | None = str_field(None, kw_only=True)
+
+
+@_variant("text", weights_format="gguf", adapter_kind="lora")
+class LoraGGUF(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str | list[str] = str_or_list_field()
+    adapters_model_id: str = str_field()
+    order: str = str_field()
+    tok_model_id: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    tokenizer_json: str | None = str_field(None, kw_only=True)
+    hf_cache_path: str | None = str_field(None, kw_only=True)
+
+
+@_variant("text", weights_format="ggml")
+class GGML(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str = str_field()
+    tok_model_id: str | None = str_field(None)
+    tokenizer_json: str | None = str_field(None)
+    # None means the GGML default of 1 (no grouped-query attention).
+    gqa: int | None = int_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+
+
+@_variant("text", weights_format="ggml", adapter_kind="xlora")
+class XLoraGGML(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str = str_field()
+    xlora_model_id: str = str_field()
+    order: str = str_field()
+    tok_model_id: str | None = str_field(None)
+    tgt_non_granular_index: int | None = int_field(None)
+    tokenizer_json: str | None = str_field(None)
+    gqa: int | None = int_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+
+
+@_variant("text", weights_format="ggml", adapter_kind="lora")
+class LoraGGML(Which):
+    quantized_model_id: str = str_field()
+    quantized_filename: str = str_field()
+    adapters_model_id: str = str_field()
+    order: str = str_field()
+    tok_model_id: str | None = str_field(None)
+    tokenizer_json: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    auto_map_params: TextAutoMapParams | None = _auto_map_field(TextAutoMapParams)
+    gqa: int | None = int_field(None, kw_only=True)
+
+
+@_variant("embedding")
+class Embedding(Which):
+    model_id: str = str_field()
+    arch: EmbeddingArchitecture | None = _arch(EmbeddingArchitecture)
+    tokenizer_json: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    from_uqff: str | list[str] | None = str_or_list_field(None)
+    write_uqff: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    hf_cache_path: str | None = str_field(None)
+    imatrix: str | None = str_field(None, kw_only=True)
+    calibration_file: str | None = str_field(None, kw_only=True)
+
+
+@_variant("vision")
+class VisionPlain(Which):
+    model_id: str = str_field()
+    arch: VisionArchitecture = _arch(VisionArchitecture, required=True)
+    tokenizer_json: str | None = str_field(None)
+    topology: str | None = str_field(None)
+    from_uqff: str | list[str] | None = str_or_list_field(None)
+    write_uqff: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+    max_edge: int | None = int_field(None)
+    auto_map_params: VisionAutoMapParams | None = _auto_map_field(VisionAutoMapParams)
+    calibration_file: str | None = str_field(None)
+    imatrix: str | None = str_field(None)
+    hf_cache_path: str | None = str_field(None)
+    matformer_config_path: str | None = str_field(None, kw_only=True)
+    matformer_slice_name: str | None = str_field(None, kw_only=True)
+    organization: IsqOrganization | None = _organization()
+
+
+@_variant("diffusion")
+class DiffusionPlain(Which):
+    model_id: str = str_field()
+    arch: DiffusionArchitecture = _arch(DiffusionArchitecture, required=True)
+    dtype: ModelDType = _dtype()
+
+
+@_variant("speech")
+class Speech(Which):
+    model_id: str = str_field()
+    # The spec types this DiffusionArchitecture (a doc slip); the loader
+    # enum upstream actually takes is SpeechLoaderType.
+    arch: SpeechLoaderType = _arch(SpeechLoaderType, required=True)
+    dac_model_id: str | None = str_field(None)
+    dtype: ModelDType = _dtype()
+
+
+# Upstream renamed VisionPlain; both names denote the same class.
+Which.MultimodalPlain = VisionPlain  # type: ignore[attr-defined]
+
+
+def _mistral_gguf(
+    tok_model_id: str | None = None,
+    quantized_model_id: str | None = None,
+    quantized_filename: str | list[str] | None = None,
+    tokenizer_json: str | None = None,
+    repeat_last_n: int = 64,
+    **kwargs: Any,
+) -> GGUF:
+    """The spec's oldest example loads `Which.MistralGGUF(...)`, the
+    per-family loader of early releases; it is a GGUF load like any other.
+    `repeat_last_n` (the old repetition-penalty window) is accepted and
+    ignored, as upstream itself dropped it from every loader."""
+    if quantized_model_id is None or quantized_filename is None:
+        raise TypeError("MistralGGUF: quantized_model_id and quantized_filename are required")
+    return GGUF(
+        quantized_model_id, quantized_filename, tok_model_id, tokenizer_json=tokenizer_json, **kwargs
+    )
+
+
+Which.MistralGGUF = staticmethod(_mistral_gguf)  # type: ignore[attr-defined]
+
+WHICH_VARIANTS: tuple[type[Which], ...] = (
     Which.Plain,
     Which.XLora,
     Which.Lora,

@@ -88,7 +88,8 @@ class Engine:
         self._wake = threading.Event()
         self._stop = False
         self._rng = random.Random(config.seed)
-        self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0}
+        self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0,
+                      "tokens_computed": 0}
         self._thread = threading.Thread(target=self._loop, name=f"mistralrs-engine-{name}", daemon=True)
         self._thread.start()
 
@@ -127,6 +128,13 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running)
+
+    def snapshot(self) -> dict:
+        """Live counters for monitoring. Read from another thread without locking: each value
+        is a single atomic read, so the view may be a step stale but never torn."""
+        return {"waiting": self.num_waiting, "running": self.num_running,
+                "kv_blocks_used": self.blocks.num_used, "kv_blocks_total": self.blocks.num_blocks,
+                "kv_block_size": self.blocks.block_size, **self.stats}
 
     # --- engine thread --------------------------------------------------
     def _drain_inbox(self) -> None:
@@ -184,6 +192,7 @@ class Engine:
         self.stats["steps"] += 1
         sampled = [seq for (seq, _), w in zip(batch, want) if w]
         for seq, n in batch:
+            self.stats["tokens_computed"] += n
             if seq.first_token_time is None:
                 self.stats["prompt_tokens_computed"] += n
         if sampled:

@@ -85,6 +85,9 @@ class AttentionMetadata:
                 m = m & (kj <= q_pos[:, :, None])
             if sliding_window is not None:
                 m = m & (kj > q_pos[:, :, None] - sliding_window)
+                if not self.causal:
+                    # Bidirectional models (EmbeddingGemma) window both sides: |q - k| < window.
+                    m = m & (kj < q_pos[:, :, None] + sliding_window)
             # Padding queries attend key 0 so softmax never sees an empty row; their output is dropped.
             m = m | (~valid_q[:, :, None] & (kj == 0))
             m = m[:, None]

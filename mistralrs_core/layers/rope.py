@@ -23,9 +23,10 @@ class RopeConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, head_dim: int, *, theta_key: str = "rope_theta",
-                default_theta: float = 10000.0) -> "RopeConfig":
+                default_theta: float = 10000.0, default_partial: float = 1.0) -> "RopeConfig":
         """Read both the old (``rope_theta`` + ``rope_scaling``) and the new
-        (``rope_parameters``) layouts of config.json."""
+        (``rope_parameters``) layouts of config.json. ``default_partial`` is the rotary
+        fraction a family assumes when config.json names none (Phi-2, GLM-4: 0.5)."""
         params = dict(hf.get("rope_parameters") or {})
         # Models with per-layer-type rope parameters are handled by their own module.
         scaling = hf.get("rope_scaling") or {}
@@ -37,7 +38,7 @@ class RopeConfig:
             rope_type = "longrope"
         if "original_max_position_embeddings" not in params and "original_max_position_embeddings" in hf:
             params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
-        prf = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        prf = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", default_partial))
         return cls(head_dim=head_dim, theta=float(theta), rope_type=rope_type, params=params,
                    max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
                    partial_rotary_factor=float(prf))
@@ -156,11 +157,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of x [T, heads, head_dim]."""
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of x [T, heads, head_dim].
+
+    ``interleaved`` pairs dims (2i, 2i+1) instead of (i, i + d/2) (GLM-4's layout); cos/sin
+    keep the rotate-half layout [f0..fn, f0..fn] and are re-spread to [f0, f0, f1, f1, ...]."""
     cos, sin = cos[:, None, :], sin[:, None, :]
+    rotate = rotate_half
+    if interleaved:
+        half = cos.shape[-1] // 2
+        cos, sin = cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+        rotate = rotate_pairs
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), -1)
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), -1)

@@ -114,12 +114,12 @@ def _hub_error(exc: Exception, model_id: str, what: str, offline: bool) -> Excep
     if isinstance(exc, hf_errors.LocalEntryNotFoundError):
         if offline:
             return FileNotFoundError(
-                f"{what} for {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
-                "so it cannot be downloaded; unset HF_HUB_OFFLINE or pass a local directory"
+                f"cannot find {what} of {model_id!r} in the local Hugging Face cache, and HF_HUB_OFFLINE is "
+                "set so nothing can be downloaded; unset HF_HUB_OFFLINE or pass a local directory"
             )
         return FileNotFoundError(
-            f"{what} for {model_id!r} could not be downloaded (no connection to the Hugging Face Hub?) "
-            "and is not in the local cache"
+            f"cannot download {what} of {model_id!r} (is the Hugging Face Hub reachable?), "
+            "and no copy is in the local cache"
         )
     if isinstance(exc, hf_errors.HFValidationError):
         return FileNotFoundError(f"model {model_id!r} is not a local path and not a valid Hugging Face repo id")

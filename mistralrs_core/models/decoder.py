@@ -46,12 +46,15 @@ class DecoderConfig:
     qkv_fused: bool = False                 # qkv_proj
     o_name: str = "o_proj"
     qk_norm: bool = False                   # per-head RMSNorm on q and k (Qwen3, Gemma3)
+    qk_norm_kind: str = "rms"               # "layer": per-head LayerNorm with bias (Phi-2)
+    qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     attn_scale: float | None = None         # default 1/sqrt(head_dim)
     attn_softcap: float | None = None
     final_softcap: float | None = None
     sliding_window: int | None = None
     layer_types: list[str] | None = None    # per layer "sliding_attention" | "full_attention"
     local_rope: RopeConfig | None = None    # rope for sliding layers when it differs (Gemma3)
+    rope_interleaved: bool = False          # rotate (even, odd) pairs instead of halves (GLM-4)
     no_rope_layers: list[int] | None = None  # 1 = use rope, 0 = skip (SmolLM3)
     sandwich_norms: bool = False            # pre/post feed-forward norms (Gemma2/3)
     parallel_block: bool = False            # attn and MLP from one norm (Phi-2)
@@ -92,8 +95,8 @@ class DecoderAttention(nn.Module):
             self.v_proj = Linear(cfg.hidden_size, kv_out, cfg.qkv_bias)
         setattr(self, cfg.o_name, Linear(q_out, cfg.hidden_size, cfg.o_bias))
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.norm_eps, offset=cfg.norm_offset)
-            self.k_norm = RMSNorm(self.hd, cfg.norm_eps, offset=cfg.norm_offset)
+            for name in cfg.qk_norm_names:
+                setattr(self, name, make_norm(attrs.evolve(cfg, norm_kind=cfg.qk_norm_kind), self.hd))
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(self.hd)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.use_rope = cfg.uses_rope(layer)
@@ -112,10 +115,12 @@ class DecoderAttention(nn.Module):
         k = k.view(t, self.nkv, self.hd)
         v = v.view(t, self.nkv, self.hd)
         if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            qn, kn = self.cfg.qk_norm_names
+            q, k = getattr(self, qn)(q), getattr(self, kn)(k)
         if self.use_rope:
             cos, sin = rope_cs
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            il = self.cfg.rope_interleaved
+            q, k = apply_rotary(q, cos, sin, interleaved=il), apply_rotary(k, cos, sin, interleaved=il)
         o = attention(q, k, v, meta, cache, scale=self.scale, sliding_window=self.sliding_window,
                       softcap=self.cfg.attn_softcap)
         return getattr(self, self.cfg.o_name)(o.reshape(t, self.nh * self.hd))

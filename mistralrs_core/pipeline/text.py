@@ -10,7 +10,29 @@ from mistralrs_core.engine.engine import Engine, RequestGroup
 from mistralrs_core.errors import ModelError
 from mistralrs_core.pipeline.requests import (normalize_messages, reject_unavailable, sampling_params,
                                               validate_chat_request, validate_completion_request)
-from mistralrs_core.tokenization.prompt import apply_chat_template
+from mistralrs_core.tokenization.prompt import apply_chat_template, encode_prompt
+
+
+class ResponseStream:
+    """The chunks of a streamed request. ``cancel()`` may be called from any thread, even
+    while another thread waits inside ``next()`` (closing a generator from outside is not
+    allowed then); that waiting ``next()`` returns the final, cancelled chunk."""
+
+    def __init__(self, chunks: Iterator, cancel):
+        self._chunks = chunks
+        self._cancel = cancel
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+
+    def cancel(self) -> None:
+        self._cancel()
 
 
 class TextPipeline:
@@ -49,7 +71,8 @@ class TextPipeline:
 
     def chat_prompt_ids(self, req) -> list[int]:
         if isinstance(req.messages, str):
-            return self.tokenizer.encode(req.messages, add_special_tokens=True)
+            # A pretemplated prompt: same BOS rule as rendered templates (never twice).
+            return encode_prompt(self.tokenizer, req.messages)
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner "
                              "or use a completion request")
@@ -119,7 +142,7 @@ class TextPipeline:
         ids = self._fit_prompt(self.chat_prompt_ids(req), req.truncate_sequence, req.max_tokens)
         if req.stream:
             group = self._submit(req, ids, n=req.n_choices, stream=True)
-            return self._chat_stream(group)
+            return ResponseStream(self._chat_stream(group), lambda: self.engine.cancel(group))
         group = self._submit(req, ids, n=req.n_choices, stream=False)
         self._wait(group)
         choices = []
@@ -186,6 +209,44 @@ class TextPipeline:
         return R.CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", choices=choices, created=int(group.created),
                                     model=self.name, system_fingerprint="local", object="text_completion",
                                     usage=self._usage(group))
+
+    def completion_stream(self, req) -> ResponseStream:
+        """``completion`` streamed: ``CompletionResponse`` chunks holding text deltas (the
+        OpenAI completions stream shape); the last one carries usage."""
+        validate_completion_request(req)
+        reject_unavailable(req)
+        if (req.best_of or 1) > req.n_choices:
+            raise ValueError("best_of: cannot be combined with streaming")
+        ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
+        ids = self._fit_prompt(ids, req.truncate_sequence, req.max_tokens)
+        group = self._submit(req, ids, n=req.n_choices, stream=True)
+        return ResponseStream(self._completion_stream(req, group), lambda: self.engine.cancel(group))
+
+    def _completion_stream(self, req, group: RequestGroup) -> Iterator:
+        cid, created = f"cmpl-{uuid.uuid4().hex}", int(group.created)
+
+        def chunk(choices, usage=None):
+            return R.CompletionResponse(id=cid, choices=choices, created=created, model=self.name,
+                                        system_fingerprint="local", object="text_completion", usage=usage)
+        pending = [R.CompletionChoice(finish_reason=None, index=i, text=req.prompt)
+                   for i in range(group.n)] if req.echo_prompt else []
+        try:
+            while True:
+                kind, a, text, _tok, finish = group.events.get()
+                if kind == "error":
+                    raise ModelError(a)
+                if kind == "done":
+                    for i, c in enumerate(pending):
+                        yield chunk([c], self._usage(group) if i == len(pending) - 1 else None)
+                    return
+                if finish is not None and req.suffix:
+                    text += req.suffix
+                for c in pending:
+                    yield chunk([c])
+                pending = [R.CompletionChoice(finish_reason=finish, index=a, text=text)]
+        finally:
+            if not group.done:
+                self.engine.cancel(group)
 
     # --- tokenizer access -------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -65,11 +65,15 @@ class Sampler:
         sp = [st.params for st in sampled_states]
         all_sampled = len(rows) == len(states)
         index = torch.tensor(rows, dtype=torch.long, device=x.device)
-        sub = pipeline.apply_temperature(x if all_sampled else x.index_select(0, index), [p.temperature for p in sp])
-        sub = pipeline.apply_top_k(sub, [p.top_k for p in sp])
-        sub = pipeline.apply_top_p(sub, [p.top_p for p in sp])
-        sub = pipeline.apply_min_p(sub, [p.min_p for p in sp])
-        drawn = pipeline.sample_inverse_cdf(sub, pipeline.draw_uniforms(sampled_states, x.device))
+        # Scale in place only a private tensor: the row subset is a copy, and x is ours
+        # when edits cloned it (otherwise it is the caller's raw logits).
+        w = pipeline.softmax_with_temperature(
+            x if all_sampled else x.index_select(0, index), [p.temperature for p in sp], inplace=edits or not all_sampled
+        )
+        w = pipeline.apply_top_k(w, [p.top_k for p in sp])
+        w = pipeline.apply_top_p(w, [p.top_p for p in sp])
+        w = pipeline.apply_min_p(w, [p.min_p for p in sp])
+        drawn = pipeline.sample_inverse_cdf(w, pipeline.draw_uniforms(sampled_states, x.device))
         if all_sampled:
             return drawn
         greedy = torch.tensor([r for r in range(len(states)) if r not in set(rows)], dtype=torch.long, device=x.device)

@@ -111,3 +111,60 @@ def check_prefill_and_decode(ref, model, prompt: list[int], decode_steps: int = 
 
 def model_vocab(model) -> int:
     return model.cfg.vocab_size
+
+
+@torch.inference_mode()
+def check_batched_equals_alone(model, prompts: list[list[int]], decode_steps: int = 2,
+                               block_size: int = 4) -> float:
+    """Max relative logit error of several prompts run as one batch (prefill together, then
+    ``decode_steps`` decodes together) versus each prompt run alone.
+
+    Every sequence owns its own blocks of one shared pool, so a mistake in slot mapping,
+    padding or masks across sequences shows up as a mismatch."""
+    per_seq = [-(-(len(p) + decode_steps) // block_size) for p in prompts]
+    caches = [LayerKVCache(s, sum(per_seq), block_size, model.dtype, "cpu") if s else None
+              for s in model.kv_cache_specs()]
+    # Interleave block ids so no sequence gets a contiguous range by accident.
+    owners = [i for i, n in enumerate(per_seq) for _ in range(n)]
+    order = sorted(range(len(owners)), key=lambda b: (b % len(prompts), b))
+    blocks: list[list[int]] = [[] for _ in prompts]
+    pool = iter(order)
+    for i, n in enumerate(per_seq):
+        blocks[i] = [next(pool) for _ in range(n)]
+
+    def run(chunks):
+        ids, pos, meta = build_metadata(chunks, block_size, "cpu")
+        return model.compute_logits(model(ids, pos, meta, caches))
+
+    alone = [SingleSequence(model, block_size=block_size, num_blocks=n) for n in per_seq]
+    batched = run([(p, 0, blocks[i]) for i, p in enumerate(prompts)])
+    worst, off = 0.0, 0
+    for i, p in enumerate(prompts):
+        worst = max(worst, max_rel_err(batched[off:off + len(p)], alone[i].step(p)))
+        off += len(p)
+    last = [int(batched[sum(len(q) for q in prompts[:i + 1]) - 1].argmax()) for i in range(len(prompts))]
+    lengths = [len(p) for p in prompts]
+    for _ in range(decode_steps):
+        batched = run([([t], lengths[i], blocks[i]) for i, t in enumerate(last)])
+        for i, t in enumerate(last):
+            worst = max(worst, max_rel_err(batched[i], alone[i].step([t])[-1]))
+        last = [int(row.argmax()) for row in batched]
+        lengths = [n + 1 for n in lengths]
+    return worst
+
+
+def check_family(ref, out_dir: str | Path, arch: str, prompts: list[list[int]], *,
+                 greedy_prompt: list[int] | None = None, greedy_tokens: int = 32,
+                 decode_steps: int = 4, seed: int = 0):
+    """The standard parity run for a family: perturb every parameter of the transformers
+    model ``ref``, save it, load it as ``arch``, and return (our model, worst relative
+    logit error over prefill + cached decode of every prompt). Asserts that greedy
+    decoding of ``greedy_tokens`` tokens matches the reference token for token."""
+    ref = ref.float().eval()
+    perturb_parameters(ref, seed=seed)
+    model = load_for_test(save_reference(ref, out_dir), arch)
+    worst = max(check_prefill_and_decode(ref, model, p, decode_steps) for p in prompts)
+    gp = greedy_prompt if greedy_prompt is not None else prompts[0]
+    theirs, ours = reference_greedy(ref, gp, greedy_tokens), our_greedy(model, gp, greedy_tokens)
+    assert ours == theirs, f"{arch}: greedy tokens differ\nours:   {ours}\ntheirs: {theirs}"
+    return model, worst

@@ -45,7 +45,8 @@ def tokenizer_vocab_size(out: Path) -> int:
 def write_random_llama(out: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                        intermediate: int = 128, vocab: int | None = None, max_pos: int = 2048,
                        tie: bool = False, seed: int = 0, dtype: str = "float32",
-                       model_type: str = "llama") -> Path:
+                       model_type: str = "llama", architecture: str = "LlamaForCausalLM",
+                       generation_config: dict | None = None) -> Path:
     """A random Llama (config.json + model.safetensors) written with torch only."""
     import torch
     from safetensors.torch import save_file
@@ -76,10 +77,17 @@ def write_random_llama(out: Path, *, hidden: int = 64, layers: int = 2, heads: i
     if not tie:
         w["lm_head.weight"] = rnd(vocab, hidden, std=hidden ** -0.5)
     save_file(w, str(out / "model.safetensors"))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": model_type, "vocab_size": vocab,
+    cfg = {"architectures": [architecture], "model_type": model_type, "vocab_size": vocab,
            "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
            "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": max_pos,
            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tie, "hidden_act": "silu",
            "torch_dtype": dtype}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    if generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(generation_config))
     return out
+
+
+def write_tiny_test_family(out: Path, **kw) -> Path:
+    """A model of the test-only ``TinyTest`` family (tests/plugins/tiny_family)."""
+    return write_random_llama(out, model_type="mistralrs_tiny", architecture="MistralrsTinyForCausalLM", **kw)

@@ -28,12 +28,19 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
-        context = [int(i) for i in prompt_ids if int(i) not in self._skipped][-_CONTEXT_TOKENS:]
+        context: list[int] = []
+        for i in reversed(prompt_ids):  # from the end: prompts can be very long
+            if len(context) == _CONTEXT_TOKENS:
+                break
+            if int(i) not in self._skipped:
+                context.append(int(i))
+        context.reverse()
         self._ids: list[int] = list(context)
         self._n_context = len(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text = self._decode(self._ids) if context else ""
+        self._context_text = self._prefix_text
         self._text_parts: list[str] = []
         self._n_pushed = 0
         self._flushed = False
@@ -81,17 +88,15 @@ class IncrementalDetokenizer:
             return ""
         self._flushed = True
         emitted = self.text
-        if self._n_context == 0:
-            # A full decode is the ground truth; use it whenever it agrees with what was
-            # already streamed, which is always the case for well-behaved decoders.
-            full = self._decode(self._ids)
-            if full.startswith(emitted):
-                rest = full[len(emitted):]
-                if rest:
-                    self._text_parts.append(rest)
-                return rest
-        window = self._decode(self._ids[self._prefix_offset:])
-        rest = window[len(self._prefix_text):] if len(window) > len(self._prefix_text) else ""
+        # A full decode is the ground truth; use it whenever it agrees with what was
+        # already streamed, which is always the case for well-behaved decoders.
+        full = self._decode(self._ids)
+        head = self._context_text
+        if full.startswith(head) and full.startswith(emitted, len(head)):
+            rest = full[len(head) + len(emitted):]
+        else:
+            window = self._decode(self._ids[self._prefix_offset:])
+            rest = window[len(self._prefix_text):] if len(window) > len(self._prefix_text) else ""
         if rest:
             self._text_parts.append(rest)
         return rest

@@ -32,6 +32,9 @@ def render_chat(
             "this model has no chat template; pass chat_template= or jinja_explicit= to Runner, "
             "or send a pretemplated prompt string"
         )
+    if tokenizer.pad_token is not None:
+        # transformers hands templates every special token; a few templates read pad_token.
+        extra.setdefault("pad_token", tokenizer.pad_token)
     return template.render(
         messages,
         add_generation_prompt=add_generation_prompt,

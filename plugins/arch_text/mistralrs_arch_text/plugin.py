@@ -7,6 +7,18 @@ _PKG = "mistralrs_arch_text"
 TEXT_FAMILIES = [
     ("Llama", f"{_PKG}.llama:LlamaForCausalLM", ("llama",), ("LlamaForCausalLM",), ("llama",)),
     ("Mistral", f"{_PKG}.mistral:MistralForCausalLM", ("mistral",), ("MistralForCausalLM",), ()),
+    ("Phi2", f"{_PKG}.phi2:Phi2ForCausalLM", ("phi",), ("PhiForCausalLM",), ("phi2",)),
+    ("Phi3", f"{_PKG}.phi3:Phi3ForCausalLM", ("phi3",), ("Phi3ForCausalLM",), ("phi3",)),
+    ("Qwen2", f"{_PKG}.qwen2:Qwen2ForCausalLM", ("qwen2",), ("Qwen2ForCausalLM",), ("qwen2",)),
+    ("Qwen3", f"{_PKG}.qwen3:Qwen3ForCausalLM", ("qwen3",), ("Qwen3ForCausalLM",), ("qwen3",)),
+    ("GLM4", f"{_PKG}.glm4:Glm4ForCausalLM", ("glm4",), ("Glm4ForCausalLM",), ()),
+    ("Starcoder2", f"{_PKG}.starcoder2:Starcoder2ForCausalLM", ("starcoder2",), ("Starcoder2ForCausalLM",),
+     ("starcoder2",)),
+    ("SmolLm3", f"{_PKG}.smollm3:SmolLM3ForCausalLM", ("smollm3",), ("SmolLM3ForCausalLM",), ("smollm3",)),
+    ("Gemma", f"{_PKG}.gemma:GemmaForCausalLM", ("gemma",), ("GemmaForCausalLM",), ("gemma",)),
+    ("Gemma2", f"{_PKG}.gemma2:Gemma2ForCausalLM", ("gemma2",), ("Gemma2ForCausalLM",), ("gemma2",)),
+    # Text-only Gemma 3; the multimodal Gemma3 is a vision family registered elsewhere.
+    ("Gemma3", f"{_PKG}.gemma3:Gemma3ForCausalLM", ("gemma3_text",), ("Gemma3ForCausalLM",), ("gemma3",)),
 ]
 
 

@@ -57,9 +57,10 @@ def _fit_affine(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]
     det = sw * sl2 - sl * sl
     ok = det > 0
     scale = torch.where(ok, (sw * sxl - sx * sl) * safe_reciprocal(det), torch.zeros_like(det))
-    mn = torch.where(ok, (sl2 * sx - sl * sxl) * safe_reciprocal(det), lo.expand_as(det))
-    # A positive offset cannot be stored (m is subtracted and unsigned): refit scale alone.
-    pos = mn > 0
+    mn = torch.where(ok, (sl2 * sx - sl * sxl) * safe_reciprocal(det), torch.zeros_like(det))
+    # A positive offset cannot be stored (m is subtracted and unsigned), and with every L
+    # equal (det = 0) the two unknowns are not separable: fit the scale alone then.
+    pos = (mn > 0) | ~ok
     scale = torch.where(pos, sxl * safe_reciprocal(sl2), scale)
     mn = torch.where(pos, torch.zeros_like(mn), mn)
     err = (wv * (scale.unsqueeze(-1) * L + mn.unsqueeze(-1) - xv) ** 2).sum(-1)

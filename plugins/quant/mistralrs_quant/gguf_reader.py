@@ -1,0 +1,176 @@
+"""Open GGUF files (single or split) as memory-mapped, validated tensor tables.
+
+Tensor bytes are never copied at open: each ``GGUFTensorInfo.raw`` is a numpy view into
+a private (copy-on-write) mapping of the file, so it is writable from numpy/torch's
+point of view without ever touching the file on disk.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+
+from ._gguf_parse import RawHeader, parse_header
+from .formats import GGML_TYPES, FormatSpec, type_name
+
+PathLike = Union[str, os.PathLike]
+
+_SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]   # torch order: reversed ggml ne, rows first
+    raw: np.ndarray          # uint8 [*shape[:-1], bytes_per_row], a view of the mapped file
+    file: Path
+
+    @property
+    def format(self) -> FormatSpec:
+        return GGML_TYPES[self.ggml_type]
+
+    @property
+    def type_name(self) -> str:
+        return self.format.name
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def raw_tensor(self) -> torch.Tensor:
+        """The packed bytes as a torch uint8 tensor sharing memory with the mapping."""
+        return torch.from_numpy(self.raw)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.format.dequantize(self.raw_tensor()).reshape(self.shape)
+
+
+@dataclass
+class GGUFFile:
+    paths: list[Path]
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, GGUFTensorInfo]
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+
+@dataclass
+class _Part:
+    path: Path
+    header: RawHeader
+    buf: mmap.mmap
+
+
+def _map(path: Path) -> mmap.mmap:
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory, expected a .gguf file")
+    size = path.stat().st_size
+    if size < 24:  # magic + version + two counts
+        raise ValueError(f"{path}: truncated GGUF file ({size} bytes, the fixed header alone is 24)")
+    with open(path, "rb") as f:
+        # ACCESS_COPY: private pages, so views are writable yet the file is never modified.
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _open_part(path: Path) -> _Part:
+    buf = _map(path)
+    return _Part(path, parse_header(path, buf), buf)
+
+
+def _tensor_infos(part: _Part) -> dict[str, GGUFTensorInfo]:
+    h, path = part.header, part.path
+    out: dict[str, GGUFTensorInfo] = {}
+    for t in h.tensors:
+        spec = GGML_TYPES.get(t.ggml_type)
+        if spec is None:
+            raise ValueError(f"{path}: tensor '{t.name}' has type {type_name(t.ggml_type)}, which is "
+                             f"not supported (supported: {', '.join(s.name for s in GGML_TYPES.values())})")
+        if t.dims[0] % spec.block_size:
+            raise ValueError(f"{path}: tensor '{t.name}' ({spec.name}) has rows of {t.dims[0]} elements, "
+                             f"not a multiple of the block size {spec.block_size}")
+        if t.offset % h.alignment:
+            raise ValueError(f"{path}: tensor '{t.name}' data offset {t.offset} is not aligned to "
+                             f"{h.alignment} bytes")
+        shape = tuple(int(d) for d in reversed(t.dims))
+        row_bytes = spec.row_bytes(shape[-1])
+        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+        start = h.data_start + t.offset
+        end = start + n_rows * row_bytes
+        if end > h.file_size:
+            raise ValueError(f"{path}: tensor '{t.name}' data (bytes {start}..{end}) extends past the end "
+                             f"of the file ({h.file_size} bytes): the file is truncated or corrupt")
+        raw = np.frombuffer(part.buf, dtype=np.uint8, count=end - start, offset=start)
+        out[t.name] = GGUFTensorInfo(t.name, t.ggml_type, shape, raw.reshape(*shape[:-1], row_bytes), path)
+    return out
+
+
+def _split_siblings(first: Path, count: int) -> list[Path]:
+    m = _SPLIT_NAME.match(first.name)
+    if m is None or int(m["no"]) != 1:
+        raise ValueError(f"{first}: this GGUF is split into {count} files but its name does not follow "
+                         "'<prefix>-00001-of-NNNNN.gguf'; pass all split files explicitly")
+    return [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+
+
+def open_gguf(paths: PathLike | Sequence[PathLike]) -> GGUFFile:
+    """Open one GGUF file, or the files of a split model as one model.
+
+    Given only the first file of a split model (``split.count`` > 1), the other files are
+    found next to it by the llama.cpp naming scheme ``<prefix>-0000i-of-0000n.gguf``.
+    Metadata comes from the first split; tensors from all of them.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    plist = [Path(p) for p in paths]
+    if not plist:
+        raise ValueError("no GGUF file given")
+    parts = [_open_part(p) for p in plist]
+    parts.sort(key=lambda p: int(p.header.metadata.get("split.no", 0)))
+    count = int(parts[0].header.metadata.get("split.count", 1))
+    if len(parts) == 1 and count > 1:
+        siblings = _split_siblings(parts[0].path, count)
+        parts += [_open_part(p) for p in siblings[1:]]
+    _check_splits(parts, count)
+
+    tensors: dict[str, GGUFTensorInfo] = {}
+    for part in parts:
+        for name, info in _tensor_infos(part).items():
+            if name in tensors:
+                raise ValueError(f"tensor '{name}' appears in both {tensors[name].file} and {part.path}")
+            tensors[name] = info
+    expected = parts[0].header.metadata.get("split.tensors.count")
+    if expected is not None and len(parts) > 1 and int(expected) != len(tensors):
+        raise ValueError(f"{parts[0].path}: split.tensors.count says {expected} tensors, "
+                         f"the {len(parts)} split files hold {len(tensors)}")
+    return GGUFFile([p.path for p in parts], parts[0].header.version, dict(parts[0].header.metadata), tensors)
+
+
+def _check_splits(parts: list[_Part], count: int) -> None:
+    if len(parts) == 1 and count <= 1:
+        return
+    if len(parts) != count:
+        raise ValueError(f"{parts[0].path}: model is split into {count} files, {len(parts)} given")
+    for i, part in enumerate(parts):
+        md = part.header.metadata
+        if int(md.get("split.count", -1)) != count or int(md.get("split.no", -1)) != i:
+            raise ValueError(f"{part.path}: expected split {i + 1} of {count}, but its split.no / "
+                             f"split.count metadata says {md.get('split.no')} / {md.get('split.count')}")
