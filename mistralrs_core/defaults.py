@@ -19,6 +19,6 @@ def mistralrs_register_samplers(register):
 
 @hookimpl
 def mistralrs_select_loader(which, kind):
-    if type(which).__name__ in ("Plain", "Embedding"):
+    if type(which).__name__ == "Plain":
         return "safetensors"
     return None

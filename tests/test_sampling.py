@@ -46,6 +46,8 @@ KNOWN = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 def test_greedy_fast_path_is_argmax():
     logits = torch.randn(5, 50, generator=gen(1))
     assert tokens(logits, [state() for _ in range(5)]) == logits.argmax(-1).tolist()
+    half = logits.to(torch.bfloat16)
+    assert tokens(half, [state() for _ in range(5)]) == half.float().argmax(-1).tolist()
 
 
 def test_top_k_one_equals_greedy():
@@ -201,36 +203,66 @@ def test_min_p(min_p, kept):
 
 
 def test_filters_exact_masks():
-    probs = KNOWN.exp()[None].repeat(3, 1)
-    for fn, param, kept in [
-        (pipeline.apply_top_k, [2, None, 4], [0.5, 0.3, 0, 0]),
-        (pipeline.apply_top_p, [0.75, 1.0, None], [0.5, 0.3, 0, 0]),
-        (pipeline.apply_min_p, [0.5, 0.0, None], [0.5, 0.3, 0, 0]),
-    ]:
-        out = fn(probs.clone(), param)
-        assert out[0].tolist() == pytest.approx(kept)
-        assert torch.equal(out[1:], probs[1:])
+    logits = KNOWN[None].repeat(3, 1)
+    for top_k, top_p, min_p in [([2, None, 4], [None] * 3, [None] * 3), ([None] * 3, [0.75, 1.0, None], [None] * 3),
+                                ([None] * 3, [None] * 3, [0.5, 0.0, None])]:
+        out = pipeline.filtered_probs(logits, top_k, top_p, min_p)
+        assert out[0].tolist() == pytest.approx([0.625, 0.375, 0, 0])
+        assert torch.allclose(out[1:], KNOWN.exp()[None].expand(2, -1))
 
 
 def test_filters_compose_on_renormalised_probabilities():
     # top-k 3 leaves [0.5, 0.3, 0.15]; renormalised, 0.5 + 0.3 is 0.84 >= 0.82, so two
     # tokens make the nucleus. Without top-k they hold only 0.8 and a third is needed.
-    probs = KNOWN.exp()[None]
-    out = pipeline.apply_top_p(pipeline.apply_top_k(probs.clone(), [3]), [0.82])
+    out = pipeline.filtered_probs(KNOWN[None], [3], [0.82], [None])
     assert (out[0] > 0).tolist() == [True, True, False, False]
-    out = pipeline.apply_top_p(probs.clone(), [0.82])
+    out = pipeline.filtered_probs(KNOWN[None], [None], [0.82], [None])
     assert (out[0] > 0).tolist() == [True, True, True, False]
 
 
-def test_top_p_wide_nucleus_uses_larger_windows():
+def test_filters_escalate_past_candidate_windows():
     vocab = 6000
-    logits = torch.randn(3, vocab, generator=gen(11)) * 0.1  # nearly flat: nuclei of thousands
-    probs = torch.softmax(logits, -1)
-    out = pipeline.apply_top_p(probs.clone(), [0.02, 0.5, 0.97])
-    for r, p in enumerate([0.02, 0.5, 0.97]):
-        sorted_p = probs[r].sort(descending=True).values
-        above = torch.cat([torch.zeros(1), sorted_p.cumsum(0)[:-1]])
-        assert int((out[r] > 0).sum()) == int((above < p).sum())
+    logits = torch.randn(6, vocab, generator=gen(11)) * 0.1  # nearly flat: supports of thousands
+    params = [(None, 0.02, None), (None, 0.5, None), (None, 0.97, None), (3000, None, None), (5000, 0.9, None),
+              (None, None, 0.75)]
+    out = pipeline.filtered_probs(logits, *zip(*params))
+    for r, p in enumerate(params):
+        ref = reference_filtered_probs(logits[r], 1.0, *p)
+        assert torch.equal(out[r] > 0, ref > 0), p
+        assert 20 < int((ref > 0).sum()) < vocab
+
+
+def reference_filtered_probs(row, temperature, top_k, top_p, min_p):
+    """Textbook filters: mask logits to -inf and renormalise after each one."""
+    inf = float("-inf")
+    x = (row / temperature).clone()
+    if top_k and 0 < top_k < x.numel():
+        x[x.sort(descending=True).indices[top_k:]] = inf
+    if top_p is not None and top_p < 1.0:
+        probs = torch.softmax(x, -1)
+        ordered, order = probs.sort(descending=True)
+        above = torch.cat([torch.zeros(1), ordered.cumsum(0)[:-1]])
+        x[order[above >= top_p]] = inf
+    if min_p:
+        probs = torch.softmax(x, -1)
+        x = x.masked_fill(probs < min_p * probs.max(), inf)
+    return torch.softmax(x, -1)
+
+
+def test_filter_chain_matches_textbook_reference():
+    rng = random.Random(12)
+    logits = torch.randn(12, 300, generator=gen(12)) * 3
+    params = [
+        (rng.choice([0.3, 1.0, 1.7]), rng.choice([None, 0, 1, 5, 50, 299, 1000]), rng.choice([None, 0.3, 0.9, 1.0]),
+         rng.choice([None, 0.0, 0.05, 0.3]))
+        for _ in range(12)
+    ]
+    scaled = pipeline.apply_temperature(logits, [p[0] for p in params])
+    out = pipeline.filtered_probs(scaled, [p[1] for p in params], [p[2] for p in params], [p[3] for p in params])
+    for r, p in enumerate(params):
+        ref = reference_filtered_probs(logits[r], *p)
+        assert torch.equal(out[r] > 0, ref > 0), p
+        assert torch.allclose(out[r], ref, atol=1e-6), p
 
 
 def test_sampled_frequencies_follow_softmax():
@@ -460,6 +492,22 @@ def test_custom_processor_runs_after_bias_before_temperature():
     assert tokens(logits, states, processors=[only_five, only_five]) == [5, 5]
     assert seen == [([1, 2], 1.5), ([3], 0.0)]
     assert tokens(logits[:1], states[:1], processors=[None]) == [2]
+
+
+def test_pipeline_order_dry_penalties_bias_then_processors():
+    # Token 4 continues a 3-token repeat, is in the prompt and is biased. In upstream's
+    # order: DRY 1.0 - 1.75 = -0.75, repetition (negative, so multiplied) -1.5, bias -1.0.
+    captured = []
+
+    def capture(ids, row):
+        captured.append(row.clone())
+        return row
+
+    logits = torch.zeros(1, 8)
+    logits[0, 4] = 1.0
+    st = state([1, 2, 3, 4, 1, 2, 3], dry_multiplier=1.0, repetition_penalty=2.0, logit_bias={4: 0.5})
+    SAMPLER.sample(logits, [st], processors=[capture])
+    assert captured[0][4].item() == pytest.approx(-1.0)
 
 
 def test_processor_in_place_edit_and_none_entries():

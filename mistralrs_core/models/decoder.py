@@ -50,6 +50,7 @@ class DecoderConfig:
     qk_norm_names: tuple[str, str] = ("q_norm", "k_norm")
     attn_scale: float | None = None         # default 1/sqrt(head_dim)
     attn_softcap: float | None = None
+    attn_sinks: bool = False                # per-head learned sink logit (GPT-OSS)
     final_softcap: float | None = None
     sliding_window: int | None = None
     layer_types: list[str] | None = None    # per layer "sliding_attention" | "full_attention"
@@ -97,6 +98,8 @@ class DecoderAttention(nn.Module):
         if cfg.qk_norm:
             for name in cfg.qk_norm_names:
                 setattr(self, name, make_norm(attrs.evolve(cfg, norm_kind=cfg.qk_norm_kind), self.hd))
+        self.sinks = (nn.Parameter(torch.empty(self.nh, device="meta"), requires_grad=False)
+                      if cfg.attn_sinks else None)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / math.sqrt(self.hd)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.use_rope = cfg.uses_rope(layer)
@@ -122,7 +125,7 @@ class DecoderAttention(nn.Module):
             il = self.cfg.rope_interleaved
             q, k = apply_rotary(q, cos, sin, interleaved=il), apply_rotary(k, cos, sin, interleaved=il)
         o = attention(q, k, v, meta, cache, scale=self.scale, sliding_window=self.sliding_window,
-                      softcap=self.cfg.attn_softcap)
+                      softcap=self.cfg.attn_softcap, sinks=self.sinks)
         return getattr(self, self.cfg.o_name)(o.reshape(t, self.nh * self.hd))
 
 
@@ -130,19 +133,25 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.cfg = cfg
-        self.self_attn = DecoderAttention(cfg, layer)
-        if cfg.mlp_kind == "gated":
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias,
-                                fused=cfg.mlp_fused)
-        else:
-            self.mlp = PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias,
-                                names=cfg.mlp_names)
+        self.self_attn = self.build_attention(cfg, layer)
+        self.mlp = self.build_mlp(cfg, layer)
         self.input_layernorm = make_norm(cfg)
         if not cfg.parallel_block:
             self.post_attention_layernorm = make_norm(cfg)
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = make_norm(cfg)
             self.post_feedforward_layernorm = make_norm(cfg)
+
+    def build_attention(self, cfg: DecoderConfig, layer: int) -> nn.Module:
+        return DecoderAttention(cfg, layer)
+
+    def build_mlp(self, cfg: DecoderConfig, layer: int) -> nn.Module:
+        """The feed-forward block of ``layer`` (MoE families return a sparse block here)."""
+        if cfg.mlp_kind == "gated":
+            return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias,
+                            fused=cfg.mlp_fused)
+        return PlainMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias,
+                        names=cfg.mlp_names)
 
     def forward(self, h, rope_cs, meta, cache):
         if self.cfg.parallel_block:

@@ -226,8 +226,9 @@ class TextPipeline:
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(group.created)
 
         def chunk(choices, usage=None):
+            extra = {"usage": usage} if usage is not None else {}   # usage is not optional here
             return R.CompletionResponse(id=cid, choices=choices, created=created, model=self.name,
-                                        system_fingerprint="local", object="text_completion", usage=usage)
+                                        system_fingerprint="local", object="text_completion", **extra)
         pending = [R.CompletionChoice(finish_reason=None, index=i, text=req.prompt)
                    for i in range(group.n)] if req.echo_prompt else []
         try:

@@ -2,20 +2,19 @@
 
 Stages run in upstream's order: DRY -> frequency/presence/repetition penalties -> logit
 bias -> custom processors -> temperature -> top-k -> top-p -> min-p. The first four edit
-the batch tensor in place (the sampler hands them a private copy); the filters take the
-rows being sampled and return new tensors. Every stage is written over the batch; the
-only Python loops are over sequences (at most B) or over a request's few logit-bias
-entries and breaker sequences, never over the vocabulary or a sequence's tokens.
+logits in place (the sampler hands them a private copy); from temperature on, the rows
+being sampled are probability weights that the filters zero in place. Every stage is
+written over the batch; the only Python loops are over sequences (at most B) or over a
+request's few logit-bias entries and breaker sequences, never over the vocabulary or a
+sequence's tokens.
 """
 
 from __future__ import annotations
 
-import math
 from array import array
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .state import SamplingState
 
@@ -25,9 +24,6 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 # backwards scan here: it bounds the work per candidate and keeps base**(len - allowed)
 # far from float overflow.
 DRY_MAX_MATCH = 50
-
-_NEG_INF = float("-inf")
-
 
 def _long(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
@@ -165,6 +161,7 @@ def apply_penalties(logits: torch.Tensor, states: Sequence[SamplingState]) -> No
     vocab = logits.shape[1]
     params = [states[r].params for r in rows]
     ids, _ = padded_ids(parts, device)
+    # Ids the head cannot emit (past the logits width) are only kept in bounds.
     ids = ids.clamp(0, vocab - 1)
     generated = torch.arange(ids.shape[1], device=device)[None, :] < _long(
         [len(states[r].output_ids) for r in rows], device
@@ -226,102 +223,131 @@ def apply_processors(
     for row, (st, proc) in enumerate(zip(states, processors)):
         if proc is None:
             continue
-        out = proc(st.output_ids, logits[row])
-        if out is not None and out is not logits[row]:
-            logits[row] = out
+        view = logits[row]
+        out = proc(st.output_ids, view)
+        if out is not None and out is not view:
+            view.copy_(out)
 
 
 # ---------------------------------------------------------------- temperature / filters
-# After temperature the rows being sampled become probability weights: softmax once,
-# then each filter zeroes the weights of the tokens it removes (multiplying by a 0/1
-# mask, in place) and the draw inverts the CDF of what is left, scaled by its total.
-# Removing a token by zeroing its weight is the same as setting its logit to -inf and
-# renormalising, but needs no second softmax and no masked_fill (which is several times
-# slower than a multiply on CPU). Each filter takes [n, V] weights and a parameter list
-# aligned to the rows; rows whose parameter is unset are left alone.
+# Top-k, top-p and min-p all keep a prefix of the tokens ranked by probability, and in
+# practice a short one. So instead of masking [n, V] rows (a dozen full passes over the
+# vocabulary for three filters), a row with any filter is cut down to its W most likely
+# candidates with one partial top-k, the filters run on that [n, W] slice, and the draw
+# happens among the candidates. A row only stays at a window size W when the filtered
+# support provably fits in it; otherwise it moves to the next, larger window, the last
+# being the whole vocabulary sorted. Rows without filters are drawn from the full
+# softmax. Filtering is by zero weight, which is -inf logits plus renormalisation.
+
+# Candidate window sizes tried in turn before a full sort.
+FILTER_WINDOWS = (256, 4096)
 
 
-def softmax_with_temperature(logits: torch.Tensor, temperatures: Sequence[float], inplace: bool = False) -> torch.Tensor:
+class Candidates:
+    """Rows (indices into the sampled batch) with their draw weights.
+
+    `ids` maps each column of `weights` to a token id; None means the columns are the
+    vocabulary itself.
+    """
+
+    __slots__ = ("rows", "weights", "ids")
+
+    def __init__(self, rows: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor | None) -> None:
+        self.rows, self.weights, self.ids = rows, weights, ids
+
+
+def apply_temperature(logits: torch.Tensor, temperatures: Sequence[float], inplace: bool = False) -> torch.Tensor:
     t = torch.tensor(temperatures, dtype=logits.dtype, device=logits.device)[:, None]
-    scaled = logits.div_(t) if inplace else logits / t
-    return torch.softmax(scaled, dim=-1)
+    return logits.div_(t) if inplace else logits / t
 
 
-def _keep_rows(weights: torch.Tensor, rows: list[int], keep: torch.Tensor) -> None:
-    """Zero weights[rows] where keep (bool, one row per entry of rows) is False."""
-    factor = keep.to(weights.dtype)
-    if len(rows) == weights.shape[0]:
-        weights.mul_(factor)
-    else:
-        index = _long(rows, weights.device)
-        weights.index_copy_(0, index, weights.index_select(0, index).mul_(factor))
+def filter_candidates(
+    logits: torch.Tensor,
+    top_k: Sequence[int | None],
+    top_p: Sequence[float | None],
+    min_p: Sequence[float | None],
+) -> list[Candidates]:
+    """Apply top-k, then top-p, then min-p to temperature-scaled logits [n, V].
 
-
-def apply_top_k(weights: torch.Tensor, top_k: Sequence[int | None]) -> torch.Tensor:
-    """Keep each row's k most likely tokens (ties with the k-th are kept, as in transformers).
-
-    k <= 0 or k >= vocab means no filtering.
+    - top-k keeps exactly the k most likely tokens (k <= 0 or >= V: off); ties at the
+      k-th place are broken by torch.topk's order, as upstream truncates a sorted list.
+    - top-p keeps the smallest most-likely prefix of the top-k survivors whose
+      renormalised mass reaches p: a token stays while the mass ranked above it is < p.
+    - min-p drops tokens below min_p times the most likely token's probability.
     """
-    vocab = weights.shape[1]
-    rows = [r for r, k in enumerate(top_k) if k is not None and 0 < k < vocab]
-    if rows:
-        ks = _long([top_k[r] for r in rows], weights.device)
-        sub = weights if len(rows) == weights.shape[0] else weights.index_select(0, _long(rows, weights.device))
-        kth = sub.topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
-        _keep_rows(weights, rows, sub >= kth)
-    return weights
+    n, vocab = logits.shape
+    device, dtype = logits.device, logits.dtype
+    ks = [k if k is not None and 0 < k < vocab else 0 for k in top_k]
+    ps = [p if p is not None and p < 1.0 else 1.0 for p in top_p]
+    ms = [m or 0.0 for m in min_p]
+    out: list[Candidates] = []
+    plain = [r for r in range(n) if not ks[r] and ps[r] >= 1.0 and not ms[r]]
+    if plain:
+        index = _long(plain, device)
+        rows = logits if len(plain) == n else logits[index]
+        out.append(Candidates(index, torch.softmax(rows, dim=-1), None))
 
-
-# Nucleus search windows: most nuclei fit in the few hundred most likely tokens, so a
-# partial top-k settles them without sorting the whole vocabulary; rows whose nucleus
-# is wider move to the next window, and the last resort is a full sort.
-TOP_P_WINDOWS = (256, 4096)
-
-
-def apply_top_p(weights: torch.Tensor, top_p: Sequence[float | None]) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p.
-
-    Probabilities are those of the tokens still in play (weights renormalised by their
-    total). A token survives when the mass ranked above it is still below top_p, so the
-    token that crosses the threshold is included and the top token always is.
-    """
-    vocab = weights.shape[1]
-    pending = [r for r, p in enumerate(top_p) if p is not None and p < 1.0]
-    for window in (*(w for w in TOP_P_WINDOWS if w < vocab), vocab):
+    pending = [r for r in range(n) if ks[r] or ps[r] < 1.0 or ms[r]]
+    for width in (*(w for w in FILTER_WINDOWS if w < vocab), vocab):
         if not pending:
             break
-        index = _long(pending, weights.device)
-        sub = weights.index_select(0, index)
-        target = torch.tensor([top_p[r] for r in pending], dtype=weights.dtype, device=weights.device)[:, None]
-        target = target * sub.sum(dim=-1, keepdim=True)
-        if window < vocab:
-            ranked, order = sub.topk(window, dim=-1)
+        full = width == vocab
+        index = _long(pending, device)
+        rows = logits if len(pending) == n else logits[index]
+        if full:
+            top, ids = rows.sort(dim=-1, descending=True, stable=True)
         else:
-            ranked, order = sub.sort(dim=-1, descending=True, stable=True)
-        mass = ranked.cumsum(dim=-1)
-        settled = (mass[:, -1:] >= target).squeeze(1) if window < vocab else torch.ones_like(index, dtype=torch.bool)
-        keep_ranked = F.pad(mass[:, :-1], (1, 0)) < target
-        keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, order, keep_ranked)
+            top, ids = rows.topk(width, dim=-1)
+        k = torch.tensor([ks[r] or width for r in pending], device=device)[:, None]
+        p = torch.tensor([ps[r] for r in pending], dtype=dtype, device=device)[:, None]
+        m = torch.tensor([ms[r] for r in pending], dtype=dtype, device=device)[:, None]
+        has_k = torch.tensor([bool(ks[r]) for r in pending], device=device)[:, None]
+
+        # Weights relative to the row's best token, so exp never overflows.
+        w = torch.exp(top - top[:, :1])
+        w = w * (torch.arange(width, device=device)[None, :] < k)
+        # top-p renormalises over the top-k survivors; without top-k that is the whole
+        # vocabulary, whose mass the window alone does not hold.
+        total = w.sum(dim=-1, keepdim=True)
+        if any(not ks[r] and ps[r] < 1.0 for r in pending):
+            vocab_mass = torch.exp(torch.logsumexp(rows, dim=-1, keepdim=True) - top[:, :1])
+            total = torch.where(has_k, total, vocab_mass)
+        mass = w.cumsum(dim=-1)
+        keep = (mass - w < p * total) | (p >= 1.0)
+        keep &= w >= m  # min-p: the best token's weight is exactly 1 here
+        w = w * keep
+
+        if full:
+            settled = torch.ones(len(pending), dtype=torch.bool, device=device)
+        else:
+            # The filtered support fits in the window when top-k alone bounds it, when
+            # the nucleus is already reached inside it, or when min-p already drops the
+            # window's last token (everything ranked lower is dropped too).
+            fits_k = has_k[:, 0] & (k[:, 0] <= width)
+            fits_p = ~has_k[:, 0] & (p[:, 0] < 1.0) & (mass[:, -1] >= p[:, 0] * total[:, 0])
+            fits_m = ~has_k[:, 0] & (p[:, 0] >= 1.0) & (w[:, -1] == 0)
+            settled = fits_k | fits_p | fits_m
         done = settled.tolist()
-        rows = [r for r, d in zip(pending, done) if d]
-        if rows:
-            _keep_rows(weights, rows, keep[settled])
+        if all(done):
+            out.append(Candidates(index, w, ids))
+        elif any(done):
+            out.append(Candidates(index[settled], w[settled], ids[settled]))
         pending = [r for r, d in zip(pending, done) if not d]
-    return weights
+    return out
 
 
-def apply_min_p(weights: torch.Tensor, min_p: Sequence[float | None]) -> torch.Tensor:
-    """Drop tokens whose probability is below min_p times the most likely token's.
-
-    The most likely token survives every earlier filter, so its weight is still the
-    row maximum and the ratio needs no renormalisation.
-    """
-    rows = [r for r, m in enumerate(min_p) if m]
-    if rows:
-        m = torch.tensor([min_p[r] for r in rows], dtype=weights.dtype, device=weights.device)[:, None]
-        sub = weights if len(rows) == weights.shape[0] else weights.index_select(0, _long(rows, weights.device))
-        _keep_rows(weights, rows, sub >= m * sub.amax(dim=-1, keepdim=True))
-    return weights
+def filtered_probs(
+    logits: torch.Tensor,
+    top_k: Sequence[int | None],
+    top_p: Sequence[float | None],
+    min_p: Sequence[float | None],
+) -> torch.Tensor:
+    """Dense [n, V] probabilities after the filters (for inspection and tests)."""
+    probs = torch.zeros_like(logits)
+    for c in filter_candidates(logits, top_k, top_p, min_p):
+        dense = c.weights if c.ids is None else torch.zeros_like(probs[c.rows]).scatter_(1, c.ids, c.weights)
+        probs[c.rows] = dense / dense.sum(dim=-1, keepdim=True)
+    return probs
 
 
 # --------------------------------------------------------------------- drawing

@@ -67,19 +67,21 @@ class Sampler:
         index = torch.tensor(rows, dtype=torch.long, device=x.device)
         # Scale in place only a private tensor: the row subset is a copy, and x is ours
         # when edits cloned it (otherwise it is the caller's raw logits).
-        w = pipeline.softmax_with_temperature(
-            x if all_sampled else x.index_select(0, index), [p.temperature for p in sp], inplace=edits or not all_sampled
+        scaled = pipeline.apply_temperature(
+            x if all_sampled else x[index], [p.temperature for p in sp], inplace=edits or not all_sampled
         )
-        w = pipeline.apply_top_k(w, [p.top_k for p in sp])
-        w = pipeline.apply_top_p(w, [p.top_p for p in sp])
-        w = pipeline.apply_min_p(w, [p.min_p for p in sp])
-        drawn = pipeline.sample_inverse_cdf(w, pipeline.draw_uniforms(sampled_states, x.device))
+        uniforms = pipeline.draw_uniforms(sampled_states, x.device)
+        drawn = torch.empty(len(rows), dtype=torch.long, device=x.device)
+        for c in pipeline.filter_candidates(scaled, [p.top_k for p in sp], [p.top_p for p in sp], [p.min_p for p in sp]):
+            pos = pipeline.sample_inverse_cdf(c.weights, uniforms[c.rows])
+            drawn[c.rows] = pos if c.ids is None else c.ids.gather(1, pos[:, None]).squeeze(1)
         if all_sampled:
             return drawn
-        greedy = torch.tensor([r for r in range(len(states)) if r not in set(rows)], dtype=torch.long, device=x.device)
+        sampled = set(rows)
+        greedy = torch.tensor([r for r in range(len(states)) if r not in sampled], dtype=torch.long, device=x.device)
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         tokens.index_copy_(0, index, drawn)
-        tokens.index_copy_(0, greedy, x.index_select(0, greedy).argmax(dim=-1))
+        tokens.index_copy_(0, greedy, x[greedy].argmax(dim=-1))
         return tokens
 
     @staticmethod
@@ -90,7 +92,7 @@ class Sampler:
             return [SampledToken(t) for t in token_ids]
 
         index = torch.tensor(rows, dtype=torch.long, device=raw.device)
-        logp = torch.log_softmax(raw.index_select(0, index), dim=-1)
+        logp = torch.log_softmax(raw[index], dim=-1)
         chosen = logp.gather(1, tokens.index_select(0, index)[:, None]).squeeze(1).tolist()
         wanted = [min(states[r].params.top_logprobs or 0, raw.shape[1]) for r in rows]
         top_vals: list[list[float]] = [[] for _ in rows]
@@ -100,9 +102,6 @@ class Sampler:
             top_vals, top_ids = values.tolist(), ids.tolist()
 
         out = [SampledToken(t) for t in token_ids]
-        for j, r in enumerate(rows):
-            k = wanted[j]
-            out[r] = SampledToken(
-                token_ids[r], chosen[j], [(top_ids[j][i], top_vals[j][i]) for i in range(k)]
-            )
+        for j, (r, k) in enumerate(zip(rows, wanted)):
+            out[r] = SampledToken(token_ids[r], chosen[j], list(zip(top_ids[j][:k], top_vals[j][:k])))
         return out

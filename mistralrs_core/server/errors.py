@@ -17,6 +17,7 @@ log = logging.getLogger("mistralrs.server")
 
 # A field path as validate.py writes it: `messages[2].content`, `logit_bias['7']`.
 _FIELD = re.compile(r"^[A-Za-z_][\w.\-]*(\[[^\]]*\][\w.\-]*)*$")
+_REFUSED = re.compile(r"^([a-z_][\w.]*) \(")
 # The Runner speaks of `model_id`; over HTTP the field is `model`.
 _PARAM_ALIASES = {"model_id": "model"}
 
@@ -56,7 +57,9 @@ def from_exception(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, NotAvailableYet):
         # 400 rather than 501: OpenAI clients retry every 5xx, and asking again cannot help.
-        return APIError(400, str(exc), param=field_of(str(exc)), code="not_available")
+        # Its message starts with the refused field: "grammar (constrained decoding) is not ..."
+        m = _REFUSED.match(str(exc))
+        return APIError(400, str(exc), param=m.group(1) if m else None, code="not_available")
     if isinstance(exc, ValueError):
         msg = str(exc)
         param = field_of(msg)

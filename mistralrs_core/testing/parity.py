@@ -78,8 +78,10 @@ def reference_logits(ref, input_ids: list[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
-    out = ref.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                       pad_token_id=0)
+    ids = torch.tensor([prompt])
+    # An explicit mask: otherwise generate() masks every prompt token equal to pad_token_id.
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                       min_new_tokens=n, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
 
@@ -168,3 +170,8 @@ def check_family(ref, out_dir: str | Path, arch: str, prompts: list[list[int]], 
     theirs, ours = reference_greedy(ref, gp, greedy_tokens), our_greedy(model, gp, greedy_tokens)
     assert ours == theirs, f"{arch}: greedy tokens differ\nours:   {ours}\ntheirs: {theirs}"
     return model, worst
+
+
+def random_prompt(n: int, vocab: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist()

@@ -19,6 +19,24 @@ TEXT_FAMILIES = [
     ("Gemma2", f"{_PKG}.gemma2:Gemma2ForCausalLM", ("gemma2",), ("Gemma2ForCausalLM",), ("gemma2",)),
     # Text-only Gemma 3; the multimodal Gemma3 is a vision family registered elsewhere.
     ("Gemma3", f"{_PKG}.gemma3:Gemma3ForCausalLM", ("gemma3_text",), ("Gemma3ForCausalLM",), ("gemma3",)),
+    # Mixture-of-experts, latent-attention and hybrid families.
+    ("Mixtral", f"{_PKG}.mixtral:MixtralForCausalLM", ("mixtral",), ("MixtralForCausalLM",), ()),
+    ("Phi3_5MoE", f"{_PKG}.phimoe:PhiMoEForCausalLM", ("phimoe",), ("PhimoeForCausalLM",), ()),
+    ("Qwen3Moe", f"{_PKG}.qwen3_moe:Qwen3MoeForCausalLM", ("qwen3_moe",), ("Qwen3MoeForCausalLM",), ()),
+    ("DeepseekV2", f"{_PKG}.deepseek_v2:DeepseekV2ForCausalLM", ("deepseek_v2",), ("DeepseekV2ForCausalLM",),
+     ()),
+    ("DeepseekV3", f"{_PKG}.deepseek_v3:DeepseekV3ForCausalLM", ("deepseek_v3",), ("DeepseekV3ForCausalLM",),
+     ()),
+    ("GptOss", f"{_PKG}.gpt_oss:GptOssForCausalLM", ("gpt_oss",), ("GptOssForCausalLM",), ()),
+    ("GraniteMoeHybrid", f"{_PKG}.granitemoehybrid:GraniteMoeHybridForCausalLM", ("granitemoehybrid",),
+     ("GraniteMoeHybridForCausalLM",), ()),
+]
+
+
+# name, module:class, HF model_types, HF architectures (detection among embedding families only)
+EMBEDDING_FAMILIES = [
+    ("EmbeddingGemma", f"{_PKG}.embedding_gemma:EmbeddingGemma", ("gemma3_text",), ("Gemma3TextModel",)),
+    ("Qwen3Embedding", f"{_PKG}.qwen3_embedding:Qwen3Embedding", ("qwen3",), ("Qwen3Model",)),
 ]
 
 
@@ -27,3 +45,17 @@ def mistralrs_register_architectures(register):
     for name, target, model_types, archs, gguf in TEXT_FAMILIES:
         register(name, target, kind="text", hf_model_types=model_types, hf_architectures=archs,
                  gguf_architectures=gguf)
+    for name, target, model_types, archs in EMBEDDING_FAMILIES:
+        register(name, target, kind="embedding", hf_model_types=model_types, hf_architectures=archs)
+
+
+@hookimpl
+def mistralrs_register_loaders(register):
+    register("embedding", f"{_PKG}.embedding_loader:EmbeddingLoader")
+
+
+@hookimpl
+def mistralrs_select_loader(which, kind):
+    if type(which).__name__ == "Embedding":
+        return "embedding"
+    return None

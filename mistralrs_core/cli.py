@@ -1,0 +1,141 @@
+"""The ``mistralrs`` command: ``serve`` (OpenAI-compatible HTTP server) and ``run``
+(terminal chat). Model flags mirror the ``Which`` variants and ``Runner`` arguments."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from mistralrs_core.server.spec import KINDS, ModelSpec, ServeConfig, build_which, load_config
+
+# Flags that become Runner keyword arguments: (flag, dest, type, help).
+_RUNNER_FLAGS = (
+    ("--max-seqs", "max_seqs", int, "most sequences decoded together (Runner default 16)"),
+    ("--prefix-cache-n", "prefix_cache_n", int, "prefix caching; 0 disables"),
+    ("--pa-ctxt-len", "pa_ctxt_len", int, "size the KV pool for this many tokens"),
+    ("--pa-gpu-mem", "pa_gpu_mem", int, "size the KV pool in MB"),
+    ("--pa-gpu-mem-usage", "pa_gpu_mem_usage", float, "size the KV pool as a fraction of device memory"),
+    ("--pa-blk-size", "pa_blk_size", int, "tokens per KV block"),
+    ("--seed", "seed", int, "seed of the sampling generators"),
+    ("--chat-template", "chat_template", str, "chat template file (.jinja or tokenizer_config-style .json)"),
+    ("--jinja-explicit", "jinja_explicit", str, "a Jinja chat template file that overrides every other"),
+    ("--token-source", "token_source", str, "Hugging Face token: cache, none, env:VAR, path:FILE, literal:TOK"),
+    ("--isq", "in_situ_quant", str, "in-situ quantization type"),
+    ("--device", "device", str, "torch device (default: cuda if available, else cpu)"),
+)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model-id", help="model directory or Hugging Face hub id")
+    g.add_argument("-f", "--quantized-filename", action="extend", nargs="+", metavar="FILE",
+                   help="GGUF file(s) inside the model directory/repository (several for split files)")
+    g.add_argument("--tok-model-id", help="tokenizer source for GGUF models")
+    g.add_argument("--tokenizer-json", help="explicit tokenizer.json")
+    g.add_argument("--arch", help="architecture (default: detected from config.json)")
+    g.add_argument("--dtype", help="auto, bf16, f16 or f32")
+    g.add_argument("--kind", default="auto", choices=KINDS,
+                   help="model kind; auto: GGUF when -f is given, else a plain text model")
+    g.add_argument("--config", help="JSON or TOML file naming several models (see docs/architecture.md)")
+    r = p.add_argument_group("runner")
+    for flag, dest, typ, help in _RUNNER_FLAGS:
+        r.add_argument(flag, dest=dest, type=typ, help=help)
+    r.add_argument("--no-kv-cache", action="store_true", default=None, help="recompute every step")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mistralrs", description="mistralrs for Python: local LLM inference")
+    sub = p.add_subparsers(dest="command", metavar="{serve,run}")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _model_args(serve)
+    s = serve.add_argument_group("server")
+    s.add_argument("-p", "--port", type=int, help="port (default 1234)")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--api-key", default=os.environ.get("MISTRALRS_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $MISTRALRS_API_KEY)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    run = sub.add_parser("run", help="chat in the terminal")
+    _model_args(run)
+    c = run.add_argument_group("chat")
+    c.add_argument("-i", "--prompt", help="answer this prompt once (streamed to stdout) and exit")
+    c.add_argument("--system", help="system message")
+    c.add_argument("--max-tokens", type=int, help="most tokens per answer")
+    c.add_argument("--temperature", type=float)
+    c.add_argument("--top-p", type=float)
+    c.add_argument("--top-k", type=int)
+    c.add_argument("--min-p", type=float)
+    c.add_argument("--repetition-penalty", type=float)
+    return p
+
+
+def _serve_config(args) -> ServeConfig:
+    runtime = {dest: getattr(args, dest) for _, dest, _, _ in _RUNNER_FLAGS if getattr(args, dest) is not None}
+    if args.no_kv_cache:
+        runtime["no_kv_cache"] = True
+    if args.config:
+        if args.model_id or args.quantized_filename:
+            raise ValueError("--config: cannot be combined with -m/-f")
+        cfg = load_config(args.config)
+        cfg.runtime.update(runtime)   # flags on the command line win over the file
+        return cfg
+    if not args.model_id:
+        raise ValueError("-m/--model-id: required (or --config FILE)")
+    which = build_which(args.kind, args.model_id, quantized_filename=args.quantized_filename,
+                        tok_model_id=args.tok_model_id, arch=args.arch, dtype=args.dtype,
+                        tokenizer_json=args.tokenizer_json)
+    return ServeConfig([ModelSpec(which)], runtime)
+
+
+def _sampling(args) -> dict:
+    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help(sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mistralrs_core.errors import NotAvailableYet
+    from mistralrs_core.server.loading import build_runner
+    try:
+        cfg = _serve_config(args)
+        runner = build_runner(cfg.models, cfg.runtime)
+    except (ValueError, OSError, NotAvailableYet) as exc:
+        print(f"mistralrs: error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if args.command == "serve":
+            from mistralrs_core.server.app import serve
+            host = args.host or cfg.server.get("host", "127.0.0.1")
+            port = args.port or cfg.server.get("port", 1234)
+            print(f"mistralrs: serving {', '.join(runner.list_models())} on http://{host}:{port}/v1",
+                  file=sys.stderr, flush=True)
+            serve(runner, host=host, port=port, api_key=args.api_key, log_level=args.log_level)
+            return 0
+        return _run(runner, args)
+    finally:
+        runner.shutdown()
+
+
+def _run(runner, args) -> int:
+    from mistralrs_core.server.interactive import chat_loop, stream_answer
+    # Answers may hold any character; never die on a terminal that cannot show one.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    sampling = _sampling(args)
+    if args.prompt is None:
+        return chat_loop(runner, sampling, system=args.system)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:
+        stream_answer(runner, messages + [{"role": "user", "content": args.prompt}], sampling, sys.stdout)
+    except (ValueError, NotImplementedError) as exc:
+        print(f"mistralrs: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The FastAPI application and how it is served."""
+from __future__ import annotations
+
+import hmac
+import logging
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mistralrs_core.server import admin, inference
+from mistralrs_core.server.context import ServerState
+from mistralrs_core.server.errors import APIError
+from mistralrs_core.server.metrics import MetricsMiddleware
+
+log = logging.getLogger("mistralrs.server")
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+class BearerAuth:
+    """401 unless ``Authorization: Bearer <key>`` matches; /health stays open for probes."""
+
+    def __init__(self, app, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            # compare_digest: the time taken must not reveal how much of the key matched.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                err = APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
+                               code="invalid_api_key")
+                return await err.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def route_paths() -> list[str]:
+    return sorted({r.path for router in (inference.router, admin.router) for r in router.routes})
+
+
+def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) -> FastAPI:
+    """An OpenAI-compatible app serving ``runner`` (routes by the request's ``model``)."""
+    app = FastAPI(title="mistralrs for Python", version="0.1.0")
+    app.state.server = ServerState(runner, api_key=api_key, max_threads=max_threads)
+    app.include_router(inference.router)
+    app.include_router(admin.router)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # Unknown routes and wrong methods answer in the same error shape as everything else.
+        return APIError(exc.status_code, str(exc.detail), code=None).response(getattr(exc, "headers", None))
+
+    if api_key:
+        app.add_middleware(BearerAuth, key=api_key)
+    # Added last, so outermost: 401s and unknown routes are counted too.
+    routes = set(route_paths())
+    app.add_middleware(MetricsMiddleware, metrics=app.state.server.metrics, routes=routes)
+    return app
+
+
+def serve(runner, *, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
+          log_level: str = "info") -> None:
+    """Serve ``runner`` until interrupted (blocking)."""
+    import uvicorn
+
+    app = create_app(runner, api_key=api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
