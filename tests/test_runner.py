@@ -262,3 +262,10 @@ def test_multi_model_routing_unload_reload(tiny_dir, tmp_path):
         assert r.list_models() == [b] and r.get_model_status(a) is None
     finally:
         r.shutdown()
+
+
+def test_unsupported_which_fields_are_refused(tiny_dir):
+    with pytest.raises(NotAvailableYet, match="from_uqff"):
+        Runner(which=Which.Plain(model_id=str(tiny_dir), from_uqff="q4k-0.uqff"))
+    with pytest.raises(NotAvailableYet, match="topology"):
+        Runner(which=Which.Plain(model_id=str(tiny_dir), topology="isq.yml"))

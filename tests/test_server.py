@@ -206,7 +206,8 @@ def test_other_errors_are_openai_objects(server):
     assert r.status_code == 400 and "diffusion" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/audio/speech", json={"input": "hello"})
     assert r.status_code == 400 and "speech" in r.json()["error"]["message"]
-    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, "grammar": {"type": "regex", "value": "a+"}})
+    grammar = {"type": "regex", "value": "a+"}
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, "grammar": grammar})
     assert r.status_code in (400, 501) and r.json()["error"]["param"] == "grammar"
 
 
@@ -226,7 +227,8 @@ def test_sse_framing(server):
 
 def test_64_concurrent_streams(server, client):
     prompts = [f"Story number {i} about a compiler." for i in range(8)]
-    expected = {p: greedy(client, p, extra_body={"ignore_eos": True}).choices[0].message.content for p in prompts}
+    expected = {p: greedy(client, p, extra_body={"ignore_eos": True}).choices[0].message.content
+                for p in prompts}
 
     async def one(http: httpx.AsyncClient, prompt: str) -> tuple[str, str, str | None]:
         body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0,

@@ -2,11 +2,11 @@
 
 Stages run in upstream's order: DRY -> frequency/presence/repetition penalties -> logit
 bias -> custom processors -> temperature -> top-k -> top-p -> min-p. The first four edit
-logits in place (the sampler hands them a private copy); from temperature on, the rows
-being sampled are probability weights that the filters zero in place. Every stage is
-written over the batch; the only Python loops are over sequences (at most B) or over a
-request's few logit-bias entries and breaker sequences, never over the vocabulary or a
-sequence's tokens.
+logits in place (the sampler hands them a private copy); the filters turn the rows being
+sampled into draw weights over candidate tokens (see `filter_candidates`). Every stage is
+written over the batch; the only Python loops are over sequences (at most B), over a
+request's few logit-bias entries and breaker sequences, or over the two or three
+candidate window sizes, never over the vocabulary or a sequence's tokens.
 """
 
 from __future__ import annotations
@@ -313,7 +313,8 @@ def filter_candidates(
             vocab_mass = torch.exp(torch.logsumexp(rows, dim=-1, keepdim=True) - top[:, :1])
             total = torch.where(has_k, total, vocab_mass)
         mass = w.cumsum(dim=-1)
-        keep = (mass - w < p * total) | (p >= 1.0)
+        mass_above = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=1)
+        keep = (mass_above < p * total) | (p >= 1.0)
         keep &= w >= m  # min-p: the best token's weight is exactly 1 here
         w = w * keep
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hmac
-import logging
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -11,8 +10,6 @@ from mistralrs_core.server import admin, inference
 from mistralrs_core.server.context import ServerState
 from mistralrs_core.server.errors import APIError
 from mistralrs_core.server.metrics import MetricsMiddleware
-
-log = logging.getLogger("mistralrs.server")
 
 OPEN_PATHS = frozenset({"/health"})
 

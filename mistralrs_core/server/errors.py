@@ -62,7 +62,8 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(400, str(exc), param=m.group(1) if m else None, code="not_available")
     if isinstance(exc, ValueError):
         msg = str(exc)
-        param = field_of(msg)
+        # "model 'x' is an embedding model; ..." is about the request's model too.
+        param = field_of(msg) or ("model" if msg.startswith("model ") else None)
         if "unknown model" in msg and param == "model":
             return APIError(404, msg, param="model", code="model_not_found")
         code = "context_length_exceeded" if "maximum context length" in msg else None

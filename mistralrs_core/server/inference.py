@@ -105,18 +105,12 @@ async def completions(request: Request):
     return JSONResponse(out)
 
 
-def _prompt_tokens(st: ServerState, inputs, model: str) -> int:
-    items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
-    total = 0
-    for item in items:
-        if isinstance(item, str):
-            try:
-                total += len(st.runner.tokenize_text(item, model_id=model))
-            except Exception:  # a pipeline without a tokenizer API: usage is best effort
-                return 0
-        elif isinstance(item, list):
-            total += len(item)
-    return total
+def _prompt_tokens(st: ServerState, req, model: str) -> int:
+    """Usage for an embedding request: the ids the model embeds (special tokens included)."""
+    prepare = getattr(st.runner._pipeline(model), "prepare", None)
+    if prepare is None:
+        return 0   # usage is best effort; the vectors are what was asked for
+    return sum(len(ids) for ids in prepare(req))
 
 
 @router.post("/v1/embeddings")
@@ -139,7 +133,7 @@ async def embeddings(request: Request):
             raise APIError(400, f"model `{model}` is not an embedding model; /v1/embeddings needs one "
                                 f"(serve it with --kind embedding)", param="model") from None
         raise
-    tokens = await st.run(_prompt_tokens, st, req.input, model)
+    tokens = await st.run(_prompt_tokens, st, req, model)
     st.metrics.record_usage(model, {"prompt_tokens": tokens})
     return JSONResponse(wire.embeddings(vectors, model, encoding, tokens))
 

@@ -79,7 +79,8 @@ def build_which(kind: str, model_id: str, *, quantized_filename=None, tok_model_
         model_id, quantized_filename = str(Path(model_id).parent), Path(model_id).name
     if kind in ("auto", "text") and quantized_filename is not None:
         cls = Which.GGUF
-        files = list(quantized_filename) if isinstance(quantized_filename, (list, tuple)) else [quantized_filename]
+        files = list(quantized_filename) if isinstance(quantized_filename, (list, tuple)) \
+            else [quantized_filename]
         if "arch" in fields:
             raise ValueError(f"{name('arch')}: not used with GGUF files (the file names its architecture)")
         args = dict(quantized_model_id=model_id, quantized_filename=files[0] if len(files) == 1 else files,

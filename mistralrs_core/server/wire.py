@@ -70,7 +70,8 @@ def embeddings(vectors: list[list[float]], model: str, encoding: str, prompt_tok
             return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii")
         return [float(x) for x in v]
     return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+            "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                     for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 

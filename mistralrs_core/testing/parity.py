@@ -126,13 +126,9 @@ def check_batched_equals_alone(model, prompts: list[list[int]], decode_steps: in
     per_seq = [-(-(len(p) + decode_steps) // block_size) for p in prompts]
     caches = [LayerKVCache(s, sum(per_seq), block_size, model.dtype, "cpu") if s else None
               for s in model.kv_cache_specs()]
-    # Interleave block ids so no sequence gets a contiguous range by accident.
-    owners = [i for i, n in enumerate(per_seq) for _ in range(n)]
-    order = sorted(range(len(owners)), key=lambda b: (b % len(prompts), b))
-    blocks: list[list[int]] = [[] for _ in prompts]
-    pool = iter(order)
-    for i, n in enumerate(per_seq):
-        blocks[i] = [next(pool) for _ in range(n)]
+    # Hand out block ids in a scrambled order so no sequence owns a contiguous range.
+    pool = iter(sorted(range(sum(per_seq)), key=lambda b: (b % len(prompts), b)))
+    blocks = [[next(pool) for _ in range(n)] for n in per_seq]
 
     def run(chunks):
         ids, pos, meta = build_metadata(chunks, block_size, "cpu")

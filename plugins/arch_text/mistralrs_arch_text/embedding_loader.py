@@ -7,15 +7,13 @@ from mistralrs_core.errors import NotAvailableYet
 class EmbeddingLoader:
     def load(self, which, opts, name: str):
         from mistralrs_core.loading.hf_config import load_model_config
-        from mistralrs_core.loading.model_loader import detect_architecture
+        from mistralrs_core.loading.model_loader import detect_architecture, reject_unsupported_fields
         from mistralrs_core.loading.options import pick_device, pick_dtype
         from mistralrs_core.loading.resolve import resolve_model_dir
         from mistralrs_core.pipeline.embedding import EmbeddingPipeline
         from mistralrs_core.tokenization.tokenizer import Tokenizer
 
-        for field in ("from_uqff", "write_uqff", "topology", "imatrix", "calibration_file"):
-            if getattr(which, field, None):
-                raise NotAvailableYet(f"Which.Embedding({field}=...)")
+        reject_unsupported_fields(which)
         if opts.in_situ_quant is not None:
             raise NotAvailableYet("in_situ_quant for embedding models")
         model_dir = resolve_model_dir(which.model_id, hf_cache_path=which.hf_cache_path,

@@ -11,13 +11,22 @@ from mistralrs_core.layers.rope import RotaryEmbedding
 
 
 class PhiMoERotary(RotaryEmbedding):
-    def inv_freq_for(self, positions):
+    """The reference keeps the short factors at every length and only switches the scale,
+    on the length of the sequence being run. Here that length is taken per token (its own
+    sequence's context length) so a sequence's numbers do not depend on its batch."""
+
+    seq_lens: torch.Tensor | None = None
+
+    def cos_sin(self, positions, dtype):
         p = self.cfg.params
-        if "short_mscale" not in p or not positions.numel():
-            return super().inv_freq_for(positions)
-        # The reference keeps the short factors at every length; only the scale switches.
-        long = int(positions.max()) + 1 > p["original_max_position_embeddings"]
-        return self._inv, float(p["long_mscale" if long else "short_mscale"])
+        if "short_mscale" not in p:
+            return super().cos_sin(positions, dtype)
+        freqs = positions.to(torch.float32)[:, None] * self._inv.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        lens = self.seq_lens if self.seq_lens is not None else positions.max() + 1
+        scale = torch.where(lens > p["original_max_position_embeddings"], p["long_mscale"], p["short_mscale"])
+        scale = scale.to(torch.float32).reshape(-1, 1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 class PhiMoEForCausalLM(MixtralForCausalLM):
@@ -34,3 +43,9 @@ class PhiMoEForCausalLM(MixtralForCausalLM):
                            weights_fp32=False)
         return attrs.evolve(cfg, norm_kind="layer", norm_eps=hf.get("rms_norm_eps", 1e-5), qkv_bias=bias,
                             o_bias=bias, lm_head_bias=bool(hf.get("lm_head_bias", False)), moe=moe)
+
+    def forward(self, input_ids, positions, meta, caches):
+        if self.rope is not None:
+            self.rope.seq_lens = torch.repeat_interleave(
+                torch.tensor(meta.context_lens), torch.tensor(meta.query_lens)).to(positions.device)
+        return super().forward(input_ids, positions, meta, caches)

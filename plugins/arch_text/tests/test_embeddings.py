@@ -254,3 +254,12 @@ def test_dense_refuses_untrusted_activation(tmp_path):
     save_file({"linear.weight": torch.eye(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="activation"):
         DenseLayer(tmp_path, "cpu")
+
+
+def test_large_batches_split_into_several_forwards(gemma, monkeypatch):
+    import mistralrs_core.pipeline.embedding as emb
+    runner = gemma[2]
+    whole = runner.send_embedding_request(EmbeddingRequest(input=TEXTS))
+    monkeypatch.setattr(emb, "_MAX_PADDED_TOKENS", 80)
+    assert [len(g) for g in emb._groups([[0] * 40, [0] * 30, [0] * 50, [0] * 10])] == [2, 1, 1]
+    assert cos_dist(runner.send_embedding_request(EmbeddingRequest(input=TEXTS)), whole) <= 1e-6

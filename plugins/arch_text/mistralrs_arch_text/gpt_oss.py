@@ -1,0 +1,55 @@
+"""GPT-OSS: Mixtral-like MoE with attention sinks, alternating sliding/full layers, biased
+attention, YaRN, a biased router (top-k on logits, softmax over the k) and experts with
+biases and a clamped SwiGLU, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+
+Checkpoints store the experts fused and transposed, ``gate_up_proj`` [E, H, 2I] with gate
+and up interleaved column by column; loading turns that into the stacked [E, 2I, H]
+(gate rows, then up rows) layout of ``MoEExperts``."""
+from __future__ import annotations
+
+import attrs
+import torch
+
+from mistralrs_arch_text.llama import base_config
+from mistralrs_arch_text.mixtral import MixtralForCausalLM, with_moe
+from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.layers.moe import MoEConfig
+from mistralrs_core.layers.norms import RMSNorm
+
+
+def _deinterleave(t: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] with (g0, u0, g1, u1, ...) -> [..., 2I] with (g0..g_{I-1}, u0..u_{I-1})."""
+    return torch.cat((t[..., 0::2], t[..., 1::2]), -1)
+
+
+class GptOssForCausalLM(MixtralForCausalLM):
+    def __init__(self, cfg, dtype=torch.float32):
+        super().__init__(cfg, dtype)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.cast_before_scale = False     # the reference scales in float32, then casts
+
+    @classmethod
+    def config_from_hf(cls, hf):
+        cfg = base_config(hf, qkv_bias=bool(hf.get("attention_bias", True)), o_bias=bool(hf.get("attention_bias", True)),
+                          attn_sinks=True, sliding_window=hf.get("sliding_window"), layer_types=hf.get("layer_types"))
+        return with_moe(cfg, MoEConfig(
+            num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok") or hf["experts_per_token"],
+            intermediate_size=hf["intermediate_size"], softmax_after_topk=True, router_bias=True,
+            router_name="router", weights_fp32=False, expert_bias=True, activation="clamped_swiglu",
+            swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0))))
+
+    def load_weights(self, weights, device="cpu"):
+        def converted():
+            for name, value in weights:
+                if name.endswith(("_blocks", "_scales")):
+                    raise NotAvailableYet("GPT-OSS MXFP4 expert weights",
+                                          "load a dequantized (bf16) checkpoint for now")
+                if name.endswith("experts.gate_up_proj"):
+                    value = _deinterleave(value).transpose(1, 2)
+                elif name.endswith("experts.gate_up_proj_bias"):
+                    value = _deinterleave(value)
+                elif name.endswith("experts.down_proj"):
+                    value = value.transpose(1, 2)
+                yield name, value
+        super().load_weights(converted(), device)

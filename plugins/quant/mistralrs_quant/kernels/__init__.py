@@ -1,0 +1,1 @@
+"""CPU execution paths for quantized matmuls (see ``qlinear`` for how one is chosen)."""

@@ -1,0 +1,173 @@
+"""A linear layer's weight held in a ggml block format.
+
+``GGMLQuantMethod`` implements ``mistralrs_core.layers.quantized.QuantMethod``. It picks
+one of three execution paths per call:
+
+``int4``    torch's CPU int4 weight-only kernel (bfloat16 compute, Q4_0/Q4_1/Q4_K, small M):
+            the weight stays 4-bit and is streamed once per call.
+``dequant`` dequantize tiles of rows, then a dense matmul. Cost is dominated by the
+            dequantization, so it pays off for large M (prefill), and is the exact path of
+            float32 mode.
+``dense``   a dense copy in the compute dtype made at load. In bfloat16 mode this is the
+            default for types the int4 kernel cannot express (their 16-element sub-blocks
+            or 5/6/8-bit codes): AMX bf16 matmuls are fast at every M, and a dense bf16 copy
+            is no larger than the alternatives (Q6_K as padded int4 planes is 2 bytes/weight).
+
+Accuracy contract (``ref = x @ dequantize().T`` in float64):
+* float32: ``|y − ref| ≤ 1e-5 · (|x| @ |W|.T)`` — only the matmul's summation order differs.
+* bfloat16: ``|y − ref| ≤ 2⁻⁶ · (|x| @ |W|.T)`` — activations, weights (or the int4
+  kernel's scale/zero) and the output are each rounded to bf16 (2⁻⁹ relative each), and
+  the kernels accumulate in float32.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .formats import FormatSpec, get_format
+from .kernels import int4pack
+from .kernels.dequant_mm import dequant_matmul, tile_rows
+
+# Largest M for which the int4 kernel beats dequantize-then-matmul; its cost grows
+# linearly with M while the dequantization is paid once (see bench/quant_matmul.py).
+INT4_MAX_M = 16
+
+PATHS = ("int4", "dequant", "dense")
+
+
+def _as_uint8_tensor(raw) -> torch.Tensor:
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(raw)
+    if not isinstance(raw, torch.Tensor) or raw.dtype != torch.uint8:
+        raise TypeError(f"raw weight must be a uint8 tensor or array, got {getattr(raw, 'dtype', type(raw))}")
+    return raw
+
+
+class GGMLQuantMethod:
+    """Weight [out_features, in_features] stored as ggml blocks; ``forward`` is ``x @ W.T``."""
+
+    def __init__(self, raw, ggml_type: int, shape: Optional[Sequence[int]] = None, *,
+                 compute_dtype: torch.dtype = torch.bfloat16, dense: Optional[bool] = None,
+                 keep_raw: Optional[bool] = None, int4_max_m: int = INT4_MAX_M):
+        raw = _as_uint8_tensor(raw)
+        spec: FormatSpec = get_format(ggml_type)
+        if raw.dim() != 2:
+            raise ValueError(f"{spec.name} weight must be 2-D [out, bytes_per_row], got shape {tuple(raw.shape)}")
+        in_features = spec.row_elements(raw.shape[1])
+        if shape is not None and tuple(shape) != (raw.shape[0], in_features):
+            raise ValueError(f"{spec.name} weight: raw bytes {tuple(raw.shape)} hold shape "
+                             f"{(raw.shape[0], in_features)}, not {tuple(shape)}")
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype must be float32, bfloat16 or float16, got {compute_dtype}")
+        self.spec = spec
+        self.ggml_type = spec.ggml_type
+        self.out_features, self.in_features = raw.shape[0], in_features
+        self.compute_dtype = compute_dtype
+        self.int4_max_m = int4_max_m
+
+        on_cpu = raw.device.type == "cpu"
+        use_int4 = (compute_dtype == torch.bfloat16 and on_cpu and int4pack.supported(spec.ggml_type)
+                    and int4pack.kernel_available())
+        if dense is None:
+            dense = compute_dtype != torch.float32 and not use_int4
+        self.int4 = int4pack.Int4Packed(raw, spec.ggml_type, compute_dtype) if use_int4 and not dense else None
+        self.dense = self._densify(raw) if dense else None
+        if keep_raw is None:
+            keep_raw = self.dense is None
+        self.raw = raw if keep_raw else None
+
+    def _densify(self, raw: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device=raw.device)
+        step = tile_rows(self.out_features, self.in_features)
+        for r0 in range(0, self.out_features, step):
+            out[r0:r0 + step] = self.spec.dequantize(raw[r0:r0 + step])
+        return out
+
+    # ------------------------------------------------------------------ QuantMethod
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        if self.raw is not None:
+            total += self.raw.nbytes
+        if self.dense is not None:
+            total += self.dense.nbytes
+        if self.int4 is not None:
+            total += self.int4.nbytes
+        return total
+
+    def available_paths(self) -> list[str]:
+        return [p for p, ok in (("int4", self.int4 is not None), ("dequant", self.raw is not None),
+                                ("dense", self.dense is not None)) if ok]
+
+    def choose_path(self, m: int) -> str:
+        if self.dense is not None:
+            return "dense"
+        if self.int4 is not None and (m <= self.int4_max_m or self.raw is None):
+            return "int4"
+        return "dequant"
+
+    def forward(self, x: torch.Tensor, path: Optional[str] = None) -> torch.Tensor:
+        """``x`` [..., in_features] -> [..., out_features] in the compute dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        path = path or self.choose_path(x2d.shape[0])
+        if path not in self.available_paths():
+            raise ValueError(f"path {path!r} is not available for this weight (have {self.available_paths()})")
+        if path == "int4":
+            y = self.int4.mm(x2d)
+        elif path == "dense":
+            y = F.linear(x2d.to(self.compute_dtype), self.dense)
+        else:
+            y = dequant_matmul(x2d.to(self.compute_dtype), self.raw, self.spec.dequantize, self.compute_dtype)
+        return y.reshape(*lead, self.out_features)
+
+    __call__ = forward
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as float32 [out, in]: exact from the ggml bytes when they are kept,
+        else the dense copy's values (bf16-rounded in bfloat16 mode)."""
+        if self.raw is not None:
+            return self.spec.dequantize(self.raw)
+        return self.dense.float()
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``W[ids]`` as float32 [*ids.shape, in_features]; only those rows are decoded."""
+        flat = ids.reshape(-1).long()
+        if self.raw is not None:
+            rows = self.spec.dequantize(self.raw.index_select(0, flat.to(self.raw.device)))
+        else:
+            rows = self.dense.index_select(0, flat.to(self.dense.device)).float()
+        return rows.reshape(*ids.shape, self.in_features)
+
+    def __repr__(self) -> str:
+        return (f"GGMLQuantMethod({self.spec.name}, out={self.out_features}, in={self.in_features}, "
+                f"compute={self.compute_dtype}, paths={self.available_paths()}, nbytes={self.nbytes})")
+
+
+class GGUFQuantizedWeight:
+    """A GGUF tensor implementing ``mistralrs_core.layers.quantized.QuantizedWeight``."""
+
+    def __init__(self, raw, ggml_type: int, shape: Sequence[int]):
+        self.raw = _as_uint8_tensor(raw)
+        self.ggml_type = int(ggml_type)
+        self.shape = tuple(int(s) for s in shape)
+
+    @classmethod
+    def from_info(cls, info) -> "GGUFQuantizedWeight":
+        """From a ``gguf_reader.GGUFTensorInfo`` (zero-copy over the mapped file)."""
+        return cls(info.raw_tensor(), info.ggml_type, info.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        return get_format(self.ggml_type).dequantize(self.raw).reshape(self.shape)
+
+    def quant_method(self, compute_dtype: torch.dtype = torch.bfloat16, **kwargs) -> GGMLQuantMethod:
+        if len(self.shape) != 2:
+            raise ValueError(f"only 2-D weights can be used as a linear layer, shape is {self.shape}")
+        return GGMLQuantMethod(self.raw.reshape(self.shape[0], -1), self.ggml_type, self.shape,
+                               compute_dtype=compute_dtype, **kwargs)
