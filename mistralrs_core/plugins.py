@@ -145,7 +145,10 @@ def _fill_registry(pm: pluggy.PluginManager) -> Registry:
 
     def registrar(table: dict, plugin_name: str, factory: Callable):
         def register(name, target, **kw):
-            table[name.lower()] = factory(name, target, plugin_name, kw)
+            entry = factory(name, target, plugin_name, kw)
+            # Families are keyed by kind too: the text and the vision "Gemma3" coexist.
+            key = f"{entry.kind}:{name.lower()}" if isinstance(entry, ArchitectureEntry) else name.lower()
+            table[key] = entry
         return register
 
     def arch_factory(name, target, plugin_name, kw):

@@ -22,6 +22,7 @@ from mistralrs_core.engine.block_manager import BlockManager
 from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.scheduler import Scheduler
 from mistralrs_core.engine.sequence import Sequence, SeqStatus
+from mistralrs_core.layers.recurrent import has_recurrent_state
 from mistralrs_core.sampling.sampler import Sampler
 from mistralrs_core.sampling.state import SamplingState
 from mistralrs_core.tokenization.detokenizer import IncrementalDetokenizer
@@ -78,10 +79,15 @@ class Engine:
         self.config = config
         self.eos_ids = set(eos_ids)
         self.name = name
+        # A recurrent state summarises a whole prefix, which shared prefix-cache blocks cannot
+        # restore: models with recurrent layers run without prefix caching.
+        self.stateful = has_recurrent_state(model.kv_cache_specs())
         self.blocks = BlockManager(config.num_blocks, config.block_size,
-                                   enable_prefix_cache=config.prefix_cache and not config.no_kv_cache)
+                                   enable_prefix_cache=(config.prefix_cache and not config.no_kv_cache
+                                                        and not self.stateful))
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.max_batch_tokens, config.no_kv_cache)
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.device, config.cache_dtype)
+        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.device, config.cache_dtype,
+                                  num_state_slots=config.max_seqs)
         self.sampler = Sampler()
         self.max_context = getattr(model, "max_context_len", 4096)
         self._inbox: queue.Queue = queue.Queue()
@@ -181,8 +187,9 @@ class Engine:
             start = seq.num_computed
             chunks.append((seq.token_ids[start:start + n], start, seq.blocks))
             want.append(start + n == seq.num_tokens)
+        slots = {"state_slots": [seq.state_slot for seq, _ in batch]} if self.stateful else {}
         try:
-            logits = self.runner.run(chunks, want)
+            logits = self.runner.run(chunks, want, **slots)
         except Exception as exc:
             log.error("model forward failed: %s\n%s", exc, traceback.format_exc())
             for seq, _ in batch:

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from mistralrs_core.layers.attention import KVCacheSpec
+
 DEFAULT_BLOCK_SIZE = 32
 # Without explicit sizing, the CPU pool gets at most this much memory.
 CPU_DEFAULT_BUDGET = 2 << 30
@@ -12,7 +14,8 @@ CPU_DEFAULT_BUDGET = 2 << 30
 
 def bytes_per_token(specs, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
-    return sum((s.num_heads * (s.k_dim + s.v_dim)) * elem for s in specs if s is not None)
+    # Recurrent-state specs hold per-sequence state, not per-token K/V: not counted here.
+    return sum((s.num_heads * (s.k_dim + s.v_dim)) * elem for s in specs if isinstance(s, KVCacheSpec))
 
 
 def _available_memory(device: torch.device) -> int:

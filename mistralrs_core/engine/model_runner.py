@@ -5,12 +5,15 @@ import numpy as np
 import torch
 
 from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache
+from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.models.base import CausalLM
 
 
 def build_metadata(chunks: list[tuple[list[int], int, list[int]]], block_size: int, device,
-                   causal: bool = True) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """``chunks``: per sequence (new token ids, start position, block ids).
+                   causal: bool = True, state_slots: list[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """``chunks``: per sequence (new token ids, start position, block ids); ``state_slots``:
+    per sequence its recurrent-state slot (models with recurrent layers only).
 
     Returns (input_ids [T], positions [T], metadata)."""
     q_lens = [len(t) for t, _, _ in chunks]
@@ -38,17 +41,20 @@ def build_metadata(chunks: list[tuple[list[int], int, list[int]]], block_size: i
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(table).to(device),
         token_index=torch.from_numpy(token_index).to(device),
-        q_max=q_max, k_max=k_max, fresh_prefill=fresh, causal=causal)
+        q_max=q_max, k_max=k_max, fresh_prefill=fresh, causal=causal,
+        state_slots=None if state_slots is None else torch.tensor(state_slots, device=device))
     return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), meta
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device, cache_dtype):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, device, cache_dtype,
+                 num_state_slots: int = 1):
         self.model = model
         self.device = torch.device(device)
         self.block_size = block_size
+        # Paged K/V per attention layer; a slot pool per recurrent layer (see layers/recurrent.py).
         self.caches: list[LayerKVCache | None] = [
-            LayerKVCache(spec, num_blocks, block_size, cache_dtype, self.device) if spec is not None else None
+            make_layer_cache(spec, num_blocks, block_size, cache_dtype, self.device, num_state_slots)
             for spec in model.kv_cache_specs()
         ]
 
@@ -57,9 +63,9 @@ class ModelRunner:
         return sum(c.nbytes for c in self.caches if c is not None)
 
     @torch.inference_mode()
-    def run(self, chunks, want_logits: list[bool]) -> torch.Tensor:
+    def run(self, chunks, want_logits: list[bool], state_slots: list[int] | None = None) -> torch.Tensor:
         """Logits [n, vocab] (float32) for the sequences whose ``want_logits`` is True."""
-        ids, pos, meta = build_metadata(chunks, self.block_size, self.device)
+        ids, pos, meta = build_metadata(chunks, self.block_size, self.device, state_slots=state_slots)
         hidden = self.model(ids, pos, meta, self.caches)
         ends = np.cumsum(meta.query_lens) - 1
         rows = [int(e) for e, w in zip(ends, want_logits) if w]

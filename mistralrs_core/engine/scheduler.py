@@ -26,6 +26,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.preemptions = 0
         self.out_of_memory: list[Sequence] = []   # sequences the engine must end ("length")
+        # Recurrent-state slots (layers/recurrent.py): one per admitted sequence, so max_seqs suffice.
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -34,8 +36,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.free_slots.append(seq.state_slot)
+            seq.state_slot = None
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self._release_slot(seq)
         self.blocks.release(seq.blocks)
         seq.block_hashes = []
         seq.num_computed = 0
@@ -86,6 +94,7 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
+            seq.state_slot = self.free_slots.pop()
             seq.status = SeqStatus.RUNNING
             if seq.admitted_time is None:
                 seq.admitted_time = time.perf_counter()
@@ -111,6 +120,7 @@ class Scheduler:
             self.waiting.remove(seq)
         except ValueError:
             pass
+        self._release_slot(seq)
         self.blocks.release(seq.blocks)
 
     def reset_for_recompute(self, seq: Sequence) -> None:

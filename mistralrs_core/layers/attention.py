@@ -63,6 +63,8 @@ class AttentionMetadata:
     # True when each sequence's context is exactly its new tokens (a fresh prefill).
     fresh_prefill: bool = False
     causal: bool = True
+    # [B] recurrent-state slot of each sequence (models with recurrent layers; see layers/recurrent.py)
+    state_slots: torch.Tensor | None = None
     _masks: dict = attrs.field(factory=dict)
 
     @property

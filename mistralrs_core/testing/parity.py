@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from mistralrs_core.engine.model_runner import build_metadata
-from mistralrs_core.layers.attention import LayerKVCache
+from mistralrs_core.layers.recurrent import make_layer_cache
 
 
 def perturb_parameters(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
@@ -50,7 +50,7 @@ class SingleSequence:
     def __init__(self, model, block_size: int = 4, num_blocks: int = 64):
         self.model = model
         self.block_size = block_size
-        self.caches = [LayerKVCache(s, num_blocks, block_size, model.dtype, "cpu") if s else None
+        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
                        for s in model.kv_cache_specs()]
         self.blocks = list(range(num_blocks))
         self.pos = 0
@@ -124,7 +124,7 @@ def check_batched_equals_alone(model, prompts: list[list[int]], decode_steps: in
     Every sequence owns its own blocks of one shared pool, so a mistake in slot mapping,
     padding or masks across sequences shows up as a mismatch."""
     per_seq = [-(-(len(p) + decode_steps) // block_size) for p in prompts]
-    caches = [LayerKVCache(s, sum(per_seq), block_size, model.dtype, "cpu") if s else None
+    caches = [make_layer_cache(s, sum(per_seq), block_size, model.dtype, "cpu", len(prompts))
               for s in model.kv_cache_specs()]
     # Hand out block ids in a scrambled order so no sequence owns a contiguous range.
     pool = iter(sorted(range(sum(per_seq)), key=lambda b: (b % len(prompts), b)))

@@ -2,6 +2,8 @@
 on tiny random sentence-transformers folders (float32)."""
 from __future__ import annotations
 
+COVERS = ["EmbeddingGemma", "Qwen3Embedding"]
+
 import json
 import re
 from pathlib import Path

@@ -1,6 +1,8 @@
 """Gemma, Gemma 2 and Gemma 3 (text) against transformers, on tiny random models in float32."""
 from __future__ import annotations
 
+COVERS = ["Gemma", "Gemma2", "Gemma3"]
+
 import json
 
 import pytest
