@@ -123,19 +123,19 @@ def _tensor_infos(part: _Part) -> dict[str, GGUFTensorInfo]:
     return out
 
 
-def _split_siblings(first: Path, count: int) -> list[Path]:
-    m = _SPLIT_NAME.match(first.name)
-    if m is None or int(m["no"]) != 1:
-        raise ValueError(f"{first}: this GGUF is split into {count} files but its name does not follow "
-                         "'<prefix>-00001-of-NNNNN.gguf'; pass all split files explicitly")
-    return [first.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+def _split_siblings(given: Path, count: int) -> list[Path]:
+    m = _SPLIT_NAME.match(given.name)
+    if m is None or int(m["count"]) != count:
+        raise ValueError(f"{given}: this GGUF is split into {count} files but its name does not follow "
+                         f"'<prefix>-0000i-of-{count:05d}.gguf'; pass all split files explicitly")
+    return [given.with_name(f"{m['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
 
 
 def open_gguf(paths: PathLike | Sequence[PathLike]) -> GGUFFile:
     """Open one GGUF file, or the files of a split model as one model.
 
-    Given only the first file of a split model (``split.count`` > 1), the other files are
-    found next to it by the llama.cpp naming scheme ``<prefix>-0000i-of-0000n.gguf``.
+    Given one file of a split model (``split.count`` > 1), the others are found next to
+    it by the llama.cpp naming scheme ``<prefix>-0000i-of-0000n.gguf``.
     Metadata comes from the first split; tensors from all of them.
     """
     if isinstance(paths, (str, os.PathLike)):
@@ -144,11 +144,11 @@ def open_gguf(paths: PathLike | Sequence[PathLike]) -> GGUFFile:
     if not plist:
         raise ValueError("no GGUF file given")
     parts = [_open_part(p) for p in plist]
-    parts.sort(key=lambda p: int(p.header.metadata.get("split.no", 0)))
     count = int(parts[0].header.metadata.get("split.count", 1))
     if len(parts) == 1 and count > 1:
-        siblings = _split_siblings(parts[0].path, count)
-        parts += [_open_part(p) for p in siblings[1:]]
+        given = parts[0]
+        parts = [given if p == given.path else _open_part(p) for p in _split_siblings(given.path, count)]
+    parts.sort(key=lambda p: int(p.header.metadata.get("split.no", 0)))
     _check_splits(parts, count)
 
     tensors: dict[str, GGUFTensorInfo] = {}

@@ -57,6 +57,11 @@ def set_scale(raw: np.ndarray, qtype, field: int, bits: int) -> np.ndarray:
 def ref_dequantize(raw: np.ndarray, qtype) -> np.ndarray:
     """gguf-py's numpy dequantizer, or (Q8_1, Q8_K, which it lacks) ggml's definition."""
     import gguf
+    with np.errstate(all="ignore"):
+        return _ref(raw, qtype, gguf)
+
+
+def _ref(raw, qtype, gguf):
     if qtype == T.Q8_1:  # {f16 d, f16 s, int8 qs[32]}: value = d * q
         b = raw.reshape(-1, 36)
         d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
@@ -67,8 +72,7 @@ def ref_dequantize(raw: np.ndarray, qtype) -> np.ndarray:
         d = b[:, 0:4].copy().view(np.float32)
         q = b[:, 4:260].copy().view(np.int8).astype(np.float32)
         return (d * q).reshape(*raw.shape[:-1], -1)
-    with np.errstate(all="ignore"):
-        return gguf.quants.dequantize(raw, qtype)
+    return gguf.quants.dequantize(raw, qtype)
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:

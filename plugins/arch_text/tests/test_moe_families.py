@@ -1,0 +1,167 @@
+"""Mixture-of-experts and latent-attention families against transformers, on tiny random
+models in float32: routing variants, shared experts, dense-layer placement, MLA with and
+without q compression, yarn with mscale, attention sinks and sliding layers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from mistralrs_core.layers.moe import MoEConfig, MoEExperts, dispatch, route  # noqa: E402
+from mistralrs_core.testing.parity import (check_batched_equals_alone, check_family, load_for_test,  # noqa: E402
+                                           random_prompt, save_reference)
+
+COVERS = ["Mixtral", "Phi3_5MoE", "Qwen3Moe", "DeepseekV2", "DeepseekV3", "GptOss"]
+V = 256
+TOL = 1e-4
+# No EOS: the reference's greedy run (min_new_tokens) would forbid it, ours would not.
+COMMON = dict(vocab_size=V, max_position_embeddings=256, eos_token_id=None)
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+        "mscale": 0.9, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
+
+
+def _run(ref, tmp_path, arch, prompts=None, greedy_prompt=None):
+    torch.manual_seed(0)
+    prompts = prompts or [random_prompt(5, V, 1), random_prompt(23, V, 2)]
+    model, worst = check_family(ref, tmp_path / arch, arch, prompts, greedy_prompt=greedy_prompt)
+    batched = check_batched_equals_alone(model, [random_prompt(n, V, 10 + n) for n in (5, 17, 33)])
+    print(f"{arch}: max rel err {worst:.2e}, batched vs alone {batched:.2e}")
+    assert worst <= TOL
+    assert batched <= TOL
+    return model
+
+
+def _model(cls, cfg_cls, **kw):
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(getattr(transformers, cfg_cls)(**COMMON, **kw))
+
+
+def test_mixtral(tmp_path):
+    ref = _model("MixtralForCausalLM", "MixtralConfig", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                 sliding_window=8)
+    model = _run(ref, tmp_path, "Mixtral")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (8, 192, 64)
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0, 1.1, 1.2, 1.3],
+            "long_factor": [2.0, 2.3, 2.6, 2.9], "short_mscale": 1.1, "long_mscale": 1.3,
+            "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("rope", ["default", "longrope"])
+def test_phimoe(tmp_path, rope):
+    kw = dict(rope_parameters=LONGROPE) if rope == "longrope" else {}
+    ref = _model("PhimoeForCausalLM", "PhimoeConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
+                 attention_bias=True, lm_head_bias=True, **kw)
+    # The reference's generate recomputes its whole cache once when a sequence first grows
+    # past original_max_position_embeddings (the scale switches); a greedy prompt already
+    # past it keeps both sides on the long scale.
+    _run(ref, tmp_path, "Phi3_5MoE", greedy_prompt=random_prompt(20, V, 3))
+
+
+@pytest.mark.parametrize("norm_topk", [False, True])
+def test_qwen3_moe(tmp_path, norm_topk):
+    ref = _model("Qwen3MoeForCausalLM", "Qwen3MoeConfig", hidden_size=64, intermediate_size=96,
+                 moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, num_experts=8, num_experts_per_tok=3, decoder_sparse_step=2, mlp_only_layers=[3],
+                 norm_topk_prob=norm_topk)
+    model = _run(ref, tmp_path, "Qwen3Moe")
+    assert model.cfg.moe_layers == [False, True, False, False]
+    assert model.cfg.moe.renormalize == norm_topk
+
+
+DEEPSEEK = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=3, first_k_dense_replace=1,
+                kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, n_shared_experts=2,
+                routed_scaling_factor=1.5)
+
+
+@pytest.mark.parametrize("variant", ["plain", "group_limited_yarn"])
+def test_deepseek_v2(tmp_path, variant):
+    extra = (dict(q_lora_rank=None) if variant == "plain" else
+             dict(q_lora_rank=32, topk_method="group_limited_greedy", n_group=4, topk_group=2, rope_parameters=YARN))
+    model = _run(_model("DeepseekV2ForCausalLM", "DeepseekV2Config", **DEEPSEEK, **extra), tmp_path, "DeepseekV2")
+    # The paged cache holds one latent "head" per token: kv_lora_rank + rope dims, no V.
+    assert [(s.num_heads, s.k_dim, s.v_dim) for s in model.kv_cache_specs()] == [(1, 32, 0)] * 3
+    assert not hasattr(model.model.layers[0].mlp, "experts") and hasattr(model.model.layers[1].mlp, "experts")
+
+
+@pytest.mark.parametrize("variant", ["q_lora_interleaved", "yarn_halves"])
+def test_deepseek_v3(tmp_path, variant):
+    extra = (dict(q_lora_rank=32, n_group=4, topk_group=2) if variant == "q_lora_interleaved" else
+             dict(q_lora_rank=None, n_group=2, topk_group=1, rope_interleave=False, norm_topk_prob=False,
+                  rope_parameters=YARN))
+    ref = _model("DeepseekV3ForCausalLM", "DeepseekV3Config", **DEEPSEEK, **extra)
+    # The score-correction bias is a buffer (perturb_parameters leaves it at zero); make it
+    # large enough to change which experts are chosen.
+    g = torch.Generator().manual_seed(1)
+    for layer in ref.model.layers[1:]:
+        layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=g) * 0.3)
+    _run(ref, tmp_path, "DeepseekV3")
+
+
+@pytest.mark.parametrize("variant", ["default", "yarn_mha"])
+def test_gpt_oss(tmp_path, variant):
+    extra = {} if variant == "default" else dict(
+        num_key_value_heads=4, rope_parameters={"rope_type": "yarn", "rope_theta": 1000.0, "factor": 8.0,
+                                                "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": True})
+    kw = {**dict(hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=3, head_dim=16,
+                 sliding_window=8, swiglu_limit=0.3), **extra}
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(**COMMON, **kw)
+    cfg._attn_implementation = "eager"
+    model = _run(transformers.GptOssForCausalLM(cfg), tmp_path, "GptOss")
+    assert [model.model.layers[i].self_attn.sliding_window for i in range(4)] == [8, None, 8, None]
+
+
+# --- the shared layer on its own -------------------------------------------------
+
+def _experts(cfg: MoEConfig, hidden: int, seed: int = 0) -> MoEExperts:
+    g = torch.Generator().manual_seed(seed)
+    ex = MoEExperts(cfg, hidden)
+    for name, p in list(ex.named_parameters()):
+        setattr(ex, name, torch.nn.Parameter(torch.randn(p.shape, generator=g) * 0.3, requires_grad=False))
+    return ex
+
+
+@pytest.mark.parametrize("activation", ["gated", "clamped_swiglu"])
+def test_dispatch_matches_per_token_loop(activation):
+    cfg = MoEConfig(num_experts=6, top_k=3, intermediate_size=8, activation=activation, expert_bias=True,
+                    swiglu_limit=0.5)
+    ex = _experts(cfg, 16)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(11, 16, generator=g)
+    w, ids = route(torch.randn(11, 6, generator=g), cfg, None)
+    want = torch.stack([sum(w[t, k] * ex.expert_forward(int(ids[t, k]), x[t:t + 1])[0] for k in range(3))
+                        for t in range(11)])
+    torch.testing.assert_close(dispatch(x, ids, w, ex), want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_routing_stays_in_chosen_groups():
+    cfg = MoEConfig(num_experts=16, top_k=4, intermediate_size=4, scoring="sigmoid", score_correction_bias=True,
+                    n_group=4, topk_group=2, group_score="top2_sum", renormalize=True, routed_scaling_factor=2.0)
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(32, 16, generator=g), torch.randn(16, generator=g)
+    w, ids = route(logits, cfg, bias)
+    assert all(len(set((row // 4).tolist())) <= 2 for row in ids)
+    torch.testing.assert_close(w.sum(-1), torch.full((32,), 2.0))
+    # The bias chooses experts but does not weight them.
+    torch.testing.assert_close(w / 2.0, (logits.sigmoid().gather(1, ids) /
+                                         logits.sigmoid().gather(1, ids).sum(-1, keepdim=True)))
+
+
+def test_missing_expert_weight_is_reported(tmp_path):
+    ref = _model("MixtralForCausalLM", "MixtralConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    d = save_reference(ref, tmp_path)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(d / "model.safetensors"))
+    del weights["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    save_file(weights, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"gate_up_proj\[2\]\.up"):
+        load_for_test(d, "Mixtral")
