@@ -11,9 +11,9 @@ GEMM kernels and expert-parallel sharding want. Checkpoints that store one tenso
 expert (``experts.N.w1``, ``experts.N.gate_proj`` ...) are copied into their slices by
 ``MoEWeightsMixin``.
 
-Seam for quantized experts: a quantization plugin sets ``MoEExperts.quant`` to an object
-with ``forward(expert: int, x) -> y`` (the whole expert MLP, biases and activation
-included); the stacked dense parameters are then dropped. Until such a plugin exists,
+Seam for quantized experts: a quantization plugin calls ``MoEExperts.set_quant`` with an
+object whose ``forward(expert: int, x) -> y`` computes the whole expert MLP (biases and
+activation included); the stacked dense parameters are then dropped. Until such a plugin exists,
 quantized per-expert tensors handed to the loader are dequantized into the stack.
 """
 from __future__ import annotations
@@ -100,6 +100,13 @@ class MoEExperts(nn.Module):
         self.down_proj_bias = param(e, hidden) if cfg.expert_bias else None
         self.quant = None
         self._filled: dict[str, set] = {}
+
+    def set_quant(self, method) -> None:
+        """Install a quantized implementation (``method.forward(expert, x)``, the whole expert
+        MLP); the dense stacks are dropped so memory holds only the packed form."""
+        self.quant = method
+        self.gate_up_proj = self.down_proj = self.gate_up_proj_bias = self.down_proj_bias = None
+        self._filled.clear()
 
     # --- compute ----------------------------------------------------------
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
@@ -202,6 +209,11 @@ def route(logits: torch.Tensor, cfg: MoEConfig, correction: torch.Tensor | None)
 def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: MoEExperts) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) for every token, grouped by expert."""
     t, k = ids.shape
+    if t == 1:
+        # Single-token decode: the sort / gather / scatter bookkeeping would cost as much as
+        # the expert matmuls themselves.
+        out = torch.cat([experts.expert_forward(e, x) for e in ids[0].tolist()])
+        return (out * weights[0][:, None]).sum(0, keepdim=True).to(x.dtype)
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     # One host sync per layer; the loop below visits only experts that got tokens.

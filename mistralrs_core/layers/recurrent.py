@@ -16,7 +16,7 @@ from __future__ import annotations
 import attrs
 import torch
 
-from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache
+from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache
 
 
 @attrs.define
@@ -74,11 +74,6 @@ def make_layer_cache(spec, num_blocks: int, block_size: int, dtype, device, num_
 
 def has_recurrent_state(specs) -> bool:
     return any(isinstance(s, RecurrentStateSpec) for s in specs)
-
-
-def paged_specs(specs) -> list[KVCacheSpec | None]:
-    """The specs that take room in the paged block pool (recurrent ones do not)."""
-    return [s if isinstance(s, KVCacheSpec) else None for s in specs]
 
 
 def batch_slots(meta: AttentionMetadata, device) -> tuple[torch.Tensor, torch.Tensor]:

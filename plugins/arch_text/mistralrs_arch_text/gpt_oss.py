@@ -7,7 +7,6 @@ and up interleaved column by column; loading turns that into the stacked [E, 2I,
 (gate rows, then up rows) layout of ``MoEExperts``."""
 from __future__ import annotations
 
-import attrs
 import torch
 
 from mistralrs_arch_text.llama import base_config
@@ -31,8 +30,9 @@ class GptOssForCausalLM(MixtralForCausalLM):
 
     @classmethod
     def config_from_hf(cls, hf):
-        cfg = base_config(hf, qkv_bias=bool(hf.get("attention_bias", True)), o_bias=bool(hf.get("attention_bias", True)),
-                          attn_sinks=True, sliding_window=hf.get("sliding_window"), layer_types=hf.get("layer_types"))
+        bias = bool(hf.get("attention_bias", True))
+        cfg = base_config(hf, qkv_bias=bias, o_bias=bias, attn_sinks=True, sliding_window=hf.get("sliding_window"),
+                          layer_types=hf.get("layer_types"))
         return with_moe(cfg, MoEConfig(
             num_experts=hf["num_local_experts"], top_k=hf.get("num_experts_per_tok") or hf["experts_per_token"],
             intermediate_size=hf["intermediate_size"], softmax_after_topk=True, router_bias=True,

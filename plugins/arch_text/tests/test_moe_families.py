@@ -9,8 +9,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mistralrs_core.layers.moe import MoEConfig, MoEExperts, dispatch, route  # noqa: E402
-from mistralrs_core.testing.parity import (check_batched_equals_alone, check_family, load_for_test,  # noqa: E402
-                                           random_prompt, save_reference)
+from mistralrs_core.testing.parity import (SingleSequence, check_batched_equals_alone, check_family,  # noqa: E402
+                                           load_for_test, max_rel_err, random_prompt, reference_logits,
+                                           save_reference)
 
 COVERS = ["Mixtral", "Phi3_5MoE", "Qwen3Moe", "DeepseekV2", "DeepseekV3", "GptOss"]
 V = 256
@@ -21,14 +22,19 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
         "mscale": 0.9, "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}
 
 
-def _run(ref, tmp_path, arch, prompts=None, greedy_prompt=None):
+def _run(ref, tmp_path, arch, prompts=None, greedy_prompt=None, cuts=((0, 6), (6, 7), (7, 21))):
     torch.manual_seed(0)
     prompts = prompts or [random_prompt(5, V, 1), random_prompt(23, V, 2)]
     model, worst = check_family(ref, tmp_path / arch, arch, prompts, greedy_prompt=greedy_prompt)
     batched = check_batched_equals_alone(model, [random_prompt(n, V, 10 + n) for n in (5, 17, 33)])
-    print(f"{arch}: max rel err {worst:.2e}, batched vs alone {batched:.2e}")
+    # A prefill continued over several chunks attends over cached context (not a fresh prefill).
+    prompt, run = random_prompt(21, V, 4), SingleSequence(model)
+    chunked = max_rel_err(torch.cat([run.step(prompt[a:b]) for a, b in cuts]),
+                          reference_logits(ref, prompt))
+    print(f"{arch}: max rel err {worst:.2e}, batched vs alone {batched:.2e}, chunked prefill {chunked:.2e}")
     assert worst <= TOL
     assert batched <= TOL
+    assert chunked <= TOL
     return model
 
 
@@ -57,9 +63,9 @@ def test_phimoe(tmp_path, rope):
                  num_attention_heads=4, num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2,
                  attention_bias=True, lm_head_bias=True, **kw)
     # The reference's generate recomputes its whole cache once when a sequence first grows
-    # past original_max_position_embeddings (the scale switches); a greedy prompt already
-    # past it keeps both sides on the long scale.
-    _run(ref, tmp_path, "Phi3_5MoE", greedy_prompt=random_prompt(20, V, 3))
+    # past original_max_position_embeddings (the scale switches); a greedy prompt, and a
+    # first prefill chunk, already past it keep both sides on the long scale.
+    _run(ref, tmp_path, "Phi3_5MoE", greedy_prompt=random_prompt(20, V, 3), cuts=((0, 17), (17, 18), (18, 21)))
 
 
 @pytest.mark.parametrize("norm_topk", [False, True])
@@ -130,15 +136,16 @@ def _experts(cfg: MoEConfig, hidden: int, seed: int = 0) -> MoEExperts:
 
 
 @pytest.mark.parametrize("activation", ["gated", "clamped_swiglu"])
-def test_dispatch_matches_per_token_loop(activation):
+@pytest.mark.parametrize("tokens", [1, 11])
+def test_dispatch_matches_per_token_loop(activation, tokens):
     cfg = MoEConfig(num_experts=6, top_k=3, intermediate_size=8, activation=activation, expert_bias=True,
                     swiglu_limit=0.5)
     ex = _experts(cfg, 16)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(11, 16, generator=g)
-    w, ids = route(torch.randn(11, 6, generator=g), cfg, None)
+    x = torch.randn(tokens, 16, generator=g)
+    w, ids = route(torch.randn(tokens, 6, generator=g), cfg, None)
     want = torch.stack([sum(w[t, k] * ex.expert_forward(int(ids[t, k]), x[t:t + 1])[0] for k in range(3))
-                        for t in range(11)])
+                        for t in range(tokens)])
     torch.testing.assert_close(dispatch(x, ids, w, ex), want, rtol=1e-5, atol=1e-6)
 
 
@@ -165,3 +172,51 @@ def test_missing_expert_weight_is_reported(tmp_path):
     save_file(weights, str(d / "model.safetensors"))
     with pytest.raises(ValueError, match=r"gate_up_proj\[2\]\.up"):
         load_for_test(d, "Mixtral")
+
+
+def test_quantized_experts_seam():
+    cfg = MoEConfig(num_experts=4, top_k=2, intermediate_size=8)
+    ex = _experts(cfg, 16)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 16, generator=g)
+    w, ids = route(torch.randn(5, 4, generator=g), cfg, None)
+    dense = dispatch(x, ids, w, ex)
+
+    class Fake:     # what a quant plugin provides: the whole expert MLP per expert id
+        def __init__(self, gu, down):
+            self.gu, self.down = gu.clone(), down.clone()
+
+        def forward(self, e, h):
+            gate, up = (h @ self.gu[e].T).chunk(2, -1)
+            return (torch.nn.functional.silu(gate) * up) @ self.down[e].T
+
+    ex.set_quant(Fake(ex.gate_up_proj, ex.down_proj))
+    assert ex.gate_up_proj is None and ex.down_proj is None
+    torch.testing.assert_close(dispatch(x, ids, w, ex), dense)
+
+
+def test_mla_absorb_equals_expand():
+    """Both ways of attending over cached latents, on a continuing chunk (not a fresh prefill)
+    of two sequences, with the latents gathered from the paged cache."""
+    from mistralrs_core.engine.model_runner import build_metadata
+    from mistralrs_core.layers.attention import KVCacheSpec, LayerKVCache
+    from mistralrs_core.layers.linear import Linear
+    from mistralrs_core.layers.mla import mla_attention
+
+    g = torch.Generator().manual_seed(5)
+    heads, nope, rope, rank, v = 4, 16, 8, 24, 12
+    kv_b = Linear(rank, heads * (nope + v))
+    kv_b.weight = torch.nn.Parameter(torch.randn(heads * (nope + v), rank, generator=g) * 0.2, requires_grad=False)
+    cache = LayerKVCache(KVCacheSpec(1, rank + rope, 0), 16, 4, torch.float32, "cpu")
+
+    def step(chunks, **kw):
+        _, _, meta = build_metadata(chunks, 4, "cpu")
+        t = sum(len(c[0]) for c in chunks)
+        q_nope, q_pe = torch.randn(t, heads, nope, generator=g), torch.randn(t, heads, rope, generator=g)
+        latent = torch.randn(t, rank + rope, generator=g)
+        return [mla_attention(q_nope, q_pe, latent, meta, cache, kv_b, v_dim=v, scale=0.2, absorb=a)
+                for a in (False, True)]
+
+    step([([1] * 9, 0, [0, 1, 2]), ([1] * 5, 0, [5, 6])])
+    expand, absorb = step([([1] * 3, 9, [0, 1, 2]), ([1] * 2, 5, [5, 6])])
+    torch.testing.assert_close(absorb, expand, rtol=1e-5, atol=1e-5)

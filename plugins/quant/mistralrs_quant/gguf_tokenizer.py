@@ -36,9 +36,11 @@ _TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{L
 _GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
           r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
           r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_DIGIT = r"\p{N}"
+# Every numeral character on its own: the Digits(individual_digits) step of these models'
+# tokenizer.json, which llama.cpp writes as the regex \p{N}.
+_DIGIT = "digits"
 
-# tokenizer.ggml.pre -> (successive split regexes, ignore_merges). Each regex splits the
+# tokenizer.ggml.pre -> (successive split steps, ignore_merges). Each step splits the
 # pieces the previous one produced; llama3-style vocabularies look a whole pre-token up
 # before merging (ignore_merges), as their reference tokenizers do.
 PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -172,7 +174,8 @@ def _build_gpt2(md: Mapping[str, Any], tokens: list[str], types: list[int]):
         if sep:
             merges.append((left, right))
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
-    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+    splits = [pre_tokenizers.Digits(individual_digits=True) if r == _DIGIT
+              else pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-_TILE_ELEMS = 1 << 22
+_TILE_ELEMS = 1 << 20
 
 
 def tile_rows(n_rows: int, n_cols: int) -> int:
