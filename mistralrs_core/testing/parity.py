@@ -78,11 +78,17 @@ def reference_logits(ref, input_ids: list[int]) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_greedy(ref, prompt: list[int], n: int) -> list[int]:
+    """Plain argmax continuation with the reference's own KV cache (no EOS handling, like
+    ``our_greedy``: generate()'s min_new_tokens would suppress EOS and differ)."""
     ids = torch.tensor([prompt])
-    # An explicit mask: otherwise generate() masks every prompt token equal to pad_token_id.
-    out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                       min_new_tokens=n, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+    out = ref(ids, use_cache=True)
+    past, tokens = out.past_key_values, []
+    for _ in range(n):
+        t = int(out.logits[0, -1].argmax())
+        tokens.append(t)
+        out = ref(torch.tensor([[t]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    return tokens
 
 
 def our_greedy(model, prompt: list[int], n: int) -> list[int]:
