@@ -35,11 +35,17 @@ def f32_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     return blocks[:, offset:offset + 4].contiguous().view(torch.float32)
 
 
-def shifts(values: list[int], ndim: int, axis: int) -> torch.Tensor:
-    """A uint8 shift vector laid out along ``axis`` of an ``ndim`` tensor, for broadcasting."""
-    shape = [1] * ndim
-    shape[axis] = len(values)
-    return torch.tensor(values, dtype=torch.uint8).reshape(shape)
+def bit_fields(b: torch.Tensor, width: int, axis: int = -2) -> torch.Tensor:
+    """Split every byte of ``b`` into its 8/width fields of ``width`` bits, lowest first,
+    stacked along a new ``axis``.
+
+    Each field is one scalar shift-and-mask on a contiguous tensor: torch's broadcasting
+    shift by a tensor of shift amounts is several times slower on CPU.
+    """
+    b = b.contiguous()
+    mask = (1 << width) - 1
+    fields = [b & mask] + [(b >> s) & mask for s in range(width, 8, width)]
+    return torch.stack(fields, dim=axis)
 
 
 def low_high_nibbles(qs: torch.Tensor) -> torch.Tensor:
@@ -48,13 +54,12 @@ def low_high_nibbles(qs: torch.Tensor) -> torch.Tensor:
     This is the ordering every 4-bit ggml format uses: element i of a 2m group is the
     low nibble of byte i, element m+i the high nibble of byte i.
     """
-    return torch.stack((qs & 0x0F, qs >> 4), dim=-2)
+    return bit_fields(qs, 4)
 
 
 def bits_le(b: torch.Tensor) -> torch.Tensor:
     """``[n, k]`` bytes -> ``[n, 8k]`` single bits, little-endian bit order."""
-    out = (b.unsqueeze(-1) >> shifts(list(range(8)), b.dim() + 1, -1)) & 1
-    return out.reshape(*b.shape[:-1], -1)
+    return bit_fields(b, 1, axis=-1).reshape(*b.shape[:-1], -1)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -25,32 +25,32 @@ def _five_bit(qh: torch.Tensor, qs: torch.Tensor) -> torch.Tensor:
 
 def dequantize_q4_0(raw: torch.Tensor) -> torch.Tensor:
     b, lead = to_blocks(raw, 18, "Q4_0")
-    q = _nibbles(b[:, 2:]).to(torch.int8) - 8
-    return from_blocks(f16_at(b, 0) * q.float(), lead)
+    q = (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+    return from_blocks(q.mul_(f16_at(b, 0)), lead)
 
 
 def dequantize_q4_1(raw: torch.Tensor) -> torch.Tensor:
     b, lead = to_blocks(raw, 20, "Q4_1")
     q = _nibbles(b[:, 4:]).float()
-    return from_blocks(f16_at(b, 0) * q + f16_at(b, 2), lead)
+    return from_blocks(q.mul_(f16_at(b, 0)).add_(f16_at(b, 2)), lead)
 
 
 def dequantize_q5_0(raw: torch.Tensor) -> torch.Tensor:
     b, lead = to_blocks(raw, 22, "Q5_0")
-    q = _five_bit(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16
-    return from_blocks(f16_at(b, 0) * q.float(), lead)
+    q = (_five_bit(b[:, 2:6], b[:, 6:]).to(torch.int8) - 16).float()
+    return from_blocks(q.mul_(f16_at(b, 0)), lead)
 
 
 def dequantize_q5_1(raw: torch.Tensor) -> torch.Tensor:
     b, lead = to_blocks(raw, 24, "Q5_1")
     q = _five_bit(b[:, 4:8], b[:, 8:]).float()
-    return from_blocks(f16_at(b, 0) * q + f16_at(b, 2), lead)
+    return from_blocks(q.mul_(f16_at(b, 0)).add_(f16_at(b, 2)), lead)
 
 
 def dequantize_q8_0(raw: torch.Tensor) -> torch.Tensor:
     b, lead = to_blocks(raw, 34, "Q8_0")
     q = b[:, 2:].contiguous().view(torch.int8).float()
-    return from_blocks(q * f16_at(b, 0), lead)
+    return from_blocks(q.mul_(f16_at(b, 0)), lead)
 
 
 def dequantize_q8_1(raw: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def dequantize_q8_1(raw: torch.Tensor) -> torch.Tensor:
     # shortcut, the value is d*q.
     b, lead = to_blocks(raw, 36, "Q8_1")
     q = b[:, 4:].contiguous().view(torch.int8).float()
-    return from_blocks(q * f16_at(b, 0), lead)
+    return from_blocks(q.mul_(f16_at(b, 0)), lead)
 
 
 # ---------------------------------------------------------------- quantizers

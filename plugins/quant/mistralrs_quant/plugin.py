@@ -1,0 +1,23 @@
+"""Entry point of ``mistralrs-quant``: GGUF loading and the GGML block formats."""
+from mistralrs_core.hookspecs import hookimpl
+
+_GGML_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
+               "Q5_K", "Q6_K", "Q8_K", "MXFP4")
+
+
+@hookimpl
+def mistralrs_register_loaders(register):
+    register("gguf", "mistralrs_quant.gguf_loader:GGUFLoader")
+
+
+@hookimpl
+def mistralrs_register_quantizers(register):
+    for name in _GGML_TYPES:
+        register(name, "mistralrs_quant.qlinear:GGUFQuantizedWeight", family="ggml")
+
+
+@hookimpl
+def mistralrs_select_loader(which, kind):
+    if type(which).__name__ == "GGUF":
+        return "gguf"
+    return None
