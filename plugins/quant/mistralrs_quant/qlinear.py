@@ -8,14 +8,19 @@ one of three execution paths per call:
 ``dequant`` dequantize tiles of rows, then a dense matmul. Cost is dominated by the
             dequantization, so it pays off for large M (prefill), and is the exact path of
             float32 mode.
-``dense``   a dense copy in the compute dtype made at load. In bfloat16 mode this is the
-            default for types the int4 kernel cannot express (their 16-element sub-blocks
-            or 5/6/8-bit codes): AMX bf16 matmuls are fast at every M, and a dense bf16 copy
-            is no larger than the alternatives (Q6_K as padded int4 planes is 2 bytes/weight).
+``dense``   a dense copy in the compute dtype made at load (bf16 prepacked for oneDNN). In
+            bfloat16 mode this is the default for types the int4 kernel cannot express
+            (their 16-element sub-blocks or 5/6/8-bit codes): AMX bf16 matmuls are fast at
+            every M, and a dense bf16 copy is no larger than the exact alternatives (Q6_K
+            as padded int4 planes would take 2 bytes/weight too).
+
+The ggml bytes themselves are kept by default (``keep_raw``): they give the exact
+``dequantize()``/``embedding()``, and when they come from ``gguf_reader`` they are a view
+of the mapped file, so they cost page cache only if read, not resident memory.
 
 Accuracy contract (``ref = x @ dequantize().T`` in float64):
 * float32: ``|y − ref| ≤ 1e-5 · (|x| @ |W|.T)`` — only the matmul's summation order differs.
-* bfloat16: ``|y − ref| ≤ 2⁻⁶ · (|x| @ |W|.T)`` — activations, weights (or the int4
+* bfloat16: ``|y − ref| ≤ 2⁻⁷ · (|x| @ |W|.T)`` — activations, weights (or the int4
   kernel's scale/zero) and the output are each rounded to bf16 (2⁻⁹ relative each), and
   the kernels accumulate in float32.
 """
@@ -25,17 +30,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .formats import FormatSpec, get_format
 from .kernels import int4pack
+from .kernels.dense import DenseWeight
 from .kernels.dequant_mm import dequant_matmul, tile_rows
 
 # Largest M for which the int4 kernel beats dequantize-then-matmul; its cost grows
 # linearly with M while the dequantization is paid once (see bench/quant_matmul.py).
-INT4_MAX_M = 16
-
-PATHS = ("int4", "dequant", "dense")
+INT4_MAX_M = 48
 
 
 def _as_uint8_tensor(raw) -> torch.Tensor:
@@ -51,7 +54,7 @@ class GGMLQuantMethod:
 
     def __init__(self, raw, ggml_type: int, shape: Optional[Sequence[int]] = None, *,
                  compute_dtype: torch.dtype = torch.bfloat16, dense: Optional[bool] = None,
-                 keep_raw: Optional[bool] = None, int4_max_m: int = INT4_MAX_M):
+                 keep_raw: bool = True, int4_max_m: int = INT4_MAX_M, prepack: bool = True):
         raw = _as_uint8_tensor(raw)
         spec: FormatSpec = get_format(ggml_type)
         if raw.dim() != 2:
@@ -74,9 +77,9 @@ class GGMLQuantMethod:
         if dense is None:
             dense = compute_dtype != torch.float32 and not use_int4
         self.int4 = int4pack.Int4Packed(raw, spec.ggml_type, compute_dtype) if use_int4 and not dense else None
-        self.dense = self._densify(raw) if dense else None
-        if keep_raw is None:
-            keep_raw = self.dense is None
+        self.dense = DenseWeight(self._densify(raw), prepack) if dense else None
+        if not keep_raw and self.int4 is None and self.dense is None:
+            raise ValueError("keep_raw=False needs another representation: pass dense=True")
         self.raw = raw if keep_raw else None
 
     def _densify(self, raw: torch.Tensor) -> torch.Tensor:
@@ -122,7 +125,7 @@ class GGMLQuantMethod:
         if path == "int4":
             y = self.int4.mm(x2d)
         elif path == "dense":
-            y = F.linear(x2d.to(self.compute_dtype), self.dense)
+            y = self.dense.mm(x2d)
         else:
             y = dequant_matmul(x2d.to(self.compute_dtype), self.raw, self.spec.dequantize, self.compute_dtype)
         return y.reshape(*lead, self.out_features)
@@ -131,18 +134,22 @@ class GGMLQuantMethod:
 
     def dequantize(self) -> torch.Tensor:
         """The weight as float32 [out, in]: exact from the ggml bytes when they are kept,
-        else the dense copy's values (bf16-rounded in bfloat16 mode)."""
+        else the values the compute path uses (bf16-rounded in bfloat16 mode)."""
         if self.raw is not None:
             return self.spec.dequantize(self.raw)
-        return self.dense.float()
+        if self.dense is not None:
+            return self.dense.to_dense().float()
+        return self.int4.dequantize()
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``W[ids]`` as float32 [*ids.shape, in_features]; only those rows are decoded."""
         flat = ids.reshape(-1).long()
         if self.raw is not None:
             rows = self.spec.dequantize(self.raw.index_select(0, flat.to(self.raw.device)))
+        elif self.dense is not None:
+            rows = self.dense.rows(flat).float()
         else:
-            rows = self.dense.index_select(0, flat.to(self.dense.device)).float()
+            rows = self.int4.dequantize().index_select(0, flat)
         return rows.reshape(*ids.shape, self.in_features)
 
     def __repr__(self) -> str:

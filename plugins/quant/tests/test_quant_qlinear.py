@@ -97,17 +97,40 @@ def test_dense_and_raw_options(rng):
     raw = _weight(T.Q8_0, 64, 256, rng)
     exact = GGML_TYPES[int(T.Q8_0)].dequantize(raw)
     dense = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16)
-    assert dense.available_paths() == ["dense"] and dense.raw is None
-    assert dense.nbytes == 64 * 256 * 2
-    assert torch.equal(dense.dequantize(), exact.bfloat16().float())
+    assert dense.available_paths() == ["dequant", "dense"] and dense.choose_path(1) == "dense"
+    assert dense.nbytes == raw.nbytes + 64 * 256 * 2
+    assert torch.equal(dense.dequantize(), exact)
+    only_dense = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, keep_raw=False)
+    assert only_dense.available_paths() == ["dense"] and only_dense.nbytes == 64 * 256 * 2
+    assert torch.equal(only_dense.dequantize(), exact.bfloat16().float())
+    ids = torch.tensor([5, 0, 63])
+    assert torch.equal(only_dense.embedding(ids), exact.bfloat16().float()[ids])
+    plain = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, prepack=False)
+    x = torch.randn(3, 256)
+    assert torch.equal(plain.forward(x), dense.forward(x))
     lean = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, dense=False)
     assert lean.available_paths() == ["dequant"] and lean.nbytes == raw.nbytes
-    both = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, dense=True, keep_raw=True)
-    assert both.available_paths() == ["dequant", "dense"] and torch.equal(both.dequantize(), exact)
     f32 = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32)
     assert f32.available_paths() == ["dequant"] and f32.nbytes == raw.nbytes
-    q4 = GGMLQuantMethod(_weight(T.Q4_0, 64, 256, rng), T.Q4_0)
-    assert q4.nbytes < 64 * 256 * 2  # packed + raw is still under a dense bf16 copy
+    both = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, dense=True)
+    assert both.available_paths() == ["dequant", "dense"] and torch.equal(both.dequantize(), exact)
+    with pytest.raises(ValueError, match="keep_raw=False"):
+        GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, keep_raw=False)
+
+
+def test_int4_without_raw(rng):
+    if not int4pack.kernel_available():
+        pytest.skip("torch has no CPU int4 kernel")
+    raw = _weight(T.Q4_K, 48, 256, rng)
+    m = GGMLQuantMethod(raw, T.Q4_K, keep_raw=False)
+    assert m.available_paths() == ["int4"] and m.choose_path(500) == "int4"
+    assert m.nbytes < raw.nbytes * 1.2
+    w = m.dequantize()  # through the kernel: the bf16-rounded scale/zero values
+    exact = GGML_TYPES[int(T.Q4_K)].dequantize(raw)
+    assert ((w - exact).abs() <= 2.0 ** -7 * exact.abs().amax(1, keepdim=True)).all()
+    x = torch.randn(2, 256)
+    _check(m.forward(x), x, exact, torch.bfloat16)
+    assert torch.equal(m.embedding(torch.tensor([4, 1])), w[[4, 1]])
 
 
 def test_tiled_dequant_matches_untiled(rng, monkeypatch):

@@ -185,3 +185,16 @@ def test_missing_or_unsupported_tokenizer():
     with pytest.raises(ValueError, match="token types"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
                              "tokenizer.ggml.token_type": [1]})
+
+
+def test_byte_level_with_bos_and_eos():
+    md = _bpe_metadata("llama-bpe")
+    md["tokenizer.ggml.add_bos_token"] = True
+    md["tokenizer.ggml.add_eos_token"] = True
+    tok, info = tokenizer_from_gguf(md)
+    assert info["add_bos"] and info["add_eos"]
+    enc = tok.encode("hello world")
+    assert enc.tokens == ["<|im_start|>", "hello", "Ġworld", "<|endoftext|>"]
+    assert enc.offsets[1] == (0, 5)
+    assert tok.decode(enc.ids) == "hello world"
+    assert tok.encode("hello", add_special_tokens=False).tokens == ["hello"]

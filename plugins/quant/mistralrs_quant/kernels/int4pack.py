@@ -103,3 +103,9 @@ class Int4Packed:
         x2d = x2d.to(self.dtype).contiguous()
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, GROUP, self.scales_zeros)
         return y[:, :self.n].contiguous() if self.n_pad != self.n else y
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the kernel sees it, float32 [N, K]: ``I @ W.T`` through the kernel
+        itself, so no assumption about torch's packed layout is needed (slow; for checks)."""
+        eye = torch.eye(self.k, dtype=self.dtype)
+        return self.mm(eye).t().float().contiguous()
