@@ -84,3 +84,40 @@ class Embedding(nn.Module):
         if self.qmethod is not None:
             return self.qmethod.forward(x)
         return F.linear(x, self.weight)
+
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """One Linear computing ``cat([p(x) for p in parts], -1)``, or None if they can't be
+    fused (mixed storage, or a quant method without ``concat``). Fewer, larger matmuls cut
+    per-op overhead on the decode path, which dominates small models on CPU."""
+    in_f = parts[0].in_features
+    if any(p.in_features != in_f for p in parts):
+        return None
+    out_f = sum(p.out_features for p in parts)
+    quant = [p.qmethod for p in parts]
+    if all(q is None for q in quant):
+        weights = [p.weight for p in parts]
+        if any(w is None or w.device.type == "meta" for w in weights) or len({w.dtype for w in weights}) != 1:
+            return None
+        method = None
+        weight = torch.cat([w.data for w in weights], 0)
+    elif all(q is not None for q in quant) and len({type(q) for q in quant}) == 1:
+        concat = getattr(type(quant[0]), "concat", None)
+        method = concat(quant) if concat is not None else None
+        if method is None:
+            return None
+        weight = None
+    else:
+        return None
+    has_bias = any(p.bias is not None for p in parts)
+    fused = Linear(in_f, out_f, bias=has_bias)
+    if method is not None:
+        fused.set_quant_method(method)
+    else:
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        ref = next(p.bias for p in parts if p.bias is not None)
+        fused.bias = nn.Parameter(torch.cat([
+            p.bias.data if p.bias is not None else torch.zeros(p.out_features, dtype=ref.dtype, device=ref.device)
+            for p in parts]), requires_grad=False)
+    return fused

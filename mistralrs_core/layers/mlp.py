@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from mistralrs_core.layers.activations import get_activation
-from mistralrs_core.layers.linear import Linear
+from mistralrs_core.layers.linear import Linear, fuse_linears
 
 
 class GatedMLP(nn.Module):
@@ -22,6 +22,16 @@ class GatedMLP(nn.Module):
             self.up_proj = Linear(hidden, intermediate, bias)
         self.down_proj = Linear(intermediate, hidden, bias)
         self.act = get_activation(act)
+
+    def post_load(self) -> None:
+        """Run gate and up as one matmul when their storage allows."""
+        if self.fused or type(self).forward is not GatedMLP.forward:
+            return
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is not None:
+            self.gate_up_proj = fused
+            self.fused = True
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:

@@ -83,6 +83,11 @@ class CausalLM(nn.Module):
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for "
                              f"{type(self).__name__}: {shown}")
+        # Layout changes that need every weight in place (e.g. fusing projections).
+        for module in list(self.modules()):
+            hook = getattr(module, "post_load", None)
+            if hook is not None:
+                hook()
 
     def tie_weights(self) -> None:
         pass

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache, attention
-from mistralrs_core.layers.linear import Embedding, Linear
+from mistralrs_core.layers.linear import Embedding, Linear, fuse_linears
 from mistralrs_core.layers.mlp import GatedMLP, PlainMLP
 from mistralrs_core.layers.norms import LayerNorm, RMSNorm
 from mistralrs_core.layers.rope import RopeConfig, RotaryEmbedding, apply_rotary
@@ -104,7 +104,22 @@ class DecoderAttention(nn.Module):
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
         self.use_rope = cfg.uses_rope(layer)
 
+    def post_load(self) -> None:
+        """Fuse q/k/v into one matmul when the storage allows (subclasses that compute
+        q/k/v their own way keep the separate projections)."""
+        self._qkv_runtime = None
+        if self.cfg.qkv_fused or type(self).project_qkv is not DecoderAttention.project_qkv:
+            return
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self._qkv_runtime = fused
+            del self.q_proj, self.k_proj, self.v_proj
+
     def project_qkv(self, x: torch.Tensor):
+        fused = getattr(self, "_qkv_runtime", None)
+        if fused is not None:
+            q_out, kv_out = self.nh * self.hd, self.nkv * self.hd
+            return fused(x).split([q_out, kv_out, kv_out], dim=-1)
         if self.cfg.qkv_fused:
             qkv = self.qkv_proj(x)
             q_out, kv_out = self.nh * self.hd, self.nkv * self.hd
