@@ -1,4 +1,4 @@
-"""Entry point of ``mistralrs-quant``: GGUF loading and the GGML block formats."""
+"""Entry point of ``mistralrs-quant``: GGUF and legacy GGML loading, the GGML block formats."""
 from mistralrs_core.hookspecs import hookimpl
 
 _GGML_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8_1", "Q2_K", "Q3_K", "Q4_K",
@@ -8,6 +8,7 @@ _GGML_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q8
 @hookimpl
 def mistralrs_register_loaders(register):
     register("gguf", "mistralrs_quant.gguf_loader:GGUFLoader")
+    register("ggml", "mistralrs_quant.ggml_loader:GGMLLoader")
 
 
 @hookimpl
@@ -18,6 +19,4 @@ def mistralrs_register_quantizers(register):
 
 @hookimpl
 def mistralrs_select_loader(which, kind):
-    if type(which).__name__ == "GGUF":
-        return "gguf"
-    return None
+    return {"GGUF": "gguf", "GGML": "ggml"}.get(type(which).__name__)
