@@ -5,6 +5,8 @@
 
 For each weight shape [out, in] (SmolLM2-135M's 576x1536 and 1536x576, Gemma-3-270M's
 640x2048), ggml type, compute dtype and execution path, it times ``forward`` on M rows
+(``f32 cpp``: the C++ kernels, float32-exact; ``bf16 dequant (C++ tiles)``: the large-M
+path when they are available; MISTRALRS_QUANT_NO_CPP=1 shows the torch-only defaults)
 and prints a markdown table: microseconds per call, rows ("tokens") per second, and
 effective GB/s = bytes of the ggml-format weight / time per call. Dense bf16/f32 matmuls
 on the same shape are the yardstick (their GB/s counts their own dense bytes).
@@ -22,6 +24,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 
 from mistralrs_quant.formats import GGML_TYPES
+from mistralrs_quant.kernels import cpp as cpp_kernels
 from mistralrs_quant.qlinear import GGMLQuantMethod
 
 SHAPES = [(576, 1536), (1536, 576), (640, 2048)]
@@ -55,8 +58,13 @@ def cases(shapes: list[tuple[int, int]], types: list[str], ms: list[int]):
                 continue
             raw = spec.quantize(w)
             methods = []
-            lean = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, dense=False)
-            methods += [(f"bf16 {p}", lean, p) for p in lean.available_paths()]
+            torch_only = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, dense=False, cpp=False)
+            methods += [(f"bf16 {p}", torch_only, p) for p in torch_only.available_paths() if p != "dequant"]
+            methods.append(("bf16 dequant (torch)", torch_only, "dequant"))
+            if cpp_kernels.available() and cpp_kernels.supports(qtype):
+                with_cpp = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, cpp=True)
+                methods.append(("f32 cpp", with_cpp, "cpp"))
+                methods.append(("bf16 dequant (C++ tiles)", with_cpp, "dequant"))
             methods.append(("bf16 dense", GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, dense=True),
                             "dense"))
             methods.append(("f32 dequant", GGMLQuantMethod(raw, qtype, compute_dtype=torch.float32), "dequant"))
@@ -88,8 +96,9 @@ def main() -> None:
         for i, case in enumerate(table):
             case[-1]()  # warm-up
             best[i] = min(best[i], best_time(case[-1]))
+    info = cpp_kernels.build_info() if cpp_kernels.available() else {"unavailable": cpp_kernels.unavailable_reason()}
     print(f"threads={args.threads}  torch={torch.__version__}  load average {load0:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}\n")
+          f"{os.getloadavg()[0]:.1f}  C++ kernels: {info}\n")
     print("| weight [out,in] | type | path | M | µs/call | tokens/s | GB/s |")
     print("|---|---|---|---:|---:|---:|---:|")
     for (shape, name, label, m, nbytes, _), s in zip(table, best):

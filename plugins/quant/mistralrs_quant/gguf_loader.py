@@ -110,6 +110,8 @@ def pick_dtypes(which, device):
     # Auto keeps the residual stream in float32 and runs only the quantized products in
     # the fast dtype: bf16 activations end to end flipped SmolLM2's answer on a 0.08-logit
     # margin, float32 activations with bf16 products did not.
+    # With the C++ kernels (qlinear's "cpp" path) decode-sized products are float32-exact
+    # whatever the compute dtype; it then only applies to prefill-sized ones.
     auto = getattr(which.dtype, "name", "Auto") == "Auto"
     return (torch.float32 if auto and device.type == "cpu" else compute), compute
 

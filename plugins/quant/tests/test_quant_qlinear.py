@@ -38,8 +38,9 @@ def test_forward_matches_dequantized_matmul(qtype, dtype, rng):
         x = torch.randn(shape)
         for path in m.available_paths():
             y = m.forward(x, path)
-            assert y.shape == (*shape[:-1], 40) and y.dtype == dtype
-            _check(y.reshape(-1, 40), x.reshape(-1, 512), w, dtype)
+            out_dtype = torch.float32 if path == "cpp" else dtype  # cpp computes in float32
+            assert y.shape == (*shape[:-1], 40) and y.dtype == out_dtype
+            _check(y.reshape(-1, 40), x.reshape(-1, 512), w, out_dtype)
 
 
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
@@ -49,7 +50,7 @@ def test_int4_kernel_path(qtype, rng):
     cols = 512
     for rows in (16, 33, 300):  # exact tile, padded tail, several packing chunks
         raw = _weight(qtype, rows, cols, rng)
-        m = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16)
+        m = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, cpp=False)
         assert m.available_paths() == ["int4", "dequant"]
         assert m.choose_path(1) == "int4" and m.choose_path(m.int4_max_m + 1) == "dequant"
         w = m.dequantize()
@@ -76,7 +77,7 @@ def test_int4_kernel_exact_with_representable_scales():
             mn = -torch.randint(0, 8, (32, 4), generator=g).to(torch.float16)
             b[..., 2:4] = mn.view(torch.uint8).reshape(32, 4, 2)
         raw = b.reshape(32, -1)
-        m = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16)
+        m = GGMLQuantMethod(raw, qtype, compute_dtype=torch.bfloat16, cpp=False)
         x = torch.randint(-3, 4, (2, 128), generator=g).float()
         assert torch.equal(m.forward(x, "int4"), (x @ m.dequantize().T).bfloat16())
 
@@ -94,9 +95,10 @@ def test_embedding_rows(qtype, dtype, rng):
 
 
 def test_dense_and_raw_options(rng):
+    """The torch paths' options (the C++ kernels off: with them no copy is made by default)."""
     raw = _weight(T.Q8_0, 64, 256, rng)
     exact = GGML_TYPES[int(T.Q8_0)].dequantize(raw)
-    dense = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16)
+    dense = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, cpp=False)
     assert dense.available_paths() == ["dequant", "dense"] and dense.choose_path(1) == "dense"
     assert dense.nbytes == raw.nbytes + 64 * 256 * 2
     assert torch.equal(dense.dequantize(), exact)
@@ -105,14 +107,14 @@ def test_dense_and_raw_options(rng):
     assert torch.equal(only_dense.dequantize(), exact.bfloat16().float())
     ids = torch.tensor([5, 0, 63])
     assert torch.equal(only_dense.embedding(ids), exact.bfloat16().float()[ids])
-    plain = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, prepack=False)
+    plain = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, prepack=False, cpp=False)
     x = torch.randn(3, 256)
     assert torch.equal(plain.forward(x), dense.forward(x))
-    lean = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, dense=False)
+    lean = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.bfloat16, dense=False, cpp=False)
     assert lean.available_paths() == ["dequant"] and lean.nbytes == raw.nbytes
-    f32 = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32)
+    f32 = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, cpp=False)
     assert f32.available_paths() == ["dequant"] and f32.nbytes == raw.nbytes
-    both = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, dense=True)
+    both = GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, dense=True, cpp=False)
     assert both.available_paths() == ["dequant", "dense"] and torch.equal(both.dequantize(), exact)
     with pytest.raises(ValueError, match="keep_raw=False"):
         GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32, keep_raw=False)
@@ -183,7 +185,7 @@ def test_real_weights(smollm2_path):
             m = qw.quant_method(dtype)
             x = torch.randn(3, m.in_features)
             for path in m.available_paths():
-                _check(m.forward(x, path), x, qw.dequantize(), dtype)
+                _check(m.forward(x, path), x, qw.dequantize(), torch.float32 if path == "cpp" else dtype)
     emb = GGUFQuantizedWeight.from_info(f.tensors["token_embd.weight"]).quant_method(torch.bfloat16, dense=False)
     rows = emb.embedding(torch.tensor([1, 2, 49151]))
     assert rows.shape == (3, 576) and torch.isfinite(rows).all()

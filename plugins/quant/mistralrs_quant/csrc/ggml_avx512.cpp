@@ -1,0 +1,389 @@
+// AVX-512 kernels for ggml block formats (float32-exact variant).
+//
+// Every block is decoded in registers to the float32 values the reference dequantizer
+// produces, then multiplied into float32 accumulators. The decoded value is bit-identical
+// to ggml's: each format's scale times code is exact in float32 (an f16 significand times
+// a code of at most 14 bits), so folding "- offset" / "+ min" into one FMA rounds once,
+// exactly where the reference rounds. The only difference from `x @ dequantize(W).T` is
+// therefore the summation order.
+//
+// Compiled with a target pragma (not -mavx512f on the command line): nothing in this file
+// may be shared with the portable translation unit, so only intrinsics and file-local
+// functions appear below the pragma.
+#include <cstdint>
+#include <cstring>
+
+#include "ggml_kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
+#endif
+
+#include <immintrin.h>
+
+// Software prefetch distance in bytes. A row-at-a-time walk is a single sequential
+// stream, which the hardware prefetcher alone serves at about half the DRAM bandwidth;
+// asking ~4 KB ahead (several rows of a small matrix) doubled the large-matrix rate.
+#ifndef MQ_PF_DIST
+#define MQ_PF_DIST 4096
+#endif
+
+namespace mq {
+namespace {
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return f16_table[h];
+}
+
+inline __m512i u8x16(const uint8_t* p) {  // 16 bytes zero-extended to 16 int32 lanes
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m512 to_f(__m512i v) { return _mm512_cvtepi32_ps(v); }
+
+// A format is a struct with
+//   BS, TS   elements and bytes per block
+//   G        elements decoded per group() call (a multiple of 16)
+//   S        per-block state (scales) built once by prep()
+//   group()  writes the float values of elements [j*G, j*G+G) of the block to w[G/16]
+// Groups smaller than a 256-block keep the decoded values within the register file while
+// several activation rows reuse them.
+
+// 4- and 5-bit codes index a per-block table of their 16 (32) float values, built with
+// one FMA per 16 entries: a permute then replaces the int->float conversion and the
+// scale/offset arithmetic of every element. vpermps reads only the low 4 index bits, so
+// the low nibble needs no masking.
+inline __m512 iota16() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline __m512 iota16_hi() {
+  return _mm512_setr_ps(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+// Scales enter as memory broadcasts (see f16_table) and the offset is folded into the
+// constant (q - 8): (q - 8) d is exact, so this is the reference value.
+struct FQ4_0 {
+  static constexpr int BS = 32, TS = 18, G = 32;
+  struct S { __m512 t; };
+  static S prep(const uint8_t* b) {
+    const __m512 q = _mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f));
+    return {_mm512_mul_ps(q, _mm512_set1_ps(f16_at(b)))};
+  }
+  static void group(const S& s, const uint8_t* b, int, __m512* w) {
+    __m512i v = u8x16(b + 2);
+    w[0] = _mm512_permutexvar_ps(v, s.t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), s.t);
+  }
+};
+
+struct FQ4_1 {
+  static constexpr int BS = 32, TS = 20, G = 32;
+  struct S { __m512 t; };
+  static S prep(const uint8_t* b) {
+    return {_mm512_fmadd_ps(iota16(), _mm512_set1_ps(f16_at(b)), _mm512_set1_ps(f16_at(b + 2)))};
+  }
+  static void group(const S& s, const uint8_t* b, int, __m512* w) {
+    __m512i v = u8x16(b + 4);
+    w[0] = _mm512_permutexvar_ps(v, s.t);
+    w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), s.t);
+  }
+};
+
+inline uint32_t u32_at(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Q5_1 (and Q5_K): q d + m rounds once in the reference, so the 5-bit code indexes a
+// 32-entry table (two registers, vpermt2ps) instead of correcting a 16-entry one.
+inline __m512i with_bit4(__m512i nib, __mmask16 bit) {
+  return _mm512_mask_or_epi32(nib, bit, nib, _mm512_set1_epi32(16));
+}
+
+// Q5_0: (q - 16) d from a 32-entry table. (Correcting a 16-entry table by + 16 d would
+// be as exact but give +0 where the reference's (q - 16) * d is -0 for a negative d.)
+struct FQ5_0 {
+  static constexpr int BS = 32, TS = 22, G = 32;
+  struct S { __m512 t0, t1; uint32_t qh; };
+  static S prep(const uint8_t* b) {
+    const __m512 d = _mm512_set1_ps(f16_at(b));
+    return {_mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f)), d), _mm512_mul_ps(iota16(), d),
+            u32_at(b + 2)};
+  }
+  static void group(const S& s, const uint8_t* b, int, __m512* w) {
+    __m512i v = u8x16(b + 6);
+    __m512i lo = with_bit4(_mm512_and_si512(v, _mm512_set1_epi32(15)), static_cast<__mmask16>(s.qh));
+    __m512i hi = with_bit4(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(s.qh >> 16));
+    w[0] = _mm512_permutex2var_ps(s.t0, lo, s.t1);
+    w[1] = _mm512_permutex2var_ps(s.t0, hi, s.t1);
+  }
+};
+
+struct FQ5_1 {
+  static constexpr int BS = 32, TS = 24, G = 32;
+  struct S { __m512 t0, t1; uint32_t qh; };
+  static S prep(const uint8_t* b) {
+    const __m512 d = _mm512_set1_ps(f16_at(b)), m = _mm512_set1_ps(f16_at(b + 2));
+    return {_mm512_fmadd_ps(iota16(), d, m), _mm512_fmadd_ps(iota16_hi(), d, m), u32_at(b + 4)};
+  }
+  static void group(const S& s, const uint8_t* b, int, __m512* w) {
+    __m512i v = u8x16(b + 8);
+    __m512i lo = with_bit4(_mm512_and_si512(v, _mm512_set1_epi32(15)), static_cast<__mmask16>(s.qh));
+    __m512i hi = with_bit4(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(s.qh >> 16));
+    w[0] = _mm512_permutex2var_ps(s.t0, lo, s.t1);
+    w[1] = _mm512_permutex2var_ps(s.t0, hi, s.t1);
+  }
+};
+
+struct FQ8_0 {
+  static constexpr int BS = 32, TS = 34, G = 32;
+  struct S { __m512 d; };
+  static S prep(const uint8_t* b) { return {_mm512_set1_ps(f16_at(b))}; }
+  static void group(const S& s, const uint8_t* b, int, __m512* w) {
+    const __m128i* q = reinterpret_cast<const __m128i*>(b + 2);
+    w[0] = _mm512_mul_ps(to_f(_mm512_cvtepi8_epi32(_mm_loadu_si128(q))), s.d);
+    w[1] = _mm512_mul_ps(to_f(_mm512_cvtepi8_epi32(_mm_loadu_si128(q + 1))), s.d);
+  }
+};
+
+// Q4_K/Q5_K: eight 6-bit (scale, min) pairs packed in 12 bytes; sub-block j's value is
+// (d * sc[j]) * q - (dmin * mn[j]). Unpacked as one vector, lanes [sc0..7, mn0..7]: done
+// one scalar at a time it cost more than the 256 multiply-adds it serves. Writes
+// out[j] = d * sc[j] and out[8 + j] = -(dmin * mn[j]), exact products as in the reference.
+inline void k_scales(const uint8_t* b, float* out) {
+  const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4));  // 12 used
+  // sc0..3 = q0..3 & 63, sc4..7 = q8..11 & 15 | (q0..3 >> 6) << 4,
+  // mn0..3 = q4..7 & 63, mn4..7 = q8..11 >> 4 | (q4..7 >> 6) << 4.
+  const __m512i lo = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(q, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11)));
+  const __m512i hi = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(q, _mm_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 4, 5, 6, 7)));
+  const __m512i shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4);
+  const __m512i mlo = _mm512_setr_epi32(63, 63, 63, 63, 15, 15, 15, 15, 63, 63, 63, 63, 15, 15, 15, 15);
+  const __m512i mhi = _mm512_setr_epi32(0, 0, 0, 0, 48, 48, 48, 48, 0, 0, 0, 0, 48, 48, 48, 48);
+  const __m512i v = _mm512_or_si512(_mm512_and_si512(_mm512_srlv_epi32(lo, shift), mlo),
+                                    _mm512_and_si512(_mm512_srli_epi32(hi, 2), mhi));
+  const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_at(b)), _mm512_set1_ps(-f16_at(b + 2)));
+  _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
+}
+
+struct FQ4_K {
+  static constexpr int BS = 256, TS = 144, G = 64;
+  struct S { float dm[16]; };  // d * sc[j] at j, -(dmin * mn[j]) at 8 + j
+  static S prep(const uint8_t* b) {
+    S s;
+    k_scales(b, s.dm);
+    return s;
+  }
+  // Group j: 32 bytes whose low nibbles are sub-block 2j and high nibbles sub-block 2j+1.
+  static void group(const S& s, const uint8_t* b, int j, __m512* w) {
+    const uint8_t* qs = b + 16 + 32 * j;
+    __m512i v0 = u8x16(qs), v1 = u8x16(qs + 16);
+    __m512 ta = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(s.dm[2 * j]), _mm512_set1_ps(s.dm[8 + 2 * j]));
+    __m512 tb = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(s.dm[2 * j + 1]), _mm512_set1_ps(s.dm[9 + 2 * j]));
+    w[0] = _mm512_permutexvar_ps(v0, ta);
+    w[1] = _mm512_permutexvar_ps(v1, ta);
+    w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), tb);
+    w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), tb);
+  }
+};
+
+struct FQ5_K {
+  static constexpr int BS = 256, TS = 176, G = 64;
+  struct S { float dm[16]; __m256i qh; };
+  static S prep(const uint8_t* b) {
+    S s;
+    k_scales(b, s.dm);
+    s.qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+    return s;
+  }
+  // As Q4_K, plus a fifth bit: bit 2j (low half) / 2j+1 (high half) of qh[l].
+  static void group(const S& s, const uint8_t* b, int j, __m512* w) {
+    const uint8_t* qs = b + 48 + 32 * j;
+    __m512i v0 = u8x16(qs), v1 = u8x16(qs + 16), m15 = _mm512_set1_epi32(15);
+    __mmask32 hl = _mm256_test_epi8_mask(s.qh, _mm256_set1_epi8(static_cast<char>(1 << (2 * j))));
+    __mmask32 hh = _mm256_test_epi8_mask(s.qh, _mm256_set1_epi8(static_cast<char>(2 << (2 * j))));
+    __m512i a0 = with_bit4(_mm512_and_si512(v0, m15), static_cast<__mmask16>(hl));
+    __m512i a1 = with_bit4(_mm512_and_si512(v1, m15), static_cast<__mmask16>(hl >> 16));
+    __m512i c0 = with_bit4(_mm512_srli_epi32(v0, 4), static_cast<__mmask16>(hh));
+    __m512i c1 = with_bit4(_mm512_srli_epi32(v1, 4), static_cast<__mmask16>(hh >> 16));
+    const __m512 da = _mm512_set1_ps(s.dm[2 * j]), ma = _mm512_set1_ps(s.dm[8 + 2 * j]);
+    const __m512 db = _mm512_set1_ps(s.dm[2 * j + 1]), mb = _mm512_set1_ps(s.dm[9 + 2 * j]);
+    const __m512 ta0 = _mm512_fmadd_ps(iota16(), da, ma), ta1 = _mm512_fmadd_ps(iota16_hi(), da, ma);
+    const __m512 tb0 = _mm512_fmadd_ps(iota16(), db, mb), tb1 = _mm512_fmadd_ps(iota16_hi(), db, mb);
+    w[0] = _mm512_permutex2var_ps(ta0, a0, ta1);
+    w[1] = _mm512_permutex2var_ps(ta0, a1, ta1);
+    w[2] = _mm512_permutex2var_ps(tb0, c0, tb1);
+    w[3] = _mm512_permutex2var_ps(tb0, c1, tb1);
+  }
+};
+
+// Q6_K: 128-element halves; in half h, element l < 32 of quarter t takes its low 4 bits
+// from ql[64h + l + 32(t&1)] (low nibble for t < 2, high for t ≥ 2) and its top 2 bits from
+// qh[32h + l] >> 2t; one int8 scale per 16 elements. A group is a whole half, so each
+// byte is loaded once.
+struct FQ6_K {
+  static constexpr int BS = 256, TS = 210, G = 128;
+  struct S { float d[16]; };
+  static S prep(const uint8_t* b) {
+    S s;
+    const __m512 sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192))));
+    _mm512_storeu_ps(s.d, _mm512_mul_ps(_mm512_set1_ps(f16_at(b + 208)), sc));
+    return s;
+  }
+  // The 6-bit codes of a half are assembled 64 at a time in bytes (16-bit shifts are
+  // safe: the 0x30 mask keeps only bits that came from the same byte), then widened 16 at
+  // a time from a stack copy, where a widening load costs one shuffle uop instead of two.
+  static void group(const S& s, const uint8_t* b, int h, __m512* w) {
+    const __m512i L = _mm512_loadu_si512(b + 64 * h);
+    const __m512i H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h)));
+    const __m512i m0f = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30);
+    // Lanes 0..31 hold codes l, lanes 32..63 codes 32 + l (q12); then 64 + l, 96 + l (q34).
+    const __m512i up = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i dn = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    // q - 32 in bytes, then (d sc) * (q - 32) as the reference (an FMA with -32 d sc would
+    // be as exact but turn its -0 into +0).
+    const __m512i m32 = _mm512_set1_epi8(32);
+    alignas(64) int8_t q[128];
+    _mm512_store_si512(q, _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(L, m0f),
+                                                          _mm512_and_si512(_mm512_sllv_epi16(H, up), m30)), m32));
+    _mm512_store_si512(q + 64, _mm512_sub_epi8(_mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(L, 4), m0f),
+                                                               _mm512_and_si512(_mm512_srlv_epi16(H, dn), m30)), m32));
+    const float* sd = s.d + 8 * h;
+    for (int g = 0; g < 8; ++g)
+      w[g] = _mm512_mul_ps(to_f(_mm512_cvtepi8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(q + 16 * g)))),
+                           _mm512_set1_ps(sd[g]));
+  }
+};
+
+// One weight row against MR activation rows. With few rows the FMA latency (4 cycles),
+// not throughput, would bound a single accumulator chain, so each of the G/16 vectors of
+// a group gets its own chain when MR < 4.
+template <class F, int MR>
+inline void dot_row(const float* x, int64_t ldx, const uint8_t* row, int64_t nb, float* y, int64_t ldy) {
+  constexpr int NW = F::G / 16;
+  constexpr int NA = MR >= 4 ? 1 : NW;
+  __m512 acc[MR][NA];
+  for (int m = 0; m < MR; ++m)
+    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
+  for (int64_t ib = 0; ib < nb; ++ib) {
+    const uint8_t* blk = row + ib * F::TS;
+#if MQ_PF_DIST > 0
+    _mm_prefetch(reinterpret_cast<const char*>(blk + MQ_PF_DIST), _MM_HINT_T0);
+    if (F::TS > 64) _mm_prefetch(reinterpret_cast<const char*>(blk + MQ_PF_DIST + 64), _MM_HINT_T0);
+    if (F::TS > 128) _mm_prefetch(reinterpret_cast<const char*>(blk + MQ_PF_DIST + 128), _MM_HINT_T0);
+    if (F::TS > 192) _mm_prefetch(reinterpret_cast<const char*>(blk + MQ_PF_DIST + 192), _MM_HINT_T0);
+#endif
+    const typename F::S s = F::prep(blk);
+    const float* xb = x + ib * F::BS;
+    for (int j = 0; j < F::BS / F::G; ++j) {
+      __m512 w[NW];
+      F::group(s, blk, j, w);
+      for (int c = 0; c < NW; ++c)
+        for (int m = 0; m < MR; ++m)
+          acc[m][c % NA] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + m * ldx + j * F::G + c * 16), w[c], acc[m][c % NA]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    __m512 t = acc[m][0];
+    for (int a = 1; a < NA; ++a) t = _mm512_add_ps(t, acc[m][a]);
+    y[m * ldy] = _mm512_reduce_add_ps(t);
+  }
+}
+
+constexpr int MR_MAX = 8;
+
+template <class F>
+void matmul_rows(const MatmulArgs& a, int64_t n0, int64_t n1) {
+  const int64_t nb = a.K / F::BS;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = a.w + n * a.w_stride;
+    for (int64_t m0 = 0; m0 < a.M; m0 += MR_MAX) {
+      const float* x = a.x + m0 * a.ldx;
+      float* y = a.y + m0 * a.ldy + n;
+      switch (a.M - m0 >= MR_MAX ? MR_MAX : a.M - m0) {
+        case 1: dot_row<F, 1>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 2: dot_row<F, 2>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 3: dot_row<F, 3>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 4: dot_row<F, 4>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 5: dot_row<F, 5>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 6: dot_row<F, 6>(x, a.ldx, row, nb, y, a.ldy); break;
+        case 7: dot_row<F, 7>(x, a.ldx, row, nb, y, a.ldy); break;
+        default: dot_row<F, 8>(x, a.ldx, row, nb, y, a.ldy); break;
+      }
+    }
+  }
+}
+
+// float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN), as torch's cast.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                            _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+template <class F>
+void dequant_row(const uint8_t* row, int64_t K, void* out, bool bf16) {
+  for (int64_t ib = 0; ib < K / F::BS; ++ib) {
+    const uint8_t* blk = row + ib * F::TS;
+    const typename F::S s = F::prep(blk);
+    for (int j = 0; j < F::BS / F::G; ++j) {
+      __m512 w[F::G / 16];
+      F::group(s, blk, j, w);
+      const int64_t at = ib * F::BS + j * F::G;
+      for (int c = 0; c < F::G / 16; ++c) {
+        if (bf16)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + at + c * 16), to_bf16(w[c]));
+        else
+          _mm512_storeu_ps(static_cast<float*>(out) + at + c * 16, w[c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
+  switch (type) {
+    case Q4_0: matmul_rows<FQ4_0>(a, n0, n1); break;
+    case Q4_1: matmul_rows<FQ4_1>(a, n0, n1); break;
+    case Q5_0: matmul_rows<FQ5_0>(a, n0, n1); break;
+    case Q5_1: matmul_rows<FQ5_1>(a, n0, n1); break;
+    case Q8_0: matmul_rows<FQ8_0>(a, n0, n1); break;
+    case Q4_K: matmul_rows<FQ4_K>(a, n0, n1); break;
+    case Q5_K: matmul_rows<FQ5_K>(a, n0, n1); break;
+    case Q6_K: matmul_rows<FQ6_K>(a, n0, n1); break;
+    default: break;
+  }
+}
+
+void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool bf16) {
+  switch (type) {
+    case Q4_0: dequant_row<FQ4_0>(row, K, out, bf16); break;
+    case Q4_1: dequant_row<FQ4_1>(row, K, out, bf16); break;
+    case Q5_0: dequant_row<FQ5_0>(row, K, out, bf16); break;
+    case Q5_1: dequant_row<FQ5_1>(row, K, out, bf16); break;
+    case Q8_0: dequant_row<FQ8_0>(row, K, out, bf16); break;
+    case Q4_K: dequant_row<FQ4_K>(row, K, out, bf16); break;
+    case Q5_K: dequant_row<FQ5_K>(row, K, out, bf16); break;
+    case Q6_K: dequant_row<FQ6_K>(row, K, out, bf16); break;
+    default: break;
+  }
+}
+
+}  // namespace mq
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif  // x86-64

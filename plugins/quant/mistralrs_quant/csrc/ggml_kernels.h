@@ -1,0 +1,64 @@
+// Interface between the binding (ggml_cpu.cpp, portable flags) and the kernels.
+//
+// The AVX-512 kernels live in their own translation unit compiled under a target pragma
+// and include nothing but intrinsics, so no inline function from a shared header (STL,
+// torch) can be emitted there with AVX-512 instructions and then picked by the linker for
+// the portable code: the extension must load and fall back on any x86-64 or ARM CPU.
+#pragma once
+#include <cstdint>
+
+namespace mq {
+
+// ggml type ids (GGMLQuantizationType values).
+enum GGMLType : int {
+  Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+  Q4_K = 12, Q5_K = 13, Q6_K = 14,
+};
+
+// float value of every IEEE half bit pattern. The AVX-512 kernels read block scales
+// through it: a broadcast from memory uses only a load port, whereas converting with F16C
+// and broadcasting from a register takes two shuffle-port uops per scale, and the shuffle
+// port is what the 4/5-bit decoders are bound by.
+extern float f16_table[65536];
+
+// Elements and bytes per block; false for a type the kernels do not handle.
+bool block_shape(int type, int* block, int* bytes);
+
+// Rows [n0, n1) of the weight against all M activation rows:
+//   y[m * ldy + n] = sum_k x[m * ldx + k] * W[n, k]
+// with W[n] the ggml blocks at w + n * w_stride (K / block blocks).
+struct MatmulArgs {
+  const float* x; int64_t ldx; int64_t M; int64_t K;
+  const uint8_t* w; int64_t w_stride;
+  float* y; int64_t ldy;
+};
+
+// Exact variant: weights decoded to their float32 values in registers, float32 FMAs.
+void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1);
+// One row's values into out: float32, or bfloat16 (round to nearest even) when bf16.
+void dequant_row_scalar(int type, const uint8_t* row, int64_t K, void* out, bool bf16);
+
+// Integer variant (ggml's approach, see ggml_vnni.cpp): activations quantized to int8 per
+// 32 once per call. Row m of each array starts at m * K (q), m * K / 32 (d, s), m * K / 4
+// (nsum4).
+struct QuantizedActs {
+  const int8_t* q;       // codes
+  const float* d;        // scale per 32
+  const float* s;        // exact float sum of the 32 activations
+  const int32_t* nsum4;  // -(sum of each 4 consecutive codes)
+  int64_t K;
+};
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MQ_HAVE_AVX512_TU 1
+bool cpu_has_avx512();   // F, BW, VL, DQ, FMA, F16C and OS support for zmm state
+void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1);
+void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool bf16);
+bool cpu_has_avx512_vnni();
+bool vnni_supports(int type);
+void quantize_acts_avx512vnni(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* d, float* s,
+                              int32_t* nsum4);
+void matmul_i8_avx512vnni(int type, const QuantizedActs& qa, const MatmulArgs& a, int64_t n0, int64_t n1);
+#endif
+
+}  // namespace mq
