@@ -54,9 +54,22 @@ class ModelRunner:
         self.block_size = block_size
         # Paged K/V per attention layer; a slot pool per recurrent layer (see layers/recurrent.py).
         self.caches: list[LayerKVCache | None] = [
-            make_layer_cache(spec, num_blocks, block_size, cache_dtype, self.device, num_state_slots)
+            make_layer_cache(spec, num_blocks, block_size, cache_dtype, self.device, num_state_slots,
+                             lazy_zero=True)
             for spec in model.kv_cache_specs()
         ]
+        self._zeroed: set[int] = set()
+
+    def _zero_fresh_blocks(self, chunks) -> None:
+        """Clear pool blocks the first time any sequence uses them (see LayerKVCache)."""
+        fresh = {b for _, _, blocks in chunks for b in blocks if b not in self._zeroed}
+        if not fresh:
+            return
+        self._zeroed.update(fresh)
+        idx = torch.tensor(sorted(fresh), device=self.device)
+        for c in self.caches:
+            if hasattr(c, "zero_blocks"):
+                c.zero_blocks(idx)
 
     @property
     def cache_bytes(self) -> int:
@@ -65,6 +78,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks, want_logits: list[bool], state_slots: list[int] | None = None) -> torch.Tensor:
         """Logits [n, vocab] (float32) for the sequences whose ``want_logits`` is True."""
+        self._zero_fresh_blocks(chunks)
         ids, pos, meta = build_metadata(chunks, self.block_size, self.device, state_slots=state_slots)
         hidden = self.model(ids, pos, meta, self.caches)
         ends = np.cumsum(meta.query_lens) - 1

@@ -26,12 +26,23 @@ class KVCacheSpec:
 class LayerKVCache:
     """One layer's share of the block pool: k [blocks, block_size, heads, k_dim], v likewise."""
 
-    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype, device):
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype, device,
+                 lazy_zero: bool = False):
         self.spec = spec
         self.block_size = block_size
-        self.k = torch.zeros(num_blocks, block_size, spec.num_heads, spec.k_dim, dtype=dtype, device=device)
-        self.v = (torch.zeros(num_blocks, block_size, spec.num_heads, spec.v_dim, dtype=dtype, device=device)
+        # With ``lazy_zero`` the pool is left uninitialised: a large CPU allocation is only
+        # committed where it is written, so an idle pool costs no resident memory. The owner
+        # then calls ``zero_blocks`` before a block's first use (stale NaN bits would survive
+        # a 0 weight in softmax(QK)V).
+        alloc = torch.empty if lazy_zero else torch.zeros
+        self.k = alloc(num_blocks, block_size, spec.num_heads, spec.k_dim, dtype=dtype, device=device)
+        self.v = (alloc(num_blocks, block_size, spec.num_heads, spec.v_dim, dtype=dtype, device=device)
                   if spec.v_dim else None)
+
+    def zero_blocks(self, blocks: torch.Tensor) -> None:
+        self.k.index_fill_(0, blocks, 0)
+        if self.v is not None:
+            self.v.index_fill_(0, blocks, 0)
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
         self.k.view(-1, *self.k.shape[2:]).index_copy_(0, slot_mapping, k.to(self.k.dtype))

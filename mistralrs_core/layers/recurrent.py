@@ -63,13 +63,15 @@ class LayerRecurrentState:
         return sum(t.nbytes for t in self.tensors.values())
 
 
-def make_layer_cache(spec, num_blocks: int, block_size: int, dtype, device, num_slots: int = 1):
-    """The cache object for one layer's spec (None, paged K/V or recurrent state)."""
+def make_layer_cache(spec, num_blocks: int, block_size: int, dtype, device, num_slots: int = 1,
+                     lazy_zero: bool = False):
+    """The cache object for one layer's spec (None, paged K/V or recurrent state).
+    ``lazy_zero``: leave K/V blocks uninitialised; the caller zeroes each before first use."""
     if spec is None:
         return None
     if isinstance(spec, RecurrentStateSpec):
         return LayerRecurrentState(spec, num_slots, dtype, device)
-    return LayerKVCache(spec, num_blocks, block_size, dtype, device)
+    return LayerKVCache(spec, num_blocks, block_size, dtype, device, lazy_zero=lazy_zero)
 
 
 def has_recurrent_state(specs) -> bool:
