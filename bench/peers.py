@@ -414,11 +414,37 @@ def _child_env(threads: int) -> dict:
     }
 
 
-def run_child(engine: str, model: Path, group: str, threads: int, timeout: float) -> dict:
+def _busy_cores(interval: float = 1.0) -> float:
+    """Cores kept busy by everything on the machine over `interval` seconds (from /proc/stat)."""
+    def snap():
+        with open("/proc/stat") as fh:
+            v = [int(x) for x in fh.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    t0, i0 = snap()
+    time.sleep(interval)
+    t1, i1 = snap()
+    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def wait_idle(max_wait: float, threshold: float = 0.3) -> float:
+    """Waits, up to max_wait seconds, until other work leaves the cores free; returns the
+    busy cores last seen. A 2-thread engine sharing 2 cores with anything else loses far more
+    than that share (see the note on spin-waiting in run_child)."""
+    deadline = time.perf_counter() + max_wait
+    busy = _busy_cores()
+    while busy > threshold and time.perf_counter() < deadline:
+        time.sleep(2)
+        busy = _busy_cores()
+    return busy
+
+
+def run_child(engine: str, model: Path, group: str, threads: int, timeout: float,
+              idle_wait: float = 0.0) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(_child_env(threads))
     cmd = [str(ENGINES[engine]["python"]), str(Path(__file__).resolve()), "--child", engine,
            "--model-path", str(model), "--group", group, "--threads", str(threads)]
+    busy = wait_idle(idle_wait) if idle_wait > 0 else None
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     try:
@@ -433,6 +459,7 @@ def run_child(engine: str, model: Path, group: str, threads: int, timeout: float
             # Spin-waiting thread pools (OpenMP in torch and ggml, rayon) slow down by large
             # factors when other processes hold the cores: the load marks such samples.
             out["loadavg_1m_before"], out["loadavg_1m_after"] = load_before, os.getloadavg()[0]
+            out["busy_cores_before"] = busy
             return out
     return {"error": f"exit {r.returncode}: {(r.stderr or r.stdout).strip()[-800:]}"}
 
@@ -533,6 +560,9 @@ def main():
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma list of: " + ",".join(ENGINES))
     ap.add_argument("--models", default=",".join(MODELS), help="comma list of: " + ",".join(MODELS))
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per child process")
+    ap.add_argument("--idle-wait", type=float, default=60,
+                    help="before each child, wait up to this many seconds for the other processes "
+                         "on the machine to leave the cores free (0: don't)")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/peers-<date>.json)")
     # child mode (internal)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -581,11 +611,13 @@ def main():
                 order = active[k:] + active[:k]
                 step += 1
                 for e in order:
-                    res = run_child(e, paths[m], g, args.threads, args.timeout)
+                    res = run_child(e, paths[m], g, args.threads, args.timeout, args.idle_wait)
                     runs.append({"repeat": rep, "model": m, "engine": e, "group": g, "result": res})
                     brief = res.get("error") or ", ".join(
                         f"{k}={res[k]:.3g}" for k in ("load_s", "prefill_tps", "decode_tps", "agg_tps",
                                                        "peak_rss_mib") if k in res)
+                    if res.get("busy_cores_before") is not None:
+                        brief += f" (busy cores before: {res['busy_cores_before']:.1f})"
                     print(f"[{rep + 1}/{args.repeats}] {m} {g:6s} {e:12s} {brief}", flush=True)
 
     summary = summarize(runs, models, active, args.repeats)
