@@ -71,7 +71,8 @@ def _peer_ok(name: str) -> str | None:
         return None
     # cwd away from the project root: `-c` puts cwd on sys.path, and our own `mistralrs`
     # package there would shadow the Rust wheel's.
-    r = subprocess.run([str(py), "-c", ENGINES[name]["probe"]], capture_output=True, text=True, cwd=str(PEERS))
+    r = subprocess.run([str(py), "-c", ENGINES[name]["probe"]], capture_output=True, text=True,
+                       cwd=str(PEERS))
     return r.stdout.strip() if r.returncode == 0 else None
 
 
@@ -98,7 +99,8 @@ def _llama_cmake_args() -> str:
                 break
     except OSError:
         flags = set()
-    if platform.machine() not in ("x86_64", "AMD64") or not flags or not any(f.startswith("amx") for f in flags):
+    has_amx = any(f.startswith("amx") for f in flags)
+    if platform.machine() not in ("x86_64", "AMD64") or not has_amx:
         return "-DGGML_NATIVE=ON"
     opts = [f"-D{opt}={'ON' if f in flags else 'OFF'}" for f, opt in _GGML_X86.items()]
     return " ".join(["-DGGML_NATIVE=OFF", *opts, "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
@@ -148,7 +150,8 @@ def install(names, force: bool) -> dict:
             env["CMAKE_ARGS"] = _llama_cmake_args()
             print(f"[install] {name}: CMAKE_ARGS={env['CMAKE_ARGS']}", flush=True)
         # -c keeps any torch a peer might pull in at the project's pin.
-        cmd = [str(eng["python"]), "-m", "pip", "install", "--no-cache-dir", "-c", str(ROOT / "constraints.txt"),
+        cmd = [str(eng["python"]), "-m", "pip", "install", "--no-cache-dir",
+               "-c", str(ROOT / "constraints.txt"),
                "-v" if name == "llamacpp" else "-q", *eng["pip"]]
         log = venv / "install.log"
         print(f"[install] {name}: {eng['pip'][-1]} (log: {log})", flush=True)
@@ -256,8 +259,8 @@ class SdkEngine:
             # them while the engine batches their decode steps.
             for i, p in enumerate(prompts):
                 it = self.r.send_chat_completion_request(self.m.ChatCompletionRequest(
-                    messages=[{"role": "user", "content": p}], model="default", max_tokens=n, temperature=0.0, ignore_eos=True,
-                    stream=True))
+                    messages=[{"role": "user", "content": p}], model="default", max_tokens=n,
+                    temperature=0.0, ignore_eos=True, stream=True))
                 first = next(it)
                 t = threading.Thread(target=work, args=(i, (it, first, time.perf_counter())))
                 t.start()
