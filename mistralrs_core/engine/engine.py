@@ -224,8 +224,7 @@ class Engine:
             if any(s.group.logits_processors for s in sampled):
                 procs = [s.group.logits_processors[s.index] if s.group.logits_processors else None
                          for s in sampled]
-            outs = self.sampler.sample(logits, [s.state for s in sampled], processors=procs) \
-                if procs else self.sampler.sample(logits, [s.state for s in sampled])
+            outs = self.sampler.sample(logits, [s.state for s in sampled], processors=procs)
             now = time.perf_counter()
             for seq, tok in zip(sampled, outs):
                 if seq.first_token_time is None:
