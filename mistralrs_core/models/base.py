@@ -29,6 +29,10 @@ class CausalLM(nn.Module):
         # products on a float32 stream, as llama.cpp keeps activations in float32).
         self.quant_compute_dtype: torch.dtype | None = None
         self.max_context_len = 4096
+        # A plugin may install a faster forward for the steps it covers (e.g. a compiled
+        # decode step): called as fast_forward(input_ids, positions, meta, caches), it
+        # returns the hidden states, or None to leave the step to ``forward``.
+        self.fast_forward = None
 
     # --- engine interface -------------------------------------------------
     def kv_cache_specs(self) -> list[KVCacheSpec | None]:

@@ -90,6 +90,8 @@ def build_gguf_model(gguf: GGUFFile, dtype, device="cpu", arch_override=None, qu
         msg = str(exc)
         raise ValueError(msg if str(where) in msg else f"{where}: {msg}") from None
     model.eval()
+    from mistralrs_quant.fused_decoder import install
+    install(model)
     return model, hf
 
 

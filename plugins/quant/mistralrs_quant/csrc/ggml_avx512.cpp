@@ -260,6 +260,33 @@ struct FQ6_K {
   }
 };
 
+// Dense rows as 16-element blocks (the decoder step's unquantized weights).
+struct FF32 {
+  static constexpr int BS = 16, TS = 64, G = 16;
+  struct S {};
+  static S prep(const uint8_t*) { return {}; }
+  static void group(const S&, const uint8_t* b, int, __m512* w) { w[0] = _mm512_loadu_ps(b); }
+};
+
+struct FF16 {
+  static constexpr int BS = 16, TS = 32, G = 16;
+  struct S {};
+  static S prep(const uint8_t*) { return {}; }
+  static void group(const S&, const uint8_t* b, int, __m512* w) {
+    w[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+  }
+};
+
+struct FBF16 {
+  static constexpr int BS = 16, TS = 32, G = 16;
+  struct S {};
+  static S prep(const uint8_t*) { return {}; }
+  static void group(const S&, const uint8_t* b, int, __m512* w) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)));
+    w[0] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  }
+};
+
 // One weight row against MR activation rows. With few rows the FMA latency (4 cycles),
 // not throughput, would bound a single accumulator chain, so each of the G/16 vectors of
 // a group gets its own chain when MR < 4.
@@ -348,7 +375,47 @@ void dequant_row(const uint8_t* row, int64_t K, void* out, bool bf16) {
   }
 }
 
+inline float dot16n(const float* a, const float* b, int64_t n) {  // n % 16 == 0
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  if (i < n) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
 }  // namespace
+
+// Two passes over the keys (scores, then the weighted values); exp is the libm scalar
+// one, so the probabilities are those of a plain float32 softmax.
+void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
+  if (a.hd % 16) return attend_scalar(a, q, lo, hi, scores, out);
+  float mx = -__builtin_inff();
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
+    float s = dot16n(q, a.kc + slot * a.row_stride + a.head_off, a.hd) * a.scale;
+    if (a.softcap > 0.0f) s = __builtin_tanhf(s / a.softcap) * a.softcap;
+    scores[j - lo] = s;
+    mx = s > mx ? s : mx;
+  }
+  float sum = 0.0f;
+  for (int64_t j = lo; j < hi; ++j) sum += (scores[j - lo] = __builtin_expf(scores[j - lo] - mx));
+  constexpr int MAXV = 16;  // head_dim up to 256 stays in registers
+  if (a.hd > 16 * MAXV) return attend_scalar(a, q, lo, hi, scores, out);
+  __m512 acc[MAXV];
+  const int nv = static_cast<int>(a.hd / 16);
+  for (int c = 0; c < nv; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
+    const float* v = a.vc + slot * a.row_stride + a.head_off;
+    const __m512 p = _mm512_set1_ps(scores[j - lo]);
+    for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * c), acc[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / sum);
+  for (int c = 0; c < nv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));
+}
 
 void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
   switch (type) {
@@ -360,6 +427,9 @@ void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
     case Q4_K: matmul_rows<FQ4_K>(a, n0, n1); break;
     case Q5_K: matmul_rows<FQ5_K>(a, n0, n1); break;
     case Q6_K: matmul_rows<FQ6_K>(a, n0, n1); break;
+    case F32: matmul_rows<FF32>(a, n0, n1); break;
+    case F16: matmul_rows<FF16>(a, n0, n1); break;
+    case BF16: matmul_rows<FBF16>(a, n0, n1); break;
     default: break;
   }
 }
@@ -374,6 +444,9 @@ void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool
     case Q4_K: dequant_row<FQ4_K>(row, K, out, bf16); break;
     case Q5_K: dequant_row<FQ5_K>(row, K, out, bf16); break;
     case Q6_K: dequant_row<FQ6_K>(row, K, out, bf16); break;
+    case F32: dequant_row<FF32>(row, K, out, bf16); break;
+    case F16: dequant_row<FF16>(row, K, out, bf16); break;
+    case BF16: dequant_row<FBF16>(row, K, out, bf16); break;
     default: break;
   }
 }

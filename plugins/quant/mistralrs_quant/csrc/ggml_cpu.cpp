@@ -2,13 +2,13 @@
 //
 // This translation unit is compiled for the baseline ISA; the AVX-512 kernels are only
 // called after a runtime check, so one build serves every CPU of the architecture.
-#include <ATen/Parallel.h>
-
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "ggml_kernels.h"
+#include "mq_parallel.h"
 
 namespace mq {
 
@@ -24,6 +24,9 @@ bool block_shape(int type, int* block, int* bytes) {
     case Q4_K: *block = 256; *bytes = 144; return true;
     case Q5_K: *block = 256; *bytes = 176; return true;
     case Q6_K: *block = 256; *bytes = 210; return true;
+    case F32: *block = 16; *bytes = 64; return true;
+    case F16: *block = 16; *bytes = 32; return true;
+    case BF16: *block = 16; *bytes = 32; return true;
     default: return false;
   }
 }
@@ -159,6 +162,19 @@ void deq_q6_k(const uint8_t* b, float* y) {
   }
 }
 
+void deq_f32(const uint8_t* b, float* y) { std::memcpy(y, b, 64); }
+
+void deq_f16(const uint8_t* b, float* y) {
+  for (int i = 0; i < 16; ++i) y[i] = half_to_float(b + 2 * i);
+}
+
+void deq_bf16(const uint8_t* b, float* y) {
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t bits = static_cast<uint32_t>(b[2 * i] | (b[2 * i + 1] << 8)) << 16;
+    std::memcpy(y + i, &bits, 4);
+  }
+}
+
 struct F16TableInit {
   F16TableInit() {
     for (uint32_t h = 0; h < 65536; ++h) {
@@ -180,6 +196,9 @@ BlockDecoder decoder_for(int type) {
     case Q4_K: return deq_q4_k;
     case Q5_K: return deq_q5_k;
     case Q6_K: return deq_q6_k;
+    case F32: return deq_f32;
+    case F16: return deq_f16;
+    case BF16: return deq_bf16;
     default: return nullptr;
   }
 }
@@ -232,6 +251,31 @@ void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
     }
     for (int64_t m = 0; m < a.M; ++m) a.y[m * a.ldy + n] = acc[m];
   }
+}
+
+void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
+    const float* k = a.kc + slot * a.row_stride + a.head_off;
+    float s = 0.0f;
+    for (int64_t d = 0; d < a.hd; ++d) s += q[d] * k[d];
+    s *= a.scale;
+    if (a.softcap > 0.0f) s = std::tanh(s / a.softcap) * a.softcap;
+    scores[j - lo] = s;
+    mx = std::max(mx, s);
+  }
+  float sum = 0.0f;
+  for (int64_t j = lo; j < hi; ++j) sum += (scores[j - lo] = std::exp(scores[j - lo] - mx));
+  std::fill(out, out + a.hd, 0.0f);
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
+    const float* v = a.vc + slot * a.row_stride + a.head_off;
+    const float p = scores[j - lo];
+    for (int64_t d = 0; d < a.hd; ++d) out[d] += p * v[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < a.hd; ++d) out[d] *= inv;
 }
 
 #ifdef MQ_HAVE_AVX512_TU
@@ -295,6 +339,10 @@ int64_t grain_rows(int64_t work_per_row) {
 
 }  // namespace
 
+namespace mq {
+bool use_avx512_kernels() { return have_avx512(); }
+}  // namespace mq
+
 extern "C" {
 
 // Bit 0: the AVX-512 kernels can run here; bit 1: the AVX-512 VNNI (integer) ones.
@@ -318,7 +366,7 @@ int mq_matmul(int type, int impl, const float* x, int64_t M, int64_t K, const ui
       std::vector<int32_t> nsum4(M * K / 4);
       mq::quantize_acts_avx512vnni(x, K, M, K, q.data(), d.data(), s.data(), nsum4.data());
       const mq::QuantizedActs qa{q.data(), d.data(), s.data(), nsum4.data(), K};
-      at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
+      mq::parallel_for(N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
         mq::matmul_i8_avx512vnni(type, qa, a, n0, n1);
       });
     } catch (...) {
@@ -328,7 +376,7 @@ int mq_matmul(int type, int impl, const float* x, int64_t M, int64_t K, const ui
   }
 #endif
   try {
-    at::parallel_for(0, N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
+    mq::parallel_for(N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
 #ifdef MQ_HAVE_AVX512_TU
       if (impl == AVX512) return mq::matmul_f32_avx512(type, a, n0, n1);
 #endif
@@ -363,7 +411,7 @@ int mq_dequantize(int type, int impl, const uint8_t* w, int64_t w_stride, int64_
   for (int64_t r = 0; ids && r < R; ++r)
     if (ids[r] < 0 || ids[r] >= N) return BAD_INDEX;
   try {
-    at::parallel_for(0, R, grain_rows(K * 4), [&](int64_t r0, int64_t r1) {
+    mq::parallel_for(R, grain_rows(K * 4), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* row = w + (ids ? ids[r] : r) * w_stride;
         void* o = static_cast<char*>(out) + r * K * (bf16 ? 2 : 4);

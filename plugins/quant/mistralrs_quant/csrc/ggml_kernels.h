@@ -11,6 +11,7 @@ namespace mq {
 
 // ggml type ids (GGMLQuantizationType values).
 enum GGMLType : int {
+  F32 = 0, F16 = 1, BF16 = 30,  // dense rows, as 16-element "blocks" (used by the decoder step)
   Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
   Q4_K = 12, Q5_K = 13, Q6_K = 14,
 };
@@ -49,11 +50,22 @@ struct QuantizedActs {
   int64_t K;
 };
 
+// One query row of one head against keys [lo, hi) of a sequence in the paged KV cache:
+// the key of position j is at kc + slot(j) * row_stride + head_off with
+// slot(j) = btab[j / bs] * bs + j % bs (values likewise in vc). out[hd] = softmax(q.k *
+// scale, optionally soft-capped) @ v. `scores` has room for hi - lo floats.
+struct AttendArgs {
+  const float* kc; const float* vc; int64_t row_stride; int64_t head_off; int64_t hd;
+  const int64_t* btab; int64_t bs; float scale; float softcap;
+};
+void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out);
+
 #if defined(__x86_64__) || defined(_M_X64)
 #define MQ_HAVE_AVX512_TU 1
 bool cpu_has_avx512();   // F, BW, VL, DQ, FMA, F16C and OS support for zmm state
 void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1);
 void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool bf16);
+void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out);
 bool cpu_has_avx512_vnni();
 bool vnni_supports(int type);
 void quantize_acts_avx512vnni(const float* x, int64_t ldx, int64_t M, int64_t K, int8_t* q, float* d, float* s,

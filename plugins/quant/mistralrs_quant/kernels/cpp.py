@@ -50,8 +50,8 @@ log = logging.getLogger(__name__)
 ENV_DISABLE = "MISTRALRS_QUANT_NO_CPP"
 ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp")
-_HEADERS = ("ggml_kernels.h",)
+_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp")
+_HEADERS = ("ggml_kernels.h", "mq_parallel.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
 # reference dequantizer (the AVX-512 code uses explicit FMAs only where they are exact).
 # -fopenmp makes at::parallel_for (an inline template) use torch's OpenMP pool; Apple's
@@ -127,6 +127,8 @@ def _build() -> ctypes.CDLL:
     lib.mq_matmul_bound.argtypes = [ctypes.POINTER(_Bound), vp, i64, vp]
     lib.mq_dequantize.restype = cint
     lib.mq_dequantize.argtypes = [cint, cint, vp, i64, i64, i64, vp, i64, vp, cint]
+    lib.mq_decoder_step.restype = cint
+    lib.mq_decoder_step.argtypes = [vp, vp]
     bits = lib.mq_isa()
     isa = "avx512" if bits & 1 else "scalar"
     _state.info = {"path": str(so), "cached": cached, "seconds": round(seconds, 2), "isa": isa,

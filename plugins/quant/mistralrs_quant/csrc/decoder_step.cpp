@@ -1,0 +1,231 @@
+// The decoder step: every layer of a decoder-only transformer for a handful of tokens
+// (decode steps and small mixed batches) in one call, over the engine's paged KV cache.
+//
+// At batch 1 a small model's decode is mostly overhead when run op by op from Python
+// (~30 tensor ops per layer, each a dispatch, an allocation and often a thread-pool
+// wake-up); here a layer is five parallel phases on the kernel pool (q/k/v, attention,
+// o, gate/up, down) with the small elementwise work done in between on the calling
+// thread. The math is the float32 math of the torch path (models/decoder.py): the same
+// norms, rotary embedding, attention and activations, in float32, so results differ only
+// by summation order. Python (fused_decoder.py) checks that a model fits this layout and
+// falls back to the torch path for anything it does not cover.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ggml_kernels.h"
+#include "mq_parallel.h"
+
+namespace mq {
+bool use_avx512_kernels();
+}
+
+namespace {
+
+// Must match the ctypes structures in fused_decoder.py.
+struct MqLin {            // y = x W^T (+ bias); W's row n at w + n * w_stride, as ggml blocks
+  int32_t type, _pad;
+  const uint8_t* w;
+  int64_t w_stride, n, k;
+  const float* bias;      // nullable
+};
+
+struct MqLayer {
+  MqLin q, k, v, o, gate, up, down;
+  // Norm weights with any offset already added (Gemma's 1 + w); null when absent.
+  const float *in_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm, *q_norm, *k_norm;
+  float *kc, *vc;          // [blocks, block_size, n_kv, head_dim] float32
+  int32_t window;          // sliding window (0: full attention)
+  int32_t rope;            // 0: none, 1: global cos/sin, 2: local cos/sin
+};
+
+struct MqModel {
+  int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, rot_dim, act, sandwich, block_size;
+  float eps, scale, softcap, _pad;
+  const MqLayer* layers;
+  const float* final_norm;
+};
+
+struct MqStep {
+  int64_t T;
+  float* h;                                  // [T, hidden]: embeddings in, final hidden out
+  const float *cos, *sin, *cos_l, *sin_l;    // [T, rot_dim] (rotate-half layout)
+  const int64_t *slots, *pos, *seq, *btab;   // per token; btab [B, btab_stride]
+  int64_t btab_stride;
+};
+
+enum Act : int32_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
+
+int64_t grain_rows(int64_t work_per_row) {
+  const int64_t g = (int64_t{1} << 16) / (work_per_row > 0 ? work_per_row : 1);
+  return g > 0 ? g : 1;
+}
+
+struct LinJob { const MqLin* lin; const float* x; float* y; };
+
+// All jobs' output rows as one parallel range, so q/k/v (or gate/up) are one dispatch.
+void run_linears(const LinJob* jobs, int nj, int64_t T, bool avx512) {
+  int64_t total = 0, offs[8];
+  for (int j = 0; j < nj; ++j) {
+    offs[j] = total;
+    total += jobs[j].lin->n;
+  }
+  mq::parallel_for(total, grain_rows(jobs[0].lin->k * T), [&](int64_t b, int64_t e) {
+    for (int j = 0; j < nj; ++j) {
+      const int64_t n0 = std::max(b, offs[j]) - offs[j], n1 = std::min(e, offs[j] + jobs[j].lin->n) - offs[j];
+      if (n0 >= n1) continue;
+      const MqLin& L = *jobs[j].lin;
+      const mq::MatmulArgs a{jobs[j].x, L.k, T, L.k, L.w, L.w_stride, jobs[j].y, L.n};
+#ifdef MQ_HAVE_AVX512_TU
+      if (avx512) {
+        mq::matmul_f32_avx512(L.type, a, n0, n1);
+        continue;
+      }
+#endif
+      mq::matmul_f32_scalar(L.type, a, n0, n1);
+    }
+  });
+  for (int j = 0; j < nj; ++j) {
+    const MqLin& L = *jobs[j].lin;
+    if (!L.bias) continue;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < L.n; ++n) jobs[j].y[t * L.n + n] += L.bias[n];
+  }
+}
+
+// out = (x * rsqrt(mean(x^2) + eps)) * w, row by row (out may be x).
+void rms_norm(const float* x, const float* w, float* out, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* o = out + r * dim;
+    float part[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= dim; i += 16)
+      for (int l = 0; l < 16; ++l) part[l] += xr[i + l] * xr[i + l];
+    float ss = 0.0f;
+    for (int l = 0; l < 16; ++l) ss += part[l];
+    for (; i < dim; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(dim) + eps);
+    for (int64_t d = 0; d < dim; ++d) o[d] = (xr[d] * inv) * w[d];
+  }
+}
+
+// Rotate-half rope on the first rot dims of each head: x*cos + rotate_half(x)*sin.
+void rope(float* x, int64_t T, int64_t heads, int64_t hd, int64_t rot, const float* cos, const float* sin) {
+  const int64_t half = rot / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* c = cos + t * rot;
+    const float* s = sin + t * rot;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] + (-b) * s[i];
+        v[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+}
+
+inline float activate(float x, int32_t act) {
+  switch (act) {
+    case GELU_TANH: {
+      const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+      return 0.5f * x * (1.0f + std::tanh(k0 * (x + k1 * x * x * x)));
+    }
+    case GELU: return 0.5f * x * (1.0f + std::erf(x * 0.7071067811865476f));
+    default: return x / (1.0f + std::exp(-x));
+  }
+}
+
+struct Scratch {
+  std::vector<float> xn, q, k, v, att, a, g, u, d;
+};
+
+int decoder_step(const MqModel& m, const MqStep& s) {
+  const bool avx512 = mq::use_avx512_kernels();
+  const int64_t T = s.T, H = m.hidden, hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, I = m.inter;
+  // Per calling thread (engines of different models may step concurrently).
+  static thread_local Scratch sc;
+  sc.xn.resize(T * H); sc.a.resize(T * H); sc.d.resize(T * H);
+  sc.q.resize(T * nh * hd); sc.att.resize(T * nh * hd);
+  sc.k.resize(T * nkv * hd); sc.v.resize(T * nkv * hd);
+  sc.g.resize(T * I); sc.u.resize(T * I);
+  float* h = s.h;
+  const int64_t group = nh / nkv, row = nkv * hd;
+  for (int li = 0; li < m.n_layers; ++li) {
+    const MqLayer& L = m.layers[li];
+    // --- attention
+    rms_norm(h, L.in_norm, sc.xn.data(), T, H, m.eps);
+    const LinJob qkv[3] = {{&L.q, sc.xn.data(), sc.q.data()}, {&L.k, sc.xn.data(), sc.k.data()},
+                           {&L.v, sc.xn.data(), sc.v.data()}};
+    run_linears(qkv, 3, T, avx512);
+    if (L.q_norm) rms_norm(sc.q.data(), L.q_norm, sc.q.data(), T * nh, hd, m.eps);
+    if (L.k_norm) rms_norm(sc.k.data(), L.k_norm, sc.k.data(), T * nkv, hd, m.eps);
+    if (L.rope) {
+      const float* c = L.rope == 2 ? s.cos_l : s.cos;
+      const float* sn = L.rope == 2 ? s.sin_l : s.sin;
+      rope(sc.q.data(), T, nh, hd, m.rot_dim, c, sn);
+      rope(sc.k.data(), T, nkv, hd, m.rot_dim, c, sn);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(L.kc + s.slots[t] * row, sc.k.data() + t * row, row * sizeof(float));
+      std::memcpy(L.vc + s.slots[t] * row, sc.v.data() + t * row, row * sizeof(float));
+    }
+    // Raw pointers: inside the tasks `sc` would name the worker thread's own (empty) copy.
+    const float* qbuf = sc.q.data();
+    float* attbuf = sc.att.data();
+    mq::parallel_for(T * nh, 1, [&](int64_t b, int64_t e) {
+      static thread_local std::vector<float> scores;
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = i / nh, head = i % nh;
+        const int64_t p = s.pos[t];
+        const int64_t lo = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
+        if (static_cast<int64_t>(scores.size()) < p + 1 - lo) scores.resize(p + 1 - lo);
+        const mq::AttendArgs a{L.kc, L.vc, row, (head / group) * hd, hd, s.btab + s.seq[t] * s.btab_stride,
+                               m.block_size, m.scale, m.softcap};
+        const float* qv = qbuf + (t * nh + head) * hd;
+        float* out = attbuf + (t * nh + head) * hd;
+#ifdef MQ_HAVE_AVX512_TU
+        if (avx512) {
+          mq::attend_avx512(a, qv, lo, p + 1, scores.data(), out);
+          continue;
+        }
+#endif
+        mq::attend_scalar(a, qv, lo, p + 1, scores.data(), out);
+      }
+    });
+    const LinJob o[1] = {{&L.o, sc.att.data(), sc.a.data()}};
+    run_linears(o, 1, T, avx512);
+    if (m.sandwich) {
+      rms_norm(sc.a.data(), L.post_attn_norm, sc.a.data(), T, H, m.eps);
+      for (int64_t i = 0; i < T * H; ++i) h[i] += sc.a[i];
+      rms_norm(h, L.pre_ffn_norm, sc.xn.data(), T, H, m.eps);
+    } else {
+      for (int64_t i = 0; i < T * H; ++i) h[i] += sc.a[i];
+      rms_norm(h, L.post_attn_norm, sc.xn.data(), T, H, m.eps);
+    }
+    // --- MLP
+    const LinJob gu[2] = {{&L.gate, sc.xn.data(), sc.g.data()}, {&L.up, sc.xn.data(), sc.u.data()}};
+    run_linears(gu, 2, T, avx512);
+    for (int64_t i = 0; i < T * I; ++i) sc.g[i] = activate(sc.g[i], m.act) * sc.u[i];
+    const LinJob dn[1] = {{&L.down, sc.g.data(), sc.d.data()}};
+    run_linears(dn, 1, T, avx512);
+    if (m.sandwich) rms_norm(sc.d.data(), L.post_ffn_norm, sc.d.data(), T, H, m.eps);
+    for (int64_t i = 0; i < T * H; ++i) h[i] += sc.d[i];
+  }
+  if (m.final_norm) rms_norm(h, m.final_norm, h, T, H, m.eps);
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int mq_decoder_step(const MqModel* m, const MqStep* s) {
+  try {
+    return decoder_step(*m, *s);
+  } catch (...) {
+    return 5;
+  }
+}

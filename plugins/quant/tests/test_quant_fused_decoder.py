@@ -1,0 +1,120 @@
+"""The C++ decoder step (fused_decoder.py) against the torch path of the same model.
+
+Each tiny GGUF of test_quant_gguf_archs is loaded once; the same token schedule then runs
+through two caches, once with the fused step and once with it switched off: a prefill
+(torch path for both), then batched decode steps of several sequences with different
+context lengths and scrambled blocks, and a mixed step where one sequence feeds several
+tokens. Both compute in float32 from the same ggml bytes, so only summation order differs.
+"""
+import pytest
+import torch
+
+from mistralrs_core.engine.model_runner import build_metadata
+from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.testing.parity import max_rel_err, random_prompt
+from mistralrs_quant import fused_decoder
+from mistralrs_quant.gguf_loader import load_gguf_model
+from mistralrs_quant.kernels import cpp as cpp_kernels
+
+from test_quant_gguf_archs import CASES, VOCAB, tiny
+from gguf_convert import write_gguf
+
+pytestmark = pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+
+# Families whose layout the C++ step covers; the rest must decline and keep the torch path.
+COVERED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "smollm3"}
+TOL = 1e-5
+
+
+class Counting:
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args):
+        out = self.inner(*args)
+        self.calls += out is not None
+        return out
+
+
+@torch.inference_mode()
+def run_schedule(model, fused, schedule, block_size=4):
+    """Logits of every step of ``schedule`` (lists of (tokens, start, blocks) chunks)."""
+    n_blocks = 1 + max(b for chunks in schedule for _, _, blocks in chunks for b in blocks)
+    caches = [make_layer_cache(s, n_blocks, block_size, model.dtype, "cpu") for s in model.kv_cache_specs()]
+    saved = model.fast_forward
+    model.fast_forward = fused
+    try:
+        out = []
+        for chunks in schedule:
+            ids, pos, meta = build_metadata(chunks, block_size, "cpu")
+            out.append(model.compute_logits(model(ids, pos, meta, caches)))
+        return out
+    finally:
+        model.fast_forward = saved
+
+
+def make_schedule(block_size=4):
+    lens = [13, 5, 22]          # past gemma2/gemma3's sliding window of 8
+    prompts = [random_prompt(n, VOCAB, 10 + i) for i, n in enumerate(lens)]
+    per_seq = [-(-(n + 12) // block_size) for n in lens]
+    pool = iter(sorted(range(sum(per_seq)), key=lambda b: (b % 3, b)))
+    blocks = [[next(pool) for _ in range(n)] for n in per_seq]
+    sched = [[(p, 0, blocks[i]) for i, p in enumerate(prompts)]]
+    pos = list(lens)
+    for step in range(4):
+        sched.append([([(7 * step + i) % VOCAB], pos[i], blocks[i]) for i in range(3)])
+        pos = [p + 1 for p in pos]
+    # Mixed: sequence 1 feeds four tokens while the others decode one each.
+    sched.append([([3], pos[0], blocks[0]), ([4, 5, 6, 7], pos[1], blocks[1]), ([8], pos[2], blocks[2])])
+    return sched
+
+
+# Every family on Q8_0 blocks; dense float32 rows and a Q4_K/Q6_K mix (different types
+# within one layer's q/k/v) on one family each (writing K-quants is slow in Python).
+PARAMS = [(case, "Q8_0") for case in CASES] + [("gemma3", "F32"), ("llama", "Q4_K")]
+
+
+@pytest.mark.parametrize("case,qtype", PARAMS)
+def test_fused_step_matches_torch_path(tmp_path, case, qtype):
+    arch, _, cfg, ref = tiny(case)
+    path = tmp_path / f"{case}.{qtype}.gguf"
+    write_gguf(path, arch, ref, cfg, qtype)
+    model, _, _ = load_gguf_model([path], torch.float32)
+    fused = model.fast_forward
+    if case not in COVERED:
+        assert fused is None, f"{case}: the C++ step claims a layout it does not implement"
+        return
+    assert isinstance(fused, fused_decoder.FusedDecoder), f"{case}: fused step not installed"
+    counting = Counting(fused)
+    sched = make_schedule()
+    got = run_schedule(model, counting, sched)
+    want = run_schedule(model, None, sched)
+    assert counting.calls == len(sched) - 1   # every step but the 40-token prefill
+    err = max(max_rel_err(g, w) for g, w in zip(got, want))
+    print(f"{case} {qtype}: fused vs torch max rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_declines_what_it_does_not_cover(tmp_path):
+    arch, _, cfg, ref = tiny("llama")
+    path = tmp_path / "llama.gguf"
+    write_gguf(path, arch, ref, cfg, "Q8_0")
+    model, _, _ = load_gguf_model([path], torch.float32)
+    fused = model.fast_forward
+    assert fused is not None
+    ids, pos, meta = build_metadata([(list(range(1, 18)), 0, list(range(5)))], 4, "cpu")
+    caches = [make_layer_cache(s, 5, 4, model.dtype, "cpu") for s in model.kv_cache_specs()]
+    assert fused(ids, pos, meta, caches) is None           # 17 tokens: more than MAX_TOKENS
+    assert fused(ids[:1], pos[:1], meta, None) is None     # no cache
+    bf16 = [make_layer_cache(s, 5, 4, torch.bfloat16, "cpu") for s in model.kv_cache_specs()]
+    ids, pos, meta = build_metadata([([1], 0, [0])], 4, "cpu")
+    assert fused(ids, pos, meta, bf16) is None             # cache not float32
+
+
+def test_env_switch_disables(tmp_path, monkeypatch):
+    arch, _, cfg, ref = tiny("qwen2")
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, arch, ref, cfg, "Q8_0")
+    monkeypatch.setenv(fused_decoder.ENV_DISABLE, "1")
+    model, _, _ = load_gguf_model([path], torch.float32)
+    assert model.fast_forward is None
