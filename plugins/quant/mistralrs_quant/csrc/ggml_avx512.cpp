@@ -375,42 +375,53 @@ void dequant_row(const uint8_t* row, int64_t K, void* out, bool bf16) {
   }
 }
 
-inline float dot16n(const float* a, const float* b, int64_t n) {  // n % 16 == 0
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-  }
-  if (i < n) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
-
 }  // namespace
 
-// Two passes over the keys (scores, then the weighted values); exp is the libm scalar
-// one, so the probabilities are those of a plain float32 softmax.
+// Horizontal sums of four vectors, as lanes 0..3 of the result.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto half = [](__m512 v) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  };
+  return _mm_hadd_ps(_mm_hadd_ps(half(a), half(b)), _mm_hadd_ps(half(c), half(d)));
+}
+
+// Two passes over the keys (scores, then the weighted values), walking the block table
+// block by block; exp is libm's scalar expf, so the probabilities are those of a plain
+// float32 softmax. Scores are taken four keys at a time to share the horizontal sums.
 void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
-  if (a.hd % 16) return attend_scalar(a, q, lo, hi, scores, out);
+  constexpr int MAXV = 16;  // head_dim up to 256 stays in registers
+  if (a.hd % 16 || a.hd > 16 * MAXV) return attend_scalar(a, q, lo, hi, scores, out);
+  const int nv = static_cast<int>(a.hd / 16);
+  auto key = [&](int64_t j) {
+    return a.btab[j / a.bs] * a.bs + j % a.bs;
+  };
+  auto dotk = [&](int64_t slot) {
+    const float* k = a.kc + slot * a.row_stride + a.head_off;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
+    for (int c = 1; c < nv; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(k + 16 * c), s);
+    return s;
+  };
+  int64_t j = lo;
+  for (; j + 4 <= hi; j += 4) {
+    const __m128 s4 = _mm_mul_ps(hsum4(dotk(key(j)), dotk(key(j + 1)), dotk(key(j + 2)), dotk(key(j + 3))),
+                                 _mm_set1_ps(a.scale));
+    _mm_storeu_ps(scores + (j - lo), s4);
+  }
+  for (; j < hi; ++j) scores[j - lo] = _mm512_reduce_add_ps(dotk(key(j))) * a.scale;
   float mx = -__builtin_inff();
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
-    float s = dot16n(q, a.kc + slot * a.row_stride + a.head_off, a.hd) * a.scale;
-    if (a.softcap > 0.0f) s = __builtin_tanhf(s / a.softcap) * a.softcap;
-    scores[j - lo] = s;
+  for (int64_t i = 0; i < hi - lo; ++i) {
+    float s = scores[i];
+    if (a.softcap > 0.0f) scores[i] = s = __builtin_tanhf(s / a.softcap) * a.softcap;
     mx = s > mx ? s : mx;
   }
   float sum = 0.0f;
-  for (int64_t j = lo; j < hi; ++j) sum += (scores[j - lo] = __builtin_expf(scores[j - lo] - mx));
-  constexpr int MAXV = 16;  // head_dim up to 256 stays in registers
-  if (a.hd > 16 * MAXV) return attend_scalar(a, q, lo, hi, scores, out);
+  for (int64_t i = 0; i < hi - lo; ++i) sum += (scores[i] = __builtin_expf(scores[i] - mx));
   __m512 acc[MAXV];
-  const int nv = static_cast<int>(a.hd / 16);
   for (int c = 0; c < nv; ++c) acc[c] = _mm512_setzero_ps();
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
-    const float* v = a.vc + slot * a.row_stride + a.head_off;
-    const __m512 p = _mm512_set1_ps(scores[j - lo]);
+  for (int64_t jj = lo; jj < hi; ++jj) {
+    const float* v = a.vc + key(jj) * a.row_stride + a.head_off;
+    const __m512 p = _mm512_set1_ps(scores[jj - lo]);
     for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * c), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / sum);
