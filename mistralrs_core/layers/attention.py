@@ -142,6 +142,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     queries = _pad_queries(q, meta)
     if keys.dtype != queries.dtype:
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
+    if (softcap is None and sinks is None and meta.causal and meta.num_seqs == 1
+            and (meta.fresh_prefill or cache is None) and (sliding_window is None or sliding_window >= k_len)):
+        # One fresh sequence with nothing to mask but the future: the causal kernel skips
+        # the masked half of the work instead of reading a mask (~2x faster prefill attention).
+        out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
+                                             enable_gqa=keys.shape[1] != queries.shape[1])
+        return _unpad(out, meta)
     mask = meta.mask(q.device, sliding_window)
     if meta.fresh_prefill or cache is None:
         mask = mask[..., :k_len]
