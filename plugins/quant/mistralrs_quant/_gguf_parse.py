@@ -30,6 +30,7 @@ _SCALARS: dict[int, tuple[str, np.dtype]] = {
     12: ("<d", np.dtype("<f8")),
 }
 STRING, ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,30 @@ class _Cursor:
             raise self.fail(f"{what} is an array of unknown value type {itype}")
         # Each element takes at least 8 bytes; a count beyond that is damage, not data.
         self.need(n * 8, what)
+        if itype == STRING:
+            return self.strings(n, what)
         return [self.value(itype, what) for _ in range(n)]
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """``n`` length-prefixed strings: a vocabulary's worth (262k) in one tight loop."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out: list = [None] * n
+        for i in range(n):
+            if pos + 8 > size:
+                break
+            (length,) = unpack(buf, pos)
+            pos += 8
+            end = pos + length
+            if end > size:
+                break
+            out[i] = buf[pos:end].decode("utf-8", errors="replace")
+            pos = end
+        else:
+            self.pos = pos
+            return out
+        self.pos = pos
+        self.need(8 if pos + 8 > size else length, what)  # raises: the file ends inside a string
+        raise AssertionError("unreachable")
 
 
 def parse_header(path: Path, buf: mmap.mmap) -> RawHeader:

@@ -155,6 +155,9 @@ def finish_pipeline(which, opts, name: str, gguf: GGUFFile):
     device = pick_device(opts.device)
     dtype, compute = pick_dtypes(which, device)
     model, hf = build_gguf_model(gguf, dtype, device, quant_compute_dtype=compute)
+    # The header and the bytes of tensors the model copied (fused, dequantized) were read
+    # once; their pages would otherwise stay in the RSS next to the copies.
+    gguf.release_unused_pages()
     template = resolve_chat_template(tok_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
     return make_text_pipeline(name, model, tokenizer, template, hf, {}, opts, device)
 

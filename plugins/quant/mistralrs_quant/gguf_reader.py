@@ -3,13 +3,20 @@
 Tensor bytes are never copied at open: each ``GGUFTensorInfo.raw`` is a numpy view into
 a private (copy-on-write) mapping of the file, so it is writable from numpy/torch's
 point of view without ever touching the file on disk.
+
+Pages of the mapping that were read once count in the process's RSS for as long as it
+lives: the header (a 262k-token vocabulary is several MB of it) and the bytes of tensors
+that the model copied (fused q/k/v, gate/up) or dequantized. ``GGUFFile.release_unused_pages``
+hands those back after loading: it knows which tensors handed out by ``raw_tensor`` are
+still alive, and drops every page none of them covers.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import re
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -24,6 +31,47 @@ PathLike = Union[str, os.PathLike]
 _SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
+class _MappedFile:
+    """One mapping plus the tensor views handed out over it (weakly held)."""
+
+    def __init__(self, path: Path, buf: mmap.mmap):
+        self.path, self.buf = path, buf
+        self.views: list[tuple[weakref.ref, int, int]] = []   # (view, first byte, end byte)
+        self._compact_at = 1024
+
+    def track(self, view: np.ndarray, start: int, end: int) -> None:
+        self.views.append((weakref.ref(view), start, end))
+        if len(self.views) >= self._compact_at:  # repeated raw_tensor() calls: drop dead entries
+            self.views = [v for v in self.views if v[0]() is not None]
+            self._compact_at = max(1024, 2 * len(self.views))
+
+    def release_unused_pages(self) -> int:
+        """``madvise(MADV_DONTNEED)`` every whole page no live view touches; bytes released.
+
+        A dropped page of this private mapping is read back from the file if it is touched
+        again. Only pages that no live view covers are dropped (the header, rows whose
+        tensors were freed or copied), so no tensor's bytes change: a write made through a
+        view that has since died is lost, but nothing can read it any more. A tensor keeps
+        its view alive through its storage, wherever it is held (Python or C++)."""
+        advise = getattr(self.buf, "madvise", None)
+        if advise is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return 0
+        page = mmap.PAGESIZE
+        live = sorted((s, e) for ref, s, e in self.views if ref() is not None)
+        self.views = [v for v in self.views if v[0]() is not None]
+        released, pos, size = 0, 0, len(self.buf)
+        for s, e in live + [(size, size)]:
+            gap_end = s // page * page              # pages wholly before this live range
+            if gap_end > pos:
+                try:
+                    advise(mmap.MADV_DONTNEED, pos, gap_end - pos)
+                    released += gap_end - pos
+                except (OSError, ValueError):
+                    return released
+            pos = max(pos, -(-e // page) * page)    # skip the pages the range touches
+        return released
+
+
 @dataclass(frozen=True)
 class GGUFTensorInfo:
     name: str
@@ -31,6 +79,9 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]   # torch order: reversed ggml ne, rows first
     raw: np.ndarray          # uint8 [*shape[:-1], bytes_per_row], a view of the mapped file
     file: Path
+    # Where ``raw`` lies in its mapping, so pages nothing uses can be given back.
+    mapped: _MappedFile | None = field(default=None, repr=False, compare=False)
+    offset: int = field(default=0, repr=False, compare=False)
 
     @property
     def format(self) -> FormatSpec:
@@ -50,7 +101,13 @@ class GGUFTensorInfo:
 
     def raw_tensor(self) -> torch.Tensor:
         """The packed bytes as a torch uint8 tensor sharing memory with the mapping."""
-        return torch.from_numpy(self.raw)
+        if self.mapped is None:
+            return torch.from_numpy(self.raw)
+        # A view of its own per tensor: it lives exactly as long as the tensor's storage
+        # (torch.from_numpy keeps it), which tells release_unused_pages what is in use.
+        view = self.raw.view()
+        self.mapped.track(view, self.offset, self.offset + self.raw.nbytes)
+        return torch.from_numpy(view)
 
     def dequantize(self) -> torch.Tensor:
         return self.format.dequantize(self.raw_tensor()).reshape(self.shape)
@@ -70,12 +127,21 @@ class GGUFFile:
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 
+    def release_unused_pages(self) -> int:
+        """Give back the mapped pages no tensor from ``raw_tensor``/``dequantize`` still
+        uses (call once the model is built); returns the bytes released."""
+        maps = {id(t.mapped): t.mapped for t in self.tensors.values() if t.mapped is not None}
+        return sum(m.release_unused_pages() for m in maps.values())
+
 
 @dataclass
 class _Part:
     path: Path
     header: RawHeader
     buf: mmap.mmap
+
+    def __post_init__(self):
+        self.mapped = _MappedFile(self.path, self.buf)
 
 
 def _map(path: Path) -> mmap.mmap:
@@ -119,7 +185,8 @@ def _tensor_infos(part: _Part) -> dict[str, GGUFTensorInfo]:
             raise ValueError(f"{path}: tensor '{t.name}' data (bytes {start}..{end}) extends past the end "
                              f"of the file ({h.file_size} bytes): the file is truncated or corrupt")
         raw = np.frombuffer(part.buf, dtype=np.uint8, count=end - start, offset=start)
-        out[t.name] = GGUFTensorInfo(t.name, t.ggml_type, shape, raw.reshape(*shape[:-1], row_bytes), path)
+        out[t.name] = GGUFTensorInfo(t.name, t.ggml_type, shape, raw.reshape(*shape[:-1], row_bytes), path,
+                                     part.mapped, start)
     return out
 
 

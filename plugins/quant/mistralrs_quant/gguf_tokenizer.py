@@ -15,10 +15,14 @@ so both are matched whole in the text, as llama.cpp does.
 """
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any, Mapping
 
+import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from ._spm_merges import cached_spm_merge_ids, merge_pairs
 
 log = logging.getLogger(__name__)
 
@@ -100,46 +104,41 @@ def _special_ids(md: Mapping[str, Any], tokens: list[str]) -> dict[str, Any]:
     return info
 
 
-def _added_tokens(tokens: list[str], types: list[int], skip: set[int]) -> tuple[list, list]:
-    special = [AddedToken(t, special=True, normalized=False)
-               for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and i not in skip]
-    user = [AddedToken(t, special=False, normalized=False)
-            for i, (t, ty) in enumerate(zip(tokens, types)) if ty == USER_DEFINED and i not in skip]
+def _added_tokens(tokens: list[str], types: np.ndarray, skip: set[int]) -> tuple[list, list]:
+    special = [AddedToken(tokens[i], special=True, normalized=False)
+               for i in np.flatnonzero(types == CONTROL).tolist() if i not in skip]
+    user = [AddedToken(tokens[i], special=False, normalized=False)
+            for i in np.flatnonzero(types == USER_DEFINED).tolist() if i not in skip]
     return special, user
 
 
-def _spm_merges(vocab: dict[str, int], rank: list[float], types: list[int]) -> list[tuple[str, str]]:
-    found = []
-    for piece, idx in vocab.items():
-        if types[idx] == BYTE or len(piece) < 2:
-            continue
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                found.append((rank[idx], idx, cut, left, right))
-    found.sort(key=lambda m: m[:3])
-    return [(m[3], m[4]) for m in found]
+def _first_index_vocab(pieces: list[str]) -> dict[str, int]:
+    """piece -> index of its first occurrence (built from the end, so the first one wins)."""
+    n = len(pieces)
+    return dict(zip(reversed(pieces), range(n - 1, -1, -1)))
 
 
-def _build_llama(md: Mapping[str, Any], tokens: list[str], types: list[int], arch: str | None):
+def _build_llama(md: Mapping[str, Any], tokens: list[str], types: np.ndarray, arch: str | None):
     n = len(tokens)
-    scores = md.get("tokenizer.ggml.scores") or [0.0] * n
     # Pieces of pure whitespace are sometimes stored with real spaces; text reaches the
     # model with spaces already turned into ▁, so spell them that way or they never match.
-    respelled = set()
+    respelled = {i for i, t in enumerate(tokens) if " " in t and not t.strip()}
     pieces = list(tokens)
-    for i, t in enumerate(tokens):
-        if " " in t and not t.strip():
-            pieces[i] = "▁" * len(t)
-            respelled.add(i)
-    vocab: dict[str, int] = {}
-    for i, p in enumerate(pieces):
-        vocab.setdefault(p, i)
-    rank = list(range(n)) if arch in _RANK_BY_POSITION else [-float(s) for s in scores]
+    for i in respelled:
+        pieces[i] = "▁" * len(tokens[i])
+    vocab = _first_index_vocab(pieces)
+    if arch in _RANK_BY_POSITION:
+        rank = None
+    else:
+        scores = md.get("tokenizer.ggml.scores")
+        scores = [0.0] * n if scores is None or len(scores) == 0 else scores
+        rank = [-float(s) for s in scores]
     unk_id = md.get("tokenizer.ggml.unknown_token_id")
     unk = pieces[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < n else None
-    model = models.BPE(vocab=vocab, merges=_spm_merges(vocab, rank, types), unk_token=unk,
+    merges = merge_pairs(pieces, *cached_spm_merge_ids(pieces, vocab, rank, types))
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk,
                        fuse_unk=True, byte_fallback=True)
+    del merges, vocab
     tok = Tokenizer(model)
     prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))
     if prefix:
@@ -210,18 +209,32 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> tuple[Tokenizer, dict[st
     The tokenizer's post-processor adds BOS/EOS as ``add_bos``/``add_eos`` say, when
     encoding with ``add_special_tokens=True``.
     """
+    # Building a large vocabulary makes ~10^6 short-lived tuples; generational collections
+    # triggered by them would each walk every object torch and the model hold.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return _tokenizer_from_gguf(metadata)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _tokenizer_from_gguf(metadata: Mapping[str, Any]) -> tuple[Tokenizer, dict[str, Any]]:
     kind = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
     if kind is None or not tokens:
         raise ValueError("GGUF file has no tokenizer (tokenizer.ggml.model / tokenizer.ggml.tokens missing)")
-    types = list(metadata.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
-    if len(types) != len(tokens):
-        raise ValueError(f"GGUF tokenizer has {len(tokens)} tokens but {len(types)} token types")
+    tokens = list(tokens)
+    types = metadata.get("tokenizer.ggml.token_type")
+    types = np.asarray([NORMAL] * len(tokens) if types is None or len(types) == 0 else types, dtype=np.int64)
+    if types.shape != (len(tokens),):
+        raise ValueError(f"GGUF tokenizer has {len(tokens)} tokens but {types.size} token types")
     arch = metadata.get("general.architecture")
     if kind == "llama":
         tok, skip = _build_llama(metadata, tokens, types, arch)
     elif kind == "gpt2":
-        tok, skip = _build_gpt2(metadata, tokens, types)
+        tok, skip = _build_gpt2(metadata, tokens, types.tolist())
     else:
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (supported: 'llama', 'gpt2')")
     special, user = _added_tokens(tokens, types, skip)
