@@ -143,6 +143,11 @@ class GGMLQuantMethod:
         gate/up run as one call), or None when they cannot share one: different types,
         input sizes or options, or no ggml bytes kept."""
         first = methods[0]
+        if all(m.cpp is not None for m in methods):
+            # The C++ kernels serve these rows where they lie (the decoder step takes q/k/v
+            # and gate/up as separate row ranges): a concatenated copy would only add load
+            # time and resident memory, and the matmuls it saves run once per prefill.
+            return None
         if any(type(m) is not cls or m.ggml_type != first.ggml_type or m.in_features != first.in_features
                or m.raw is None or m._options != first._options or (m.dense is None) != (first.dense is None)
                for m in methods):

@@ -202,12 +202,17 @@ def test_qlinear_cpp_path(kernels, rng):
 
 
 def test_qlinear_concat(kernels, rng):
-    parts = [GGMLQuantMethod(_raw(T.Q5_0, r, 256, rng), T.Q5_0, compute_dtype=torch.float32) for r in (8, 4, 4)]
+    # Without the kernels (cpp=False) same-type parts concatenate into one method.
+    parts = [GGMLQuantMethod(_raw(T.Q5_0, r, 256, rng), T.Q5_0, compute_dtype=torch.float32, cpp=False)
+             for r in (8, 4, 4)]
     fused = GGMLQuantMethod.concat(parts)
     x = torch.randn(2, 256)
     assert torch.equal(fused.forward(x), torch.cat([p.forward(x) for p in parts], -1))
-    other = GGMLQuantMethod(_raw(T.Q8_0, 4, 256, rng), T.Q8_0, compute_dtype=torch.float32)
+    other = GGMLQuantMethod(_raw(T.Q8_0, 4, 256, rng), T.Q8_0, compute_dtype=torch.float32, cpp=False)
     assert GGMLQuantMethod.concat(parts + [other]) is None
+    # With the kernels they stay apart: no copy of the mapped rows.
+    bound = [GGMLQuantMethod(_raw(T.Q5_0, r, 256, rng), T.Q5_0, compute_dtype=torch.float32) for r in (8, 4)]
+    assert GGMLQuantMethod.concat(bound) is None
 
 
 def test_float32_compute_uses_cpp(kernels, rng):

@@ -104,20 +104,33 @@ def cache_dir() -> Path:
     return root / "mistralrs_quant" / "cpp" / tag
 
 
-def _build() -> ctypes.CDLL:
-    from torch.utils import cpp_extension
-    build = cache_dir()
+def _compile(build: Path, name: str) -> None:
+    from torch.utils import cpp_extension  # ~0.07 s of imports (setuptools): only to compile
     build.mkdir(parents=True, exist_ok=True)
-    name = "mistralrs_quant_ggml"
-    so = build / f"{name}.so"
-    cached = so.exists()
-    t0 = time.perf_counter()
     # Copies: load() appends to the flag lists it is given.
     cpp_extension.load(name, [str(_CSRC / s) for s in _SOURCES], extra_cflags=list(_CFLAGS),
                        extra_ldflags=list(_LDFLAGS), extra_include_paths=[str(_CSRC)], build_directory=str(build),
                        is_python_module=False, verbose=False)
+
+
+def _build() -> ctypes.CDLL:
+    build = cache_dir()
+    name = "mistralrs_quant_ggml"
+    so = build / f"{name}.so"
+    t0 = time.perf_counter()
+    lib = None
+    cached = so.exists()
+    if cached:
+        # The directory name hashes the sources and flags, so an existing library is
+        # current; one that does not load (a build killed mid-link) is rebuilt.
+        try:
+            lib = ctypes.CDLL(str(so))
+        except OSError:
+            cached = False
+    if lib is None:
+        _compile(build, name)
+        lib = ctypes.CDLL(str(so))
     seconds = time.perf_counter() - t0
-    lib = ctypes.CDLL(str(so))
     i64, vp, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.mq_isa.restype = cint
     lib.mq_isa.argtypes = []
