@@ -14,21 +14,28 @@ model), sliding windows, attention soft-capping, gated MLPs (silu / gelu / gelu-
 biases, and weights as ggml blocks of the C++ kernels' types or dense float32/float16/
 bfloat16 rows, over a float32 paged KV cache. Anything else keeps the torch path.
 ``MISTRALRS_QUANT_NO_FUSED=1`` turns it off.
+
+Its thread count (and the kernels' for the rest of the step, e.g. the LM head) follows a
+``ThreadTuner``: all of torch's threads on a quiet machine, fewer when measurement says
+other processes hold cores (``MISTRALRS_QUANT_NO_THREAD_TUNING=1`` keeps torch's count).
 """
 from __future__ import annotations
 
 import ctypes
 import logging
 import os
+import time
 from typing import Optional
 
 import torch
 
 from .kernels import cpp as cpp_kernels
+from .thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 
 ENV_DISABLE = "MISTRALRS_QUANT_NO_FUSED"
+ENV_NO_TUNING = "MISTRALRS_QUANT_NO_THREAD_TUNING"
 # Steps with more tokens than this take the torch path: there a prefill's large matmuls
 # run on dense tiles (BLAS/AMX), and the per-op overhead is amortised anyway.
 MAX_TOKENS = 16
@@ -69,8 +76,12 @@ class Unsupported(Exception):
     """The model has a part the C++ step does not implement (the reason is the message)."""
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
 def disabled_by_env() -> bool:
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return _env_flag(ENV_DISABLE)
 
 
 class FusedDecoder:
@@ -154,6 +165,9 @@ class FusedDecoder:
                            softcap=cfg.attn_softcap or 0.0, layers=ctypes.addressof(layers),
                            final_norm=self._norm(final))
         self._caches_key = None
+        self.tune = not _env_flag(ENV_NO_TUNING)
+        self.tuner: Optional[ThreadTuner] = None
+        self._cap = 0
         self._step = _Step()
         self._step_ref = ctypes.byref(self._step)
         self._desc_ref = ctypes.byref(self.desc)
@@ -244,7 +258,19 @@ class FusedDecoder:
         keep += [pos, seq, btab, slots]
         s.slots, s.pos, s.seq, s.btab = slots.data_ptr(), pos.data_ptr(), seq.data_ptr(), btab.data_ptr()
         s.btab_stride = btab.shape[1]
-        rc = self.lib.mq_decoder_step(self._desc_ref, self._step_ref)
+        if self.tune:
+            n = torch.get_num_threads()
+            if self.tuner is None or self.tuner.levels[-1] != n:
+                self.tuner = ThreadTuner(n)
+            k = self.tuner.pick(t)
+            if k != self._cap:
+                self.lib.mq_set_thread_cap(k if k < n else 0)
+                self._cap = k
+            t0 = time.perf_counter()
+            rc = self.lib.mq_decoder_step(self._desc_ref, self._step_ref)
+            self.tuner.record(t, time.perf_counter() - t0)
+        else:
+            rc = self.lib.mq_decoder_step(self._desc_ref, self._step_ref)
         if rc:
             raise RuntimeError(f"mistralrs_quant decoder step failed (code {rc})")
         return h

@@ -118,3 +118,27 @@ def test_env_switch_disables(tmp_path, monkeypatch):
     monkeypatch.setenv(fused_decoder.ENV_DISABLE, "1")
     model, _, _ = load_gguf_model([path], torch.float32)
     assert model.fast_forward is None
+
+
+def test_thread_count_does_not_change_results(tmp_path, monkeypatch):
+    """The kernels give every output to one thread, so one thread and all of them agree
+    bit for bit (the thread tuner may switch between them while serving)."""
+    monkeypatch.setenv(fused_decoder.ENV_NO_TUNING, "1")
+    arch, _, cfg, ref = tiny("gemma3")
+    path = tmp_path / "gemma3.gguf"
+    write_gguf(path, arch, ref, cfg, "Q8_0")
+    model, _, _ = load_gguf_model([path], torch.float32)
+    sched = make_schedule()
+    lib = cpp_kernels._lib()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lib.mq_set_thread_cap(1)
+        one = run_schedule(model, model.fast_forward, sched)
+        lib.mq_set_thread_cap(0)
+        two = run_schedule(model, model.fast_forward, sched)
+    finally:
+        lib.mq_set_thread_cap(0)
+        torch.set_num_threads(threads)
+    # The prefill step takes torch's path, whose reductions may split by thread count.
+    assert all(torch.equal(a, b) for a, b in zip(one[1:], two[1:]))

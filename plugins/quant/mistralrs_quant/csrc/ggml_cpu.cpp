@@ -345,6 +345,9 @@ bool use_avx512_kernels() { return have_avx512(); }
 
 extern "C" {
 
+// At most n threads for the kernels from now on (0: no cap beyond torch's setting).
+void mq_set_thread_cap(int n) { mq::set_thread_cap(n); }
+
 // Bit 0: the AVX-512 kernels can run here; bit 1: the AVX-512 VNNI (integer) ones.
 int mq_isa() { return (have_avx512() ? 1 : 0) | (have_vnni() ? 2 : 0); }
 

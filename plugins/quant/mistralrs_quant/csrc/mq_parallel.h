@@ -1,19 +1,62 @@
-// Parallel loops for the kernels: torch's intra-op pool (OpenMP), so that the process has
-// one pool. A second spinning pool beside torch's was tried and measured: on a 2-core
-// machine the two pools' idle spinning starved each other (a SmolLM2 decode step went
-// from 16 ms to 0.5-1 s). The decoder step therefore also runs its phases on this pool.
+// Parallel loops for the kernels, on torch's OpenMP pool (the same libgomp, so the
+// process keeps one pool).
+//
+// A second, own spinning pool beside torch's was tried and measured: on a 2-core machine
+// the two pools' idle spinning starved each other (a SmolLM2 decode step went from 16 ms
+// to 0.5-1 s). The loop here opens its own `omp parallel` region rather than calling
+// at::parallel_for so that it can use fewer threads than torch's setting: the thread cap
+// (set_thread_cap) lets the Python side back off when other processes hold the cores,
+// where every barrier of a full-width team waits on a descheduled thread (measured on 2
+// cores with one busy process: 20 tok/s on two threads against 79 on one).
 #pragma once
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <exception>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace mq {
 
-// f(begin, end) over chunks of [0, n) of at least `grain` items each.
+inline std::atomic<int>& thread_cap_ref() {
+  static std::atomic<int> cap{1 << 30};
+  return cap;
+}
+inline void set_thread_cap(int n) { thread_cap_ref().store(n > 0 ? n : 1 << 30); }
+inline int thread_cap() { return thread_cap_ref().load(std::memory_order_relaxed); }
+
+// f(begin, end) over contiguous chunks of [0, n) of at least `grain` items each, on at
+// most min(torch's thread count, the cap) threads. Chunks depend only on the thread
+// count, and every caller computes each output in one chunk, so results do not.
 template <class F>
 void parallel_for(int64_t n, int64_t grain, F&& f) {
   if (n <= 0) return;
-  at::parallel_for(0, n, grain > 0 ? grain : 1, [&](int64_t b, int64_t e) { f(b, e); });
+  grain = grain > 0 ? grain : 1;
+  int64_t chunks = std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()),
+                                      static_cast<int64_t>(thread_cap()), (n + grain - 1) / grain});
+#ifdef _OPENMP
+  if (chunks > 1 && !omp_in_parallel()) {
+    std::exception_ptr err = nullptr;
+#pragma omp parallel num_threads(static_cast<int>(chunks))
+    {
+      const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t b = n * t / nt, e = n * (t + 1) / nt;
+      try {
+        if (b < e) f(b, e);
+      } catch (...) {
+#pragma omp critical(mq_parallel_error)
+        if (!err) err = std::current_exception();
+      }
+    }
+    if (err) std::rethrow_exception(err);
+    return;
+  }
+#endif
+  (void)chunks;
+  f(int64_t{0}, n);
 }
 
 }  // namespace mq

@@ -142,6 +142,8 @@ def _build() -> ctypes.CDLL:
     lib.mq_dequantize.argtypes = [cint, cint, vp, i64, i64, i64, vp, i64, vp, cint]
     lib.mq_decoder_step.restype = cint
     lib.mq_decoder_step.argtypes = [vp, vp]
+    lib.mq_set_thread_cap.restype = None
+    lib.mq_set_thread_cap.argtypes = [cint]
     bits = lib.mq_isa()
     isa = "avx512" if bits & 1 else "scalar"
     _state.info = {"path": str(so), "cached": cached, "seconds": round(seconds, 2), "isa": isa,
