@@ -62,6 +62,10 @@ def test_greedy_matches_float32_reference(which, request):
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     ours, _, _ = load_gguf_model([path], torch.float32)
+    from mistralrs_quant.kernels import cpp
+    if cpp.available():   # decode steps go through the C++ decoder step, not the torch path
+        from mistralrs_quant.fused_decoder import FusedDecoder
+        assert isinstance(ours.fast_forward, FusedDecoder)
     for prompt in ("The capital of France is", "def fibonacci(n):", "Once upon a time"):
         ids = tok(prompt)["input_ids"]
         assert our_greedy(ours, ids, 32) == reference_greedy(ref, ids, 32), prompt
