@@ -63,7 +63,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = ([(n, c_i32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "rot_dim",
                                       "act", "sandwich", "block_size")]
-                + [(n, c_f32) for n in ("eps", "scale", "softcap", "_pad")]
+                + [(n, c_f32) for n in ("eps", "scale", "softcap")] + [("force_scalar", c_i32)]
                 + [("layers", c_vp), ("final_norm", c_vp)])
 
 
@@ -85,7 +85,9 @@ def disabled_by_env() -> bool:
 
 
 class FusedDecoder:
-    def __init__(self, model, max_tokens: int = MAX_TOKENS):
+    def __init__(self, model, max_tokens: int = MAX_TOKENS, force_scalar: bool = False):
+        """``force_scalar``: use the portable C++ code paths even on an AVX-512 CPU (so that
+        tests on such a CPU cover what other CPUs run)."""
         from mistralrs_core.layers.mlp import GatedMLP
         from mistralrs_core.layers.norms import RMSNorm
         from mistralrs_core.models.decoder import DecoderAttention, DecoderLayer, DecoderLM
@@ -162,7 +164,8 @@ class FusedDecoder:
                            n_kv=cfg.num_kv_heads, head_dim=cfg.head_dim, inter=inter, rot_dim=self.rot_dim,
                            act=_ACTS[cfg.hidden_act], sandwich=int(cfg.sandwich_norms), block_size=0,
                            eps=eps.pop(), scale=model.model.layers[0].self_attn.scale,
-                           softcap=cfg.attn_softcap or 0.0, layers=ctypes.addressof(layers),
+                           softcap=cfg.attn_softcap or 0.0, force_scalar=int(force_scalar),
+                           layers=ctypes.addressof(layers),
                            final_norm=self._norm(final))
         self._caches_key = None
         self.tune = not _env_flag(ENV_NO_TUNING)

@@ -142,3 +142,19 @@ def test_thread_count_does_not_change_results(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     # The prefill step takes torch's path, whose reductions may split by thread count.
     assert all(torch.equal(a, b) for a, b in zip(one[1:], two[1:]))
+
+
+@pytest.mark.parametrize("case,qtype", [("gemma3", "Q8_0"), ("qwen2", "F32"), ("mistral", "Q4_K")])
+def test_portable_code_paths_match_torch(tmp_path, case, qtype):
+    """The scalar kernels and attention that CPUs without AVX-512 run."""
+    arch, _, cfg, ref = tiny(case)
+    path = tmp_path / f"{case}.gguf"
+    write_gguf(path, arch, ref, cfg, qtype)
+    model, _, _ = load_gguf_model([path], torch.float32)
+    scalar = fused_decoder.FusedDecoder(model, force_scalar=True)
+    sched = make_schedule()
+    got = run_schedule(model, scalar, sched)
+    want = run_schedule(model, None, sched)
+    err = max(max_rel_err(g, w) for g, w in zip(got, want))
+    print(f"{case} {qtype} portable: {err:.2e}")
+    assert err <= TOL, err

@@ -43,7 +43,8 @@ struct MqLayer {
 
 struct MqModel {
   int32_t n_layers, hidden, n_heads, n_kv, head_dim, inter, rot_dim, act, sandwich, block_size;
-  float eps, scale, softcap, _pad;
+  float eps, scale, softcap;
+  int32_t force_scalar;    // run the portable kernels even where AVX-512 is available (tests)
   const MqLayer* layers;
   const float* final_norm;
 };
@@ -145,7 +146,7 @@ struct Scratch {
 };
 
 int decoder_step(const MqModel& m, const MqStep& s) {
-  const bool avx512 = mq::use_avx512_kernels();
+  const bool avx512 = mq::use_avx512_kernels() && !m.force_scalar;
   const int64_t T = s.T, H = m.hidden, hd = m.head_dim, nh = m.n_heads, nkv = m.n_kv, I = m.inter;
   // Per calling thread (engines of different models may step concurrently).
   static thread_local Scratch sc;
