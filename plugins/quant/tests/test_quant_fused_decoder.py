@@ -56,7 +56,7 @@ def run_schedule(model, fused, schedule, block_size=4):
 def make_schedule(block_size=4):
     lens = [13, 5, 22]          # past gemma2/gemma3's sliding window of 8
     prompts = [random_prompt(n, VOCAB, 10 + i) for i, n in enumerate(lens)]
-    per_seq = [-(-(n + 12) // block_size) for n in lens]
+    per_seq = [-(-(n + 24) // block_size) for n in lens]
     pool = iter(sorted(range(sum(per_seq)), key=lambda b: (b % 3, b)))
     blocks = [[next(pool) for _ in range(n)] for n in per_seq]
     sched = [[(p, 0, blocks[i]) for i, p in enumerate(prompts)]]
@@ -66,6 +66,9 @@ def make_schedule(block_size=4):
         pos = [p + 1 for p in pos]
     # Mixed: sequence 1 feeds four tokens while the others decode one each.
     sched.append([([3], pos[0], blocks[0]), ([4, 5, 6, 7], pos[1], blocks[1]), ([8], pos[2], blocks[2])])
+    pos = [pos[0] + 1, pos[1] + 4, pos[2] + 1]
+    # Twelve tokens: the 9-16-row kernels (transposed activations, 16-row weight panels).
+    sched.append([([9], pos[0], blocks[0]), (list(range(20, 30)), pos[1], blocks[1]), ([10], pos[2], blocks[2])])
     return sched
 
 

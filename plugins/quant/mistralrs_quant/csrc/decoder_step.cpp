@@ -66,8 +66,8 @@ int64_t grain_rows(int64_t work_per_row) {
 
 struct LinJob { const MqLin* lin; const float* x; float* y; };
 
-// All jobs' output rows as one parallel range, so q/k/v (or gate/up) are one dispatch.
-void run_linears(const LinJob* jobs, int nj, int64_t T, bool avx512) {
+// One weight row at a time against all T activation rows (1-8 tokens, or no AVX-512).
+void run_linears_rows(const LinJob* jobs, int nj, int64_t T, bool avx512) {
   int64_t total = 0, offs[8];
   for (int j = 0; j < nj; ++j) {
     offs[j] = total;
@@ -88,6 +88,39 @@ void run_linears(const LinJob* jobs, int nj, int64_t T, bool avx512) {
       mq::matmul_f32_scalar(L.type, a, n0, n1);
     }
   });
+}
+
+// All jobs' output rows as one parallel range, so q/k/v (or gate/up) are one dispatch.
+// Jobs of one call share their input x.
+void run_linears(const LinJob* jobs, int nj, int64_t T, bool avx512) {
+#ifdef MQ_HAVE_AVX512_TU
+  if (avx512 && T >= mq::BCAST_MIN_M && T <= mq::BCAST_MAX_M) {
+    // 9-16 tokens: transposed activations, 16-row weight panels (see matmul_bcast16).
+    const int64_t K = jobs[0].lin->k;
+    static thread_local std::vector<float> xt;
+    xt.resize(K * 16);
+    mq::transpose_acts16(jobs[0].x, K, T, K, xt.data());
+    int64_t total = 0, offs[9];
+    for (int j = 0; j < nj; ++j) {
+      offs[j] = total;
+      total += (jobs[j].lin->n + 15) / 16;
+    }
+    offs[nj] = total;
+    const float* xtp = xt.data();
+    mq::parallel_for(total, grain_rows(K * 16 * 16), [&](int64_t b, int64_t e) {
+      for (int j = 0; j < nj; ++j) {
+        const int64_t p0 = std::max(b, offs[j]) - offs[j], p1 = std::min(e, offs[j + 1]) - offs[j];
+        if (p0 >= p1) continue;
+        const MqLin& L = *jobs[j].lin;
+        const mq::MatmulArgs a{jobs[j].x, L.k, T, L.k, L.w, L.w_stride, jobs[j].y, L.n};
+        mq::matmul_f32_avx512_bcast16(L.type, a, xtp, p0 * 16, std::min(L.n, p1 * 16));
+      }
+    });
+  } else
+#endif
+  {
+    run_linears_rows(jobs, nj, T, avx512);
+  }
   for (int j = 0; j < nj; ++j) {
     const MqLin& L = *jobs[j].lin;
     if (!L.bias) continue;

@@ -228,6 +228,11 @@ void dequant_row_scalar(int type, const uint8_t* row, int64_t K, void* out, bool
   }
 }
 
+void transpose_acts16(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t m = 0; m < 16; ++m) xt[k * 16 + m] = m < M ? x[m * ldx + k] : 0.0f;
+}
+
 void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
   int bs, ts;
   block_shape(type, &bs, &ts);
@@ -379,6 +384,17 @@ int mq_matmul(int type, int impl, const float* x, int64_t M, int64_t K, const ui
   }
 #endif
   try {
+#ifdef MQ_HAVE_AVX512_TU
+    if (impl == AVX512 && M >= mq::BCAST_MIN_M && M <= mq::BCAST_MAX_M) {
+      std::vector<float> xt(K * 16);
+      mq::transpose_acts16(x, K, M, K, xt.data());
+      const int64_t panels = (N + 15) / 16;
+      mq::parallel_for(panels, grain_rows(K * 16 * 16), [&](int64_t p0, int64_t p1) {
+        mq::matmul_f32_avx512_bcast16(type, a, xt.data(), p0 * 16, std::min(N, p1 * 16));
+      });
+      return OK;
+    }
+#endif
     mq::parallel_for(N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
 #ifdef MQ_HAVE_AVX512_TU
       if (impl == AVX512) return mq::matmul_f32_avx512(type, a, n0, n1);

@@ -34,6 +34,9 @@ struct MatmulArgs {
   float* y; int64_t ldy;
 };
 
+// xt[k * 16 + m] = x[m * ldx + k] for m < M (M <= 16), zero for the other lanes.
+void transpose_acts16(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt);
+
 // Exact variant: weights decoded to their float32 values in registers, float32 FMAs.
 void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1);
 // One row's values into out: float32, or bfloat16 (round to nearest even) when bf16.
@@ -64,6 +67,9 @@ void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, 
 #define MQ_HAVE_AVX512_TU 1
 bool cpu_has_avx512();   // F, BW, VL, DQ, FMA, F16C and OS support for zmm state
 void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1);
+// 9-16 activation rows, given transposed: xt[k * 16 + m] (lanes m >= M zero).
+void matmul_f32_avx512_bcast16(int type, const MatmulArgs& a, const float* xt, int64_t n0, int64_t n1);
+constexpr int64_t BCAST_MIN_M = 9, BCAST_MAX_M = 16;
 void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool bf16);
 void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out);
 bool cpu_has_avx512_vnni();
