@@ -150,8 +150,8 @@ class FusedDecoder:
             if cfg.qk_norm:
                 qn, kn = cfg.qk_norm_names
                 L.q_norm, L.k_norm = self._norm(getattr(attn, qn)), self._norm(getattr(attn, kn))
-            if abs(attn.scale - model.model.layers[0].self_attn.scale) > 0:
-                raise Unsupported("per-layer attention scales")
+            if attn.scale != model.model.layers[0].self_attn.scale:
+                raise Unsupported("per-layer attention scales")   # the step takes one scale
             L.window = attn.sliding_window or 0
             L.rope = 0 if not attn.use_rope else (2 if cfg.is_sliding(i) and model.local_rope is not None else 1)
         eps = {layer.input_layernorm.eps for layer in model.model.layers}
