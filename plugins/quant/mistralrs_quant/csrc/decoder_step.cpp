@@ -18,10 +18,6 @@
 #include "ggml_kernels.h"
 #include "mq_parallel.h"
 
-namespace mq {
-bool use_avx512_kernels();
-}
-
 namespace {
 
 // Must match the ctypes structures in fused_decoder.py.
@@ -59,68 +55,13 @@ struct MqStep {
 
 enum Act : int32_t { SILU = 0, GELU_TANH = 1, GELU = 2 };
 
-int64_t grain_rows(int64_t work_per_row) {
-  const int64_t g = (int64_t{1} << 16) / (work_per_row > 0 ? work_per_row : 1);
-  return g > 0 ? g : 1;
-}
-
 struct LinJob { const MqLin* lin; const float* x; float* y; };
 
-// One weight row at a time against all T activation rows (1-8 tokens, or no AVX-512).
-void run_linears_rows(const LinJob* jobs, int nj, int64_t T, bool avx512) {
-  int64_t total = 0, offs[8];
-  for (int j = 0; j < nj; ++j) {
-    offs[j] = total;
-    total += jobs[j].lin->n;
-  }
-  mq::parallel_for(total, grain_rows(jobs[0].lin->k * T), [&](int64_t b, int64_t e) {
-    for (int j = 0; j < nj; ++j) {
-      const int64_t n0 = std::max(b, offs[j]) - offs[j], n1 = std::min(e, offs[j] + jobs[j].lin->n) - offs[j];
-      if (n0 >= n1) continue;
-      const MqLin& L = *jobs[j].lin;
-      const mq::MatmulArgs a{jobs[j].x, L.k, T, L.k, L.w, L.w_stride, jobs[j].y, L.n};
-#ifdef MQ_HAVE_AVX512_TU
-      if (avx512) {
-        mq::matmul_f32_avx512(L.type, a, n0, n1);
-        continue;
-      }
-#endif
-      mq::matmul_f32_scalar(L.type, a, n0, n1);
-    }
-  });
-}
-
-// All jobs' output rows as one parallel range, so q/k/v (or gate/up) are one dispatch.
-// Jobs of one call share their input x.
+// The jobs' products (one shared x, so q/k/v or gate/up are one dispatch), then biases.
 void run_linears(const LinJob* jobs, int nj, int64_t T, bool avx512) {
-#ifdef MQ_HAVE_AVX512_TU
-  if (avx512 && T >= mq::BCAST_MIN_M && T <= mq::BCAST_MAX_M) {
-    // 9-16 tokens: transposed activations, 16-row weight panels (see matmul_bcast16).
-    const int64_t K = jobs[0].lin->k;
-    static thread_local std::vector<float> xt;
-    xt.resize(K * 16);
-    mq::transpose_acts16(jobs[0].x, K, T, K, xt.data());
-    int64_t total = 0, offs[9];
-    for (int j = 0; j < nj; ++j) {
-      offs[j] = total;
-      total += (jobs[j].lin->n + 15) / 16;
-    }
-    offs[nj] = total;
-    const float* xtp = xt.data();
-    mq::parallel_for(total, grain_rows(K * 16 * 16), [&](int64_t b, int64_t e) {
-      for (int j = 0; j < nj; ++j) {
-        const int64_t p0 = std::max(b, offs[j]) - offs[j], p1 = std::min(e, offs[j + 1]) - offs[j];
-        if (p0 >= p1) continue;
-        const MqLin& L = *jobs[j].lin;
-        const mq::MatmulArgs a{jobs[j].x, L.k, T, L.k, L.w, L.w_stride, jobs[j].y, L.n};
-        mq::matmul_f32_avx512_bcast16(L.type, a, xtp, p0 * 16, std::min(L.n, p1 * 16));
-      }
-    });
-  } else
-#endif
-  {
-    run_linears_rows(jobs, nj, T, avx512);
-  }
+  mq::WeightJob wj[mq::MAX_JOBS];
+  for (int j = 0; j < nj; ++j) wj[j] = {jobs[j].lin->type, jobs[j].lin->w, jobs[j].lin->w_stride, jobs[j].lin->n, jobs[j].y};
+  mq::matmul_jobs(wj, nj, jobs[0].x, T, jobs[0].lin->k, avx512);
   for (int j = 0; j < nj; ++j) {
     const MqLin& L = *jobs[j].lin;
     if (!L.bias) continue;

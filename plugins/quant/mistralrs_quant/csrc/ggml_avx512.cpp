@@ -427,7 +427,25 @@ void dequant_row(const uint8_t* row, int64_t K, void* out, bool bf16) {
   }
 }
 
-}  // namespace
+// Calls fn(F{}) with the format struct of ggml type `type` (nothing for an unknown type):
+// the one place that maps type ids to formats for every kernel in this file.
+template <class Fn>
+void with_format(int type, Fn&& fn) {
+  switch (type) {
+    case Q4_0: return fn(FQ4_0{});
+    case Q4_1: return fn(FQ4_1{});
+    case Q5_0: return fn(FQ5_0{});
+    case Q5_1: return fn(FQ5_1{});
+    case Q8_0: return fn(FQ8_0{});
+    case Q4_K: return fn(FQ4_K{});
+    case Q5_K: return fn(FQ5_K{});
+    case Q6_K: return fn(FQ6_K{});
+    case F32: return fn(FF32{});
+    case F16: return fn(FF16{});
+    case BF16: return fn(FBF16{});
+    default: return;
+  }
+}
 
 // Horizontal sums of four vectors, as lanes 0..3 of the result.
 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -437,6 +455,8 @@ inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   };
   return _mm_hadd_ps(_mm_hadd_ps(half(a), half(b)), _mm_hadd_ps(half(c), half(d)));
 }
+
+}  // namespace
 
 // Two passes over the keys (scores, then the weighted values), walking the block table
 // block by block; exp is libm's scalar expf, so the probabilities are those of a plain
@@ -481,54 +501,15 @@ void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, 
 }
 
 void matmul_f32_avx512(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
-  switch (type) {
-    case Q4_0: matmul_rows<FQ4_0>(a, n0, n1); break;
-    case Q4_1: matmul_rows<FQ4_1>(a, n0, n1); break;
-    case Q5_0: matmul_rows<FQ5_0>(a, n0, n1); break;
-    case Q5_1: matmul_rows<FQ5_1>(a, n0, n1); break;
-    case Q8_0: matmul_rows<FQ8_0>(a, n0, n1); break;
-    case Q4_K: matmul_rows<FQ4_K>(a, n0, n1); break;
-    case Q5_K: matmul_rows<FQ5_K>(a, n0, n1); break;
-    case Q6_K: matmul_rows<FQ6_K>(a, n0, n1); break;
-    case F32: matmul_rows<FF32>(a, n0, n1); break;
-    case F16: matmul_rows<FF16>(a, n0, n1); break;
-    case BF16: matmul_rows<FBF16>(a, n0, n1); break;
-    default: break;
-  }
+  with_format(type, [&](auto f) { matmul_rows<decltype(f)>(a, n0, n1); });
 }
 
 void matmul_f32_avx512_bcast16(int type, const MatmulArgs& a, const float* xt, int64_t n0, int64_t n1) {
-  switch (type) {
-    case Q4_0: matmul_bcast16<FQ4_0>(a, xt, n0, n1); break;
-    case Q4_1: matmul_bcast16<FQ4_1>(a, xt, n0, n1); break;
-    case Q5_0: matmul_bcast16<FQ5_0>(a, xt, n0, n1); break;
-    case Q5_1: matmul_bcast16<FQ5_1>(a, xt, n0, n1); break;
-    case Q8_0: matmul_bcast16<FQ8_0>(a, xt, n0, n1); break;
-    case Q4_K: matmul_bcast16<FQ4_K>(a, xt, n0, n1); break;
-    case Q5_K: matmul_bcast16<FQ5_K>(a, xt, n0, n1); break;
-    case Q6_K: matmul_bcast16<FQ6_K>(a, xt, n0, n1); break;
-    case F32: matmul_bcast16<FF32>(a, xt, n0, n1); break;
-    case F16: matmul_bcast16<FF16>(a, xt, n0, n1); break;
-    case BF16: matmul_bcast16<FBF16>(a, xt, n0, n1); break;
-    default: break;
-  }
+  with_format(type, [&](auto f) { matmul_bcast16<decltype(f)>(a, xt, n0, n1); });
 }
 
 void dequant_row_avx512(int type, const uint8_t* row, int64_t K, void* out, bool bf16) {
-  switch (type) {
-    case Q4_0: dequant_row<FQ4_0>(row, K, out, bf16); break;
-    case Q4_1: dequant_row<FQ4_1>(row, K, out, bf16); break;
-    case Q5_0: dequant_row<FQ5_0>(row, K, out, bf16); break;
-    case Q5_1: dequant_row<FQ5_1>(row, K, out, bf16); break;
-    case Q8_0: dequant_row<FQ8_0>(row, K, out, bf16); break;
-    case Q4_K: dequant_row<FQ4_K>(row, K, out, bf16); break;
-    case Q5_K: dequant_row<FQ5_K>(row, K, out, bf16); break;
-    case Q6_K: dequant_row<FQ6_K>(row, K, out, bf16); break;
-    case F32: dequant_row<FF32>(row, K, out, bf16); break;
-    case F16: dequant_row<FF16>(row, K, out, bf16); break;
-    case BF16: dequant_row<FBF16>(row, K, out, bf16); break;
-    default: break;
-  }
+  with_format(type, [&](auto f) { dequant_row<decltype(f)>(row, K, out, bf16); });
 }
 
 }  // namespace mq

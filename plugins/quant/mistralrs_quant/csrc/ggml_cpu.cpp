@@ -335,17 +335,50 @@ int resolve(int impl, int* out) {
   return OK;
 }
 
-// Aim for at least 64K multiply-adds per task: below that waking the thread pool costs
-// more than it saves.
-int64_t grain_rows(int64_t work_per_row) {
-  const int64_t g = (int64_t{1} << 16) / (work_per_row > 0 ? work_per_row : 1);
-  return g > 0 ? g : 1;
-}
-
 }  // namespace
 
 namespace mq {
 bool use_avx512_kernels() { return have_avx512(); }
+
+void matmul_jobs(const WeightJob* jobs, int nj, const float* x, int64_t M, int64_t K, bool avx512) {
+  int64_t offs[MAX_JOBS + 1];
+#ifdef MQ_HAVE_AVX512_TU
+  if (avx512 && M >= BCAST_MIN_M && M <= BCAST_MAX_M) {
+    // Transposed activations; the parallel range counts 16-row panels of each weight.
+    static thread_local std::vector<float> xt;
+    xt.resize(K * 16);
+    transpose_acts16(x, K, M, K, xt.data());
+    offs[0] = 0;
+    for (int j = 0; j < nj; ++j) offs[j + 1] = offs[j] + (jobs[j].n + 15) / 16;
+    const float* xtp = xt.data();
+    parallel_for(offs[nj], grain_rows(K * 16 * 16), [&](int64_t b, int64_t e) {
+      for (int j = 0; j < nj; ++j) {
+        const int64_t p0 = std::max(b, offs[j]) - offs[j], p1 = std::min(e, offs[j + 1]) - offs[j];
+        if (p0 >= p1) continue;
+        const MatmulArgs a{x, K, M, K, jobs[j].w, jobs[j].w_stride, jobs[j].y, jobs[j].n};
+        matmul_f32_avx512_bcast16(jobs[j].type, a, xtp, p0 * 16, std::min(jobs[j].n, p1 * 16));
+      }
+    });
+    return;
+  }
+#endif
+  offs[0] = 0;
+  for (int j = 0; j < nj; ++j) offs[j + 1] = offs[j] + jobs[j].n;
+  parallel_for(offs[nj], grain_rows(K * M), [&](int64_t b, int64_t e) {
+    for (int j = 0; j < nj; ++j) {
+      const int64_t n0 = std::max(b, offs[j]) - offs[j], n1 = std::min(e, offs[j + 1]) - offs[j];
+      if (n0 >= n1) continue;
+      const MatmulArgs a{x, K, M, K, jobs[j].w, jobs[j].w_stride, jobs[j].y, jobs[j].n};
+#ifdef MQ_HAVE_AVX512_TU
+      if (avx512) {
+        matmul_f32_avx512(jobs[j].type, a, n0, n1);
+        continue;
+      }
+#endif
+      matmul_f32_scalar(jobs[j].type, a, n0, n1);
+    }
+  });
+}
 }  // namespace mq
 
 extern "C" {
@@ -364,17 +397,17 @@ int mq_matmul(int type, int impl, const float* x, int64_t M, int64_t K, const ui
   int bs, ts;
   if (!mq::block_shape(type, &bs, &ts)) return BAD_TYPE;
   if (int st = resolve(impl, &impl)) return st;
-  const mq::MatmulArgs a{x, K, M, K, w, w_stride, y, N};
 #ifdef MQ_HAVE_AVX512_TU
   if (impl == VNNI) {
     if (!mq::vnni_supports(type) || K % 32) return BAD_TYPE;
+    const mq::MatmulArgs a{x, K, M, K, w, w_stride, y, N};
     try {
       std::vector<int8_t> q(M * K);
       std::vector<float> d(M * K / 32), s(M * K / 32);
       std::vector<int32_t> nsum4(M * K / 4);
       mq::quantize_acts_avx512vnni(x, K, M, K, q.data(), d.data(), s.data(), nsum4.data());
       const mq::QuantizedActs qa{q.data(), d.data(), s.data(), nsum4.data(), K};
-      mq::parallel_for(N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
+      mq::parallel_for(N, mq::grain_rows(K * M), [&](int64_t n0, int64_t n1) {
         mq::matmul_i8_avx512vnni(type, qa, a, n0, n1);
       });
     } catch (...) {
@@ -384,23 +417,8 @@ int mq_matmul(int type, int impl, const float* x, int64_t M, int64_t K, const ui
   }
 #endif
   try {
-#ifdef MQ_HAVE_AVX512_TU
-    if (impl == AVX512 && M >= mq::BCAST_MIN_M && M <= mq::BCAST_MAX_M) {
-      std::vector<float> xt(K * 16);
-      mq::transpose_acts16(x, K, M, K, xt.data());
-      const int64_t panels = (N + 15) / 16;
-      mq::parallel_for(panels, grain_rows(K * 16 * 16), [&](int64_t p0, int64_t p1) {
-        mq::matmul_f32_avx512_bcast16(type, a, xt.data(), p0 * 16, std::min(N, p1 * 16));
-      });
-      return OK;
-    }
-#endif
-    mq::parallel_for(N, grain_rows(K * M), [&](int64_t n0, int64_t n1) {
-#ifdef MQ_HAVE_AVX512_TU
-      if (impl == AVX512) return mq::matmul_f32_avx512(type, a, n0, n1);
-#endif
-      mq::matmul_f32_scalar(type, a, n0, n1);
-    });
+    const mq::WeightJob job{type, w, w_stride, N, y};
+    mq::matmul_jobs(&job, 1, x, M, K, impl == AVX512);
   } catch (...) {
     return FAILED;
   }
@@ -430,7 +448,7 @@ int mq_dequantize(int type, int impl, const uint8_t* w, int64_t w_stride, int64_
   for (int64_t r = 0; ids && r < R; ++r)
     if (ids[r] < 0 || ids[r] >= N) return BAD_INDEX;
   try {
-    mq::parallel_for(R, grain_rows(K * 4), [&](int64_t r0, int64_t r1) {
+    mq::parallel_for(R, mq::grain_rows(K * 4), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const uint8_t* row = w + (ids ? ids[r] : r) * w_stride;
         void* o = static_cast<char*>(out) + r * K * (bf16 ? 2 : 4);

@@ -22,6 +22,9 @@ enum GGMLType : int {
 // port is what the 4/5-bit decoders are bound by.
 extern float f16_table[65536];
 
+// Whether the AVX-512 kernels run on this CPU (checked once).
+bool use_avx512_kernels();
+
 // Elements and bytes per block; false for a type the kernels do not handle.
 bool block_shape(int type, int* block, int* bytes);
 
@@ -36,6 +39,16 @@ struct MatmulArgs {
 
 // xt[k * 16 + m] = x[m * ldx + k] for m < M (M <= 16), zero for the other lanes.
 void transpose_acts16(const float* x, int64_t ldx, int64_t M, int64_t K, float* xt);
+
+// One weight of a multi-weight product: rows W[n] at w + n * w_stride, output y [M, n].
+struct WeightJob { int type; const uint8_t* w; int64_t w_stride; int64_t n; float* y; };
+constexpr int MAX_JOBS = 8;
+
+// y_j = x @ W_j^T (exact float32) for up to MAX_JOBS weights that share x [M, K] (ldx = K),
+// as one parallel range over all their rows, so q/k/v or gate/up are one dispatch. Picks
+// the 9-16-row broadcast kernels or the row-at-a-time ones; avx512 = false forces the
+// portable code. Defined in ggml_cpu.cpp.
+void matmul_jobs(const WeightJob* jobs, int nj, const float* x, int64_t M, int64_t K, bool avx512);
 
 // Exact variant: weights decoded to their float32 values in registers, float32 FMAs.
 void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1);

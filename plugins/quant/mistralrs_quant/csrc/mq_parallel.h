@@ -28,6 +28,13 @@ inline std::atomic<int>& thread_cap_ref() {
 inline void set_thread_cap(int n) { thread_cap_ref().store(n > 0 ? n : 1 << 30); }
 inline int thread_cap() { return thread_cap_ref().load(std::memory_order_relaxed); }
 
+// Rows per task so that each task does at least 64K multiply-adds: below that, waking
+// the pool costs more than it saves.
+inline int64_t grain_rows(int64_t work_per_row) {
+  const int64_t g = (int64_t{1} << 16) / (work_per_row > 0 ? work_per_row : 1);
+  return g > 0 ? g : 1;
+}
+
 // f(begin, end) over contiguous chunks of [0, n) of at least `grain` items each, on at
 // most min(torch's thread count, the cap) threads. Chunks depend only on the thread
 // count, and every caller computes each output in one chunk, so results do not.
