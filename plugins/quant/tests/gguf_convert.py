@@ -385,3 +385,16 @@ def write_ggml(path, model, cfg, pieces: list[str], scores: list[float], types: 
     with open(path, "wb") as f:
         f.write(bytes(buf))
     return hf_values
+
+
+def patch_bytes(path, offset: int, data: bytes) -> None:
+    """Overwrite ``len(data)`` bytes of the file at ``offset`` (to damage test files)."""
+    buf = bytearray(path.read_bytes())
+    buf[offset:offset + len(data)] = data
+    path.write_bytes(bytes(buf))
+
+
+def gguf_tensor_record(path, name: bytes) -> int:
+    """Offset just past a tensor's name in its GGUF tensor-info record."""
+    buf = path.read_bytes()
+    return buf.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)

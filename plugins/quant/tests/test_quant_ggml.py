@@ -9,7 +9,7 @@ import torch
 import transformers
 from gguf import GGMLQuantizationType as T
 
-from gguf_convert import set_values, write_ggml
+from gguf_convert import patch_bytes, set_values, write_ggml
 from mistralrs import CompletionRequest, Runner, Which
 from mistralrs_core.testing.parity import SingleSequence, load_for_test, max_rel_err, our_greedy, \
     perturb_parameters, random_prompt, save_reference
@@ -145,12 +145,6 @@ def _copy(v3, tmp_path, name="bad.bin"):
     return path
 
 
-def _patch(path, offset, data):
-    buf = bytearray(path.read_bytes())
-    buf[offset:offset + len(data)] = data
-    path.write_bytes(bytes(buf))
-
-
 def _record(path, name: bytes) -> int:
     """Offset of a tensor record (its n_dims field)."""
     buf = path.read_bytes()
@@ -169,7 +163,7 @@ def _record(path, name: bytes) -> int:
 ])
 def test_bad_magic_or_version(v3, tmp_path, data, pattern):
     path = _copy(v3, tmp_path)
-    _patch(path, 0, data)
+    patch_bytes(path, 0, data)
     with pytest.raises(ValueError, match=pattern):
         open_ggml(path)
 
@@ -193,7 +187,7 @@ def test_truncated_after_vocabulary(v3, tmp_path):
 @pytest.mark.parametrize("type_id, name", [(99, "unknown type 99"), (4, "unknown type 4"), (int(T.IQ2_XS), "IQ2_XS")])
 def test_unknown_tensor_type(v3, tmp_path, type_id, name):
     path = _copy(v3, tmp_path)
-    _patch(path, _record(path, b"layers.0.attention.wq.weight") + 8, struct.pack("<I", type_id))
+    patch_bytes(path, _record(path, b"layers.0.attention.wq.weight") + 8, struct.pack("<I", type_id))
     with pytest.raises(ValueError, match=rf"bad\.bin: tensor 'layers\.0\.attention\.wq\.weight' has type {name}, "
                                          r"not supported"):
         open_ggml(path)
@@ -209,7 +203,7 @@ def test_old_block_layout_refused(tmp_path):
 
 def test_malformed_record(v3, tmp_path):
     path = _copy(v3, tmp_path)
-    _patch(path, _record(path, b"layers.0.attention.wq.weight"), struct.pack("<I", 0))
+    patch_bytes(path, _record(path, b"layers.0.attention.wq.weight"), struct.pack("<I", 0))
     with pytest.raises(ValueError, match=r"bad\.bin: malformed GGML tensor record .*0 dimensions"):
         open_ggml(path)
 

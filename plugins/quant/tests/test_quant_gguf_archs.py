@@ -14,7 +14,8 @@ import pytest
 import torch
 import transformers
 
-from gguf_convert import add_gpt2_tokenizer, gguf_entries, set_values, write_gguf, write_metadata
+from gguf_convert import add_gpt2_tokenizer, gguf_entries, gguf_tensor_record, patch_bytes, set_values, write_gguf, \
+    write_metadata
 from mistralrs import CompletionRequest, Runner, Which
 from mistralrs_core.testing.parity import SingleSequence, load_for_test, max_rel_err, our_greedy, \
     perturb_parameters, random_prompt, save_reference
@@ -242,18 +243,6 @@ def _write_plain(path, arch="qwen2", tokenizer=True):
     return path
 
 
-def _patch(path, offset, data):
-    buf = bytearray(path.read_bytes())
-    buf[offset:offset + len(data)] = data
-    path.write_bytes(bytes(buf))
-
-
-def _record(path, name: bytes) -> int:
-    """Offset just past a tensor's name in its tensor-info record."""
-    buf = path.read_bytes()
-    return buf.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
-
-
 def _damage(kind, d):
     path = d / f"{kind}.gguf"
     if kind == "big_endian":
@@ -271,15 +260,15 @@ def _damage(kind, d):
     if kind == "missing":
         return path, FileNotFoundError, "missing.gguf"
     _write_plain(path)
-    pos = _record(path, b"blk.0.ffn_up.weight")
+    pos = gguf_tensor_record(path, b"blk.0.ffn_up.weight")
     if kind == "magic":
-        _patch(path, 0, b"GGJT")
+        patch_bytes(path, 0, b"GGJT")
         return path, ValueError, "not a GGUF file"
     if kind == "tensor_type":
-        _patch(path, pos + 4 + 2 * 8, struct.pack("<I", 99))
+        patch_bytes(path, pos + 4 + 2 * 8, struct.pack("<I", 99))
         return path, ValueError, "tensor 'blk.0.ffn_up.weight' has type unknown type 99"
     if kind == "offset":
-        _patch(path, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 1 << 40))
+        patch_bytes(path, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 1 << 40))
         return path, ValueError, "extends past the end"
     if kind == "truncated":
         path.write_bytes(path.read_bytes()[:-4096])

@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as T
 
 from mistralrs_quant.formats import quantize
 from mistralrs_quant.gguf_reader import open_gguf
+from gguf_convert import gguf_tensor_record, patch_bytes
 
 METADATA = {
     "t.u8": ("uint8", 200), "t.i8": ("int8", -100), "t.u16": ("uint16", 60000), "t.i16": ("int16", -30000),
@@ -149,26 +150,13 @@ def test_duplicate_tensor_across_splits(tmp_path):
 
 # ---------------------------------------------------------------- damaged files
 
-def _patch(path, offset, data: bytes):
-    buf = bytearray(path.read_bytes())
-    buf[offset:offset + len(data)] = data
-    path.write_bytes(bytes(buf))
-
-
-def _tensor_record(path, name: bytes) -> int:
-    """Offset just past the tensor name in its tensor-info record."""
-    buf = path.read_bytes()
-    pos = buf.index(struct.pack("<Q", len(name)) + name)
-    return pos + 8 + len(name)
-
-
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         open_gguf(tmp_path / "nope.gguf")
 
 
 def test_wrong_magic(small_file):
-    _patch(small_file, 0, b"GGML")
+    patch_bytes(small_file, 0, b"GGML")
     with pytest.raises(ValueError, match=r"small\.gguf: not a GGUF file"):
         open_gguf(small_file)
 
@@ -181,36 +169,36 @@ def test_big_endian_file(tmp_path, small_tensors):
 
 @pytest.mark.parametrize("version", [1, 4, 99])
 def test_unsupported_version(small_file, version):
-    _patch(small_file, 4, struct.pack("<I", version))
+    patch_bytes(small_file, 4, struct.pack("<I", version))
     with pytest.raises(ValueError, match=rf"small\.gguf: unsupported GGUF version {version}"):
         open_gguf(small_file)
 
 
 @pytest.mark.parametrize("type_id, name", [(int(T.IQ2_XS), "IQ2_XS"), (int(T.I32), "I32"), (99, "unknown type 99")])
 def test_unsupported_tensor_type(small_file, type_id, name):
-    pos = _tensor_record(small_file, b"w.q8_0")
-    _patch(small_file, pos + 4 + 2 * 8, struct.pack("<I", type_id))  # after n_dims, 2 dims
+    pos = gguf_tensor_record(small_file, b"w.q8_0")
+    patch_bytes(small_file, pos + 4 + 2 * 8, struct.pack("<I", type_id))  # after n_dims, 2 dims
     with pytest.raises(ValueError, match=rf"small\.gguf: tensor 'w\.q8_0' has type {name}, which is not supported"):
         open_gguf(small_file)
 
 
 def test_row_not_whole_blocks(small_file):
-    pos = _tensor_record(small_file, b"w.q8_0")
-    _patch(small_file, pos + 4, struct.pack("<Q", 40))
+    pos = gguf_tensor_record(small_file, b"w.q8_0")
+    patch_bytes(small_file, pos + 4, struct.pack("<Q", 40))
     with pytest.raises(ValueError, match="not a multiple of the block size 32"):
         open_gguf(small_file)
 
 
 def test_tensor_offset_out_of_range(small_file):
-    pos = _tensor_record(small_file, b"w.q8_0")
-    _patch(small_file, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 1 << 40))
+    pos = gguf_tensor_record(small_file, b"w.q8_0")
+    patch_bytes(small_file, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 1 << 40))
     with pytest.raises(ValueError, match=r"small\.gguf: tensor 'w\.q8_0' data .* extends past the end"):
         open_gguf(small_file)
 
 
 def test_misaligned_tensor_offset(small_file):
-    pos = _tensor_record(small_file, b"w.q8_0")
-    _patch(small_file, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 3))
+    pos = gguf_tensor_record(small_file, b"w.q8_0")
+    patch_bytes(small_file, pos + 4 + 2 * 8 + 4, struct.pack("<Q", 3))
     with pytest.raises(ValueError, match="not aligned"):
         open_gguf(small_file)
 
@@ -231,13 +219,13 @@ def test_truncated_header(small_file, keep):
 
 def test_corrupt_counts_and_types(small_file):
     original = small_file.read_bytes()
-    _patch(small_file, 8, struct.pack("<Q", 1 << 60))  # tensor count
+    patch_bytes(small_file, 8, struct.pack("<Q", 1 << 60))  # tensor count
     with pytest.raises(ValueError, match="truncated GGUF file"):
         open_gguf(small_file)
     small_file.write_bytes(original)
     key = b"t.u8"
     pos = original.index(struct.pack("<Q", len(key)) + key) + 8 + len(key)
-    _patch(small_file, pos, struct.pack("<I", 77))  # value type
+    patch_bytes(small_file, pos, struct.pack("<I", 77))  # value type
     with pytest.raises(ValueError, match=r"malformed GGUF file: metadata 't\.u8' has unknown value type 77"):
         open_gguf(small_file)
 
