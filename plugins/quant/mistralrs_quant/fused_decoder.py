@@ -28,6 +28,9 @@ import time
 from typing import Optional
 
 import torch
+from mistralrs_core.layers.mlp import GatedMLP
+from mistralrs_core.layers.norms import RMSNorm
+from mistralrs_core.models.decoder import DecoderAttention, DecoderLayer, DecoderLM
 
 from .kernels import cpp as cpp_kernels
 from .thread_tuner import ThreadTuner
@@ -88,14 +91,9 @@ class FusedDecoder:
     def __init__(self, model, max_tokens: int = MAX_TOKENS, force_scalar: bool = False):
         """``force_scalar``: use the portable C++ code paths even on an AVX-512 CPU (so that
         tests on such a CPU cover what other CPUs run)."""
-        from mistralrs_core.layers.mlp import GatedMLP
-        from mistralrs_core.layers.norms import RMSNorm
-        from mistralrs_core.models.decoder import DecoderAttention, DecoderLayer, DecoderLM
-
         self.lib = cpp_kernels._lib()
         self.max_tokens = max_tokens
         self._keep: list = []  # every tensor whose pointer the C++ side holds
-        self._RMSNorm = RMSNorm
         cfg = model.cfg
         if not isinstance(model, DecoderLM) or type(model).forward is not DecoderLM.forward:
             raise Unsupported(f"{type(model).__name__} is not a plain DecoderLM")
@@ -132,13 +130,13 @@ class FusedDecoder:
                 L.q, L.k, L.v = self._split(fused, [q_out, kv_out, kv_out])
             else:
                 L.q, L.k, L.v = (self._lin(attn.q_proj), self._lin(attn.k_proj), self._lin(attn.v_proj))
-            (L.o,) = [self._lin(getattr(attn, cfg.o_name))]
+            L.o = self._lin(getattr(attn, cfg.o_name))
             if mlp.fused:
                 half = mlp.gate_up_proj.out_features // 2
                 L.gate, L.up = self._split(mlp.gate_up_proj, [half, half])
             else:
                 L.gate, L.up = self._lin(mlp.gate_proj), self._lin(mlp.up_proj)
-            (L.down,) = [self._lin(mlp.down_proj)]
+            L.down = self._lin(mlp.down_proj)
             inter = L.gate.n if inter is None else inter
             if L.gate.n != inter or L.down.k != inter or L.q.n != q_out or L.k.n != kv_out:
                 raise Unsupported(f"layer {i} projection shapes differ from the config")
@@ -170,7 +168,6 @@ class FusedDecoder:
         self._caches_key = None
         self.tune = not _env_flag(ENV_NO_TUNING)
         self.tuner: Optional[ThreadTuner] = None
-        self._cap = 0
         self._step = _Step()
         self._step_ref = ctypes.byref(self._step)
         self._desc_ref = ctypes.byref(self.desc)
@@ -183,7 +180,7 @@ class FusedDecoder:
     def _norm(self, norm) -> int:
         """The float32 weight the torch RMSNorm multiplies by (offset folded in, computed
         the way RMSNorm.forward computes it)."""
-        if type(norm) is not self._RMSNorm:
+        if type(norm) is not RMSNorm:
             raise Unsupported(f"{type(norm).__name__} norm")
         w = norm.weight.float() + norm.offset if norm.offset else norm.weight.float()
         return self._ptr(w.contiguous())
@@ -244,21 +241,19 @@ class FusedDecoder:
         h = model.embed(input_ids)
         if h.dtype != torch.float32 or not h.is_contiguous():
             h = h.float().contiguous()
+        # The tensors below are locals, so they outlive the C++ call that reads them.
         s = self._step
         s.T, s.h = t, h.data_ptr()
-        keep = [h]
         if model.rope is not None:
             cos, sin = (x.contiguous() for x in model.rope.cos_sin(positions, torch.float32))
             cos_l, sin_l = cos, sin
             if model.local_rope is not None:
                 cos_l, sin_l = (x.contiguous() for x in model.local_rope.cos_sin(positions, torch.float32))
-            keep += [cos, sin, cos_l, sin_l]
             s.cos, s.sin, s.cos_l, s.sin_l = cos.data_ptr(), sin.data_ptr(), cos_l.data_ptr(), sin_l.data_ptr()
         pos = positions.to(torch.int64).contiguous()
         seq = torch.div(meta.token_index, meta.q_max, rounding_mode="floor")
         btab = meta.block_tables.contiguous()
         slots = meta.slot_mapping.contiguous()
-        keep += [pos, seq, btab, slots]
         s.slots, s.pos, s.seq, s.btab = slots.data_ptr(), pos.data_ptr(), seq.data_ptr(), btab.data_ptr()
         s.btab_stride = btab.shape[1]
         if self.tune:
@@ -266,9 +261,8 @@ class FusedDecoder:
             if self.tuner is None or self.tuner.levels[-1] != n:
                 self.tuner = ThreadTuner(n)
             k = self.tuner.pick(t)
-            if k != self._cap:
-                self.lib.mq_set_thread_cap(k if k < n else 0)
-                self._cap = k
+            # Set every step: the cap is one per process, and other models' steps set it too.
+            self.lib.mq_set_thread_cap(k if k < n else 0)
             t0 = time.perf_counter()
             rc = self.lib.mq_decoder_step(self._desc_ref, self._step_ref)
             self.tuner.record(t, time.perf_counter() - t0)
