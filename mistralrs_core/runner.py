@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 from mistralrs_core.api.which import WhichVariant  # noqa: F401
 from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.heap import release_free_heap
 from mistralrs_core.loading.options import LoadOptions
 from mistralrs_core.plugins import get_plugin_manager, get_registry, installed_plugins
 
@@ -61,6 +62,9 @@ def load_pipeline(which, opts: LoadOptions, name: str):
     t = threading.Thread(target=work, name=f"mistralrs-load-{name}")
     t.start()
     t.join()
+    # The load's temporaries (tokenizer build, header parse) are freed by now, but their
+    # pages would stay resident in malloc's arenas.
+    release_free_heap()
     if "error" in box:
         raise box["error"]
     return box["pipeline"]
