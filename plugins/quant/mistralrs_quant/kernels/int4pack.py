@@ -17,8 +17,7 @@ bf16 rounding of activations and output. Types whose sub-blocks are 16 elements
 from __future__ import annotations
 
 import torch
-from gguf import GGMLQuantizationType as T
-
+from ..formats import T
 from ..formats._bits import f16_at, low_high_nibbles, to_blocks
 from ..formats.kquants import k_scale_min
 
@@ -57,7 +56,7 @@ def _q4_k(raw):
     return codes, scale.reshape(*lead, -1), zero.reshape(*lead, -1)
 
 
-AFFINE = {int(T.Q4_0): _q4_0, int(T.Q4_1): _q4_1, int(T.Q4_K): _q4_k}
+AFFINE = {T.Q4_0: _q4_0, T.Q4_1: _q4_1, T.Q4_K: _q4_k}
 
 
 def supported(ggml_type: int) -> bool:
