@@ -15,17 +15,17 @@ So the result is the definition's, exactly.
 
 ``cached_spm_merge_ids`` keeps the result of large vocabularies on disk, keyed by a
 sha256 of everything the merges depend on (pieces, which are byte pieces, ranks), as
-JSON (the ids as base64 int32): ``$XDG_CACHE_HOME/mistralrs/gguf_tokenizer`` (default
+a small binary file (a header, then the ids as int32 pairs, read with one ``frombuffer``):
+``$XDG_CACHE_HOME/mistralrs/gguf_tokenizer`` (default
 ``~/.cache``). A missing, unreadable, corrupt or unwritable cache only means the merges
 are computed; ``MISTRALRS_NO_TOKENIZER_CACHE=1`` turns it off.
 """
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -216,7 +216,11 @@ def _verified(cp, lens, offs, idx, cut, li, ri):
 
 CACHE_ENV_DISABLE = "MISTRALRS_NO_TOKENIZER_CACHE"
 CACHE_MIN_PIECES = 32768  # smaller vocabularies compute their merges in a few ms
-_CACHE_FORMAT = "mistralrs-spm-merges/1"
+_CACHE_FORMAT = "mistralrs-spm-merges/2"
+# magic, format version, piece count, merge count; then int32 (left, right) per merge.
+_HEADER = struct.Struct("<8sIQQ")
+_MAGIC = b"MRSPMMRG"
+_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -234,19 +238,16 @@ def cache_path(pieces: Sequence[str], rank: Sequence[float] | None, types: Seque
     h.update("".join(pieces).encode("utf-32-le", "surrogatepass"))
     h.update((np.asarray(types) == BYTE).tobytes())
     h.update(b"by-position" if rank is None else np.asarray(rank, dtype=np.float64).tobytes())
-    return cache_dir() / f"spm-merges-{h.hexdigest()[:40]}.json"
+    return cache_dir() / f"spm-merges-{h.hexdigest()[:40]}.bin"
 
 
 def _read_cache(path: Path, pieces: Sequence[str], vocab: dict[str, int]):
     try:
-        doc = json.loads(path.read_bytes())
-        if doc["format"] != _CACHE_FORMAT or doc["pieces"] != len(pieces):
+        data = path.read_bytes()
+        magic, version, n, m = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION or n != len(pieces) or len(data) != _HEADER.size + 8 * m:
             return None
-        ids = np.frombuffer(base64.b64decode(doc["ids"], validate=True), dtype="<i4")
-        m = doc["merges"]
-        if not isinstance(m, int) or ids.size != 2 * m:
-            return None
-        ids = ids.reshape(m, 2).astype(np.int64)
+        ids = np.frombuffer(data, dtype="<i4", offset=_HEADER.size).reshape(m, 2).astype(np.int64)
         if m and (ids.min() < 0 or ids.max() >= len(pieces)):
             return None
         # Spot checks: each sampled merge joins two pieces into a piece.
@@ -264,11 +265,10 @@ def _write_cache(path: Path, n: int, left: np.ndarray, right: np.ndarray) -> Non
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = np.stack([left, right], axis=1).astype("<i4")
-        doc = {"format": _CACHE_FORMAT, "pieces": n, "merges": len(left),
-               "ids": base64.b64encode(ids.tobytes()).decode("ascii")}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_HEADER.pack(_MAGIC, _VERSION, n, len(left)))
+            f.write(ids.tobytes())
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
         tmp = None
     except Exception:  # read-only or full disk, no home: the cache is an optimisation only

@@ -14,8 +14,14 @@ output to one thread whatever the count.
 """
 from __future__ import annotations
 
-import statistics
 from collections import deque
+
+
+def _median(xs) -> float:
+    # Not statistics.median: that module (decimal, fractions) costs every model load ~5 ms.
+    v = sorted(xs)
+    h = len(v) // 2
+    return v[h] if len(v) % 2 else 0.5 * (v[h - 1] + v[h])
 
 
 class ThreadTuner:
@@ -63,7 +69,7 @@ class ThreadTuner:
             self.probe_times.append(seconds)
             if len(self.probe_times) >= self.probe_len:
                 base = [t for k, t in self.recent if k == key][-self.probe_len:]
-                won = statistics.median(self.probe_times) < (1.0 - self.margin) * statistics.median(base)
+                won = _median(self.probe_times) < (1.0 - self.margin) * _median(base)
                 self._end_probe(switch=won)
             return
         self.recent.append((key, seconds))

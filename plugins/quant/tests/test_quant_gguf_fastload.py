@@ -1,8 +1,6 @@
 """Fast GGUF loading: vectorised SentencePiece merges (exactly the reference's), their
 disk cache (corrupt or unwritable caches fall back to computing), the header's string
 arrays, and giving back mapped pages no tensor uses."""
-import base64
-import json
 import mmap
 import random
 
@@ -105,8 +103,8 @@ def test_cache_written_then_used(cache_home, monkeypatch):
     vocab = _vocab(pieces)
     want = S.spm_merge_ids(pieces, vocab, None, types)
     got = S.cached_spm_merge_ids(pieces, vocab, None, types)  # miss: computed and written
-    files = list(cache_home.glob("spm-merges-*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text())["merges"] == len(want[0])
+    files = list(cache_home.glob("spm-merges-*.bin"))
+    assert len(files) == 1 and files[0].stat().st_size == S._HEADER.size + 8 * len(want[0])
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
 
@@ -120,7 +118,7 @@ def test_cache_written_then_used(cache_home, monkeypatch):
         S.cached_spm_merge_ids(pieces, vocab, [1.0] * len(pieces), types)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong ids", "out of range", "not a dict", "empty"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong ids", "out of range", "wrong header", "empty"])
 def test_corrupt_cache_is_rebuilt(cache_home, damage):
     pieces, types = _random_vocab(2, n=1500, alphabet=TOK_ALPHABET)
     md = _spm_metadata(pieces, types)
@@ -128,21 +126,21 @@ def test_corrupt_cache_is_rebuilt(cache_home, damage):
         mp.setenv(S.CACHE_ENV_DISABLE, "1")
         want = _encode_all(tokenizer_from_gguf(md)[0])
     tokenizer_from_gguf(md)
-    (path,) = cache_home.glob("spm-merges-*.json")
-    doc = json.loads(path.read_text())
-    ids = np.frombuffer(base64.b64decode(doc["ids"]), "<i4").copy()
+    (path,) = cache_home.glob("spm-merges-*.bin")
+    data = path.read_bytes()
+    head, ids = data[:S._HEADER.size], np.frombuffer(data, "<i4", offset=S._HEADER.size).copy()
     if damage == "garbage":
-        path.write_bytes(b"\x00\xffnot json")
+        path.write_bytes(b"\x00\xffnot a cache")
     elif damage == "truncated":
-        path.write_text(path.read_text()[:1000])
+        path.write_bytes(data[:1000])
     elif damage in ("wrong ids", "out of range"):
         ids[::2] = ids[::-2] if damage == "wrong ids" else len(pieces) + 5
-        doc["ids"] = base64.b64encode(ids.tobytes()).decode()
-        path.write_text(json.dumps(doc))
-    elif damage == "not a dict":
-        path.write_text("[1, 2, 3]")
+        path.write_bytes(head + ids.tobytes())
+    elif damage == "wrong header":
+        magic, version, n, m = S._HEADER.unpack(head)
+        path.write_bytes(S._HEADER.pack(magic, version, n + 1, m) + ids.tobytes())
     else:
-        path.write_text("")
+        path.write_bytes(b"")
     assert _encode_all(tokenizer_from_gguf(md)[0]) == want
     # ... and the rebuilt merges replaced the damaged file.
     assert S._read_cache(path, pieces, _vocab(pieces)) is not None
@@ -173,7 +171,7 @@ def test_gemma3_ids_identical_with_and_without_cache(gemma3_path, cache_home):
     for _ in range(2):  # miss, then hit
         for a, b in zip(S.cached_spm_merge_ids(pieces, vocab, None, types), want):
             np.testing.assert_array_equal(a, b)
-    assert len(list(cache_home.glob("spm-merges-*.json"))) == 1
+    assert len(list(cache_home.glob("spm-merges-*.bin"))) == 1
 
 
 # ------------------------------------------------------------------------------ the file
