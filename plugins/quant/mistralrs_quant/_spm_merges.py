@@ -271,6 +271,8 @@ def _write_cache(path: Path, n: int, left: np.ndarray, right: np.ndarray) -> Non
             f.write(ids.tobytes())
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
         tmp = None
+        for stale in path.parent.glob("spm-merges-*.json"):  # format 1, never read again
+            stale.unlink(missing_ok=True)
     except Exception:  # read-only or full disk, no home: the cache is an optimisation only
         pass
     finally:

@@ -102,7 +102,11 @@ def test_cache_written_then_used(cache_home, monkeypatch):
     pieces, types = _random_vocab(1, n=1500)
     vocab = _vocab(pieces)
     want = S.spm_merge_ids(pieces, vocab, None, types)
+    cache_home.mkdir(parents=True)
+    stale = cache_home / "spm-merges-0123.json"  # the first format's files go on a write
+    stale.write_text("{}")
     got = S.cached_spm_merge_ids(pieces, vocab, None, types)  # miss: computed and written
+    assert not stale.exists()
     files = list(cache_home.glob("spm-merges-*.bin"))
     assert len(files) == 1 and files[0].stat().st_size == S._HEADER.size + 8 * len(want[0])
     for a, b in zip(got, want):
