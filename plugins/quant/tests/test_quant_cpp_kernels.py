@@ -67,7 +67,7 @@ def test_matmul_matches_float64_reference(qtype, impls, rng):
     for k in ([512] if spec.block_size == 256 else [96, 512]):
         raw = _raw(qtype, 37, k, rng)
         w = spec.dequantize(raw)
-        for m in (1, 3, 8, 13):  # one and several register blocks of 8 rows, odd tails
+        for m in (1, 3, 8, 13, 16):  # register blocks of 8 rows, odd tails, 16 broadcast lanes
             x = torch.randn(m, k)
             for impl in impls:
                 y = cpp.matmul(x, raw, qtype, impl=impl)

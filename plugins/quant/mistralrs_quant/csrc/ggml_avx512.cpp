@@ -390,11 +390,18 @@ void matmul_bcast16(const MatmulArgs& a, const float* xt, int64_t n0, int64_t n1
         for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(tile[r][k]), xv, acc[r]);
       }
     }
-    alignas(64) float out[16];
-    for (int r = 0; r < nr; ++r) {
-      _mm512_store_ps(out, acc[r]);
-      for (int64_t m = 0; m < a.M; ++m) a.y[m * a.ldy + r0 + r] = out[m];
-    }
+    // acc[r] holds output column r0 + r for every activation row (one per lane): written
+    // column by column, the 16 x 16 block is 256 scalar stores into 16 rows of y whose
+    // power-of-two stride (the LM head's: 1 MiB) puts them all in one cache set, so they
+    // evicted each other (16% of the kernel's time). Transposed through the stack, each
+    // activation row gets one 16-float store instead.
+    alignas(64) float blk[16][16];
+    for (int r = 0; r < 16; ++r) _mm512_store_ps(blk[r], acc[r]);
+    const __m512i cols = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+    const __mmask16 keep = static_cast<__mmask16>((1u << nr) - 1u);
+    for (int64_t m = 0; m < a.M; ++m)
+      _mm512_mask_storeu_ps(a.y + m * a.ldy + r0, keep, _mm512_i32gather_ps(cols, &blk[0][m], 4));
   }
 }
 
