@@ -50,6 +50,20 @@ def test_greedy_fast_path_is_argmax():
     assert tokens(half, [state() for _ in range(5)]) == half.float().argmax(-1).tolist()
 
 
+def test_greedy_tokens_match_argmax_on_ties_nan_and_inf():
+    from mistralrs_core.sampling.sampler import greedy_tokens
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 262144, generator=g)
+    x[0, [5, 9, 200000]] = 50.0                      # ties: the first wins
+    x[1, [3, 70000]] = float("nan")                  # NaN is the largest, the first one
+    x[2] = float("-inf")                             # all -inf: index 0
+    x[3, [100, 101]] = float("inf")
+    x[4] = 0.0                                       # all equal
+    x[5, -1] = 1e30                                  # the last element
+    for rows in (x, x[2:3], x[:, :1000], x.t().contiguous().t()):
+        assert torch.equal(greedy_tokens(rows), torch.argmax(rows, dim=-1))
+
+
 def test_top_k_one_equals_greedy():
     logits = torch.randn(4, 100, generator=gen(2))
     assert SamplingParams(temperature=1.0, top_k=1).greedy

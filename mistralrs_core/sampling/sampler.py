@@ -11,6 +11,14 @@ from .pipeline import LogitsProcessor
 from .state import SampledToken, SamplingState
 
 
+def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's maximum (its first, as ``argmax``; NaN counts as largest).
+
+    ``max(dim).indices`` rather than ``argmax``: on CPU torch's argmax is a scalar loop, ~3x
+    slower over a 262k vocabulary (0.38 vs 0.12 ms a row; 3.2 vs 1.2 ms for 16 rows)."""
+    return x.max(dim=-1).indices
+
+
 class Sampler:
     """Runs the logits pipeline over a mixed batch and draws one token per row.
 
@@ -38,7 +46,7 @@ class Sampler:
         edits = has_processors or any(p.uses_dry or p.uses_penalties or p.logit_bias for p in params)
 
         if not edits and all(p.greedy for p in params):
-            tokens = raw.argmax(dim=-1)
+            tokens = greedy_tokens(raw)
         else:
             tokens = self._sample_processed(raw, states, processors if has_processors else None, edits)
         return self._finish(raw, tokens, states)
@@ -60,7 +68,7 @@ class Sampler:
             x = raw
         rows = [r for r, st in enumerate(states) if not st.params.greedy]
         if not rows:
-            return x.argmax(dim=-1)
+            return greedy_tokens(x)
         sampled_states = [states[r] for r in rows]
         sp = [st.params for st in sampled_states]
         all_sampled = len(rows) == len(states)
@@ -81,7 +89,7 @@ class Sampler:
         greedy = torch.tensor([r for r in range(len(states)) if r not in sampled], dtype=torch.long, device=x.device)
         tokens = torch.empty(len(states), dtype=torch.long, device=x.device)
         tokens.index_copy_(0, index, drawn)
-        tokens.index_copy_(0, greedy, x[greedy].argmax(dim=-1))
+        tokens.index_copy_(0, greedy, greedy_tokens(x[greedy]))
         return tokens
 
     @staticmethod
