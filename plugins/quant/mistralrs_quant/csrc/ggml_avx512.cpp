@@ -294,8 +294,14 @@ template <class F, int MR>
 inline void dot_row(const float* x, int64_t ldx, const uint8_t* row, int64_t nb, float* y, int64_t ldy) {
   constexpr int NW = F::G / 16;
   constexpr int NA = MR >= 4 ? 1 : NW;
+  // The unroll pragmas let GCC turn acc into registers early: unrolled only later (plain
+  // -O3), it kept them in registers but also stored every accumulator to the stack on every
+  // block (8 dead 64-byte stores per 16 FMAs at MR = 8). Without them: M = 2 ~40% and M = 8
+  // ~10-18% slower for Q4_0/Q5_0/Q8_0/Q6_K; results are the same bits either way.
   __m512 acc[MR][NA];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 16
     for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
   for (int64_t ib = 0; ib < nb; ++ib) {
     const uint8_t* blk = row + ib * F::TS;
@@ -310,13 +316,17 @@ inline void dot_row(const float* x, int64_t ldx, const uint8_t* row, int64_t nb,
     for (int j = 0; j < F::BS / F::G; ++j) {
       __m512 w[NW];
       F::group(s, blk, j, w);
+#pragma GCC unroll 16
       for (int c = 0; c < NW; ++c)
+#pragma GCC unroll 16
         for (int m = 0; m < MR; ++m)
           acc[m][c % NA] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + m * ldx + j * F::G + c * 16), w[c], acc[m][c % NA]);
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
     __m512 t = acc[m][0];
+#pragma GCC unroll 16
     for (int a = 1; a < NA; ++a) t = _mm512_add_ps(t, acc[m][a]);
     y[m * ldy] = _mm512_reduce_add_ps(t);
   }
