@@ -31,6 +31,8 @@ _SCALARS: dict[int, tuple[str, np.dtype]] = {
 }
 STRING, ARRAY = 8, 9
 _U64 = struct.Struct("<Q")
+# String arrays at least this long (vocabularies, merges) are read by the C helper.
+FAST_STRINGS_MIN = 4096
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,14 @@ class _Cursor:
         return [self.value(itype, what) for _ in range(n)]
 
     def strings(self, n: int, what: str) -> list[str]:
-        """``n`` length-prefixed strings: a vocabulary's worth (262k) in one tight loop."""
+        """``n`` length-prefixed strings: a vocabulary's worth (262k) in one tight loop,
+        or in C (~6x faster) when the quant kernels' library is already built."""
+        if n >= FAST_STRINGS_MIN:
+            from .kernels import cpp
+            got = cpp.gguf_strings(self.buf, self.pos, n)
+            if got is not None:
+                out, self.pos = got
+                return out
         buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
         out: list = [None] * n
         for i in range(n):

@@ -192,10 +192,51 @@ def _write(path, tensors, strings):
     return path
 
 
-def test_string_arrays(tmp_path):
+@pytest.fixture(params=["python", "c"])
+def string_reader(request, monkeypatch):
+    """Both readers of string arrays: the Python loop and the C helper (when built)."""
+    from mistralrs_quant import _gguf_parse
+    from mistralrs_quant.kernels import cpp
+    if request.param == "c":
+        if not cpp.available():
+            pytest.skip(f"C++ kernels unavailable: {cpp.unavailable_reason()}")
+        monkeypatch.setattr(_gguf_parse, "FAST_STRINGS_MIN", 1)
+        calls = []
+        real = cpp.gguf_strings
+        monkeypatch.setattr(cpp, "gguf_strings", lambda *a: calls.append(1) or real(*a))
+        yield calls
+        assert calls, "the C reader was never used"
+    else:
+        monkeypatch.setattr(_gguf_parse, "FAST_STRINGS_MIN", 1 << 62)
+        yield None
+
+
+def test_string_arrays(tmp_path, string_reader):
     strings = ["", "a", "▁héllo", "🙂" * 40, "\x00x"] * 1000
     g = open_gguf(_write(tmp_path / "s.gguf", {"w": np.zeros(4, np.float32)}, strings))
     assert g.metadata["tokenizer.ggml.tokens"] == strings
+
+
+def test_invalid_utf8_is_replaced_alike(tmp_path, string_reader):
+    # gguf-py writes str only: patch raw bytes of one piece into invalid UTF-8.
+    path = _write(tmp_path / "u.gguf", {"w": np.zeros(4, np.float32)}, ["abc", "XYZW", "d"] * 3)
+    data = path.read_bytes()
+    at = data.index(b"XYZW")
+    path.write_bytes(data[:at] + b"\xff\xfe\xc3(" + data[at + 4:])
+    tokens = open_gguf(path).metadata["tokenizer.ggml.tokens"]
+    assert tokens[1] == b"\xff\xfe\xc3(".decode("utf-8", "replace") and tokens[0] == "abc"
+
+
+@pytest.mark.parametrize("cut", ["in a length", "in a string"])
+def test_string_array_cut_short(tmp_path, string_reader, cut):
+    # Long pieces, cut late: past the up-front size check (8 bytes a piece), inside the array.
+    pieces = ["piece%03d" % i + "x" * 30 for i in range(50)]
+    path = _write(tmp_path / "t.gguf", {"w": np.zeros(4, np.float32)}, pieces)
+    data = path.read_bytes()
+    at = data.index(b"piece040") - (3 if cut == "in a length" else -3)
+    path.write_bytes(data[:at])
+    with pytest.raises(ValueError, match=r"t\.gguf: truncated GGUF file: metadata 'tokenizer\.ggml\.tokens'"):
+        open_gguf(path)
 
 
 def test_release_unused_pages_keeps_live_tensors(tmp_path, rng):
@@ -216,3 +257,14 @@ def test_release_unused_pages_keeps_live_tensors(tmp_path, rng):
     for name, info in g.tensors.items():  # released pages read back from the file
         np.testing.assert_array_equal(info.dequantize().numpy(), tensors[name])
     assert torch.equal(kept["w1"], torch.from_numpy(tensors["w1"]))
+
+
+def test_string_reader_never_starts_a_compile(tmp_path, monkeypatch):
+    from mistralrs_quant.kernels import cpp
+    monkeypatch.setattr(cpp, "_state", cpp._State())            # as in a fresh process ...
+    monkeypatch.setattr(cpp, "cache_dir", lambda: tmp_path / "none")  # ... with nothing built
+    monkeypatch.setattr(cpp, "_build", lambda: pytest.fail("a header read started a compile"))
+    buf = bytes(8) * 3
+    assert cpp.gguf_strings(buf, 0, 3) is None
+    monkeypatch.setenv(cpp.ENV_DISABLE, "1")
+    assert cpp.gguf_strings(buf, 0, 3) is None

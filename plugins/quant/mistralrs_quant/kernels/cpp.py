@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 ENV_DISABLE = "MISTRALRS_QUANT_NO_CPP"
 ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp")
+_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp")
 _HEADERS = ("ggml_kernels.h", "mq_parallel.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
 # reference dequantizer (the AVX-512 code uses explicit FMAs only where they are exact).
@@ -81,6 +81,7 @@ class _State:
     reason: Optional[str] = None
     info: dict = {}
     tried = False
+    strings = None   # mq_gguf_strings through ctypes.PyDLL (GIL held), once looked up
 
 
 _state = _State()
@@ -144,6 +145,12 @@ def _build() -> ctypes.CDLL:
     lib.mq_decoder_step.argtypes = [vp, vp]
     lib.mq_set_thread_cap.restype = None
     lib.mq_set_thread_cap.argtypes = [cint]
+    # The same library again, for the one function that builds Python objects: PyDLL keeps
+    # the GIL during the call, which CDLL releases.
+    strings = ctypes.PyDLL(str(so)).mq_gguf_strings
+    strings.restype = ctypes.py_object
+    strings.argtypes = [vp, i64, i64, i64, ctypes.POINTER(i64)]
+    _state.strings = strings
     bits = lib.mq_isa()
     isa = "avx512" if bits & 1 else "scalar"
     _state.info = {"path": str(so), "cached": cached, "seconds": round(seconds, 2), "isa": isa,
@@ -187,6 +194,24 @@ def build_info() -> dict:
     """Library path, whether it came from the cache, load/compile seconds, ISA in use."""
     _load()
     return dict(_state.info)
+
+
+def gguf_strings(buf, pos: int, n: int):
+    """``(list of n str, end position)`` for the GGUF string array at ``pos`` of ``buf``
+    (bytes-like), or None: when the library is not built yet (a header read never starts a
+    compile), is disabled or failed, or when the data ends inside the array (the caller's
+    own reader then names the place)."""
+    if _disabled_by_env():
+        return None
+    if not _state.tried and not (cache_dir() / "mistralrs_quant_ggml.so").exists():
+        return None
+    if _load() is None or _state.strings is None:
+        return None
+    import numpy as np
+    view = np.frombuffer(buf, dtype=np.uint8)
+    end = ctypes.c_int64(0)
+    out = _state.strings(view.ctypes.data, view.size, int(pos), int(n), ctypes.byref(end))
+    return None if out is None else (out, end.value)
 
 
 def supports(ggml_type: int) -> bool:
