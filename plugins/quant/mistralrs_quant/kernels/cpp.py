@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,6 @@ def gguf_strings(buf, pos: int, n: int):
         return None
     if _load() is None or _state.strings is None:
         return None
-    import numpy as np
     view = np.frombuffer(buf, dtype=np.uint8)
     end = ctypes.c_int64(0)
     out = _state.strings(view.ctypes.data, view.size, int(pos), int(n), ctypes.byref(end))
