@@ -32,6 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._env import cache_root, env_flag
+
 BYTE = 6  # llama_token_type of <0xNN> byte-fallback pieces: never merge targets
 
 _BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: multiplication by it is a bijection mod 2**64
@@ -224,12 +226,7 @@ _VERSION = 2
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mistralrs" / "gguf_tokenizer"
-
-
-def _cache_disabled() -> bool:
-    return os.environ.get(CACHE_ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return cache_root() / "mistralrs" / "gguf_tokenizer"
 
 
 def cache_path(pieces: Sequence[str], rank: Sequence[float] | None, types: Sequence[int]) -> Path:
@@ -286,7 +283,7 @@ def _write_cache(path: Path, n: int, left: np.ndarray, right: np.ndarray) -> Non
 def cached_spm_merge_ids(pieces: Sequence[str], vocab: dict[str, int], rank: Sequence[float] | None,
                          types: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """``spm_merge_ids``, through the disk cache for large vocabularies."""
-    if len(pieces) < CACHE_MIN_PIECES or _cache_disabled():
+    if len(pieces) < CACHE_MIN_PIECES or env_flag(CACHE_ENV_DISABLE):
         return spm_merge_ids(pieces, vocab, rank, types)
     try:
         path = cache_path(pieces, rank, types)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import time
 from typing import Optional
 
@@ -32,6 +31,7 @@ from mistralrs_core.layers.mlp import GatedMLP
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.models.decoder import DecoderAttention, DecoderLayer, DecoderLM
 
+from ._env import env_flag
 from .kernels import cpp as cpp_kernels
 from .thread_tuner import ThreadTuner
 
@@ -79,12 +79,8 @@ class Unsupported(Exception):
     """The model has a part the C++ step does not implement (the reason is the message)."""
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
-
-
 def disabled_by_env() -> bool:
-    return _env_flag(ENV_DISABLE)
+    return env_flag(ENV_DISABLE)
 
 
 class FusedDecoder:
@@ -166,7 +162,7 @@ class FusedDecoder:
                            layers=ctypes.addressof(layers),
                            final_norm=self._norm(final))
         self._caches_key = None
-        self.tune = not _env_flag(ENV_NO_TUNING)
+        self.tune = not env_flag(ENV_NO_TUNING)
         self.tuner: Optional[ThreadTuner] = None
         self._step = _Step()
         self._step_ref = ctypes.byref(self._step)

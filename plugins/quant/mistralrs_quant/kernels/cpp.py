@@ -46,11 +46,14 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .._env import cache_root, env_flag
+
 log = logging.getLogger(__name__)
 
 ENV_DISABLE = "MISTRALRS_QUANT_NO_CPP"
 ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_LIB_NAME = "mistralrs_quant_ggml"
 _SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp")
 _HEADERS = ("ggml_kernels.h", "mq_parallel.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
@@ -90,7 +93,7 @@ _lock = threading.Lock()
 
 
 def _disabled_by_env() -> bool:
-    return os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no")
+    return env_flag(ENV_DISABLE)
 
 
 def cache_dir() -> Path:
@@ -102,8 +105,7 @@ def cache_dir() -> Path:
     h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
     tag = (f"torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-"
            f"{platform.machine()}-{h.hexdigest()[:16]}")
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "mistralrs_quant" / "cpp" / tag
+    return cache_root() / "mistralrs_quant" / "cpp" / tag
 
 
 def _compile(build: Path, name: str) -> None:
@@ -117,8 +119,7 @@ def _compile(build: Path, name: str) -> None:
 
 def _build() -> ctypes.CDLL:
     build = cache_dir()
-    name = "mistralrs_quant_ggml"
-    so = build / f"{name}.so"
+    so = build / f"{_LIB_NAME}.so"
     t0 = time.perf_counter()
     lib = None
     cached = so.exists()
@@ -130,7 +131,7 @@ def _build() -> ctypes.CDLL:
         except OSError:
             cached = False
     if lib is None:
-        _compile(build, name)
+        _compile(build, _LIB_NAME)
         lib = ctypes.CDLL(str(so))
     seconds = time.perf_counter() - t0
     i64, vp, cint = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
@@ -204,7 +205,7 @@ def gguf_strings(buf, pos: int, n: int):
     own reader then names the place)."""
     if _disabled_by_env():
         return None
-    if not _state.tried and not (cache_dir() / "mistralrs_quant_ggml.so").exists():
+    if not _state.tried and not (cache_dir() / f"{_LIB_NAME}.so").exists():
         return None
     if _load() is None or _state.strings is None:
         return None
