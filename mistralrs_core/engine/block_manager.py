@@ -10,9 +10,21 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import attrs
+
 
 class NoFreeBlocks(Exception):
     pass
+
+
+@attrs.frozen
+class BlockKeyExtras:
+    salt: bytes = b""
+    spans: tuple = ()
+
+    @classmethod
+    def make(cls, *, cache_salt=None, adapter_id=None, spans=()):
+        return cls(repr((cache_salt, adapter_id)).encode(), tuple(spans))
 
 
 class BlockManager:
@@ -78,10 +90,19 @@ class BlockManager:
 
     # --- prefix cache ---------------------------------------------------
     @staticmethod
-    def chain_hash(prev: int | None, tokens) -> int:
-        return hash((prev, tuple(tokens)))
+    def chain_hash(prev: int | None, tokens, extra=None) -> int:
+        return hash((prev, tuple(tokens), extra))
 
-    def match_prefix(self, token_ids: list[int]) -> tuple[list[int], list[int]]:
+    def shrink(self, blocks: list[int], hashes: list, num_tokens: int) -> None:
+        """Roll a sequence back to its first ``num_tokens`` tokens (rejected draft tokens)."""
+        keep = self.blocks_for(num_tokens)
+        if len(blocks) > keep:
+            tail = blocks[keep:]
+            del blocks[keep:]
+            self.release(tail)
+        del hashes[num_tokens // self.block_size:]
+
+    def match_prefix(self, token_ids: list[int], extras=None) -> tuple[list[int], list[int]]:
         """Cached blocks covering a prefix of ``token_ids`` (at least one token is left to
         compute, so the step still yields logits). Returns (blocks, their hashes)."""
         if not self.enable_prefix_cache:
@@ -90,7 +111,7 @@ class BlockManager:
         usable = (len(token_ids) - 1) // bs
         blocks, hashes, h = [], [], None
         for i in range(usable):
-            h = self.chain_hash(h, token_ids[i * bs:(i + 1) * bs])
+            h = self.chain_hash(h, token_ids[i * bs:(i + 1) * bs], extras)
             b = self.by_hash.get(h)
             if b is None:
                 break
@@ -105,7 +126,7 @@ class BlockManager:
         return blocks, hashes
 
     def register_full_blocks(self, blocks: list[int], hashes: list[int], token_ids: list[int],
-                             num_computed: int) -> None:
+                             num_computed: int, extras=None) -> None:
         """Record hashes of blocks that became full and computed (``hashes`` grows in place)."""
         if not self.enable_prefix_cache:
             return
@@ -113,7 +134,7 @@ class BlockManager:
         full = min(num_computed // bs, len(blocks))
         while len(hashes) < full:
             i = len(hashes)
-            h = self.chain_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs])
+            h = self.chain_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs], extras)
             hashes.append(h)
             b = blocks[i]
             if self.block_hash[b] is None and h not in self.by_hash:

@@ -21,10 +21,12 @@ import weakref
 import attrs
 import torch
 
-from mistralrs_core.engine.block_manager import BlockManager
+from mistralrs_core.engine.block_manager import BlockKeyExtras, BlockManager
 from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.scheduler import Scheduler
 from mistralrs_core.engine.sequence import Sequence, SeqStatus
+from mistralrs_core.engine.step import FeatureSpan, StepRecord
+from mistralrs_core.models.positions import PromptPositions
 from mistralrs_core.layers.recurrent import has_recurrent_state
 from mistralrs_core.sampling.sampler import Sampler
 from mistralrs_core.sampling.state import SamplingState
@@ -61,13 +63,23 @@ atexit.register(_stop_all_engines)
 class RequestGroup:
     """A request in flight. While streaming, ``events`` receives
     ("delta", choice_index, text, sampled_token | None, finish_reason | None) tuples; every
-    request ends with ("done", ...) or ("error", message, ...)."""
+    request ends with ("done", ...) or ("error", message, ...).
+
+    ``spans``: encoder inputs (``FeatureSpan``) whose features replace placeholder tokens of
+    the prompt; ``logits_processors``: per choice a processor or None; ``adapter_id`` and
+    ``cache_salt`` (tenant isolation) separate prefix-cache entries."""
 
     def __init__(self, prompt_ids: list[int], params, n: int, stream: bool, max_tokens: int,
-                 stop_strings: tuple[str, ...] = (), logits_processors: list[Callable] | None = None,
-                 seed: int | None = None):
+                 stop_strings: tuple[str, ...] = (), logits_processors: list[Callable | None] | None = None,
+                 seed: int | None = None, spans: tuple[FeatureSpan, ...] = (), adapter_id: str | None = None,
+                 cache_salt: str | None = None):
         self.seed = seed
         self.prompt_ids = prompt_ids
+        self.spans = tuple(sorted(spans, key=lambda sp: sp.start))
+        self.adapter_id = adapter_id
+        self.cache_salt = cache_salt
+        self.cache_extras = None           # prefix-cache key extras, set by the engine
+        self.positions: PromptPositions | None = None   # set by the engine from the model
         self.params = params
         self.n = n
         self.stream = stream
@@ -88,8 +100,16 @@ class RequestGroup:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig, eos_ids: set[int], name: str = "default"):
+    """``drafter``: an optional object whose ``propose(seqs) -> list[list[int]]`` suggests
+    tokens to follow each decoding sequence; the engine verifies them in one step (k + 1
+    logits rows), keeps the agreeing prefix plus one sampled token, and rolls back the KV
+    of the rest. The output is exactly what plain decoding samples (each kept token is the
+    target model's own draw), only in fewer steps when the drafts are good."""
+
+    def __init__(self, model, tokenizer, config: EngineConfig, eos_ids: set[int], name: str = "default",
+                 drafter=None):
         self.model = model
+        self.drafter = drafter
         self.tokenizer = tokenizer
         self.config = config
         self.eos_ids = set(eos_ids)
@@ -120,6 +140,11 @@ class Engine:
         return self.config.num_blocks * self.config.block_size
 
     def submit(self, group: RequestGroup) -> None:
+        if group.spans or group.adapter_id is not None or group.cache_salt is not None:
+            group.cache_extras = BlockKeyExtras.make(
+                cache_salt=group.cache_salt, adapter_id=group.adapter_id,
+                spans=[(sp.start, sp.end, sp.content_hash) for sp in group.spans])
+        group.positions = self.model.prompt_positions(group.prompt_ids, group.spans)
         for i in range(group.n):
             # A per-request seed makes that request reproducible on its own; otherwise the
             # runner seed drives a stream of per-sequence seeds.
@@ -128,7 +153,7 @@ class Engine:
             state = SamplingState(group.params, group.prompt_ids, [], gen)
             detok = IncrementalDetokenizer(self.tokenizer, True, group.prompt_ids)
             seq = Sequence(group, i, group.prompt_ids, state, detok, group.max_tokens)
-            seq.output_ids = state.output_ids
+            seq.output_ids = state.output_ids   # the sampler reads the same list
             group.seqs.append(seq)
         self.stats["requests"] += 1
         self._inbox.put(group)
@@ -191,7 +216,35 @@ class Engine:
                 for seq in list(self.scheduler.running):
                     self._fail(seq.group, f"{type(exc).__name__}: {exc}")
 
+    def _propose_drafts(self) -> None:
+        seqs = [s for s in self.scheduler.running if s.decoding and not s.finished]
+        if not seqs or self.config.no_kv_cache:
+            return
+        for seq, draft in zip(seqs, self.drafter.propose(seqs)):
+            # Never draft past the sequence's limits: each kept token must be one it may emit.
+            room = min(seq.max_tokens - len(seq.output_ids), self.max_context - seq.num_tokens) - 1
+            seq.draft = list(draft[:max(room, 0)])
+
+    def _record(self, seq: Sequence, n: int) -> StepRecord:
+        group, start = seq.group, seq.num_computed
+        if seq.draft:
+            ids = [seq.token_ids[-1], *seq.draft]
+            wanted = len(ids)
+        else:
+            ids = seq.token_ids[start:start + n]
+            wanted = 1 if start + n == seq.num_tokens else 0
+        procs = group.logits_processors
+        return StepRecord(
+            seq_id=seq.id, token_ids=ids, start=start, blocks=seq.blocks,
+            positions=group.positions.slice(start, len(ids)) if group.positions is not None else None,
+            spans=group.spans if group.spans and start < seq.prompt_len else (),
+            adapter_id=group.adapter_id, num_logits=wanted,
+            logits_processors=procs[seq.index] if procs else None, commit=not seq.draft,
+            state_slot=seq.state_slot if self.stateful else None)
+
     def _step(self) -> None:
+        if self.drafter is not None:
+            self._propose_drafts()
         batch = self.scheduler.schedule()
         for seq in self.scheduler.out_of_memory:
             seq.finish_reason = "length"
@@ -199,14 +252,9 @@ class Engine:
         self.scheduler.out_of_memory.clear()
         if not batch:
             return
-        chunks, want = [], []
-        for seq, n in batch:
-            start = seq.num_computed
-            chunks.append((seq.token_ids[start:start + n], start, seq.blocks))
-            want.append(start + n == seq.num_tokens)
-        slots = {"state_slots": [seq.state_slot for seq, _ in batch]} if self.stateful else {}
+        records = [self._record(seq, n) for seq, n in batch]
         try:
-            logits = self.runner.run(chunks, want, **slots)
+            logits = self.runner.run(records)
         except Exception as exc:
             log.error("model forward failed: %s\n%s", exc, traceback.format_exc())
             for seq, _ in batch:
@@ -214,31 +262,56 @@ class Engine:
             return
         self.scheduler.after_step(batch)
         self.stats["steps"] += 1
-        sampled = [seq for (seq, _), w in zip(batch, want) if w]
-        for seq, n in batch:
+        singles, rows, verify, off = [], [], [], 0
+        for (seq, n), rec in zip(batch, records):
             self.stats["tokens_computed"] += n
             if seq.first_token_time is None:
                 self.stats["prompt_tokens_computed"] += n
-        if sampled:
+            if not rec.commit:
+                verify.append((seq, rec, logits[off:off + rec.num_logits]))
+            elif rec.num_logits:
+                singles.append((seq, rec))
+                rows.append(off)
+            off += rec.num_logits
+        now = time.perf_counter()
+        if singles:
+            sel = logits if len(rows) == logits.shape[0] else logits[rows]
             procs = None
-            if any(s.group.logits_processors for s in sampled):
-                procs = [s.group.logits_processors[s.index] if s.group.logits_processors else None
-                         for s in sampled]
-            outs = self.sampler.sample(logits, [s.state for s in sampled], processors=procs)
-            now = time.perf_counter()
-            for seq, tok in zip(sampled, outs):
+            if any(r.logits_processors is not None for _, r in singles):
+                procs = [r.logits_processors for _, r in singles]
+            outs = self.sampler.sample(sel, [s.state for s, _ in singles], processors=procs)
+            for (seq, _), tok in zip(singles, outs):
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._append_token(seq, tok)
+        for seq, rec, seq_logits in verify:
+            self._verify(seq, rec, seq_logits)
         if self.config.no_kv_cache:
             for seq, _ in batch:
                 if not seq.finished:
                     self.scheduler.reset_for_recompute(seq)
 
+    def _verify(self, seq: Sequence, rec: StepRecord, logits: torch.Tensor) -> None:
+        """Sample row by row while the samples agree with the drafts; keep those plus the
+        first disagreeing (or bonus) sample, and roll the KV back to what they cover."""
+        drafts = rec.token_ids[1:]
+        procs = [rec.logits_processors] if rec.logits_processors is not None else None
+        accepted = 0
+        for i in range(logits.shape[0]):
+            tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs)[0]
+            self._append_token(seq, tok)
+            if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
+                break
+            accepted += 1
+        self.stats["draft_tokens"] = self.stats.get("draft_tokens", 0) + len(drafts)
+        self.stats["accepted_draft_tokens"] = self.stats.get("accepted_draft_tokens", 0) + accepted
+        if not seq.finished:
+            self.scheduler.commit(seq, rec.start + 1 + accepted)
+
     def _append_token(self, seq: Sequence, tok) -> None:
         group = seq.group
         tid = tok.token_id
-        seq.output_ids.append(tid)
+        seq.append_token(tid)
         self.stats["generated_tokens"] += 1
         if group.params.logprobs:
             seq.logprobs.append(tok)
@@ -307,6 +380,8 @@ class Engine:
         if group.stream:
             self._emit(seq)
         if group.done:
+            for span in group.spans:
+                span.release()   # encoder inputs and features are not needed any more
             group.t_done = time.perf_counter()
             group.events.put(("done", None, None, None, None))
 

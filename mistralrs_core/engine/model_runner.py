@@ -1,49 +1,74 @@
-"""Turns a scheduled batch into tensors, runs the model and returns logits."""
+"""Turns a step's records into tensors, runs the model and returns logits."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from mistralrs_core.engine.step import StepRecord
 from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache
 from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.models.base import CausalLM
 
 
-def build_metadata(chunks: list[tuple[list[int], int, list[int]]], block_size: int, device,
-                   causal: bool = True, state_slots: list[int] | None = None
+def build_metadata(records: list, block_size: int, device, causal: bool = True,
+                   state_slots: list[int] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """``chunks``: per sequence (new token ids, start position, block ids); ``state_slots``:
-    per sequence its recurrent-state slot (models with recurrent layers only).
-
-    Returns (input_ids [T], positions [T], metadata)."""
-    q_lens = [len(t) for t, _, _ in chunks]
-    ctx = [start + len(t) for t, start, _ in chunks]
+    """``records``: ``StepRecord``s (or, for tests and parity helpers, ``(ids, start,
+    blocks)`` tuples). Returns (input_ids [T], positions [T] or [axes, T], metadata)."""
+    records = [r if isinstance(r, StepRecord) else StepRecord(-1, list(r[0]), r[1], r[2]) for r in records]
+    if state_slots is None and records and records[0].state_slot is not None:
+        state_slots = [r.state_slot for r in records]
+    q_lens = [len(r.token_ids) for r in records]
+    ctx = [r.start + n for r, n in zip(records, q_lens)]
     q_max, k_max = max(q_lens), max(ctx)
-    ids = np.fromiter((i for t, _, _ in chunks for i in t), dtype=np.int64, count=sum(q_lens))
-    pos = np.concatenate([np.arange(s, s + len(t), dtype=np.int64) for t, s, _ in chunks])
-    n_blocks = max(len(b) for _, _, b in chunks) if chunks else 0
-    table = np.zeros((len(chunks), max(n_blocks, 1)), dtype=np.int64)
-    slots = np.empty(len(pos), dtype=np.int64)
-    token_index = np.empty(len(pos), dtype=np.int64)
+    total = sum(q_lens)
+    ids = np.fromiter((i for r in records for i in r.token_ids), dtype=np.int64, count=total)
+    cache_pos = np.concatenate([np.arange(r.start, r.end, dtype=np.int64) for r in records])
+    n_blocks = max(len(r.blocks) for r in records) if records else 0
+    table = np.zeros((len(records), max(n_blocks, 1)), dtype=np.int64)
+    slots = np.empty(total, dtype=np.int64)
+    token_index = np.empty(total, dtype=np.int64)
     off = 0
-    for i, (t, start, blocks) in enumerate(chunks):
-        n = len(t)
-        if blocks:
-            table[i, :len(blocks)] = blocks
-        p = pos[off:off + n]
+    for i, (r, n) in enumerate(zip(records, q_lens)):
+        if r.blocks:
+            table[i, :len(r.blocks)] = r.blocks
+        p = cache_pos[off:off + n]
         slots[off:off + n] = table[i, p // block_size] * block_size + p % block_size
         token_index[off:off + n] = i * q_max + np.arange(n)
         off += n
-    fresh = all(start == 0 for _, start, _ in chunks)
-    # Gathered contexts span whole blocks; trim the key axis to the longest context.
+    pos = _rope_positions(records, cache_pos, q_lens)
+    fresh = all(r.start == 0 for r in records)
+    bidi = _bidirectional_spans(records)
+    adapters = [r.adapter_id for r in records]
     meta = AttentionMetadata(
         query_lens=q_lens, context_lens=ctx,
         slot_mapping=torch.from_numpy(slots).to(device),
         block_tables=torch.from_numpy(table).to(device),
         token_index=torch.from_numpy(token_index).to(device),
         q_max=q_max, k_max=k_max, fresh_prefill=fresh, causal=causal,
-        state_slots=None if state_slots is None else torch.tensor(state_slots, device=device))
+        state_slots=None if state_slots is None else torch.tensor(state_slots, device=device),
+        adapter_ids=adapters if any(a is not None for a in adapters) else None,
+        bidirectional_spans=bidi)
     return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), meta
+
+
+def _rope_positions(records: list[StepRecord], cache_pos: np.ndarray, q_lens: list[int]) -> np.ndarray:
+    """[T] when every position is a token index; [axes, T] when a model supplied its own."""
+    axes = max((r.positions.shape[0] for r in records if r.positions is not None), default=0)
+    if axes == 0:
+        return cache_pos
+    out = np.broadcast_to(cache_pos, (axes, len(cache_pos))).copy()
+    off = 0
+    for r, n in zip(records, q_lens):
+        if r.positions is not None:
+            out[:, off:off + n] = r.positions
+        off += n
+    return out[0] if axes == 1 else out
+
+
+def _bidirectional_spans(records: list[StepRecord]):
+    spans = [[(s.start, s.end) for s in r.spans if s.bidirectional] for r in records]
+    return spans if any(spans) else None
 
 
 class ModelRunner:
@@ -60,9 +85,9 @@ class ModelRunner:
         ]
         self._zeroed: set[int] = set()
 
-    def _zero_fresh_blocks(self, chunks) -> None:
+    def _zero_fresh_blocks(self, records: list[StepRecord]) -> None:
         """Clear pool blocks the first time any sequence uses them (see LayerKVCache)."""
-        fresh = {b for _, _, blocks in chunks for b in blocks if b not in self._zeroed}
+        fresh = {b for r in records for b in r.blocks if b not in self._zeroed}
         if not fresh:
             return
         self._zeroed.update(fresh)
@@ -75,14 +100,49 @@ class ModelRunner:
     def cache_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches if c is not None)
 
+    def _encode_missing(self, records: list[StepRecord]) -> None:
+        """Run the encoder, batched, for spans this step needs whose features are not there yet."""
+        todo, seen = [], set()
+        for r in records:
+            for _, span, _, _ in r.span_rows():
+                if span.features is None and id(span) not in seen:
+                    seen.add(id(span))
+                    todo.append(span)
+        if todo:
+            feats = self.model.encode_features(todo)
+            for span, f in zip(todo, feats):
+                if f.shape[0] != span.length:
+                    raise ValueError(f"encoder gave {f.shape[0]} feature rows for a span of "
+                                     f"{span.length} placeholder tokens")
+                span.features = f
+
+    def embed(self, ids: torch.Tensor, records: list[StepRecord]) -> torch.Tensor:
+        """Token embeddings with encoder features in place of the placeholders they cover."""
+        h = self.model.embed(ids)
+        if not any(r.spans for r in records):
+            return h
+        self._encode_missing(records)
+        rows, feats, off = [], [], 0
+        for r in records:
+            for at, span, first, n in r.span_rows():
+                rows.append(torch.arange(off + at, off + at + n))
+                feats.append(span.features[first:first + n])
+            off += r.num_tokens
+        if not rows:
+            return h
+        return self.model.merge_features(h, torch.cat(rows).to(h.device), torch.cat(feats))
+
     @torch.inference_mode()
-    def run(self, chunks, want_logits: list[bool], state_slots: list[int] | None = None) -> torch.Tensor:
-        """Logits [n, vocab] (float32) for the sequences whose ``want_logits`` is True."""
-        self._zero_fresh_blocks(chunks)
-        ids, pos, meta = build_metadata(chunks, self.block_size, self.device, state_slots=state_slots)
-        hidden = self.model(ids, pos, meta, self.caches)
-        ends = np.cumsum(meta.query_lens) - 1
-        rows = [int(e) for e, w in zip(ends, want_logits) if w]
+    def run(self, records: list[StepRecord]) -> torch.Tensor:
+        """Float32 logits for each record's last ``num_logits`` tokens, records in order."""
+        self._zero_fresh_blocks(records)
+        ids, pos, meta = build_metadata(records, self.block_size, self.device)
+        h = self.embed(ids, records)
+        hidden = self.model.forward_embeds(h, pos, meta, self.caches)
+        rows, off = [], 0
+        for r in records:
+            off += r.num_tokens
+            rows.extend(range(off - r.num_logits, off))
         if not rows:
             return hidden.new_empty(0, 0)
         sel = hidden.index_select(0, torch.tensor(rows, device=hidden.device))

@@ -53,21 +53,29 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> list[tuple[Sequence, int]]:
-        """Sequences to run this step with how many new tokens each computes."""
+        """Sequences to run this step with how many new tokens each computes (for a
+        decoding sequence with draft tokens: the last token plus its drafts)."""
         batch: list[tuple[Sequence, int]] = []
         budget = self.max_batch_tokens
         # Oldest first keeps latency fair; preemption takes from the newest.
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted below while making room for an older one
-            n = min(seq.num_tokens - seq.num_computed, max(budget, 1))
             if budget <= 0 and batch:
                 continue
+            remaining = seq.num_tokens - seq.num_computed
+            if seq.draft and (remaining != 1 or 1 + len(seq.draft) > max(budget, 1)):
+                seq.draft = []          # drafts are verified whole, with the token they follow
+            n = _fit_spans(seq, seq.num_computed, min(remaining, max(budget, 1))) + len(seq.draft)
             while True:
                 try:
                     self.blocks.grow(seq.blocks, seq.num_computed + n)
                     break
                 except NoFreeBlocks:
+                    if seq.draft:
+                        seq.draft = []
+                        n = 1
+                        continue
                     if len(self.running) == 1:
                         # Alone and still no room: the pool is smaller than this sequence.
                         self.out_of_memory.append(seq)
@@ -83,9 +91,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_seqs and budget > 0:
             seq = self.waiting[0]
             if not seq.blocks and not self.no_kv_cache:
-                seq.blocks, seq.block_hashes = self.blocks.match_prefix(seq.token_ids)
+                seq.blocks, seq.block_hashes = self.blocks.match_prefix(seq.token_ids, _extras(seq))
                 seq.num_computed = len(seq.blocks) * self.blocks.block_size
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = _fit_spans(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget))
             try:
                 self.blocks.grow(seq.blocks, seq.num_computed + n)
             except NoFreeBlocks:
@@ -104,13 +112,21 @@ class Scheduler:
         return batch
 
     def after_step(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Count the computed tokens; a step that verified drafts is settled by ``commit``."""
         for seq, n in batch:
-            if n <= 0:
-                continue
-            seq.num_computed += n
-            if self.no_kv_cache:
-                continue
-            self.blocks.register_full_blocks(seq.blocks, seq.block_hashes, seq.token_ids, seq.num_computed)
+            if n > 0 and not seq.draft:
+                self.commit(seq, seq.num_computed + n)
+
+    def commit(self, seq: Sequence, num_computed: int) -> None:
+        """The KV of the first ``num_computed`` tokens is valid; anything computed past it
+        (rejected draft tokens) is rolled back, and newly full blocks join the prefix cache."""
+        seq.num_computed = num_computed
+        seq.draft = []
+        if self.no_kv_cache:
+            return
+        self.blocks.shrink(seq.blocks, seq.block_hashes, max(num_computed, 1))
+        self.blocks.register_full_blocks(seq.blocks, seq.block_hashes, seq.token_ids, num_computed,
+                                         _extras(seq))
 
     def finish(self, seq: Sequence) -> None:
         seq.status = SeqStatus.FINISHED
@@ -128,3 +144,20 @@ class Scheduler:
         self.blocks.release(seq.blocks)
         seq.block_hashes = []
         seq.num_computed = 0
+
+
+def _extras(seq: Sequence):
+    """The request's prefix-cache key extras (feature hashes, adapter, cache salt), if any."""
+    return getattr(seq.group, "cache_extras", None)
+
+
+def _fit_spans(seq: Sequence, start: int, n: int) -> int:
+    """Shorten (or, when it starts there, stretch) a prefill chunk so that it never ends
+    inside a bidirectional feature span: the span's first tokens attend to its last ones,
+    which must be computed in the same step. Causal spans may be split: their features are
+    sliced across chunks."""
+    end = start + n
+    for span in getattr(seq.group, "spans", ()):
+        if span.bidirectional and span.start < end < span.end:
+            end = span.start if span.start > start else span.end
+    return end - start

@@ -18,7 +18,7 @@ class Sequence:
     __slots__ = ("id", "group", "index", "prompt_ids", "output_ids", "blocks", "block_hashes",
                  "num_computed", "status", "state", "detok", "text", "emitted", "finish_reason",
                  "logprobs", "arrival", "first_token_time", "admitted_time", "preemptions", "stop_at",
-                 "max_tokens", "prompt_len", "state_slot")
+                 "max_tokens", "prompt_len", "state_slot", "_tokens", "draft")
 
     def __init__(self, group, index: int, prompt_ids: list[int], state, detok, max_tokens: int):
         self.id = next(_ids)
@@ -27,6 +27,10 @@ class Sequence:
         self.prompt_ids = prompt_ids
         self.prompt_len = len(prompt_ids)
         self.output_ids: list[int] = []
+        # prompt + output in one list, appended in step with output_ids, so that reading
+        # the whole sequence costs nothing per step
+        self._tokens: list[int] = list(prompt_ids)
+        self.draft: list[int] = []         # proposed tokens to verify in the next step
         self.blocks: list[int] = []
         self.block_hashes: list[int] = []
         self.num_computed = 0              # tokens whose K/V sit in the cache
@@ -47,7 +51,17 @@ class Sequence:
 
     @property
     def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+        """Prompt and output so far (the sequence's own list: read it, never mutate it)."""
+        return self._tokens
+
+    def append_token(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+        self._tokens.append(token_id)
+
+    @property
+    def decoding(self) -> bool:
+        """Only the last sampled token is still to be computed."""
+        return self.num_computed == len(self._tokens) - 1 and bool(self.output_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -76,6 +76,10 @@ class AttentionMetadata:
     causal: bool = True
     # [B] recurrent-state slot of each sequence (models with recurrent layers; see layers/recurrent.py)
     state_slots: torch.Tensor | None = None
+    # per sequence its adapter id (None: base weights); None when no sequence has one
+    adapter_ids: list[str | None] | None = None
+    # per sequence [(start, end)] token ranges that attend to each other both ways
+    bidirectional_spans: list[list[tuple[int, int]]] | None = None
     _masks: dict = attrs.field(factory=dict)
 
     @property

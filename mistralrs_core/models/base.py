@@ -1,4 +1,11 @@
-"""What every text model gives the engine, and weight loading by Hugging Face names."""
+"""What every generative model gives the engine, and weight loading by Hugging Face names.
+
+The contract: ``embed(ids)`` turns token ids into input embeddings; encoder features
+(images, audio) replace the embeddings of their placeholder tokens (``encode_features`` +
+``merge_features``); ``forward_embeds`` runs the layers from those embeddings at rope
+positions the model may supply itself (``prompt_positions``: M-RoPE's 3 axes);
+``compute_logits`` turns selected hidden rows into float32 logits.
+"""
 from __future__ import annotations
 
 from typing import Iterable
@@ -9,6 +16,7 @@ from torch import nn
 from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache
 from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.layers.quantized import QuantizedWeight
+from mistralrs_core.models.positions import PromptPositions  # noqa: F401
 
 
 class CausalLM(nn.Module):
@@ -29,18 +37,41 @@ class CausalLM(nn.Module):
         # products on a float32 stream, as llama.cpp keeps activations in float32).
         self.quant_compute_dtype: torch.dtype | None = None
         self.max_context_len = 4096
-        # A plugin may install a faster forward for the steps it covers (e.g. a compiled
-        # decode step): called as fast_forward(input_ids, positions, meta, caches), it
-        # returns the hidden states, or None to leave the step to ``forward``.
+        # A plugin may install a faster layer stack for the steps it covers (e.g. a compiled
+        # decode step): called as fast_forward(embeds, positions, meta, caches), it returns
+        # the hidden states, or None to leave the step to ``forward_embeds``.
         self.fast_forward = None
 
     # --- engine interface -------------------------------------------------
     def kv_cache_specs(self) -> list[KVCacheSpec | None]:
         raise NotImplementedError
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings [T, hidden] of a flat token batch."""
+        raise NotImplementedError
+
+    def forward_embeds(self, embeds: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       caches: list[LayerKVCache | None]) -> torch.Tensor:
+        """Hidden states [T, hidden] from input embeddings; ``positions`` is [T] or [axes, T]."""
+        raise NotImplementedError
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 caches: list[LayerKVCache | None]) -> torch.Tensor:
-        raise NotImplementedError
+        """Text-only convenience (tests, parity helpers): embed, then run the layers."""
+        return self.forward_embeds(self.embed(input_ids), positions, meta, caches)
+
+    # --- multimodal inputs (models with encoders override these) -----------
+    def prompt_positions(self, prompt_ids: list[int], spans) -> "PromptPositions | None":
+        """Rope positions of a prompt when they are not simply token indices (M-RoPE)."""
+        return None
+
+    def encode_features(self, spans) -> list[torch.Tensor]:
+        """Encoder features [span.length, hidden] for each ``FeatureSpan`` (batched)."""
+        raise ValueError(f"{type(self).__name__} takes no image or audio inputs")
+
+    def merge_features(self, embeds: torch.Tensor, rows: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Put encoder features into the rows of their placeholder tokens."""
+        return embeds.index_copy(0, rows, features.to(embeds.dtype))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -229,12 +229,11 @@ class DecoderLM(CausalLM):
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         return h
 
-    def forward(self, input_ids, positions, meta, caches):
+    def forward_embeds(self, h, positions, meta, caches):
         if self.fast_forward is not None:
-            out = self.fast_forward(input_ids, positions, meta, caches)
+            out = self.fast_forward(h, positions, meta, caches)
             if out is not None:
                 return out
-        h = self.embed(input_ids)
         cs = self.rope.cos_sin(positions, h.dtype) if self.rope is not None else None
         cs_local = self.local_rope.cos_sin(positions, h.dtype) if self.local_rope is not None else cs
         for i, layer in enumerate(self.model.layers):

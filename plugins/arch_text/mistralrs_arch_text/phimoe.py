@@ -44,8 +44,8 @@ class PhiMoEForCausalLM(MixtralForCausalLM):
         return attrs.evolve(cfg, norm_kind="layer", norm_eps=hf.get("rms_norm_eps", 1e-5), qkv_bias=bias,
                             o_bias=bias, lm_head_bias=bool(hf.get("lm_head_bias", False)), moe=moe)
 
-    def forward(self, input_ids, positions, meta, caches):
+    def forward_embeds(self, h, positions, meta, caches):
         if self.rope is not None:
             self.rope.seq_lens = torch.repeat_interleave(
                 torch.tensor(meta.context_lens), torch.tensor(meta.query_lens)).to(positions.device)
-        return super().forward(input_ids, positions, meta, caches)
+        return super().forward_embeds(h, positions, meta, caches)

@@ -4,9 +4,10 @@ A decode step of a small model run op by op from Python is mostly overhead: ~30 
 ops per layer, each a dispatch and an allocation. ``FusedDecoder`` describes a loaded
 ``DecoderLM`` to the C++ step once (pointers to the ggml blocks or dense float rows of
 every projection, the norm weights, the layer options) and then runs steps of up to
-``max_tokens`` tokens there; embedding, rotary tables and logits stay in Python (one
-call each per step). It is installed as the model's ``fast_forward`` and declines (returns
-None) any step it does not cover, which then takes the torch path.
+``max_tokens`` tokens there, from the input embeddings; embedding, rotary tables and
+logits stay in Python (one call each per step). It is installed as the model's
+``fast_forward`` and declines (returns None) any step it does not cover, which then takes
+the torch path.
 
 Covered: float32 models of the ``models/decoder.py`` layout with RMS norms (offsets,
 q/k norms, sandwich norms), rotate-half rope (any scaling: the tables come from the
@@ -91,7 +92,9 @@ class FusedDecoder:
         self.max_tokens = max_tokens
         self._keep: list = []  # every tensor whose pointer the C++ side holds
         cfg = model.cfg
-        if not isinstance(model, DecoderLM) or type(model).forward is not DecoderLM.forward:
+        # Only the layer stack is replaced: a model may embed its inputs its own way (encoder
+        # features merged into placeholder rows) and still use the step.
+        if not isinstance(model, DecoderLM) or type(model).forward_embeds is not DecoderLM.forward_embeds:
             raise Unsupported(f"{type(model).__name__} is not a plain DecoderLM")
         if model.dtype != torch.float32:
             raise Unsupported(f"model dtype {model.dtype} (the step computes in float32)")
@@ -228,15 +231,16 @@ class FusedDecoder:
         self._bound_caches = list(caches)  # keep them alive while their pointers are held
         return True
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta, caches) -> Optional[torch.Tensor]:
-        t = input_ids.shape[0]
-        if (t == 0 or t > self.max_tokens or caches is None or not meta.causal
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, meta, caches) -> Optional[torch.Tensor]:
+        t = embeds.shape[0]
+        # Multi-axis rope positions and bidirectional spans are outside what the step covers.
+        if (t == 0 or t > self.max_tokens or caches is None or not meta.causal or positions.dim() != 1
+                or meta.bidirectional_spans is not None
                 or len(caches) != len(self.layers) or not self._bind_caches(caches)):
             return None
         model = self.model
-        h = model.embed(input_ids)
-        if h.dtype != torch.float32 or not h.is_contiguous():
-            h = h.float().contiguous()
+        # The step writes its output over its input: never over the caller's tensor.
+        h = embeds.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         # The tensors below are locals, so they outlive the C++ call that reads them.
         s = self._step
         s.T, s.h = t, h.data_ptr()

@@ -107,11 +107,13 @@ def test_declines_what_it_does_not_cover(tmp_path):
     assert fused is not None
     ids, pos, meta = build_metadata([(list(range(1, 18)), 0, list(range(5)))], 4, "cpu")
     caches = [make_layer_cache(s, 5, 4, model.dtype, "cpu") for s in model.kv_cache_specs()]
-    assert fused(ids, pos, meta, caches) is None           # 17 tokens: more than MAX_TOKENS
-    assert fused(ids[:1], pos[:1], meta, None) is None     # no cache
+    h = model.embed(ids)
+    assert fused(h, pos, meta, caches) is None             # 17 tokens: more than MAX_TOKENS
+    assert fused(h[:1], pos[:1], meta, None) is None       # no cache
     bf16 = [make_layer_cache(s, 5, 4, torch.bfloat16, "cpu") for s in model.kv_cache_specs()]
     ids, pos, meta = build_metadata([([1], 0, [0])], 4, "cpu")
-    assert fused(ids, pos, meta, bf16) is None             # cache not float32
+    assert fused(model.embed(ids), pos, meta, bf16) is None  # cache not float32
+    assert fused(model.embed(ids), pos.expand(3, -1), meta, caches) is None  # M-RoPE positions
 
 
 def test_env_switch_disables(tmp_path, monkeypatch):
