@@ -109,6 +109,7 @@ _COMMON: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "repetition_penalty": ("repetition_penalty", _num),
     "logit_bias": ("logit_bias", _logit_bias),
     "seed": ("seed", _int),
+    "cache_salt": ("cache_salt", _str),
     "dry_multiplier": ("dry_multiplier", _num),
     "dry_base": ("dry_base", _num),
     "dry_allowed_length": ("dry_allowed_length", _int),

@@ -9,8 +9,8 @@ Positional order: the spec's documented signature first (for chat:
 `messages, model, logprobs, n_choices, logit_bias, top_logprobs, max_tokens,
 presence_penalty, frequency_penalty, stop_token_ids, temperature, top_p,
 top_k, stream`), then upstream's later fields in upstream's order.
-`adapter` is keyword-only as upstream; `seed` and `tool_choice_openai` are
-keyword-only extensions of ours (see their comments).
+`adapter` is keyword-only as upstream; `seed`, `tool_choice_openai` and
+`cache_salt` are keyword-only extensions of ours (see their comments).
 """
 
 from __future__ import annotations
@@ -136,6 +136,9 @@ class ChatCompletionRequest:
     # ToolChoice cannot express OpenAI's "required" or a named function; the
     # original value is kept here (with tool_choice=Auto) for the tool layer.
     tool_choice_openai: str | dict | None = _opt(kw_only=True)
+    # Our extension (vLLM's `cache_salt`): requests share prefix-cache blocks only with
+    # requests of the same salt, so tenants cannot probe each other's prompts.
+    cache_salt: str | None = _opt(kw_only=True)
 
 
 @attrs.define
@@ -168,6 +171,7 @@ class CompletionRequest:
     ignore_eos: bool = field(False)
     adapter: str | LoraAdapterGeneration | None = _opt(kw_only=True)
     seed: int | None = _opt(kw_only=True)
+    cache_salt: str | None = _opt(kw_only=True)
 
 
 @attrs.define

@@ -198,6 +198,7 @@ def _sampling(req: Any) -> None:
     _bool("truncate_sequence", req.truncate_sequence)
     _bool("ignore_eos", req.ignore_eos)
     _int("seed", req.seed, 0)
+    _str("cache_salt", getattr(req, "cache_salt", None), non_empty=True)
     _adapter(req.adapter)
 
 

@@ -152,6 +152,31 @@ class RotaryEmbedding:
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
+class MultiAxisRotaryEmbedding(RotaryEmbedding):
+    """M-RoPE (Qwen2-VL): positions [axes, T]; frequency ``j`` of the rotary half takes
+    its angle from the axis whose section holds ``j`` (sections [t, h, w] sum to
+    rotary_dim / 2). Text tokens have equal positions on every axis, which makes this
+    plain rope for them; 1-D positions are accepted as that case."""
+
+    def __init__(self, cfg: RopeConfig, sections: list[int]):
+        super().__init__(cfg)
+        if sum(sections) != self.rotary_dim // 2:
+            raise ValueError(f"mrope_section {sections} must sum to rotary_dim / 2 = {self.rotary_dim // 2}")
+        self.sections = list(sections)
+        self._axis_of = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.dim() == 1:
+            return super().cos_sin(positions, dtype)
+        inv, scale = self.inv_freq_for(positions)
+        axis = self._axis_of.to(positions.device)
+        # [rot/2, T]: row j holds the positions of frequency j's axis
+        pos = positions.to(torch.float32).index_select(0, axis)
+        freqs = pos.t() * inv.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -5,8 +5,11 @@ import time
 import uuid
 from typing import Iterator
 
+import attrs
+
 from mistralrs_core.api import responses as R
 from mistralrs_core.engine.engine import Engine, RequestGroup
+from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.errors import ModelError
 from mistralrs_core.pipeline.requests import (normalize_messages, reject_unavailable, sampling_params,
                                               validate_chat_request, validate_completion_request)
@@ -35,7 +38,18 @@ class ResponseStream:
         self._cancel()
 
 
+@attrs.define
+class Prompt:
+    """Token ids plus the encoder inputs whose features replace placeholder tokens."""
+    ids: list[int]
+    spans: list[FeatureSpan] = attrs.field(factory=list)
+
+
 class TextPipeline:
+    """A generative model behind the chat and completion calls. Multimodal pipelines
+    override ``chat_prompt`` to turn image/audio parts into placeholder tokens plus
+    ``FeatureSpan``s; everything after that (engine, streaming, responses) is shared."""
+
     kind = "text"
 
     def __init__(self, name: str, model, tokenizer, template, engine: Engine, generation_config: dict):
@@ -54,20 +68,32 @@ class TextPipeline:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    def _fit_prompt(self, ids: list[int], truncate: bool, max_tokens: int | None) -> list[int]:
+    def _fit_prompt(self, prompt: "Prompt | list[int]", truncate: bool, max_tokens: int | None) -> Prompt:
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt(list(prompt))
+        ids = prompt.ids
         limit = min(self.max_context, self.engine.capacity_tokens()) - 1
         if len(ids) <= limit:
-            return ids
+            return prompt
         if not truncate:
             raise ValueError(
                 f"messages: prompt is {len(ids)} tokens, over the model's maximum context length of "
                 f"{limit + 1}; shorten it or set truncate_sequence=True")
         keep = max(1, limit - (max_tokens or 0)) if max_tokens and max_tokens < limit else limit
-        return ids[-keep:]
+        cut = len(ids) - keep
+        if any(sp.start < cut < sp.end for sp in prompt.spans):
+            raise ValueError("truncate_sequence: truncating this prompt would cut an image or audio "
+                             "input in half; shorten the conversation instead")
+        spans = [attrs.evolve(sp, start=sp.start - cut) for sp in prompt.spans if sp.start >= cut]
+        return Prompt(ids[cut:], spans)
 
     def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
         room = self.max_context - prompt_len
         return max(1, min(requested, room) if requested is not None else room)
+
+    def chat_prompt(self, req) -> Prompt:
+        """The prompt of a chat request (text models: token ids only)."""
+        return Prompt(self.chat_prompt_ids(req))
 
     def chat_prompt_ids(self, req) -> list[int]:
         if isinstance(req.messages, str):
@@ -90,12 +116,18 @@ class TextPipeline:
         return apply_chat_template(self.template, self.tokenizer, messages,
                                    enable_thinking=req.enable_thinking, **extra)
 
-    def _submit(self, req, prompt_ids, *, n, stream, force_logprobs=False, stop_strings=()):
-        max_tokens = self._max_tokens(req.max_tokens, len(prompt_ids))
+    def logits_processors(self, req, n: int) -> list | None:
+        """Per choice a logits processor (or None) for this request; None when none applies."""
+        return None
+
+    def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False):
+        max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))
         params = sampling_params(req, self.tokenizer, self.generation_config, max_tokens=max_tokens,
                                  n=n, force_logprobs=force_logprobs)
-        group = RequestGroup(prompt_ids, params, n, stream, max_tokens, stop_strings=params.stop_strings,
-                             seed=getattr(req, "seed", None))
+        group = RequestGroup(prompt.ids, params, n, stream, max_tokens, stop_strings=params.stop_strings,
+                             seed=getattr(req, "seed", None), spans=tuple(prompt.spans),
+                             logits_processors=self.logits_processors(req, n),
+                             cache_salt=getattr(req, "cache_salt", None))
         self.engine.submit(group)
         return group
 
@@ -139,7 +171,7 @@ class TextPipeline:
     def chat(self, req):
         validate_chat_request(req)
         reject_unavailable(req)
-        ids = self._fit_prompt(self.chat_prompt_ids(req), req.truncate_sequence, req.max_tokens)
+        ids = self._fit_prompt(self.chat_prompt(req), req.truncate_sequence, req.max_tokens)
         if req.stream:
             group = self._submit(req, ids, n=req.n_choices, stream=True)
             return ResponseStream(self._chat_stream(group), lambda: self.engine.cancel(group))
