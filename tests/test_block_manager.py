@@ -120,6 +120,15 @@ def test_only_computed_blocks_are_registered():
     assert ha == [bm.block_hash[x] for x in a]
 
 
+def test_hit_requires_the_blocks_stored_key():
+    bm = BlockManager(16, BS)
+    p = list(range(9))
+    a, ha = run_seq(bm, p)
+    bm.block_hash[a[1]] = b"\0" * KEY_BYTES          # the map and the block disagree
+    b, hb = bm.match_prefix(p)
+    assert b == a[:1] and hb == ha[:1]
+
+
 def test_chained_keys_same_block_after_different_prefix_never_match():
     bm = BlockManager(16, BS)
     run_seq(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9])
