@@ -79,7 +79,9 @@ def _check_spans(spans) -> tuple[tuple[int, int, bytes], ...]:
 class BlockKeyExtras:
     """What besides token ids decides whether two blocks hold the same K/V."""
 
-    salt: bytes = attrs.field(default=b"", validator=attrs.validators.instance_of(bytes))   # mixed into the first block's key only (the chain carries it)
+    # Mixed into the first block's key only (the chain carries it): adapter id, cache salt.
+    salt: bytes = attrs.field(default=b"", validator=attrs.validators.instance_of(bytes))
+    # (start, end, content digest) of multimodal spans, absolute token positions [start, end).
     spans: tuple[tuple[int, int, bytes], ...] = attrs.field(default=(), converter=_check_spans)
 
     @classmethod
