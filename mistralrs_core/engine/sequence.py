@@ -32,7 +32,7 @@ class Sequence:
         self._tokens: list[int] = list(prompt_ids)
         self.draft: list[int] = []         # proposed tokens to verify in the next step
         self.blocks: list[int] = []
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.num_computed = 0              # tokens whose K/V sit in the cache
         self.status = SeqStatus.WAITING
         self.state = state                 # sampling.SamplingState (shares output_ids)
