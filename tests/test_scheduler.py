@@ -19,7 +19,7 @@ def step(sched: Scheduler) -> list[tuple[Sequence, int]]:
     sched.after_step(batch)
     for s, n in batch:
         if s.num_computed == s.num_tokens:
-            s.output_ids.append(5000 + len(s.output_ids))
+            s.append_token(5000 + len(s.output_ids))
     return batch
 
 
