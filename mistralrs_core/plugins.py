@@ -47,6 +47,7 @@ class ArchitectureEntry:
     gguf_architectures: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     plugin: str = ""
+    pipeline: str | Any = None
 
     def load(self):
         return resolve_target(self.target)
@@ -157,7 +158,7 @@ def _fill_registry(pm: pluggy.PluginManager) -> Registry:
             hf_model_types=tuple(kw.get("hf_model_types", ())),
             hf_architectures=tuple(kw.get("hf_architectures", ())),
             gguf_architectures=tuple(kw.get("gguf_architectures", ())),
-            aliases=tuple(kw.get("aliases", ())), plugin=plugin_name)
+            aliases=tuple(kw.get("aliases", ())), plugin=plugin_name, pipeline=kw.get("pipeline"))
 
     def entry_factory(name, target, plugin_name, kw):
         return Entry(name=name, target=target, plugin=plugin_name, extra=kw)

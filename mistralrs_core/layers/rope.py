@@ -55,7 +55,7 @@ def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
 def compute_inv_freq(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """(inv_freq, attention_scaling) for ``cfg``; ``seq_len`` matters for dynamic/longrope."""
     dim, base, p, kind = cfg.rotary_dim, cfg.theta, cfg.params, cfg.rope_type
-    if kind == "default":
+    if kind in ("default", "mrope"):   # M-RoPE: default frequencies, split across axes
         return _base_inv_freq(base, dim), 1.0
     if kind == "linear":
         return _base_inv_freq(base, dim) / p["factor"], 1.0

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mistralrs_core.plugins import get_registry, installed_plugins
+from mistralrs_core.plugins import get_registry, installed_plugins, resolve_target
 
 
 def detect_architecture(hf_config: dict, kind: str = "text", arch=None):
@@ -42,11 +42,12 @@ def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cp
     weights = SafetensorsWeights(model_dir)
     model.load_weights(weights.items(), device=device)
     model.eval()
+    model.family = entry
     return model, hf
 
 
 def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, generation_config: dict,
-                       opts, device: torch.device):
+                       opts, device: torch.device, pipeline_cls=None):
     """Wire a loaded model to an engine sized by the options (shared by every text loader)."""
     from mistralrs_core.engine import kv_pool
     from mistralrs_core.engine.engine import Engine, EngineConfig
@@ -67,7 +68,7 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
                        device=str(device), cache_dtype=cache_dtype)
     eos = generation_eos_ids(tokenizer, template, generation_config, hf_config)
     engine = Engine(model, tokenizer, cfg, eos, name=name)
-    return TextPipeline(name, model, tokenizer, template, engine, generation_config)
+    return (pipeline_cls or TextPipeline)(name, model, tokenizer, template, engine, generation_config)
 
 
 UNSUPPORTED_WHICH_FIELDS = {
@@ -109,4 +110,7 @@ class SafetensorsLoader:
         model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device)
         template = resolve_chat_template(model_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
         gen_cfg = load_generation_config(model_dir)
-        return make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device)
+        # A family may bring its own pipeline (e.g. one that turns image parts into features).
+        target = getattr(model.family, "pipeline", None)
+        pipeline_cls = resolve_target(target) if target else None
+        return make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device, pipeline_cls)
