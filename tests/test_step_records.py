@@ -1,0 +1,137 @@
+"""The engine's step-record seams on the tiny test family: draft verification (several
+tokens per step, KV rollback), per-sequence adapter ids and logits processors, and chunking
+around bidirectional feature spans."""
+import random
+
+import pytest
+import torch
+
+from mistralrs import CompletionRequest, Runner, Which
+from mistralrs_core.engine.block_manager import BlockManager
+from mistralrs_core.engine.engine import RequestGroup
+from mistralrs_core.engine.scheduler import Scheduler
+from mistralrs_core.engine.sequence import Sequence
+from mistralrs_core.engine.step import FeatureSpan
+from mistralrs_core.testing.parity import our_greedy
+
+PROMPT = "the quick brown fox jumps over the lazy dog and then the compiler borrows"
+
+
+def completion(n=24, **kw):
+    return CompletionRequest(prompt=PROMPT, model="default", max_tokens=n, ignore_eos=True, **kw)
+
+
+class OracleDrafter:
+    """Proposes the model's own greedy continuation (all accepted) for k tokens."""
+    def __init__(self, continuation, prompt_len, k):
+        self.cont, self.plen, self.k = continuation, prompt_len, k
+
+    def propose(self, seqs):
+        return [self.cont[s.num_tokens - self.plen:s.num_tokens - self.plen + self.k] for s in seqs]
+
+
+class RandomDrafter:
+    def __init__(self, vocab, k, seed=0):
+        self.rng, self.vocab, self.k = random.Random(seed), vocab, k
+
+    def propose(self, seqs):
+        return [[self.rng.randrange(self.vocab) for _ in range(self.k)] for _ in seqs]
+
+
+@pytest.fixture
+def runner(tiny_dir):
+    r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"), seed=0, pa_blk_size=4)
+    yield r
+    r.shutdown()
+
+
+def test_drafts_verified_in_one_step_give_plain_greedy_output(runner):
+    pipe = runner._pipeline(None)
+    engine = pipe.engine
+    ids = pipe.tokenizer.encode(PROMPT, add_special_tokens=True)
+    want = our_greedy(pipe.model, ids, 24)
+    engine.drafter = OracleDrafter(want, len(ids), 4)
+    steps = engine.stats["steps"]
+    out = runner.send_completion_request(completion(temperature=0.0)).choices[0].text
+    assert out == pipe.tokenizer.decode(want)
+    # prefill, then 23 more tokens at 5 a step
+    assert engine.stats["steps"] - steps == 1 + 5
+    assert engine.stats["accepted_draft_tokens"] == engine.stats["draft_tokens"] > 0
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_rejected_drafts_roll_back_and_change_nothing(runner, temperature):
+    """Every kept token is the target's own draw from its own seeded generator, so random
+    drafts (mostly rejected, their KV rolled back) leave even sampled output unchanged."""
+    pipe = runner._pipeline(None)
+    engine = pipe.engine
+    plain = runner.send_completion_request(completion(temperature=temperature, seed=7)).choices[0].text
+    engine.drafter = RandomDrafter(pipe.tokenizer.vocab_size, 3)
+    drafted = runner.send_completion_request(completion(temperature=temperature, seed=7)).choices[0].text
+    assert drafted == plain
+    assert engine.stats["draft_tokens"] > engine.stats["accepted_draft_tokens"]
+    assert engine.blocks.num_used == 0
+    # Rolled-back tails must not reach the prefix cache: a fresh request reuses only true blocks.
+    engine.drafter = None
+    assert runner.send_completion_request(completion(temperature=temperature, seed=7)).choices[0].text == plain
+
+
+def test_adapter_ids_and_logits_processors_reach_their_sequence(runner):
+    pipe = runner._pipeline(None)
+    engine, model = pipe.engine, pipe.model
+    seen = []
+    inner = model.forward_embeds
+
+    def spy(h, pos, meta, caches):
+        seen.append(meta.adapter_ids)
+        return inner(h, pos, meta, caches)
+    model.forward_embeds = spy
+    try:
+        ids = pipe.tokenizer.encode(PROMPT, add_special_tokens=True)
+        banned = our_greedy(model, ids, 1)[0]
+
+        def ban(output_ids, logits):
+            logits[banned] = -float("inf")
+            return logits
+        from mistralrs_core.sampling.params import SamplingParams
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        a = RequestGroup(ids, params, 2, False, 3, adapter_id="A", logits_processors=[ban, None])
+        b = RequestGroup(ids, params, 1, False, 3)
+        engine.submit(a)
+        engine.submit(b)
+        for g in (a, b):
+            while g.events.get()[0] != "done":
+                pass
+        assert a.seqs[0].output_ids[0] != banned          # processed choice
+        assert a.seqs[1].output_ids[0] == banned          # its sibling is untouched
+        assert b.seqs[0].output_ids[0] == banned
+        assert any(m is not None and "A" in m and None in m for m in seen)
+        # Different adapters never share prefix-cache blocks.
+        assert a.cache_extras is not None and b.cache_extras is None
+    finally:
+        model.forward_embeds = inner
+
+
+def test_chunks_never_end_inside_a_bidirectional_span():
+    bm = BlockManager(64, 4)
+    sched = Scheduler(bm, max_seqs=4, max_batch_tokens=5)
+    group = type("G", (), {})()
+    group.spans = (FeatureSpan(start=3, length=6, content_hash=b"x", bidirectional=True),)
+    group.cache_extras = None
+    s = Sequence(group, 0, list(range(16)), None, None, max_tokens=8)
+    sched.add(s)
+    sizes = []
+    while s.num_computed < s.num_tokens:
+        (seq, n), = sched.schedule()
+        sizes.append(n)
+        sched.after_step([(seq, n)])
+    # 5 would end at 5 (inside [3, 9)): cut to 3; then the whole span (6 > budget); then the rest
+    assert sizes == [3, 6, 5, 2]
+    # A causal span may be split.
+    group.spans = (FeatureSpan(start=3, length=6, content_hash=b"x"),)
+    s2 = Sequence(group, 0, list(range(100, 116)), None, None, max_tokens=8)
+    sched.finish(s)
+    sched.add(s2)
+    (seq, n), = sched.schedule()
+    assert n == 5
