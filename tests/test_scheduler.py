@@ -199,3 +199,13 @@ def test_no_kv_cache_recomputes_every_step():
     assert sizes(batch) == [(a.id, 10)] and len(a.blocks) == 3
     sched.reset_for_recompute(a)
     assert sizes(step(sched)) == [(a.id, 11)]
+
+
+def test_waiting_sequence_larger_than_the_pool_is_ended_not_spun_on():
+    bm = BlockManager(2, BS)
+    sched = Scheduler(bm, max_seqs=2, max_batch_tokens=100)
+    big, small = seq(12), seq(3, 100)
+    sched.add(big)
+    sched.add(small)
+    assert sizes(sched.schedule()) == [(small.id, 3)]
+    assert sched.out_of_memory == [big] and big.blocks == [] and list(sched.waiting) == []

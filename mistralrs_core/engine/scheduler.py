@@ -100,6 +100,11 @@ class Scheduler:
                 self.blocks.release(seq.blocks)
                 seq.block_hashes = []
                 seq.num_computed = 0
+                if not self.running and not batch:
+                    # Nothing will ever free a block for it: end it rather than spin.
+                    self.waiting.popleft()
+                    self.out_of_memory.append(seq)
+                    continue
                 break
             self.waiting.popleft()
             seq.state_slot = self.free_slots.pop()
