@@ -163,3 +163,30 @@ def test_portable_code_paths_match_torch(tmp_path, case, qtype):
     err = max(max_rel_err(g, w) for g, w in zip(got, want))
     print(f"{case} {qtype} portable: {err:.2e}")
     assert err <= TOL, err
+
+
+@torch.inference_mode()
+def test_fused_step_takes_embeddings_with_spliced_features(tmp_path):
+    """The step starts from hidden states, so rows replaced by encoder features (a
+    multimodal model's input) run through it like token embeddings; the caller's tensor is
+    not overwritten."""
+    arch, _, cfg, ref = tiny("llama")
+    path = tmp_path / "llama.gguf"
+    write_gguf(path, arch, ref, cfg, "Q8_0")
+    model, _, _ = load_gguf_model([path], torch.float32)
+    fused = model.fast_forward
+    assert fused is not None
+    ids, pos, meta = build_metadata([(random_prompt(6, VOCAB, 3), 0, [0, 1])], 4, "cpu")
+    h = model.embed(ids)
+    h[2:4] = torch.randn(2, h.shape[1], generator=torch.Generator().manual_seed(0))
+    before = h.clone()
+    outs, counting = [], Counting(fused)
+    for step in (counting, None):
+        caches = [make_layer_cache(s, 2, 4, model.dtype, "cpu") for s in model.kv_cache_specs()]
+        model.fast_forward = step
+        try:
+            outs.append(model.forward_embeds(h, pos, meta, caches))
+        finally:
+            model.fast_forward = fused
+    assert counting.calls == 1 and torch.equal(h, before)
+    assert max_rel_err(outs[0], outs[1]) <= TOL
