@@ -70,24 +70,11 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     return TextPipeline(name, model, tokenizer, template, engine, generation_config)
 
 
-UNSUPPORTED_WHICH_FIELDS = {
-    "topology": "per-layer device/quantization topology",
-    "organization": "ISQ organization",
-    "from_uqff": "UQFF loading",
-    "write_uqff": "UQFF writing",
-    "calibration_file": "imatrix calibration",
-    "imatrix": "imatrix-guided quantization",
-    "matformer_config_path": "MatFormer slicing",
-    "matformer_slice_name": "MatFormer slicing",
-}
-
-
 def reject_unsupported_fields(which, supported: frozenset = frozenset()) -> None:
-    """A loader refuses the ``Which`` fields it cannot honour rather than ignoring them."""
-    from mistralrs_core.errors import NotAvailableYet
-    for field, what in UNSUPPORTED_WHICH_FIELDS.items():
-        if field not in supported and getattr(which, field, None) not in (None, [], ""):
-            raise NotAvailableYet(f"Which.{type(which).__name__}({field}=...) ({what})")
+    """A loader refuses the ``Which`` fields it cannot honour (``supported``: those it
+    does) unless a plugin provides their capability (``mistralrs_core.capabilities``)."""
+    from mistralrs_core.capabilities import check_which
+    check_which(which, supported)
 
 
 class SafetensorsLoader:

@@ -8,6 +8,7 @@ from typing import Iterator
 from mistralrs_core.api import responses as R
 from mistralrs_core.engine.engine import Engine, RequestGroup
 from mistralrs_core.errors import ModelError
+from mistralrs_core.pipeline.base import TextGeneration
 from mistralrs_core.pipeline.requests import (normalize_messages, reject_unavailable, sampling_params,
                                               validate_chat_request, validate_completion_request)
 from mistralrs_core.tokenization.prompt import apply_chat_template, encode_prompt
@@ -35,7 +36,7 @@ class ResponseStream:
         self._cancel()
 
 
-class TextPipeline:
+class TextPipeline(TextGeneration):
     kind = "text"
 
     def __init__(self, name: str, model, tokenizer, template, engine: Engine, generation_config: dict):
