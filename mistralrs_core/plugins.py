@@ -3,8 +3,19 @@
 Plugins are found through the entry-point group ``mistralrs.plugins``. The environment
 variable ``MISTRALRS_PLUGINS`` controls autoloading: unset loads every installed plugin,
 ``none`` (or ``0``) loads none, and a comma-separated list loads only those entry-point
-names. A plugin that fails to import is recorded in ``failed_plugins()`` and logged; the
-rest keep working.
+names.
+
+A broken plugin is recorded in ``failed_plugins()``, logged and unregistered (so none of
+its hooks answer later), and the rest keep working. Broken means: it fails to import; a
+hook implementation has a name no hookspec declares (a misspelling, caught by pluggy's
+``check_pending``) or a bad signature; a registration hook raises; or it registers a
+name another plugin already holds (the message names both; the earlier plugin keeps the
+name). A plugin's registrations are staged and kept all or none.
+
+Registration hooks are called per plugin: each of the plugin's hook implementations
+(``pm.hook.<name>.get_hookimpls()``) is called as pluggy would, with the arguments it
+declares. Calling ``pm.hook.<name>(register=...)`` once for all plugins would stop at the
+first exception and could not tell whose ``register`` call it was.
 """
 from __future__ import annotations
 
@@ -13,7 +24,7 @@ import logging
 import os
 import threading
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import pluggy
