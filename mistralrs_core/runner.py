@@ -281,6 +281,12 @@ class Runner:
     def shutdown(self) -> None:
         for mid in list(self._models):
             self.unload_model(mid)
+        # What tool providers built (MCP connections, sandboxes) may hold processes.
+        tools, self._tools = getattr(self, "_tools", {}), {}
+        for handle in tools.values():
+            close = getattr(handle, "close", None)
+            if callable(close):
+                close()
 
     def __del__(self):
         try:

@@ -31,7 +31,8 @@ class ToolProvider:
 
     def build(self, args: Mapping[str, Any]) -> Any:
         """Set the tools up from the accepted arguments (only those are passed); the
-        result is what the Runner keeps for this provider."""
+        result is what the Runner keeps for this provider (``Runner.shutdown`` calls its
+        ``close()`` when it has one)."""
         raise NotImplementedError
 
 

@@ -217,8 +217,11 @@ class CallbackTools:
     def claims(self, args):
         return "tool_callbacks" in args
 
+    closed = []
+
     def build(self, args):
-        return sorted(args["tool_callbacks"])
+        names = sorted(args["tool_callbacks"])
+        return types.SimpleNamespace(names=names, close=lambda: CallbackTools.closed.append(names))
 
 
 def test_tool_providers_take_runner_arguments(fresh_plugins, tiny_dir):
@@ -231,9 +234,10 @@ def test_tool_providers_take_runner_arguments(fresh_plugins, tiny_dir):
         "tools_plugin")
     r = Runner(which=which, tool_callbacks=callbacks)
     try:
-        assert r.tool_providers() == {"callbacks": ["lookup"]}
+        assert r.tool_providers()["callbacks"].names == ["lookup"]
     finally:
         r.shutdown()
+    assert CallbackTools.closed == [["lookup"]] and r.tool_providers() == {}
     # An argument no provider takes is still refused, naming what to install ...
     with pytest.raises(NotAvailableYet, match=r"mcp_client_config.*install mistralrs-tools-mcp"):
         Runner(which=which, tool_callbacks=callbacks, mcp_client_config={"servers": []})
