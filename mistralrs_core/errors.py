@@ -13,3 +13,18 @@ class NotAvailableYet(NotImplementedError):
 
 class ModelError(RuntimeError):
     """The engine failed while serving a request (the engine itself keeps running)."""
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+class WrongModelKind(ValueError):
+    """A call went to a model of a kind that cannot serve it (chat to an embedding model,
+    ``generate_image`` to a text model ...)."""
+
+    def __init__(self, model_id: str, kind: str, needed: tuple[str, ...], call: str):
+        self.model_id, self.kind, self.needed, self.call = model_id, kind, needed, call
+        wanted = " or ".join(_a(k) for k in needed)
+        super().__init__(f"model_id: model {model_id!r} is not {wanted} model (it is {_a(kind)} model); "
+                         f"{call} needs one")

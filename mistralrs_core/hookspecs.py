@@ -2,7 +2,10 @@
 
 Registration hooks receive a ``register`` callback owned by the core; plugins pass it
 ``"module:attr"`` strings so that listing plugins never imports model code or CUDA.
-Selection hooks answer "who handles this?" and stop at the first non-None answer.
+Names are unique per table (architectures: per kind): registering a name another plugin
+already registered fails, naming both plugins. Selection hooks answer "who handles
+this?" and stop at the first non-None answer. A hook implementation whose name is not
+declared here (a misspelling) makes its plugin fail to load.
 """
 from __future__ import annotations
 
@@ -18,9 +21,15 @@ def mistralrs_register_architectures(register):
     """Register model families.
 
     Call ``register(name, target, *, kind, hf_model_types=(), hf_architectures=(),
-    gguf_architectures=(), aliases=())`` once per family. ``name`` is the spec's enum
-    name (``"Llama"``), ``target`` a ``"module:Class"`` string for the model class and
-    ``kind`` one of text, vision, diffusion, speech, embedding.
+    gguf_architectures=(), aliases=(), processor=None, pipeline=None,
+    config_from_gguf=None)`` once per family. ``name`` is the spec's enum name
+    (``"Llama"``), ``target`` a ``"module:Class"`` string for the model class and ``kind``
+    one of text, vision, diffusion, speech, embedding. ``processor`` / ``pipeline``:
+    ``"module:attr"`` of the family's input processor and pipeline class when it needs its
+    own. ``config_from_gguf``: ``"module:func"`` with the signature
+    ``func(meta, vocab_size, tied) -> dict`` (``meta``: ``mistralrs_quant.gguf_config.GGUFMeta``)
+    turning a GGUF file's metadata into the HF config dict the family reads; it wins over
+    the GGUF loader's built-in table for the family's ``gguf_architectures``.
     """
 
 
@@ -37,12 +46,32 @@ def mistralrs_register_quantizers(register):
 
 @hookspec
 def mistralrs_register_samplers(register):
-    """Register sampler implementations: ``register(name, target)``."""
+    """Register sampler implementations: ``register(name, target)``; the engine builds
+    ``"default"`` (``mistralrs_core.plugins.make_sampler``)."""
 
 
 @hookspec
 def mistralrs_register_tool_providers(register):
-    """Register tool providers (MCP, web search, code execution): ``register(name, target)``."""
+    """Register tool providers: ``register(name, target)``, ``target`` a ``"module:Class"``
+    of a ``mistralrs_core.tools.ToolProvider``. The Runner hands its tool arguments
+    (``tool_callbacks``, ``mcp_client_config``, ``enable_search`` ...) to the providers
+    that claim them."""
+
+
+@hookspec
+def mistralrs_register_capabilities(register):
+    """Declare what this plugin implements: ``register(name, *, provides="")`` with a name
+    from ``mistralrs_core.capabilities.KNOWN`` (``"grammar"``, ``"isq"``, ``"mcp"`` ...).
+    Until some plugin registers a capability, the arguments that need it raise
+    ``NotAvailableYet``; once registered, the plugin must really handle them."""
+
+
+@hookspec
+def mistralrs_register_logits_processors(register):
+    """Register logits processors: ``register(name, target)``, ``target`` a
+    ``"module:func"`` factory ``(request, tokenizer) -> processor | None``; a processor is
+    ``callable(output_ids: list[int], logits: Tensor[vocab]) -> Tensor``. Every factory is
+    asked for each request; those returning None do not apply to it."""
 
 
 @hookspec(firstresult=True)

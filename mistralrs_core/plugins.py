@@ -3,8 +3,19 @@
 Plugins are found through the entry-point group ``mistralrs.plugins``. The environment
 variable ``MISTRALRS_PLUGINS`` controls autoloading: unset loads every installed plugin,
 ``none`` (or ``0``) loads none, and a comma-separated list loads only those entry-point
-names. A plugin that fails to import is recorded in ``failed_plugins()`` and logged; the
-rest keep working.
+names.
+
+A broken plugin is recorded in ``failed_plugins()``, logged and unregistered (so none of
+its hooks answer later), and the rest keep working. Broken means: it fails to import; a
+hook implementation has a name no hookspec declares (a misspelling, caught by pluggy's
+``check_pending``) or a bad signature; a registration hook raises; or it registers a
+name another plugin already holds (the message names both; the earlier plugin keeps the
+name). A plugin's registrations are staged and kept all or none.
+
+Registration hooks are called per plugin: each of the plugin's hook implementations
+(``pm.hook.<name>.get_hookimpls()``) is called as pluggy would, with the arguments it
+declares. Calling ``pm.hook.<name>(register=...)`` once for all plugins would stop at the
+first exception and could not tell whose ``register`` call it was.
 """
 from __future__ import annotations
 
@@ -13,7 +24,7 @@ import logging
 import os
 import threading
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import pluggy
@@ -47,10 +58,21 @@ class ArchitectureEntry:
     gguf_architectures: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     plugin: str = ""
-    pipeline: str | Any = None
+    processor: str | Any | None = None          # "module:attr" of the family's input processor
+    pipeline: str | Any | None = None           # "module:Class" when the kind's default does not fit
+    config_from_gguf: str | Any | None = None   # "module:func"(meta, vocab_size, tied) -> HF config
 
     def load(self):
         return resolve_target(self.target)
+
+    def load_processor(self):
+        return None if self.processor is None else resolve_target(self.processor)
+
+    def load_pipeline(self):
+        return None if self.pipeline is None else resolve_target(self.pipeline)
+
+    def load_config_from_gguf(self):
+        return None if self.config_from_gguf is None else resolve_target(self.config_from_gguf)
 
 
 @attrs.define
@@ -73,6 +95,8 @@ class Registry:
         self.quantizers: dict[str, Entry] = {}
         self.samplers: dict[str, Entry] = {}
         self.tool_providers: dict[str, Entry] = {}
+        self.capabilities: dict[str, Entry] = {}
+        self.logits_processors: dict[str, Entry] = {}
 
     def architecture(self, name: str, kind: str | None = None) -> ArchitectureEntry | None:
         key = name.lower()
@@ -105,6 +129,10 @@ class Registry:
         return sorted(e.name for e in self.architectures.values() if kind is None or e.kind == kind)
 
 
+class DuplicateRegistration(ValueError):
+    """Two plugins registered the same name in one table."""
+
+
 class _State:
     lock = threading.RLock()
     pm: pluggy.PluginManager | None = None
@@ -122,6 +150,41 @@ def _allowlist() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def _fail(pm: pluggy.PluginManager, name: str, why: str) -> None:
+    """Record a broken plugin and take it out, so none of its hooks answer later."""
+    _State.failed[name] = why
+    _State.loaded.pop(name, None)
+    log.warning("mistralrs plugin %r failed: %s", name, why)
+    plugin = pm.get_plugin(name)
+    if plugin is not None:
+        pm.unregister(plugin, name=name)
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str, origin: str) -> bool:
+    """``pm.register`` plus the checks pluggy defers: a hook implementation pluggy has no
+    spec for (a misspelled hook name) fails the plugin that holds it, not the others."""
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:   # bad hook signature, a name taken twice
+        _State.failed[name] = f"{type(exc).__name__}: {exc}"
+        log.warning("mistralrs plugin %r (%s) failed to register: %s", name, origin, exc)
+        return False
+    _State.loaded[name] = origin
+    _check_pending(pm)
+    return pm.has_plugin(name)
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    while True:
+        try:
+            pm.check_pending()
+            return
+        except pluggy.PluginValidationError as exc:
+            bad = pm.get_name(exc.plugin) or repr(exc.plugin)
+            _fail(pm, bad, f"unknown hook: {exc} (known hooks: "
+                           f"{', '.join(n for n in dir(hookspecs) if n.startswith(hookspecs.PROJECT + '_'))})")
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     allow = _allowlist()
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -136,63 +199,116 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             _State.failed[ep.name] = msg
             log.warning("mistralrs plugin %r (%s) failed to load: %s", ep.name, ep.value, msg)
             continue
-        pm.register(plugin, name=ep.name)
         dist = getattr(ep, "dist", None)
-        _State.loaded[ep.name] = getattr(dist, "name", None) or ep.value
+        _register(pm, plugin, ep.name, getattr(dist, "name", None) or ep.value)
+
+
+def _arch_entry(name, target, plugin_name, kw) -> ArchitectureEntry:
+    known = {"kind", "hf_model_types", "hf_architectures", "gguf_architectures", "aliases",
+             "processor", "pipeline", "config_from_gguf"}
+    unknown = set(kw) - known
+    if unknown:
+        raise TypeError(f"register(): unknown keyword(s) {sorted(unknown)} for architecture {name!r}")
+    return ArchitectureEntry(
+        name=name, target=target, kind=kw.get("kind", "text"),
+        hf_model_types=tuple(kw.get("hf_model_types", ())),
+        hf_architectures=tuple(kw.get("hf_architectures", ())),
+        gguf_architectures=tuple(kw.get("gguf_architectures", ())),
+        aliases=tuple(kw.get("aliases", ())), plugin=plugin_name,
+        processor=kw.get("processor"), pipeline=kw.get("pipeline"),
+        config_from_gguf=kw.get("config_from_gguf"))
+
+
+def _capability_register(stage: list, plugin_name: str):
+    def register(name: str, *, provides: str = ""):
+        from mistralrs_core.capabilities import KNOWN
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"register(): capability name must be a non-empty str, got {name!r}")
+        if name.lower() not in KNOWN:
+            log.info("mistralrs plugin %r registers capability %r, which the core does not gate",
+                     plugin_name, name)
+        stage.append(("capabilities", name.lower(), Entry(name=name.lower(), target=None, plugin=plugin_name,
+                                                          extra={"provides": provides})))
+    return register
+
+
+def _table_register(stage: list, table: str, plugin_name: str):
+    def register(name, target, **kw):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"register(): name must be a non-empty str, got {name!r}")
+        if table == "architectures":
+            entry = _arch_entry(name, target, plugin_name, kw)
+            # Families are keyed by kind too: the text and the vision "Gemma3" coexist.
+            key = f"{entry.kind}:{name.lower()}"
+        else:
+            entry, key = Entry(name=name, target=target, plugin=plugin_name, extra=kw), name.lower()
+        stage.append((table, key, entry))
+    return register
+
+
+_HOOKS = (
+    ("mistralrs_register_architectures", "architectures"),
+    ("mistralrs_register_loaders", "loaders"),
+    ("mistralrs_register_quantizers", "quantizers"),
+    ("mistralrs_register_samplers", "samplers"),
+    ("mistralrs_register_tool_providers", "tool_providers"),
+    ("mistralrs_register_capabilities", "capabilities"),
+    ("mistralrs_register_logits_processors", "logits_processors"),
+)
+
+
+def _plugin_registrations(pm: pluggy.PluginManager, name: str) -> list:
+    """Every registration one plugin makes. Each of the plugin's hook implementations is
+    called as pluggy calls it (its declared arguments, by name), one plugin at a time, so
+    an error (or a duplicate) is attributed to this plugin alone."""
+    stage: list = []
+    for hook_name, table in _HOOKS:
+        register = (_capability_register(stage, name) if table == "capabilities"
+                    else _table_register(stage, table, name))
+        kwargs = {"register": register}
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            if impl.plugin_name != name:
+                continue
+            try:
+                impl.function(*(kwargs[a] for a in impl.argnames))
+            except Exception as exc:
+                raise RuntimeError(f"{hook_name}: {type(exc).__name__}: {exc}") from exc
+    return stage
 
 
 def _fill_registry(pm: pluggy.PluginManager) -> Registry:
     reg = Registry()
-
-    def registrar(table: dict, plugin_name: str, factory: Callable):
-        def register(name, target, **kw):
-            entry = factory(name, target, plugin_name, kw)
-            # Families are keyed by kind too: the text and the vision "Gemma3" coexist.
-            key = f"{entry.kind}:{name.lower()}" if isinstance(entry, ArchitectureEntry) else name.lower()
-            table[key] = entry
-        return register
-
-    def arch_factory(name, target, plugin_name, kw):
-        return ArchitectureEntry(
-            name=name, target=target, kind=kw.get("kind", "text"),
-            hf_model_types=tuple(kw.get("hf_model_types", ())),
-            hf_architectures=tuple(kw.get("hf_architectures", ())),
-            gguf_architectures=tuple(kw.get("gguf_architectures", ())),
-            aliases=tuple(kw.get("aliases", ())), plugin=plugin_name, pipeline=kw.get("pipeline"))
-
-    def entry_factory(name, target, plugin_name, kw):
-        return Entry(name=name, target=target, plugin=plugin_name, extra=kw)
-
-    hooks = [
-        ("mistralrs_register_architectures", reg.architectures, arch_factory),
-        ("mistralrs_register_loaders", reg.loaders, entry_factory),
-        ("mistralrs_register_quantizers", reg.quantizers, entry_factory),
-        ("mistralrs_register_samplers", reg.samplers, entry_factory),
-        ("mistralrs_register_tool_providers", reg.tool_providers, entry_factory),
-    ]
-    # Call each plugin separately so a registration error names its plugin and
-    # leaves the others' entries in place.
-    for plugin_name, plugin in pm.list_name_plugin():
-        for hook_name, table, factory in hooks:
-            impl = getattr(plugin, hook_name, None)
-            if impl is None:
-                continue
-            try:
-                impl(register=registrar(table, plugin_name, factory))
-            except Exception as exc:
-                _State.failed[plugin_name] = f"{hook_name}: {type(exc).__name__}: {exc}"
-                log.warning("mistralrs plugin %r failed in %s: %s", plugin_name, hook_name, exc)
+    # Plugins in registration order (core, entry points, in-process): the first to claim a
+    # name keeps it; a later plugin that claims it again fails as a whole, so none of its
+    # entries sit half-registered next to the first plugin's.
+    for name, plugin in list(pm.list_name_plugin()):
+        if plugin is None:
+            continue
+        try:
+            stage = _plugin_registrations(pm, name)
+            seen: dict[tuple, str] = {}
+            for table, key, entry in stage:
+                current = getattr(reg, table).get(key)
+                what = table[:-1].replace("_", " ") if table != "capabilities" else "capability"
+                if current is not None:
+                    raise DuplicateRegistration(
+                        f"{what} {entry.name!r} is registered by both {current.plugin!r} and {name!r}")
+                if (table, key) in seen:
+                    raise DuplicateRegistration(f"{what} {entry.name!r} is registered twice by {name!r}")
+                seen[(table, key)] = name
+        except Exception as exc:
+            _fail(pm, name, str(exc))
+            continue
+        for table, key, entry in stage:
+            getattr(reg, table)[key] = entry
     return reg
-
-
 def get_plugin_manager() -> pluggy.PluginManager:
     with _State.lock:
         if _State.pm is None:
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
             from mistralrs_core import defaults
-            pm.register(defaults, name="core")
-            _State.loaded["core"] = "mistralrs-core"
+            _register(pm, defaults, "core", "mistralrs-core")
             _load_entry_points(pm)
             _State.pm = pm
         return _State.pm
@@ -210,8 +326,7 @@ def register_plugin(plugin: Any, name: str) -> None:
     with _State.lock:
         pm = get_plugin_manager()
         if not pm.has_plugin(name):
-            pm.register(plugin, name=name)
-            _State.loaded[name] = getattr(plugin, "__name__", repr(plugin))
+            _register(pm, plugin, name, getattr(plugin, "__name__", type(plugin).__name__))
         _State.registry = None
 
 
@@ -234,8 +349,32 @@ def failed_plugins() -> dict[str, str]:
     return dict(_State.failed)
 
 
+def make_sampler(name: str = "default"):
+    """A new instance of the registered sampler ``name`` (the engine's ``"default"``)."""
+    entry = get_registry().samplers.get(name.lower())
+    if entry is None:
+        raise ValueError(f"sampler {name!r} is not registered; registered: "
+                         f"{', '.join(sorted(get_registry().samplers)) or 'none'}")
+    return entry.load()()
+
+
+def logits_processors_for(request, tokenizer) -> list:
+    """The processors every registered factory makes for ``request`` (None: not for it),
+    in registration order. A processor is ``(output_ids, logits[vocab]) -> logits``."""
+    out = []
+    for entry in get_registry().logits_processors.values():
+        proc = entry.load()(request, tokenizer)
+        if proc is not None:
+            if not callable(proc):
+                raise TypeError(f"logits processor factory {entry.name!r} ({entry.plugin}) returned "
+                                f"{type(proc).__name__}, not a callable")
+            out.append(proc)
+    return out
+
+
 def describe() -> str:
     """A human-readable list of what is installed (``python -m mistralrs_core.plugins``)."""
+    from mistralrs_core.capabilities import KNOWN
     reg = get_registry()
     lines = ["plugins:"]
     lines += [f"  {n} ({d})" for n, d in installed_plugins().items()]
@@ -243,11 +382,19 @@ def describe() -> str:
         lines.append(f"  {n} FAILED: {why}")
     for title, table in (("architectures", reg.architectures), ("loaders", reg.loaders),
                          ("quantizers", reg.quantizers), ("samplers", reg.samplers),
-                         ("tool providers", reg.tool_providers)):
+                         ("tool providers", reg.tool_providers),
+                         ("logits processors", reg.logits_processors)):
         lines.append(f"{title}:")
         for e in table.values():
             kind = f" [{e.kind}]" if isinstance(e, ArchitectureEntry) else ""
             lines.append(f"  {e.name}{kind} <- {e.plugin}")
+    lines.append("capabilities:")
+    for name in sorted(set(KNOWN) | set(reg.capabilities)):
+        e = reg.capabilities.get(name)
+        if e is not None:
+            lines.append(f"  {name}: provided by {e.plugin}")
+        else:
+            lines.append(f"  {name}: not installed (install {KNOWN[name].distribution})")
     return "\n".join(lines)
 
 

@@ -14,11 +14,14 @@ import logging
 import threading
 from typing import Any, Callable, Mapping
 
+from mistralrs_core import capabilities
 from mistralrs_core.api.which import WhichVariant  # noqa: F401
-from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.errors import NotAvailableYet, WrongModelKind
 from mistralrs_core.heap import release_free_heap
 from mistralrs_core.loading.options import LoadOptions
+from mistralrs_core.pipeline.base import TEXT_KINDS, TOKENIZER_KINDS, kind_of
 from mistralrs_core.plugins import get_plugin_manager, get_registry, installed_plugins
+from mistralrs_core.tools import attach_tool_providers
 
 log = logging.getLogger("mistralrs")
 
@@ -77,14 +80,31 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
     pm = get_plugin_manager()
     loader_name = pm.hook.mistralrs_select_loader(which=which, kind=kind)
     if loader_name is None:
+        dist = capabilities.distribution_for_kind(kind)
         raise NotAvailableYet(
             f"Which.{type(which).__name__}",
+            (f"install {dist}; " if dist else "") +
             f"no installed plugin loads it; installed plugins: {', '.join(installed_plugins())}")
+    if opts.quant_kernel not in (None, "auto") and getattr(which, "weights_format", "") not in ("gguf", "ggml"):
+        raise ValueError(f"quant_kernel: {opts.quant_kernel!r} selects a kernel for GGUF/GGML weights; "
+                         f"Which.{type(which).__name__} loads none")
     entry = get_registry().loaders.get(loader_name.lower())
     if entry is None:
         raise ValueError(f"loader {loader_name!r} was selected but is not registered")
     loader = entry.load()()
     return loader.load(which, opts, name)
+
+
+def _check_paged_attn(paged_attn: bool, no_paged_attn: bool) -> None:
+    """The KV cache is one paged block pool on every device, CPU included: there is no
+    contiguous cache. ``paged_attn=True`` asks for what always happens; ``no_paged_attn=True``
+    asks for a cache that does not exist, so it is refused rather than ignored."""
+    if paged_attn and no_paged_attn:
+        raise ValueError("paged_attn / no_paged_attn: both are set; they contradict each other")
+    if no_paged_attn:
+        raise NotAvailableYet("Runner(no_paged_attn=True) (a non-paged KV cache)",
+                              "the KV cache is always a paged block pool here, on every device; "
+                              "size it with pa_gpu_mem / pa_gpu_mem_usage / pa_ctxt_len instead")
 
 
 class Runner:
@@ -121,26 +141,19 @@ class Runner:
         mtp_n_predict: int | None = None,
         *,
         device: str | None = None,
+        quant_kernel: str | None = None,
     ) -> None:
-        unavailable = [
-            ("which_draft", which_draft is not None, "speculative decoding"),
-            ("mtp_model", mtp_model is not None, "multi-token prediction"),
-            ("anymoe_config", anymoe_config is not None, "AnyMoE"),
-            ("num_device_layers", bool(num_device_layers), "manual device mapping"),
-            ("enable_search", bool(enable_search), "web search"),
-            ("search_embedding_model", search_embedding_model is not None, "web search"),
-            ("search_callback", search_callback is not None, "web search"),
-            ("tool_callbacks", bool(tool_callbacks), "tool calling"),
-            ("mcp_client_config", mcp_client_config is not None, "the MCP client"),
-            ("code_execution_config", code_execution_config is not None, "code execution"),
-            ("shell_config", shell_config is not None, "the shell tool"),
-        ]
-        for field, present, what in unavailable:
-            if present:
-                raise NotAvailableYet(f"Runner({field}=...) ({what})")
-        if in_situ_quant is not None and "isq" not in get_registry().quantizers:
-            raise NotAvailableYet("Runner(in_situ_quant=...) (in-situ quantization)",
-                                  "install mistralrs-quant with ISQ support")
+        """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
+        present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
+        (default: exact float32 dots) or "vnni" (ggml's int8 dots where the CPU has AVX-512
+        VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change)."""
+        # Every argument a plugin has to provide goes through the one capability table.
+        capabilities.check_runner_args(
+            which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
+            num_device_layers=num_device_layers, in_situ_quant=in_situ_quant)
+        _check_paged_attn(paged_attn, no_paged_attn)
+        if quant_kernel is not None and (not isinstance(quant_kernel, str) or not quant_kernel.strip()):
+            raise ValueError(f"quant_kernel: must be a non-empty string, got {quant_kernel!r}")
         if max_seqs < 1:
             raise ValueError("max_seqs: must be >= 1")
         if prefix_cache_n < 0:
@@ -150,8 +163,14 @@ class Runner:
             token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
             in_situ_quant=in_situ_quant, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
             pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
-            no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device)
+            no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
+            quant_kernel=quant_kernel.strip().lower() if quant_kernel else None)
         self.speculative_gamma = speculative_gamma
+        # Tool arguments go to the tool providers that claim them (refused when none does).
+        self._tools = attach_tool_providers(dict(
+            tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
+            search_callback=search_callback, search_embedding_model=search_embedding_model,
+            code_execution_config=code_execution_config, shell_config=shell_config))
         self._models: dict[str, ModelSlot] = {}
         self._default: str | None = None
         self._lock = threading.RLock()
@@ -262,6 +281,12 @@ class Runner:
     def shutdown(self) -> None:
         for mid in list(self._models):
             self.unload_model(mid)
+        # What tool providers built (MCP connections, sandboxes) may hold processes.
+        tools, self._tools = getattr(self, "_tools", {}), {}
+        for handle in tools.values():
+            close = getattr(handle, "close", None)
+            if callable(close):
+                close()
 
     def __del__(self):
         try:
@@ -272,11 +297,25 @@ class Runner:
             pass
 
     # --- requests ---------------------------------------------------------
+    def _serving(self, model_id: str | None, kinds: tuple[str, ...], call: str):
+        """The model's pipeline when its kind serves ``call``, else a WrongModelKind."""
+        pipe = self._pipeline(model_id)
+        kind = kind_of(pipe)
+        if kind not in kinds:
+            raise WrongModelKind(pipe.name, kind, kinds, call)
+        return pipe
+
     def send_chat_completion_request(self, request, model_id: str | None = None):
-        return self._pipeline(model_id).chat(request)
+        return self._serving(model_id, TEXT_KINDS, "send_chat_completion_request").chat(request)
 
     def send_completion_request(self, request, model_id: str | None = None):
-        return self._pipeline(model_id).completion(request)
+        return self._serving(model_id, TEXT_KINDS, "send_completion_request").completion(request)
+
+    def stream_completion_request(self, request, model_id: str | None = None):
+        """A completion as an iterator of chunks, whatever ``request.stream`` says (the SDK
+        has no streamed completion call; the server's ``/v1/completions`` needs one). The
+        iterator has ``cancel()``."""
+        return self._serving(model_id, TEXT_KINDS, "stream_completion_request").completion_stream(request)
 
     def send_chat_completion_request_to_model(self, request, model_id: str):
         return self.send_chat_completion_request(request, model_id=model_id)
@@ -285,52 +324,86 @@ class Runner:
         return self.send_completion_request(request, model_id=model_id)
 
     def send_embedding_request(self, request, model_id: str | None = None) -> list[list[float]]:
-        pipe = self._pipeline(model_id)
-        if not hasattr(pipe, "embed"):
-            raise ValueError(f"model_id: model {pipe.name!r} is not an embedding model")
-        return pipe.embed(request)
+        return self._serving(model_id, ("embedding",), "send_embedding_request").embed(request)
+
+    def embedding_token_ids(self, request, model_id: str | None = None) -> list[list[int]]:
+        """The token ids ``send_embedding_request`` embeds for ``request`` (for usage counts)."""
+        return self._serving(model_id, ("embedding",), "embedding_token_ids").prepare(request)
+
+    def model_kind(self, model_id: str | None = None) -> str:
+        """"text", "vision", "embedding", "diffusion" or "speech" (loads an unloaded model)."""
+        return kind_of(self._pipeline(model_id))
 
     def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280,
                        model_id: str | None = None, save_file: str | None = None):
-        pipe = self._pipeline(model_id)
-        if not hasattr(pipe, "generate_image"):
-            raise ValueError(f"model_id: model {pipe.name!r} is not a diffusion model")
+        pipe = self._serving(model_id, ("diffusion",), "generate_image")
         return pipe.generate_image(prompt, response_format, height, width, save_file)
 
     def generate_audio(self, prompt: str, model_id: str | None = None):
-        pipe = self._pipeline(model_id)
-        if not hasattr(pipe, "generate_audio"):
-            raise ValueError(f"model_id: model {pipe.name!r} is not a speech model")
-        return pipe.generate_audio(prompt)
+        return self._serving(model_id, ("speech",), "generate_audio").generate_audio(prompt)
 
     def send_re_isq(self, dtype: str, model_id: str | None = None) -> None:
-        raise NotAvailableYet("send_re_isq (in-situ quantization)")
+        capabilities.check_method("send_re_isq")
+        # The gate is open: the ISQ plugin's pipeline does the work.
+        pipe = self._serving(model_id, TEXT_KINDS, "send_re_isq")
+        re_isq = getattr(pipe, "re_isq", None)
+        if re_isq is None:
+            raise NotAvailableYet("send_re_isq", f"model {pipe.name!r} cannot be re-quantized")
+        re_isq(dtype)
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True, enable_thinking: bool | None = None,
                       model_id: str | None = None) -> list[int]:
+        """``enable_thinking`` switches thinking in chat templates; ``text`` is raw and goes
+        through no template, so the ids never depend on it (as upstream, which applies it
+        only to templated messages). It is accepted for models whose template has the switch
+        and refused for the others, where it could never mean anything."""
         if not isinstance(text, str):
             raise ValueError("text: must be a string")
-        return self._pipeline(model_id).tokenize(text, add_special_tokens)
+        pipe = self._serving(model_id, TOKENIZER_KINDS, "tokenize_text")
+        if enable_thinking is not None:
+            if not isinstance(enable_thinking, bool):
+                raise ValueError(f"enable_thinking: must be a bool or None, got {enable_thinking!r}")
+            if not _has_thinking_switch(pipe):
+                raise ValueError(f"enable_thinking: model {pipe.name!r} has no thinking switch in its chat "
+                                 f"template; pass enable_thinking=None")
+        return pipe.tokenize(text, add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True,
                         model_id: str | None = None) -> str:
-        return self._pipeline(model_id).detokenize(list(tokens), skip_special_tokens)
+        pipe = self._serving(model_id, TOKENIZER_KINDS, "detokenize_text")
+        return pipe.detokenize(list(tokens), skip_special_tokens)
 
     def max_sequence_length(self, model_id: str | None = None) -> int | None:
         return getattr(self._pipeline(model_id), "max_context", None)
 
+    def tool_providers(self) -> dict[str, Any]:
+        """Tool provider name -> what it built from this Runner's tool arguments."""
+        return dict(self._tools)
+
     # Agentic sessions and produced files arrive with the tools plugin.
     def export_session(self, session_id: str, model_id: str | None = None):
-        raise NotAvailableYet("agentic sessions")
+        capabilities.check_method("export_session")
+        raise NotAvailableYet("export_session", "no installed tool provider keeps sessions")
 
     def import_session(self, session_id: str, session_json: str, model_id: str | None = None):
-        raise NotAvailableYet("agentic sessions")
+        capabilities.check_method("import_session")
+        raise NotAvailableYet("import_session", "no installed tool provider keeps sessions")
 
     def delete_session(self, session_id: str, model_id: str | None = None) -> bool:
-        raise NotAvailableYet("agentic sessions")
+        capabilities.check_method("delete_session")
+        raise NotAvailableYet("delete_session", "no installed tool provider keeps sessions")
 
     def list_session_ids(self, model_id: str | None = None) -> list[str]:
-        raise NotAvailableYet("agentic sessions")
+        capabilities.check_method("list_session_ids")
+        raise NotAvailableYet("list_session_ids", "no installed tool provider keeps sessions")
 
     def find_file(self, file_id: str):
-        raise NotAvailableYet("produced files")
+        capabilities.check_method("find_file")
+        raise NotAvailableYet("find_file", "no installed tool provider produces files")
+
+
+def _has_thinking_switch(pipe) -> bool:
+    """Whether the model's chat template reads ``enable_thinking``."""
+    template = getattr(pipe, "template", None)
+    source = getattr(template, "source", None)
+    return isinstance(source, str) and "enable_thinking" in source

@@ -86,3 +86,19 @@ def test_unknown_family_error_lists_known_and_plugins(tmp_path, tiny_dir):
     import pytest
     with pytest.raises(ValueError, match=r"unknown model family.*TinyTest.*installed plugins"):
         Runner(which=Which.Plain(model_id=str(d)))
+
+
+def test_missing_kind_names_the_distribution_and_listing_shows_capabilities():
+    out = run_py("""
+        from mistralrs import NotAvailableYet, Runner, Which
+        try:
+            Runner(which=Which.VisionPlain(model_id="/nonexistent", arch="Gemma3"))
+        except NotAvailableYet as exc:
+            print("refused:", exc)
+    """, {"MISTRALRS_PLUGINS": "none"})
+    assert "refused: Which.VisionPlain" in out and "install mistralrs-arch-vision" in out
+    out = subprocess.run([sys.executable, "-m", "mistralrs_core.plugins"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "capabilities:\n" in out.stdout and "grammar: not installed" in out.stdout
+    assert "logits processors:" in out.stdout

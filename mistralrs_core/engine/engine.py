@@ -28,7 +28,7 @@ from mistralrs_core.engine.sequence import Sequence, SeqStatus
 from mistralrs_core.engine.step import FeatureSpan, StepRecord
 from mistralrs_core.models.positions import PromptPositions
 from mistralrs_core.layers.recurrent import has_recurrent_state
-from mistralrs_core.sampling.sampler import Sampler
+from mistralrs_core.plugins import make_sampler
 from mistralrs_core.sampling.state import SamplingState
 from mistralrs_core.tokenization.detokenizer import IncrementalDetokenizer
 
@@ -123,7 +123,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.max_batch_tokens, config.no_kv_cache)
         self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.device, config.cache_dtype,
                                   num_state_slots=config.max_seqs)
-        self.sampler = Sampler()
+        self.sampler = make_sampler()
         self.max_context = getattr(model, "max_context_len", 4096)
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()

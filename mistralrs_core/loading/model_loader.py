@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from mistralrs_core.plugins import get_registry, installed_plugins, resolve_target
+from mistralrs_core.plugins import get_registry, installed_plugins
 
 
 def detect_architecture(hf_config: dict, kind: str = "text", arch=None):
@@ -71,24 +71,11 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     return (pipeline_cls or TextPipeline)(name, model, tokenizer, template, engine, generation_config)
 
 
-UNSUPPORTED_WHICH_FIELDS = {
-    "topology": "per-layer device/quantization topology",
-    "organization": "ISQ organization",
-    "from_uqff": "UQFF loading",
-    "write_uqff": "UQFF writing",
-    "calibration_file": "imatrix calibration",
-    "imatrix": "imatrix-guided quantization",
-    "matformer_config_path": "MatFormer slicing",
-    "matformer_slice_name": "MatFormer slicing",
-}
-
-
 def reject_unsupported_fields(which, supported: frozenset = frozenset()) -> None:
-    """A loader refuses the ``Which`` fields it cannot honour rather than ignoring them."""
-    from mistralrs_core.errors import NotAvailableYet
-    for field, what in UNSUPPORTED_WHICH_FIELDS.items():
-        if field not in supported and getattr(which, field, None) not in (None, [], ""):
-            raise NotAvailableYet(f"Which.{type(which).__name__}({field}=...) ({what})")
+    """A loader refuses the ``Which`` fields it cannot honour (``supported``: those it
+    does) unless a plugin provides their capability (``mistralrs_core.capabilities``)."""
+    from mistralrs_core.capabilities import check_which
+    check_which(which, supported)
 
 
 class SafetensorsLoader:
@@ -111,6 +98,5 @@ class SafetensorsLoader:
         template = resolve_chat_template(model_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
         gen_cfg = load_generation_config(model_dir)
         # A family may bring its own pipeline (e.g. one that turns image parts into features).
-        target = getattr(model.family, "pipeline", None)
-        pipeline_cls = resolve_target(target) if target else None
+        pipeline_cls = model.family.load_pipeline()
         return make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device, pipeline_cls)

@@ -24,6 +24,9 @@ class LoadOptions:
     seed: int | None = None
     device: str | None = None
     max_batch_tokens: int | None = None
+    # CPU kernel variant for quantized (GGUF/GGML) weights; None/"auto": the exact one.
+    # A load option, not an environment switch: it changes the numbers.
+    quant_kernel: str | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:

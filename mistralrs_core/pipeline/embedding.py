@@ -4,13 +4,14 @@ from __future__ import annotations
 import threading
 
 from mistralrs_core.api.validate import normalize_embedding_input, validate_embedding_request
+from mistralrs_core.pipeline.base import Embedding
 
 # Above this many padded tokens a request is split into several forwards, so a huge batch
 # cannot allocate [B, heads, L, L] attention scores all at once.
 _MAX_PADDED_TOKENS = 32768
 
 
-class EmbeddingPipeline:
+class EmbeddingPipeline(Embedding):
     kind = "embedding"
 
     def __init__(self, name: str, model, tokenizer):

@@ -3,28 +3,14 @@ from __future__ import annotations
 
 from mistralrs_core.api.validate import (normalize_messages, validate_chat_request,
                                          validate_completion_request)
-from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.capabilities import check_request
 from mistralrs_core.sampling.params import SamplingParams, encode_sequence_breakers
 
 
 def reject_unavailable(req) -> None:
-    """Fields whose capability arrives with a later plugin are refused, never ignored."""
-    checks = [
-        ("grammar", getattr(req, "grammar", None) is not None, "constrained decoding"),
-        ("tool_schemas", bool(getattr(req, "tool_schemas", None)), "tool calling"),
-        ("web_search_options", getattr(req, "web_search_options", None) is not None, "web search"),
-        ("enable_code_execution", bool(getattr(req, "enable_code_execution", False)), "code execution"),
-        ("enable_shell", bool(getattr(req, "enable_shell", False)), "the shell tool"),
-        ("max_tool_rounds", getattr(req, "max_tool_rounds", None) is not None, "the agentic tool loop"),
-        ("tool_dispatch_url", getattr(req, "tool_dispatch_url", None) is not None, "the agentic tool loop"),
-        ("session_id", getattr(req, "session_id", None) is not None, "agentic sessions"),
-        ("files", bool(getattr(req, "files", None)), "file outputs"),
-        ("input_files", bool(getattr(req, "input_files", None)), "file inputs"),
-        ("adapter", getattr(req, "adapter", None) is not None, "LoRA adapters"),
-    ]
-    for field, present, what in checks:
-        if present:
-            raise NotAvailableYet(f"{field} ({what})")
+    """Fields whose capability no installed plugin provides are refused, never ignored
+    (the table is ``mistralrs_core.capabilities.KNOWN``)."""
+    check_request(req)
 
 
 def sampling_params(req, tokenizer, generation_config: dict, *, max_tokens: int, n: int,

@@ -11,6 +11,8 @@ from mistralrs_core.api import responses as R
 from mistralrs_core.engine.engine import Engine, RequestGroup
 from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.errors import ModelError
+from mistralrs_core.pipeline.base import TextGeneration
+from mistralrs_core.plugins import logits_processors_for
 from mistralrs_core.pipeline.requests import (normalize_messages, reject_unavailable, sampling_params,
                                               validate_chat_request, validate_completion_request)
 from mistralrs_core.tokenization.prompt import apply_chat_template, encode_prompt
@@ -38,6 +40,17 @@ class ResponseStream:
         self._cancel()
 
 
+def _compose(procs: list):
+    if len(procs) == 1:
+        return procs[0]
+
+    def composed(output_ids, logits):
+        for p in procs:
+            logits = p(output_ids, logits)
+        return logits
+    return composed
+
+
 @attrs.define
 class Prompt:
     """Token ids plus the encoder inputs whose features replace placeholder tokens."""
@@ -45,7 +58,7 @@ class Prompt:
     spans: list[FeatureSpan] = attrs.field(factory=list)
 
 
-class TextPipeline:
+class TextPipeline(TextGeneration):
     """A generative model behind the chat and completion calls. Multimodal pipelines
     override ``chat_prompt`` to turn image/audio parts into placeholder tokens plus
     ``FeatureSpan``s; everything after that (engine, streaming, responses) is shared."""
@@ -117,8 +130,12 @@ class TextPipeline:
                                    enable_thinking=req.enable_thinking, **extra)
 
     def logits_processors(self, req, n: int) -> list | None:
-        """Per choice a logits processor (or None) for this request; None when none applies."""
-        return None
+        """Per choice one processor composed of what the registered factories make for this
+        request (each choice gets its own: a grammar matcher keeps per-sequence state)."""
+        per_choice = [logits_processors_for(req, self.tokenizer) for _ in range(n)]
+        if not any(per_choice):
+            return None
+        return [_compose(procs) if procs else None for procs in per_choice]
 
     def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False):
         max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from mistralrs_core.api.converter import (chat_request_from_openai, completion_request_from_openai,
                                           embedding_request_from_openai, to_json_dict)
 from mistralrs_core.api.enums import ImageGenerationResponseFormat, parse_enum
+from mistralrs_core.errors import WrongModelKind
 from mistralrs_core.server import wire
 from mistralrs_core.server.context import ServerState, openai_errors, read_json, state
 from mistralrs_core.server.errors import APIError, from_exception
@@ -71,7 +72,10 @@ async def chat_completions(request: Request):
     model = st.resolve_model(body.get("model"))
     include_usage = _include_usage(body)
     req = chat_request_from_openai(body)
-    result = await st.run(st.runner.send_chat_completion_request, req, model)
+    try:
+        result = await st.run(st.runner.send_chat_completion_request, req, model)
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, "/v1/chat/completions") from None
     if req.stream:
         return _stream(st, result, model, "/v1/chat/completions", include_usage, t0)
     out = wire.chat_response(result)
@@ -92,25 +96,18 @@ async def completions(request: Request):
     include_usage = _include_usage(body)
     req = completion_request_from_openai(body)
     if stream:
-        def start():
-            pipe = st.runner._pipeline(model)  # the SDK has no streamed completion call
-            if not hasattr(pipe, "completion_stream"):
-                raise APIError(400, f"model `{model}` cannot stream completions", param="stream")
-            return pipe.completion_stream(req)
-        result = await st.run(start)
+        try:
+            result = await st.run(st.runner.stream_completion_request, req, model)
+        except WrongModelKind as exc:
+            raise _wrong_kind(exc, "/v1/completions") from None
         return _stream(st, result, model, "/v1/completions", include_usage, t0)
-    result = await st.run(st.runner.send_completion_request, req, model)
+    try:
+        result = await st.run(st.runner.send_completion_request, req, model)
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, "/v1/completions") from None
     out = to_json_dict(result)
     st.metrics.record_usage(model, out.get("usage"))
     return JSONResponse(out)
-
-
-def _prompt_tokens(st: ServerState, req, model: str) -> int:
-    """Usage for an embedding request: the ids the model embeds (special tokens included)."""
-    prepare = getattr(st.runner._pipeline(model), "prepare", None)
-    if prepare is None:
-        return 0   # usage is best effort; the vectors are what was asked for
-    return sum(len(ids) for ids in prepare(req))
 
 
 @router.post("/v1/embeddings")
@@ -128,21 +125,24 @@ async def embeddings(request: Request):
     req = embedding_request_from_openai(body)
     try:
         vectors = await st.run(st.runner.send_embedding_request, req, model)
-    except ValueError as exc:
-        if "not an embedding model" in str(exc):
-            raise APIError(400, f"model `{model}` is not an embedding model; /v1/embeddings needs one "
-                                f"(serve it with --kind embedding)", param="model") from None
-        raise
-    tokens = await st.run(_prompt_tokens, st, req, model)
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, "/v1/embeddings") from None
+    # Usage: the ids the model embedded (special tokens included).
+    ids = await st.run(st.runner.embedding_token_ids, req, model)
+    tokens = sum(len(x) for x in ids)
     st.metrics.record_usage(model, {"prompt_tokens": tokens})
     return JSONResponse(wire.embeddings(vectors, model, encoding, tokens))
 
 
-def _needs_kind(exc: ValueError, model: str, kind: str, route: str, flag: str) -> Exception:
-    if f"not a {kind} model" in str(exc):
-        return APIError(400, f"model `{model}` is not a {kind} model; {route} needs one "
-                             f"(serve one with --kind {flag})", param="model")
-    return exc
+def _wrong_kind(exc: WrongModelKind, route: str) -> APIError:
+    wanted = " or ".join(exc.needed)
+    return APIError(400, f"model `{exc.model_id}` is not {_a(exc.needed[0])} {wanted} model (it is "
+                         f"{_a(exc.kind)} {exc.kind} model); {route} needs one (serve one with --kind "
+                         f"{exc.needed[0]})", param="model")
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _size(body: dict) -> tuple[int, int]:
@@ -175,8 +175,8 @@ async def images(request: Request):
     height, width = _size(body)
     try:
         result = await st.run(st.runner.generate_image, prompt, fmt, height, width, model_id=model)
-    except ValueError as exc:
-        raise _needs_kind(exc, model, "diffusion", "/v1/images/generations", "diffusion") from None
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, "/v1/images/generations") from None
     return JSONResponse(to_json_dict(result))
 
 
@@ -195,8 +195,8 @@ async def speech(request: Request):
                        param="response_format")
     try:
         result = await st.run(st.runner.generate_audio, text, model_id=model)
-    except ValueError as exc:
-        raise _needs_kind(exc, model, "speech", "/v1/audio/speech", "speech") from None
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, "/v1/audio/speech") from None
     if fmt == "pcm":
         return Response(wire.pcm16(result.pcm), media_type="audio/pcm",
                         headers={"X-Sample-Rate": str(result.rate), "X-Channels": str(result.channels)})

@@ -4,13 +4,24 @@ The text families read config.json; GGUF files carry the same facts under llama.
 ``<arch>.*`` keys (and a few as tensors: rope frequency factors). Each supported
 architecture maps them onto the HF names its family's ``config_from_hf`` expects, so a
 family module never learns about GGUF.
+
+Which builder runs: the family registration's own ``config_from_gguf`` first (a
+third-party family brings its builder with its registration), then this module's table
+for the llama.cpp architectures. The table stays here, not in mistralrs-arch-text:
+these mappings are llama.cpp's conventions (as are ``gguf_names``' tensor names), which
+this plugin owns, and a text family must not depend on the GGUF plugin. Builders have
+the signature ``builder(meta: GGUFMeta, vocab_size, tied) -> dict`` and may reuse
+``common_config``.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
 
-class _Meta:
+class GGUFMeta:
+    """A GGUF file's metadata seen from one architecture: ``get("block_count")`` reads
+    ``<arch>.block_count``; ``tensors`` maps tensor names to their infos."""
+
     def __init__(self, md: Mapping, arch: str, tensors: Mapping):
         self.md, self.arch, self.tensors = md, arch, tensors
 
@@ -40,7 +51,7 @@ def _per_layer(value, what: str) -> int:
     return int(value)
 
 
-def _intermediate(m: _Meta) -> int:
+def _intermediate(m: GGUFMeta) -> int:
     # The tensor is the truth: Phi-2's converter writes 4 * hidden whatever the model has.
     down = m.tensors.get("blk.0.ffn_down.weight")
     if getattr(down, "shape", None) is not None and len(down.shape) == 2:
@@ -48,7 +59,7 @@ def _intermediate(m: _Meta) -> int:
     return _per_layer(m.req("feed_forward_length"), "feed_forward_length")
 
 
-def _rope_scaling(m: _Meta, cfg: dict) -> dict | None:
+def _rope_scaling(m: GGUFMeta, cfg: dict) -> dict | None:
     kind = m.get("rope.scaling.type")
     kind = None if kind in (None, "", "none") else kind
     rs: dict[str, Any] = {}
@@ -74,7 +85,7 @@ def _rope_scaling(m: _Meta, cfg: dict) -> dict | None:
             "attention_factor": 1.0, "original_max_position_embeddings": cfg["max_position_embeddings"]}
 
 
-def _common(m: _Meta, vocab: int, tied: bool) -> dict:
+def _common(m: GGUFMeta, vocab: int, tied: bool) -> dict:
     layers = int(m.req("block_count"))
     heads = _per_layer(m.req("attention.head_count"), "head_count")
     hidden = int(m.req("embedding_length"))
@@ -103,11 +114,14 @@ def _common(m: _Meta, vocab: int, tied: bool) -> dict:
     return cfg
 
 
-def _has_bias(m: _Meta, name: str) -> bool:
+common_config = _common   # public name for third-party builders
+
+
+def _has_bias(m: GGUFMeta, name: str) -> bool:
     return f"blk.0.{name}.bias" in m.tensors
 
 
-def llama(m: _Meta, vocab: int, tied: bool) -> dict:
+def llama(m: GGUFMeta, vocab: int, tied: bool) -> dict:
     cfg = _common(m, vocab, tied)
     cfg.update(model_type="llama", architectures=["LlamaForCausalLM"],
                attention_bias=_has_bias(m, "attn_q"), mlp_bias=_has_bias(m, "ffn_up"))
@@ -221,20 +235,34 @@ def gemma3(m, vocab, tied):
     return cfg
 
 
-CONFIG_BUILDERS: dict[str, Callable[[_Meta, int, bool], dict]] = {
+CONFIG_BUILDERS: dict[str, Callable[[GGUFMeta, int, bool], dict]] = {
     "llama": llama, "qwen2": qwen2, "qwen3": qwen3, "smollm3": smollm3, "phi2": phi2, "phi3": phi3,
     "starcoder2": starcoder2, "gemma": gemma, "gemma2": gemma2, "gemma3": gemma3,
 }
 
 
-def hf_config_from_gguf(metadata: Mapping, tensors: Mapping, vocab_size: int, arch: str | None = None) -> dict:
+def config_builder(arch: str, family=None) -> Callable[[GGUFMeta, int, bool], dict]:
+    """The builder for ``arch``: the family registration's ``config_from_gguf`` when it has
+    one (``family``: a ``mistralrs_core.plugins.ArchitectureEntry``), else the table's."""
+    own = family.load_config_from_gguf() if family is not None else None
+    if own is not None:
+        return own
+    builder = CONFIG_BUILDERS.get(arch)
+    if builder is None:
+        who = f"family {family.name!r} ({family.plugin}) registers no config_from_gguf and " if family else ""
+        raise ValueError(f"GGUF architecture {arch!r} is not supported: {who}no built-in builder exists; "
+                         f"built in: {sorted(CONFIG_BUILDERS)}")
+    return builder
+
+
+def hf_config_from_gguf(metadata: Mapping, tensors: Mapping, vocab_size: int, arch: str | None = None,
+                        family=None) -> dict:
     """``tensors`` maps GGUF tensor names to ``GGUFTensorInfo`` (shapes and rope factor
-    vectors are read from it); ``arch`` defaults to ``general.architecture``."""
+    vectors are read from it); ``arch`` defaults to ``general.architecture``; ``family``:
+    the registry entry whose ``config_from_gguf`` (if any) builds the config."""
     arch = arch or metadata.get("general.architecture")
     if not isinstance(tensors, Mapping):   # bare names: no shapes or rope vectors to read
         tensors = {name: None for name in tensors}
-    builder = CONFIG_BUILDERS.get(arch)
-    if builder is None:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {sorted(CONFIG_BUILDERS)}")
+    builder = config_builder(arch, family)
     tied = "output.weight" not in tensors
-    return builder(_Meta(metadata, arch, tensors), vocab_size, tied)
+    return builder(GGUFMeta(metadata, arch, tensors), vocab_size, tied)

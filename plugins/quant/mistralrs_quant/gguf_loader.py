@@ -29,7 +29,7 @@ def resolve_gguf_paths(which, opts) -> list[Path]:
                          token_source=opts.token_source) for n in names]
 
 
-def _tensor_value(info: GGUFTensorInfo, arch: str, target: Target, hf_cfg: dict):
+def _tensor_value(info: GGUFTensorInfo, arch: str, target: Target, hf_cfg: dict, quant_kernel=None):
     heads_key = needs_unpermute(arch, target.name)
     if info.type_name in _FLOAT_TYPES or len(info.shape) != 2:
         value = info.dequantize()
@@ -46,17 +46,18 @@ def _tensor_value(info: GGUFTensorInfo, arch: str, target: Target, hf_cfg: dict)
         raw = raw[target.rows[0]:target.rows[1]]
     if heads_key is not None:
         raw = raw[unpermute_rows(raw.shape[0], hf_cfg[heads_key])]
-    return GGUFQuantizedWeight(raw, info.ggml_type, (raw.shape[0], info.shape[1]))
+    return GGUFQuantizedWeight(raw, info.ggml_type, (raw.shape[0], info.shape[1]), cpp_impl=quant_kernel)
 
 
-def iter_gguf_weights(gguf: GGUFFile, arch: str, hf_cfg: dict):
-    """(hf_name, tensor or GGUFQuantizedWeight) for every tensor the families use."""
+def iter_gguf_weights(gguf: GGUFFile, arch: str, hf_cfg: dict, quant_kernel: str | None = None):
+    """(hf_name, tensor or GGUFQuantizedWeight) for every tensor the families use;
+    ``quant_kernel``: the C++ kernel variant of the quantized ones (``Runner(quant_kernel=)``)."""
     for name, info in gguf.tensors.items():
         targets = hf_targets(arch, name, hf_cfg)
         if targets is None:
             raise ValueError(f"GGUF tensor {name!r} has no counterpart in the {arch} family")
         for target in targets:
-            yield target.name, _tensor_value(info, arch, target, hf_cfg)
+            yield target.name, _tensor_value(info, arch, target, hf_cfg, quant_kernel)
 
 
 def _family(arch: str | None, arch_override: str | None, where: Path):
@@ -72,7 +73,8 @@ def _family(arch: str | None, arch_override: str | None, where: Path):
     return entry
 
 
-def build_gguf_model(gguf: GGUFFile, dtype, device="cpu", arch_override=None, quant_compute_dtype=None):
+def build_gguf_model(gguf: GGUFFile, dtype, device="cpu", arch_override=None, quant_compute_dtype=None,
+                     quant_kernel: str | None = None):
     """(model, hf_config) from an opened GGUF (or a legacy GGML file presented as one)."""
     where = gguf.paths[0]
     arch = gguf.architecture
@@ -81,10 +83,10 @@ def build_gguf_model(gguf: GGUFFile, dtype, device="cpu", arch_override=None, qu
         emb = gguf.tensors.get("token_embd.weight")
         if emb is None:
             raise ValueError("the file has no token_embd.weight tensor")
-        hf = hf_config_from_gguf(gguf.metadata, gguf.tensors, emb.shape[0], arch)
+        hf = hf_config_from_gguf(gguf.metadata, gguf.tensors, emb.shape[0], arch, family=entry)
         model = entry.load().from_hf_config(hf, dtype)
         model.quant_compute_dtype = quant_compute_dtype
-        model.load_weights(iter_gguf_weights(gguf, arch, hf), device=device)
+        model.load_weights(iter_gguf_weights(gguf, arch, hf, quant_kernel), device=device)
     except ValueError as exc:
         # One message that names the file, not a chain pointing into the loader.
         msg = str(exc)
@@ -143,6 +145,14 @@ def load_tokenizer(which, opts, metadata: dict, where: Path):
     return tokenizer, None
 
 
+def check_quant_kernel(value: str | None) -> str | None:
+    """The ``quant_kernel`` load option, validated before any weight is read."""
+    from mistralrs_quant.kernels.cpp import IMPLS
+    if value is not None and value not in IMPLS:
+        raise ValueError(f"quant_kernel: unknown C++ kernel variant {value!r} (one of {', '.join(IMPLS)})")
+    return value
+
+
 def finish_pipeline(which, opts, name: str, gguf: GGUFFile):
     """Cheap checks first (a family for the architecture, a tokenizer), then weights, then
     the engine: a file that cannot serve fails before any weight is read."""
@@ -154,7 +164,8 @@ def finish_pipeline(which, opts, name: str, gguf: GGUFFile):
     tokenizer, tok_dir = load_tokenizer(which, opts, gguf.metadata, gguf.paths[0])
     device = pick_device(opts.device)
     dtype, compute = pick_dtypes(which, device)
-    model, hf = build_gguf_model(gguf, dtype, device, quant_compute_dtype=compute)
+    model, hf = build_gguf_model(gguf, dtype, device, quant_compute_dtype=compute,
+                                 quant_kernel=check_quant_kernel(getattr(opts, "quant_kernel", None)))
     # The header and the bytes of tensors the model copied (fused, dequantized) were read
     # once; their pages would otherwise stay in the RSS next to the copies.
     gguf.release_unused_pages()

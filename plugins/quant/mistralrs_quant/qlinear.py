@@ -240,10 +240,13 @@ class GGMLQuantMethod:
 class GGUFQuantizedWeight:
     """A GGUF tensor implementing ``mistralrs_core.layers.quantized.QuantizedWeight``."""
 
-    def __init__(self, raw, ggml_type: int, shape: Sequence[int]):
+    def __init__(self, raw, ggml_type: int, shape: Sequence[int], cpp_impl: Optional[str] = None):
+        """``cpp_impl``: the C++ kernel variant its quant method uses (the loader passes
+        the Runner's ``quant_kernel`` load option)."""
         self.raw = _as_uint8_tensor(raw)
         self.ggml_type = int(ggml_type)
         self.shape = tuple(int(s) for s in shape)
+        self.cpp_impl = cpp_impl
 
     @classmethod
     def from_info(cls, info) -> "GGUFQuantizedWeight":
@@ -256,5 +259,6 @@ class GGUFQuantizedWeight:
     def quant_method(self, compute_dtype: torch.dtype = torch.bfloat16, **kwargs) -> GGMLQuantMethod:
         if len(self.shape) != 2:
             raise ValueError(f"only 2-D weights can be used as a linear layer, shape is {self.shape}")
+        kwargs.setdefault("cpp_impl", self.cpp_impl)
         return GGMLQuantMethod(self.raw.reshape(self.shape[0], -1), self.ggml_type, self.shape,
                                compute_dtype=compute_dtype, **kwargs)

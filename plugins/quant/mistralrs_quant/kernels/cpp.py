@@ -24,7 +24,9 @@ Two variants (``impl``):
     activations quantized to int8 per 32 once per call, integer dot products. Error
     ~1e-3 of sum |x||w| (bounded by amax/254 per activation, see ggml_vnni.cpp); about as
     fast as the exact kernel for 4-bit codes, up to ~1.8x faster for Q8_0/Q5_0.
-    ``MISTRALRS_QUANT_CPP_IMPL=vnni`` selects it for the qlinear path where supported.
+    ``Runner(quant_kernel="vnni")`` (a load option: it changes the numbers) selects it for
+    the qlinear path where supported. ``MISTRALRS_QUANT_CPP_IMPL`` is a deprecated fallback
+    read only when no variant was passed.
 
 ``MISTRALRS_QUANT_NO_CPP=1`` disables the kernels; a build failure (no compiler, no ninja)
 does too. Either way ``available()`` is False, ``unavailable_reason()`` says why (logged
@@ -219,10 +221,24 @@ def supports(ggml_type: int) -> bool:
     return int(ggml_type) in BLOCKS
 
 
+_env_impl_warned = False
+
+
+def _impl_from_env() -> Optional[str]:
+    """Deprecated: the variant changes numerics, so it is a load option
+    (``Runner(quant_kernel=)``); the variable is still read when nothing was passed."""
+    global _env_impl_warned
+    value = os.environ.get(ENV_IMPL)
+    if value and not _env_impl_warned:
+        _env_impl_warned = True
+        log.warning("%s is deprecated; pass Runner(quant_kernel=%r) instead", ENV_IMPL, value)
+    return value
+
+
 def choose_impl(ggml_type: int, impl: Optional[str] = None) -> str:
-    """``impl`` (default: $MISTRALRS_QUANT_CPP_IMPL, else "auto") where this CPU and type
-    support it, else "auto" (the exact variant)."""
-    impl = (impl or os.environ.get(ENV_IMPL) or "auto").strip().lower()
+    """``impl`` (default: the deprecated $MISTRALRS_QUANT_CPP_IMPL, else "auto") where this
+    CPU and type support it, else "auto" (the exact variant)."""
+    impl = (impl or _impl_from_env() or "auto").strip().lower()
     if impl not in IMPLS:
         raise ValueError(f"unknown C++ kernel implementation {impl!r} (one of {', '.join(IMPLS)})")
     if impl == "vnni" and not (build_info().get("vnni") and int(ggml_type) in VNNI_TYPES):

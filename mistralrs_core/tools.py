@@ -1,0 +1,61 @@
+"""Tool providers: plugins that take the Runner's tool arguments (MCP, web search, code
+execution, Python callbacks) and give the model tools.
+
+A provider is a class registered through ``mistralrs_register_tool_providers``; the Runner
+makes one per Runner, offers it the tool arguments that were set, and keeps what
+``build`` returns. Every argument that was set must be taken by some provider; one no
+provider takes is refused through the capability table (``NotAvailableYet`` naming the
+distribution to install), never ignored.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from mistralrs_core import capabilities
+from mistralrs_core.errors import NotAvailableYet
+
+# The Runner keywords that configure tools.
+TOOL_ARGS = ("tool_callbacks", "mcp_client_config", "enable_search", "search_callback",
+             "search_embedding_model", "code_execution_config", "shell_config")
+
+
+class ToolProvider:
+    """Base class (subclassing is optional: the duck type is ``accepts``/``claims``/``build``)."""
+
+    #: the Runner keywords (from ``TOOL_ARGS``) this provider can serve
+    accepts: tuple[str, ...] = ()
+
+    def claims(self, args: Mapping[str, Any]) -> bool:
+        """Whether to take part given the set tool arguments (default: any it accepts)."""
+        return any(a in args for a in self.accepts)
+
+    def build(self, args: Mapping[str, Any]) -> Any:
+        """Set the tools up from the accepted arguments (only those are passed); the
+        result is what the Runner keeps for this provider (``Runner.shutdown`` calls its
+        ``close()`` when it has one)."""
+        raise NotImplementedError
+
+
+def attach_tool_providers(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args``: the set tool arguments. Returns provider name -> what its ``build`` made."""
+    args = {k: v for k, v in args.items() if capabilities._present(v)}
+    if not args:
+        return {}
+    from mistralrs_core.plugins import get_registry
+    built: dict[str, Any] = {}
+    taken: set[str] = set()
+    for entry in get_registry().tool_providers.values():
+        provider = entry.load()()
+        if not provider.claims(args):
+            continue
+        mine = {k: v for k, v in args.items() if k in provider.accepts}
+        built[entry.name] = provider.build(mine)
+        taken.update(mine)
+    for name in args:
+        if name in taken:
+            continue
+        field = f"Runner({name}=...)"
+        capabilities.check_runner_args(**{name: args[name]})
+        # The capability is registered, yet no provider takes the argument: still refused.
+        raise NotAvailableYet(field, "no installed tool provider accepts it")
+    return built
