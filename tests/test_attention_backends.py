@@ -12,7 +12,7 @@ from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.layers.attention import KVCacheSpec, LayerKVCache, attention
 from mistralrs_core.layers.attention_backends import (
     AttentionBackend, CrossAttention, CrossAttentionBatch, CrossAttentionCache, EncoderAttention,
-    EncoderBatch, PagedSelfAttention, cross_attention, encoder_attention, paged_self_attention,
+    EncoderBatch, PagedSelfAttention, cross_attention, encoder_attention, paged_self_attention, token_spans,
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -110,17 +110,20 @@ def _hf_gemma3_masks(token_types: list[int], sliding_window: int):
 
 
 def _spans(token_types):
-    spans, start = [], None
-    for i, t in enumerate(token_types + [0]):
-        if t == 1 and start is None:
-            start = i
-        if t != 1 and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
+    return token_spans(token_types, 1)
 
 
 GEMMA3_TYPES = [0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 0, 1, 1, 1, 0]
+
+
+def test_token_spans_are_transformers_image_blocks():
+    from transformers.models.gemma3.modeling_gemma3 import get_block_sequence_ids_for_mask
+    for types in (GEMMA3_TYPES, [1, 1, 0, 1], [0, 0], [1]):
+        blocks = get_block_sequence_ids_for_mask(torch.tensor([types]))[0].tolist()
+        ours = [-1] * len(types)
+        for n, (s, e) in enumerate(token_spans(types, 1)):
+            ours[s:e] = [n] * (e - s)
+        assert ours == blocks
 
 
 @pytest.mark.parametrize("window", [3, 5])

@@ -75,6 +75,22 @@ class PagedSelfAttention(AttentionBackend):
                          softcap=softcap, sinks=sinks)
 
 
+def token_spans(token_ids, token_id: int) -> list[tuple[int, int]]:
+    """[start, end) runs of ``token_id`` in ``token_ids``: a sequence's entry for
+    ``AttentionMetadata.bidirectional_spans`` (Gemma 3: the image soft-token id). Adjacent
+    runs merge into one span, as transformers' ``token_type_ids`` blocks do."""
+    spans, start = [], None
+    for i, t in enumerate(token_ids):
+        if t == token_id and start is None:
+            start = i
+        elif t != token_id and start is not None:
+            spans.append((start, i))
+            start = None
+    if start is not None:
+        spans.append((start, len(token_ids)))
+    return spans
+
+
 # --------------------------------------------------------------------------- encoder attention
 
 @attrs.define(eq=False)
