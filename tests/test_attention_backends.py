@@ -374,3 +374,24 @@ def test_cross_cache_gather_is_reused_until_contents_change():
     cache.store(0, torch.full((3, 1, 2), 2.0), torch.ones(3, 1, 2))
     k2, _, lens = cache.gather([0, 2])
     assert k2 is not k1 and lens == [3, 4] and k2[0, :3].eq(2).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_backends_on_cuda_match_cpu():
+    """Masks and index tensors are built on the query's device (no host/device mix-ups)."""
+    n = len(GEMMA3_TYPES)
+    q, k, v = rand(n, 4, 8, seed=40), rand(n, 2, 8, seed=41), rand(n, 2, 8, seed=42)
+    outs = []
+    for dev in ("cpu", "cuda"):
+        _, _, meta = build_metadata([([0] * n, 0, [0, 1, 2, 3])], 4, dev, state_slots=[1])
+        meta.bidirectional_spans = [_spans(GEMMA3_TYPES)]
+        span = attention(q.to(dev), k.to(dev), v.to(dev), meta, None, scale=0.3, sliding_window=4)
+        enc = encoder_attention(q.to(dev), k.to(dev), v.to(dev), EncoderBatch.packed([4, 0, 11]), scale=0.3)
+        cache = CrossAttentionCache(max_seqs=2)
+        km = torch.ones(n, 5, dtype=torch.bool, device=dev)
+        km[:3] = False
+        batch = CrossAttentionBatch.from_meta(meta, new_slots=[1], new_lens=[5], key_mask=km)
+        cross = cross_attention(q.to(dev), k[:5].to(dev), v[:5].to(dev), batch, cache, scale=0.3)
+        outs.append([t.cpu() for t in (span, enc, cross, batch.text_row_mask(cache))])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
