@@ -355,6 +355,12 @@ def test_cross_attention_cache_slots_and_no_image_batches():
     cache.store(1, k, v)
     out = cross_attention(q, None, None, CrossAttentionBatch.from_meta(meta), cache, scale=0.5)
     torch.testing.assert_close(out, ref_attention(q, k, v, torch.ones(3, 5, dtype=torch.bool), 0.5), **TOL)
+    # A key mask narrower than the stored keys hides the keys past its width.
+    narrow = CrossAttentionBatch.from_meta(meta, key_mask=torch.ones(3, 3, dtype=torch.bool))
+    allowed = torch.zeros(3, 5, dtype=torch.bool)
+    allowed[:, :3] = True
+    torch.testing.assert_close(cross_attention(q, None, None, narrow, cache, scale=0.5),
+                               ref_attention(q, k, v, allowed, 0.5), **TOL)
     # A finished sequence's slot is cleared and reused by a sequence without an image.
     cache.clear(1)
     assert cache.length(1) == 0 and cache.nbytes == 0

@@ -285,7 +285,8 @@ class CrossAttentionBatch:
     in that order along k/v's first axis); empty on steps without new images.
     ``key_mask``: optional [T, K] bool, per text token the encoder keys it may see (Mllama's
     ``cross_attention_mask`` expanded over each tile's vision tokens); None: all of its
-    sequence's keys. Columns past a sequence's stored length are ignored.
+    sequence's keys. Columns past a sequence's stored length are ignored; keys past the
+    mask's width are hidden.
 
     A text token that may see no key follows transformers' Mllama: its mask row is dropped
     (it attends uniformly to all of its sequence's keys) and ``text_row_mask`` is 0 for it,
@@ -358,8 +359,12 @@ class CrossAttention(AttentionBackend):
                 scale: float) -> torch.Tensor:
         if k is not None:
             off = 0
+            alone = len(batch.new_slots) == 1
             for slot, n in zip(batch.new_slots, batch.new_lens):
-                cache.store(slot, k[off:off + n], v[off:off + n])
+                # A slice of a shared batch is copied so one finished sequence's slot does
+                # not keep the other sequences' encoder states alive.
+                ks, vs = k[off:off + n], v[off:off + n]
+                cache.store(slot, ks if alone else ks.clone(), vs if alone else vs.clone())
                 off += n
             if off != k.shape[0]:
                 raise ValueError(f"new_lens cover {off} encoder tokens but k has {k.shape[0]}")
