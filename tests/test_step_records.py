@@ -135,3 +135,17 @@ def test_chunks_never_end_inside_a_bidirectional_span():
     sched.add(s2)
     (seq, n), = sched.schedule()
     assert n == 5
+
+
+def test_bidirectional_spans_of_a_record_reach_the_attention_mask():
+    from mistralrs_core.engine.model_runner import build_metadata
+    from mistralrs_core.engine.step import StepRecord
+    span = FeatureSpan(start=3, length=6, content_hash=b"x", bidirectional=True)
+    causal_span = FeatureSpan(start=1, length=2, content_hash=b"y")
+    recs = [StepRecord(0, list(range(12)), 0, [0, 1, 2], spans=(span,)),
+            StepRecord(1, list(range(5)), 0, [3, 4], spans=(causal_span,))]
+    _, _, meta = build_metadata(recs, 4, "cpu")
+    assert meta.bidirectional_spans == [[(3, 9)], []]
+    m = meta.mask("cpu")[:, 0]
+    assert bool(m[0, 3, 8]) and not bool(m[0, 2, 3]) and not bool(m[0, 9, 10])
+    assert not bool(m[1, 1, 2])                      # a causal span stays causal

@@ -78,7 +78,8 @@ class AttentionMetadata:
     state_slots: torch.Tensor | None = None
     # per sequence its adapter id (None: base weights); None when no sequence has one
     adapter_ids: list[str | None] | None = None
-    # per sequence [(start, end)] token ranges that attend to each other both ways
+    # Per sequence, absolute [start, end) position ranges whose tokens attend each other
+    # both ways inside a causal sequence (Gemma 3 image tokens); None or all-empty: plain causal.
     bidirectional_spans: list[list[tuple[int, int]]] | None = None
     _masks: dict = attrs.field(factory=dict)
 
@@ -99,7 +100,10 @@ class AttentionMetadata:
             valid_q = qi < q_lens[:, None]
             m = kj < c_lens[:, None, None]
             if self.causal:
-                m = m & (kj <= q_pos[:, :, None])
+                allowed = kj <= q_pos[:, :, None]
+                if self.has_bidirectional_spans:
+                    allowed = allowed | self._same_span(q_pos, device)
+                m = m & allowed
             if sliding_window is not None:
                 m = m & (kj > q_pos[:, :, None] - sliding_window)
                 if not self.causal:
@@ -110,6 +114,29 @@ class AttentionMetadata:
             m = m[:, None]
             self._masks[key] = m
         return m
+
+    @property
+    def has_bidirectional_spans(self) -> bool:
+        return bool(self.bidirectional_spans) and any(self.bidirectional_spans)
+
+    def _same_span(self, q_pos: torch.Tensor, device) -> torch.Tensor:
+        """[B, q_max, k_max]: query and key lie in the same bidirectional span.
+
+        Matches transformers' ``blockwise_overlay`` OR-ed onto the causal mask: within a span
+        a query also sees the span's later keys (those already in the context)."""
+        span_id = torch.full((self.num_seqs, self.k_max), -1, dtype=torch.long)
+        n = 0
+        for b, spans in enumerate(self.bidirectional_spans):
+            for start, end in spans or ():
+                # Parts of a span not yet in the context (a later prefill chunk) have no keys.
+                start, end = max(start, 0), min(end, self.k_max)
+                if start < end:
+                    span_id[b, start:end] = n
+                n += 1
+        span_id = span_id.to(device)
+        # Padding queries may sit past k_max; their rows are dropped, so any id will do.
+        q_id = span_id.gather(1, q_pos.clamp(0, self.k_max - 1))
+        return (q_id[:, :, None] == span_id[:, None, :]) & (q_id[:, :, None] >= 0)
 
 
 def _pad_queries(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -147,9 +174,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
     if keys.dtype != queries.dtype:
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
     if (softcap is None and sinks is None and meta.causal and meta.num_seqs == 1
-            and (meta.fresh_prefill or cache is None) and (sliding_window is None or sliding_window >= k_len)):
+            and (meta.fresh_prefill or cache is None) and (sliding_window is None or sliding_window >= k_len)
+            and not meta.has_bidirectional_spans):
         # One fresh sequence with nothing to mask but the future: the causal kernel skips
         # the masked half of the work instead of reading a mask (~2x faster prefill attention).
+        # Bidirectional spans let a query see later keys, which the causal kernel cannot.
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
                                              enable_gqa=keys.shape[1] != queries.shape[1])
         return _unpad(out, meta)

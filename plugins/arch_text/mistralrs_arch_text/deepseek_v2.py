@@ -9,14 +9,15 @@ import attrs
 import torch
 from torch import nn
 
-from mistralrs_arch_text.llama import base_config
-from mistralrs_arch_text.mixtral import MixtralForCausalLM, MoEDecoderConfig, MoEDecoderLayer, with_moe
+from mistralrs_arch_text.mixtral import MixtralForCausalLM
 from mistralrs_core.layers.attention import KVCacheSpec
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.mla import mla_attention
 from mistralrs_core.layers.moe import MoEConfig
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.layers.rope import RopeConfig, apply_rotary
+from mistralrs_core.models.moe_decoder import MoEDecoderConfig, MoEDecoderLayer, with_moe
+from mistralrs_core.models.text_config import base_config
 
 
 @attrs.define

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 def gemma_activation(hf: dict) -> str:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from mistralrs_arch_text.gemma import GemmaForCausalLM, gemma_fields
-from mistralrs_arch_text.llama import base_config
+from mistralrs_core.models.text_config import base_config
 
 
 def gemma2_fields(hf: dict, sliding_every: int) -> dict:

@@ -3,8 +3,8 @@ local layers use their own rope base, and optional bidirectional attention (Embe
 from __future__ import annotations
 
 from mistralrs_arch_text.gemma2 import Gemma2ForCausalLM, gemma2_fields
-from mistralrs_arch_text.llama import base_config
 from mistralrs_core.layers.rope import RopeConfig
+from mistralrs_core.models.text_config import base_config
 
 _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 

@@ -3,9 +3,10 @@ before their residual add; fused ``gate_up_proj``; rotary on half of each head i
 interleaved (even, odd) layout."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
 from mistralrs_core.layers.rope import RopeConfig
 from mistralrs_core.models.decoder import DecoderLayer, make_norm
+from mistralrs_core.models.text_config import base_config
 
 
 class Glm4DecoderLayer(DecoderLayer):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from mistralrs_arch_text.llama import base_config
-from mistralrs_arch_text.mixtral import MixtralForCausalLM, with_moe
+from mistralrs_arch_text.mixtral import MixtralForCausalLM
 from mistralrs_core.errors import NotAvailableYet
 from mistralrs_core.layers.moe import MoEConfig
 from mistralrs_core.layers.norms import RMSNorm
+from mistralrs_core.models.moe_decoder import with_moe
+from mistralrs_core.models.text_config import base_config
 
 
 def _deinterleave(t: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import attrs
 from torch import nn
 
-from mistralrs_arch_text.llama import base_config
-from mistralrs_arch_text.mixtral import MixtralForCausalLM, MoEDecoderConfig, with_moe
+from mistralrs_arch_text.mixtral import MixtralForCausalLM
 from mistralrs_core.layers.attention import KVCacheSpec
 from mistralrs_core.layers.mamba2 import Mamba2Config, Mamba2Mixer
 from mistralrs_core.layers.mlp import GatedMLP
 from mistralrs_core.layers.moe import MoEConfig, SparseMoE
 from mistralrs_core.layers.rope import RopeConfig
 from mistralrs_core.models.decoder import DecoderAttention, make_norm
+from mistralrs_core.models.moe_decoder import MoEDecoderConfig, with_moe
+from mistralrs_core.models.text_config import base_config
 
 
 @attrs.define

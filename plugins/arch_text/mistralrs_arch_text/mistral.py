@@ -1,7 +1,8 @@
 """Mistral: Llama with an optional sliding attention window."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -2,31 +2,9 @@
 all experts, top-k, renormalised). The MoE families start from here."""
 from __future__ import annotations
 
-import attrs
-
 from mistralrs_arch_text.mistral import MistralForCausalLM
-from mistralrs_core.layers.moe import MoEConfig, MoEWeightsMixin, SparseMoE
-from mistralrs_core.models.decoder import DecoderConfig, DecoderLayer
-
-
-@attrs.define
-class MoEDecoderConfig(DecoderConfig):
-    moe: MoEConfig | None = None
-    moe_layers: list[bool] | None = None    # None: every layer is sparse
-
-    def is_moe(self, layer: int) -> bool:
-        return self.moe is not None and (self.moe_layers is None or self.moe_layers[layer])
-
-
-def with_moe(cfg: DecoderConfig, moe: MoEConfig, moe_layers: list[bool] | None = None) -> MoEDecoderConfig:
-    return MoEDecoderConfig(**attrs.asdict(cfg, recurse=False), moe=moe, moe_layers=moe_layers)
-
-
-class MoEDecoderLayer(DecoderLayer):
-    def build_mlp(self, cfg, layer):
-        if cfg.is_moe(layer):
-            return SparseMoE(cfg.moe, cfg.hidden_size)
-        return super().build_mlp(cfg, layer)
+from mistralrs_core.layers.moe import MoEConfig, MoEWeightsMixin
+from mistralrs_core.models.moe_decoder import MoEDecoderLayer, with_moe
 
 
 class MixtralForCausalLM(MoEWeightsMixin, MistralForCausalLM):

@@ -2,8 +2,9 @@
 rotary on part of each head, biases everywhere including the LM head."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
 from mistralrs_core.layers.rope import RopeConfig
+from mistralrs_core.models.text_config import base_config
 
 
 class Phi2ForCausalLM(LlamaForCausalLM):

@@ -2,7 +2,8 @@
 window over every layer."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):

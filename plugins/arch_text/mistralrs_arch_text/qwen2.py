@@ -1,7 +1,8 @@
 """Qwen2: Llama with q/k/v biases; layers from ``max_window_layers`` on may slide."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 def qwen_sliding(hf: dict) -> dict:

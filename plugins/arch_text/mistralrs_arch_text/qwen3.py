@@ -1,8 +1,8 @@
 """Qwen3: Qwen2 without the forced q/k/v biases, with a per-head RMSNorm on q and k."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import base_config
 from mistralrs_arch_text.qwen2 import Qwen2ForCausalLM, qwen_sliding
+from mistralrs_core.models.text_config import base_config
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):

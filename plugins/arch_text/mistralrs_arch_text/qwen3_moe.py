@@ -3,9 +3,10 @@ layers except ``mlp_only_layers``; routing weights are renormalised only with
 ``norm_topk_prob`` and combine in the activation dtype."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import base_config
-from mistralrs_arch_text.mixtral import MixtralForCausalLM, with_moe
+from mistralrs_arch_text.mixtral import MixtralForCausalLM
 from mistralrs_core.layers.moe import MoEConfig
+from mistralrs_core.models.moe_decoder import with_moe
+from mistralrs_core.models.text_config import base_config
 
 
 class Qwen3MoeForCausalLM(MixtralForCausalLM):

@@ -2,7 +2,8 @@
 (NoPE); when ``use_sliding_window`` is set, those NoPE layers are the sliding ones."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import LlamaForCausalLM, base_config
+from mistralrs_arch_text.llama import LlamaForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 class SmolLM3ForCausalLM(LlamaForCausalLM):

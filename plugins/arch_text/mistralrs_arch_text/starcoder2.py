@@ -2,8 +2,8 @@
 ``c_fc`` -> GELU -> ``c_proj`` MLP."""
 from __future__ import annotations
 
-from mistralrs_arch_text.llama import base_config
 from mistralrs_arch_text.mistral import MistralForCausalLM
+from mistralrs_core.models.text_config import base_config
 
 
 class Starcoder2ForCausalLM(MistralForCausalLM):
