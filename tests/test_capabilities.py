@@ -401,3 +401,44 @@ def test_quant_kernel_reaches_the_quant_methods(gguf_tools, tmp_path):
                 assert {q.cpp.impl_name for q in methods if q.cpp is not None} == {"vnni"}
         finally:
             r.shutdown()
+
+
+def test_registered_logits_processor_shapes_a_request_through_the_runner(fresh_plugins, tiny_dir):
+    """The table is consumed end to end: each choice gets its own processor (stateful ones,
+    such as grammar matchers, are never shared), and it changes what is sampled."""
+    from mistralrs import CompletionRequest, Runner, Which
+    from mistralrs_core.testing.parity import our_greedy
+    made = []
+
+    def ban_first_greedy(request, tokenizer):
+        if request.max_tokens != 5:
+            return None
+        state = {"banned": None}
+
+        def proc(output_ids, logits):
+            if not output_ids:                  # the first step of this choice
+                state["banned"] = int(logits.argmax())
+                logits = logits.clone()
+                logits[state["banned"]] = float("-inf")
+            return logits
+        made.append(state)
+        return proc
+    plugins.register_plugin(plugin(mistralrs_register_logits_processors=lambda register: register(
+        "ban_first", ban_first_greedy)), "ban_first_plugin")
+    r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"), seed=0)
+    try:
+        pipe = r._pipeline(None)
+        prompt = "the quick brown fox"
+        ids = pipe.tokenizer.encode(prompt, add_special_tokens=True)
+        first = our_greedy(pipe.model, ids, 1)[0]
+        req = CompletionRequest(prompt=prompt, model="default", max_tokens=5, temperature=0.0, n_choices=2,
+                                ignore_eos=True)
+        res = r.send_completion_request(req)
+        assert len(made) == 2 and all(s["banned"] == first for s in made)
+        for c in res.choices:
+            assert pipe.tokenizer.encode(c.text, add_special_tokens=False)[0] != first
+        plain = r.send_completion_request(CompletionRequest(prompt=prompt, model="default", max_tokens=4,
+                                                            temperature=0.0, ignore_eos=True))
+        assert len(made) == 2 and plain.choices[0].text.startswith(pipe.tokenizer.decode([first]))
+    finally:
+        r.shutdown()
