@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from mistralrs_core.layers.linear import Linear
-from mistralrs_core.layers.rope import MultiAxisRotaryEmbedding, RopeConfig
-from mistralrs_core.models.decoder import DecoderConfig, DecoderLM
+from mistralrs_core.layers.rope import MultiAxisRotaryEmbedding
+from mistralrs_core.models.decoder import DecoderLM
+from mistralrs_core.models.text_config import base_config
 from mistralrs_core.models.positions import PromptPositions
 
 GRID = 2                 # images are GRID x GRID pixels, one token each
@@ -32,13 +33,7 @@ class TinyMMForCausalLM(DecoderLM):
 
     @classmethod
     def config_from_hf(cls, hf):
-        hd = hf["hidden_size"] // hf["num_attention_heads"]
-        return DecoderConfig(
-            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"], head_dim=hd,
-            rope=RopeConfig.from_hf(hf, hd), max_position_embeddings=hf["max_position_embeddings"],
-            norm_eps=hf["rms_norm_eps"], qkv_bias=True, tie_word_embeddings=False)
+        return base_config(hf, qkv_bias=True)       # Qwen2's layout
 
     def encode_features(self, spans):
         pixels = torch.stack([s.data for s in spans]).to(self.dtype)       # [images, GRID*GRID, patch]
