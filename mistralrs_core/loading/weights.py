@@ -39,10 +39,12 @@ def _keep_name(name: str) -> str:
 
 
 def assign_prefixes(module: nn.Module, prefix: str = "") -> None:
-    """Give every submodule its path as ``hf_name``; the loader then replaces it with the
-    prefix the checkpoint actually used where a family renames (``map_weight_name``)."""
+    """Give every submodule without one its path as ``hf_name``; the loader then replaces it
+    with the prefix the checkpoint actually used where a family renames (``map_weight_name``).
+    Names already set (a second load call, a fused layer) are kept."""
     for name, sub in module.named_modules(prefix=prefix):
-        sub.hf_name = name
+        # A plain string attribute: skip nn.Module.__setattr__'s parameter/buffer bookkeeping.
+        sub.__dict__.setdefault("hf_name", name)
 
 
 class WeightLoader:
@@ -94,13 +96,15 @@ class WeightLoader:
         hf_name = hf_name or name
         prefix = hf_name.rpartition(".")[0]
         if prefix:
-            module.hf_name = prefix
+            module.__dict__["hf_name"] = prefix
         current = getattr(module, attr)
         packed = not isinstance(value, torch.Tensor)
         if not packed:
-            fn = getattr(current, "weight_loader", None) if current is not None else None
+            # Instance attributes only (set by whoever shards the model): nn.Module's
+            # __getattr__ on a missing name costs an exception per tensor.
+            fn = current.__dict__.get("weight_loader") if current is not None else None
             if fn is None:
-                fn = getattr(module, "weight_loader", None)
+                fn = module.__dict__.get("weight_loader")
             if fn is not None:
                 value = fn(current if current is not None else module, name, value)
         if attr == "weight" and hasattr(module, "set_quant_method"):
