@@ -318,3 +318,33 @@ def test_quant_config_decides_per_layer():
     with pytest.raises(ValueError, match="kind must be one of"):
         QuantConfig(kind="awq")
     assert WeightLoader(Tower(), "cpu").quant_config.compute_dtype == torch.float32
+
+
+def q8_0(w: torch.Tensor) -> torch.Tensor:
+    """ggml Q8_0 blocks of ``w`` [out, in]: per 32 weights an f16 scale then 32 int8."""
+    blocks = w.float().reshape(w.shape[0], -1, 32)
+    scale = (blocks.abs().amax(-1, keepdim=True) / 127).to(torch.float16)
+    q = torch.round(blocks / scale.float().clamp_min(1e-12)).clamp(-127, 127).to(torch.int8)
+    raw = torch.cat([scale.view(torch.uint8), q.view(torch.uint8)], -1)
+    return raw.reshape(w.shape[0], -1)
+
+
+def test_gguf_blocks_stay_packed_through_the_hook(ckpt):
+    qlinear = pytest.importorskip("mistralrs_quant.qlinear")
+    model = build(ckpt)
+    model.quant_config = QuantConfig(kind="gguf", compute_dtype=torch.float32)
+    store = SafetensorsWeights(ckpt)
+    packed = {}
+
+    def stream():
+        for name, t in store.items():
+            if "o_proj" in name:
+                t = packed[name] = qlinear.GGUFQuantizedWeight(q8_0(t), 8, tuple(t.shape))  # 8: Q8_0
+            yield name, t
+
+    model.load_weights(stream())
+    o_proj = model.model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj.qmethod, qlinear.GGMLQuantMethod) and o_proj.weight is None
+    assert o_proj.qmethod.compute_dtype == torch.float32
+    for name, qw in packed.items():
+        assert torch.equal(read_weight(model, name), qw.dequantize())
