@@ -22,3 +22,9 @@ def mistralrs_select_loader(which, kind):
     if type(which).__name__ == "Plain":
         return "safetensors"
     return None
+
+
+@hookimpl(trylast=True)
+def mistralrs_quant_method(quant_config, hf_name, module, weight):
+    # The core keeps weights dense; a pre-quantized weight nobody claims is dequantized.
+    return None

@@ -83,3 +83,18 @@ def mistralrs_select_loader(which, kind):
 def mistralrs_select_architecture(config, kind):
     """Return the architecture name for an HF ``config`` dict when the plain
     ``model_type`` / ``architectures`` tables do not decide it, or None."""
+
+
+@hookspec(firstresult=True)
+def mistralrs_quant_method(quant_config, hf_name, module, weight):
+    """Decide how one layer's weight is stored, as it streams in at load.
+
+    Called for the ``weight`` of every layer that can hold a quantized method (``Linear``,
+    ``Embedding``) with the load's ``QuantConfig`` (``compute_dtype`` and ``device`` filled
+    in), the layer's HF name (``model.layers.0.self_attn.q_proj``), the layer, and the
+    weight exactly as the source produced it: a checkpoint tensor (not yet cast or moved)
+    or a pre-quantized ``QuantizedWeight``. Return an object the layer's
+    ``set_quant_method`` accepts (a ``QuantMethod``) to keep the layer quantized, or None
+    to leave it dense. The loader drops the weight right after, so an implementation must
+    not keep a reference to a dense tensor it was given.
+    """

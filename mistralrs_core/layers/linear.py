@@ -70,6 +70,9 @@ class Embedding(nn.Module):
         self.qmethod: QuantMethod | None = None
 
     def set_quant_method(self, method: QuantMethod) -> None:
+        if (method.out_features, method.in_features) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"quantized weight has shape {(method.out_features, method.in_features)}, "
+                             f"expected {(self.num_embeddings, self.embedding_dim)}")
         self.qmethod = method
         self.weight = None
 
@@ -89,7 +92,11 @@ class Embedding(nn.Module):
 def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear computing ``cat([p(x) for p in parts], -1)``, or None if they can't be
     fused (mixed storage, or a quant method without ``concat``). Fewer, larger matmuls cut
-    per-op overhead on the decode path, which dominates small models on CPU."""
+    per-op overhead on the decode path, which dominates small models on CPU.
+
+    The fused layer records ``fused_parts``: each part's HF name (``hf_name``, set at load)
+    and its rows ``[start, stop)``, so the checkpoint names stay resolvable for UQFF
+    writing, LoRA targeting and sharding (``loading.weights.resolve_weight``)."""
     in_f = parts[0].in_features
     if any(p.in_features != in_f for p in parts):
         return None
@@ -120,4 +127,9 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
         fused.bias = nn.Parameter(torch.cat([
             p.bias.data if p.bias is not None else torch.zeros(p.out_features, dtype=ref.dtype, device=ref.device)
             for p in parts]), requires_grad=False)
+    rows, start = [], 0
+    for p in parts:
+        rows.append((getattr(p, "hf_name", None), start, start + p.out_features))
+        start += p.out_features
+    fused.fused_parts = tuple(rows)
     return fused

@@ -1,9 +1,12 @@
 """The protocol between the shared layers and quantization plugins.
 
-A weight source (GGUF reader, UQFF, ISQ) may hand the loader an object implementing
-``QuantizedWeight`` instead of a tensor. ``Linear`` and ``Embedding`` then keep it in
-its packed form and call its method; every other parameter gets ``dequantize()``.
-Format-specific code therefore lives only in the plugin that defines the object.
+A weight source (GGUF reader, UQFF) may hand the loader an object implementing
+``QuantizedWeight`` instead of a tensor. Whether a layer keeps it packed is decided in one
+place for every source, ISQ included: the ``mistralrs_quant_method`` hook
+(``loading/weights.py`` calls it for each ``Linear``/``Embedding`` weight), whose answer is
+a ``QuantMethod`` the layer runs. A packed weight no plugin claims, or one that belongs to
+another parameter (a norm), is used through ``dequantize()``. Format-specific code
+therefore lives only in the plugin that defines the object.
 """
 from __future__ import annotations
 

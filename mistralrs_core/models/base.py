@@ -16,6 +16,8 @@ from torch import nn
 from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache
 from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.layers.quantized import QuantizedWeight
+from mistralrs_core.loading.quant_config import QuantConfig
+from mistralrs_core.loading.weights import WeightLoader, finish_loading, resolve_weight
 from mistralrs_core.models.positions import PromptPositions  # noqa: F401
 
 
@@ -77,55 +79,36 @@ class CausalLM(nn.Module):
         raise NotImplementedError
 
     # --- weights ----------------------------------------------------------
+    # Thin delegates to ``loading.weights``, the one loading path every module shares;
+    # families override ``map_weight_name`` / ``tie_weights`` or wrap ``load_weights``.
     def map_weight_name(self, name: str) -> str | None:
         """Hook for checkpoints whose names differ from the module tree; None drops it."""
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | QuantizedWeight]],
-                     device: torch.device | str = "cpu") -> None:
-        modules = dict(self.named_modules())
-        for raw_name, value in weights:
-            if raw_name.endswith(self.ignored_weight_suffixes):
-                continue
-            name = self.map_weight_name(raw_name)
-            if name is None:
-                continue
-            mod_name, _, attr = name.rpartition(".")
-            module = modules.get(mod_name)
-            if module is None or not hasattr(module, attr):
-                raise ValueError(f"unexpected weight {raw_name!r} for {type(self).__name__}")
-            self._assign(module, attr, value, name, device)
+                     device: torch.device | str = "cpu", quant_config: QuantConfig | None = None) -> None:
+        """Stream ``(hf_name, tensor | QuantizedWeight)`` into the model. ``quant_config``
+        (else ``self.quant_config`` if a loader set one; families that wrap this method do
+        not forward extra arguments) decides what the quantization hook does."""
+        loader = WeightLoader(self, device, self.dtype, quant_config or getattr(self, "quant_config", None))
+        loader.load(weights)
+        self.quant_config = loader.quant_config
         self.finish_loading(device)
 
     def _assign(self, module: nn.Module, attr: str, value, name: str, device) -> None:
-        if isinstance(value, QuantizedWeight) and not isinstance(value, torch.Tensor):
-            if attr == "weight" and isinstance(module, (Linear, Embedding)):
-                module.set_quant_method(value.quant_method(self.quant_compute_dtype or self.dtype))
-                return
-            value = value.dequantize()
-        current = getattr(module, attr)
-        if current is not None and tuple(current.shape) != tuple(value.shape):
-            raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, "
-                             f"expected {tuple(current.shape)}")
-        tensor = value.to(device=device, dtype=self.dtype)
-        setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+        WeightLoader(self, device, self.dtype, getattr(self, "quant_config", None)).assign(module, attr, value, name)
 
     def finish_loading(self, device) -> None:
-        """Tie weights, then fail loudly on anything the checkpoint did not provide."""
-        self.tie_weights()
-        missing = [n for n, p in self.named_parameters() if p.device.type == "meta"]
-        if missing:
-            shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} weight(s) for "
-                             f"{type(self).__name__}: {shown}")
-        # Layout changes that need every weight in place (e.g. fusing projections).
-        for module in list(self.modules()):
-            hook = getattr(module, "post_load", None)
-            if hook is not None:
-                hook()
+        """Tie weights, fail loudly on anything the checkpoint did not provide, then let
+        modules change layout (``post_load``: fusing projections)."""
+        finish_loading(self)
 
     def tie_weights(self) -> None:
         pass
+
+    def resolve_weight(self, hf_name: str) -> tuple[nn.Module, slice | None]:
+        """Where checkpoint tensor ``hf_name`` lives after loading and fusion."""
+        return resolve_weight(self, hf_name)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

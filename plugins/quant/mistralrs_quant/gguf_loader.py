@@ -2,13 +2,15 @@
 
 The file's metadata becomes an HF-style config for the registered family whose GGUF
 architecture matches; tensors are handed to the model by their HF names, quantized ones
-as ``GGUFQuantizedWeight`` so the shared ``Linear``/``Embedding`` keep them packed.
+as ``GGUFQuantizedWeight``; under ``QuantConfig(kind="gguf")`` the quant hook
+(``qlinear.gguf_quant_method``) keeps them packed in the shared ``Linear``/``Embedding``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+from mistralrs_core.loading.quant_config import QuantConfig
 
 from mistralrs_quant.gguf_config import hf_config_from_gguf
 from mistralrs_quant.gguf_names import Target, hf_targets, is_offset_norm, needs_unpermute, unpermute_rows
@@ -86,6 +88,9 @@ def build_gguf_model(gguf: GGUFFile, dtype, device="cpu", arch_override=None, qu
         hf = hf_config_from_gguf(gguf.metadata, gguf.tensors, emb.shape[0], arch, family=entry)
         model = entry.load().from_hf_config(hf, dtype)
         model.quant_compute_dtype = quant_compute_dtype
+        # Set on the model, not passed: families that wrap ``load_weights`` (MoE) take only
+        # (weights, device). The packed blocks reach the layers through the quant hook.
+        model.quant_config = QuantConfig(kind="gguf", compute_dtype=quant_compute_dtype or dtype)
         model.load_weights(iter_gguf_weights(gguf, arch, hf, quant_kernel), device=device)
     except ValueError as exc:
         # One message that names the file, not a chain pointing into the loader.

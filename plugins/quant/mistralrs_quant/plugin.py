@@ -20,3 +20,10 @@ def mistralrs_register_quantizers(register):
 @hookimpl
 def mistralrs_select_loader(which, kind):
     return {"GGUF": "gguf", "GGML": "ggml"}.get(type(which).__name__)
+
+
+@hookimpl
+def mistralrs_quant_method(quant_config, hf_name, module, weight):
+    # Imported here: listing plugins must not import torch or the kernels.
+    from mistralrs_quant.qlinear import gguf_quant_method
+    return gguf_quant_method(quant_config, hf_name, module, weight)

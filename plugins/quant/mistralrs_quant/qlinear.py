@@ -262,3 +262,12 @@ class GGUFQuantizedWeight:
         kwargs.setdefault("cpp_impl", self.cpp_impl)
         return GGMLQuantMethod(self.raw.reshape(self.shape[0], -1), self.ggml_type, self.shape,
                                compute_dtype=compute_dtype, **kwargs)
+
+
+def gguf_quant_method(quant_config, hf_name: str, module, weight) -> Optional[GGMLQuantMethod]:
+    """The ``mistralrs_quant_method`` answer for ggml blocks: a pre-quantized GGUF/GGML
+    weight stays packed, in the load's quantized-product dtype. The blocks decide it, not
+    ``quant_config.kind``: a packed weight is never worth dequantizing to a dense layer."""
+    if not isinstance(weight, GGUFQuantizedWeight):
+        return None
+    return weight.quant_method(quant_config.compute_dtype or torch.bfloat16)

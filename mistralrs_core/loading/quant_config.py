@@ -1,0 +1,70 @@
+"""What quantization a model gets, decided once when loading starts.
+
+A ``QuantConfig`` travels with the weight stream to the ``mistralrs_quant_method`` hook.
+The plugin that answers the hook reads it (``kind``, ``for_layer``) to decide, layer by
+layer, whether to replace the dense weight by a quantized method; the core only carries
+the decision, it never quantizes.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+import attrs
+import torch
+
+KINDS = ("none", "gguf", "isq", "uqff")
+
+
+def _compile_topology(value) -> tuple[tuple[re.Pattern, str | None], ...]:
+    """Regex -> type pairs, in order (the first matching pattern wins); a mapping works too."""
+    items = value.items() if isinstance(value, Mapping) else value
+    out = []
+    for pattern, qtype in items:
+        out.append((pattern if isinstance(pattern, re.Pattern) else re.compile(pattern), qtype))
+    return tuple(out)
+
+
+def _check_kind(_inst, _attr, value):
+    if value not in KINDS:
+        raise ValueError(f"QuantConfig.kind must be one of {', '.join(KINDS)}, got {value!r}")
+
+
+@attrs.frozen
+class QuantConfig:
+    """``kind``:
+
+    * ``none``: dense weights (a pre-quantized weight that no plugin claims is dequantized);
+    * ``gguf``: weights arrive already packed (``QuantizedWeight``), the format plugin keeps them packed;
+    * ``isq``: quantize dense checkpoint tensors as they stream in, to ``default_type`` or to the
+      type of the first ``topology`` pattern (``re.search`` on the layer's HF name, e.g.
+      ``model.layers.0.self_attn.q_proj``) that matches; a ``None`` type keeps that layer dense;
+    * ``uqff``: pre-quantized weights read from ``path``.
+
+    ``compute_dtype`` and ``device`` are filled in by the loader (the model's quantized-product
+    dtype and target device) when left as None, so a hook always sees both.
+    """
+
+    kind: str = attrs.field(default="none", validator=_check_kind)
+    default_type: str | None = None
+    topology: tuple[tuple[re.Pattern, str | None], ...] = attrs.field(default=(), converter=_compile_topology)
+    path: str | None = None
+    compute_dtype: torch.dtype | None = None
+    device: torch.device | None = attrs.field(default=None, converter=lambda d: None if d is None else torch.device(d))
+
+    def for_layer(self, hf_name: str, module=None) -> str | None:
+        """The quantization type of the layer called ``hf_name`` (no ``.weight`` suffix), or
+        None to keep it dense. ``gguf`` and ``uqff`` answer their kind: the block type comes
+        with the stored weight."""
+        if self.kind == "none":
+            return None
+        if self.kind in ("gguf", "uqff"):
+            return self.kind
+        for pattern, qtype in self.topology:
+            if pattern.search(hf_name):
+                return qtype
+        return self.default_type
+
+    @classmethod
+    def isq(cls, default_type: str | None, topology: Iterable | Mapping = (), **kw) -> "QuantConfig":
+        return cls(kind="isq", default_type=default_type, topology=topology, **kw)
