@@ -11,10 +11,13 @@ GEMM kernels and expert-parallel sharding want. Checkpoints that store one tenso
 expert (``experts.N.w1``, ``experts.N.gate_proj`` ...) are copied into their slices by
 ``MoEWeightsMixin``.
 
-Seam for quantized experts: a quantization plugin calls ``MoEExperts.set_quant`` with an
+Quantized experts: per-expert checkpoint tensors are offered one by one to the weight
+loader's quantization hook (``mistralrs_quant_method``, HF name ``...experts.N.w1``, the
+``MoEExperts`` as module). When it quantizes every part of every expert of a layer, the layer
+runs them through ``QuantizedExperts`` and the dense stacks are never allocated; a packed
+tensor nobody claims is dequantized into the stack. ``MoEExperts.set_quant`` also takes any
 object whose ``forward(expert: int, x) -> y`` computes the whole expert MLP (biases and
-activation included); the stacked dense parameters are then dropped. Until such a plugin exists,
-quantized per-expert tensors handed to the loader are dequantized into the stack.
+activation included). Checkpoints that store experts already stacked (GPT-OSS) load dense.
 """
 from __future__ import annotations
 
@@ -100,6 +103,7 @@ class MoEExperts(nn.Module):
         self.down_proj_bias = param(e, hidden) if cfg.expert_bias else None
         self.quant = None
         self._filled: dict[str, set] = {}
+        self._quant_parts: dict[tuple[int, str], object] = {}   # (expert, part) -> hook's method
 
     def set_quant(self, method) -> None:
         """Install a quantized implementation (``method.forward(expert, x)``, the whole expert
@@ -125,8 +129,15 @@ class MoEExperts(nn.Module):
         return F.linear(self.activate(F.linear(x, self.gate_up_proj[e], b1)), self.down_proj[e], b2)
 
     # --- loading ----------------------------------------------------------
-    def load_expert(self, e: int, part: str, value, device, dtype) -> None:
-        """Copy one expert's ``gate`` / ``up`` / ``down`` weight [out, in] into its slice."""
+    def load_expert(self, e: int, part: str, value, device, dtype, quantize=None) -> None:
+        """Copy one expert's ``gate`` / ``up`` / ``down`` weight [out, in] into its slice,
+        unless ``quantize(value)`` (the loader's quantization hook) returns a method for it."""
+        method = quantize(value) if quantize is not None else None
+        if method is not None:
+            self._quant_parts[(e, part)] = method
+            name = "down_proj" if part == "down" else "gate_up_proj"
+            self._filled.setdefault(name, set()).add((e, part))
+            return
         if isinstance(value, QuantizedWeight) and not isinstance(value, torch.Tensor):
             value = value.dequantize()
         name = "down_proj" if part == "down" else "gate_up_proj"
@@ -143,6 +154,17 @@ class MoEExperts(nn.Module):
                              f"expected {tuple(target.shape)}")
         target.copy_(value.to(device=device, dtype=dtype))
         self._filled.setdefault(name, set()).add((e, part))
+
+    def install_quantized_parts(self, layer_name: str) -> None:
+        """After loading: run the experts from the hook's methods when it took every part."""
+        if not self._quant_parts:
+            return
+        want = {(e, p) for e in range(self.num_experts) for p in ("gate", "up", "down")}
+        if set(self._quant_parts) != want:
+            raise ValueError(f"{layer_name}: the quantizer took {len(self._quant_parts)} of the "
+                             f"{len(want)} expert weights; a layer's experts are quantized all or none")
+        self.set_quant(QuantizedExperts(self, self._quant_parts))
+        self._quant_parts = {}
 
     def missing_slices(self) -> list[str]:
         want = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
@@ -260,6 +282,23 @@ class SparseMoE(nn.Module):
         return y
 
 
+class QuantizedExperts:
+    """Every expert's gate, up and down as quantized methods (``forward(x) = x @ W^T``)."""
+
+    def __init__(self, experts: MoEExperts, parts: dict):
+        self.parts = dict(parts)
+        self.activate = experts.activate
+        self.gate_up_bias, self.down_bias = experts.gate_up_proj_bias, experts.down_proj_bias
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        p = self.parts
+        gate_up = torch.cat([p[(e, "gate")].forward(x), p[(e, "up")].forward(x)], dim=-1)
+        if self.gate_up_bias is not None:
+            gate_up = gate_up + self.gate_up_bias[e]
+        y = p[(e, "down")].forward(self.activate(gate_up))
+        return y + self.down_bias[e] if self.down_bias is not None else y
+
+
 _EXPERT_NAME = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.(?P<part>[A-Za-z0-9_]+)\.weight$")
 _PARTS = {"w1": "gate", "w3": "up", "w2": "down",
           "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
@@ -270,20 +309,19 @@ class MoEWeightsMixin:
     and ``...experts.N.gate_proj.weight`` spellings, after ``map_weight_name``) into the
     stacked ``MoEExperts`` parameters; everything else loads as usual."""
 
-    def load_weights(self, weights, device="cpu"):
+    def route_weights(self, weights, loader):
         modules = dict(self.named_modules())
-
-        def rest():
-            for raw, value in weights:
-                name = self.map_weight_name(raw)
-                m = _EXPERT_NAME.match(name) if name is not None else None
-                experts = modules.get(m["moe"] + ".experts") if m else None
-                if isinstance(experts, MoEExperts) and m["part"] in _PARTS:
-                    experts.load_expert(int(m["e"]), _PARTS[m["part"]], value, device, self.dtype)
-                    continue
-                yield raw, value
-
-        super().load_weights(rest(), device)
+        for raw, value in weights:
+            name = self.map_weight_name(raw)
+            m = _EXPERT_NAME.match(name) if name is not None else None
+            experts = modules.get(m["moe"] + ".experts") if m else None
+            if isinstance(experts, MoEExperts) and m["part"] in _PARTS:
+                prefix = raw.rpartition(".")[0]
+                experts.load_expert(int(m["e"]), _PARTS[m["part"]], value, loader.device, loader.dtype,
+                                    quantize=lambda w, prefix=prefix: loader.quant_method(prefix, experts, w))
+                del value      # a quantized expert's dense tensor is freed before the next arrives
+                continue
+            yield raw, value
 
     def finish_loading(self, device):
         missing = [f"{n}.{s}" for n, m in self.named_modules() if isinstance(m, MoEExperts)
@@ -292,4 +330,7 @@ class MoEWeightsMixin:
             shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} expert weight(s) for "
                              f"{type(self).__name__}: {shown}")
+        for n, m in self.named_modules():
+            if isinstance(m, MoEExperts):
+                m.install_quantized_parts(n)
         super().finish_loading(device)

@@ -108,10 +108,9 @@ class WeightLoader:
             if fn is not None:
                 value = fn(current if current is not None else module, name, value)
         if attr == "weight" and hasattr(module, "set_quant_method"):
-            method = self._hook(quant_config=self.quant_config, hf_name=prefix, module=module, weight=value)
+            method = self.quant_method(prefix, module, value)
             if method is not None:
                 module.set_quant_method(method)
-                self.quantized.append(prefix)
                 return
         if packed:
             # Nobody keeps this layer packed (or it is a norm/bias): use its values.
@@ -121,6 +120,14 @@ class WeightLoader:
                              f"expected {tuple(current.shape)}")
         tensor = value.to(device=self.device, dtype=self.dtype)
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+    def quant_method(self, hf_prefix: str, module: nn.Module, weight):
+        """The quantization hook's answer for one checkpoint weight (None: keep it dense).
+        Modules that store weights their own way (stacked MoE experts) ask through here too."""
+        method = self._hook(quant_config=self.quant_config, hf_name=hf_prefix, module=module, weight=weight)
+        if method is not None:
+            self.quantized.append(hf_prefix)
+        return method
 
     # --- after the stream ----------------------------------------------------
     def finish(self) -> None:

@@ -91,9 +91,14 @@ class CausalLM(nn.Module):
         (else ``self.quant_config`` if a loader set one; families that wrap this method do
         not forward extra arguments) decides what the quantization hook does."""
         loader = WeightLoader(self, device, self.dtype, quant_config or getattr(self, "quant_config", None))
-        loader.load(weights)
+        loader.load(self.route_weights(weights, loader))
         self.quant_config = loader.quant_config
         self.finish_loading(device)
+
+    def route_weights(self, weights, loader: WeightLoader):
+        """The stream the loader places by name; a model whose modules store some weights
+        their own way (stacked MoE experts) takes those here, asking ``loader.quant_method``."""
+        return weights
 
     def _assign(self, module: nn.Module, attr: str, value, name: str, device) -> None:
         WeightLoader(self, device, self.dtype, getattr(self, "quant_config", None)).assign(module, attr, value, name)

@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 
 from mistralrs_core.layers.moe import MoEConfig, MoEExperts, dispatch, route  # noqa: E402
 from mistralrs_core.testing.parity import (SingleSequence, check_batched_equals_alone, check_family,  # noqa: E402
-                                           load_for_test, max_rel_err, random_prompt, reference_logits,
-                                           save_reference)
+                                           load_for_test, max_rel_err, perturb_parameters, random_prompt,
+                                           reference_logits, save_reference)
 
 COVERS = ["Mixtral", "Phi3_5MoE", "Qwen3Moe", "DeepseekV2", "DeepseekV3", "GptOss"]
 V = 256
@@ -220,3 +220,69 @@ def test_mla_absorb_equals_expand():
     step([([1] * 9, 0, [0, 1, 2]), ([1] * 5, 0, [5, 6])])
     expand, absorb = step([([1] * 3, 9, [0, 1, 2]), ([1] * 2, 5, [5, 6])])
     torch.testing.assert_close(absorb, expand, rtol=1e-5, atol=1e-5)
+
+
+def test_mixtral_experts_quantized_through_the_weight_hook(tmp_path):
+    """Per-expert checkpoint tensors go through the one quantization hook like any linear:
+    a topology that quantizes experts only leaves the dense stacks unallocated, and the
+    logits equal a dense load of the same checkpoint with those experts round-tripped
+    through the quantizer."""
+    import re
+    from safetensors.torch import load_file, save_file
+    from mistralrs_arch_text.mixtral import MixtralForCausalLM
+    from mistralrs_core.hookspecs import hookimpl
+    from mistralrs_core.layers.moe import QuantizedExperts
+    from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_core.loading.quant_config import QuantConfig
+    from mistralrs_core.plugins import get_plugin_manager, register_plugin
+
+    def int8(w):
+        w = w.float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        return torch.round(w / scale) * scale
+
+    class Method:
+        def __init__(self, w):
+            self.w = int8(w)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w.to(x.dtype))
+
+    class Plugin:
+        seen = []
+
+        @hookimpl
+        def mistralrs_quant_method(self, quant_config, hf_name, module, weight):
+            if quant_config.kind == "isq" and quant_config.for_layer(hf_name, module) == "int8":
+                self.seen.append(hf_name)
+                return Method(weight)
+            return None
+    plugin = Plugin()
+    register_plugin(plugin, "moe-int8")
+    try:
+        ref = _model("MixtralForCausalLM", "MixtralConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        perturb_parameters(ref)
+        out = save_reference(ref, tmp_path / "mixtral")
+        model = MixtralForCausalLM.from_hf_config(load_model_config(out))
+        model.load_weights(SafetensorsWeights(out).items(),
+                           quant_config=QuantConfig.isq(None, topology=[(r"\.experts\.\d+\.", "int8")]))
+        experts = [layer.mlp.experts for layer in model.model.layers]
+        assert all(isinstance(e.quant, QuantizedExperts) and e.gate_up_proj is None for e in experts)
+        assert len(plugin.seen) == 2 * 4 * 3 and all(re.search(r"\.experts\.\d\.w[123]$", n) for n in plugin.seen)
+
+        weights = load_file(str(out / "model.safetensors"))
+        rounded = tmp_path / "rounded"
+        rounded.mkdir()
+        for f in out.iterdir():
+            if f.name != "model.safetensors":
+                (rounded / f.name).write_bytes(f.read_bytes())
+        save_file({k: int8(v) if ".experts." in k else v for k, v in weights.items()},
+                  str(rounded / "model.safetensors"))
+        dense = load_for_test(rounded, "Mixtral")
+        prompt = random_prompt(9, V, 3)
+        got, want = SingleSequence(model).step(prompt), SingleSequence(dense).step(prompt)
+        assert max_rel_err(got, want) <= 1e-5
+    finally:
+        get_plugin_manager().unregister(name="moe-int8")
