@@ -149,3 +149,26 @@ def test_bidirectional_spans_of_a_record_reach_the_attention_mask():
     m = meta.mask("cpu")[:, 0]
     assert bool(m[0, 3, 8]) and not bool(m[0, 2, 3]) and not bool(m[0, 9, 10])
     assert not bool(m[1, 1, 2])                      # a causal span stays causal
+
+
+def test_cache_salt_isolates_prefix_cache_through_the_runner(runner):
+    from mistralrs_core.api.openai import completion_request_from_openai
+    engine = runner._pipeline(None).engine
+    long_prompt = " ".join([PROMPT] * 3)
+
+    def ask(**kw):
+        before = engine.blocks.hits
+        out = runner.send_completion_request(CompletionRequest(
+            prompt=long_prompt, model="default", max_tokens=2, temperature=0.0, **kw)).choices[0].text
+        return engine.blocks.hits - before, out
+    _, plain = ask()
+    hits, text = ask(cache_salt="tenant-a")
+    assert hits == 0 and text == plain                 # same answer, nothing shared
+    hits, _ = ask(cache_salt="tenant-a")
+    assert hits > 0                                    # the same tenant shares
+    assert ask(cache_salt="tenant-b")[0] == 0
+    assert ask()[0] > 0
+    req = completion_request_from_openai({"model": "m", "prompt": "x", "cache_salt": "tenant-a"})
+    assert req.cache_salt == "tenant-a"
+    with pytest.raises(ValueError, match="cache_salt"):
+        runner.send_completion_request(CompletionRequest(prompt="x", model="default", cache_salt=""))
