@@ -172,3 +172,38 @@ def test_cache_salt_isolates_prefix_cache_through_the_runner(runner):
     assert req.cache_salt == "tenant-a"
     with pytest.raises(ValueError, match="cache_salt"):
         runner.send_completion_request(CompletionRequest(prompt="x", model="default", cache_salt=""))
+
+
+def test_models_with_per_sequence_state_get_slots_and_hear_when_one_changes_hands(tiny_dir):
+    """A slot reused by a new sequence is flagged on that sequence's first step even when a
+    prefix-cache hit makes the step start past position 0 (so "start == 0" cannot tell)."""
+    from mistralrs_core.engine.engine import Engine, EngineConfig
+    from mistralrs_core.sampling.params import SamplingParams
+    r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"), seed=0)
+    try:
+        pipe = r._pipeline(None)
+        model = pipe.model
+        model.uses_state_slots = True
+        seen = []
+        inner = model.forward_embeds
+
+        def spy(h, pos, meta, caches):
+            seen.append((meta.state_slots.tolist(), list(meta.fresh_slots),
+                         [c - q for c, q in zip(meta.context_lens, meta.query_lens)]))
+            return inner(h, pos, meta, caches)
+        model.forward_embeds = spy
+        engine = Engine(model, pipe.tokenizer, EngineConfig(max_seqs=1, block_size=4, num_blocks=64), set())
+        ids = pipe.tokenizer.encode(PROMPT, add_special_tokens=True)
+        for _ in range(2):
+            g = RequestGroup(ids, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), 1, False, 3)
+            engine.submit(g)
+            while g.events.get()[0] != "done":
+                pass
+        engine.shutdown()
+        assert [s for s, _, _ in seen] == [[0]] * 6
+        assert [f for _, f, _ in seen] == [[True], [False], [False]] * 2
+        assert seen[3][2][0] > 0          # the second request's first step started from cached blocks
+    finally:
+        del model.uses_state_slots
+        model.forward_embeds = inner
+        r.shutdown()

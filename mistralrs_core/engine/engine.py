@@ -117,6 +117,9 @@ class Engine:
         # A recurrent state summarises a whole prefix, which shared prefix-cache blocks cannot
         # restore: models with recurrent layers run without prefix caching.
         self.stateful = has_recurrent_state(model.kv_cache_specs())
+        # Per-sequence state outside the paged cache (recurrent states, Mllama's cross-attention
+        # K/V) lives in slots: one per admitted sequence, handed to the model in each step.
+        self.slotted = self.stateful or bool(getattr(model, "uses_state_slots", False))
         self.blocks = BlockManager(config.num_blocks, config.block_size,
                                    enable_prefix_cache=(config.prefix_cache and not config.no_kv_cache
                                                         and not self.stateful))
@@ -240,7 +243,12 @@ class Engine:
             spans=group.spans if group.spans and start < seq.prompt_len else (),
             adapter_id=group.adapter_id, num_logits=wanted,
             logits_processors=procs[seq.index] if procs else None, commit=not seq.draft,
-            state_slot=seq.state_slot if self.stateful else None)
+            state_slot=seq.state_slot if self.slotted else None, fresh_slot=self._take_fresh(seq))
+
+    @staticmethod
+    def _take_fresh(seq: Sequence) -> bool:
+        fresh, seq.slot_fresh = seq.slot_fresh, False
+        return fresh
 
     def _step(self) -> None:
         if self.drafter is not None:

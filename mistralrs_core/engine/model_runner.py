@@ -47,6 +47,7 @@ def build_metadata(records: list, block_size: int, device, causal: bool = True,
         token_index=torch.from_numpy(token_index).to(device),
         q_max=q_max, k_max=k_max, fresh_prefill=fresh, causal=causal,
         state_slots=None if state_slots is None else torch.tensor(state_slots, device=device),
+        fresh_slots=None if state_slots is None else [r.fresh_slot for r in records],
         adapter_ids=adapters if any(a is not None for a in adapters) else None,
         bidirectional_spans=bidi)
     return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), meta

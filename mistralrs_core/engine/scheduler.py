@@ -108,6 +108,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.state_slot = self.free_slots.pop()
+            seq.slot_fresh = True
             seq.status = SeqStatus.RUNNING
             if seq.admitted_time is None:
                 seq.admitted_time = time.perf_counter()

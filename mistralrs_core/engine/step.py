@@ -52,7 +52,8 @@ class StepRecord:
     num_logits: int = 1                  # logits rows wanted: of the last num_logits tokens
     logits_processors: list[Callable] | None = None
     commit: bool = True                  # False: the tokens may be rolled back (drafts)
-    state_slot: int | None = None        # recurrent-state slot (models with recurrent layers)
+    state_slot: int | None = None        # per-sequence state slot (models that use slots)
+    fresh_slot: bool = False             # first step since admission: the slot's state is another's
 
     @property
     def num_tokens(self) -> int:

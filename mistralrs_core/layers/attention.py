@@ -76,6 +76,10 @@ class AttentionMetadata:
     causal: bool = True
     # [B] recurrent-state slot of each sequence (models with recurrent layers; see layers/recurrent.py)
     state_slots: torch.Tensor | None = None
+    # per sequence: its state slot was (re)assigned since its last step, so per-sequence state
+    # kept outside the paged cache (cross-attention K/V) belongs to another sequence; a prefix
+    # -cache hit means this can happen at a start position > 0
+    fresh_slots: list[bool] | None = None
     # per sequence its adapter id (None: base weights); None when no sequence has one
     adapter_ids: list[str | None] | None = None
     # Per sequence, absolute [start, end) position ranges whose tokens attend each other

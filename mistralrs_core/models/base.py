@@ -29,6 +29,12 @@ class CausalLM(nn.Module):
     batch, ``compute_logits`` turns selected rows into float32 logits.
     """
 
+    #: True for models that keep per-sequence state outside the paged KV cache (Mllama's
+    #: cross-attention K/V): the engine then gives each admitted sequence a state slot
+    #: (``meta.state_slots``) and says when a slot changed hands (``meta.fresh_slots``).
+    #: Recurrent layers get slots without asking (their ``kv_cache_specs``).
+    uses_state_slots: bool = False
+
     #: names in checkpoints that carry no weights we need
     ignored_weight_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
 
