@@ -17,7 +17,8 @@ loader's quantization hook (``mistralrs_quant_method``, HF name ``...experts.N.w
 runs them through ``QuantizedExperts`` and the dense stacks are never allocated; a packed
 tensor nobody claims is dequantized into the stack. ``MoEExperts.set_quant`` also takes any
 object whose ``forward(expert: int, x) -> y`` computes the whole expert MLP (biases and
-activation included). Checkpoints that store experts already stacked (GPT-OSS) load dense.
+activation included). A family whose checkpoints store experts stacked (GPT-OSS) hands them
+on per expert in its ``route_weights``.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ attention, YaRN, a biased router (top-k on logits, softmax over the k) and exper
 biases and a clamped SwiGLU, ``(up + 1) * gate * sigmoid(alpha * gate)``.
 
 Checkpoints store the experts fused and transposed, ``gate_up_proj`` [E, H, 2I] with gate
-and up interleaved column by column; loading turns that into the stacked [E, 2I, H]
-(gate rows, then up rows) layout of ``MoEExperts``."""
+and up interleaved column by column; loading hands them on as per-expert gate/up/down
+tensors (``experts.N.gate_proj`` ...), which ``MoEWeightsMixin`` stacks into the [E, 2I, H]
+layout of ``MoEExperts`` or gives to the quantization hook."""
 from __future__ import annotations
 
 import torch
@@ -40,17 +41,27 @@ class GptOssForCausalLM(MixtralForCausalLM):
             router_name="router", weights_fp32=False, expert_bias=True, activation="clamped_swiglu",
             swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)), swiglu_limit=float(hf.get("swiglu_limit", 7.0))))
 
-    def load_weights(self, weights, device="cpu"):
+    def route_weights(self, weights, loader):
         def converted():
             for name, value in weights:
                 if name.endswith(("_blocks", "_scales")):
                     raise NotAvailableYet("GPT-OSS MXFP4 expert weights",
                                           "load a dequantized (bf16) checkpoint for now")
+                # Stacked experts are handed on one expert tensor at a time, under per-expert
+                # names, so that they reach the quantization hook like any other checkpoint's.
                 if name.endswith("experts.gate_up_proj"):
-                    value = _deinterleave(value).transpose(1, 2)
-                elif name.endswith("experts.gate_up_proj_bias"):
+                    stacked = _deinterleave(value).transpose(1, 2)          # [E, 2I, H]
+                    i = stacked.shape[1] // 2
+                    for e in range(stacked.shape[0]):
+                        yield f"{name[:-len('gate_up_proj')]}{e}.gate_proj.weight", stacked[e, :i]
+                        yield f"{name[:-len('gate_up_proj')]}{e}.up_proj.weight", stacked[e, i:]
+                    continue
+                if name.endswith("experts.down_proj"):
+                    stacked = value.transpose(1, 2)                          # [E, H, I]
+                    for e in range(stacked.shape[0]):
+                        yield f"{name[:-len('down_proj')]}{e}.down_proj.weight", stacked[e]
+                    continue
+                if name.endswith("experts.gate_up_proj_bias"):
                     value = _deinterleave(value)
-                elif name.endswith("experts.down_proj"):
-                    value = value.transpose(1, 2)
                 yield name, value
-        super().load_weights(converted(), device)
+        return super().route_weights(converted(), loader)

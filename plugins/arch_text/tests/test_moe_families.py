@@ -222,6 +222,55 @@ def test_mla_absorb_equals_expand():
     torch.testing.assert_close(absorb, expand, rtol=1e-5, atol=1e-5)
 
 
+class _ExpertQuantizer:
+    """A quantization plugin for expert tensors only: int8 per output row, or (``exact``) the
+    weight as it is, to check the quantized-expert path itself."""
+
+    def __init__(self, exact=False):
+        self.exact, self.seen = exact, []
+
+    def round(self, w):
+        w = w.float()
+        if self.exact:
+            return w.clone()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        return torch.round(w / scale) * scale
+
+    def method(self, w):
+        q = self.round(w)
+
+        class Method:
+            def forward(self, x):
+                return torch.nn.functional.linear(x, q.to(x.dtype))
+        return Method()
+
+    def answer(self, quant_config, hf_name, module, weight):
+        if quant_config.kind == "isq" and quant_config.for_layer(hf_name, module) == "int8":
+            self.seen.append(hf_name)
+            return self.method(weight)
+        return None
+
+
+def _load_with_expert_quantizer(family_cls, out, quantizer):
+    import types
+    from mistralrs_core.hookspecs import hookimpl
+    from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.quant_config import QuantConfig
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_core.plugins import get_plugin_manager, register_plugin
+    @hookimpl
+    def mistralrs_quant_method(quant_config, hf_name, module, weight):
+        return quantizer.answer(quant_config, hf_name, module, weight)
+    register_plugin(types.SimpleNamespace(mistralrs_quant_method=mistralrs_quant_method), "expert-int8")
+    try:
+        model = family_cls.from_hf_config(load_model_config(out))
+        model.load_weights(SafetensorsWeights(out).items(),
+                           quant_config=QuantConfig.isq(None, topology=[(r"\.experts\.\d+\.", "int8")]))
+        return model
+    finally:
+        get_plugin_manager().unregister(name="expert-int8")
+
+
 def test_mixtral_experts_quantized_through_the_weight_hook(tmp_path):
     """Per-expert checkpoint tensors go through the one quantization hook like any linear:
     a topology that quantizes experts only leaves the dense stacks unallocated, and the
@@ -230,59 +279,48 @@ def test_mixtral_experts_quantized_through_the_weight_hook(tmp_path):
     import re
     from safetensors.torch import load_file, save_file
     from mistralrs_arch_text.mixtral import MixtralForCausalLM
-    from mistralrs_core.hookspecs import hookimpl
     from mistralrs_core.layers.moe import QuantizedExperts
-    from mistralrs_core.loading.hf_config import load_model_config
-    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
-    from mistralrs_core.loading.quant_config import QuantConfig
-    from mistralrs_core.plugins import get_plugin_manager, register_plugin
+    quantizer = _ExpertQuantizer()
+    ref = _model("MixtralForCausalLM", "MixtralConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    perturb_parameters(ref)
+    out = save_reference(ref, tmp_path / "mixtral")
+    model = _load_with_expert_quantizer(MixtralForCausalLM, out, quantizer)
+    experts = [layer.mlp.experts for layer in model.model.layers]
+    assert all(isinstance(e.quant, QuantizedExperts) and e.gate_up_proj is None for e in experts)
+    seen = quantizer.seen
+    assert len(seen) == 2 * 4 * 3 and all(re.search(r"\.experts\.\d\.w[123]$", n) for n in seen)
 
-    def int8(w):
-        w = w.float()
-        scale = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
-        return torch.round(w / scale) * scale
+    weights = load_file(str(out / "model.safetensors"))
+    rounded = tmp_path / "rounded"
+    rounded.mkdir()
+    for f in out.iterdir():
+        if f.name != "model.safetensors":
+            (rounded / f.name).write_bytes(f.read_bytes())
+    save_file({k: quantizer.round(v) if ".experts." in k else v for k, v in weights.items()},
+              str(rounded / "model.safetensors"))
+    dense = load_for_test(rounded, "Mixtral")
+    prompt = random_prompt(9, V, 3)
+    got, want = SingleSequence(model).step(prompt), SingleSequence(dense).step(prompt)
+    assert max_rel_err(got, want) <= 1e-5
 
-    class Method:
-        def __init__(self, w):
-            self.w = int8(w)
 
-        def forward(self, x):
-            return torch.nn.functional.linear(x, self.w.to(x.dtype))
-
-    class Plugin:
-        seen = []
-
-        @hookimpl
-        def mistralrs_quant_method(self, quant_config, hf_name, module, weight):
-            if quant_config.kind == "isq" and quant_config.for_layer(hf_name, module) == "int8":
-                self.seen.append(hf_name)
-                return Method(weight)
-            return None
-    plugin = Plugin()
-    register_plugin(plugin, "moe-int8")
-    try:
-        ref = _model("MixtralForCausalLM", "MixtralConfig", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-        perturb_parameters(ref)
-        out = save_reference(ref, tmp_path / "mixtral")
-        model = MixtralForCausalLM.from_hf_config(load_model_config(out))
-        model.load_weights(SafetensorsWeights(out).items(),
-                           quant_config=QuantConfig.isq(None, topology=[(r"\.experts\.\d+\.", "int8")]))
-        experts = [layer.mlp.experts for layer in model.model.layers]
-        assert all(isinstance(e.quant, QuantizedExperts) and e.gate_up_proj is None for e in experts)
-        assert len(plugin.seen) == 2 * 4 * 3 and all(re.search(r"\.experts\.\d\.w[123]$", n) for n in plugin.seen)
-
-        weights = load_file(str(out / "model.safetensors"))
-        rounded = tmp_path / "rounded"
-        rounded.mkdir()
-        for f in out.iterdir():
-            if f.name != "model.safetensors":
-                (rounded / f.name).write_bytes(f.read_bytes())
-        save_file({k: int8(v) if ".experts." in k else v for k, v in weights.items()},
-                  str(rounded / "model.safetensors"))
-        dense = load_for_test(rounded, "Mixtral")
-        prompt = random_prompt(9, V, 3)
-        got, want = SingleSequence(model).step(prompt), SingleSequence(dense).step(prompt)
-        assert max_rel_err(got, want) <= 1e-5
-    finally:
-        get_plugin_manager().unregister(name="moe-int8")
+def test_gpt_oss_stacked_experts_reach_the_weight_hook(tmp_path):
+    """GPT-OSS stores its experts stacked; they reach the hook one expert tensor at a time,
+    and the quantized-expert path (biases, clamped SwiGLU) equals the dense one."""
+    from mistralrs_arch_text.gpt_oss import GptOssForCausalLM
+    from mistralrs_core.layers.moe import QuantizedExperts
+    torch.manual_seed(0)
+    cfg = transformers.GptOssConfig(**COMMON, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2, head_dim=8, sliding_window=8, swiglu_limit=0.3)
+    ref = transformers.GptOssForCausalLM(cfg)
+    perturb_parameters(ref)
+    out = save_reference(ref, tmp_path / "gpt_oss")
+    quantizer = _ExpertQuantizer(exact=True)
+    model = _load_with_expert_quantizer(GptOssForCausalLM, out, quantizer)
+    assert all(isinstance(layer.mlp.experts.quant, QuantizedExperts) for layer in model.model.layers)
+    assert len(quantizer.seen) == 2 * 4 * 3
+    prompt = random_prompt(9, V, 5)
+    dense = load_for_test(out, "GptOss")
+    assert max_rel_err(SingleSequence(model).step(prompt), SingleSequence(dense).step(prompt)) <= 1e-5
