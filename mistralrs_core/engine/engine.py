@@ -133,7 +133,7 @@ class Engine:
         self._stop = False
         self._rng = random.Random(config.seed)
         self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0,
-                      "tokens_computed": 0}
+                      "tokens_computed": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name=f"mistralrs-engine-{name}", daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
@@ -311,8 +311,8 @@ class Engine:
             if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
                 break
             accepted += 1
-        self.stats["draft_tokens"] = self.stats.get("draft_tokens", 0) + len(drafts)
-        self.stats["accepted_draft_tokens"] = self.stats.get("accepted_draft_tokens", 0) + accepted
+        self.stats["draft_tokens"] += len(drafts)
+        self.stats["accepted_draft_tokens"] += accepted
         if not seq.finished:
             self.scheduler.commit(seq, rec.start + 1 + accepted)
 
