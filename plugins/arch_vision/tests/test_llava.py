@@ -256,3 +256,44 @@ def test_missing_preprocessor_config_is_one_clear_error(tmp_path):
     (out / "preprocessor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.LLaVa, dtype="F32"))
+
+
+def test_same_pixels_from_another_source_share_the_prefix_cache(runner, tiny_llava, tmp_path):
+    _, ref, _ = tiny_llava
+    pipe = runner._pipeline(None)
+    blocks = pipe.engine.blocks
+    img = random_image(11)
+    path = tmp_path / "same.png"
+    img.save(path)
+    text = {"type": "text", "text": "What is in this picture?"}
+    first = chat([{"type": "image_url", "image_url": {"url": png_data_uri(img)}}, text])
+    prompt = check_against_reference(pipe, ref, first, runner.send_chat_completion_request(first))
+    hits = blocks.hits
+    again = chat([{"type": "image_url", "image_url": {"url": path.as_uri()}}, text])
+    check_against_reference(pipe, ref, again, runner.send_chat_completion_request(again))
+    assert blocks.hits - hits == ((len(prompt.ids) - 1) // 4) * 4      # every full block reused
+    hits = blocks.hits
+    other = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(12))}}, text])
+    check_against_reference(pipe, ref, other, runner.send_chat_completion_request(other))
+    assert blocks.hits - hits == (prompt.spans[0].start // 4) * 4      # only blocks before the image
+
+
+def test_pipeline_text_only_unchanged_and_bad_parts_name_the_part(runner, tmp_path):
+    from mistralrs_core.pipeline.text import TextPipeline
+    pipe = runner._pipeline(None)
+    plain = chat([{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}])
+    assert pipe.chat_prompt(plain).ids == TextPipeline.chat_prompt(pipe, chat("Hello there")).ids
+    assert pipe.chat_prompt(plain).spans == []
+    bad = chat([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:,nothing"}}])
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.image_url: not a decodable image"):
+        pipe.chat_prompt(bad)
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]: unsupported content part type 'audio'"):
+        pipe.chat_prompt(chat([{"type": "audio", "audio": "x"}]))
+    # A template that drops image parts would silently lose the image: refused instead.
+    sneaky = chat([{"type": "text", "text": "<image> twice"},
+                   {"type": "image_url", "image_url": {"url": png_data_uri(random_image(3))}}])
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        pipe.chat_prompt(sneaky)
+    # Through the Runner the error reaches the caller as the same ValueError.
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.image_url"):
+        runner.send_chat_completion_request(bad)
