@@ -26,12 +26,14 @@ class VisionPipeline(TextPipeline):
         if isinstance(req.messages, str):
             return super().chat_prompt(req)
         messages = normalize_messages(req.messages)
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return super().chat_prompt(req)           # plain strings: exactly the text path
         images = []
         for i, m in enumerate(messages):
             content = m.get("content")
             if not isinstance(content, list):
                 continue
-            parts, has_image = [], False
+            parts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 where = f"messages[{i}].content[{j}]"
@@ -39,15 +41,14 @@ class VisionPipeline(TextPipeline):
                     where += ".image_url"
                     images.append(load_image(image_url_of(part, where), where=where, max_edge=self.max_edge))
                     parts.append(dict(self.processor.image_part))
-                    has_image = True
                 elif kind == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
                 else:
                     raise ValueError(f"{where}: unsupported content part type {kind!r} (text or image_url)")
-            # Text-only messages stay strings, as the text path renders them.
-            m["content"] = parts if has_image else "".join(p["text"] for p in parts)
-        if not images:
-            return super().chat_prompt(req)
+            # Parts stay a list, as transformers' processors hand them to the template: the
+            # hub's vision templates iterate content parts (a joined string would render
+            # as no text at all in LLaVa's).
+            m["content"] = parts
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
         extra = {}

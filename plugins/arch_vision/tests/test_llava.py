@@ -297,3 +297,38 @@ def test_pipeline_text_only_unchanged_and_bad_parts_name_the_part(runner, tmp_pa
     # Through the Runner the error reaches the caller as the same ValueError.
     with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.image_url"):
         runner.send_chat_completion_request(bad)
+
+
+# llava-hf/llava-1.5-7b-hf's chat_template.json: content is always iterated as parts
+# (images first), with transformers' {% generation %} tag around assistant text.
+LLAVA15_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_hub_llava_template_gets_parts(runner):
+    from mistralrs_core.tokenization.chat_template import ChatTemplate
+    from mistralrs_core.tokenization.prompt import encode_prompt
+    from mistralrs_arch_vision.inputs import load_image
+    pipe = runner._pipeline(None)
+    old, pipe.template = pipe.template, ChatTemplate(LLAVA15_TEMPLATE, "llava-1.5 chat_template.json")
+    try:
+        url = png_data_uri(random_image(4))
+        got = pipe.chat_prompt(chat([{"type": "text", "text": "What is it?"},
+                                     {"type": "image_url", "image_url": {"url": url}}]))
+        image = load_image(url, where="x")
+        want = pipe.expand_images(encode_prompt(pipe.tokenizer, "USER: <image>\nWhat is it? ASSISTANT:"), [image])
+        assert got.ids == want.ids
+        assert [(s.start, s.length, s.content_hash) for s in got.spans] == \
+            [(s.start, s.length, s.content_hash) for s in want.spans]
+        assert got.spans[0].length == TOKENS
+        # Text-only parts keep their list form, so this template still renders the text.
+        text_only = pipe.chat_prompt(chat([{"type": "text", "text": "Hi"}]))
+        assert text_only.ids == encode_prompt(pipe.tokenizer, "USER: Hi ASSISTANT:")
+    finally:
+        pipe.template = old
