@@ -11,18 +11,27 @@ from mistralrs_core.errors import NotAvailableYet
 PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
+_IMAGE_KEYS = ("size", "crop_size", "image_mean", "image_std", "image_processor_type")
+
+
 def load_preprocessor_config(model_dir: Path) -> dict:
-    """The image processor's settings. ``processor_config.json`` (newer exports) may nest
-    them under ``image_processor``."""
+    """The image processor's settings: ``preprocessor_config.json``, else a
+    ``processor_config.json`` that holds them (top level, or nested under
+    ``image_processor`` in newer exports). A processor config with only the processor's own
+    keys (LLaVa's ``patch_size``, ``image_seq_length``) does not count."""
     for name in PREPROCESSOR_FILES:
         path = Path(model_dir) / name
-        if path.is_file():
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict):
-                raise ValueError(f"{name}: expected a JSON object")
-            return cfg.get("image_processor", cfg) if isinstance(cfg.get("image_processor"), dict) else cfg
-    raise FileNotFoundError(f"no preprocessor_config.json or processor_config.json in model directory "
-                            f"{str(model_dir)!r}: a vision model needs its image preprocessing settings")
+        if not path.is_file():
+            continue
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{name}: expected a JSON object")
+        if isinstance(cfg.get("image_processor"), dict):
+            return cfg["image_processor"]
+        if any(k in cfg for k in _IMAGE_KEYS):
+            return cfg
+    raise FileNotFoundError(f"no image preprocessor settings in model directory {str(model_dir)!r} (looked for "
+                            f"{' and '.join(PREPROCESSOR_FILES)}): a vision model needs them to prepare images")
 
 
 class VisionLoader:

@@ -4,6 +4,7 @@ tokens; then the same model through the Runner (``Which.VisionPlain``), an image
 batched with a text request."""
 import base64
 import io
+import json
 import threading
 
 import numpy as np
@@ -253,9 +254,16 @@ def test_runner_chunked_prefill_splits_an_image_span(runner, tiny_llava):
 def test_missing_preprocessor_config_is_one_clear_error(tmp_path):
     from mistralrs import Runner, VisionArchitecture, Which
     out, _, _ = write_tiny_llava(tmp_path)
+    settings = json.loads((out / "preprocessor_config.json").read_text())
     (out / "preprocessor_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
-        Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.LLaVa, dtype="F32"))
+    # LLaVa's processor_config.json holds only the processor's own keys: not image settings.
+    (out / "processor_config.json").write_text(json.dumps({"patch_size": 7, "processor_class": "LlavaProcessor"}))
+    which = Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.LLaVa, dtype="F32")
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json and processor_config.json"):
+        Runner(which=which)
+    # Newer exports nest the image settings in processor_config.json.
+    (out / "processor_config.json").write_text(json.dumps({"image_processor": settings}))
+    Runner(which=which).shutdown()
 
 
 def test_same_pixels_from_another_source_share_the_prefix_cache(runner, tiny_llava, tmp_path):
