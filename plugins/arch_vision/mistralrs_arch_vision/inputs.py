@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import io
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -125,23 +126,42 @@ def _from_file(path: str, where: str, max_bytes: int) -> bytes:
         raise ValueError(f"{where}: cannot read file {path!r}: {exc.strerror or exc}") from None
 
 
+def _http_opener() -> urllib.request.OpenerDirector:
+    # http(s) only: the default opener would also follow a redirect to ftp://.
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.HTTPHandler, urllib.request.HTTPSHandler, urllib.request.HTTPRedirectHandler,
+                    urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPErrorProcessor):
+        opener.add_handler(handler())
+    return opener
+
+
 def _fetch(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
     req = urllib.request.Request(url, headers={"User-Agent": "mistralrs-arch-vision"})
+    # ``timeout`` bounds each socket operation; the deadline bounds the whole transfer, so
+    # a server dripping bytes cannot hold a request thread indefinitely.
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with _http_opener().open(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length")
             if length is not None and length.isdigit():
                 _check_size(int(length), where, max_bytes)
-            # Read one byte past the limit: a server that lies about (or omits) its length
-            # still cannot make us hold more than the limit.
-            data = resp.read(max_bytes + 1)
+            chunks, size = [], 0
+            while True:
+                # Never more than one byte past the limit, whatever the server says its length is.
+                chunk = resp.read(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                _check_size(size, where, max_bytes)
+                if time.monotonic() > deadline:
+                    raise ValueError(f"{where}: fetching {url!r} took longer than {timeout:g} s")
     except urllib.error.HTTPError as exc:
         raise ValueError(f"{where}: fetching {url!r} failed with HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ValueError(f"{where}: cannot fetch {url!r}: {reason}") from None
-    _check_size(len(data), where, max_bytes)
-    return data
+    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------- decoding

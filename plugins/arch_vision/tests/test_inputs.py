@@ -27,6 +27,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     routes: dict = {}
 
     def do_GET(self):
+        if self.path == "/to-ftp":
+            self.send_response(302)
+            self.send_header("Location", "ftp://127.0.0.1/x.png")
+            self.end_headers()
+            return
+        if self.path == "/no-length":          # a body with no Content-Length (read to EOF)
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(png_bytes())
+            return
         body = self.routes.get(self.path)
         if body is None:
             self.send_error(404)
@@ -114,6 +125,7 @@ def _closed_port() -> int:
     (lambda d, u: u + "/not-an-image", "not a decodable image"),
     (lambda d, u: f"http://127.0.0.1:{_closed_port()}/x.png", "cannot fetch"),
     (lambda d, u: "ftp://example.com/x.png", "unsupported URL scheme"),
+    (lambda d, u: u + "/to-ftp", "HTTP 302"),            # redirects stay on http(s)
     (lambda d, u: "", "non-empty"),
 ])
 def test_bad_inputs_are_value_errors_naming_the_part(tmp_path, http_url, make, why):
@@ -128,7 +140,7 @@ def test_size_limits(tmp_path, http_url, monkeypatch):
     path = tmp_path / "img.png"
     path.write_bytes(data)
     for src in ["data:image/png;base64," + base64.b64encode(data).decode(), str(path),
-                http_url + "/img.png"]:
+                http_url + "/img.png", http_url + "/no-length"]:
         with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.image_url: .*limit"):
             load_image(src, where=WHERE, max_bytes=len(data) - 1)
         assert load_image(src, where=WHERE, max_bytes=len(data)).image.size == (12, 7)
