@@ -340,3 +340,10 @@ def test_hub_llava_template_gets_parts(runner):
         assert text_only.ids == encode_prompt(pipe.tokenizer, "USER: Hi ASSISTANT:")
     finally:
         pipe.template = old
+
+
+def test_arch_naming_another_family_is_refused(tiny_llava):
+    from mistralrs import Runner, VisionArchitecture, Which
+    out, _, _ = tiny_llava
+    with pytest.raises(ValueError, match=r"^arch: no installed vision family 'Qwen2VL'; known vision families: .*LLaVa"):
+        Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.Qwen2VL, dtype="F32"))

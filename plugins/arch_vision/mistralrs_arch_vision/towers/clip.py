@@ -173,8 +173,10 @@ class CLIPVisionTower(nn.Module):
         # Every image has the same number of tokens: the backend reshapes, no mask.
         batch = EncoderBatch.packed([n] * b)
         h = h.reshape(b * n, -1)
-        states = {0: h}
+        wanted = set(self.feature_layers)
+        states = {0: h} if 0 in wanted else {}
         for i, layer in enumerate(self.encoder.layers, start=1):
             h = layer(h, batch)
-            states[i] = h
+            if i in wanted:
+                states[i] = h
         return [states[i].view(b, n, -1) for i in self.feature_layers]
