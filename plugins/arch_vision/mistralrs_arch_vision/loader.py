@@ -9,8 +9,6 @@ from pathlib import Path
 from mistralrs_core.errors import NotAvailableYet
 
 PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
-
-
 _IMAGE_KEYS = ("size", "crop_size", "image_mean", "image_std", "image_processor_type")
 
 
