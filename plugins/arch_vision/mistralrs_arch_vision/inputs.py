@@ -1,0 +1,183 @@
+"""Images from chat ``image_url`` parts: every source the SDK accepts, decoded to RGB.
+
+A part's ``url`` may be a ``data:`` URI, raw base64, a local file path, a ``file://`` URL
+or an http(s) URL. Whatever the source, the result is the same RGB pixels (EXIF
+orientation applied, optionally capped by ``max_edge``) and a content hash over those
+pixels, so the same picture sent two ways shares the prefix cache. Every failure is a
+``ValueError`` whose message starts with the part's name (the server turns the prefix into
+the error's ``param``).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+
+import attrs
+from PIL import Image, ImageOps
+
+#: Largest encoded image accepted from any source (bytes).
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Seconds an http(s) fetch may take to connect and between reads.
+FETCH_TIMEOUT_S = 10.0
+
+
+@attrs.frozen
+class LoadedImage:
+    image: Image.Image            # RGB, orientation applied
+    content_hash: bytes           # blake2b-256 of (width, height, RGB bytes)
+
+
+def pixel_digest(image: Image.Image) -> bytes:
+    """A digest of what the model sees, not of the encoded file: a PNG and a re-encoded
+    PNG of the same pixels (or the same file by path and by URL) hash equal."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(image.width.to_bytes(8, "little"))
+    h.update(image.height.to_bytes(8, "little"))
+    h.update(image.tobytes())
+    return h.digest()
+
+
+def load_image(url: str, *, where: str, max_edge: int | None = None, max_bytes: int = MAX_IMAGE_BYTES,
+               timeout: float = FETCH_TIMEOUT_S) -> LoadedImage:
+    """Decode the image an ``image_url`` part points at. ``where`` names the part in errors
+    (``messages[0].content[1].image_url``)."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}: expected a non-empty string (data URI, URL, path or base64)")
+    data = _read_bytes(url, where, max_bytes, timeout)
+    image = _decode(data, where)
+    if max_edge is not None and max(image.size) > max_edge:
+        scale = max_edge / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+    return LoadedImage(image, pixel_digest(image))
+
+
+def image_url_of(part: dict, where: str) -> str:
+    """The url of an OpenAI ``image_url`` part (``{"url": ...}`` or a bare string)."""
+    ref = part.get("image_url")
+    if isinstance(ref, dict):
+        ref = ref.get("url")
+    if not isinstance(ref, str):
+        raise ValueError(f"{where}: expected {{'url': str}} or a string, got {type(ref).__name__}")
+    return ref
+
+
+# --------------------------------------------------------------------------- sources
+def _read_bytes(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
+    lower = url[:16].lower()
+    if lower.startswith("data:"):
+        return _from_data_uri(url, where, max_bytes)
+    if lower.startswith(("http://", "https://")):
+        return _fetch(url, where, max_bytes, timeout)
+    if lower.startswith("file://"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{where}: file:// URL with a remote host {parsed.netloc!r}")
+        return _from_file(urllib.request.url2pathname(parsed.path), where, max_bytes)
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme and len(scheme) > 1 and "://" in url[:len(scheme) + 3]:
+        raise ValueError(f"{where}: unsupported URL scheme {scheme!r} (use data:, http(s):, file: or a path)")
+    if len(url) < 4096 and os.path.isfile(url):
+        return _from_file(url, where, max_bytes)
+    return _from_base64(url, where, max_bytes)
+
+
+def _check_size(n: int, where: str, max_bytes: int) -> None:
+    if n > max_bytes:
+        raise ValueError(f"{where}: image is larger than the {max_bytes}-byte limit")
+
+
+def _from_base64(text: str, where: str, max_bytes: int) -> bytes:
+    # Encoded length bounds the decoded one: refuse before decoding a huge payload.
+    _check_size(len(text) * 3 // 4, where, max_bytes)
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{where}: not a data URI, http(s)/file URL, existing file path or valid base64 "
+                         f"image") from None
+
+
+def _from_data_uri(url: str, where: str, max_bytes: int) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep:
+        raise ValueError(f"{where}: data URI without a ',' separating header and payload")
+    if header.lower().endswith(";base64"):
+        return _from_base64(payload, where, max_bytes)
+    data = urllib.parse.unquote_to_bytes(payload)
+    _check_size(len(data), where, max_bytes)
+    return data
+
+
+def _from_file(path: str, where: str, max_bytes: int) -> bytes:
+    try:
+        size = os.path.getsize(path)
+        _check_size(size, where, max_bytes)
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read file {path!r}: {exc.strerror or exc}") from None
+
+
+def _http_opener() -> urllib.request.OpenerDirector:
+    # http(s) only: the default opener would also follow a redirect to ftp://.
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.HTTPHandler, urllib.request.HTTPSHandler, urllib.request.HTTPRedirectHandler,
+                    urllib.request.HTTPDefaultErrorHandler, urllib.request.HTTPErrorProcessor):
+        opener.add_handler(handler())
+    return opener
+
+
+def _fetch(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers={"User-Agent": "mistralrs-arch-vision"})
+    # ``timeout`` bounds each socket operation; the deadline bounds the whole transfer, so
+    # a server dripping bytes cannot hold a request thread indefinitely.
+    deadline = time.monotonic() + timeout
+    try:
+        with _http_opener().open(req, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            if length is not None and length.isdigit():
+                _check_size(int(length), where, max_bytes)
+            chunks, size = [], 0
+            while True:
+                # Never more than one byte past the limit, whatever the server says its length is.
+                chunk = resp.read(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                _check_size(size, where, max_bytes)
+                if time.monotonic() > deadline:
+                    raise ValueError(f"{where}: fetching {url!r} took longer than {timeout:g} s")
+    except urllib.error.HTTPError as exc:
+        raise ValueError(f"{where}: fetching {url!r} failed with HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ValueError(f"{where}: cannot fetch {url!r}: {reason}") from None
+    return b"".join(chunks)
+
+
+# --------------------------------------------------------------------------- decoding
+def _decode(data: bytes, where: str) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # A decompression-bomb *warning* becomes an error: a tiny file must not
+            # expand into gigabytes of pixels.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()                    # decode now: truncated files fail here, not later
+            image = ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{where}: image has too many pixels") from None
+    except Exception as exc:            # Pillow raises many types for corrupt data
+        raise ValueError(f"{where}: not a decodable image ({type(exc).__name__}: {exc})") from None
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image

@@ -1,0 +1,78 @@
+"""Chat requests with images -> placeholder token ids + one ``FeatureSpan`` per image.
+
+The pipeline is family-agnostic: it loads every ``image_url`` part (``inputs.py``), hands
+the chat template the part it expects instead (``processor.image_part``, ``{"type":
+"image"}`` for the hub's templates), renders and tokenizes, then expands each image
+placeholder token into the number of tokens the family's processor says the image takes.
+Families differ only in their processor (``prepare(image) -> ImagePrompt(num_tokens,
+data)``, ``image_token_id``, ``image_part``).
+"""
+from __future__ import annotations
+
+from mistralrs_core.api.validate import normalize_messages
+from mistralrs_core.engine.step import FeatureSpan
+from mistralrs_core.pipeline.text import Prompt, TextPipeline
+from mistralrs_core.tokenization.prompt import encode_prompt, render_chat
+
+from mistralrs_arch_vision.inputs import image_url_of, load_image
+
+
+class VisionPipeline(TextPipeline):
+    #: set by the loader: the family's processor and ``Which.VisionPlain.max_edge``
+    processor = None
+    max_edge: int | None = None
+
+    def chat_prompt(self, req) -> Prompt:
+        if isinstance(req.messages, str):
+            return super().chat_prompt(req)
+        messages = normalize_messages(req.messages)
+        if not any(isinstance(m.get("content"), list) for m in messages):
+            return super().chat_prompt(req)           # plain strings: exactly the text path
+        images = []
+        for i, m in enumerate(messages):
+            content = m.get("content")
+            if not isinstance(content, list):
+                continue
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                where = f"messages[{i}].content[{j}]"
+                if kind == "image_url":
+                    where += ".image_url"
+                    images.append(load_image(image_url_of(part, where), where=where, max_edge=self.max_edge))
+                    parts.append(dict(self.processor.image_part))
+                elif kind == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                else:
+                    raise ValueError(f"{where}: unsupported content part type {kind!r} (text or image_url)")
+            # Parts stay a list, as transformers' processors hand them to the template: the
+            # hub's vision templates iterate content parts (a joined string would render
+            # as no text at all in LLaVa's).
+            m["content"] = parts
+        if self.template is None:
+            raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
+        extra = {}
+        if req.reasoning_effort is not None:
+            extra["reasoning_effort"] = req.reasoning_effort
+        text = render_chat(self.template, self.tokenizer, messages, enable_thinking=req.enable_thinking, **extra)
+        return self.expand_images(encode_prompt(self.tokenizer, text), images)
+
+    def expand_images(self, ids: list[int], images) -> Prompt:
+        """Replace the i-th image placeholder token with image i's tokens and span."""
+        token = self.processor.image_token_id
+        found = ids.count(token)
+        if found != len(images):
+            raise ValueError(f"messages: the rendered prompt holds {found} image placeholder(s) for "
+                             f"{len(images)} image(s); the chat template must emit one per image part")
+        out, spans, k = [], [], 0
+        for t in ids:
+            if t != token:
+                out.append(t)
+                continue
+            img = images[k]
+            prepared = self.processor.prepare(img.image)
+            spans.append(FeatureSpan(start=len(out), length=prepared.num_tokens, data=prepared.data,
+                                     content_hash=img.content_hash))
+            out.extend([token] * prepared.num_tokens)
+            k += 1
+        return Prompt(out, spans)

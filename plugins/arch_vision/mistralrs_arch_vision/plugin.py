@@ -1,0 +1,35 @@
+"""Registrations of mistralrs-arch-vision (entry point ``arch_vision``). Targets are
+``"module:attr"`` strings: listing plugins imports no model code."""
+from mistralrs_core.hookspecs import hookimpl
+
+_PKG = "mistralrs_arch_vision"
+
+# (enum name, aliases, model class, HF model_types, HF architectures, processor)
+VISION_FAMILIES = [
+    ("LLaVa", ("LLaVA",), f"{_PKG}.llava:LlavaForConditionalGeneration", ("llava",),
+     ("LlavaForConditionalGeneration",), f"{_PKG}.llava:LlavaProcessor"),
+]
+
+
+@hookimpl
+def mistralrs_register_architectures(register):
+    for name, aliases, target, model_types, archs, processor in VISION_FAMILIES:
+        register(name, target, kind="vision", hf_model_types=model_types, hf_architectures=archs,
+                 aliases=aliases, processor=processor, pipeline=f"{_PKG}.pipeline:VisionPipeline")
+
+
+@hookimpl
+def mistralrs_register_loaders(register):
+    register("vision", f"{_PKG}.loader:VisionLoader")
+
+
+@hookimpl
+def mistralrs_select_loader(which, kind):
+    if type(which).__name__ == "VisionPlain":
+        return "vision"
+    return None
+
+
+@hookimpl
+def mistralrs_register_capabilities(register):
+    register("vision", provides="Which.VisionPlain (LLaVa)")

@@ -1,0 +1,1 @@
+"""Image processors shared by the families: Pillow + torch, no torchvision."""
