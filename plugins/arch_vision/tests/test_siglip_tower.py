@@ -101,3 +101,57 @@ def test_gemma3_projector_matches_transformers():
     got = ours(patches)
     assert got.shape == (3, 4, 24)
     assert max_rel_err(got, ref(patches)) < 1e-5
+
+
+def _stream(path, prefix, rename=None):
+    """(name, tensor) pairs of a safetensors file under ``prefix``, prefix removed, as a
+    family's ``map_weight_name`` would hand them on."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                yield (rename(rest) if rename else rest), f.get_tensor(name)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("released_names", [False, True])
+def test_gemma3_image_features_end_to_end(tmp_path, released_names):
+    """Processor -> tower -> projector equals transformers' Gemma 3 ``get_image_features`` on
+    the same image, loading from the checkpoint file as a family would: transformers 5 saves
+    ``vision_tower.embeddings...``, the released checkpoints ``vision_tower.vision_model....``."""
+    from PIL import Image
+
+    from mistralrs_arch_vision.processors.gemma3 import Gemma3ImageProcessor
+
+    vision = dict(TINY, image_size=56, vision_use_head=False)
+    text = dict(hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=12, vocab_size=300)
+    config = transformers.Gemma3Config(vision_config=vision, text_config=text, mm_tokens_per_image=16,
+                                       boi_token_index=297, eoi_token_index=298, image_token_index=299)
+    torch.manual_seed(0)
+    ref = transformers.Gemma3ForConditionalGeneration(config).eval()
+    perturb_parameters(ref, seed=5, scale=0.2)
+    ref.save_pretrained(tmp_path)
+    hf = config.to_dict()
+
+    tower = SiglipVisionTower(SiglipTowerConfig.from_hf(hf["vision_config"]))
+    assert tower.head is None
+    rename = (lambda n: "vision_model." + n) if released_names else None
+    load_module(tower, _stream(tmp_path / "model.safetensors", "vision_tower.", rename))
+    projector = Gemma3MultiModalProjector.from_hf(hf)
+    load_module(projector, _stream(tmp_path / "model.safetensors", "multi_modal_projector."))
+
+    g = torch.Generator().manual_seed(6)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for h, w in ((90, 40), (56, 56), (30, 200))]
+    proc_config = {"size": {"height": 56, "width": 56}, "pan_and_scan_min_crop_size": 20,
+                   "pan_and_scan_max_num_crops": 3, "pan_and_scan_min_ratio_to_activate": 1.2}
+    ours_px = Gemma3ImageProcessor.from_hf(proc_config)(images, do_pan_and_scan=True)
+    ref_px = transformers.Gemma3ImageProcessorPil.from_dict(proc_config)(
+        images, do_pan_and_scan=True, return_tensors="pt")
+    assert ours_px.num_crops == ref_px["num_crops"].tolist() and sum(ours_px.num_crops) > 0
+    want = ref.model.get_image_features(ref_px["pixel_values"]).pooler_output
+    got = projector(tower(ours_px.pixel_values))
+    assert got.shape == (len(images) + sum(ours_px.num_crops), 16, 24)
+    assert max_rel_err(got, want) < 1e-5
