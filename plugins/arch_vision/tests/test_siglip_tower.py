@@ -43,6 +43,11 @@ def test_last_hidden_state_and_pooled_match_transformers():
     assert got.shape == (3, (28 // 7) ** 2, 32)
     assert max_rel_err(got, want.last_hidden_state) < 1e-5
     assert max_rel_err(ours.pool(got), want.pooler_output) < 1e-5
+    # q/k/v were fused at load, and the checkpoint names still resolve to their rows.
+    from mistralrs_core.loading.weights import read_weight
+    assert ours.encoder.layers[0].self_attn._qkv_runtime is not None
+    name = "encoder.layers.2.self_attn.k_proj.weight"
+    assert torch.equal(read_weight(ours, name), ref.state_dict()[name])
     # Batched equals one image at a time (no cross-image attention).
     alone = torch.cat([ours(px[i:i + 1]) for i in range(3)])
     assert max_rel_err(got, alone) < 1e-5

@@ -15,7 +15,7 @@ from torch import nn
 
 from mistralrs_core.layers.activations import get_activation
 from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_attention
-from mistralrs_core.layers.linear import Embedding, Linear
+from mistralrs_core.layers.linear import Embedding, Linear, fuse_linears
 from mistralrs_core.layers.norms import LayerNorm, RMSNorm
 
 
@@ -120,13 +120,23 @@ class SiglipAttention(nn.Module):
         self.k_proj = Linear(d, d, bias=True)
         self.v_proj = Linear(d, d, bias=True)
         self.out_proj = Linear(d, d, bias=True)
+        self._qkv_runtime: Linear | None = None
+
+    def post_load(self) -> None:
+        """One matmul for q/k/v when their storage allows; the fused layer keeps the
+        checkpoint names (``fused_parts``), so ``resolve_weight`` still finds each."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self._qkv_runtime = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
         b, s, _ = x.shape
         shape = (b, s, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(shape)
-        k = self.k_proj(x).view(shape)
-        v = self.v_proj(x).view(shape)
+        if self._qkv_runtime is not None:
+            q, k, v = self._qkv_runtime(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
         out = encoder_attention(q, k, v, batch, scale=self.scale)
         return self.out_proj(out.reshape(b, s, -1))
 
