@@ -626,6 +626,9 @@ def test_generation_eos_ids(all_tokenizers):
     assert ids == {t.token_to_id("<|eot_id|>"), end}
     c = all_tokenizers["chatml"]
     assert generation_eos_ids(c, ChatTemplate(CHATML_TEMPLATE)) == {c.token_to_id("<|im_end|>")}
+    # A multimodal config keeps the text model's ids in text_config.
+    assert generation_eos_ids(t, None, None, {"text_config": {"eos_token_id": end}}) >= {end}
+    assert end not in generation_eos_ids(t, None, None, {})
 
 
 # ------------------------------------------------------------ parity with transformers

@@ -25,7 +25,11 @@ def generation_eos_ids(
     model_config: Mapping | None = None,
 ) -> set[int]:
     ids = set(tokenizer.eos_token_ids)
-    ids |= config_eos_token_ids(dict(generation_config or {}), dict(model_config or {}))
+    model_config = dict(model_config or {})
+    # Multimodal checkpoints keep the text model's ids in text_config; top-level keys win.
+    if isinstance(model_config.get("text_config"), Mapping):
+        model_config = {**model_config["text_config"], **model_config}
+    ids |= config_eos_token_ids(dict(generation_config or {}), model_config)
     if template is not None:
         for token in TURN_END_TOKENS:
             tid = tokenizer.token_to_id(token)
