@@ -155,6 +155,19 @@ def test_processor_matches_reference(name, monkeypatch):
     assert torch.equal(prepared.data.pixels, ours)
 
 
+def test_processor_errors_are_clear(loaded, tiny):
+    model, _, ids_of = loaded
+    out = tiny[0]
+    no_break = types.SimpleNamespace(token_to_id=lambda t: None if t == "[IMG_BREAK]" else ids_of.get(t))
+    with pytest.raises(ValueError, match=r"no '\[IMG_BREAK\]' token"):
+        Mistral3Processor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                          tokenizer=no_break, model_dir=out)
+    fixed = PixtralImageProcessor.from_config(dict(PREPROCESSOR, do_resize=False), UNIT)
+    assert fixed(image(16, 24)).shape == (3, 24, 16)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        fixed(image(17, 24))
+
+
 # --------------------------------------------------------------------------- logits
 def build_prompt(pipe_proc, images, text_ids):
     """text, then each image's expansion followed by more text (what the pipeline builds)."""

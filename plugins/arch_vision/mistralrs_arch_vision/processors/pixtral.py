@@ -82,6 +82,10 @@ class PixtralImageProcessor:
         image = to_rgb(image) if self.do_convert_rgb else image
         if self.do_resize:
             image = image.resize(self.resized_size(*image.size), resample=self.resample)
+        elif image.width % self.unit or image.height % self.unit:
+            # The projector merges whole unit x unit blocks; the reference would fail there.
+            raise ValueError(f"image of {image.width} x {image.height} pixels: with do_resize off, sides must be "
+                             f"multiples of {self.unit} (patch size x spatial merge)")
         x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
         if self.do_rescale:
             # The reference multiplies in float64 and only then casts to float32.
