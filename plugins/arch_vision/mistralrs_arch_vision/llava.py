@@ -121,9 +121,14 @@ class LlavaForConditionalGeneration(DecoderLM):
 
 @attrs.frozen
 class ImagePrompt:
-    """What the pipeline needs per image: how many placeholder tokens, and the encoder input."""
+    """What the pipeline needs per image: how many placeholder tokens, and the encoder input.
+
+    ``token_ids``, when given (``num_tokens`` of them), are the span's tokens in place of
+    ``num_tokens`` image tokens: families whose image runs hold structure tokens (Pixtral's
+    row breaks) spell them out; the encoder's feature rows still cover the whole span."""
     num_tokens: int
     data: torch.Tensor
+    token_ids: tuple[int, ...] | None = None
 
 
 @attrs.define

@@ -5,7 +5,8 @@ the chat template the part it expects instead (``processor.image_part``, ``{"typ
 "image"}`` for the hub's templates), renders and tokenizes, then expands each image
 placeholder token into the number of tokens the family's processor says the image takes.
 Families differ only in their processor (``prepare(image) -> ImagePrompt(num_tokens,
-data)``, ``image_token_id``, ``image_part``).
+data, token_ids=None)``, ``image_token_id``, ``image_part``); ``token_ids`` spells out a span
+that holds more than image tokens (Pixtral's row breaks).
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ class VisionPipeline(TextPipeline):
             prepared = self.processor.prepare(img.image)
             spans.append(FeatureSpan(start=len(out), length=prepared.num_tokens, data=prepared.data,
                                      content_hash=img.content_hash))
-            out.extend([token] * prepared.num_tokens)
+            span_ids = getattr(prepared, "token_ids", None) or [token] * prepared.num_tokens
+            if len(span_ids) != prepared.num_tokens:
+                raise ValueError(f"image processor gave {len(span_ids)} token ids for a span of "
+                                 f"{prepared.num_tokens} tokens")
+            out.extend(span_ids)
             k += 1
         return Prompt(out, spans)
