@@ -8,6 +8,8 @@ _PKG = "mistralrs_arch_vision"
 VISION_FAMILIES = [
     ("LLaVa", ("LLaVA",), f"{_PKG}.llava:LlavaForConditionalGeneration", ("llava",),
      ("LlavaForConditionalGeneration",), f"{_PKG}.llava:LlavaProcessor"),
+    ("LLaVaNext", ("LLaVANext",), f"{_PKG}.llava_next:LlavaNextForConditionalGeneration",
+     ("llava_next",), ("LlavaNextForConditionalGeneration",), f"{_PKG}.llava_next:LlavaNextProcessor"),
 ]
 
 
@@ -32,4 +34,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext)")
