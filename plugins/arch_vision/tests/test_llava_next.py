@@ -26,8 +26,9 @@ from mistralrs_arch_vision.processors.llava_next import (LlavaNextImageProcessor
 COVERS = ["LLaVaNext"]
 TOL = 1e-4
 PER_SIDE = IMAGE // PATCH
-# (width, height): tall, wide, tiny, square, odd, very wide (3x1 canvas), exact canvas
-SHAPES = [(20, 61), (50, 23), (9, 13), (60, 60), (37, 29), (120, 31), (56, 28)]
+# (width, height): tall, wide, tiny, square, odd, very wide (3x1 canvas), exact canvas, then two whose
+# fitted size rounds up (not to nearest) and whose canvas padding is odd (more on the bottom/right)
+SHAPES = [(20, 61), (50, 23), (9, 13), (60, 60), (37, 29), (120, 31), (56, 28), (33, 71), (101, 40)]
 
 
 def image(w, h, seed=0):
