@@ -140,11 +140,12 @@ def ref_logits(ref, ids, pixels):
 
 
 @torch.inference_mode()
-def ref_logits_spans(ref, ids, pixels, spans):
-    """Features put on the prompt's spans only: a generated image token id is plain text."""
+def ref_logits_spans(ref, ids, feats, spans):
+    """The reference's image features (``ref_features``) put on the prompt's spans only: a
+    generated image token id is plain text."""
     h = ref.get_input_embeddings()(torch.tensor([ids]))
-    if pixels:
-        for (start, n), f in zip(spans, ref_features(ref, pixels)):
+    if feats:
+        for (start, n), f in zip(spans, feats):
             h[0, start:start + n] = f
     return ref(inputs_embeds=h).logits[0].float()
 
@@ -174,9 +175,9 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
         t = int(logits.argmax())
         ours.append(t)
         logits = run.step([t])[-1]
-    where = [(s.start, s.length) for s in spans]
+    where, feats = [(s.start, s.length) for s in spans], ref_features(ref, pixels) if pixels else []
     for _ in range(10):
-        theirs.append(int(ref_logits_spans(ref, seq, pixels, where)[-1].argmax()))
+        theirs.append(int(ref_logits_spans(ref, seq, feats, where)[-1].argmax()))
         seq.append(theirs[-1])
     assert ours == theirs
 
@@ -188,6 +189,31 @@ def test_mistral_text_backbone(tmp_path):
     text = list(range(1, 10))
     ids, spans = prompt_with_images(image_token, pixels, text, [model.tokens_for(*pixels[0].image_size)])
     assert max_rel_err(Ours(model, num_blocks=128).step(ids, spans), ref_logits(ref, ids, pixels)) <= TOL
+
+
+@pytest.mark.parametrize("layout", ["hub", "renamed"])
+def test_checkpoint_layouts_load(tmp_path, loaded, layout):
+    """llava-v1.6 hub checkpoints nest the tower under ``vision_tower.vision_model.`` with a
+    top-level ``image_newline``; transformers >= 4.52 saves everything under ``model.``."""
+    from safetensors.torch import load_file, save_file
+    model, _, _ = loaded
+    out, _, _ = write_tiny_llava_next(tmp_path)
+    weights = load_file(str(out / "model.safetensors"))
+    if layout == "hub":
+        renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
+    else:
+        renamed = {("lm_head." + k[len("language_model.lm_head."):] if k.startswith("language_model.lm_head.")
+                    else "model." + k.replace("language_model.model.", "language_model.", 1)): v
+                   for k, v in weights.items()}
+        assert "model.image_newline" in renamed and "lm_head.weight" in renamed
+    save_file(renamed, str(out / "model.safetensors"))
+    other, _ = build_text_model(out, kind="vision")
+    assert torch.equal(other.image_newline, model.image_newline)
+    spans = [FeatureSpan(start=0, length=0, content_hash=b"", data=p) for p in pixels_of([(37, 29)])]
+    with torch.inference_mode():
+        assert torch.equal(other.encode_features(spans)[0], model.encode_features(spans)[0])
+        ids = torch.arange(5)
+        assert torch.equal(other.compute_logits(other.embed(ids)), model.compute_logits(model.embed(ids)))
 
 
 def test_full_feature_strategy_is_refused(tmp_path):
@@ -204,8 +230,9 @@ def test_full_feature_strategy_is_refused(tmp_path):
 @torch.inference_mode()
 def ref_greedy(ref, ids, pixels, spans, n):
     ids, toks, lps = list(ids), [], []
+    feats = ref_features(ref, pixels) if pixels else []
     for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, pixels, spans)[-1].double(), -1)
+        lp = torch.log_softmax(ref_logits_spans(ref, ids, feats, spans)[-1].double(), -1)
         t = int(lp.argmax())
         toks.append(t)
         lps.append(float(lp[t]))
@@ -213,45 +240,71 @@ def ref_greedy(ref, ids, pixels, spans, n):
     return toks, lps
 
 
-def test_runner_batches_image_and_text_requests(tiny):
+@pytest.fixture(scope="module")
+def runner(tiny):
     from mistralrs import Runner, VisionArchitecture, Which
-    from mistralrs_arch_vision.pipeline import VisionPipeline
-    out, ref, image_token = tiny
-    runner = Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.LLaVaNext, dtype="F32"),
-                    pa_blk_size=4, seed=0)
-    try:
-        pipe = runner._pipeline(None)
-        assert isinstance(pipe, VisionPipeline)
-        url_a, url_b = png_data_uri(image(37, 29, 1)), png_data_uri(image(20, 61, 2))
-        reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                      {"type": "text", "text": "in words."}]),
-                chat("Tell me a story about the Rust type system."),
-                chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                      {"type": "image_url", "image_url": url_a}])]
-        results = [None] * len(reqs)
+    out, _, _ = tiny
+    r = Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.LLaVaNext, dtype="F32"),
+               pa_blk_size=4, seed=0)
+    yield r
+    r.shutdown()
 
-        def work(i):
-            results[i] = runner.send_chat_completion_request(reqs[i])
+
+def check_against_reference(pipe, ref, req, res, n=6):
+    prompt = pipe.chat_prompt(req)
+    pixels = [s.data for s in prompt.spans]
+    want_toks, want_lps = ref_greedy(ref, prompt.ids, pixels, [(s.start, s.length) for s in prompt.spans], n)
+    got = res.choices[0].logprobs.content
+    assert res.usage.prompt_tokens == len(prompt.ids)
+    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
+    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
+    return prompt
+
+
+def test_runner_batches_image_and_text_requests(runner, tiny):
+    from mistralrs_arch_vision.pipeline import VisionPipeline
+    _, ref, image_token = tiny
+    pipe = runner._pipeline(None)
+    assert isinstance(pipe, VisionPipeline)
+    url_a, url_b = png_data_uri(image(37, 29, 1)), png_data_uri(image(20, 61, 2))
+    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
+                  {"type": "text", "text": "in words."}]),
+            chat("Tell me a story about the Rust type system."),
+            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
+                  {"type": "image_url", "image_url": url_a}])]
+    results = [None] * len(reqs)
+
+    def work(i):
+        results[i] = runner.send_chat_completion_request(reqs[i])
+    steps = pipe.engine.stats["steps"]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
+    assert [len(p.spans) for p in prompts] == [1, 0, 2]
+    for p in prompts:
+        # Each image's own count: the two images differ in size and so in tokens.
+        counts = [anyres_token_count(*s.data.image_size, PINPOINTS, IMAGE, PER_SIDE) for s in p.spans]
+        assert [s.length for s in p.spans] == counts
+        assert p.ids.count(image_token) == sum(counts)
+    assert prompts[2].spans[0].length != prompts[2].spans[1].length
+    assert pipe.engine.stats["steps"] - steps < 3 * 6          # the requests shared steps
+
+
+def test_runner_chunked_prefill_splits_an_image_span(runner, tiny):
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 16                # chunks end inside the image's span
+    try:
+        req = chat([{"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(image(50, 23, 7))}}])
         steps = pipe.engine.stats["steps"]
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        spans_per = []
-        for req, res in zip(reqs, results):
-            prompt = pipe.chat_prompt(req)
-            pixels = [s.data for s in prompt.spans]
-            want_toks, want_lps = ref_greedy(ref, prompt.ids, pixels, [(s.start, s.length) for s in prompt.spans], 6)
-            got = res.choices[0].logprobs.content
-            assert res.usage.prompt_tokens == len(prompt.ids)
-            assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
-            assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
-            sizes = [s.data.image_size for s in prompt.spans]
-            assert prompt.ids.count(image_token) == sum(anyres_token_count(h, w, PINPOINTS, IMAGE, PER_SIDE)
-                                                        for h, w in sizes)
-            spans_per.append(len(prompt.spans))
-        assert spans_per == [1, 0, 2]
-        assert pipe.engine.stats["steps"] - steps < 3 * 6          # the requests shared steps
+        prompt = check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req))
+        assert prompt.spans[0].start % 16 != 0 and prompt.spans[0].length > 16
+        assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 16
     finally:
-        runner.shutdown()
+        sched.max_batch_tokens = old
