@@ -75,6 +75,24 @@ def test_processor_matches_transformers(hf_processor, loaded, shape):
     assert model.tokens_for(*got.image_size) == count
 
 
+@pytest.mark.parametrize("variant", [
+    # Tiles cut at the crop size, then each resized up and cropped back; bilinear.
+    {"size": {"shortest_edge": 32}, "resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+    # No crop: the tiles keep the resize's size (the canvas is still cut at crop height).
+    {"size": {"shortest_edge": 32}, "do_center_crop": False},
+])
+@pytest.mark.parametrize("shape", [(20, 61), (120, 31), (9, 13)])
+def test_processor_config_variants_match_transformers(variant, shape):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    cfg = {**{k: v for k, v in NEXT_PREPROCESSOR.items() if k != "image_processor_type"}, **variant}
+    img = image(*shape)
+    want = torch.as_tensor(np.asarray(LlavaNextImageProcessorPil(**cfg)(images=[img], return_tensors="np")
+                                      ["pixel_values"][0]))
+    got = LlavaNextImageProcessor.from_config(cfg)(img).tiles
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=0, atol=1e-6), float((got - want).abs().max())
+
+
 def test_best_resolution_picks_the_reference_canvas():
     from transformers.image_processing_utils import select_best_resolution
     for h in range(5, 130, 7):

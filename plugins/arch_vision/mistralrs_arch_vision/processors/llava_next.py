@@ -92,16 +92,15 @@ class LlavaNextImageProcessor:
 
     @property
     def tile(self) -> int:
-        # The reference cuts the canvas into crop-sized squares.
-        return self.clip.crop_size[0] if self.clip.do_center_crop else self.clip.shortest_edge
+        # The reference cuts the canvas into crop-height squares (whether or not it crops).
+        return self.clip.crop_size[0]
 
     @classmethod
     def from_config(cls, cfg: dict) -> "LlavaNextImageProcessor":
         clip = CLIPImageProcessor.from_config(cfg)
-        tile = clip.crop_size[0] if clip.do_center_crop else clip.shortest_edge
-        if clip.do_center_crop and clip.crop_size[0] != clip.crop_size[1]:
+        if clip.crop_size[0] != clip.crop_size[1]:
             raise ValueError(f"preprocessor_config.json: crop_size {clip.crop_size} is not square")
-        return cls(clip, pinpoints_of(cfg.get("image_grid_pinpoints"), tile))
+        return cls(clip, pinpoints_of(cfg.get("image_grid_pinpoints"), clip.crop_size[0]))
 
     def tile_images(self, image: Image.Image) -> list[Image.Image]:
         """The base image, then the canvas tiles row-major (uint8 RGB images)."""
