@@ -8,6 +8,8 @@ _PKG = "mistralrs_arch_vision"
 VISION_FAMILIES = [
     ("LLaVa", ("LLaVA",), f"{_PKG}.llava:LlavaForConditionalGeneration", ("llava",),
      ("LlavaForConditionalGeneration",), f"{_PKG}.llava:LlavaProcessor"),
+    ("LLaVaNext", ("LLaVANext",), f"{_PKG}.llava_next:LlavaNextForConditionalGeneration",
+     ("llava_next",), ("LlavaNextForConditionalGeneration",), f"{_PKG}.llava_next:LlavaNextProcessor"),
     ("Mistral3", (), f"{_PKG}.mistral3:Mistral3ForConditionalGeneration", ("mistral3",),
      ("Mistral3ForConditionalGeneration",), f"{_PKG}.mistral3:Mistral3Processor"),
 ]
@@ -34,4 +36,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, Mistral3)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Mistral3)")
