@@ -8,6 +8,8 @@ _PKG = "mistralrs_arch_vision"
 VISION_FAMILIES = [
     ("LLaVa", ("LLaVA",), f"{_PKG}.llava:LlavaForConditionalGeneration", ("llava",),
      ("LlavaForConditionalGeneration",), f"{_PKG}.llava:LlavaProcessor"),
+    ("Gemma3", (), f"{_PKG}.gemma3:Gemma3ForConditionalGeneration", ("gemma3",),
+     ("Gemma3ForConditionalGeneration",), f"{_PKG}.gemma3:Gemma3Processor"),
 ]
 
 
@@ -32,4 +34,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa)")
+    register("vision", provides="Which.VisionPlain (LLaVa, Gemma3)")
