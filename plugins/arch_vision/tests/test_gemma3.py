@@ -158,13 +158,13 @@ def test_image_tokens_attend_both_ways(loaded):
     assert max_rel_err(Ours(model).step(ids, causal), want) > 1e-3
 
 
-def _renamed(out, fn):
-    from safetensors.torch import load_file, save_file
-    weights = load_file(str(out / "model.safetensors"))
-    save_file({fn(k): v for k, v in weights.items()}, str(out / "model.safetensors"))
+def _hub(name: str) -> str:
+    """The released checkpoints' names: the tower nested under ``vision_model``."""
+    return name.replace("vision_tower.", "vision_tower.vision_model.", 1)
 
 
 def _transformers5(name: str) -> str:
+    """transformers 5's in-memory names (what a state_dict saved without conversion holds)."""
     for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
                      ("vision_tower.", "model.vision_tower."),
                      ("multi_modal_projector.", "model.multi_modal_projector.")):
@@ -173,18 +173,76 @@ def _transformers5(name: str) -> str:
     return name
 
 
-def test_transformers5_checkpoint_layout_loads(tmp_path, loaded):
-    """transformers 5 in-memory names (``model.language_model.*``, ``model.vision_tower.*``)
-    load to the same model as the hub layout ``save_pretrained`` writes."""
+@pytest.mark.parametrize("layout", ["hub", "transformers5"])
+def test_checkpoint_layouts_load(tmp_path, loaded, layout):
+    """The hub layout (``language_model.model.*``, ``vision_tower.vision_model.*``) and
+    transformers 5's (``model.language_model.*``, ``model.vision_tower.*``, a tied
+    ``lm_head.weight``) load to the same model as ``save_pretrained``'s output."""
+    from safetensors.torch import load_file, save_file
     model, _, ids_of = loaded
     out, _, _ = write_tiny_gemma3(tmp_path)
-    _renamed(out, _transformers5)
+    weights = load_file(str(out / "model.safetensors"))
+    rename = _hub if layout == "hub" else _transformers5
+    renamed = {rename(k): v for k, v in weights.items()}
+    if layout == "transformers5":
+        renamed["lm_head.weight"] = weights["language_model.model.embed_tokens.weight"].clone()
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, str(out / "model.safetensors"))
     other, _ = build_text_model(out, kind="vision")
     px = torch.randn(2, 3, IMAGE, IMAGE)
     ids, spans = prompt_with_images(ids_of, [px[0]], list(range(20, 29)))
     with torch.inference_mode():
         assert torch.equal(other.image_features(px), model.image_features(px))
     assert torch.equal(Ours(other).step(ids, spans), Ours(model).step(ids, spans))
+
+
+# gemma-3-4b-it's config.json (the keys that shape the model).
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_released_config_reads_like_transformers():
+    """A hub config lists only what differs from the defaults: the derived model equals what
+    transformers reads from the same file."""
+    from mistralrs_arch_vision.gemma3 import Gemma3ForConditionalGeneration
+    with torch.device("meta"):
+        model = Gemma3ForConditionalGeneration.from_hf_config(GEMMA3_4B)
+    ref = transformers.Gemma3Config(**GEMMA3_4B)
+    tc = ref.text_config
+    c = model.cfg
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size) == \
+        (tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim,
+         tc.vocab_size)
+    assert c.layer_types == tc.layer_types and c.sliding_window == 1024
+    assert c.attn_scale == tc.query_pre_attn_scalar ** -0.5 and c.embed_scale == tc.hidden_size ** 0.5
+    assert (c.rope.theta, c.rope.rope_type, c.rope.params.get("factor")) == (1_000_000.0, "linear", 8.0)
+    assert (c.local_rope.theta, c.local_rope.rope_type) == (10_000.0, "default")
+    assert tc.rope_parameters["full_attention"]["rope_theta"] == 1_000_000.0
+    assert tc.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+    assert c.tie_word_embeddings and c.qk_norm and c.sandwich_norms and c.final_softcap is None
+    assert (model.image_token_id, model.boi_token_id, model.eoi_token_id, model.mm_tokens_per_image) == \
+        (262144, 255999, 256000, 256)
+    assert model.vision_tower.head is None and model.multi_modal_projector.kernel == 4
+
+
+def test_family_imports_no_other_plugin():
+    import subprocess
+    import sys
+    code = ("import sys, mistralrs_arch_vision.gemma3\n"
+            "print(sorted(m for m in sys.modules if m.startswith('mistralrs_arch_text')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": ":".join(p for p in sys.path if p)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --------------------------------------------------------------------------- the processor
@@ -343,3 +401,24 @@ def test_runner_chunked_prefill_keeps_image_spans_whole(runner, tiny):
         assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 4
     finally:
         sched.max_batch_tokens = old
+
+
+def test_same_pixels_share_the_prefix_cache(runner, tiny):
+    """A repeated image reuses its cached blocks, those inside the bidirectional span too
+    (they were computed with the whole span); another image reuses only the blocks before it."""
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    blocks = pipe.engine.blocks
+    img = random_image(11)
+    text = {"type": "text", "text": "What is in this picture?"}
+    first = chat([{"type": "image_url", "image_url": {"url": png_data_uri(img)}}, text])
+    prompt = check_against_reference(pipe, ref, first, runner.send_chat_completion_request(first))
+    span = prompt.spans[0]
+    assert span.start // 4 != span.end // 4            # a block boundary inside the span
+    hits = blocks.hits
+    check_against_reference(pipe, ref, first, runner.send_chat_completion_request(first))
+    assert blocks.hits - hits == ((len(prompt.ids) - 1) // 4) * 4
+    hits = blocks.hits
+    other = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(12))}}, text])
+    check_against_reference(pipe, ref, other, runner.send_chat_completion_request(other))
+    assert blocks.hits - hits == (prompt.spans[0].start // 4) * 4
