@@ -6,7 +6,10 @@ the chat template the part it expects instead (``processor.image_part``, ``{"typ
 placeholder token into the number of tokens the family's processor says the image takes.
 Families differ only in their processor (``prepare(image) -> ImagePrompt(num_tokens,
 data, token_ids=None)``, ``image_token_id``, ``image_part``); ``token_ids`` spells out a span
-that holds more than image tokens (Pixtral's row breaks).
+that holds more than image tokens (Pixtral's row breaks). A processor whose images expand to
+more than one run of placeholder tokens with text around them (Gemma 3: boi/eoi tokens,
+pan-and-scan crops) defines ``expand_prompt(text, images) -> Prompt`` instead, and expands
+the rendered text itself before tokenizing.
 """
 from __future__ import annotations
 
@@ -56,6 +59,9 @@ class VisionPipeline(TextPipeline):
         if req.reasoning_effort is not None:
             extra["reasoning_effort"] = req.reasoning_effort
         text = render_chat(self.template, self.tokenizer, messages, enable_thinking=req.enable_thinking, **extra)
+        expand_prompt = getattr(self.processor, "expand_prompt", None)
+        if expand_prompt is not None:
+            return expand_prompt(text, images)
         return self.expand_images(encode_prompt(self.tokenizer, text), images)
 
     def expand_images(self, ids: list[int], images) -> Prompt:

@@ -8,6 +8,8 @@ _PKG = "mistralrs_arch_vision"
 VISION_FAMILIES = [
     ("LLaVa", ("LLaVA",), f"{_PKG}.llava:LlavaForConditionalGeneration", ("llava",),
      ("LlavaForConditionalGeneration",), f"{_PKG}.llava:LlavaProcessor"),
+    ("Gemma3", (), f"{_PKG}.gemma3:Gemma3ForConditionalGeneration", ("gemma3",),
+     ("Gemma3ForConditionalGeneration",), f"{_PKG}.gemma3:Gemma3Processor"),
     ("LLaVaNext", ("LLaVANext",), f"{_PKG}.llava_next:LlavaNextForConditionalGeneration",
      ("llava_next",), ("LlavaNextForConditionalGeneration",), f"{_PKG}.llava_next:LlavaNextProcessor"),
     ("Mistral3", (), f"{_PKG}.mistral3:Mistral3ForConditionalGeneration", ("mistral3",),
@@ -36,4 +38,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Mistral3)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3)")
