@@ -20,6 +20,7 @@ from mistralrs_core.layers.linear import Linear
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
+from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.clip import CLIPImageProcessor
 from mistralrs_arch_vision.towers.clip import CLIPVisionConfig, CLIPVisionTower, vision_activation
 
@@ -117,18 +118,6 @@ class LlavaForConditionalGeneration(DecoderLM):
         # All images of the step in one tower call (they share one crop size).
         feats = self.image_features(torch.stack([s.data for s in spans]))
         return list(feats)
-
-
-@attrs.frozen
-class ImagePrompt:
-    """What the pipeline needs per image: how many placeholder tokens, and the encoder input.
-
-    ``token_ids``, when given (``num_tokens`` of them), are the span's tokens in place of
-    ``num_tokens`` image tokens: families whose image runs hold structure tokens (Pixtral's
-    row breaks) spell them out; the encoder's feature rows still cover the whole span."""
-    num_tokens: int
-    data: torch.Tensor
-    token_ids: tuple[int, ...] | None = None
 
 
 @attrs.define

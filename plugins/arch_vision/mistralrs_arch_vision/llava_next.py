@@ -15,8 +15,9 @@ import attrs
 import torch
 from torch import nn
 
-from mistralrs_arch_vision.llava import (LLAMA_TEXT_DEFAULTS, ImagePrompt, LlavaForConditionalGeneration,
+from mistralrs_arch_vision.llava import (LLAMA_TEXT_DEFAULTS, LlavaForConditionalGeneration,
                                          LlavaProjector, feature_layers_of)
+from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.llava_next import (AnyResPixels, LlavaNextImageProcessor,
                                                          anyres_token_count, best_resolution, pinpoints_of,
                                                          unpadded_window)

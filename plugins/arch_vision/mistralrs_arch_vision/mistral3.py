@@ -27,7 +27,7 @@ from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
-from mistralrs_arch_vision.llava import ImagePrompt
+from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.pixtral import PixtralImageProcessor, image_tokens
 from mistralrs_arch_vision.towers.pixtral import PixtralTowerConfig, PixtralVisionTower
 

@@ -13,12 +13,28 @@ the rendered text itself before tokenizing.
 """
 from __future__ import annotations
 
+from typing import Any
+
+import attrs
+
 from mistralrs_core.api.validate import normalize_messages
 from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.pipeline.text import Prompt, TextPipeline
 from mistralrs_core.tokenization.prompt import encode_prompt, render_chat
 
 from mistralrs_arch_vision.inputs import image_url_of, load_image
+
+
+@attrs.frozen
+class ImagePrompt:
+    """What the pipeline needs per image: how many placeholder tokens, and the encoder input.
+
+    ``token_ids``, when given (``num_tokens`` of them), are the span's tokens in place of
+    ``num_tokens`` image tokens: families whose image runs hold structure tokens (Pixtral's
+    row breaks) spell them out; the encoder's feature rows still cover the whole span."""
+    num_tokens: int
+    data: Any
+    token_ids: tuple[int, ...] | None = None
 
 
 class VisionPipeline(TextPipeline):
