@@ -18,15 +18,13 @@ Checkpoints: hub (``language_model.model.*``, ``vision_tower.vision_model.*``,
 from __future__ import annotations
 
 import hashlib
-import math
 
 import attrs
 import torch
 
 from mistralrs_core.engine.step import FeatureSpan
-from mistralrs_core.layers.rope import RopeConfig
 from mistralrs_core.models.decoder import DecoderLM
-from mistralrs_core.models.text_config import base_config
+from mistralrs_core.models.gemma_config import gemma3_config
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
 
@@ -41,7 +39,6 @@ GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262_208, hidden_size=2304, intermediate_s
                             query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6)
 # Gemma3Config defaults (the released checkpoints' special-token ids).
 _BOI, _EOI, _IMAGE, _MM_TOKENS = 255_999, 256_000, 262_144, 256
-_DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 
 
 def text_config_of(hf: dict) -> dict:
@@ -52,53 +49,13 @@ def text_config_of(hf: dict) -> dict:
     return {**GEMMA3_TEXT_DEFAULTS, **text}
 
 
-# --------------------------------------------------------------------------- text decoder
-# The Gemma 3 text recipe on the core's DecoderConfig. arch_text's gemma/gemma2/gemma3 modules
-# hold the same rules; vision must not depend on arch_text, so they are restated here.
-def _rope(text: dict, layer_type: str, head_dim: int) -> RopeConfig:
-    """Rope of one layer type: transformers 5 writes ``rope_parameters`` keyed by layer type;
-    older configs give ``rope_theta`` + ``rope_scaling`` (global layers) and
-    ``rope_local_base_freq`` (local ones)."""
-    max_pos = text["max_position_embeddings"]
-    per_type = text.get("rope_parameters") or {}
-    if layer_type in per_type:
-        params = dict(per_type[layer_type] or {})
-        params.setdefault("rope_theta", _DEFAULT_THETA[layer_type])
-        return RopeConfig.from_hf({"rope_parameters": params, "max_position_embeddings": max_pos}, head_dim)
-    if layer_type == "full_attention":
-        return RopeConfig.from_hf({"rope_theta": text.get("rope_theta", _DEFAULT_THETA[layer_type]),
-                                   "rope_scaling": text.get("rope_scaling"),
-                                   "max_position_embeddings": max_pos}, head_dim)
-    theta = text.get("rope_local_base_freq", _DEFAULT_THETA[layer_type])
-    return RopeConfig(head_dim=head_dim, theta=float(theta), max_position_embeddings=max_pos)
-
-
 def gemma3_text_config(text: dict):
     """A ``DecoderConfig`` equal to transformers' ``Gemma3TextModel`` for a (defaults-filled)
-    ``text_config``: (1 + w) norms, sqrt(hidden)-scaled embeddings, sandwich norms, q/k norms,
-    query_pre_attn_scalar, soft-capping, and the 5:1 sliding/global layer pattern whose local
-    layers have their own rope base."""
+    ``text_config`` (the rules are core's, shared with the text family)."""
     if text.get("use_bidirectional_attention"):
         raise ValueError("text_config.use_bidirectional_attention: a bidirectional Gemma 3 text model "
                          "(EmbeddingGemma) is not a vision-language model")
-    n = text["num_hidden_layers"]
-    every = text.get("sliding_window_pattern") or 6
-    layer_types = text.get("layer_types") or [
-        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    act = text.get("hidden_activation") or text.get("hidden_act") or "gelu_pytorch_tanh"
-    scalar = text.get("query_pre_attn_scalar")
-    bias = bool(text.get("attention_bias", False))
-    return base_config(
-        text, norm_offset=1.0, embed_scale=math.sqrt(text["hidden_size"]),
-        # Early Gemma configs say "gelu" but were trained with the tanh approximation.
-        hidden_act="gelu_pytorch_tanh" if act == "gelu" else act,
-        tie_word_embeddings=bool(text.get("tie_word_embeddings", True)), qkv_bias=bias, o_bias=bias,
-        sandwich_norms=True, qk_norm=True, attn_scale=scalar ** -0.5 if scalar else None,
-        attn_softcap=text.get("attn_logit_softcapping"), final_softcap=text.get("final_logit_softcapping"),
-        sliding_window=text.get("sliding_window") or text.get("sliding_window_size"),
-        layer_types=list(layer_types),
-        rope=_rope(text, "full_attention", head_dim), local_rope=_rope(text, "sliding_attention", head_dim))
+    return gemma3_config(text)
 
 
 # --------------------------------------------------------------------------- the model
