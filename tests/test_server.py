@@ -5,72 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from mistralrs_core.testing.server import Server
 from mistralrs_core.testing.tiny import write_random_llama
 
 CHAT = [{"role": "user", "content": "Tell me a story about the Rust type system."}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args: list[str], log: Path, api_key: str | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.api_key = api_key
-        env = {**os.environ, "PYTHONIOENCODING": "utf-8", "MISTRALRS_API_KEY": ""}
-        self.log = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mistralrs_core.cli", "serve", *args, "-p", str(self.port),
-             "--log-level", "warning"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def wait(self, timeout: float = 90) -> "Server":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text(errors='replace')}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(self.log.read_text(errors="replace"))
-
-    def client(self, key: str | None = None) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key or self.api_key or "none", max_retries=0,
-                             timeout=60)
-
-    def headers(self) -> dict:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def status(self, model: str = "default") -> dict:
-        r = httpx.post(self.url + "/v1/models/status", json={"model_id": model}, headers=self.headers())
-        r.raise_for_status()
-        return r.json()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
 
 
 @pytest.fixture(scope="module")
