@@ -40,10 +40,9 @@ def text_config_of(hf: dict) -> dict:
     if text.get("model_type") not in ("llama", None):
         raise ValueError(f"text_config.model_type: Idefics3 with a {text['model_type']!r} text model is not "
                          f"supported (Llama text only)")
-    text = {**LLAMA_TEXT_DEFAULTS, **text}
-    # The text model's own flag, else the composite's (whose default is untied).
-    text.setdefault("tie_word_embeddings", bool(hf.get("tie_word_embeddings", False)))
-    return text
+    # The head belongs to the composite, so its flag (default untied) decides, as in
+    # transformers 5; the text model's own flag describes a head it does not have.
+    return {**LLAMA_TEXT_DEFAULTS, **text, "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False))}
 
 
 _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
@@ -180,7 +179,7 @@ def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
 
 
 def tile_hash(content_hash: bytes, k: int) -> bytes:
-    """Tile k of an image: keyed by the image's digest and k. Every tile gets its own key
-    (none reuses the image's): the same image cached under another family's or another
-    preprocessor's layout must not match a tile, and two tiles of one image differ."""
+    """Tile k of an image (row-major tiles, then the global one): keyed by the image's
+    digest and k, so a repeated image reuses every tile's cached blocks while no two tiles
+    of one image share a key."""
     return hashlib.sha256(content_hash + b"idefics3-tile" + k.to_bytes(4, "little")).digest()

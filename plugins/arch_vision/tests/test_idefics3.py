@@ -197,6 +197,20 @@ def test_released_config_reads_like_transformers():
     assert model.tokens_per_image == 64 == int((vc.image_size // vc.patch_size) ** 2 / ref.scale_factor ** 2)
     assert model.image_token_id == 49190 and model.vision_tower.head is None
     assert model.connector.modality_projection.proj.weight.shape == (576, 768 * 16)
+    assert not c.tie_word_embeddings
+
+
+@pytest.mark.parametrize("outer, inner", [(None, True), (True, False)])
+def test_the_composite_flag_ties_the_head(tmp_path, outer, inner):
+    """transformers 5 ties ``lm_head`` to the embeddings by the top-level flag alone."""
+    from mistralrs_arch_vision.idefics3 import Idefics3ForConditionalGeneration
+    hf = dict(SMOLVLM_256M, text_config=dict(SMOLVLM_256M["text_config"], tie_word_embeddings=inner))
+    if outer is not None:
+        hf["tie_word_embeddings"] = outer
+    with torch.device("meta"):
+        ours = Idefics3ForConditionalGeneration.from_hf_config(hf)
+        ref = transformers.Idefics3ForConditionalGeneration(transformers.Idefics3Config(**hf))
+    assert ours.cfg.tie_word_embeddings == bool(ref.get_expanded_tied_weights_keys()) == bool(outer)
 
 
 def test_family_imports_no_other_plugin():
@@ -358,9 +372,43 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     for t in threads:
         t.join(timeout=120)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
-    # image a (37 x 29): 3 x 3 tiles + global; image b (20 x 50): 3 x 2... as the processor cuts it
-    tiles_a = len(pipe.processor.image_processor(random_image(1)).pixels)
-    tiles_b = len(pipe.processor.image_processor(random_image(2, size=(20, 50))).pixels)
-    assert [len(p.spans) for p in prompts] == [tiles_a, 0, tiles_a + tiles_b]
+    # image a (37 x 29 -> 84 x 66): 3 x 3 tiles + global; image b (20 x 50 -> 34 x 84): 3 x 2 + global
+    assert [len(p.spans) for p in prompts] == [10, 0, 7 + 10]
     assert all(p.ids.count(ids_of[IMAGE]) == TOKENS * len(p.spans) for p in prompts)
     assert pipe.engine.stats["steps"] - steps < 3 * 6          # the requests shared steps
+
+
+def test_runner_chunked_prefill_keeps_tile_spans_whole(runner, tiny):
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 3                 # smaller than a span: chunks stretch to hold it
+    try:
+        req = chat([{"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(random_image(7, size=(30, 20)))}}])
+        steps = pipe.engine.stats["steps"]
+        prompt = check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req))
+        assert len(prompt.spans) == 2 * 3 + 1 and any(s.start % 3 for s in prompt.spans)   # 84 x 56
+        assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 4
+    finally:
+        sched.max_batch_tokens = old
+
+
+def test_same_pixels_share_the_prefix_cache(runner, tiny):
+    """A repeated image reuses its cached blocks across all its tiles; another image reuses
+    only the blocks before its first tile."""
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    blocks = pipe.engine.blocks
+    img = random_image(11, size=(30, 20))
+    text = {"type": "text", "text": "What is in this picture?"}
+    first = chat([{"type": "image_url", "image_url": {"url": png_data_uri(img)}}, text])
+    prompt = check_against_reference(pipe, ref, first, runner.send_chat_completion_request(first))
+    hits = blocks.hits
+    check_against_reference(pipe, ref, first, runner.send_chat_completion_request(first))
+    assert blocks.hits - hits == ((len(prompt.ids) - 1) // 4) * 4
+    hits = blocks.hits
+    other = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(12, size=(30, 20)))}}, text])
+    check_against_reference(pipe, ref, other, runner.send_chat_completion_request(other))
+    assert blocks.hits - hits == (prompt.spans[0].start // 4) * 4
