@@ -167,7 +167,7 @@ def test_pixel_shuffle_matches_reference_layout():
     assert torch.equal(ours, Ref.pixel_shuffle(None, x, 3))
 
 
-# gemma-style renames are not needed: transformers 4 and 5 save Idefics3 under one layout.
+# A config shaped like SmolVLM-256M-Instruct's (scale_factor 4, 512-pixel tiles of 16-pixel patches).
 SMOLVLM_256M = {
     "architectures": ["Idefics3ForConditionalGeneration"], "image_token_id": 49190, "model_type": "idefics3",
     "scale_factor": 4,
