@@ -381,3 +381,13 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     assert [s.data.shape[1:] for s in prompts[2].spans] == [(28, 12), (21, 28)]   # two sizes, one call
     assert all(p.ids.count(ids_of[IMG]) == LATENTS * len(p.spans) for p in prompts)
     assert pipe.engine.stats["steps"] - steps < 3 * 6          # the requests shared steps
+
+
+def test_llama_text_model_matches_reference(tmp_path):
+    """A Llama text model (``text_config.model_type: llama``) behind the same connector."""
+    out, ref, ids_of = write_tiny_idefics2(tmp_path, text_type="llama")
+    model, _ = build_text_model(out, kind="vision")
+    g = torch.Generator().manual_seed(5)
+    images = [pixels(g, 16, 24)]
+    ids, spans = prompt_with_images(ids_of, images, torch.randint(0, ids_of[FAKE], (9,), generator=g).tolist())
+    assert max_rel_err(Ours(model).step(ids, spans), ref_logits(ref, ids, images)) <= TOL
