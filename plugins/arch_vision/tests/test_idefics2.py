@@ -391,3 +391,40 @@ def test_llama_text_model_matches_reference(tmp_path):
     images = [pixels(g, 16, 24)]
     ids, spans = prompt_with_images(ids_of, images, torch.randint(0, ids_of[FAKE], (9,), generator=g).tolist())
     assert max_rel_err(Ours(model).step(ids, spans), ref_logits(ref, ids, images)) <= TOL
+
+
+def test_runner_chunked_prefill_keeps_image_spans_whole(runner, tiny):
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 2                 # smaller than a span: chunks stretch to hold it
+    try:
+        req = chat([{"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(random_image(7))}}])
+        steps = pipe.engine.stats["steps"]
+        prompt = check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req))
+        assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 3
+    finally:
+        sched.max_batch_tokens = old
+
+
+def test_runner_with_image_splitting(tmp_path):
+    """``do_image_splitting``: each image is five spans (four quadrants, then the whole image)
+    of different sizes, encoded in one call, through the whole serving path."""
+    import json
+    from mistralrs import Runner, VisionArchitecture, Which
+    out, ref, ids_of = write_tiny_idefics2(tmp_path)
+    (out / "preprocessor_config.json").write_text(json.dumps(dict(PREPROCESSOR, do_image_splitting=True)))
+    r = Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.Idefics2, dtype="F32"),
+               pa_blk_size=4, seed=0)
+    try:
+        pipe = r._pipeline(None)
+        req = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(3, size=(31, 17)))}},
+                    {"type": "text", "text": "What is in the picture?"}])
+        prompt = check_against_reference(pipe, ref, req, r.send_chat_completion_request(req))
+        assert len(prompt.spans) == 5
+        assert len({tuple(s.data.shape) for s in prompt.spans}) > 1
+        assert prompt.ids.count(ids_of[FAKE]) == 6           # neighbouring crops share a boundary
+    finally:
+        r.shutdown()
