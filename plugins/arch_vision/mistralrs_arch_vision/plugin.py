@@ -14,6 +14,8 @@ VISION_FAMILIES = [
      ("llava_next",), ("LlavaNextForConditionalGeneration",), f"{_PKG}.llava_next:LlavaNextProcessor"),
     ("Mistral3", (), f"{_PKG}.mistral3:Mistral3ForConditionalGeneration", ("mistral3",),
      ("Mistral3ForConditionalGeneration",), f"{_PKG}.mistral3:Mistral3Processor"),
+    ("Idefics2", (), f"{_PKG}.idefics2:Idefics2ForConditionalGeneration", ("idefics2",),
+     ("Idefics2ForConditionalGeneration",), f"{_PKG}.idefics2:Idefics2Processor"),
     ("Idefics3", (), f"{_PKG}.idefics3:Idefics3ForConditionalGeneration", ("idefics3",),
      ("Idefics3ForConditionalGeneration",), f"{_PKG}.idefics3:Idefics3Processor"),
 ]
@@ -40,4 +42,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics3)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3)")
