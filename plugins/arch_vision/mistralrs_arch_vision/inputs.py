@@ -21,6 +21,7 @@ import urllib.request
 import warnings
 
 import attrs
+import numpy as np
 from PIL import Image, ImageOps
 
 #: Largest encoded image accepted from any source (bytes).
@@ -178,6 +179,18 @@ def _decode(data: bytes, where: str) -> Image.Image:
         raise ValueError(f"{where}: image has too many pixels") from None
     except Exception as exc:            # Pillow raises many types for corrupt data
         raise ValueError(f"{where}: not a decodable image ({type(exc).__name__}: {exc})") from None
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image
+    return to_rgb(image)
+
+
+def to_rgb(image) -> Image.Image:
+    """An RGB Pillow image; transparency is composited onto white (as the reference does,
+    so a transparent background is not read as black)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

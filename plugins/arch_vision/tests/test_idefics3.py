@@ -125,7 +125,7 @@ def test_image_features_match_reference(loaded, side):
 
 def test_fractional_positions_are_not_the_plain_table(loaded):
     """The 6 x 6 grid does read repeated table cells: the seam is exercised, not inert."""
-    from mistralrs_arch_vision.towers.idefics3 import fractional_position_ids
+    from mistralrs_arch_vision.towers.siglip_navit import fractional_position_ids
     assert fractional_position_ids(4, 4, 4).tolist() == list(range(16))
     six = fractional_position_ids(6, 6, 4)
     assert six.unique().numel() == 16 and six.numel() == 36

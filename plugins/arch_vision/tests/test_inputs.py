@@ -152,3 +152,16 @@ def test_size_limits(tmp_path, http_url, monkeypatch):
         Image.new("RGB", (side, side)).save(buf, format="PNG")
         with pytest.raises(ValueError, match="too many pixels"):
             load_image(base64.b64encode(buf.getvalue()).decode(), where=WHERE)
+
+
+def test_transparency_is_composited_onto_white_as_transformers_does():
+    img = Image.new("RGBA", (4, 3), (10, 20, 30, 255))
+    img.putpixel((0, 0), (200, 0, 0, 0))          # fully transparent
+    img.putpixel((1, 0), (0, 0, 0, 128))          # half transparent black
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    got = load_image(base64.b64encode(buf.getvalue()).decode(), where=WHERE).image
+    assert got.mode == "RGB"
+    assert got.getpixel((0, 0)) == (255, 255, 255)
+    assert got.getpixel((1, 0)) == (127, 127, 127)
+    assert got.getpixel((2, 0)) == (10, 20, 30)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mistralrs_arch_vision.inputs import to_rgb
+
 # transformers' IMAGENET_STANDARD_MEAN/STD, the class defaults of Gemma 3's processor.
 _STANDARD = (0.5, 0.5, 0.5)
 
@@ -28,20 +30,6 @@ class Gemma3ImageInputs:
     pan-and-scan), which the prompt builder needs to place the extra image tokens."""
     pixel_values: torch.Tensor
     num_crops: list[int]
-
-
-def to_rgb(image) -> Image.Image:
-    """An RGB Pillow image; transparency is composited onto white (as the reference does,
-    so a transparent background is not read as black)."""
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"images must be PIL images or HWC uint8 arrays, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _channels(value, name: str) -> tuple[float, float, float]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mistralrs_arch_vision.processors.gemma3 import to_rgb
+from mistralrs_arch_vision.inputs import to_rgb
 
 # transformers' IMAGENET_STANDARD_MEAN/STD, the reference class's defaults.
 _STANDARD = (0.5, 0.5, 0.5)

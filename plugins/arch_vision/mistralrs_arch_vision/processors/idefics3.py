@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mistralrs_arch_vision.processors.gemma3 import to_rgb
+from mistralrs_arch_vision.inputs import to_rgb
 
 _STANDARD = (0.5, 0.5, 0.5)      # transformers' IMAGENET_STANDARD_MEAN/STD, the class defaults
 # The reference's absolute cap on an image's longest edge after the first resize.

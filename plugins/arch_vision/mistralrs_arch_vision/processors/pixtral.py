@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from mistralrs_arch_vision.processors.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from mistralrs_arch_vision.processors.gemma3 import to_rgb
+from mistralrs_arch_vision.inputs import to_rgb
 
 
 def _longest_edge(size) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from torch import nn
 from mistralrs_core.layers.linear import Linear
 
 from mistralrs_arch_vision.towers.siglip import SiglipEmbeddings, SiglipTowerConfig, SiglipVisionTower
+from mistralrs_arch_vision.towers.siglip_navit import fractional_position_ids
 
 # transformers' Idefics3VisionConfig defaults (not SigLIP's: 1152 wide, 16 heads, patch 32).
 IDEFICS3_VISION_DEFAULTS = dict(hidden_size=1152, intermediate_size=3072, num_hidden_layers=12,
@@ -29,21 +30,6 @@ def idefics3_tower_config(vision_config: dict) -> SiglipTowerConfig:
     return SiglipTowerConfig.from_hf({**IDEFICS3_VISION_DEFAULTS, **vision_config, "vision_use_head": False})
 
 
-def fractional_position_ids(rows: int, cols: int, table_side: int, device=None) -> torch.Tensor:
-    """[rows * cols] row-major position ids of a rows x cols patch grid on a table_side^2 table.
-
-    Patch (i, j) sits at fractional coordinates (i / rows, j / cols) and takes the table
-    cell those fall in. Computed in float32 with the reference's own boundaries (an
-    ``arange`` of multiples of 1 / table_side), since a coordinate equal to a boundary up to
-    rounding must fall on the same side as there."""
-    boundaries = torch.arange(1 / table_side, 1.0, 1 / table_side, device=device)
-    def cells(n: int) -> torch.Tensor:
-        step = 1.0 / torch.tensor(n, device=device)
-        coords = torch.arange(n, device=device, dtype=torch.float32) * step
-        return torch.bucketize(coords.clamp(max=1.0 - 1e-6), boundaries, right=True)
-    return (cells(rows)[:, None] * table_side + cells(cols)[None, :]).reshape(-1)
-
-
 class Idefics3VisionEmbeddings(SiglipEmbeddings):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] (H, W whole patches) -> [B, (H / patch) * (W / patch), D]."""
@@ -53,7 +39,7 @@ class Idefics3VisionEmbeddings(SiglipEmbeddings):
             raise ValueError(f"Idefics3 tower: image size {h}x{w} is not a whole number of {p}-pixel patches")
         dtype = self.patch_embedding.weight.dtype
         patches = self.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
-        positions = fractional_position_ids(h // p, w // p, self.cfg.patches_per_side, patches.device)
+        positions = fractional_position_ids(h // p, w // p, self.cfg.patches_per_side).to(patches.device)
         return patches + self.position_embedding(positions).to(patches.dtype)
 
 
