@@ -101,6 +101,7 @@ def reference(ref, model_dir: Path, imgs, tokens: int, concurrent: int) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     proc = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(model_dir), tokenizer=tok,
                           patch_size=14, vision_feature_select_strategy="default", chat_template=TEMPLATE,
+                          num_additional_image_tokens=1,
                           image_token="<image>")
 
     def inputs(batch):
