@@ -6,6 +6,11 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
+def quick_gelu(x):
+    """CLIP's sigmoid approximation of GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
@@ -15,6 +20,7 @@ ACTIVATIONS = {
     "gelu_fast": gelu_tanh,
     "relu": F.relu,
     "tanh": torch.tanh,
+    "quick_gelu": quick_gelu,
 }
 
 

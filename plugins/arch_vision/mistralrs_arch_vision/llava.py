@@ -16,13 +16,14 @@ import attrs
 import torch
 from torch import nn
 
+from mistralrs_core.layers.activations import get_activation
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
 from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.clip import CLIPImageProcessor
-from mistralrs_arch_vision.towers.clip import CLIPVisionConfig, CLIPVisionTower, vision_activation
+from mistralrs_arch_vision.towers.clip import CLIPVisionConfig, CLIPVisionTower
 
 # transformers' LlamaConfig defaults: hub LLaVa configs list only what differs from them.
 LLAMA_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -48,7 +49,7 @@ class LlavaProjector(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, act: str, bias: bool):
         super().__init__()
         self.linear_1 = Linear(vision_dim, text_dim, bias=bias)
-        self.act = vision_activation(act)
+        self.act = get_activation(act)
         self.linear_2 = Linear(text_dim, text_dim, bias=bias)
 
     def forward(self, x):

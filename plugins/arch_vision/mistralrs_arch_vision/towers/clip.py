@@ -13,18 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistralrs_core.layers.activations import get_activation
-from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_attention
-from mistralrs_core.layers.linear import Linear
+from mistralrs_core.layers.attention_backends import EncoderBatch
 from mistralrs_core.layers.norms import LayerNorm
 
-
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def vision_activation(name: str):
-    return quick_gelu if name == "quick_gelu" else get_activation(name)
+from mistralrs_arch_vision.towers.vit import ViTEncoder
 
 
 @attrs.frozen
@@ -88,56 +80,6 @@ class CLIPVisionEmbeddings(nn.Module):
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
-class CLIPAttention(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
-        self.q_proj = Linear(d, d, bias=True)
-        self.k_proj = Linear(d, d, bias=True)
-        self.v_proj = Linear(d, d, bias=True)
-        self.out_proj = Linear(d, d, bias=True)
-
-    def forward(self, x: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
-        """x: packed tokens [T, hidden] of every image; ``batch`` keeps images apart."""
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.heads, self.head_dim)
-        out = encoder_attention(q, k, v, batch, scale=self.head_dim ** -0.5)
-        return self.out_proj(out.reshape(t, -1))
-
-
-class CLIPMLP(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.act = vision_activation(cfg.hidden_act)
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig):
-        super().__init__()
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.mlp = CLIPMLP(cfg)
-
-    def forward(self, x, batch):
-        x = x + self.self_attn(self.layer_norm1(x), batch)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class _Encoder(nn.Module):
-    def __init__(self, cfg: CLIPVisionConfig, num_layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(num_layers)])
-
-
 class CLIPVisionTower(nn.Module):
     """``hidden_states(pixels, layers)`` returns the states the reference lists as
     ``hidden_states[i]``: index 0 is the embeddings after ``pre_layrnorm``, index i the output
@@ -154,7 +96,8 @@ class CLIPVisionTower(nn.Module):
         self.built_layers = max(self.feature_layers)
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.encoder = _Encoder(cfg, self.built_layers)
+        self.encoder = ViTEncoder(self.built_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                                  cfg.layer_norm_eps, cfg.hidden_act)
 
     def keeps_weight(self, name: str) -> bool:
         """Whether a tower-relative checkpoint name is one this tower holds (the layers past

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mistralrs_core.layers.activations import get_activation
 from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_attention
-from mistralrs_core.layers.linear import Embedding, Linear, fuse_linears
+from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.layers.norms import LayerNorm, RMSNorm
+
+from mistralrs_arch_vision.towers.vit import ViTEncoder, ViTMLP
 
 
 def _side(value) -> int:
@@ -107,70 +108,6 @@ class SiglipEmbeddings(nn.Module):
         return patches + self.position_embedding(positions).to(patches.dtype)
 
 
-class SiglipAttention(nn.Module):
-    """Bidirectional multi-head attention over one image's patches."""
-
-    def __init__(self, cfg: SiglipTowerConfig):
-        super().__init__()
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.head_dim = cfg.head_dim
-        self.scale = self.head_dim ** -0.5
-        self.q_proj = Linear(d, d, bias=True)
-        self.k_proj = Linear(d, d, bias=True)
-        self.v_proj = Linear(d, d, bias=True)
-        self.out_proj = Linear(d, d, bias=True)
-        self._qkv_runtime: Linear | None = None
-
-    def post_load(self) -> None:
-        """One matmul for q/k/v when their storage allows; the fused layer keeps the
-        checkpoint names (``fused_parts``), so ``resolve_weight`` still finds each."""
-        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        if fused is not None:
-            self._qkv_runtime = fused
-            del self.q_proj, self.k_proj, self.v_proj
-
-    def forward(self, x: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
-        b, s, _ = x.shape
-        shape = (b, s, self.num_heads, self.head_dim)
-        if self._qkv_runtime is not None:
-            q, k, v = self._qkv_runtime(x).view(b, s, 3, self.num_heads, self.head_dim).unbind(2)
-        else:
-            q, k, v = self.q_proj(x).view(shape), self.k_proj(x).view(shape), self.v_proj(x).view(shape)
-        out = encoder_attention(q, k, v, batch, scale=self.scale)
-        return self.out_proj(out.reshape(b, s, -1))
-
-
-class SiglipMLP(nn.Module):
-    def __init__(self, cfg: SiglipTowerConfig):
-        super().__init__()
-        self.act = get_activation(cfg.hidden_act)
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class SiglipEncoderLayer(nn.Module):
-    def __init__(self, cfg: SiglipTowerConfig):
-        super().__init__()
-        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.self_attn = SiglipAttention(cfg)
-        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
-
-    def forward(self, x: torch.Tensor, batch: EncoderBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), batch)
-        return x + self.mlp(self.layer_norm2(x))
-
-
-class SiglipEncoder(nn.Module):
-    def __init__(self, cfg: SiglipTowerConfig, num_layers: int):
-        super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
-
-
 class PoolingAttention(nn.Module):
     """The parameters of torch's ``nn.MultiheadAttention`` as HF's head stores them
     (``in_proj_weight`` [3D, D] stacked q/k/v, ``out_proj``), computed by the encoder backend."""
@@ -204,7 +141,7 @@ class SiglipPoolingHead(nn.Module):
         self.probe = nn.Parameter(torch.empty(1, 1, cfg.hidden_size, device="meta"), requires_grad=False)
         self.attention = PoolingAttention(cfg)
         self.layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp = SiglipMLP(cfg)
+        self.mlp = ViTMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attention(self.probe.to(x.dtype).expand(x.shape[0], -1, -1), x)
@@ -235,7 +172,8 @@ class SiglipVisionTower(nn.Module):
         if not 0 <= self.num_layers <= cfg.num_hidden_layers:
             raise ValueError(f"num_layers {num_layers} outside [0, {cfg.num_hidden_layers}]")
         self.embeddings = SiglipEmbeddings(cfg)
-        self.encoder = SiglipEncoder(cfg, self.num_layers)
+        self.encoder = ViTEncoder(self.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                                  cfg.layer_norm_eps, cfg.hidden_act)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = SiglipPoolingHead(cfg) if (cfg.vision_use_head if use_head is None else use_head) else None
 
