@@ -14,6 +14,8 @@ VISION_FAMILIES = [
      ("llava_next",), ("LlavaNextForConditionalGeneration",), f"{_PKG}.llava_next:LlavaNextProcessor"),
     ("Mistral3", (), f"{_PKG}.mistral3:Mistral3ForConditionalGeneration", ("mistral3",),
      ("Mistral3ForConditionalGeneration",), f"{_PKG}.mistral3:Mistral3Processor"),
+    ("VLlama", ("Mllama",), f"{_PKG}.mllama:MllamaForConditionalGeneration", ("mllama",),
+     ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
 ]
 
 
@@ -38,4 +40,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, VLlama)")

@@ -1,0 +1,125 @@
+"""Mllama (VLlama) against transformers' ``MllamaForConditionalGeneration`` (tiny, every
+parameter perturbed): the tiling processor, prefill + cached decode logits with 0 and 1
+image (the image's K/V live in the cross layers' state-slot caches), and slot reuse."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mistralrs_core.engine.model_runner import build_metadata
+from mistralrs_core.engine.step import FeatureSpan, record
+from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.loading.model_loader import build_text_model
+from mistralrs_core.testing.parity import max_rel_err
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_mllama import MAX_TILES, PREPROCESSOR, TILE, write_tiny_mllama  # noqa: E402
+
+from mistralrs_arch_vision.mllama import MllamaImageData  # noqa: E402
+from mistralrs_arch_vision.processors.mllama import MllamaImageProcessor  # noqa: E402
+
+COVERS = ["VLlama"]
+TOL = 1e-4
+SHAPES = [(37, 29), (9, 40), (60, 13), (5, 6), (14, 14), (100, 30)]   # (width, height)
+
+
+def random_image(seed: int, size) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_mllama(tmp_path_factory.mktemp("tiny_mllama"))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    out, ref, image_token = tiny
+    model, _ = build_text_model(out, kind="vision")
+    return model, ref, image_token
+
+
+@pytest.mark.parametrize("size", SHAPES)
+def test_processor_matches_reference(size):
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    cfg = {k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"}
+    theirs = MllamaImageProcessorPil(**cfg)(random_image(3, size), return_tensors="pt")
+    ours = MllamaImageProcessor.from_config(PREPROCESSOR)(random_image(3, size))
+    assert ours.num_tiles == theirs["num_tiles"][0][0]
+    assert ours.aspect_ratio_id == int(theirs["aspect_ratio_ids"][0, 0])
+    assert torch.equal(ours.tile_mask, theirs["aspect_ratio_mask"][0, 0].long())
+    assert ours.pixel_values.shape == (MAX_TILES, 3, TILE, TILE)
+    assert torch.allclose(ours.pixel_values, theirs["pixel_values"][0, 0].float(), atol=1e-6, rtol=0)
+
+
+class Ours:
+    """One sequence in state slot ``slot``: prefill (the image token's span) then decode."""
+
+    def __init__(self, model, slot=0, block_size=4, num_blocks=64):
+        self.model, self.slot = model, slot
+        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
+                       for s in model.kv_cache_specs()]
+        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
+
+    @torch.inference_mode()
+    def step(self, ids, spans=()):
+        rec = record(ids, self.pos, self.blocks, state_slot=self.slot, fresh_slot=self.pos == 0)
+        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
+        h = self.model.embed(tok)
+        if spans:
+            feats = self.model.encode_features(list(spans))
+            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
+            h = self.model.merge_features(h, rows, torch.cat(feats))
+        self.pos += len(ids)
+        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
+
+
+def image_inputs(seed, size):
+    px = MllamaImageProcessor.from_config(PREPROCESSOR)(random_image(seed, size))
+    return px, MllamaImageData(px.pixel_values, px.aspect_ratio_id, px.tile_mask)
+
+
+@torch.inference_mode()
+def ref_logits(ref, ids, px, image_at):
+    """transformers' full forward; the cross-attention mask as its processor builds it
+    (tokens from the image token on see the image's real tiles)."""
+    kw = {}
+    if px is not None:
+        mask = torch.zeros(1, len(ids), 1, MAX_TILES, dtype=torch.long)
+        mask[0, image_at:, 0, :px.num_tiles] = 1
+        kw = dict(pixel_values=px.pixel_values[None, None], aspect_ratio_ids=torch.tensor([[px.aspect_ratio_id]]),
+                  aspect_ratio_mask=px.tile_mask[None, None], cross_attention_mask=mask)
+    return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
+
+
+@pytest.mark.parametrize("n_images,size", [(0, None), (1, (37, 29)), (1, (9, 40))])
+def test_prefill_and_decode_logits_match_reference(loaded, n_images, size):
+    model, ref, image_token = loaded
+    g = torch.Generator().manual_seed(n_images)
+    text = torch.randint(0, image_token, (9,), generator=g).tolist()
+    px, spans, ids, at = None, (), list(text), None
+    if n_images:
+        px, data = image_inputs(7, size)
+        at = 3
+        ids = text[:at] + [image_token] + text[at:]
+        spans = (FeatureSpan(start=at, length=1, content_hash=b"x", data=data),)
+    run = Ours(model, slot=1)
+    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, px, at))
+    seq = list(ids)
+    for i in range(4):
+        seq.append((seq[-1] * 7 + 3 + i) % image_token)
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, px, at)[-1]))
+    assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
+
+
+def test_fresh_slot_forgets_previous_image(loaded):
+    """A text-only sequence admitted into the slot an image sequence used sees no image."""
+    model, ref, image_token = loaded
+    px, data = image_inputs(11, (30, 20))
+    ids = [5, 6, image_token, 7, 8]
+    Ours(model, slot=2).step(ids, (FeatureSpan(start=2, length=1, content_hash=b"y", data=data),))
+    text = [9, 10, 11, 12]
+    out = Ours(model, slot=2).step(text)
+    assert max_rel_err(out, ref_logits(ref, text, None, None)) <= TOL
