@@ -14,7 +14,8 @@ Masks follow transformers' ``cross_attention_mask``: a token at or after the ima
 sees the keys of the image's real tiles; a token before it sees none (the backend then lets
 it attend every key and zeroes its feed-forward branch: ``full_text_row_masked_out_mask``);
 decode tokens extend the last prompt row. A sequence without an image sees no key, which
-makes each cross layer the identity, as transformers skips them. One image per prompt.
+makes each cross layer the identity, as transformers skips them. Several images per prompt
+follow transformers' ranges (each image from its token to the next image's).
 """
 from __future__ import annotations
 
@@ -56,16 +57,36 @@ class MllamaCrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
 
-    def forward(self, x, states, batch: CrossAttentionBatch, cache: CrossAttentionCache):
-        """``states``: packed vision states [keys, hidden] of ``batch.new_slots``, or None."""
+    def forward(self, x, new, batch: CrossAttentionBatch, cache: CrossAttentionCache):
+        """``new``: (packed vision states [keys, hidden] of ``batch.new_slots``, the keys each
+        of them gains), or None on steps without new images."""
         t = x.shape[0]
         q = self.q_norm(self.q_proj(x).view(t, self.nh, self.hd))
         k = v = None
-        if states is not None:
+        if new is not None:
+            states, gained = new
             k = self.k_norm(self.k_proj(states).view(-1, self.nkv, self.hd))
             v = self.v_proj(states).view(-1, self.nkv, self.hd)
+            k, v = _with_held_keys(k, v, batch, gained, cache)
         out = cross_attention(q, k, v, batch, cache, scale=self.hd ** -0.5)
         return self.o_proj(out.reshape(t, self.nh * self.hd))
+
+
+def _with_held_keys(k, v, batch, gained, cache):
+    """A sequence's later image (a later prefill chunk) adds to the keys its slot holds:
+    ``batch.new_lens`` count all of them, ``gained`` the new ones in k/v."""
+    if all(cache.length(s) == 0 for s in batch.new_slots):
+        return k, v
+    ks, vs, off = [], [], 0
+    for slot, n in zip(batch.new_slots, gained):
+        if cache.length(slot):
+            old_k, old_v, _ = cache.gather([slot])
+            ks.append(old_k[0])
+            vs.append(old_v[0])
+        ks.append(k[off:off + n])
+        vs.append(v[off:off + n])
+        off += n
+    return torch.cat(ks), torch.cat(vs)
 
 
 class MllamaCrossLayer(nn.Module):
@@ -94,8 +115,8 @@ class MllamaCrossLayer(nn.Module):
                 k, v, _ = old.gather([s])
                 self.cache.store(s, k[0], v[0])
 
-    def forward(self, h, states, batch: CrossAttentionBatch):
-        a = self.cross_attn(self.input_layernorm(h), states, batch, self.cache)
+    def forward(self, h, new, batch: CrossAttentionBatch):
+        a = self.cross_attn(self.input_layernorm(h), new, batch, self.cache)
         h = h + self.cross_attn_attn_gate.tanh() * a
         m = self.mlp(self.post_attention_layernorm(h))
         m = m * batch.text_row_mask(self.cache, h.device).to(m.dtype)[:, None]
@@ -106,6 +127,7 @@ class MllamaCrossLayer(nn.Module):
 class SlotImage:
     position: int      # the image token's index in the sequence
     real_keys: int     # keys of the image's real tiles (the rest are padding tiles)
+    offset: int        # its first key in the slot (images are stored in prompt order)
 
 
 _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
@@ -136,7 +158,7 @@ class MllamaForConditionalGeneration(DecoderLM):
         model.multi_modal_projector = Linear(vision.vision_output_dim, cfg.hidden_size, bias=True)
         model.image_token_id = int(hf.get("image_token_index", hf.get("image_token_id", 128256)))
         model.keys_per_image = vision.max_num_tiles * vision.tokens_per_tile
-        model.slot_images: dict[int, SlotImage] = {}
+        model.slot_images: dict[int, list[SlotImage]] = {}
         model._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         return model
 
@@ -177,42 +199,53 @@ class MllamaForConditionalGeneration(DecoderLM):
         self._pending.append((rows, features))
         return embeds
 
-    def _take_images(self, positions, meta) -> tuple[list[int], list[int], torch.Tensor | None]:
-        """New images of this step: (their sequences' slots, key counts, packed states)."""
+    def _take_images(self, positions, meta) -> tuple[list[int], list[int], list[int], torch.Tensor | None]:
+        """New images of this step, grouped by sequence: (slots, keys each slot holds after
+        this step, keys each slot gains, packed new states in slot order)."""
         pending, self._pending = self._pending, []
-        slots, states = [], []
         cu = torch.tensor([0, *meta.query_lens]).cumsum(0)
+        arriving: dict[int, list[torch.Tensor]] = {}
         for rows, feats in pending:
             for r, f in zip(rows.tolist(), feats):
-                seq = int(torch.searchsorted(cu, r, right=True)) - 1
-                slot = int(meta.state_slots[seq])
-                if slot in slots or slot in self.slot_images:
-                    raise ValueError("Mllama takes one image per prompt")
+                slot = int(meta.state_slots[int(torch.searchsorted(cu, r, right=True)) - 1])
                 f = f.reshape(-1, f.shape[-1])
-                slots.append(slot)
-                states.append(f[:, :-1])
-                self.slot_images[slot] = SlotImage(int(positions[r]), int(f[:, -1].sum().item()))
-        if not slots:
-            return [], [], None
-        return slots, [s.shape[0] for s in states], torch.cat(states).to(self.dtype)
+                held = self.slot_images.setdefault(slot, [])
+                offset = held[-1].offset + self.keys_per_image if held else 0
+                held.append(SlotImage(int(positions[r]), int(f[:, -1].sum().item()), offset))
+                arriving.setdefault(slot, []).append(f[:, :-1])
+        if not arriving:
+            return [], [], [], None
+        slots = list(arriving)
+        gained = [sum(f.shape[0] for f in arriving[s]) for s in slots]
+        totals = [len(self.slot_images[s]) * self.keys_per_image for s in slots]
+        states = torch.cat([f for s in slots for f in arriving[s]]).to(self.dtype)
+        return slots, totals, gained, states
 
     def _key_mask(self, slots: list[int], positions: torch.Tensor, meta) -> torch.Tensor | None:
-        """[T, keys]: per token, the keys of its sequence's image once the image token is
-        behind it (transformers' cross_attention_mask, decode rows included)."""
-        if not any(s in self.slot_images for s in slots):
+        """[T, keys]: per token, the real-tile keys of the images it follows (transformers'
+        cross_attention_mask: an image is seen from its token up to the next image token
+        that does not directly follow it, or to the end; decode rows extend the last row)."""
+        if not any(self.slot_images.get(s) for s in slots):
             return None
-        first, real = [], []
-        for s in slots:
-            img = self.slot_images.get(s)
-            # No image: a position no token reaches, so the row sees nothing.
-            first.append(img.position if img else 1 << 62)
-            real.append(img.real_keys if img else 0)
-        dev = positions.device
-        per_seq = torch.repeat_interleave(torch.arange(len(slots), device=dev),
-                                          torch.tensor(meta.query_lens, device=dev))
-        after = positions >= torch.tensor(first, device=dev)[per_seq]
-        cols = torch.arange(self.keys_per_image, device=dev)
-        return after[:, None] & (cols[None, :] < torch.tensor(real, device=dev)[per_seq][:, None])
+        width = max(len(self.slot_images.get(s, ())) for s in slots) * self.keys_per_image
+        mask = torch.zeros(positions.shape[0], width, dtype=torch.bool, device=positions.device)
+        cols = torch.arange(width, device=positions.device)
+        off = 0
+        for slot, n in zip(slots, meta.query_lens):
+            images = self.slot_images.get(slot, [])
+            pos = positions[off:off + n]
+            for j, img in enumerate(images):
+                k = j + 1
+                while k < len(images) and images[k].position == images[k - 1].position + 1:
+                    k += 1
+                end = images[k].position if k < len(images) else None
+                rows = pos >= img.position
+                if end is not None:
+                    rows &= pos < end
+                keys = (cols >= img.offset) & (cols < img.offset + img.real_keys)
+                mask[off:off + n] |= rows[:, None] & keys[None, :]
+            off += n
+        return mask
 
     def forward_embeds(self, h, positions, meta, caches):
         if meta.state_slots is None:
@@ -226,14 +259,15 @@ class MllamaForConditionalGeneration(DecoderLM):
                 self.slot_images.pop(slot, None)
                 for layer in layers:
                     layer.cache.clear(slot)
-        new_slots, new_lens, states = self._take_images(positions, meta)
+        new_slots, new_lens, gained, states = self._take_images(positions, meta)
         batch = CrossAttentionBatch(meta=meta, slots=slots, new_slots=new_slots, new_lens=new_lens,
                                     key_mask=self._key_mask(slots, positions, meta))
+        new = None if states is None else (states, gained)
         cs = self.rope.cos_sin(positions, h.dtype)
         cross = set(self.cross_layers)
         for i, layer in enumerate(self.model.layers):
             if i in cross:
-                h = layer(h, states, batch)
+                h = layer(h, new, batch)
             else:
                 h = layer(h, cs, meta, caches[i] if caches is not None else None)
         return self.model.norm(h)

@@ -86,36 +86,78 @@ def image_inputs(seed, size):
 
 
 @torch.inference_mode()
-def ref_logits(ref, ids, px, image_at):
-    """transformers' full forward; the cross-attention mask as its processor builds it
-    (tokens from the image token on see the image's real tiles)."""
+def ref_logits(ref, ids, pxs, image_token):
+    """transformers' full forward, the cross-attention mask built by its processor's own
+    helpers from the image tokens' places and tile counts."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
     kw = {}
-    if px is not None:
-        mask = torch.zeros(1, len(ids), 1, MAX_TILES, dtype=torch.long)
-        mask[0, image_at:, 0, :int(px.tile_mask.sum())] = 1
-        kw = dict(pixel_values=px.pixel_values[None, None], aspect_ratio_ids=torch.tensor([[px.aspect_ratio_id]]),
-                  aspect_ratio_mask=px.tile_mask[None, None], cross_attention_mask=mask)
+    if pxs:
+        # Generated tokens extend the last prompt row; a random model may emit the image
+        # token id, so the ranges come from the prompt's image places only.
+        places = get_cross_attention_token_mask(ids, image_token)[:len(pxs)]
+        if len(places) == len(pxs) and len(pxs) > 1:
+            places[-1][1] = len(ids)
+        mask = convert_sparse_cross_attention_mask_to_dense(
+            [places], [[int(p.tile_mask.sum()) for p in pxs]], MAX_TILES, len(ids))
+        kw = dict(pixel_values=torch.stack([p.pixel_values for p in pxs])[None],
+                  aspect_ratio_ids=torch.tensor([[p.aspect_ratio_id for p in pxs]]),
+                  aspect_ratio_mask=torch.stack([p.tile_mask for p in pxs])[None],
+                  cross_attention_mask=torch.from_numpy(mask))
     return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
 
 
-@pytest.mark.parametrize("n_images,size", [(0, None), (1, (37, 29)), (1, (9, 40))])
-def test_prefill_and_decode_logits_match_reference(loaded, n_images, size):
+CASES = {"text": [], "one": [(37, 29)], "one_tall": [(9, 40)], "two": [(37, 29), (60, 13)],
+         "two_adjacent": [(20, 20), (9, 40)]}
+
+
+def prompt_with_images(image_token, sizes, text, adjacent=False, lead=3):
+    ids, spans, pxs = list(text[:lead]), [], []
+    for k, size in enumerate(sizes):
+        px, data = image_inputs(7 + k, size)
+        pxs.append(px)
+        spans.append(FeatureSpan(start=len(ids), length=1, content_hash=bytes([k]), data=data))
+        ids += [image_token] + ([] if adjacent and k + 1 < len(sizes) else list(text[3 + 2 * k:5 + 2 * k]))
+    return ids + list(text[-2:]), spans, pxs
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_and_decode_logits_match_reference(loaded, case):
     model, ref, image_token = loaded
-    g = torch.Generator().manual_seed(n_images)
+    g = torch.Generator().manual_seed(len(case))
     text = torch.randint(0, image_token, (9,), generator=g).tolist()
-    px, spans, ids, at = None, (), list(text), None
-    if n_images:
-        px, data = image_inputs(7, size)
-        at = 3
-        ids = text[:at] + [image_token] + text[at:]
-        spans = (FeatureSpan(start=at, length=1, content_hash=b"x", data=data),)
+    ids, spans, pxs = prompt_with_images(image_token, CASES[case], text, adjacent=case == "two_adjacent")
     run = Ours(model, slot=1)
-    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, px, at))
+    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pxs, image_token))
     seq = list(ids)
     for i in range(4):
         seq.append((seq[-1] * 7 + 3 + i) % image_token)
-        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, px, at)[-1]))
-    assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, pxs, image_token)[-1]))
+    assert worst <= TOL, f"{case}: relative logit error {worst:.2e}"
+    if pxs:  # the images matter: without them the logits are far off
+        assert max_rel_err(ref_logits(ref, seq, [], image_token), ref_logits(ref, seq, pxs, image_token)) > 0.05
+
+
+def chunked_two_images(model, ref, image_token, lead):
+    """Prefill in two chunks, the second image a step after the first (added to the keys
+    its slot holds)."""
+    ids, spans, pxs = prompt_with_images(image_token, CASES["two"], list(range(20, 29)), lead=lead)
+    cut = spans[1].start - 1
+    run = Ours(model, slot=0)
+    first = run.step(ids[:cut], [s for s in spans if s.start < cut])
+    rest = run.step(ids[cut:], [s for s in spans if s.start >= cut])
+    return max_rel_err(torch.cat([first, rest]), ref_logits(ref, ids, pxs, image_token))
+
+
+def test_images_in_separate_prefill_chunks(loaded):
+    """The prompt opens with an image, so no token sees an image it does not follow."""
+    assert chunked_two_images(*loaded, lead=0) <= TOL
+
+
+@pytest.mark.xfail(strict=True, reason="core: a model with slot state gets only the spans whose rows are in "
+                                       "the step; text before the first image attends every image's keys")
+def test_text_before_the_images_with_a_later_image_chunk(loaded):
+    assert chunked_two_images(*loaded, lead=3) <= TOL
 
 
 def test_fresh_slot_forgets_previous_image(loaded):
@@ -126,7 +168,7 @@ def test_fresh_slot_forgets_previous_image(loaded):
     Ours(model, slot=2).step(ids, (FeatureSpan(start=2, length=1, content_hash=b"y", data=data),))
     text = [9, 10, 11, 12]
     out = Ours(model, slot=2).step(text)
-    assert max_rel_err(out, ref_logits(ref, text, None, None)) <= TOL
+    assert max_rel_err(out, ref_logits(ref, text, [], image_token)) <= TOL
 
 
 # --------------------------------------------------------------------------- through the Runner
@@ -144,11 +186,10 @@ def chat(parts, n=5):
 
 @torch.inference_mode()
 def ref_greedy(ref, prompt, image_token, n):
-    px = prompt.spans[0].data if prompt.spans else None
-    at = prompt.spans[0].start if prompt.spans else None
+    pxs = [s.data for s in prompt.spans]
     ids, toks, lps = list(prompt.ids), [], []
     for _ in range(n):
-        lp = torch.log_softmax(ref_logits(ref, ids, px, at)[-1].double(), -1)
+        lp = torch.log_softmax(ref_logits(ref, ids, pxs, image_token)[-1].double(), -1)
         t = int(lp.argmax())
         toks.append(t)
         lps.append(float(lp[t]))
