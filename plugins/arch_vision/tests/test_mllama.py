@@ -261,6 +261,36 @@ def test_runner_batches_image_and_text_then_reuses_slots(runner, tiny):
     second = [chat("What is a borrow checker?"), chat("Lifetimes, explained briefly, please.")]
     for q, r in zip(second, send_together(runner, second)):
         check_against_reference(pipe, ref, image_token, q, r)
+    two = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(6, (12, 50)))}},
+                {"type": "text", "text": "versus"}, {"type": "image_url", "image_url": {"url": url}}])
+    assert len(check_against_reference(pipe, ref, image_token, two, runner.send_chat_completion_request(two)).spans) == 2
+
+
+def test_hub_checkpoint_layout_loads(tmp_path, tiny, loaded):
+    """Released checkpoints name the text model ``language_model.model.*`` and the tower
+    ``vision_model.*``; transformers 5 saves ``model.language_model.*``: both load alike."""
+    from safetensors.torch import load_file, save_file
+    model, ref, image_token = loaded
+    out, _, _ = tiny
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for f in out.iterdir():
+        if f.name != "model.safetensors":
+            (hub / f.name).write_bytes(f.read_bytes())
+    renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+               ("model.vision_model.", "vision_model."), ("model.multi_modal_projector.", "multi_modal_projector."))
+    weights = {}
+    for k, v in load_file(str(out / "model.safetensors")).items():
+        for a, b in renames:
+            if k.startswith(a):
+                k = b + k[len(a):]
+                break
+        weights[k] = v
+    assert any(k.startswith("language_model.model.") for k in weights)
+    save_file(weights, str(hub / "model.safetensors"))
+    hub_model, _ = build_text_model(hub, kind="vision")
+    ids, spans, _ = prompt_with_images(image_token, CASES["one"], list(range(30, 39)))
+    assert torch.equal(Ours(hub_model, slot=0).step(ids, spans), Ours(model, slot=3).step(ids, spans))
 
 
 GAP = "core: prefix-cache keys and hits do not account for Mllama's whole-sequence image state"
