@@ -58,6 +58,19 @@ def test_processor_matches_reference(size):
     assert torch.allclose(ours.pixel_values, theirs["pixel_values"][0, 0].float(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("tiles,size,mode", [(1, (37, 29), "RGB"), (2, (9, 40), "L"), (6, (100, 30), "RGBA"),
+                                             (6, (31, 33), "RGB")])
+def test_processor_tile_budgets_and_modes(tiles, size, mode):
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    cfg = {**{k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"}, "max_image_tiles": tiles}
+    img = random_image(4, size).convert(mode)
+    theirs = MllamaImageProcessorPil(**cfg)(img, return_tensors="pt")
+    ours = MllamaImageProcessor.from_config(cfg)(img)
+    assert ours.aspect_ratio_id == int(theirs["aspect_ratio_ids"][0, 0])
+    assert torch.equal(ours.tile_mask, theirs["aspect_ratio_mask"][0, 0].long())
+    assert torch.allclose(ours.pixel_values, theirs["pixel_values"][0, 0].float(), atol=1e-6, rtol=0)
+
+
 class Ours:
     """One sequence in state slot ``slot``: prefill (the image token's span) then decode."""
 
@@ -93,11 +106,10 @@ def ref_logits(ref, ids, pxs, image_token):
         convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
     kw = {}
     if pxs:
-        # Generated tokens extend the last prompt row; a random model may emit the image
-        # token id, so the ranges come from the prompt's image places only.
-        places = get_cross_attention_token_mask(ids, image_token)[:len(pxs)]
-        if len(places) == len(pxs) and len(pxs) > 1:
-            places[-1][1] = len(ids)
+        # The last image's range runs to the end: generated tokens extend the last prompt
+        # row, as transformers' generate does (the vocabulary stops before the image token).
+        places = get_cross_attention_token_mask(ids, image_token)
+        assert len(places) == len(pxs)
         mask = convert_sparse_cross_attention_mask_to_dense(
             [places], [[int(p.tile_mask.sum()) for p in pxs]], MAX_TILES, len(ids))
         kw = dict(pixel_values=torch.stack([p.pixel_values for p in pxs])[None],
