@@ -18,6 +18,8 @@ VISION_FAMILIES = [
      ("Idefics2ForConditionalGeneration",), f"{_PKG}.idefics2:Idefics2Processor"),
     ("Idefics3", (), f"{_PKG}.idefics3:Idefics3ForConditionalGeneration", ("idefics3",),
      ("Idefics3ForConditionalGeneration",), f"{_PKG}.idefics3:Idefics3Processor"),
+    ("VLlama", ("Mllama",), f"{_PKG}.mllama:MllamaForConditionalGeneration", ("mllama",),
+     ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
 ]
 
 
@@ -42,4 +44,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama)")
