@@ -340,3 +340,15 @@ def test_hashing_a_full_block_is_cheap():
     per_block = (time.perf_counter() - t) / 128
     assert len(hashes) == 128
     assert per_block < 50e-6      # ~2 us on the dev box; generous for a loaded CI machine
+
+
+def test_spans_key_whole_prompt_separates_blocks_before_the_image():
+    """For models whose text before an image depends on it (Mllama), every span digest
+    keys the chain from the first block on."""
+    a = BlockKeyExtras.make(spans=[(9, 10, b"A" * 32)], spans_key_whole_prompt=True)
+    b = BlockKeyExtras.make(spans=[(9, 10, b"B" * 32)], spans_key_whole_prompt=True)
+    plain_a = BlockKeyExtras.make(spans=[(9, 10, b"A" * 32)])
+    plain_b = BlockKeyExtras.make(spans=[(9, 10, b"B" * 32)])
+    assert a.for_block(0, 4) != b.for_block(0, 4)
+    assert plain_a.for_block(0, 4) == plain_b.for_block(0, 4)
+    assert a.for_block(0, 4) == BlockKeyExtras.make(spans=[(9, 10, b"A" * 32)], spans_key_whole_prompt=True).for_block(0, 4)

@@ -86,14 +86,20 @@ class BlockKeyExtras:
 
     @classmethod
     def make(cls, *, cache_salt: str | None = None, adapter_id: str | None = None,
-             spans: Iterable[tuple[int, int, bytes]] = ()) -> "BlockKeyExtras":
+             spans: Iterable[tuple[int, int, bytes]] = (), spans_key_whole_prompt: bool = False
+             ) -> "BlockKeyExtras":
+        """``spans_key_whole_prompt``: every span's digest goes into the first block's salt,
+        for models whose text before an image depends on it (Mllama's cross-attention rows)."""
         # Tagged and length-prefixed, so ("ab", None) and ("a", "b") differ. Any given value,
         # even "", isolates: a request that asked for a salt never shares with one that did not.
+        spans = tuple(spans)
         parts = []
         if cache_salt is not None:
             parts.append(_tagged(b"c", cache_salt.encode("utf-8")))
         if adapter_id is not None:
             parts.append(_tagged(b"a", adapter_id.encode("utf-8")))
+        if spans_key_whole_prompt:
+            parts += [_tagged(b"i", _SPAN.pack(start, end, len(digest)) + digest) for start, end, digest in spans]
         return cls(salt=b"".join(parts), spans=spans)
 
     def for_block(self, index: int, block_size: int) -> bytes:

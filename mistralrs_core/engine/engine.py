@@ -146,7 +146,8 @@ class Engine:
         if group.spans or group.adapter_id is not None or group.cache_salt is not None:
             group.cache_extras = BlockKeyExtras.make(
                 cache_salt=group.cache_salt, adapter_id=group.adapter_id,
-                spans=[(sp.start, sp.end, sp.content_hash) for sp in group.spans])
+                spans=[(sp.start, sp.end, sp.content_hash) for sp in group.spans],
+                spans_key_whole_prompt=self.slotted)
         group.positions = self.model.prompt_positions(group.prompt_ids, group.spans)
         for i in range(group.n):
             # A per-request seed makes that request reproducible on its own; otherwise the

@@ -101,14 +101,13 @@ class ModelRunner:
     def cache_bytes(self) -> int:
         return sum(c.nbytes for c in self.caches if c is not None)
 
-    def _encode_missing(self, records: list[StepRecord]) -> None:
-        """Run the encoder, batched, for spans this step needs whose features are not there yet."""
+    def _encode_missing(self, spans) -> None:
+        """Run the encoder, batched, for the spans whose features are not there yet."""
         todo, seen = [], set()
-        for r in records:
-            for _, span, _, _ in r.span_rows():
-                if span.features is None and id(span) not in seen:
-                    seen.add(id(span))
-                    todo.append(span)
+        for span in spans:
+            if span.features is None and id(span) not in seen:
+                seen.add(id(span))
+                todo.append(span)
         if todo:
             feats = self.model.encode_features(todo)
             for span, f in zip(todo, feats):
@@ -122,7 +121,7 @@ class ModelRunner:
         h = self.model.embed(ids)
         if not any(r.spans for r in records):
             return h
-        self._encode_missing(records)
+        self._encode_missing(span for r in records for _, span, _, _ in r.span_rows())
         rows, feats, off = [], [], 0
         for r in records:
             for at, span, first, n in r.span_rows():
@@ -133,11 +132,26 @@ class ModelRunner:
             return h
         return self.model.merge_features(h, torch.cat(rows).to(h.device), torch.cat(feats))
 
+    def _admit(self, records: list[StepRecord]) -> None:
+        """Hand a model that keeps per-sequence state in slots every encoder input of a
+        sequence on its first step in a slot (``model.admit_features(index, spans)``), not
+        only the spans whose rows the step computes: a prefix-cache hit may start past them,
+        and text before an image may depend on it (Mllama's cross-attention)."""
+        admit = getattr(self.model, "admit_features", None)
+        if admit is None:
+            return
+        fresh = [(i, r) for i, r in enumerate(records) if r.fresh_slot and r.spans]
+        if fresh:
+            self._encode_missing(span for _, r in fresh for span in r.spans)
+            for i, r in fresh:
+                admit(i, r.spans)
+
     @torch.inference_mode()
     def run(self, records: list[StepRecord]) -> torch.Tensor:
         """Float32 logits for each record's last ``num_logits`` tokens, records in order."""
         self._zero_fresh_blocks(records)
         ids, pos, meta = build_metadata(records, self.block_size, self.device)
+        self._admit(records)
         h = self.embed(ids, records)
         hidden = self.model.forward_embeds(h, pos, meta, self.caches)
         rows, off = [], 0

@@ -195,23 +195,27 @@ class MllamaForConditionalGeneration(DecoderLM):
         return list(torch.cat([states.reshape(b, -1, states.shape[-1]), real], dim=-1)[:, None])
 
     def merge_features(self, embeds, rows, features):
-        # The image token keeps its own embedding; its image goes to the cross layers.
-        self._pending.append((rows, features))
+        # The image token keeps its own embedding; its image reaches the cross layers when
+        # the sequence is admitted (admit_features).
         return embeds
 
+    def admit_features(self, index: int, spans) -> None:
+        """Every image of sequence ``index`` of the step, on its first step in its slot: text
+        before an image attends it too, and a prefix hit may start past the image token."""
+        self._pending.append((index, [(s.start, s.features) for s in sorted(spans, key=lambda s: s.start)]))
+
     def _take_images(self, positions, meta) -> tuple[list[int], list[int], list[int], torch.Tensor | None]:
-        """New images of this step, grouped by sequence: (slots, keys each slot holds after
+        """Images admitted this step, grouped by sequence: (slots, keys each slot holds after
         this step, keys each slot gains, packed new states in slot order)."""
         pending, self._pending = self._pending, []
-        cu = torch.tensor([0, *meta.query_lens]).cumsum(0)
         arriving: dict[int, list[torch.Tensor]] = {}
-        for rows, feats in pending:
-            for r, f in zip(rows.tolist(), feats):
-                slot = int(meta.state_slots[int(torch.searchsorted(cu, r, right=True)) - 1])
-                f = f.reshape(-1, f.shape[-1])
+        for index, images in pending:
+            slot = int(meta.state_slots[index])
+            for position, feats in images:
+                f = feats.reshape(-1, feats.shape[-1])
                 held = self.slot_images.setdefault(slot, [])
                 offset = held[-1].offset + self.keys_per_image if held else 0
-                held.append(SlotImage(int(positions[r]), int(f[:, -1].sum().item()), offset))
+                held.append(SlotImage(position, int(f[:, -1].sum().item()), offset))
                 arriving.setdefault(slot, []).append(f[:, :-1])
         if not arriving:
             return [], [], [], None

@@ -10,9 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mistralrs_core.engine.model_runner import build_metadata
+from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.step import FeatureSpan, record
-from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -72,25 +71,20 @@ def test_processor_tile_budgets_and_modes(tiles, size, mode):
 
 
 class Ours:
-    """One sequence in state slot ``slot``: prefill (the image token's span) then decode."""
+    """One sequence in state slot ``slot`` through the core's ModelRunner: its images are
+    admitted on its first step (``admit_features``), whatever rows that step computes."""
 
-    def __init__(self, model, slot=0, block_size=4, num_blocks=64):
-        self.model, self.slot = model, slot
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
+    def __init__(self, model, slot=0, spans=(), block_size=4, num_blocks=64):
+        self.runner = ModelRunner(model, num_blocks, block_size, "cpu", model.dtype, num_state_slots=8)
+        self.slot, self.spans, self.pos = slot, tuple(spans), 0
+        self.blocks = list(range(num_blocks))
 
     @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, state_slot=self.slot, fresh_slot=self.pos == 0)
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
+    def step(self, ids):
+        rec = record(ids, self.pos, self.blocks, state_slot=self.slot, fresh_slot=self.pos == 0,
+                     spans=self.spans, num_logits=len(ids))
         self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
+        return self.runner.run([rec])
 
 
 def image_inputs(seed, size):
@@ -139,8 +133,8 @@ def test_prefill_and_decode_logits_match_reference(loaded, case):
     g = torch.Generator().manual_seed(len(case))
     text = torch.randint(0, image_token, (9,), generator=g).tolist()
     ids, spans, pxs = prompt_with_images(image_token, CASES[case], text, adjacent=case == "two_adjacent")
-    run = Ours(model, slot=1)
-    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pxs, image_token))
+    run = Ours(model, slot=1, spans=spans)
+    worst = max_rel_err(run.step(ids), ref_logits(ref, ids, pxs, image_token))
     seq = list(ids)
     for i in range(4):
         seq.append((seq[-1] * 7 + 3 + i) % image_token)
@@ -155,9 +149,9 @@ def chunked_two_images(model, ref, image_token, lead):
     its slot holds)."""
     ids, spans, pxs = prompt_with_images(image_token, CASES["two"], list(range(20, 29)), lead=lead)
     cut = spans[1].start - 1
-    run = Ours(model, slot=0)
-    first = run.step(ids[:cut], [s for s in spans if s.start < cut])
-    rest = run.step(ids[cut:], [s for s in spans if s.start >= cut])
+    run = Ours(model, slot=0, spans=spans)
+    first = run.step(ids[:cut])
+    rest = run.step(ids[cut:])
     return max_rel_err(torch.cat([first, rest]), ref_logits(ref, ids, pxs, image_token))
 
 
@@ -166,9 +160,9 @@ def test_images_in_separate_prefill_chunks(loaded):
     assert chunked_two_images(*loaded, lead=0) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="core: a model with slot state gets only the spans whose rows are in "
-                                       "the step; text before the first image attends every image's keys")
 def test_text_before_the_images_with_a_later_image_chunk(loaded):
+    """Text before the first image attends every image's keys, so the images are admitted
+    on the sequence's first step, before the chunk that holds them."""
     assert chunked_two_images(*loaded, lead=3) <= TOL
 
 
@@ -177,7 +171,7 @@ def test_fresh_slot_forgets_previous_image(loaded):
     model, ref, image_token = loaded
     px, data = image_inputs(11, (30, 20))
     ids = [5, 6, image_token, 7, 8]
-    Ours(model, slot=2).step(ids, (FeatureSpan(start=2, length=1, content_hash=b"y", data=data),))
+    Ours(model, slot=2, spans=(FeatureSpan(start=2, length=1, content_hash=b"y", data=data),)).step(ids)
     text = [9, 10, 11, 12]
     out = Ours(model, slot=2).step(text)
     assert max_rel_err(out, ref_logits(ref, text, [], image_token)) <= TOL
@@ -227,10 +221,10 @@ def make_runner(tiny, **kw):
 
 @pytest.fixture(scope="module")
 def runner(tiny):
-    # Without the prefix cache: with it, two core gaps make Mllama wrong (the xfail tests
-    # below): blocks before an image are keyed without it although the image changes them,
-    # and a hit past the image token never hands the image to the cross layers.
-    r = make_runner(tiny, prefix_cache_n=0)
+    # The default prefix cache is on: blocks before an image are keyed by it (the engine puts
+    # every image digest of a slot-state model into the first block's salt), and a hit past
+    # the image token still admits the image (ModelRunner._admit).
+    r = make_runner(tiny)
     yield r
     r.shutdown()
 
@@ -302,13 +296,11 @@ def test_hub_checkpoint_layout_loads(tmp_path, tiny, loaded):
     save_file(weights, str(hub / "model.safetensors"))
     hub_model, _ = build_text_model(hub, kind="vision")
     ids, spans, _ = prompt_with_images(image_token, CASES["one"], list(range(30, 39)))
-    assert torch.equal(Ours(hub_model, slot=0).step(ids, spans), Ours(model, slot=3).step(ids, spans))
+    _, spans_again, _ = prompt_with_images(image_token, CASES["one"], list(range(30, 39)))
+    assert torch.equal(Ours(hub_model, slot=0, spans=spans).step(ids),
+                       Ours(model, slot=3, spans=spans_again).step(ids))
 
 
-GAP = "core: prefix-cache keys and hits do not account for Mllama's whole-sequence image state"
-
-
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_text_sharing_a_prefix_with_an_image_prompt(cached_runner, tiny):
     """Text before the image token attends the image (transformers' masked-out rows see all
     keys), so those blocks must not serve a text-only request with the same text."""
@@ -322,7 +314,6 @@ def test_text_sharing_a_prefix_with_an_image_prompt(cached_runner, tiny):
     check_against_reference(pipe, ref, image_token, text, cached_runner.send_chat_completion_request(text))
 
 
-@pytest.mark.xfail(strict=True, reason=GAP)
 def test_repeated_image_prompt_hits_past_the_image(cached_runner, tiny):
     """The second request's prefix hit covers the image token: its step never merges the
     image, so its fresh slot has no image K/V."""

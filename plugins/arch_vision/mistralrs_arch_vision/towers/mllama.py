@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mistralrs_core.layers.activations import get_activation
 from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_attention
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.norms import LayerNorm
 
-from mistralrs_arch_vision.towers.clip import vision_activation
 
 DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
 
@@ -141,7 +141,7 @@ class MllamaVisionAttention(nn.Module):
 class MllamaVisionMLP(nn.Module):
     def __init__(self, cfg: MllamaVisionConfig):
         super().__init__()
-        self.act = vision_activation(cfg.hidden_act)
+        self.act = get_activation(cfg.hidden_act)
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
