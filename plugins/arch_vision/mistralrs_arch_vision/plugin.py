@@ -20,6 +20,8 @@ VISION_FAMILIES = [
      ("Idefics3ForConditionalGeneration",), f"{_PKG}.idefics3:Idefics3Processor"),
     ("VLlama", ("Mllama",), f"{_PKG}.mllama:MllamaForConditionalGeneration", ("mllama",),
      ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
+    ("Llama4", (), f"{_PKG}.llama4:Llama4ForConditionalGeneration", ("llama4",),
+     ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
 ]
 
 
@@ -44,4 +46,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4)")
