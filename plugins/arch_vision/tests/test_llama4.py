@@ -76,3 +76,29 @@ def test_text_greedy_matches_reference(loaded):
         theirs.append(int(ref_embeds_logits(ref, seq)[-1].argmax()))
         seq.append(theirs[-1])
     assert ours == theirs
+
+
+# --------------------------------------------------------------------------- tower + projector
+def test_image_features_match_reference(loaded):
+    model, ref, _ = loaded
+    tiles = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = model.image_features(tiles)
+        theirs = ref.get_image_features(pixel_values=tiles).pooler_output
+    assert model.vision_model.cfg.tokens_per_tile == 4 and theirs.shape == (3, 4, 64)
+    assert max_rel_err(ours, theirs.reshape(-1, 64)) <= TOL
+
+
+def test_tower_hidden_states_match_reference(loaded):
+    """Before the adapter: the encoder with its 2-D rope and the class token."""
+    model, ref, _ = loaded
+    tiles = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    hook = ref.vision_model.vision_adapter.register_forward_hook(lambda m, a, o: seen.update(x=a[0]))
+    with torch.inference_mode():
+        ref.vision_model(tiles)
+        mine = {}
+        h = model.vision_model.vision_adapter.register_forward_hook(lambda m, a, o: mine.update(x=a[0]))
+        model.vision_model(tiles)
+    hook.remove(), h.remove()
+    assert max_rel_err(mine["x"], seen["x"]) <= TOL
