@@ -10,6 +10,9 @@ other tokens' own text embeddings, exactly what the reference feeds the decoder.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import attrs
 import torch
 from torch import nn
@@ -18,6 +21,7 @@ from mistralrs_core.layers.linear import Linear
 
 from mistralrs_arch_vision.llama4_text import Llama4TextLM
 from mistralrs_arch_vision.pipeline import ImagePrompt
+from mistralrs_arch_vision.processors.llama4 import Llama4ImageProcessor, image_token_layout
 from mistralrs_arch_vision.towers.llama4 import Llama4TowerConfig, Llama4VisionTower
 
 _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
@@ -89,3 +93,53 @@ class Llama4ForConditionalGeneration(Llama4TextLM):
                 raise ValueError(f"an image span holds {at.numel()} image tokens for {f.shape[0]} features")
             out.append(rows.index_copy(0, at, f.to(rows.dtype)))
         return out
+
+
+_SPECIAL = {"start_of_image_token": "<|image_start|>", "end_of_image_token": "<|image_end|>",
+            "image_token": "<|image|>", "patch_token": "<|patch|>",
+            "tile_x_separator_token": "<|tile_x_separator|>", "tile_y_separator_token": "<|tile_y_separator|>"}
+
+
+@attrs.define
+class Llama4Processor:
+    """The family's half of the pipeline (transformers' ``Llama4Processor``): the template's
+    ``<|image|>`` placeholder expands to the image's whole layout (``image_token_layout``)."""
+    image_processor: Llama4ImageProcessor
+    tokens_per_tile: int
+    ids: dict                         # _SPECIAL key -> token id
+    image_part: dict = attrs.field(factory=lambda: {"type": "image"})
+
+    @property
+    def image_token_id(self) -> int:
+        """The placeholder the chat template emits (transformers' ``fake_image_token``)."""
+        return self.ids["image_token"]
+
+    @classmethod
+    def from_pretrained(cls, *, model, hf_config: dict, preprocessor_config: dict, tokenizer=None,
+                        model_dir=None) -> "Llama4Processor":
+        names = dict(_SPECIAL)
+        proc_file = Path(model_dir) / "processor_config.json" if model_dir is not None else None
+        if proc_file is not None and proc_file.is_file():
+            names.update({k: v for k, v in json.loads(proc_file.read_text()).items() if k in names and v})
+        ids = {}
+        for key, token in names.items():
+            ids[key] = tokenizer.token_to_id(token) if tokenizer is not None else None
+            if ids[key] is None:
+                raise ValueError(f"tokenizer: no {token!r} token ({key} of the Llama 4 processor)")
+        if ids["patch_token"] != model.image_token_id:
+            raise ValueError(f"config.json: image_token_index {model.image_token_id} is not the "
+                             f"{names['patch_token']!r} token ({ids['patch_token']})")
+        images = Llama4ImageProcessor.from_config(preprocessor_config)
+        cfg = model.vision_model.cfg
+        if images.tile_size != cfg.image_size:
+            raise ValueError(f"preprocessor_config.json: tile size {images.tile_size} differs from the vision "
+                             f"tower's image_size {cfg.image_size}")
+        return cls(images, cfg.tokens_per_tile, ids)
+
+    def prepare(self, image) -> ImagePrompt:
+        tiles, (rows, cols) = self.image_processor(image)
+        i = self.ids
+        ids = image_token_layout(rows, cols, self.tokens_per_tile, start=i["start_of_image_token"],
+                                 end=i["end_of_image_token"], image=i["image_token"], patch=i["patch_token"],
+                                 tile_x=i["tile_x_separator_token"], tile_y=i["tile_y_separator_token"])
+        return ImagePrompt(len(ids), Llama4Image(tiles, tuple(ids)), token_ids=tuple(ids))

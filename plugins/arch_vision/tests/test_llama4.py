@@ -10,7 +10,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from test_llava import Ours  # noqa: E402
-from tiny_llama4 import IMAGE, write_tiny_llama4  # noqa: E402
+from tiny_llama4 import IMAGE, PATCH, write_tiny_llama4  # noqa: E402
 
 COVERS = ["Llama4"]
 TOL = 1e-4
@@ -102,3 +102,103 @@ def test_tower_hidden_states_match_reference(loaded):
         model.vision_model(tiles)
     hook.remove(), h.remove()
     assert max_rel_err(mine["x"], seen["x"]) <= TOL
+
+
+# --------------------------------------------------------------------------- processor
+def stub_torchvision(monkeypatch):
+    """transformers' Llama 4 modules import torchvision's functional API at the top (absent
+    here); the canvas / layout functions tested below do not use it, so an empty stand-in
+    lets the modules import. transformers is imported first so its own availability checks
+    are already done."""
+    import importlib
+    import sys
+    import types
+    import transformers.image_processing_backends  # noqa: F401
+    import transformers.image_transforms  # noqa: F401
+    import transformers.processing_utils  # noqa: F401
+    fn = types.ModuleType("torchvision.transforms.v2.functional")
+    fn.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear", LANCZOS="lanczos", BICUBIC="bicubic")
+    v2 = types.ModuleType("torchvision.transforms.v2")
+    v2.functional = fn
+    tr = types.ModuleType("torchvision.transforms")
+    tr.v2 = v2
+    tv = types.ModuleType("torchvision")
+    tv.transforms = tr
+    for name, mod in (("torchvision", tv), ("torchvision.transforms", tr), ("torchvision.transforms.v2", v2),
+                      ("torchvision.transforms.v2.functional", fn)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    mods = []
+    for name in ("transformers.models.llama4.image_processing_llama4", "transformers.models.llama4.processing_llama4"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        mods.append(importlib.import_module(name))
+        monkeypatch.delitem(sys.modules, name)
+    return mods
+
+
+def image(width, height, seed=0, mode="RGB"):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], -1)
+    arr = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    if mode == "RGBA":
+        return Image.fromarray(np.dstack([arr, rng.integers(0, 256, (height, width), dtype=np.uint8)]), "RGBA")
+    return Image.fromarray(arr, "RGB").convert(mode)
+
+
+SHAPES = {"tall": (10, 50), "wide": (70, 12), "small": (5, 7), "large_square": (60, 60), "exact": (32, 16),
+          "odd": (33, 47), "one_tile": (16, 16), "rgba": (21, 9), "grey": (40, 31)}
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_processor_matches_reference_steps(name, monkeypatch):
+    """Canvas choice, fitted size, tiling order, thumbnail and the bfloat16 normalisation
+    through transformers' own functions; the prompt layout through ``_prompt_split_image``.
+    The resize itself is torchvision's (not installed here): both sides use torch's uint8
+    antialiased bilinear kernel, which is what torchvision calls for uint8 CPU tensors."""
+    import types
+
+    import torch.nn.functional as F
+    from transformers.image_transforms import split_to_tiles
+    from transformers.image_utils import SizeDict
+    from tiny_llama4 import MAX_PATCHES, PREPROCESSOR
+    from mistralrs_arch_vision.llama4 import Llama4Processor
+    from mistralrs_arch_vision.processors.llama4 import Llama4ImageProcessor
+    ip, pp = stub_torchvision(monkeypatch)
+    w, h = SHAPES[name]
+    img = image(w, h, seed=len(name), mode={"rgba": "RGBA", "grey": "L"}.get(name, "RGB"))
+    ours, (rows, cols) = Llama4ImageProcessor.from_config(PREPROCESSOR)(img)
+
+    size = SizeDict(height=IMAGE, width=IMAGE)
+    res = torch.tensor(ip.find_supported_resolutions(max_num_chunks=MAX_PATCHES, patch_size=size))
+    target = ip.get_best_fit((h, w), res, resize_to_max_canvas=False)
+    fit = ip.get_max_res_without_distortion((h, w), (min(max(h, IMAGE), target[0]), min(max(w, IMAGE), target[1])))
+    fit = (max(int(fit[0]), 1), max(int(fit[1]), 1))
+    px = torch.from_numpy(__import__("numpy").asarray(img.convert("RGB")).copy()).permute(2, 0, 1)[None]
+    canvas = F.pad(F.interpolate(px, size=fit, mode="bilinear", antialias=True),
+                   (0, int(target[1]) - fit[1], 0, int(target[0]) - fit[0]))
+
+    def norm(x):   # the reference's rescale_and_normalize: bfloat16, then tvF.normalize
+        x = x.to(torch.bfloat16) * PREPROCESSOR["rescale_factor"]
+        return x.sub(torch.tensor([0.5] * 3, dtype=torch.bfloat16).view(-1, 1, 1)).div(
+            torch.tensor([0.5] * 3, dtype=torch.bfloat16).view(-1, 1, 1))
+    rh, rw = int(target[0]) // IMAGE, int(target[1]) // IMAGE
+    want = split_to_tiles(norm(canvas), rh, rw)[0]
+    if rh * rw > 1:
+        want = torch.cat([want, norm(F.interpolate(px, size=(IMAGE, IMAGE), mode="bilinear", antialias=True))])
+    assert (rows, cols) == (rh, rw)
+    assert ours.shape == want.shape and torch.equal(ours, want.float())
+
+    names = dict(enumerate(["<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>",
+                            "<|tile_x_separator|>", "<|tile_y_separator|>"], start=1))
+    keys = ["start_of_image_token", "end_of_image_token", "image_token", "patch_token", "tile_x_separator_token",
+            "tile_y_separator_token"]
+    proc = Llama4Processor(Llama4ImageProcessor.from_config(PREPROCESSOR), 4, {k: i + 1 for i, k in enumerate(keys)})
+    prepared = proc.prepare(img)
+    stub = types.SimpleNamespace(patch_size=PATCH, downsample_ratio=4)
+    stub._prompt_split_image = lambda a, n: pp.Llama4Processor._prompt_split_image(stub, a, n)
+    text = pp.Llama4Processor.replace_image_token(stub, {"pixel_values": [want], "aspect_ratios": [(rh, rw)]}, 0)
+    assert "".join(names[t] for t in prepared.token_ids) == text
+    assert prepared.num_tokens == len(prepared.token_ids)
+    assert prepared.token_ids.count(4) == 4 * want.shape[0]

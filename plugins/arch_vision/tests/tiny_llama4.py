@@ -12,6 +12,23 @@ SPECIALS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|til
             "<|tile_y_separator|>")
 PATCH = 4
 IMAGE = 16                    # tile side: (16 / 4)^2 = 16 patches, 4 tokens after the 2x2 shuffle
+MAX_PATCHES = 4
+
+# Llama 4's templates emit one <|image|> per image part; the processor expands it.
+TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# Llama-4-Scout's preprocessor_config.json, with small tiles.
+PREPROCESSOR = {"image_processor_type": "Llama4ImageProcessorFast", "do_convert_rgb": True, "do_normalize": True,
+                "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                "max_patches": MAX_PATCHES, "resample": 2, "rescale_factor": 0.00392156862745098,
+                "resize_to_max_canvas": False, "size": {"height": IMAGE, "width": IMAGE}}
+PROCESSOR = {"processor_class": "Llama4Processor", "patch_size": PATCH, "pixel_shuffle_ratio": 0.5,
+             "fake_image_token": "<|image|>", "image_token": "<|image|>"}
 
 
 def write_tokenizer(out: Path) -> dict[str, int]:
@@ -49,5 +66,7 @@ def write_tiny_llama4(out: Path, **kw):
     ids = write_tokenizer(out)
     vocab = max(ids.values()) + 1
     ref = make_reference(vocab, ids, **kw)
-    save_reference(ref, out)
+    save_reference(ref, out, extra_files={"preprocessor_config.json": PREPROCESSOR,
+                                          "processor_config.json": PROCESSOR,
+                                          "chat_template.json": {"chat_template": TEMPLATE}})
     return out, ref, ids
