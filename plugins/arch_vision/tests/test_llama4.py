@@ -202,3 +202,59 @@ def test_processor_matches_reference_steps(name, monkeypatch):
     assert "".join(names[t] for t in prepared.token_ids) == text
     assert prepared.num_tokens == len(prepared.token_ids)
     assert prepared.token_ids.count(4) == 4 * want.shape[0]
+
+
+# --------------------------------------------------------------------------- logits with images
+def processor_for(model, tiny):
+    import types as _t
+    from tiny_llama4 import PREPROCESSOR
+    from mistralrs_arch_vision.llama4 import Llama4Processor
+    out, _, ids_of = tiny
+    return Llama4Processor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                           tokenizer=_t.SimpleNamespace(token_to_id=ids_of.get), model_dir=out)
+
+
+def build_prompt(proc, images, text_ids):
+    from mistralrs_core.engine.step import FeatureSpan
+    ids, spans = list(text_ids[:3]), []
+    for k, img in enumerate(images):
+        p = proc.prepare(img)
+        spans.append(FeatureSpan(start=len(ids), length=p.num_tokens, content_hash=bytes([k]), data=p.data))
+        ids += list(p.token_ids) + list(text_ids[3 + 2 * k: 5 + 2 * k])
+    return ids + list(text_ids[-2:]), spans
+
+
+@torch.inference_mode()
+def ref_logits(ref, ids, spans):
+    """transformers' own forward: it places the tiles' features on every <|patch|> id."""
+    kw = {"pixel_values": torch.cat([s.data.tiles for s in spans])} if spans else {}
+    return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_prefill_and_decode_logits_with_images_match_reference(tiny, loaded, n_images):
+    model, ref, ids_of = loaded
+    proc = processor_for(model, tiny)
+    vocab = min(ids_of.values())
+    images = [image(40, 20, seed=1), image(10, 12, seed=2)][:n_images]      # 1 x 2 tiles + thumb; 1 tile
+    text = torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(n_images)).tolist()
+    ids, spans = build_prompt(proc, images, text)
+    if n_images == 2:
+        assert spans[0].data.tiles.shape[0] != spans[1].data.tiles.shape[0]
+    run = Ours(model)
+    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, spans))
+    seq = list(ids)
+    for i in range(4):
+        seq.append((seq[-1] * 7 + 3 + i) % vocab)
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_embeds_logits(ref, seq, spans)[-1]))
+    assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
+
+    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    logits = run.step(ids, spans)[-1]
+    for _ in range(8):
+        ours.append(int(logits.argmax()))
+        logits = run.step([ours[-1]])[-1]
+    for _ in range(8):
+        theirs.append(int(ref_embeds_logits(ref, seq, spans)[-1].argmax()))
+        seq.append(theirs[-1])
+    assert ours == theirs
