@@ -258,3 +258,86 @@ def test_prefill_and_decode_logits_with_images_match_reference(tiny, loaded, n_i
         theirs.append(int(ref_embeds_logits(ref, seq, spans)[-1].argmax()))
         seq.append(theirs[-1])
     assert ours == theirs
+
+
+# --------------------------------------------------------------------------- through the Runner
+@pytest.fixture(scope="module")
+def runner(tiny):
+    from mistralrs import Runner, VisionArchitecture, Which
+    out, _, _ = tiny
+    r = Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.Llama4, dtype="F32"),
+               pa_blk_size=4, seed=0)
+    yield r
+    r.shutdown()
+
+
+@torch.inference_mode()
+def ref_greedy(ref, ids, spans, n):
+    ids, toks, lps = list(ids), [], []
+    for _ in range(n):
+        lp = torch.log_softmax(ref_embeds_logits(ref, ids, spans)[-1].double(), -1)
+        toks.append(int(lp.argmax()))
+        lps.append(float(lp[toks[-1]]))
+        ids.append(toks[-1])
+    return toks, lps
+
+
+def test_runner_batches_image_and_text_requests(runner, tiny):
+    import threading
+
+    from test_llava import chat, png_data_uri
+    from mistralrs_arch_vision.pipeline import VisionPipeline
+    _, ref, ids_of = tiny
+    pipe = runner._pipeline(None)
+    assert isinstance(pipe, VisionPipeline)
+    url_a, url_b = png_data_uri(image(40, 20, seed=5)), png_data_uri(image(12, 45, seed=6))
+    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
+                  {"type": "text", "text": "in words."}]),
+            chat("Tell me a story about the Rust type system."),
+            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
+                  {"type": "image_url", "image_url": url_a}])]
+    results = [None] * len(reqs)
+
+    def work(i):
+        results[i] = runner.send_chat_completion_request(reqs[i])
+    steps = pipe.engine.stats["steps"]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    prompts = []
+    for q, res in zip(reqs, results):
+        prompt = pipe.chat_prompt(q)
+        want_toks, want_lps = ref_greedy(ref, prompt.ids, prompt.spans, 6)
+        assert res.usage.prompt_tokens == len(prompt.ids)
+        assert [e.logprob for e in res.choices[0].logprobs.content] == pytest.approx(want_lps, abs=1e-4)
+        assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
+        prompts.append(prompt)
+    assert [len(p.spans) for p in prompts] == [1, 0, 2]
+    # url_a: 40 x 20 -> a 1 x 2 tile canvas: two 4-token tiles, a separator, the row end,
+    # then <|image|> and the thumbnail's 4 tokens.
+    a, i = prompts[0].spans[0], ids_of
+    assert prompts[0].ids[a.start:a.end] == ([i["<|image_start|>"]] + [i["<|patch|>"]] * 4 + [i["<|tile_x_separator|>"]]
+                                             + [i["<|patch|>"]] * 4 + [i["<|tile_y_separator|>"], i["<|image|>"]]
+                                             + [i["<|patch|>"]] * 4 + [i["<|image_end|>"]])
+    assert pipe.engine.stats["steps"] - steps < 3 * 6          # the requests shared steps
+
+
+def test_runner_chunked_prefill_splits_inside_an_image(runner, tiny):
+    from test_llava import chat, png_data_uri
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 5
+    try:
+        req = chat([{"type": "text", "text": "What is this?"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(image(40, 40, seed=8))}}])
+        res = runner.send_chat_completion_request(req)
+        prompt = pipe.chat_prompt(req)
+        _, want_lps = ref_greedy(ref, prompt.ids, prompt.spans, 6)
+        assert [e.logprob for e in res.choices[0].logprobs.content] == pytest.approx(want_lps, abs=1e-4)
+        assert prompt.spans[0].length > 10
+    finally:
+        sched.max_batch_tokens = old
