@@ -341,3 +341,32 @@ def test_runner_chunked_prefill_splits_inside_an_image(runner, tiny):
         assert prompt.spans[0].length > 10
     finally:
         sched.max_batch_tokens = old
+
+
+# --------------------------------------------------------------------------- text variants
+VARIANTS = {
+    # Scout's rope scaling, no q/k norm (the 128-expert model), every layer sparse, top-2
+    "llama3_rope_no_qk_norm_top2": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0,
+                                                         "factor": 8.0, "low_freq_factor": 1.0,
+                                                         "high_freq_factor": 4.0,
+                                                         "original_max_position_embeddings": 16},
+                                        use_qk_norm=False, interleave_moe_layer_step=1, num_experts_per_tok=2),
+    # no chunking, no temperature tuning, NoPE every third layer
+    "full_attention_no_tuning": dict(attention_chunk_size=None, attn_temperature_tuning=False,
+                                     no_rope_layer_interval=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_text_variants_match_reference(tmp_path, name):
+    out, ref, ids_of = write_tiny_llama4(tmp_path, **VARIANTS[name])
+    model, _ = build_text_model(out, kind="vision")
+    vocab = min(ids_of.values())
+    ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    run = Ours(model)
+    worst = max_rel_err(run.step(ids), ref_embeds_logits(ref, ids))
+    seq = list(ids)
+    for i in range(4):
+        seq.append((seq[-1] * 5 + 1 + i) % vocab)
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_embeds_logits(ref, seq)[-1]))
+    assert worst <= TOL, f"{name}: relative logit error {worst:.2e}"

@@ -40,14 +40,15 @@ def write_tokenizer(out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIALS}
 
 
-def make_reference(vocab: int, ids: dict, *, chunk=5, layers=4, seed=1):
+def make_reference(vocab: int, ids: dict, *, chunk=5, layers=4, seed=1, **text_kw):
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4TextConfig, Llama4VisionConfig
-    tc = Llama4TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
-                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                          num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
-                          no_rope_layer_interval=2, attention_chunk_size=chunk, floor_scale=3, attn_scale=0.5,
-                          max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None,
-                          pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_local_experts=3, num_experts_per_tok=1, interleave_moe_layer_step=2,
+                no_rope_layer_interval=2, attention_chunk_size=chunk, floor_scale=3, attn_scale=0.5,
+                max_position_embeddings=512, rms_norm_eps=1e-5, eos_token_id=None, bos_token_id=None,
+                pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    tc = Llama4TextConfig(**{**text, **text_kw})
     vc = Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             image_size=IMAGE, patch_size=PATCH, pixel_shuffle_ratio=0.5, projector_input_dim=48,
                             projector_output_dim=48, vision_output_dim=48, rope_parameters={"rope_type": "default",
