@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralrs_core.layers.activations import get_activation
-from mistralrs_core.layers.attention import AttentionMetadata, _pad_queries, _unpad
+from mistralrs_core.layers.attention import AttentionMetadata, _pad_queries, _unpad, attention
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.mlp import GatedMLP
 from mistralrs_core.layers.rope import apply_rotary
@@ -138,7 +138,6 @@ class Llama4Attention(DecoderAttention):
         if self.chunk is not None:
             o = chunked_attention(q, k, v, meta, cache, scale=self.scale, chunk=self.chunk)
         else:
-            from mistralrs_core.layers.attention import attention
             o = attention(q, k, v, meta, cache, scale=self.scale)
         return self.o_proj(o.reshape(t, self.nh * self.hd))
 

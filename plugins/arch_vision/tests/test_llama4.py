@@ -370,3 +370,22 @@ def test_text_variants_match_reference(tmp_path, name):
         seq.append((seq[-1] * 5 + 1 + i) % vocab)
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_embeds_logits(ref, seq)[-1]))
     assert worst <= TOL, f"{name}: relative logit error {worst:.2e}"
+
+
+def test_processor_errors_are_clear(loaded, tiny):
+    import types as _t
+    from tiny_llama4 import PREPROCESSOR
+    from mistralrs_arch_vision.llama4 import Llama4Processor
+    model, _, ids_of = loaded
+    out = tiny[0]
+
+    def make(tok=ids_of.get, pre=PREPROCESSOR):
+        return Llama4Processor.from_pretrained(model=model, hf_config={}, preprocessor_config=pre,
+                                               tokenizer=_t.SimpleNamespace(token_to_id=tok), model_dir=out)
+    with pytest.raises(ValueError, match=r"no '<\|tile_x_separator\|>' token"):
+        make(tok=lambda t: None if t == "<|tile_x_separator|>" else ids_of.get(t))
+    with pytest.raises(ValueError, match="tile size 32 differs"):
+        make(pre=dict(PREPROCESSOR, size={"height": 32, "width": 32}))
+    with pytest.raises(ValueError, match="always resizes"):
+        make(pre=dict(PREPROCESSOR, do_resize=False))
+    assert make().image_token_id == ids_of["<|image|>"]
