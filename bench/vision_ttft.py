@@ -72,9 +72,9 @@ def data_uri(img: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def ours(model_dir: Path, imgs, tokens: int, concurrent: int) -> dict:
+def ours(model_dir: Path, imgs, tokens: int, concurrent: int, dtype: str = "F32") -> dict:
     from mistralrs import ChatCompletionRequest, Runner, VisionArchitecture, Which
-    runner = Runner(which=Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.LLaVa, dtype="F32"),
+    runner = Runner(which=Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.LLaVa, dtype=dtype),
                     prefix_cache_n=0, max_seqs=concurrent)
 
     def req(img):
@@ -96,7 +96,8 @@ def ours(model_dir: Path, imgs, tokens: int, concurrent: int) -> dict:
     return {"ttft_s": first, "images_per_s": concurrent / wall}
 
 
-def reference(ref, model_dir: Path, imgs, tokens: int, concurrent: int) -> dict:
+def reference(ref, model_dir: Path, imgs, tokens: int, concurrent: int, dtype=torch.float32) -> dict:
+    ref = ref.to(dtype)
     from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
     tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
     proc = LlavaProcessor(image_processor=CLIPImageProcessor.from_pretrained(model_dir), tokenizer=tok,
@@ -109,7 +110,9 @@ def reference(ref, model_dir: Path, imgs, tokens: int, concurrent: int) -> dict:
                 for _ in batch]
         texts = [proc.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
         tok.pad_token = tok.pad_token or "<|endoftext|>"
-        return proc(text=texts, images=list(batch), return_tensors="pt", padding=True)
+        out = proc(text=texts, images=list(batch), return_tensors="pt", padding=True)
+        out["pixel_values"] = out["pixel_values"].to(dtype)
+        return out
 
     with torch.inference_mode():
         ref.generate(**inputs(imgs[-1:]), max_new_tokens=1, do_sample=False)    # warm-up
@@ -129,17 +132,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--concurrent", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--dtype", default="F32",
+                    help="our model dtype: F32 (as transformers here) or Auto (bf16 where the CPU has "
+                         "AMX/AVX512-BF16, our default; transformers stays float32, its CPU default)")
+    ap.add_argument("--reference-dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = Path(tempfile.mkdtemp(prefix="vision-bench-"))
     ref = write_model(model_dir)
     imgs = images(args.concurrent + 1)
-    a = ours(model_dir, imgs, args.tokens, args.concurrent)
-    b = reference(ref, model_dir, imgs, args.tokens, args.concurrent)
+    a = ours(model_dir, imgs, args.tokens, args.concurrent, args.dtype)
+    b = reference(ref, model_dir, imgs, args.tokens, args.concurrent, getattr(torch, args.reference_dtype))
     rows = [("time to first token, 1 image (s)", a["ttft_s"], b["ttft_s"], b["ttft_s"] / a["ttft_s"]),
             (f"images/s, {args.concurrent} concurrent requests, {args.tokens} tokens each",
              a["images_per_s"], b["images_per_s"], a["images_per_s"] / b["images_per_s"])]
-    print(f"CLIP ViT-L/14-336 tower + 4-layer Llama, float32, {args.threads} threads\n")
+    print(f"CLIP ViT-L/14-336 tower + 4-layer Llama; ours dtype {args.dtype}, transformers {args.reference_dtype}; "
+          f"{args.threads} threads\n")
     print("| measure | ours | transformers | speed-up |\n|---|---|---|---|")
     for name, x, y, r in rows:
         print(f"| {name} | {x:.3g} | {y:.3g} | {r:.2f}x |")
