@@ -347,3 +347,30 @@ def test_arch_naming_another_family_is_refused(tiny_llava):
     out, _, _ = tiny_llava
     with pytest.raises(ValueError, match=r"^arch: no installed vision family 'Qwen2VL'; known vision families: .*LLaVa"):
         Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.Qwen2VL, dtype="F32"))
+
+
+def test_bad_images_fail_alone_while_a_concurrent_image_request_completes(runner, tiny_llava, tmp_path):
+    """Each broken input is one ValueError for its own request; an image request in flight
+    at the same time finishes with exactly the reference's answer."""
+    import base64 as b64
+    _, ref, _ = tiny_llava
+    pipe = runner._pipeline(None)
+    good = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(5))}},
+                 {"type": "text", "text": "Describe it in many words."}], n=24)
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(res=runner.send_chat_completion_request(good)))
+    truncated = b64.b64decode(png_data_uri(random_image(6)).split(",", 1)[1])[:40]
+    (tmp_path / "cut.png").write_bytes(truncated)
+    bad_urls = {"not an image": "data:text/plain;base64," + b64.b64encode(b"hello").decode(),
+                "truncated PNG": (tmp_path / "cut.png").as_uri(),
+                "unreachable URL": "http://127.0.0.1:9/none.png",
+                "missing file": str(tmp_path / "absent.png")}
+    worker.start()
+    for why, url in bad_urls.items():
+        with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]\.image_url"):
+            runner.send_chat_completion_request(chat([{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": why}]))
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]: unsupported content part type"):
+        runner.send_chat_completion_request(chat([{"type": "video_url", "video_url": {"url": "x"}}]))
+    worker.join(timeout=120)
+    check_against_reference(pipe, ref, good, box["res"], n=24)
