@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from mistralrs_arch_vision.inputs import to_rgb
+from mistralrs_arch_vision.processors.pixels import model_pixels
 
 # transformers' IMAGENET_STANDARD_MEAN/STD, the class defaults of Gemma 3's processor.
 _STANDARD = (0.5, 0.5, 0.5)
@@ -123,16 +124,8 @@ class Gemma3ImageProcessor:
         if self.do_resize:
             h, w = self.size
             image = image.resize((w, h), resample=self.resample)
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        if self.do_rescale:
-            # The reference multiplies in float64 and only then casts to float32.
-            x = (x.to(torch.float64) * self.rescale_factor).to(torch.float32)
-        else:
-            x = x.to(torch.float32)
-        if self.do_normalize:
-            mean, std = self._norm
-            x = (x - mean) / std
-        return x
+        return model_pixels(image, self.rescale_factor if self.do_rescale else None,
+                            self._norm if self.do_normalize else None)
 
     def __call__(self, images, do_pan_and_scan: bool | None = None) -> Gemma3ImageInputs:
         """Process a list of images (or one); ``do_pan_and_scan`` overrides the config."""

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from mistralrs_arch_vision.inputs import to_rgb
+from mistralrs_arch_vision.processors.pixels import model_pixels
 
 _STANDARD = (0.5, 0.5, 0.5)      # transformers' IMAGENET_STANDARD_MEAN/STD, the class defaults
 # The reference's absolute cap on an image's longest edge after the first resize.
@@ -128,16 +129,8 @@ class Idefics3ImageProcessor:
 
     def to_pixels(self, image: Image.Image) -> torch.Tensor:
         """One tile -> [3, tile, tile] float32."""
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        if self.do_rescale:
-            # The reference multiplies in float64 and only then casts to float32.
-            x = (x.to(torch.float64) * self.rescale_factor).to(torch.float32)
-        else:
-            x = x.to(torch.float32)
-        if self.do_normalize:
-            mean, std = self._norm
-            x = (x - mean) / std
-        return x
+        return model_pixels(image, self.rescale_factor if self.do_rescale else None,
+                            self._norm if self.do_normalize else None)
 
     def __call__(self, image) -> Idefics3Tiles:
         if self.do_convert_rgb:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mistralrs_arch_vision.processors.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mistralrs_arch_vision.inputs import to_rgb
+from mistralrs_arch_vision.processors.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mistralrs_arch_vision.processors.pixels import model_pixels
 
 
 def _longest_edge(size) -> tuple[int, int]:
@@ -86,16 +87,8 @@ class PixtralImageProcessor:
             # The projector merges whole unit x unit blocks; the reference would fail there.
             raise ValueError(f"image of {image.width} x {image.height} pixels: with do_resize off, sides must be "
                              f"multiples of {self.unit} (patch size x spatial merge)")
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-        if self.do_rescale:
-            # The reference multiplies in float64 and only then casts to float32.
-            x = (x.to(torch.float64) * self.rescale_factor).to(torch.float32)
-        else:
-            x = x.to(torch.float32)
-        if self.do_normalize:
-            mean, std = self._norm
-            x = (x - mean) / std
-        return x
+        return model_pixels(image, self.rescale_factor if self.do_rescale else None,
+                            self._norm if self.do_normalize else None)
 
 
 def image_tokens(rows: int, cols: int, image: int, row_break: int, end: int) -> list[int]:
