@@ -17,7 +17,6 @@ Checkpoints: hub (``language_model.model.*``, ``vision_tower.vision_model.*``,
 """
 from __future__ import annotations
 
-import hashlib
 
 import attrs
 import torch
@@ -28,6 +27,8 @@ from mistralrs_core.models.gemma_config import gemma3_config
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
+from mistralrs_arch_vision.pipeline import part_digest, token_runs
 from mistralrs_arch_vision.processors.gemma3 import Gemma3ImageProcessor
 from mistralrs_arch_vision.towers.siglip import Gemma3MultiModalProjector, SiglipTowerConfig, SiglipVisionTower
 
@@ -70,7 +71,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-class Gemma3ForConditionalGeneration(DecoderLM):
+class Gemma3ForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
@@ -94,18 +96,11 @@ class Gemma3ForConditionalGeneration(DecoderLM):
         return gemma3_text_config(text)
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         if name.startswith("vision_tower."):
             inner = self.vision_tower.map_weight_name(name[len("vision_tower."):])
             return None if inner is None else "vision_tower." + inner
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> projected soft tokens [B, mm_tokens_per_image, text hidden]."""
@@ -184,7 +179,7 @@ class Gemma3Processor:
         for p, rest in zip(prepared, pieces[1:]):
             out += [self.image_text(len(p.pixels) - 1), rest]
         ids = encode_prompt(self.tokenizer, "".join(out))
-        runs = _runs(ids, self.image_token_id)
+        runs = token_runs(ids, self.image_token_id)
         units = [(img, k, px) for img, p in zip(images, prepared) for k, px in enumerate(p.pixels)]
         if len(runs) != len(units) or any(n != self.tokens_per_image for _, n in runs):
             raise ValueError(f"messages: the prompt's image tokens form runs {[n for _, n in runs]}, expected "
@@ -195,21 +190,9 @@ class Gemma3Processor:
         return Prompt(ids, spans)
 
 
-def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``token``."""
-    runs, start = [], None
-    for i, t in enumerate(ids + [None]):
-        if t == token and start is None:
-            start = i
-        elif t != token and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
-
-
 def _crop_hash(content_hash: bytes, k: int) -> bytes:
     """Crop k of an image: keyed by the image's digest (crop 0 is the whole image, which
     keeps the image's own digest)."""
     if k == 0:
         return content_hash
-    return hashlib.sha256(content_hash + b"gemma3-crop" + k.to_bytes(4, "little")).digest()
+    return part_digest(content_hash, b"gemma3-crop", k)

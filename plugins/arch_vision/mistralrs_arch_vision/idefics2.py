@@ -15,7 +15,6 @@ Checkpoints: ``model.text_model.*``, ``model.vision_model.*``, ``model.connector
 """
 from __future__ import annotations
 
-import hashlib
 import re
 
 import attrs
@@ -27,6 +26,8 @@ from mistralrs_core.models.text_config import base_config
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
+from mistralrs_arch_vision.pipeline import part_digest, token_runs
 from mistralrs_arch_vision.processors.idefics2 import Idefics2ImageProcessor
 from mistralrs_arch_vision.towers.perceiver import Idefics2Connector, PerceiverConfig
 from mistralrs_arch_vision.towers.siglip import SiglipTowerConfig
@@ -66,7 +67,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix
 )
 
 
-class Idefics2ForConditionalGeneration(DecoderLM):
+class Idefics2ForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
@@ -90,18 +92,11 @@ class Idefics2ForConditionalGeneration(DecoderLM):
         return base_config(text, sliding_window=window, qkv_bias=bias, o_bias=bias)
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         if name.startswith("vision_model."):
             inner = self.vision_model.map_weight_name(name[len("vision_model."):])
             return None if inner is None else "vision_model." + inner
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def image_features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """[3, H, W] each, any sizes -> [image_seq_len, text hidden] each. All images go
@@ -161,7 +156,7 @@ class Idefics2Processor:
                              f"{len(images)} image(s); the chat template must emit one per image part")
         units = [(img, k, px) for img in images for k, px in enumerate(self.image_processor(img.image))]
         ids = encode_prompt(self.tokenizer, self.expand_text(text))
-        runs = _runs(ids, self.image_token_id)
+        runs = token_runs(ids, self.image_token_id)
         if len(runs) != len(units) or any(n != self.image_seq_len for _, n in runs):
             raise ValueError(f"messages: the prompt's image tokens form runs {[n for _, n in runs]}, expected "
                              f"{len(units)} of {self.image_seq_len}")
@@ -171,21 +166,9 @@ class Idefics2Processor:
         return Prompt(ids, spans)
 
 
-def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``token``."""
-    runs, start = [], None
-    for i, t in enumerate(ids + [None]):
-        if t == token and start is None:
-            start = i
-        elif t != token and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
-
-
 def _crop_hash(content_hash: bytes, k: int, whole: int) -> bytes:
     """Crop k of an image, keyed by the image's digest; the whole image (the last crop)
     keeps the image's own digest."""
     if k == whole:
         return content_hash
-    return hashlib.sha256(content_hash + b"idefics2-crop" + k.to_bytes(4, "little")).digest()
+    return part_digest(content_hash, b"idefics2-crop", k)

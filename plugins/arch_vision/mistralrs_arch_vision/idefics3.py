@@ -13,7 +13,6 @@ Checkpoint names (transformers 4 and 5 alike): ``model.text_model.*``, ``lm_head
 """
 from __future__ import annotations
 
-import hashlib
 
 import attrs
 import torch
@@ -24,6 +23,8 @@ from mistralrs_core.models.text_config import base_config
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
+from mistralrs_arch_vision.pipeline import part_digest, token_runs
 from mistralrs_arch_vision.processors.idefics3 import Idefics3ImageProcessor
 from mistralrs_arch_vision.towers.idefics3 import Idefics3Connector, Idefics3VisionTower, idefics3_tower_config
 
@@ -52,7 +53,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-class Idefics3ForConditionalGeneration(DecoderLM):
+class Idefics3ForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
@@ -76,18 +78,11 @@ class Idefics3ForConditionalGeneration(DecoderLM):
         return base_config(text, qkv_bias=bias, o_bias=bias, mlp_bias=bool(text.get("mlp_bias", False)))
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         if name.startswith("vision_tower."):
             inner = self.vision_tower.map_weight_name(name[len("vision_tower."):])
             return None if inner is None else "vision_tower." + inner
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] same-size tiles -> [B, (H/patch/scale) * (W/patch/scale), text hidden]."""
@@ -157,7 +152,7 @@ class Idefics3Processor:
         for t, rest in zip(tiled, pieces[1:]):
             out += [self.image_text(t.rows, t.cols), rest]
         ids = encode_prompt(self.tokenizer, "".join(out))
-        runs = _runs(ids, self.image_token_id)
+        runs = token_runs(ids, self.image_token_id)
         units = [(img, k, px) for img, t in zip(images, tiled) for k, px in enumerate(t.pixels)]
         if len(runs) != len(units) or any(n != self.tokens_per_tile for _, n in runs):
             raise ValueError(f"messages: the prompt's image tokens form runs {[n for _, n in runs]}, expected "
@@ -166,20 +161,8 @@ class Idefics3Processor:
                             for (start, n), (img, k, px) in zip(runs, units)])
 
 
-def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
-    """(start, length) of each maximal run of ``token``."""
-    runs, start = [], None
-    for i, t in enumerate(ids + [None]):
-        if t == token and start is None:
-            start = i
-        elif t != token and start is not None:
-            runs.append((start, i - start))
-            start = None
-    return runs
-
-
 def tile_hash(content_hash: bytes, k: int) -> bytes:
     """Tile k of an image (row-major tiles, then the global one): keyed by the image's
     digest and k, so a repeated image reuses every tile's cached blocks while no two tiles
     of one image share a key."""
-    return hashlib.sha256(content_hash + b"idefics3-tile" + k.to_bytes(4, "little")).digest()
+    return part_digest(content_hash, b"idefics3-tile", k)

@@ -19,6 +19,7 @@ from torch import nn
 
 from mistralrs_core.layers.linear import Linear
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.llama4_text import Llama4TextLM
 from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.llama4 import Llama4ImageProcessor, image_token_layout
@@ -49,7 +50,8 @@ class Llama4Projector(nn.Module):
         return self.linear_1(x)
 
 
-class Llama4ForConditionalGeneration(Llama4TextLM):
+class Llama4ForConditionalGeneration(VisionFamilyMixin, Llama4TextLM):
+    checkpoint_prefixes = _PREFIXES
 
     @classmethod
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32) -> "Llama4ForConditionalGeneration":
@@ -64,15 +66,8 @@ class Llama4ForConditionalGeneration(Llama4TextLM):
         return model
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def image_features(self, tiles: torch.Tensor) -> torch.Tensor:
         """[N, 3, S, S] -> [N * tokens_per_tile, text hidden], tile after tile."""

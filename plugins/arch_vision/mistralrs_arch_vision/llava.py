@@ -21,6 +21,7 @@ from mistralrs_core.layers.linear import Linear
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.clip import CLIPImageProcessor
 from mistralrs_arch_vision.towers.clip import CLIPVisionConfig, CLIPVisionTower
@@ -69,7 +70,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-class LlavaForConditionalGeneration(DecoderLM):
+class LlavaForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
@@ -96,10 +98,7 @@ class LlavaForConditionalGeneration(DecoderLM):
         return base_config(text, qkv_bias=bias, o_bias=bias, mlp_bias=bool(text.get("mlp_bias", False)))
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         if name.startswith("vision_tower.") and not self.vision_tower.keeps_weight(name[len("vision_tower."):]):
             return None
         return super().map_weight_name(name)
@@ -110,10 +109,6 @@ class LlavaForConditionalGeneration(DecoderLM):
         if self.drop_cls:
             states = [s[:, 1:] for s in states]
         return self.multi_modal_projector(torch.cat(states, dim=-1))
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def encode_features(self, spans):
         # All images of the step in one tower call (they share one crop size).

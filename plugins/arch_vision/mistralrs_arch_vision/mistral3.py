@@ -27,6 +27,7 @@ from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.pixtral import PixtralImageProcessor, image_tokens
 from mistralrs_arch_vision.towers.pixtral import PixtralTowerConfig, PixtralVisionTower
@@ -97,7 +98,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-class Mistral3ForConditionalGeneration(DecoderLM):
+class Mistral3ForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
@@ -130,17 +132,10 @@ class Mistral3ForConditionalGeneration(DecoderLM):
         return self.vision_tower.cfg.patch_size * self.spatial_merge_size
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         if name.startswith("vision_tower.") and not self.vision_tower.keeps_weight(name[len("vision_tower."):]):
             return None
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     def image_features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """[3, H, W] each (sides multiples of ``token_unit``) -> [(H/u)(W/u), text hidden] each,

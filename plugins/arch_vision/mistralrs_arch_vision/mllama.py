@@ -30,6 +30,7 @@ from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.models.decoder import DecoderLM
 from mistralrs_core.models.text_config import base_config
 
+from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.pipeline import ImagePrompt
 from mistralrs_arch_vision.processors.mllama import MllamaImageProcessor
 from mistralrs_arch_vision.towers.mllama import MllamaVisionConfig, MllamaVisionTower
@@ -139,7 +140,8 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-class MllamaForConditionalGeneration(DecoderLM):
+class MllamaForConditionalGeneration(VisionFamilyMixin, DecoderLM):
+    checkpoint_prefixes = _PREFIXES
     uses_state_slots = True
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
@@ -167,15 +169,8 @@ class MllamaForConditionalGeneration(DecoderLM):
         return [None if i in self.cross_layers else s for i, s in enumerate(specs)]
 
     def map_weight_name(self, name):
-        for src, dst in _PREFIXES:
-            if name.startswith(src):
-                name = dst + name[len(src):]
-                break
+        name = self.rename_checkpoint(name)
         return super().map_weight_name(name)
-
-    @property
-    def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     # --- images -------------------------------------------------------------
     def encode_features(self, spans):

@@ -13,6 +13,7 @@ the rendered text itself before tokenizing.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import attrs
@@ -103,3 +104,23 @@ class VisionPipeline(TextPipeline):
             out.extend(span_ids)
             k += 1
         return Prompt(out, spans)
+
+
+def token_runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each maximal run of ``token``: the image runs a processor's
+    ``expand_prompt`` turns into spans."""
+    runs, start = [], None
+    for i, t in enumerate(ids + [None]):
+        if t == token and start is None:
+            start = i
+        elif t != token and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+def part_digest(image_digest: bytes, kind: bytes, k: int) -> bytes:
+    """The prefix-cache digest of part ``k`` (a crop, a tile) of an image: derived from the
+    image's digest, so a repeated image reuses every part's blocks while no two parts of one
+    image share a key."""
+    return hashlib.sha256(image_digest + kind + k.to_bytes(4, "little")).digest()
