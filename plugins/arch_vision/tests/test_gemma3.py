@@ -3,14 +3,9 @@ parameter perturbed, ``token_type_ids`` given so image tokens attend both ways):
 features, prefill + cached decode logits with 0, 1 and 2 images, greedy tokens; the prompt
 expansion (with and without pan-and-scan) against transformers' ``Gemma3Processor``; then the
 model through the Runner (``Which.VisionPlain``), an image request batched with a text one."""
-import base64
-import io
-import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.engine.step import FeatureSpan, record
@@ -21,20 +16,10 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_gemma3 import BOI, EOI, IMAGE, MM_TOKENS, PREPROCESSOR, SOFT, write_tiny_gemma3  # noqa: E402
+from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Gemma3"]
 TOL = 1e-4
-
-
-def random_image(seed: int, size=(37, 29)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -318,12 +303,6 @@ def test_placeholder_count_mismatch_is_refused(loaded, tiny):
 
 
 # --------------------------------------------------------------------------- through the Runner
-def chat(parts, n=6):
-    from mistralrs import ChatCompletionRequest
-    return ChatCompletionRequest(model="default", messages=[{"role": "user", "content": parts}],
-                                 max_tokens=n, temperature=0.0, logprobs=True, ignore_eos=True)
-
-
 @torch.inference_mode()
 def ref_greedy(ref, ids, pixels, spans, n):
     ids, toks, lps = list(ids), [], []
@@ -368,16 +347,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
     assert [len(p.spans) for p in prompts] == [1, 0, 2]
     assert all(s.bidirectional for p in prompts for s in p.spans)

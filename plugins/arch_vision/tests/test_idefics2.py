@@ -4,14 +4,10 @@ batch with a pixel mask; we encode each at its own size), prefill + cached decod
 0, 1 and 2 images, greedy tokens; the processor (pixels, crops, prompt expansion) with and
 without image splitting against transformers' PIL-path ``Idefics2Processor``; then the model
 through the Runner (``Which.VisionPlain``), an image request batched with a text one."""
-import base64
-import io
-import threading
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.engine.step import FeatureSpan, record
@@ -22,20 +18,10 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_idefics2 import FAKE, IMG, LATENTS, PATCH, PREPROCESSOR, write_tiny_idefics2  # noqa: E402
+from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Idefics2"]
 TOL = 1e-4
-
-
-def random_image(seed: int, size=(37, 29)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -316,12 +302,6 @@ def test_placeholder_count_mismatch_is_refused(loaded, tiny):
 
 
 # --------------------------------------------------------------------------- through the Runner
-def chat(parts, n=6):
-    from mistralrs import ChatCompletionRequest
-    return ChatCompletionRequest(model="default", messages=[{"role": "user", "content": parts}],
-                                 max_tokens=n, temperature=0.0, logprobs=True, ignore_eos=True)
-
-
 @torch.inference_mode()
 def ref_greedy(ref, ids, images, spans, n):
     ids, toks, lps = list(ids), [], []
@@ -366,16 +346,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
     assert [len(p.spans) for p in prompts] == [1, 0, 2]
     assert [s.data.shape[1:] for s in prompts[2].spans] == [(28, 12), (21, 28)]   # two sizes, one call

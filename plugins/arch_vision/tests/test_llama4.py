@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_llava import Ours  # noqa: E402
 from tiny_llama4 import IMAGE, PATCH, write_tiny_llama4  # noqa: E402
+from vision_testing import run_concurrently  # noqa: E402
 
 COVERS = ["Llama4"]
 TOL = 1e-4
@@ -283,9 +284,8 @@ def ref_greedy(ref, ids, spans, n):
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny):
-    import threading
 
-    from test_llava import chat, png_data_uri
+    from vision_testing import chat, png_data_uri
     from mistralrs_arch_vision.pipeline import VisionPipeline
     _, ref, ids_of = tiny
     pipe = runner._pipeline(None)
@@ -296,16 +296,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = []
     for q, res in zip(reqs, results):
         prompt = pipe.chat_prompt(q)
@@ -325,7 +317,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
 
 
 def test_runner_chunked_prefill_splits_inside_an_image(runner, tiny):
-    from test_llava import chat, png_data_uri
+    from vision_testing import chat, png_data_uri
     _, ref, _ = tiny
     pipe = runner._pipeline(None)
     sched = pipe.engine.scheduler

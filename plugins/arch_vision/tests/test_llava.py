@@ -2,15 +2,11 @@
 perturbed): image features, prefill + cached decode logits with 0, 1 and 2 images, greedy
 tokens; then the same model through the Runner (``Which.VisionPlain``), an image request
 batched with a text request."""
-import base64
-import io
 import json
 import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.engine.step import FeatureSpan
@@ -21,21 +17,11 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_llava import IMAGE, make_reference, write_tiny_llava  # noqa: E402
+from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["LLaVa"]
 TOL = 1e-4
 TOKENS = (IMAGE // 7) ** 2
-
-
-def random_image(seed: int, size=(37, 29)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class Ours:
@@ -168,12 +154,6 @@ def test_hub_checkpoint_layout_loads(tmp_path, loaded):
 
 
 # --------------------------------------------------------------------------- through the Runner
-def chat(parts, n=6):
-    from mistralrs import ChatCompletionRequest
-    return ChatCompletionRequest(model="default", messages=[{"role": "user", "content": parts}],
-                                 max_tokens=n, temperature=0.0, logprobs=True, ignore_eos=True)
-
-
 @torch.inference_mode()
 def ref_greedy(ref, ids, pixels, spans, n):
     ids, toks, lps = list(ids), [], []
@@ -218,16 +198,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny_llava):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
     assert [len(p.spans) for p in prompts] == [1, 0, 2]
     assert all(p.ids.count(image_token) == TOKENS * len(p.spans) for p in prompts)

@@ -3,7 +3,6 @@
 ``LlavaNextProcessor``; packed image features; prefill + cached decode logits with 0, 1 and
 2 images of different sizes, greedy tokens; then the Runner batching an image request with
 a text request."""
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours, chat, png_data_uri  # noqa: E402
+from test_llava import Ours  # noqa: E402
+from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
 from tiny_llava import IMAGE, PATCH  # noqa: E402
 from tiny_llava_next import NEXT_PREPROCESSOR, PINPOINTS, write_tiny_llava_next  # noqa: E402
 
@@ -290,16 +290,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
     assert [len(p.spans) for p in prompts] == [1, 0, 2]
     for p in prompts:

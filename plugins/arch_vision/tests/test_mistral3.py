@@ -3,7 +3,6 @@ batch of differently sized images, the processor against ``PixtralImageProcessor
 ``PixtralProcessor``'s token layout, prefill + cached decode logits with 0, 1 and 2 images of
 different sizes, greedy tokens; then the Runner (``Which.VisionPlain``), an image request
 batched with a text request."""
-import threading
 import types
 
 import numpy as np
@@ -16,11 +15,13 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours, chat, png_data_uri  # noqa: E402
+from test_llava import Ours  # noqa: E402
+from vision_testing import chat, png_data_uri  # noqa: E402
 from tiny_mistral3 import LONGEST, PATCH, PREPROCESSOR, UNIT, write_tiny_mistral3  # noqa: E402
 
 from mistralrs_arch_vision.mistral3 import Mistral3Processor  # noqa: E402
 from mistralrs_arch_vision.processors.pixtral import PixtralImageProcessor  # noqa: E402
+from vision_testing import run_concurrently  # noqa: E402
 
 COVERS = ["Mistral3"]
 TOL = 1e-4
@@ -283,16 +284,8 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
             chat("Tell me a story about the Rust type system."),
             chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
                   {"type": "image_url", "image_url": url_a}])]
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
     steps = pipe.engine.stats["steps"]
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     prompts = []
     for q, res in zip(reqs, results):
         prompt = pipe.chat_prompt(q)

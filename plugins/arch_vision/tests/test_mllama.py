@@ -1,14 +1,9 @@
 """Mllama (VLlama) against transformers' ``MllamaForConditionalGeneration`` (tiny, every
 parameter perturbed): the tiling processor, prefill + cached decode logits with 0 and 1
 image (the image's K/V live in the cross layers' state-slot caches), and slot reuse."""
-import base64
-import io
-import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.step import FeatureSpan, record
@@ -21,15 +16,11 @@ from tiny_mllama import MAX_TILES, PREPROCESSOR, TILE, write_tiny_mllama  # noqa
 
 from mistralrs_arch_vision.mllama import MllamaImageData  # noqa: E402
 from mistralrs_arch_vision.processors.mllama import MllamaImageProcessor  # noqa: E402
+from vision_testing import png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["VLlama"]
 TOL = 1e-4
 SHAPES = [(37, 29), (9, 40), (60, 13), (5, 6), (14, 14), (100, 30)]   # (width, height)
-
-
-def random_image(seed: int, size) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +169,6 @@ def test_fresh_slot_forgets_previous_image(loaded):
 
 
 # --------------------------------------------------------------------------- through the Runner
-def png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def chat(parts, n=5):
     from mistralrs import ChatCompletionRequest
     return ChatCompletionRequest(model="default", messages=[{"role": "user", "content": parts}],
@@ -237,15 +222,7 @@ def cached_runner(tiny):
 
 
 def send_together(runner, reqs):
-    results = [None] * len(reqs)
-
-    def work(i):
-        results[i] = runner.send_chat_completion_request(reqs[i])
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = run_concurrently(runner, reqs)
     return results
 
 

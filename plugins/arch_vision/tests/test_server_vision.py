@@ -6,7 +6,7 @@ import openai
 import pytest
 
 from mistralrs_core.testing.server import Server
-from test_llava import png_data_uri, random_image
+from vision_testing import png_data_uri, random_image
 
 
 @pytest.fixture(scope="module")
