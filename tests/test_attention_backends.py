@@ -90,6 +90,28 @@ def test_paged_self_attention_is_the_attention_function_and_matches_math():
         torch.testing.assert_close(out2[i:i + 1], exp, **TOL)
 
 
+def test_chunked_local_attention_matches_math():
+    """Llama 4's chunked layers: each query sees only causal keys in its own block of
+    ``chunk`` positions, in a fresh prefill and in a continuing step over the cache."""
+    cache = LayerKVCache(KVCacheSpec(2, 8, 8), num_blocks=16, block_size=4, dtype=torch.float32, device="cpu")
+    chunks = [([1] * 7, 0, [0, 1]), ([2] * 3, 0, [2])]
+    out, q, k, v, _ = _paged_step(chunks, cache, chunk=3)
+    off = 0
+    for n in (7, 3):
+        pos = torch.arange(n)
+        allowed = _causal_allowed(list(range(n)), n) & ((pos[:, None] // 3) == (pos[None, :] // 3))
+        exp = ref_attention(q[off:off + n], k[off:off + n], v[off:off + n], allowed, 1 / math.sqrt(8))
+        torch.testing.assert_close(out[off:off + n], exp, **TOL)
+        off += n
+    assert not torch.allclose(out[:7], _paged_step(chunks, LayerKVCache(
+        KVCacheSpec(2, 8, 8), 16, 4, torch.float32, "cpu"))[0][:7], **TOL)   # the chunks matter
+    out2, q2, k2, v2, _ = _paged_step([([1, 1], 7, [0, 1, 3])], cache, seed=10, chunk=3)
+    kk, vv = torch.cat([k[:7], k2]), torch.cat([v[:7], v2])
+    pos = torch.tensor([7, 8])
+    allowed = _causal_allowed([7, 8], 9) & ((pos[:, None] // 3) == (torch.arange(9)[None, :] // 3))
+    torch.testing.assert_close(out2, ref_attention(q2, kk, vv, allowed, 1 / math.sqrt(8)), **TOL)
+
+
 # ------------------------------------------------------------------ Gemma 3 bidirectional spans
 
 def _hf_gemma3_masks(token_types: list[int], sliding_window: int):

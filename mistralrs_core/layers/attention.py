@@ -91,9 +91,11 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    def mask(self, device, sliding_window: int | None = None) -> torch.Tensor:
-        """Boolean [B, 1, q_max, k_max]: True where a query may attend a key."""
-        key = (sliding_window, self.causal)
+    def mask(self, device, sliding_window: int | None = None, chunk: int | None = None) -> torch.Tensor:
+        """Boolean [B, 1, q_max, k_max]: True where a query may attend a key. ``chunk``:
+        chunked local attention (Llama 4), keys only in the query's own block of ``chunk``
+        absolute positions."""
+        key = (sliding_window, self.causal, chunk)
         m = self._masks.get(key)
         if m is None:
             q_lens = torch.tensor(self.query_lens, device=device)
@@ -113,6 +115,8 @@ class AttentionMetadata:
                 if not self.causal:
                     # Bidirectional models (EmbeddingGemma) window both sides: |q - k| < window.
                     m = m & (kj < q_pos[:, :, None] + sliding_window)
+            if chunk is not None:
+                m = m & ((kj // chunk) == (q_pos[:, :, None] // chunk))
             # Padding queries attend key 0 so softmax never sees an empty row; their output is dropped.
             m = m | (~valid_q[:, :, None] & (kj == 0))
             m = m[:, None]
@@ -163,8 +167,10 @@ def _unpad(o: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
               cache: LayerKVCache | None, *, scale: float, sliding_window: int | None = None,
-              softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] (rope applied) -> [T, Hq, Dv]."""
+              softcap: float | None = None, sinks: torch.Tensor | None = None,
+              chunk: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] (rope applied) -> [T, Hq, Dv]; ``chunk``: see
+    ``AttentionMetadata.mask``."""
     if cache is not None:
         cache.write(meta.slot_mapping, k, v)
     if meta.fresh_prefill or cache is None:
@@ -179,14 +185,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
         keys, values = keys.to(queries.dtype), values.to(queries.dtype)
     if (softcap is None and sinks is None and meta.causal and meta.num_seqs == 1
             and (meta.fresh_prefill or cache is None) and (sliding_window is None or sliding_window >= k_len)
-            and not meta.has_bidirectional_spans):
+            and not meta.has_bidirectional_spans and chunk is None):
         # One fresh sequence with nothing to mask but the future: the causal kernel skips
         # the masked half of the work instead of reading a mask (~2x faster prefill attention).
         # Bidirectional spans let a query see later keys, which the causal kernel cannot.
         out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale,
                                              enable_gqa=keys.shape[1] != queries.shape[1])
         return _unpad(out, meta)
-    mask = meta.mask(q.device, sliding_window)
+    mask = meta.mask(q.device, sliding_window, chunk)
     if meta.fresh_prefill or cache is None:
         mask = mask[..., :k_len]
     if softcap is None and sinks is None:

@@ -66,13 +66,14 @@ class PagedSelfAttention(AttentionBackend):
 
     Causal unless ``meta.causal`` is False; ``meta.bidirectional_spans`` opens spans of a
     causal sequence both ways (Gemma 3 image tokens). Options: ``sliding_window``,
-    ``softcap`` (logit soft-capping), ``sinks`` (per-head sink logits)."""
+    ``softcap`` (logit soft-capping), ``sinks`` (per-head sink logits), ``chunk`` (chunked
+    local attention, Llama 4)."""
 
     def forward(self, q, k, v, batch: AttentionMetadata, cache: LayerKVCache | None, *, scale: float,
                 sliding_window: int | None = None, softcap: float | None = None,
-                sinks: torch.Tensor | None = None) -> torch.Tensor:
+                sinks: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
         return attention(q, k, v, batch, cache, scale=scale, sliding_window=sliding_window,
-                         softcap=softcap, sinks=sinks)
+                         softcap=softcap, sinks=sinks, chunk=chunk)
 
 
 def token_spans(token_ids, token_id: int) -> list[tuple[int, int]]:

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import attrs
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mistralrs_core.layers.activations import get_activation
-from mistralrs_core.layers.attention import AttentionMetadata, _pad_queries, _unpad, attention
+from mistralrs_core.layers.attention import attention
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.mlp import GatedMLP
 from mistralrs_core.layers.rope import apply_rotary
@@ -76,42 +75,6 @@ def llama4_text_config(text: dict) -> Llama4TextConfig:
                             floor_scale=float(t["floor_scale"]), temperature_scale=float(t["attn_scale"]))
 
 
-def chunked_mask(meta: AttentionMetadata, device, chunk: int) -> torch.Tensor:
-    """The causal mask with each query further limited to keys in its own block of ``chunk``
-    absolute positions ([B, 1, q_max, k_max], cached on ``meta`` like its other masks)."""
-    key = ("llama4_chunked", chunk)
-    m = meta._masks.get(key)
-    if m is None:
-        q_lens = torch.tensor(meta.query_lens, device=device)
-        c_lens = torch.tensor(meta.context_lens, device=device)
-        qi = torch.arange(meta.q_max, device=device)[None, :]
-        kj = torch.arange(meta.k_max, device=device)[None, None, :]
-        q_pos = (c_lens - q_lens)[:, None] + qi
-        valid_q = (qi < q_lens[:, None])[:, :, None]
-        same = (kj // chunk) == (q_pos[:, :, None] // chunk)
-        # Padding queries keep the base mask's key 0, so no softmax row is empty.
-        m = meta.mask(device, None) & (same | ~valid_q)[:, None]
-        meta._masks[key] = m
-    return m
-
-
-def chunked_attention(q, k, v, meta: AttentionMetadata, cache, *, scale: float, chunk: int) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D], paged cache as the core's ``attention``."""
-    if cache is not None:
-        cache.write(meta.slot_mapping, k, v)
-    if meta.fresh_prefill or cache is None:
-        keys, values, k_len = _pad_queries(k, meta), _pad_queries(v, meta), meta.q_max
-    else:
-        kc, vc = cache.gather(meta.block_tables, meta.k_max)
-        keys, values, k_len = kc.transpose(1, 2), vc.transpose(1, 2), meta.k_max
-    queries = _pad_queries(q, meta)
-    keys, values = keys.to(queries.dtype), values.to(queries.dtype)
-    mask = chunked_mask(meta, q.device, chunk)[..., :k_len]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=keys.shape[1] != queries.shape[1])
-    return _unpad(out, meta)
-
-
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS norm over the head dim, computed in float32 as the reference does."""
     xf = x.float()
@@ -135,10 +98,7 @@ class Llama4Attention(DecoderAttention):
         elif c.temperature_tuning:
             scales = torch.log1p(torch.floor((positions.float() + 1.0) / c.floor_scale)) * c.temperature_scale + 1.0
             q = (q * scales[:, None, None]).to(q.dtype)
-        if self.chunk is not None:
-            o = chunked_attention(q, k, v, meta, cache, scale=self.scale, chunk=self.chunk)
-        else:
-            o = attention(q, k, v, meta, cache, scale=self.scale)
+        o = attention(q, k, v, meta, cache, scale=self.scale, chunk=self.chunk)
         return self.o_proj(o.reshape(t, self.nh * self.hd))
 
 
