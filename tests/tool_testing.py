@@ -65,7 +65,9 @@ def scripted(turns: list[str]):
 
 def call_text(name: str, arguments: dict) -> str:
     import json
-    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+    # Compact: fewer tokens to force (the tiny tokenizer spends one per character here).
+    body = json.dumps({"name": name, "arguments": arguments}, separators=(",", ":"))
+    return f"<tool_call>{body}</tool_call>"
 
 
 def tool(name: str, properties: dict | None = None, required=(), strict: bool = False) -> dict:
