@@ -88,3 +88,24 @@ def test_bad_session_input(tiny_runner):
         say(tiny_runner, "hi", "multi", n_choices=2)
     with pytest.raises(ValueError, match=r"^file_id"):
         tiny_runner.find_file("")
+
+
+def test_sessions_over_http(tiny_runner):
+    import httpx
+    from tool_testing import running_server
+    body = {"model": "default", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "session_id": "web", "max_tokens": 6, "temperature": 0}
+    with running_server(tiny_runner) as base:
+        out = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+        assert out["session_id"] == "web"
+        assert "web" in [s["id"] for s in httpx.get(f"{base}/v1/sessions").json()["data"]]
+        exported = httpx.get(f"{base}/v1/sessions/web").json()
+        assert exported["messages"][-1]["content"] == out["choices"][0]["message"]["content"]
+        assert httpx.put(f"{base}/v1/sessions/copy", json=exported).status_code == 200
+        assert httpx.get(f"{base}/v1/sessions/copy").json()["messages"] == exported["messages"]
+        assert httpx.delete(f"{base}/v1/sessions/copy").status_code == 200
+        missing = httpx.get(f"{base}/v1/sessions/copy")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "session_not_found"
+        bad = httpx.put(f"{base}/v1/sessions/x", json={"messages": []})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "session_json"
+    tiny_runner.delete_session("web")
