@@ -74,7 +74,7 @@ def test_history_with_calls_and_results_renders(tiny_runner):
     text = pipe.tokenizer.decode(pipe.chat_prompt(req).ids, skip_special_tokens=False)
     assert '"name": "get_weather"' in text.split("<|im_end|>")[0]        # tools in the system turn
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
-    assert "<tool_response>\n21 C and sunny\n</tool_response>" in text
+    assert "The get_weather tool returned: 21 C and sunny" in text
     with scripted(["Sunny, 21 C.", "Sunny, 21 C."]):
         res = tiny_runner.send_chat_completion_request(chat(messages=messages, tool_schemas=[json.dumps(WEATHER)]))
     assert res.choices[0].message.content == "Sunny, 21 C."

@@ -127,7 +127,7 @@ def test_template_without_tools_gets_them_as_a_system_message():
     assert msgs[0]["role"] == "system" and '"name": "get_weather"' in msgs[0]["content"]
     assert msgs[2] == {"role": "assistant", "content":
                        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'}
-    assert msgs[3] == {"role": "user", "content": "<tool_response>\n21 C\n</tool_response>"}
+    assert msgs[3] == {"role": "user", "content": "The get_weather tool returned: 21 C"}
     # A template that renders tools gets them, with past arguments as objects (as HF expects).
     msgs, tools = formats.prepare_messages(history, "{% for t in tools %}{% endfor %}", specs, mode)
     assert [t["function"]["name"] for t in tools] == ["get_weather", "search"]

@@ -20,11 +20,13 @@ SCRIPT = {"role": "system", "content": "SCRIPT"}
 
 
 def _turn(messages) -> int:
+    """Tool results so far: tool messages, or their user-turn form for templates without
+    a tool role (``formats.TOOL_RESULT_WORDS``)."""
     n = 0
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         if (isinstance(m, dict) and m.get("role") == "tool") or (
-                isinstance(content, str) and content.startswith("<tool_response>")):
+                isinstance(content, str) and content.startswith("The ") and " tool returned: " in content):
             n += 1
     return n
 

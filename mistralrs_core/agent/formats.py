@@ -73,6 +73,11 @@ def _hermes_call_text(call: dict) -> str:
     return f"{P.HERMES_OPEN}\n{json.dumps(body, ensure_ascii=False)}\n{P.HERMES_CLOSE}"
 
 
+# How a tool result reads in a template without a tool role. Plain words: small models
+# answered from them, where a "<tool_response>" block was copied back verbatim (SmolLM2).
+TOOL_RESULT_WORDS = "The {name} tool returned: {content}"
+
+
 def tools_system_prompt(specs: list[ToolSpec], mode: ToolMode) -> str:
     offered = [s for s in specs if s.name in mode.names]
     lines = "\n".join(json.dumps(s.openai()["function"], ensure_ascii=False) for s in offered)
@@ -101,17 +106,20 @@ def prepare_messages(messages: list[dict], template_source: str | None, specs: l
                     if isinstance(c, dict) else c for c in m["tool_calls"]]
             out.append(m)
         return out, (offered or None)
-    out = []
+    out, names = [], {}
     for m in messages:
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
-            calls = "\n".join(_hermes_call_text(c) for c in m.pop("tool_calls") if isinstance(c, dict))
-            m["content"] = f"{m['content']}\n{calls}" if m.get("content") else calls
+            calls = [c for c in m.pop("tool_calls") if isinstance(c, dict)]
+            names.update((c.get("id"), c.get("function", c).get("name")) for c in calls)
+            text = "\n".join(_hermes_call_text(c) for c in calls)
+            m["content"] = f"{m['content']}\n{text}" if m.get("content") else text
         elif m.get("role") == "tool":
             content = m.get("content")
             if not isinstance(content, str):
                 content = json.dumps(content, ensure_ascii=False)
-            m = {"role": "user", "content": f"<tool_response>\n{content}\n</tool_response>"}
+            name = m.get("name") or names.get(m.get("tool_call_id")) or "called"
+            m = {"role": "user", "content": TOOL_RESULT_WORDS.format(name=name, content=content)}
         elif m.get("content") is None:
             m["content"] = ""
         out.append(m)
