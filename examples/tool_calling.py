@@ -44,7 +44,7 @@ def main() -> int:
             messages=[{"role": "user", "content": "What is the weather in Paris right now?"}],
             tool_schemas=[json.dumps(WEATHER_TOOL)],
             tool_choice_openai={"type": "function", "function": {"name": "get_weather"}},
-            max_tool_rounds=2, session_id="demo", max_tokens=80, temperature=0))
+            max_tool_rounds=1, session_id="demo", max_tokens=80, temperature=0))
         for call in res.agentic_tool_calls or ():
             print(f"round {call.round}: {call.name}({call.arguments}) -> {call.result_content}")
         print("answer:", res.choices[0].message.content)

@@ -69,9 +69,9 @@ def test_max_tool_rounds_stops_the_loop(runner):
     with scripted([call_text("add", {"a": 1, "b": 1})]):      # calls forever
         res = runner.send_chat_completion_request(req([ADD], max_tool_rounds=1))
     assert len(SEEN) == 1 and [r.round for r in res.agentic_tool_calls] == [1]
-    # The call the loop did not run is returned, as OpenAI returns calls to the client.
-    assert res.choices[0].finish_reason == "tool_calls"
-    assert res.choices[0].message.tool_calls[0].function.name == "add"
+    # The rounds are spent: the last turn had no tools, so its call-shaped text is an answer.
+    assert res.choices[0].finish_reason == "stop" and res.choices[0].message.tool_calls is None
+    assert res.choices[0].message.content == call_text("add", {"a": 1, "b": 1})
 
 
 def test_a_raising_callback_is_an_error_result(runner):

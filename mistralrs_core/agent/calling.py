@@ -22,6 +22,11 @@ def template_tools(req) -> list[dict] | None:
     return [json.loads(t) for t in req.tool_schemas]
 
 
+def no_tools_messages(messages: list[dict], template_source: str | None) -> list[dict]:
+    """A conversation holding past calls and results, rendered with no tools offered."""
+    return formats.prepare_messages(messages, template_source, [], ToolMode("none"))[0]
+
+
 def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 

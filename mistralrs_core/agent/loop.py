@@ -1,6 +1,7 @@
 """The agentic loop: run the model, execute the tools it calls, append the results as
-``tool`` messages and run it again, until it answers without a call it can run or
-``max_tool_rounds`` (capped at 256, as upstream) is reached.
+``tool`` messages and run it again, until it answers without a call it can run. After
+``max_tool_rounds`` rounds (capped at 256, as upstream) the model runs once more with no
+tools offered, so the response is an answer from the results so far.
 
 It is the one place tools run: the Runner sends every chat request through ``Agent.chat``
 (the server uses the Runner), and tools come from the Runner's tool providers
@@ -104,6 +105,10 @@ class _Run:
             # A forced call is for the first turn; after the results the model must be free
             # to answer, or a required call would loop until the cap.
             req = attrs.evolve(req, tool_choice_openai=None)
+        if self.rounds >= self.max_rounds:
+            # The rounds are spent: the last turn is offered no tools, so it answers from
+            # the results it has instead of ending on a call nobody runs.
+            req = attrs.evolve(req, tool_choice=ToolChoice.NoTools, tool_choice_openai=None)
         return req
 
     def wants_round(self, calls: list) -> bool:

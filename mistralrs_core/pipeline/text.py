@@ -7,7 +7,7 @@ from typing import Iterator
 
 import attrs
 
-from mistralrs_core.agent.calling import ToolCalling, template_tools, to_tool_calls
+from mistralrs_core.agent.calling import ToolCalling, no_tools_messages, template_tools, to_tool_calls
 from mistralrs_core.api import responses as R
 from mistralrs_core.api.enums import ToolCallType
 from mistralrs_core.engine.engine import Engine, RequestGroup
@@ -144,9 +144,12 @@ class TextPipeline(TextGeneration):
         and tools are rewritten for the template and a forced call gets its grammar."""
         source = getattr(self.template, "source", None)
         calling = ToolCalling.for_request(req, source, self.tokenizer)
-        if calling is None:
-            return (attrs.evolve(req, tool_schemas=None) if req.tool_schemas else req), None
         messages = None if isinstance(req.messages, str) else normalize_messages(req.messages)
+        if calling is None:
+            # No tools offered, yet past calls and results still have to render.
+            if messages is not None and any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+                return attrs.evolve(req, messages=no_tools_messages(messages, source), tool_schemas=None), None
+            return (attrs.evolve(req, tool_schemas=None) if req.tool_schemas else req), None
         return calling.prepare(req, source, self.tokenizer, messages), calling
 
     def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False, keep_special_ids=frozenset()):
