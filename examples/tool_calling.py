@@ -56,7 +56,7 @@ def main() -> int:
         runner.import_session("demo", saved)
         follow = runner.send_chat_completion_request(ChatCompletionRequest(
             messages=[{"role": "user", "content": "Should I take an umbrella?"}],
-            tool_schemas=[json.dumps(WEATHER_TOOL)], session_id="demo", max_tokens=60, temperature=0))
+            session_id="demo", max_tokens=60, temperature=0))
         print("follow-up:", follow.choices[0].message.content)
     finally:
         runner.shutdown()
