@@ -153,3 +153,35 @@ def test_server_tools_with_the_openai_client(tiny_runner):
             with pytest.raises(openai.BadRequestError, match="tool_choice"):
                 client.chat.completions.create(model="default", messages=messages, tools=[WEATHER],
                                                tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+QWENISH = (
+    "{% if tools %}<|im_start|>system\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>\n{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}\n</tool_call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_template_with_tools_gets_them(tiny_dir):
+    """A template that renders tools gets ``tools=`` (OpenAI objects) and past arguments as
+    objects (rendered once by tojson, not a JSON string encoded twice)."""
+    r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"), chat_template=QWENISH)
+    try:
+        pipe = r._pipeline(None)
+        call = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+        messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+        req, calling = pipe.tool_calling(chat(messages=messages, tool_schemas=[json.dumps(WEATHER)]))
+        text = pipe.tokenizer.decode(pipe.chat_prompt(req).ids, skip_special_tokens=False)
+        assert '"name": "get_weather"' in text.split("<|im_end|>")[0] and "# Tools" in text
+        assert '"arguments": {"city": "Paris"}}' in text
+        assert "<|im_start|>tool\n21 C" in text
+        # tool_choice none: no tools shown, the history still renders.
+        req, calling = pipe.tool_calling(chat(messages=messages, tool_schemas=[json.dumps(WEATHER)],
+                                              tool_choice=ToolChoice.NoTools))
+        text = pipe.tokenizer.decode(pipe.chat_prompt(req).ids, skip_special_tokens=False)
+        assert calling is None and "# Tools" not in text and '"arguments": {"city": "Paris"}}' in text
+    finally:
+        r.shutdown()

@@ -88,3 +88,15 @@ def test_required_streamed(smollm2):
 def test_forced_call_cannot_be_combined_with_a_grammar(smollm2):
     with pytest.raises(ValueError, match=r"^grammar: cannot be combined"):
         ask(smollm2, "hi", "required", grammar="a+", grammar_type="regex")
+
+
+def test_required_over_http_with_the_openai_client(smollm2):
+    openai = pytest.importorskip("openai")
+    from tool_testing import running_server
+    with running_server(smollm2) as base, openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as client:
+        res = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Weather in Lisbon?"}], tools=[WEATHER, FLIGHTS],
+            tool_choice="required", max_tokens=120, temperature=0)
+        call = res.choices[0].message.tool_calls[0]
+        assert res.choices[0].finish_reason == "tool_calls" and call.function.name in SCHEMAS
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
