@@ -21,6 +21,9 @@ CASES = [
      None, [("search", {"q": "x"})]),
     ("hermes string arguments", '<tool_call>{"name": "search", "arguments": "{\\"q\\": \\"x\\"}"}</tool_call>',
      None, [("search", {"q": "x"})]),
+    ("qwen3-coder xml", '<tool_call>\n<function=get_weather>\n<parameter=city>\nSão Paulo\n</parameter>\n'
+     '<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>', None,
+     [("get_weather", {"city": "São Paulo", "days": 3})]),
     ("llama python_tag", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Rome"}}',
      None, [("get_weather", {"city": "Rome"})]),
     ("llama bare json", '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
@@ -73,6 +76,7 @@ MALFORMED = [
     '<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": <|call|>',
     '<start_function_call>call:search{q:<escape>never closed}<end_function_call>',
     '<tool_call>' + '[' * 5000 + '</tool_call>',                                       # deep nesting
+    '<tool_call>\n<function=search>\n<parameter=q>\nx\n</function>\n</tool_call>',          # unclosed parameter
 ]
 
 

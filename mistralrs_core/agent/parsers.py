@@ -95,8 +95,34 @@ def _content(text: str) -> str | None:
     return text or None
 
 
+_XML_FUNCTION = re.compile(r"\s*<function=([A-Za-z0-9_.\-]+)>(.*?)</function>", re.S)
+_XML_PARAMETER = re.compile(r"\s*<parameter=([A-Za-z0-9_.\-]+)>\n?(.*?)\n?</parameter>", re.S)
+
+
+def _xml_call(text: str, pos: int):
+    """Qwen3-Coder's body: ``<function=NAME><parameter=KEY>value</parameter>...</function>``;
+    a value that reads as JSON is that value, else it is a string."""
+    m = _XML_FUNCTION.match(text, pos)
+    if m is None:
+        raise _Malformed
+    args, body, at = {}, m.group(2), 0
+    while True:
+        p = _XML_PARAMETER.match(body, at)
+        if p is None:
+            break
+        try:
+            args[p.group(1)] = json.loads(p.group(2))
+        except json.JSONDecodeError:
+            args[p.group(1)] = p.group(2)
+        at = p.end()
+    if body[at:].strip():
+        raise _Malformed
+    return ParsedCall(m.group(1), _args_text(args)), m.end()
+
+
 def _hermes(text: str):
-    """Qwen / Hermes: ``<tool_call>{"name":..,"arguments":..}</tool_call>``, repeated."""
+    """Qwen / Hermes: ``<tool_call>{"name":..,"arguments":..}</tool_call>``, repeated (or
+    Qwen3-Coder's XML body inside the same tags)."""
     start = text.find(HERMES_OPEN)
     if start < 0:
         return None
@@ -105,8 +131,13 @@ def _hermes(text: str):
         pos = text.find(HERMES_OPEN, pos)
         if pos < 0:
             break
-        obj, end = _json_at(text, pos + len(HERMES_OPEN))
-        calls.append(_call_from_object(obj))
+        body_at = pos + len(HERMES_OPEN)
+        if text[body_at:].lstrip().startswith("<function="):
+            call, end = _xml_call(text, body_at)
+            calls.append(call)
+        else:
+            obj, end = _json_at(text, body_at)
+            calls.append(_call_from_object(obj))
         close = text.find(HERMES_CLOSE, end)
         # The closing tag may be missing when generation stopped at it (a stop string).
         if close >= 0 and text[end:close].strip():
