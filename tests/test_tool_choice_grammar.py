@@ -100,3 +100,27 @@ def test_required_over_http_with_the_openai_client(smollm2):
         call = res.choices[0].message.tool_calls[0]
         assert res.choices[0].finish_reason == "tool_calls" and call.function.name in SCHEMAS
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+def test_forced_call_runs_the_callback_and_the_answer_arrives(smollm2):
+    """The agentic loop on the real model: the named first call is forced and valid, the
+    callback runs once, and the next turn (no rounds left, so no tools) is a text answer."""
+    path = real_models.smollm2_gguf()
+    seen = []
+
+    def get_weather(name, args):
+        seen.append(args)
+        return json.dumps({"city": args["city"], "sky": "sunny", "temperature_c": 21})
+    r = Runner(which=Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name),
+               tool_callbacks={"get_weather": get_weather})
+    try:
+        res = ask(r, "What is the weather in Paris right now?", {"type": "function", "function": {"name": "get_weather"}},
+                  tools=(WEATHER,), max_tool_rounds=1)
+    finally:
+        r.shutdown()
+    assert len(seen) == 1
+    jsonschema.validate(seen[0], SCHEMAS["get_weather"])
+    (record,) = res.agentic_tool_calls
+    assert record.round == 1 and json.loads(record.arguments) == seen[0]
+    assert res.choices[0].message.tool_calls is None and res.choices[0].finish_reason == "stop"
+    assert res.choices[0].message.content.strip()
