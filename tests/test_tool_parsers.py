@@ -41,6 +41,8 @@ CASES = [
     ("deepseek two", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>search\n```json\n{"q": "a"}\n```'
      '<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>search\n```json\n{"q": "b"}\n```'
      '<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None, [("search", {"q": "a"}), ("search", {"q": "b"})]),
+    ("deepseek v3.1", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Seoul"}'
+     '<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None, [("get_weather", {"city": "Seoul"})]),
     ("harmony", '<|channel|>analysis<|message|>Need weather.<|end|><|start|>assistant<|channel|>commentary '
      'to=functions.get_weather <|constrain|>json<|message|>{"city": "Berlin"}<|call|>', None,
      [("get_weather", {"city": "Berlin"})]),

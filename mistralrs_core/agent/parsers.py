@@ -225,7 +225,8 @@ _DS_FENCE = re.compile(r"\s*```(?:json)?\s*\n?")
 
 def _deepseek(text: str):
     """DeepSeek V2/V3/R1: ``<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME
-    ```json {...} ```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>``."""
+    ```json {...} ```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>``; V3.1 drops the word and the
+    fence: ``<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>``."""
     first = text.find(DS_CALL_BEGIN)
     if first < 0:
         return None
@@ -239,14 +240,20 @@ def _deepseek(text: str):
         sep = text.find(DS_SEP, pos)
         if sep < 0:
             raise _Malformed
-        line_end = text.find("\n", sep)
-        if line_end < 0:
+        kind = text[pos + len(DS_CALL_BEGIN):sep].strip()
+        if kind == "function":
+            # V2/V3/R1: the name on the line after the separator, then fenced JSON.
+            line_end = text.find("\n", sep)
+            if line_end < 0:
+                raise _Malformed
+            name = text[sep + len(DS_SEP):line_end].strip()
+            fence = _DS_FENCE.match(text, line_end)
+            body_at = fence.end() if fence else line_end
+        else:
+            # V3.1: NAME<｜tool▁sep｜>{json}, no fence.
+            name, body_at = kind, sep + len(DS_SEP)
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
             raise _Malformed
-        name = text[sep + len(DS_SEP):line_end].strip()
-        if not name:
-            raise _Malformed
-        fence = _DS_FENCE.match(text, line_end)
-        body_at = fence.end() if fence else line_end
         obj, end = _json_at(text, body_at)
         close = text.find(DS_CALL_END, end)
         tail = text[end:close] if close >= 0 else text[end:]
