@@ -18,6 +18,7 @@ import attrs
 from mistralrs_core.errors import NotAvailableYet
 
 _CORE_LATER = "a later mistralrs-core"
+_CORE = "mistralrs-core"   # provided by the core itself (registered in defaults.py)
 
 
 @attrs.frozen
@@ -33,9 +34,8 @@ class Capability:
 
 KNOWN: dict[str, Capability] = {c.name: c for c in (
     Capability("grammar", "constrained decoding", _CORE_LATER, request_fields=("grammar",)),
-    Capability("tool_calling", "tool calling", _CORE_LATER, request_fields=("tool_schemas",)),
-    Capability("tool_callbacks", "Python tool callbacks", "mistralrs-tools-mcp",
-               runner_args=("tool_callbacks",)),
+    Capability("tool_calling", "tool calling", _CORE, request_fields=("tool_schemas",)),
+    Capability("tool_callbacks", "Python tool callbacks", _CORE, runner_args=("tool_callbacks",)),
     Capability("mcp", "the MCP client", "mistralrs-tools-mcp", runner_args=("mcp_client_config",)),
     Capability("web_search", "web search", "mistralrs-tools-mcp",
                request_fields=("web_search_options",),
@@ -44,12 +44,16 @@ KNOWN: dict[str, Capability] = {c.name: c for c in (
                request_fields=("enable_code_execution",), runner_args=("code_execution_config",)),
     Capability("shell", "the shell tool", "mistralrs-tools-mcp",
                request_fields=("enable_shell",), runner_args=("shell_config",)),
-    Capability("agentic_loop", "the agentic tool loop", "mistralrs-tools-mcp",
-               request_fields=("max_tool_rounds", "tool_dispatch_url")),
-    Capability("sessions", "agentic sessions", "mistralrs-tools-mcp", request_fields=("session_id",),
+    Capability("agentic_loop", "the agentic tool loop", _CORE, request_fields=("max_tool_rounds",)),
+    # Dispatching calls to an HTTP endpoint and files handed to/asked of tools need the
+    # sandboxed tools (code execution); the loop, sessions and the file store are core.
+    Capability("tool_dispatch", "HTTP tool dispatch", "mistralrs-tools-mcp",
+               request_fields=("tool_dispatch_url",)),
+    Capability("sessions", "agentic sessions", _CORE, request_fields=("session_id",),
                methods=("export_session", "import_session", "delete_session", "list_session_ids")),
-    Capability("files", "file inputs and outputs", "mistralrs-tools-mcp",
-               request_fields=("files", "input_files"), methods=("find_file",)),
+    Capability("files", "the store of files tools produced", _CORE, methods=("find_file",)),
+    Capability("file_io", "file inputs and requested output files", "mistralrs-tools-mcp",
+               request_fields=("files", "input_files")),
     Capability("lora", "LoRA adapters", _CORE_LATER, request_fields=("adapter",)),
     Capability("speculative", "speculative decoding", _CORE_LATER, runner_args=("which_draft",)),
     Capability("mtp", "multi-token prediction", _CORE_LATER, runner_args=("mtp_model",)),

@@ -28,3 +28,19 @@ def mistralrs_select_loader(which, kind):
 def mistralrs_quant_method(quant_config, hf_name, module, weight):
     # The core keeps weights dense; a pre-quantized weight nobody claims is dequantized.
     return None
+
+
+# Tool calling, the agentic loop, sessions and the produced-file store live in the core
+# (mistralrs_core.agent); MCP, web search, code execution and shell come from plugins.
+CORE_CAPABILITIES = ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")
+
+
+@hookimpl
+def mistralrs_register_capabilities(register):
+    for name in CORE_CAPABILITIES:
+        register(name, provides="mistralrs_core.agent")
+
+
+@hookimpl
+def mistralrs_register_tool_providers(register):
+    register("python_callbacks", "mistralrs_core.agent.callbacks:CallbackToolProvider")

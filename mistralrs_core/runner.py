@@ -15,6 +15,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from mistralrs_core import capabilities
+from mistralrs_core.agent.loop import Agent, Toolbox
 from mistralrs_core.api.which import WhichVariant  # noqa: F401
 from mistralrs_core.errors import NotAvailableYet, WrongModelKind
 from mistralrs_core.heap import release_free_heap
@@ -171,6 +172,9 @@ class Runner:
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
             search_callback=search_callback, search_embedding_model=search_embedding_model,
             code_execution_config=code_execution_config, shell_config=shell_config))
+        # Every chat request goes through the agent: it runs the providers' tools, keeps
+        # sessions and produced files (one loop for the Runner and the server).
+        self._agent = Agent(Toolbox(self._tools))
         self._models: dict[str, ModelSlot] = {}
         self._default: str | None = None
         self._lock = threading.RLock()
@@ -273,6 +277,7 @@ class Runner:
 
     def remove_model(self, model_id: str) -> None:
         self.unload_model(model_id)
+        self._agent.sessions.forget_model(model_id)
         with self._lock:
             del self._models[model_id]
             if self._default == model_id:
@@ -306,7 +311,8 @@ class Runner:
         return pipe
 
     def send_chat_completion_request(self, request, model_id: str | None = None):
-        return self._serving(model_id, TEXT_KINDS, "send_chat_completion_request").chat(request)
+        pipe = self._serving(model_id, TEXT_KINDS, "send_chat_completion_request")
+        return self._agent.chat(pipe, request, self._slot(model_id).model_id)
 
     def send_completion_request(self, request, model_id: str | None = None):
         return self._serving(model_id, TEXT_KINDS, "send_completion_request").completion(request)
@@ -380,26 +386,35 @@ class Runner:
         """Tool provider name -> what it built from this Runner's tool arguments."""
         return dict(self._tools)
 
-    # Agentic sessions and produced files arrive with the tools plugin.
-    def export_session(self, session_id: str, model_id: str | None = None):
-        capabilities.check_method("export_session")
-        raise NotAvailableYet("export_session", "no installed tool provider keeps sessions")
+    # --- sessions and produced files (mistralrs_core.agent) ----------------
+    def _session_model(self, model_id: str | None) -> str:
+        return self._slot(model_id).model_id
 
-    def import_session(self, session_id: str, session_json: str, model_id: str | None = None):
-        capabilities.check_method("import_session")
-        raise NotAvailableYet("import_session", "no installed tool provider keeps sessions")
+    @staticmethod
+    def _session_id(session_id) -> str:
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError(f"session_id: must be a non-empty string, got {session_id!r}")
+        return session_id
+
+    def export_session(self, session_id: str, model_id: str | None = None) -> str | None:
+        """The session as JSON text, or None when there is no such session."""
+        return self._agent.sessions.export(self._session_model(model_id), self._session_id(session_id))
+
+    def import_session(self, session_id: str, session_json: str, model_id: str | None = None) -> None:
+        """Replace (or create) session ``session_id`` from ``export_session`` output."""
+        self._agent.sessions.import_(self._session_model(model_id), self._session_id(session_id), session_json)
 
     def delete_session(self, session_id: str, model_id: str | None = None) -> bool:
-        capabilities.check_method("delete_session")
-        raise NotAvailableYet("delete_session", "no installed tool provider keeps sessions")
+        return self._agent.sessions.delete(self._session_model(model_id), self._session_id(session_id))
 
     def list_session_ids(self, model_id: str | None = None) -> list[str]:
-        capabilities.check_method("list_session_ids")
-        raise NotAvailableYet("list_session_ids", "no installed tool provider keeps sessions")
+        return self._agent.sessions.ids(self._session_model(model_id))
 
     def find_file(self, file_id: str):
-        capabilities.check_method("find_file")
-        raise NotAvailableYet("find_file", "no installed tool provider produces files")
+        """A file a tool produced (full body), or None."""
+        if not isinstance(file_id, str) or not file_id:
+            raise ValueError(f"file_id: must be a non-empty string, got {file_id!r}")
+        return self._agent.files.find(file_id)
 
 
 def _has_thinking_switch(pipe) -> bool:

@@ -6,10 +6,22 @@ makes one per Runner, offers it the tool arguments that were set, and keeps what
 ``build`` returns. Every argument that was set must be taken by some provider; one no
 provider takes is refused through the capability table (``NotAvailableYet`` naming the
 distribution to install), never ignored.
+
+What ``build`` returns may also serve tools to the agentic loop (``mistralrs_core.agent``),
+by duck type:
+
+* ``tool_definitions() -> list[dict]`` (optional): OpenAI tool objects offered on every chat
+  request of the Runner (MCP servers' tools, web search); a request's own tool of the same
+  name wins;
+* ``can_call(name) -> bool``: whether it runs tool ``name``;
+* ``call(name, arguments: dict) -> str | ToolOutput``: runs it. An exception becomes an error
+  result the model reads, never a failed request.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
+
+import attrs
 
 from mistralrs_core import capabilities
 from mistralrs_core.errors import NotAvailableYet
@@ -17,6 +29,15 @@ from mistralrs_core.errors import NotAvailableYet
 # The Runner keywords that configure tools.
 TOOL_ARGS = ("tool_callbacks", "mcp_client_config", "enable_search", "search_callback",
              "search_embedding_model", "code_execution_config", "shell_config")
+
+
+@attrs.define
+class ToolOutput:
+    """A tool's result: text for the model, plus images (base64) and produced files
+    (``mistralrs_core.api.responses.File``; the Runner keeps them for ``find_file``)."""
+    content: str
+    images_base64: list[str] = attrs.field(factory=list)
+    files: list = attrs.field(factory=list)
 
 
 class ToolProvider:

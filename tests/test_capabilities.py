@@ -61,8 +61,8 @@ def test_request_field_gate_both_ways(fresh_plugins):
     capabilities.check_request(req)
     assert capabilities.provided()["grammar"] == "grammar_test_plugin"
     # Other fields stay gated.
-    with pytest.raises(NotAvailableYet, match="tool_schemas"):
-        capabilities.check_request(ChatCompletionRequest(messages=CHAT, tool_schemas=["{}"]))
+    with pytest.raises(NotAvailableYet, match="enable_code_execution"):
+        capabilities.check_request(ChatCompletionRequest(messages=CHAT, enable_code_execution=True))
 
 
 def test_runner_and_which_gates_both_ways(fresh_plugins, tiny_dir):
@@ -210,37 +210,41 @@ def test_logits_processors_for_request(fresh_plugins):
         plugins.logits_processors_for(ChatCompletionRequest(messages=CHAT), None)
 
 
-class CallbackTools:
-    """An in-process tool provider serving ``tool_callbacks`` only."""
-    accepts = ("tool_callbacks",)
+class SearchTools:
+    """An in-process tool provider serving ``search_callback`` only (``tool_callbacks`` are
+    served by the core's own provider, ``mistralrs_core.agent.callbacks``)."""
+    accepts = ("search_callback",)
 
     def claims(self, args):
-        return "tool_callbacks" in args
+        return "search_callback" in args
 
     closed = []
 
     def build(self, args):
-        names = sorted(args["tool_callbacks"])
-        return types.SimpleNamespace(names=names, close=lambda: CallbackTools.closed.append(names))
+        names = [args["search_callback"].__name__]
+        return types.SimpleNamespace(names=names, close=lambda: SearchTools.closed.append(names))
 
 
 def test_tool_providers_take_runner_arguments(fresh_plugins, tiny_dir):
     which = Which.Plain(model_id=str(tiny_dir), dtype="F32")
-    callbacks = {"lookup": lambda name, args: "42"}
-    with pytest.raises(NotAvailableYet, match=r"tool_callbacks.*install mistralrs-tools-mcp"):
-        Runner(which=which, tool_callbacks=callbacks)
+
+    def lookup(query):
+        return []
+    with pytest.raises(NotAvailableYet, match=r"search_callback.*install mistralrs-tools-mcp"):
+        Runner(which=which, search_callback=lookup)
     plugins.register_plugin(
-        plugin(mistralrs_register_tool_providers=lambda register: register("callbacks", CallbackTools)),
+        plugin(mistralrs_register_tool_providers=lambda register: register("search", SearchTools)),
         "tools_plugin")
-    r = Runner(which=which, tool_callbacks=callbacks)
+    r = Runner(which=which, search_callback=lookup, tool_callbacks={"f": lambda name, args: "42"})
     try:
-        assert r.tool_providers()["callbacks"].names == ["lookup"]
+        assert r.tool_providers()["search"].names == ["lookup"]
+        assert r.tool_providers()["python_callbacks"].can_call("f")   # the core's own provider
     finally:
         r.shutdown()
-    assert CallbackTools.closed == [["lookup"]] and r.tool_providers() == {}
+    assert SearchTools.closed == [["lookup"]] and r.tool_providers() == {}
     # An argument no provider takes is still refused, naming what to install ...
     with pytest.raises(NotAvailableYet, match=r"mcp_client_config.*install mistralrs-tools-mcp"):
-        Runner(which=which, tool_callbacks=callbacks, mcp_client_config={"servers": []})
+        Runner(which=which, search_callback=lookup, mcp_client_config={"servers": []})
     # ... even when some plugin claims the capability but brings no provider for it.
     plugins.register_plugin(capability_plugin("mcp"), "mcp_cap_plugin")
     with pytest.raises(NotAvailableYet, match=r"mcp_client_config.*no installed tool provider"):

@@ -225,8 +225,11 @@ def test_unavailable_arguments_are_refused(tiny_dir):
 
 
 def test_unavailable_request_fields_are_refused(tiny_runner):
-    with pytest.raises(NotAvailableYet, match="tool_schemas"):
-        chat(tiny_runner, tool_schemas=['{"type": "function", "function": {"name": "f"}}'])
+    # (tool_schemas is served by the core now: the sandboxed tools' fields stand in)
+    with pytest.raises(NotAvailableYet, match="enable_code_execution"):
+        chat(tiny_runner, enable_code_execution=True)
+    with pytest.raises(NotAvailableYet, match="tool_dispatch_url"):
+        chat(tiny_runner, tool_dispatch_url="http://127.0.0.1:9/tools")
 
 
 # --- several models in one runner --------------------------------------------------------

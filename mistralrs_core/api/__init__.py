@@ -64,7 +64,9 @@ from .responses import (
     ResponseLogprob,
     ResponseMessage,
     SpeechGenerationResponse,
+    ToolCallDelta,
     ToolCallResponse,
+    FunctionDelta,
     TopLogprob,
     Usage,
 )
@@ -170,7 +172,9 @@ __all__ = [
     "ResponseLogprob",
     "ResponseMessage",
     "SpeechGenerationResponse",
+    "ToolCallDelta",
     "ToolCallResponse",
+    "FunctionDelta",
     "TopLogprob",
     "Usage",
     # JSON

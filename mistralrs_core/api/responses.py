@@ -170,10 +170,33 @@ class ChatCompletionResponse:
 
 
 @attrs.define
+class FunctionDelta:
+    name: str | None = field(None, omit_if_none=True)
+    arguments: str | None = field(None, omit_if_none=True)
+
+
+@attrs.define
+class ToolCallDelta:
+    """A piece of a streamed tool call, as OpenAI streams them: the first piece of call
+    ``index`` carries its id, type and name, the next ones only argument text (clients
+    concatenate the pieces per index)."""
+
+    index: int = field()
+    id: str | None = field(None, omit_if_none=True)
+    tp: ToolCallType | None = enum_field(ToolCallType, None, optional=True, json_name="type",
+                                         omit_if_none=True)
+    function: FunctionDelta = field(factory=FunctionDelta)
+
+    @property
+    def type(self) -> ToolCallType | None:
+        return self.tp
+
+
+@attrs.define
 class Delta:
     content: str | None = field(None)
     role: str = field("assistant")
-    tool_calls: list[ToolCallResponse] | None = field(None, omit_if_none=True)
+    tool_calls: list[ToolCallDelta] | None = field(None, omit_if_none=True)
     reasoning_content: str | None = field(None, omit_if_none=True)
 
 

@@ -67,13 +67,15 @@ class RequestGroup:
 
     ``spans``: encoder inputs (``FeatureSpan``) whose features replace placeholder tokens of
     the prompt; ``logits_processors``: per choice a processor or None; ``adapter_id`` and
-    ``cache_salt`` (tenant isolation) separate prefix-cache entries."""
+    ``cache_salt`` (tenant isolation) separate prefix-cache entries; ``keep_special_ids``:
+    special tokens kept in the decoded text (tool-call markers)."""
 
     def __init__(self, prompt_ids: list[int], params, n: int, stream: bool, max_tokens: int,
                  stop_strings: tuple[str, ...] = (), logits_processors: list[Callable | None] | None = None,
                  seed: int | None = None, spans: tuple[FeatureSpan, ...] = (), adapter_id: str | None = None,
-                 cache_salt: str | None = None):
+                 cache_salt: str | None = None, keep_special_ids: frozenset[int] = frozenset()):
         self.seed = seed
+        self.keep_special_ids = keep_special_ids
         self.prompt_ids = prompt_ids
         self.spans = tuple(sorted(spans, key=lambda sp: sp.start))
         self.adapter_id = adapter_id
@@ -155,7 +157,8 @@ class Engine:
             seed = (group.seed * 1000003 + i) % (1 << 63) if group.seed is not None else self._rng.getrandbits(63)
             gen = torch.Generator().manual_seed(seed)
             state = SamplingState(group.params, group.prompt_ids, [], gen)
-            detok = IncrementalDetokenizer(self.tokenizer, True, group.prompt_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, True, group.prompt_ids,
+                                           keep_ids=group.keep_special_ids)
             seq = Sequence(group, i, group.prompt_ids, state, detok, group.max_tokens)
             seq.output_ids = state.output_ids   # the sampler reads the same list
             group.seqs.append(seq)

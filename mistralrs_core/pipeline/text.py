@@ -7,7 +7,9 @@ from typing import Iterator
 
 import attrs
 
+from mistralrs_core.agent.calling import ToolCalling, no_tools_messages, template_tools, to_tool_calls
 from mistralrs_core.api import responses as R
+from mistralrs_core.api.enums import ToolCallType
 from mistralrs_core.engine.engine import Engine, RequestGroup
 from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.errors import ModelError
@@ -127,7 +129,7 @@ class TextPipeline(TextGeneration):
         if req.reasoning_effort is not None:
             extra["reasoning_effort"] = req.reasoning_effort
         return apply_chat_template(self.template, self.tokenizer, messages,
-                                   enable_thinking=req.enable_thinking, **extra)
+                                   enable_thinking=req.enable_thinking, tools=template_tools(req), **extra)
 
     def logits_processors(self, req, n: int) -> list | None:
         """Per choice one processor composed of what the registered factories make for this
@@ -137,14 +139,27 @@ class TextPipeline(TextGeneration):
             return None
         return [_compose(procs) if procs else None for procs in per_choice]
 
-    def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False):
+    def tool_calling(self, req):
+        """``(request as run, ToolCalling or None)``: with tools offered, the request's messages
+        and tools are rewritten for the template and a forced call gets its grammar."""
+        source = getattr(self.template, "source", None)
+        calling = ToolCalling.for_request(req, source, self.tokenizer)
+        messages = None if isinstance(req.messages, str) else normalize_messages(req.messages)
+        if calling is None:
+            # No tools offered, yet past calls and results still have to render.
+            if messages is not None and any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+                return attrs.evolve(req, messages=no_tools_messages(messages, source), tool_schemas=None), None
+            return (attrs.evolve(req, tool_schemas=None) if req.tool_schemas else req), None
+        return calling.prepare(req, source, self.tokenizer, messages), calling
+
+    def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False, keep_special_ids=frozenset()):
         max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))
         params = sampling_params(req, self.tokenizer, self.generation_config, max_tokens=max_tokens,
                                  n=n, force_logprobs=force_logprobs)
         group = RequestGroup(prompt.ids, params, n, stream, max_tokens, stop_strings=params.stop_strings,
                              seed=getattr(req, "seed", None), spans=tuple(prompt.spans),
                              logits_processors=self.logits_processors(req, n),
-                             cache_salt=getattr(req, "cache_salt", None))
+                             cache_salt=getattr(req, "cache_salt", None), keep_special_ids=keep_special_ids)
         self.engine.submit(group)
         return group
 
@@ -187,26 +202,59 @@ class TextPipeline(TextGeneration):
     # --- chat -------------------------------------------------------------
     def chat(self, req):
         validate_chat_request(req)
+        req, calling = self.tool_calling(req)
         reject_unavailable(req)
         ids = self._fit_prompt(self.chat_prompt(req), req.truncate_sequence, req.max_tokens)
+        keep = calling.keep_ids if calling is not None else frozenset()
         if req.stream:
-            group = self._submit(req, ids, n=req.n_choices, stream=True)
-            return ResponseStream(self._chat_stream(group), lambda: self.engine.cancel(group))
-        group = self._submit(req, ids, n=req.n_choices, stream=False)
+            group = self._submit(req, ids, n=req.n_choices, stream=True, keep_special_ids=keep)
+            return ResponseStream(self._chat_stream(group, calling), lambda: self.engine.cancel(group))
+        group = self._submit(req, ids, n=req.n_choices, stream=False, keep_special_ids=keep)
         self._wait(group)
         choices = []
         for s in group.seqs:
             lp = R.Logprobs(content=[self._logprob_entry(t) for t in s.logprobs]) if req.logprobs else None
-            choices.append(R.Choice(finish_reason=s.finish_reason, index=s.index,
-                                    message=R.ResponseMessage(content=s.text, role="assistant"), logprobs=lp))
+            content, calls, finish = s.text, None, s.finish_reason
+            if calling is not None:
+                parsed = calling.parse(s.text)
+                content = parsed.content
+                if parsed.calls:
+                    calls, finish = to_tool_calls(parsed), "tool_calls"
+            choices.append(R.Choice(finish_reason=finish, index=s.index,
+                                    message=R.ResponseMessage(content=content, role="assistant", tool_calls=calls),
+                                    logprobs=lp))
         return R.ChatCompletionResponse(id=f"chatcmpl-{uuid.uuid4().hex}", choices=choices,
                                         created=int(group.created), model=self.name,
                                         system_fingerprint="local", object="chat.completion",
                                         usage=self._usage(group))
 
-    def _chat_stream(self, group: RequestGroup) -> Iterator:
+    @staticmethod
+    def _tool_choices(filt, index: int, text: str, lp, finish) -> list:
+        """A streamed event of a choice with tools: content that is surely not a call goes out
+        now; at the end, the calls as OpenAI streams them (id and name, then arguments)."""
+        shown = filt.push(text) if text else ""
+        if finish is None:
+            if not shown and lp is None:
+                return []
+            return [R.ChunkChoice(finish_reason=None, index=index, delta=R.Delta(content=shown), logprobs=lp)]
+        tail, calls = filt.finish()
+        out = []
+        if shown + tail or lp is not None:
+            out.append(R.ChunkChoice(finish_reason=None, index=index, delta=R.Delta(content=shown + tail),
+                                     logprobs=lp))
+        for c in calls:
+            first = R.ToolCallDelta(index=c.index, id=c.id, tp=ToolCallType.Function,
+                                    function=R.FunctionDelta(name=c.function.name, arguments=""))
+            args = R.ToolCallDelta(index=c.index, function=R.FunctionDelta(arguments=c.function.arguments))
+            out.append(R.ChunkChoice(finish_reason=None, index=index, delta=R.Delta(tool_calls=[first])))
+            out.append(R.ChunkChoice(finish_reason=None, index=index, delta=R.Delta(tool_calls=[args])))
+        out.append(R.ChunkChoice(finish_reason="tool_calls" if calls else finish, index=index, delta=R.Delta()))
+        return out
+
+    def _chat_stream(self, group: RequestGroup, calling=None) -> Iterator:
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(group.created)
         lp_on = group.params.logprobs
+        filters = [calling.stream_filter() for _ in range(group.n)] if calling is not None else None
 
         def chunk(choices, usage=None):
             return R.ChatCompletionChunkResponse(id=cid, choices=choices, created=created, model=self.name,
@@ -224,18 +272,30 @@ class TextPipeline(TextGeneration):
                         yield chunk([pending], self._usage(group))
                     return
                 lp = self._logprob_entry(tok) if (lp_on and tok is not None) else None
-                choice = R.ChunkChoice(finish_reason=finish, index=a,
-                                       delta=R.Delta(content=text, role="assistant"), logprobs=lp)
-                if pending is not None:
-                    yield chunk([pending])
-                pending = choice
+                if filters is not None:
+                    choices = self._tool_choices(filters[a], a, text, lp, finish)
+                else:
+                    choices = [R.ChunkChoice(finish_reason=finish, index=a,
+                                             delta=R.Delta(content=text, role="assistant"), logprobs=lp)]
+                for choice in choices:
+                    if pending is not None:
+                        yield chunk([pending])
+                    pending = choice
         finally:
             if not group.done:
                 self.engine.cancel(group)
 
     # --- completion -------------------------------------------------------
+    @staticmethod
+    def _no_completion_tools(req) -> None:
+        # A completion's choices have no tool_calls field: tools there could only be ignored.
+        if req.tool_schemas:
+            raise ValueError("tool_schemas: completion requests cannot return tool calls; "
+                             "send a chat completion request")
+
     def completion(self, req):
         validate_completion_request(req)
+        self._no_completion_tools(req)
         reject_unavailable(req)
         ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
         ids = self._fit_prompt(ids, req.truncate_sequence, req.max_tokens)
@@ -263,6 +323,7 @@ class TextPipeline(TextGeneration):
         """``completion`` streamed: ``CompletionResponse`` chunks holding text deltas (the
         OpenAI completions stream shape); the last one carries usage."""
         validate_completion_request(req)
+        self._no_completion_tools(req)
         reject_unavailable(req)
         if (req.best_of or 1) > req.n_choices:
             raise ValueError("best_of: cannot be combined with streaming")

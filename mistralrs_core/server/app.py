@@ -6,7 +6,7 @@ import hmac
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mistralrs_core.server import admin, inference
+from mistralrs_core.server import admin, inference, sessions
 from mistralrs_core.server.context import ServerState
 from mistralrs_core.server.errors import APIError
 from mistralrs_core.server.metrics import MetricsMiddleware
@@ -34,7 +34,7 @@ class BearerAuth:
 
 
 def route_paths() -> list[str]:
-    return sorted({r.path for router in (inference.router, admin.router) for r in router.routes})
+    return sorted({r.path for router in (inference.router, admin.router, sessions.router) for r in router.routes})
 
 
 def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) -> FastAPI:
@@ -43,6 +43,7 @@ def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) ->
     app.state.server = ServerState(runner, api_key=api_key, max_threads=max_threads)
     app.include_router(inference.router)
     app.include_router(admin.router)
+    app.include_router(sessions.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -22,12 +22,16 @@ class IncrementalDetokenizer:
     `prompt_ids` (optional) gives context whose text is not emitted; with it, deltas equal
     decode(prompt + generated) minus decode(prompt), e.g. keeping the leading space of a
     SentencePiece continuation. Without it, output matches decoding the pushed ids alone.
+
+    `keep_ids`: special tokens that stay in the text even when skipping the others (the
+    markers of tool calls, which the tool-call parser reads and then removes from content).
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = (),
+                 keep_ids: frozenset[int] = frozenset()):
         self._tok = tokenizer
         self._skip = skip_special_tokens
-        self._skipped = tokenizer.special_ids if skip_special_tokens else frozenset()
+        self._skipped = (set(tokenizer.special_ids) - set(keep_ids)) if skip_special_tokens else frozenset()
         context: list[int] = []
         for i in reversed(prompt_ids):  # from the end: prompts can be very long
             if len(context) == _CONTEXT_TOKENS:

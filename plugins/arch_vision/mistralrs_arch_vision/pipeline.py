@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from mistralrs_core.agent.calling import template_tools
 from mistralrs_core.api.validate import normalize_messages
 from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.pipeline.text import Prompt, TextPipeline
@@ -75,7 +76,8 @@ class VisionPipeline(TextPipeline):
         extra = {}
         if req.reasoning_effort is not None:
             extra["reasoning_effort"] = req.reasoning_effort
-        text = render_chat(self.template, self.tokenizer, messages, enable_thinking=req.enable_thinking, **extra)
+        text = render_chat(self.template, self.tokenizer, messages, enable_thinking=req.enable_thinking,
+                           tools=template_tools(req), **extra)
         expand_prompt = getattr(self.processor, "expand_prompt", None)
         if expand_prompt is not None:
             return expand_prompt(text, images)
