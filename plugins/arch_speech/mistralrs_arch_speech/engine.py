@@ -61,6 +61,8 @@ class SpeechEngine:
         self._running: list[_Request] = []
         self._stop = threading.Event()
         self._delay = torch.tensor(cfg.delay_pattern, dtype=torch.long)
+        #: steps run and the most requests one step carried (tests check batching with it)
+        self.stats = {"steps": 0, "max_running": 0}
         self._thread = threading.Thread(target=self._loop, name="mistralrs-speech-engine", daemon=True)
         self._thread.start()
 
@@ -132,6 +134,8 @@ class SpeechEngine:
         reqs = self._running
         n = len(reqs)
         cfg = self.cfg
+        self.stats["steps"] += 1
+        self.stats["max_running"] = max(self.stats["max_running"], n)
         try:
             positions = torch.tensor([r.position for r in reqs], dtype=torch.long).repeat_interleave(2)
             self.pool.ensure(int(positions.max()) + 1)
