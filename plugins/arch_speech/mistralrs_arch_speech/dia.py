@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mistralrs_core.layers.attention_backends import CrossAttentionCache, EncoderAttention, EncoderBatch
-from mistralrs_core.layers.linear import Embedding, Linear
+from mistralrs_core.layers.linear import Embedding, Linear, fuse_linears
 from mistralrs_core.layers.mlp import GatedMLP
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.layers.rope import apply_rotary
@@ -40,13 +40,26 @@ class Projections(nn.Module):
         self.k_proj = Linear(kv_in, kv_heads * head_dim)
         self.v_proj = Linear(kv_in, kv_heads * head_dim)
         self.o_proj = Linear(heads * head_dim, out)
+        self.qkv_proj: Linear | None = None
+
+    def fuse_self(self) -> None:
+        """Self-attention reads q, k and v from the same input: one matmul instead of three
+        (the decode step is a few rows, so per-call overhead counts)."""
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is not None:
+            self.qkv_proj = fused
+            del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(self, x: torch.Tensor):
         """x [..., hidden] -> q [..., H, D], k/v [..., Hkv, D]."""
         lead = x.shape[:-1]
-        return (self.q_proj(x).view(*lead, self.heads, self.head_dim),
-                self.k_proj(x).view(*lead, self.kv_heads, self.head_dim),
-                self.v_proj(x).view(*lead, self.kv_heads, self.head_dim))
+        q_n, kv_n = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split((q_n, kv_n, kv_n), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return (q.reshape(*lead, self.heads, self.head_dim), k.reshape(*lead, self.kv_heads, self.head_dim),
+                v.reshape(*lead, self.kv_heads, self.head_dim))
 
 
 class EncoderLayer(nn.Module):
@@ -157,7 +170,11 @@ class DecodeStep:
         self.rows_list = rows.tolist()
         self.leading = self.rows_list == list(range(len(self.rows_list)))
         self.kv_len = kv_len = int(positions.max()) + 1
-        self.self_batch = EncoderBatch.padded(torch.arange(kv_len, device=rows.device)[None, :] <= positions[:, None])
+        # Rows at one position (a lone request, or requests admitted together) see every key:
+        # no mask, SDPA's plain path.
+        same = bool((positions == positions[0]).all())
+        self.self_batch = EncoderBatch.padded(
+            None if same else torch.arange(kv_len, device=rows.device)[None, :] <= positions[:, None])
         l_max = max(enc_lens)
         lens = torch.tensor(enc_lens, device=rows.device)
         cross_mask = torch.arange(l_max, device=rows.device)[None, :] < lens[:, None]
@@ -174,6 +191,10 @@ class DiaModel(nn.Module):
         self.encoder = DiaEncoder(cfg)
         self.decoder = DiaDecoder(cfg)
         self.logits_dense = Linear(cfg.decoder.hidden, cfg.channels * cfg.audio_vocab)
+
+    def post_load(self) -> None:
+        for layer in list(self.encoder.layers) + list(self.decoder.layers):
+            layer.self_attention.fuse_self()
 
     # transformers 5 names carry a ``model.`` prefix on everything but the head.
     @staticmethod
