@@ -77,7 +77,7 @@ def load_dac(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="
 class SpeechLoader:
     def load(self, which, opts, name: str):
         from mistralrs_core.loading.model_loader import reject_unsupported_fields
-        from mistralrs_core.loading.options import pick_device
+        from mistralrs_core.loading.options import pick_device, pick_dtype
         from mistralrs_core.loading.resolve import resolve_model_dir
 
         from mistralrs_arch_speech.engine import SpeechEngine
@@ -97,17 +97,13 @@ class SpeechLoader:
         model_dir = resolve_model_dir(which.model_id, token_source=opts.token_source)
         dac_dir = resolve_model_dir(which.dac_model_id, token_source=opts.token_source)
         device = pick_device(opts.device)
-        dtype = _speech_dtype(which.dtype)
-        model = load_dia(model_dir, dtype, device)
-        codec = load_dac(dac_dir, dtype, device)
+        # Dia follows the core's dtype rule (Auto: bf16 where matmuls are fast in it). The
+        # codec stays float32: it runs once per request, and its Snake activations
+        # (sin(alpha x)^2 / alpha with small alphas) lose the waveform's detail in bf16.
+        model = load_dia(model_dir, pick_dtype(which.dtype, device), device)
+        codec = load_dac(dac_dir, torch.float32, device)
         max_frames = model.cfg.decoder.max_positions - model.cfg.max_delay
         sampling = SpeechSampling.from_generation_config(load_generation_config(model_dir), max_frames)
         engine = SpeechEngine(model, max_seqs=opts.max_seqs, seed=opts.seed)
         return DiaPipeline(name, model, codec, engine, sampling)
 
-
-def _speech_dtype(model_dtype) -> torch.dtype:
-    """Auto is float32: the codes are sampled from logits where bf16 rounding moves the
-    CFG top-k cut, and the codec's Snake activations are sensitive to it."""
-    key = getattr(model_dtype, "name", str(model_dtype or "Auto")).upper()
-    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(key, torch.float32)

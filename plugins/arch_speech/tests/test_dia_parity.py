@@ -20,6 +20,7 @@ from mistralrs_arch_speech.sampling import SpeechSampling
 import tiny_dia
 from tiny_dia import BOS, DELAY
 
+COVERS = ["Dia"]
 TOL = 1e-4
 TEXT = "[S1] Hello there. [S2] Hi! How are you?"
 

@@ -35,10 +35,11 @@ def served(dirs):
     dia, dac, root = dirs
     cfg = root / "serve.json"
     cfg.write_text(json.dumps({"runtime": {"seed": 7}, "models": [
-        {"model_id": dia, "name": "dia", "kind": "speech", "arch": "Dia", "dac_model_id": dac}]}))
+        {"model_id": dia, "name": "dia", "kind": "speech", "arch": "Dia", "dac_model_id": dac, "dtype": "f32"}]}))
     s = Server(["--config", str(cfg)], root / "server.log")
     try:
-        r = Runner(which=Which.Speech(model_id=dia, arch=SpeechLoaderType.Dia, dac_model_id=dac), seed=7)
+        r = Runner(which=Which.Speech(model_id=dia, arch=SpeechLoaderType.Dia, dac_model_id=dac, dtype="f32"),
+                   seed=7)
         try:
             local = [r.generate_audio(TEXT) for _ in range(6)]
         finally:
