@@ -10,7 +10,10 @@ length: every request yields the same number of frames. transformers gets all re
 one batched `generate` call (its best case); its processor-side delay revert and DAC decode
 run after it, as `DiaProcessor.batch_decode` does.
 
-    .venv/bin/python bench/speech.py [--threads 2] [--requests 4] [--frames 120]
+    .venv/bin/python bench/speech.py [--threads 2] [--requests 4] [--frames 120] [--also-dtype auto]
+
+Both wall time and process CPU time are reported: on a shared machine the wall clock
+mostly measures the other processes.
 """
 from __future__ import annotations
 
@@ -66,10 +69,10 @@ def write_models(root: Path, frames: int):
     return dia, dac, gen
 
 
-def run_ours(root: Path, n: int) -> tuple[float, float]:
+def run_ours(root: Path, n: int, dtype: str = "f32") -> tuple[float, float, float]:
     from mistralrs import Runner, SpeechLoaderType, Which
     runner = Runner(which=Which.Speech(model_id=str(root / "dia"), arch=SpeechLoaderType.Dia,
-                                       dac_model_id=str(root / "dac"), dtype="f32"), seed=0, max_seqs=n)
+                                       dac_model_id=str(root / "dac"), dtype=dtype), seed=0, max_seqs=n)
     try:
         runner.generate_audio("[S1] warm up")
         out = [None] * n
@@ -77,20 +80,20 @@ def run_ours(root: Path, n: int) -> tuple[float, float]:
         def work(i):
             out[i] = runner.generate_audio(PROMPTS[i % len(PROMPTS)])
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         audio = sum(len(o.pcm) / o.rate for o in out)
-        return audio, wall
+        return audio, wall, cpu
     finally:
         runner.shutdown()
 
 
-def run_transformers(dia, dac, gen: dict, n: int) -> tuple[float, float]:
+def run_transformers(dia, dac, gen: dict, n: int) -> tuple[float, float, float]:
     from transformers.models.dia.processing_dia import DiaProcessor
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
@@ -127,10 +130,10 @@ def run_transformers(dia, dac, gen: dict, n: int) -> tuple[float, float]:
         return box["out"]
 
     in_thread(["[S1] warm up"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     waves = in_thread(prompts)
-    wall = time.perf_counter() - t0
-    return sum(w.shape[-1] / 44100 for w in waves), wall
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return sum(w.shape[-1] / 44100 for w in waves), wall, cpu
 
 
 def main():
@@ -138,21 +141,28 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--frames", type=int, default=120, help="frames per request (86 frames = 1 s of audio)")
+    ap.add_argument("--also-dtype", nargs="*", default=["auto"],
+                    help="our extra dtypes to run besides f32 (auto: bf16 where the CPU has fast bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dia, dac, gen = write_models(root, args.frames)
         rows = {}
+        ref = {}
         for n in sorted({1, args.requests}):
-            a_ours, w_ours = run_ours(root, n)
-            a_ref, w_ref = run_transformers(dia, dac, gen, n)
-            rows[n] = {"ours_audio_s": a_ours, "ours_wall_s": w_ours, "ours_rtf": a_ours / w_ours,
-                       "ref_audio_s": a_ref, "ref_wall_s": w_ref, "ref_rtf": a_ref / w_ref,
-                       "speedup": (a_ours / w_ours) / (a_ref / w_ref)}
-    print(f"{'requests':>8} | {'ours audio s/s':>14} | {'transformers audio s/s':>22} | speed-up")
-    for n, r in rows.items():
-        print(f"{n:>8} | {r['ours_rtf']:>14.3f} | {r['ref_rtf']:>22.3f} | {r['speedup']:.2f}x")
+            ref[n] = run_transformers(dia, dac, gen, n)
+            for dtype in ("f32", *args.also_dtype):
+                a, w, c = run_ours(root, n, dtype)
+                ra, rw, rc = ref[n]
+                rows[f"{n} req, ours {dtype}"] = {
+                    "ours_audio_s": a, "ours_wall_s": w, "ours_cpu_s": c, "ref_audio_s": ra, "ref_wall_s": rw,
+                    "ref_cpu_s": rc, "ours_rtf": a / w, "ref_rtf": ra / rw,
+                    "speedup_wall": (a / w) / (ra / rw), "speedup_cpu": (a / c) / (ra / rc)}
+    print(f"{'run':>18} | {'ours audio s/s':>14} | {'transformers f32 audio s/s':>26} | speed-up (wall) | (cpu time)")
+    for name, r in rows.items():
+        print(f"{name:>18} | {r['ours_rtf']:>14.3f} | {r['ref_rtf']:>26.3f} | {r['speedup_wall']:>14.2f}x |"
+              f" {r['speedup_cpu']:.2f}x")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"speech-{datetime.now():%Y%m%d-%H%M}.json"
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
