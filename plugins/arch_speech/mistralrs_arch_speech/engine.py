@@ -62,7 +62,7 @@ class SpeechEngine:
         self._stop = threading.Event()
         self._delay = torch.tensor(cfg.delay_pattern, dtype=torch.long)
         #: steps run and the most requests one step carried (tests check batching with it)
-        self.stats = {"steps": 0, "max_running": 0}
+        self.stats = {"steps": 0, "max_running": 0, "generated_frames": 0}
         self._thread = threading.Thread(target=self._loop, name="mistralrs-speech-engine", daemon=True)
         self._thread.start()
 
@@ -82,10 +82,24 @@ class SpeechEngine:
             raise value
         return value
 
+    def snapshot(self) -> dict:
+        """Live counters for /metrics and /v1/models/status (read without locking: each value
+        is one atomic read)."""
+        return {"waiting": self._waiting.qsize(), "running": len(self._running),
+                "kv_cache_bytes": self.pool.nbytes, **self.stats}
+
     def shutdown(self) -> None:
         self._stop.set()
         self._waiting.put(None)
         self._thread.join(timeout=10)
+        # Requests that were still queued get an answer too.
+        while True:
+            try:
+                item = self._waiting.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item.done.put(("error", RuntimeError("the speech engine was shut down")))
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -151,6 +165,7 @@ class SpeechEngine:
             self._release(list(range(n)))
             return
         finished = []
+        self.stats["generated_frames"] += n
         for i, r in enumerate(reqs):
             r.frames.append(tokens[i])
             if r.ended and int(r.delay_left.max()) < 0:

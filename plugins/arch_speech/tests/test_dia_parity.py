@@ -115,6 +115,24 @@ def test_greedy_codes_equal_transformers_generate(dia):
     assert truncated == (seq.shape[1] == max_frames + max(DELAY))
 
 
+def test_greedy_codes_equal_transformers_when_speech_ends_by_itself(tmp_path):
+    # A larger EOS row for codebook 0 makes this model end its speech after ~28 frames.
+    ref = tiny_dia.make_reference_dia()
+    with torch.no_grad():
+        ref.logits_dense.weight[tiny_dia.EOS] *= 1.5
+    ours = load_dia(tiny_dia.write_dia(ref, tmp_path / "dia"))
+    ids = torch.tensor([encode_text(TEXT)])
+    dec_ids, dec_mask = tiny_dia.delayed_start()
+    with torch.no_grad():
+        seq = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec_ids,
+                           decoder_attention_mask=dec_mask, do_sample=False, guidance_scale=3.0, top_k=6,
+                           temperature=1.0, max_length=60)
+    assert seq.shape[1] < 60                                    # ended before the maximum
+    codes, truncated = _greedy_codes_ours(ours, TEXT, 60)
+    assert not truncated
+    assert torch.equal(codes, tiny_dia.reference_codes(seq)[0])
+
+
 def test_original_layout_loads_to_the_same_model(tmp_path):
     ref = tiny_dia.make_reference_dia(seed=5, enc_theta=7000.0)
     a = load_dia(tiny_dia.write_dia(ref, tmp_path / "hf"))

@@ -7,6 +7,7 @@ import json
 import threading
 import wave
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -81,6 +82,10 @@ def test_speech_route_with_the_openai_client(served):
     got = sorted(_read_wav(w)[3] for w in out)
     assert got == sorted(wire.pcm16(x.pcm) for x in local[2:6])
     assert np.frombuffer(got[0], "<i2").size > 0
+    engine = server.status("dia")["engine"]
+    assert engine["max_running"] >= 2 and engine["running"] == 0
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'mistralrs_engine_steps_total{model="dia"}' in metrics
 
 
 def test_bad_speech_requests_are_400(served):
