@@ -95,13 +95,19 @@ class SpeechLoader:
             from mistralrs_core.errors import NotAvailableYet
             raise NotAvailableYet("in_situ_quant for speech models", "the speech loader keeps weights dense")
         model_dir = resolve_model_dir(which.model_id, token_source=opts.token_source)
-        dac_dir = resolve_model_dir(which.dac_model_id, token_source=opts.token_source)
+        try:
+            dac_dir = resolve_model_dir(which.dac_model_id, token_source=opts.token_source)
+        except (OSError, ValueError) as exc:
+            raise type(exc)(f"dac_model_id: {exc}") from None
         device = pick_device(opts.device)
         # Dia follows the core's dtype rule (Auto: bf16 where matmuls are fast in it). The
         # codec stays float32: it runs once per request, and its Snake activations
         # (sin(alpha x)^2 / alpha with small alphas) lose the waveform's detail in bf16.
         model = load_dia(model_dir, pick_dtype(which.dtype, device), device)
-        codec = load_dac(dac_dir, torch.float32, device)
+        try:
+            codec = load_dac(dac_dir, torch.float32, device)
+        except ValueError as exc:
+            raise ValueError(f"dac_model_id: {exc}") from None
         max_frames = model.cfg.decoder.max_positions - model.cfg.max_delay
         sampling = SpeechSampling.from_generation_config(load_generation_config(model_dir), max_frames)
         engine = SpeechEngine(model, max_seqs=opts.max_seqs, seed=opts.seed)

@@ -121,8 +121,10 @@ def test_bad_input_gives_clear_errors(dirs):
         r.shutdown()
     with pytest.raises(ValueError, match="^dac_model_id"):
         Runner(which=Which.Speech(model_id=dia, arch=SpeechLoaderType.Dia))
-    with pytest.raises((ValueError, FileNotFoundError), match="nope"):
+    with pytest.raises(FileNotFoundError, match="^dac_model_id: .*nope"):
         Runner(which=Which.Speech(model_id=dia, arch=SpeechLoaderType.Dia, dac_model_id=dac + "/nope"))
+    with pytest.raises(ValueError, match="^dac_model_id: DAC weights"):   # a Dia folder is no codec
+        Runner(which=Which.Speech(model_id=dia, arch=SpeechLoaderType.Dia, dac_model_id=dia))
     with pytest.raises(ValueError, match="arch"):
         Which.Speech(model_id=dia, arch="Bark", dac_model_id=dac)
 
