@@ -70,13 +70,14 @@ class SpeechEngine:
     def generate(self, text_ids: list[int], sampling: SpeechSampling) -> tuple[torch.Tensor, bool]:
         """Audio codes [C, frames] (delay pattern undone, BOS/EOS stripped) and whether the
         maximum length cut the speech short."""
-        if self._stop.is_set():
-            raise RuntimeError("the speech engine has been shut down")
         with self._seed_lock:
+            # Checked under the lock shutdown takes, so no request is queued after its drain.
+            if self._stop.is_set():
+                raise RuntimeError("the speech engine has been shut down")
             # The runner's seed drives a stream of per-request seeds (as the text engine does).
             gen = torch.Generator().manual_seed(self._rng.getrandbits(63))
-        req = _Request(text_ids, gen, sampling)
-        self._waiting.put(req)
+            req = _Request(text_ids, gen, sampling)
+            self._waiting.put(req)
         kind, value = req.done.get()
         if kind == "error":
             raise value
@@ -89,7 +90,8 @@ class SpeechEngine:
                 "kv_cache_bytes": self.pool.nbytes, **self.stats}
 
     def shutdown(self) -> None:
-        self._stop.set()
+        with self._seed_lock:
+            self._stop.set()
         self._waiting.put(None)
         self._thread.join(timeout=10)
         # Requests that were still queued get an answer too.
