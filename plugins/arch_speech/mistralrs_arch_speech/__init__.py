@@ -1,0 +1,1 @@
+"""mistralrs-arch-speech: Dia text-to-speech and the DAC codec behind ``Runner.generate_audio``."""
