@@ -133,6 +133,8 @@ async function send(text) {
     } else {
       bubble("error", err.message);
       $("status").textContent = "";
+      // The refused turn leaves the conversation, so the next message does not repeat it.
+      if (!answer) conversation.pop();
     }
   } finally {
     out.classList.remove("streaming");
