@@ -146,4 +146,5 @@ def test_image_upload_is_sent_as_an_image_url_part(browser, server, tmp_path):
     assert "image_url" in error and "vision model" in error
     assert browser.execute_script("return document.querySelector('.msg.user img').src").startswith(
         "data:image/png;base64,")
+    assert not browser.find_element("id", "attachment").is_displayed()   # sent, so detached
     browser.save_screenshot(str(tmp_path / "image.png"))
