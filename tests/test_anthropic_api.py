@@ -7,6 +7,7 @@ import json
 
 import anthropic
 import httpx
+import pydantic
 import pytest
 
 from mistralrs_core.testing.server import Server, smollm2_args
@@ -39,6 +40,7 @@ def test_create_answers_as_the_chat_route_does(client, server):
     text, usage = chat(server, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}],
                        max_tokens=24)
     assert m.type == "message" and m.role == "assistant" and m.id.startswith("msg_")
+    anthropic.types.Message.model_validate(m.to_dict())
     assert m.content[0].type == "text" and m.content[0].text == text and "Paris" in text
     assert m.stop_reason == "end_turn" and m.stop_sequence is None
     assert m.usage.input_tokens == usage.prompt_tokens and m.usage.output_tokens == usage.completion_tokens
@@ -82,7 +84,11 @@ def test_stream_events_and_text(client, server):
     n = names.count("content_block_delta")
     assert names == ["message_start", "content_block_start"] + ["content_block_delta"] * n + \
         ["content_block_stop", "message_delta", "message_stop"]
-    start = next(e for e in stream_events(server, body) if e["type"] == "message_start")
+    events = stream_events(server, body)
+    strict = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+    for e in events:
+        strict.validate_python(e)   # every field Anthropic's types require is there
+    start = events[0]
     assert start["message"]["usage"]["input_tokens"] == full.usage.input_tokens
 
 

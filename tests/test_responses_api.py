@@ -7,7 +7,9 @@ import time
 
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types.responses import Response, ResponseStreamEvent
 
 from mistralrs_core.server.responses_api import ResponseStore, Stored
 from mistralrs_core.testing.server import Server, smollm2_args
@@ -50,6 +52,7 @@ def test_create_answers_as_the_chat_route_does(client):
     text, usage = chat_text(client, [{"role": "system", "content": "You are a helpful assistant."},
                                      {"role": "user", "content": QUESTION}], max_tokens=24)
     assert r.object == "response" and r.id.startswith("resp_") and r.status == "completed"
+    Response.model_validate(r.to_dict())   # strictly: every required field is there
     assert "Paris" in r.output_text and r.output_text == text
     assert r.instructions == "You are a helpful assistant." and r.max_output_tokens == 24
     item = r.output[0]
@@ -86,6 +89,10 @@ def test_stream_follows_openais_event_sequence(client):
     assert types == STREAM_EVENTS_HEAD + ["response.output_text.delta"] * n_deltas + STREAM_EVENTS_TAIL + \
         ["response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))
+    # Every event carries all the fields OpenAI's types require (the client only constructs).
+    strict = pydantic.TypeAdapter(ResponseStreamEvent)
+    for e in events:
+        strict.validate_python(e.to_dict())
     assert events[0].response.status == "in_progress" and events[0].response.output == []
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     item_id = events[2].item.id

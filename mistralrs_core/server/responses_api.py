@@ -410,8 +410,13 @@ async def create_response(request: Request):
         return JSONResponse(copy.deepcopy(rec.response))
 
     async def sse():
-        async for ev in events:
-            yield wire.sse_event(ev)
+        try:
+            async for ev in events:
+                yield wire.sse_event(ev)
+        finally:
+            # At once, not when the garbage collector finalizes it: a client that left must
+            # see its response marked cancelled.
+            await events.aclose()
 
     def disconnected():
         st.metrics.disconnects.inc("/v1/responses")
