@@ -5,8 +5,7 @@ test's tmp dir. Chromium is a test requirement (`make install` installs it): a m
 browser fails the test rather than skipping it."""
 from __future__ import annotations
 
-import os
-import shutil
+import base64
 from importlib import resources
 
 import httpx
@@ -14,10 +13,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from mistralrs_core.server.app import create_app
+from mistralrs_core.testing.browser import ask, headless_chromium, last_answer, open_chat_page, wait_for
 from mistralrs_core.testing.server import Server, smollm2_args
 
-CHROMIUM = os.environ.get("MISTRALRS_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = os.environ.get("MISTRALRS_TEST_CHROMEDRIVER") or shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # A 1x1 PNG.
 PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 
@@ -52,58 +50,18 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    for path in (CHROMIUM, CHROMEDRIVER):
-        assert os.path.exists(path), (
-            f"{path} is missing: the web UI test needs Debian's chromium and chromium-driver "
-            f"(`make install` installs them; or apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,800"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-    driver.set_script_timeout(120)
-    yield driver
-    driver.quit()
-
-
-def wait_for(driver, script: str, timeout: float = 120):
-    from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(lambda d: d.execute_script(script))
-
-
-def open_page(browser, server):
-    browser.get(server.url + "/ui")
-    wait_for(browser, "return document.getElementById('model').options.length > 0", 30)
-    # Each change of the answer bubble's text is one streamed piece arriving.
-    browser.execute_script("""
-        window.updates = 0;
-        new MutationObserver(() => window.updates++).observe(
-            document.getElementById('messages'), {subtree: true, characterData: true, childList: true});""")
-
-
-def ask(browser, text: str, temperature: str, max_tokens: str) -> None:
-    browser.execute_script("""
-        document.getElementById('temperature').value = arguments[0];
-        document.getElementById('max-tokens').value = arguments[1];""", temperature, max_tokens)
-    prompt = browser.find_element("id", "prompt")
-    prompt.clear()
-    prompt.send_keys(text)
-    browser.find_element("id", "send").click()
+    with headless_chromium() as driver:
+        driver.set_script_timeout(120)
+        yield driver
 
 
 def test_prompt_streams_an_answer(browser, server, tmp_path):
-    open_page(browser, server)
+    open_chat_page(browser, server.url)
     assert browser.title == "mistralrs chat"
     models = browser.execute_script("return [...document.getElementById('model').options].map(o => o.value)")
     assert models == [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]
     ask(browser, "What is the capital of France?", "0", "32")
-    wait_for(browser, "const a = document.querySelector('.msg.assistant');"
-                      "return a && !a.classList.contains('streaming')")
-    answer = browser.execute_script("return document.querySelector('.msg.assistant').textContent")
+    answer = last_answer(browser)
     browser.save_screenshot(str(tmp_path / "answer.png"))
     assert "Paris" in answer
     # The bubble grew piece by piece (several updates after the empty bubble was added).
@@ -113,7 +71,7 @@ def test_prompt_streams_an_answer(browser, server, tmp_path):
 
 
 def test_stop_aborts_the_stream(browser, server, tmp_path):
-    open_page(browser, server)
+    open_chat_page(browser, server.url)
     ask(browser, "Write a very long story about a dragon who learns to fly.", "0.7", "2000")
     wait_for(browser, "const a = document.querySelector('.msg.assistant');"
                       "return a && a.textContent.length > 20")
@@ -133,12 +91,9 @@ def test_stop_aborts_the_stream(browser, server, tmp_path):
 
 def test_image_upload_is_sent_as_an_image_url_part(browser, server, tmp_path):
     png = tmp_path / "dot.png"
-    import base64
     png.write_bytes(base64.b64decode(PNG))
-    open_page(browser, server)
-    browser.find_element("id", "image").send_keys(str(png))
-    wait_for(browser, "return !document.getElementById('attachment').hidden", 10)
-    ask(browser, "What is in this picture?", "0", "8")
+    open_chat_page(browser, server.url)
+    ask(browser, "What is in this picture?", "0", "8", image=str(png))
     # SmolLM2 is a text model: the server refuses the image part, naming it; a vision model
     # would answer (the page sends the same request shape either way).
     wait_for(browser, "return document.querySelector('.msg.error') !== null")

@@ -92,8 +92,9 @@ function busy(on) {
 }
 
 async function send(text) {
+  // The image first, then the question about it (the order most vision templates expect).
   const content = image
-    ? [{ type: "text", text }, { type: "image_url", image_url: { url: image } }]
+    ? [{ type: "image_url", image_url: { url: image } }, { type: "text", text }]
     : text;
   bubble("user", text, image);
   conversation.push({ role: "user", content });
