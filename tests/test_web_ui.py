@@ -6,6 +6,7 @@ browser fails the test rather than skipping it."""
 from __future__ import annotations
 
 import base64
+import time
 from importlib import resources
 
 import httpx
@@ -82,9 +83,10 @@ def test_stop_aborts_the_stream(browser, server, tmp_path):
     assert browser.find_element("id", "send").is_enabled() and not browser.find_element("id", "stop").is_enabled()
     # The server cancels the generation when the browser drops the connection.
     eng = server.status()["engine"]
-    for _ in range(100):
+    for _ in range(300):
         if eng["running"] == 0:
             break
+        time.sleep(0.05)
         eng = server.status()["engine"]
     assert eng["running"] == 0 and len(text) > 20
 
