@@ -118,8 +118,9 @@ def test_stream_helper_and_incomplete_at_max_output_tokens(client):
 
 
 def test_retrieve_delete_and_store_false(client):
-    r = client.responses.create(model="default", input="Hi", max_output_tokens=4)
-    assert client.responses.retrieve(r.id).output_text == r.output_text
+    r = client.responses.create(model="default", input="Hi", max_output_tokens=4, metadata={"run": "7"})
+    got = client.responses.retrieve(r.id)
+    assert got.output_text == r.output_text and got.metadata == {"run": "7"}
     client.responses.delete(r.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
@@ -191,6 +192,7 @@ def test_client_leaving_a_stream_cancels_it(server):
     (dict(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]), "input[0].content[0].type"),
     (dict(input=QUESTION, temperature="hot"), "temperature"),
     (dict(input=QUESTION, stream=True, background=True), "background"),
+    (dict(input=QUESTION, metadata={"n": 1}), "metadata"),
     (dict(), "input"),
 ])
 def test_bad_input_is_a_400_naming_the_field(client, kw, param):

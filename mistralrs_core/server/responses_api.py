@@ -376,6 +376,10 @@ async def create_response(request: Request):
     for name, v in (("stream", stream), ("background", background), ("store", body.get("store"))):
         if v is not None and not isinstance(v, bool):
             _fail(name, f"must be a boolean, got {v!r}")
+    metadata = body.get("metadata")
+    if metadata is not None and (not isinstance(metadata, dict) or
+                                 not all(isinstance(v, str) for v in metadata.values())):
+        _fail("metadata", f"must be an object of string values, got {metadata!r}")
     if stream and background:
         _fail("background", "streaming a background response is not supported; poll it with "
                             "GET /v1/responses/{id} instead", code="not_available")
