@@ -11,7 +11,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
-from mistralrs_core.server.responses_api import ResponseStore, Stored
+from mistralrs_core.server.responses_store import ResponseStore, Stored
 from mistralrs_core.testing.server import Server, smollm2_args
 
 QUESTION = "What is the capital of France?"
@@ -160,13 +160,13 @@ def test_background_response_runs_and_cancel_stops_it(client, server):
 def test_cancel_ends_a_running_stream(client, server):
     stream = client.responses.create(model="default", input="Write a long story about a dragon.", stream=True,
                                      max_output_tokens=4000, temperature=0, extra_body={"ignore_eos": True})
-    types = []
-    for event in stream:
+    events = iter(stream)
+    created = next(events)
+    types = [created.type]
+    for event in events:
         types.append(event.type)
         if event.type == "response.output_text.delta" and types.count(event.type) == 3:
-            server.client().responses.cancel(rid)
-        elif event.type == "response.created":
-            rid = event.response.id
+            server.client().responses.cancel(created.response.id)
     assert types[-4:] == STREAM_EVENTS_TAIL + ["response.incomplete"]
     assert event.response.status == "cancelled" and event.response.output[0].status == "incomplete"
     assert event.response.usage.output_tokens < 4000
