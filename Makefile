@@ -7,7 +7,18 @@ CONSTRAINTS := -c constraints.txt
 
 .PHONY: install demo test bench clean
 
+# tests/test_web_ui.py drives the /ui page in Debian's chromium through its driver; a machine
+# without them gets them here (as root, or through sudo), and install fails if it cannot.
+CHROMIUM_PACKAGES := chromium chromium-driver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 $(VENV)/.installed: pyproject.toml plugins/*/pyproject.toml constraints.txt
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "installing $(CHROMIUM_PACKAGES) (needed by tests/test_web_ui.py)"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_PACKAGES) >/dev/null || \
+		{ echo "error: could not install $(CHROMIUM_PACKAGES) with apt-get; install them by hand (the web UI test needs /usr/bin/chromium and /usr/bin/chromedriver)" >&2; exit 1; }; \
+	fi
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0

@@ -329,6 +329,15 @@ class Runner:
     def send_completion_request_to_model(self, request, model_id: str):
         return self.send_completion_request(request, model_id=model_id)
 
+    def count_chat_tokens(self, request, model_id: str | None = None) -> int:
+        """The prompt tokens ``send_chat_completion_request(request)`` would feed the model
+        (chat template applied, image placeholders included), without generating anything.
+        The server's Anthropic ``count_tokens`` route needs it."""
+        from mistralrs_core.api.validate import validate_chat_request
+        pipe = self._serving(model_id, TEXT_KINDS, "count_chat_tokens")
+        validate_chat_request(request)
+        return len(pipe.chat_prompt(request).ids)
+
     def send_embedding_request(self, request, model_id: str | None = None) -> list[list[float]]:
         return self._serving(model_id, ("embedding",), "send_embedding_request").embed(request)
 

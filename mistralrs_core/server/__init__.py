@@ -3,7 +3,9 @@
 ``create_app(runner)`` builds the ASGI app; ``serve(runner, host=, port=)`` runs it.
 Modules: ``app`` (assembly, auth), ``inference`` and ``admin`` (routes), ``context``
 (routing, thread offloading), ``streaming`` (SSE with disconnect cancellation), ``wire``
-(OpenAI JSON shapes), ``errors``, ``metrics``, and for the CLI ``spec`` (flags/config ->
+(OpenAI JSON shapes), ``errors``, ``metrics``, ``responses_api`` and ``anthropic_api``
+(OpenAI's Responses and Anthropic's Messages APIs, translated onto the chat route),
+``web_ui`` (the page at ``/ui``), and for the CLI ``spec`` (flags/config ->
 ``Which``), ``loading`` and ``interactive``.
 """
 __all__ = ["create_app", "serve"]

@@ -6,12 +6,13 @@ import hmac
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mistralrs_core.server import admin, inference, sessions
+from mistralrs_core.server import admin, anthropic_api, inference, responses_api, sessions, web_ui
 from mistralrs_core.server.context import ServerState
 from mistralrs_core.server.errors import APIError
 from mistralrs_core.server.metrics import MetricsMiddleware
 
-OPEN_PATHS = frozenset({"/health"})
+# The chat page holds no secret; it asks for the key and sends it with its API calls.
+OPEN_PATHS = frozenset({"/health"}) | web_ui.PUBLIC_PATHS
 
 
 class BearerAuth:
@@ -33,17 +34,20 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+ROUTERS = (inference.router, admin.router, sessions.router, responses_api.router, anthropic_api.router,
+           web_ui.router)
+
+
 def route_paths() -> list[str]:
-    return sorted({r.path for router in (inference.router, admin.router, sessions.router) for r in router.routes})
+    return sorted({r.path for router in ROUTERS for r in router.routes})
 
 
 def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) -> FastAPI:
     """An OpenAI-compatible app serving ``runner`` (routes by the request's ``model``)."""
     app = FastAPI(title="mistralrs for Python", version="0.1.0")
     app.state.server = ServerState(runner, api_key=api_key, max_threads=max_threads)
-    app.include_router(inference.router)
-    app.include_router(admin.router)
-    app.include_router(sessions.router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

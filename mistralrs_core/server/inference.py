@@ -63,19 +63,27 @@ def _stream(st: ServerState, stream, model: str, route: str, include_usage: bool
     return EventStreamResponse(events(), on_disconnect=disconnected)
 
 
+async def run_chat(st: ServerState, body: dict, route: str = "/v1/chat/completions"):
+    """The one chat path: an OpenAI chat body routed, validated and sent to the Runner.
+    ``/v1/responses`` and ``/v1/messages`` translate their bodies into this shape and come
+    here too. Returns ``(model id, request, response or stream)``."""
+    model = st.resolve_model(body.get("model"))
+    req = chat_request_from_openai(body)
+    try:
+        result = await st.run(st.runner.send_chat_completion_request, req, model)
+    except WrongModelKind as exc:
+        raise _wrong_kind(exc, route) from None
+    return model, req, result
+
+
 @router.post("/v1/chat/completions")
 @openai_errors
 async def chat_completions(request: Request):
     t0 = time.perf_counter()
     st = state(request)
     body = await read_json(request)
-    model = st.resolve_model(body.get("model"))
     include_usage = _include_usage(body)
-    req = chat_request_from_openai(body)
-    try:
-        result = await st.run(st.runner.send_chat_completion_request, req, model)
-    except WrongModelKind as exc:
-        raise _wrong_kind(exc, "/v1/chat/completions") from None
+    model, req, result = await run_chat(st, body)
     if req.stream:
         return _stream(st, result, model, "/v1/chat/completions", include_usage, t0)
     out = wire.chat_response(result)

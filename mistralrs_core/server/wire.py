@@ -25,6 +25,12 @@ def sse(payload) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
+def sse_event(payload: dict) -> bytes:
+    """A named event (``event: <type>``), as the Responses and Anthropic streams frame them."""
+    data = json.dumps(payload, ensure_ascii=False)
+    return f"event: {payload['type']}\ndata: {data}\n\n".encode("utf-8")
+
+
 def _top(entry: dict) -> dict:
     text = entry.get("bytes")
     text = text if isinstance(text, str) else ""

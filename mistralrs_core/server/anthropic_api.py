@@ -1,0 +1,272 @@
+"""Anthropic's Messages API (``/v1/messages``, ``/v1/messages/count_tokens``) as a
+translation onto the chat path.
+
+A Messages body becomes an OpenAI chat body (``system`` as the system message, content
+blocks as text / ``image_url`` parts, ``stop_sequences`` as ``stop``) and runs through
+``inference.run_chat``, the code ``/v1/chat/completions`` runs; the answer (or its chunks)
+becomes a Message (or Anthropic's event sequence). Errors leave in Anthropic's shape,
+``{"type": "error", "error": {"type", "message"}}``, with the offending field first in the
+message. Tool use is refused until the tools work reaches this API.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import uuid
+from typing import Any, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from mistralrs_core.api.converter import to_json_dict
+from mistralrs_core.api.openai import chat_request_from_openai
+from mistralrs_core.server import wire
+from mistralrs_core.server.context import ServerState, read_json, state
+from mistralrs_core.server.errors import APIError, from_exception
+from mistralrs_core.server.inference import run_chat
+from mistralrs_core.server.streaming import EventStreamResponse, iterate_in_threads
+
+router = APIRouter()
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                503: "overloaded_error", 529: "overloaded_error"}
+# Blocks a client sends back from earlier turns that carry nothing a local model can use.
+_DROPPED_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def error_body(err: APIError) -> dict:
+    kind = _ERROR_TYPES.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": err.message}}
+
+
+def anthropic_errors(route: Callable) -> Callable:
+    """Every failure of ``route`` leaves in Anthropic's error shape with its status."""
+    @functools.wraps(route)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await route(*args, **kwargs)
+        except Exception as exc:
+            err = from_exception(exc)
+            return JSONResponse(error_body(err), status_code=err.status)
+    return wrapper
+
+
+def _fail(field: str, message: str):
+    raise APIError(400, f"{field}: {message}", param=field)
+
+
+# --- request translation ------------------------------------------------------------
+
+def _str(field: str, v: Any) -> str:
+    if not isinstance(v, str):
+        _fail(field, f"must be a string, got {v!r}")
+    return v
+
+
+def _image(field: str, block: dict) -> dict:
+    src = block.get("source")
+    if not isinstance(src, dict):
+        _fail(f"{field}.source", f"must be an object, got {src!r}")
+    if src.get("type") == "base64":
+        media = _str(f"{field}.source.media_type", src.get("media_type"))
+        url = f"data:{media};base64,{_str(f'{field}.source.data', src.get('data'))}"
+    elif src.get("type") == "url":
+        url = _str(f"{field}.source.url", src.get("url"))
+    else:
+        _fail(f"{field}.source.type", f"must be 'base64' or 'url', got {src.get('type')!r}")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _blocks(field: str, content: Any) -> str | list[dict]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        _fail(field, f"must be a string or a list of content blocks, got {content!r}")
+    parts = []
+    for j, block in enumerate(content):
+        where = f"{field}[{j}]"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": _str(f"{where}.text", block.get("text"))})
+        elif kind == "image":
+            parts.append(_image(where, block))
+        elif kind in _DROPPED_BLOCKS:
+            continue
+        elif kind in ("tool_use", "tool_result", "server_tool_use"):
+            _fail(f"{where}.type", f"tool use is not supported by /v1/messages yet, got {kind!r}")
+        else:
+            _fail(f"{where}.type", f"must be 'text' or 'image', got {kind!r}")
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _system(v: Any) -> list[dict]:
+    if v is None:
+        return []
+    if isinstance(v, list):
+        texts = []
+        for i, block in enumerate(v):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                _fail(f"system[{i}]", f"must be a text block, got {block!r}")
+            texts.append(_str(f"system[{i}].text", block.get("text")))
+        v = "\n\n".join(texts)
+    return [{"role": "system", "content": _str("system", v)}]
+
+
+def chat_body(body: dict, *, counting: bool = False) -> tuple[dict, int]:
+    """A Messages body as an OpenAI chat body, and where ``messages`` start in it."""
+    if body.get("tools"):
+        _fail("tools", "tool use is not supported by /v1/messages yet (use /v1/chat/completions)")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None and not counting:
+        _fail("max_tokens", "is required")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        _fail("messages", f"must be a non-empty list of messages, got {messages!r}")
+    system = _system(body.get("system"))
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            _fail(f"messages[{i}]", f"must be an object, got {m!r}")
+        role = m.get("role")
+        if role not in ("user", "assistant"):
+            _fail(f"messages[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
+        out.append({"role": role, "content": _blocks(f"messages[{i}].content", m.get("content"))})
+    chat: dict = {"model": body.get("model"), "messages": system + out}
+    if not counting:
+        chat["max_tokens"] = max_tokens
+        for key in ("temperature", "top_p", "top_k", "stream"):
+            if body.get(key) is not None:
+                chat[key] = body[key]
+        if body.get("stop_sequences") is not None:
+            stops = body["stop_sequences"]
+            if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+                _fail("stop_sequences", f"must be a list of strings, got {stops!r}")
+            chat["stop"] = stops
+    return chat, len(system)
+
+
+_MESSAGES = re.compile(r"^messages\[(\d+)\](.*)$")
+
+
+def renamed(exc: ValueError, offset: int) -> ValueError:
+    """A chat-path ValueError with its field named as the Messages request names it."""
+    head, sep, rest = str(exc).partition(":")
+    m = _MESSAGES.match(head)
+    if m and sep:
+        k = int(m.group(1))
+        head = f"messages[{k - offset}]{m.group(2)}" if k >= offset else "system"
+    elif sep and head.startswith("stop"):
+        head = "stop_sequences" + head[len("stop"):]
+    else:
+        return exc
+    return ValueError(head + sep + rest)
+
+
+# --- answers --------------------------------------------------------------------------
+
+def _stop_reason(finish: str | None) -> str:
+    # A stop sequence and the end-of-turn token both finish as "stop" on the chat path,
+    # which does not say which one it was.
+    return "max_tokens" if finish == "length" else "end_turn"
+
+
+def _usage(u: dict | None) -> dict:
+    u = u or {}
+    return {"input_tokens": u.get("prompt_tokens", 0), "output_tokens": u.get("completion_tokens", 0),
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def message(result, model: str) -> dict:
+    d = to_json_dict(result)
+    choice = d["choices"][0]
+    return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": choice["message"].get("content") or ""}],
+            "stop_reason": _stop_reason(choice.get("finish_reason")), "stop_sequence": None,
+            "usage": _usage(d.get("usage"))}
+
+
+def _has_images(chat: dict) -> bool:
+    return any(isinstance(m["content"], list) for m in chat["messages"])
+
+
+def _stream(st: ServerState, stream, model: str, input_tokens: int):
+    def ev(payload: dict) -> bytes:
+        return wire.sse_event(payload)
+
+    async def events():
+        usage, finish = None, None
+        start = {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": model,
+                 "content": [], "stop_reason": None, "stop_sequence": None,
+                 "usage": {**_usage(None), "input_tokens": input_tokens}}
+        yield ev({"type": "message_start", "message": start})
+        yield ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        try:
+            async for chunk in iterate_in_threads(stream, st.limiter):
+                d = to_json_dict(chunk)
+                usage = d.get("usage") or usage
+                for choice in d["choices"]:
+                    finish = choice.get("finish_reason") or finish
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield ev({"type": "content_block_delta", "index": 0,
+                                  "delta": {"type": "text_delta", "text": text}})
+        except Exception as exc:
+            # Headers are gone already: the error travels as an event, as Anthropic does.
+            yield ev(error_body(from_exception(exc)))
+            return
+        finally:
+            st.metrics.record_usage(model, usage)
+        yield ev({"type": "content_block_stop", "index": 0})
+        u = _usage(usage)
+        yield ev({"type": "message_delta", "delta": {"stop_reason": _stop_reason(finish), "stop_sequence": None},
+                  "usage": {"input_tokens": u["input_tokens"], "output_tokens": u["output_tokens"]}})
+        yield ev({"type": "message_stop"})
+
+    def disconnected():
+        st.metrics.disconnects.inc("/v1/messages")
+        stream.cancel()
+
+    return EventStreamResponse(events(), on_disconnect=disconnected)
+
+
+# --- routes ---------------------------------------------------------------------------
+
+@router.post("/v1/messages")
+@anthropic_errors
+async def messages(request: Request):
+    st = state(request)
+    body = await read_json(request)
+    chat, offset = chat_body(body)
+    try:
+        input_tokens = 0
+        if chat.get("stream") is True and not _has_images(chat):
+            # message_start reports the prompt's size before any token exists; counting
+            # renders the template once more, cheap for text (images would be decoded twice,
+            # so for them the count comes with message_delta only).
+            model = st.resolve_model(chat.get("model"))
+            input_tokens = await st.run(st.runner.count_chat_tokens, chat_request_from_openai(chat), model)
+        model, req, result = await run_chat(st, chat, "/v1/messages")
+    except ValueError as exc:
+        raise renamed(exc, offset) from None
+    if req.stream:
+        return _stream(st, result, model, input_tokens)
+    out = message(result, model)
+    st.metrics.record_usage(model, to_json_dict(result).get("usage"))
+    return JSONResponse(out)
+
+
+@router.post("/v1/messages/count_tokens")
+@anthropic_errors
+async def count_tokens(request: Request):
+    st = state(request)
+    body = await read_json(request)
+    chat, offset = chat_body(body, counting=True)
+    model = st.resolve_model(chat.get("model"))
+    try:
+        n = await st.run(st.runner.count_chat_tokens, chat_request_from_openai(chat), model)
+    except ValueError as exc:
+        raise renamed(exc, offset) from None
+    return JSONResponse({"input_tokens": n})
