@@ -32,7 +32,7 @@ class Capability:
 
 
 KNOWN: dict[str, Capability] = {c.name: c for c in (
-    Capability("grammar", "constrained decoding", _CORE_LATER, request_fields=("grammar",)),
+    Capability("grammar", "constrained decoding", "mistralrs-core", request_fields=("grammar",)),
     Capability("tool_calling", "tool calling", _CORE_LATER, request_fields=("tool_schemas",)),
     Capability("tool_callbacks", "Python tool callbacks", "mistralrs-tools-mcp",
                runner_args=("tool_callbacks",)),

@@ -28,3 +28,9 @@ def mistralrs_select_loader(which, kind):
 def mistralrs_quant_method(quant_config, hf_name, module, weight):
     # The core keeps weights dense; a pre-quantized weight nobody claims is dequantized.
     return None
+
+
+@hookimpl
+def mistralrs_register_capabilities(register):
+    # Constrained decoding (mistralrs_core/constrained, llguidance) is part of the core.
+    register("grammar", provides="regex, json_schema, lark and llguidance grammars")
