@@ -15,10 +15,21 @@ import llguidance
 from mistralrs_core.api.validate import GRAMMAR_TYPES
 from mistralrs_core.constrained.vocab import grammar_tokenizer
 
+# JSON on one line, spaced as Python's json.dumps writes it. llguidance's default lets any
+# run of whitespace appear between tokens, and small models then spend their token budget
+# on newlines and indentation (SmolLM2 ran out of max_tokens mid-object). A schema can ask
+# for llguidance's defaults back with "x-guidance": {"whitespace_flexible": true}.
+JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _from_json_schema(text: str) -> str:
+    return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_DEFAULTS)
+
+
 # grammar_type -> llguidance grammar text. "llguidance" is already that text.
 _BUILDERS: dict[str, Callable[[str], str]] = {
     "regex": llguidance.LLMatcher.grammar_from_regex,
-    "json_schema": llguidance.LLMatcher.grammar_from_json_schema,
+    "json_schema": _from_json_schema,
     "lark": llguidance.LLMatcher.grammar_from_lark,
     "llguidance": lambda text: text,
 }
