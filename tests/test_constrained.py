@@ -152,7 +152,8 @@ def run_together(runner, requests):
 
 def mixed_requests():
     base = dict(model="default", max_tokens=16, temperature=0.0)
-    return [CompletionRequest(prompt="the lazy dog", grammar=EMAIL, grammar_type="regex", **base),
+    return [CompletionRequest(prompt="the lazy dog", grammar=EMAIL, grammar_type="regex",
+                              **{**base, "max_tokens": 24}),
             CompletionRequest(prompt="fox jumps", **base),
             CompletionRequest(prompt="over the", grammar=SCHEMA, grammar_type="json_schema", **base),
             CompletionRequest(prompt="compiler borrows", ignore_eos=True, **base),
