@@ -1,10 +1,17 @@
 """Token masks: llguidance's packed bitmask (bit j of int32 word w allows token 32w + j)
-turned into a boolean "banned" row the sampler applies with one ``masked_fill_``."""
+turned into an additive bias row (0 allowed, -inf banned) the sampler adds to the logits.
+
+An add is one vectorised pass over the row; ``masked_fill_`` with a boolean row measured
+~10x slower on CPU (9 vs 0.7 ms for 16 rows of SmolLM2's 49k tokens), and the unpacking is
+one table lookup per mask byte (``embedding`` over a [256, 8] table: 1.2 ms for those 16
+rows, against 3.4 ms for shifts and compares).
+"""
 from __future__ import annotations
 
 import torch
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+_BIAS_TABLE = torch.tensor([[0.0 if (byte >> bit) & 1 else float("-inf") for bit in range(8)]
+                            for byte in range(256)], dtype=torch.float32)
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
@@ -17,18 +24,17 @@ def fill_bitmask(matcher, bitmask: torch.Tensor, row: int = 0) -> None:
     matcher.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * 4)
 
 
-def banned_tokens(bitmask: torch.Tensor) -> torch.Tensor:
-    """Bool [rows, 32 * words]: True where the token is not allowed. The int32 words are
-    read as little-endian bytes, whose bits then run in token order."""
-    as_bytes = bitmask.contiguous().view(torch.uint8)
-    bits = (as_bytes.unsqueeze(-1) >> _SHIFTS) & 1
-    return bits.view(bitmask.shape[0], -1).eq(0)
+def mask_bias(bitmask: torch.Tensor) -> torch.Tensor:
+    """Float [rows, 32 * words]: 0 where the token is allowed, -inf where it is banned.
+    The int32 words are read as little-endian bytes, whose bits then run in token order."""
+    as_bytes = bitmask.contiguous().view(torch.uint8).long()
+    return torch.nn.functional.embedding(as_bytes, _BIAS_TABLE).view(bitmask.shape[0], -1)
 
 
-def apply_banned(logits: torch.Tensor, banned: torch.Tensor) -> None:
-    """-inf on the banned tokens of a logits row (or [rows, V]); columns past the mask
-    (a head wider than the tokenizer) are banned too."""
-    width = min(logits.shape[-1], banned.shape[-1])
-    logits[..., :width].masked_fill_(banned[..., :width], float("-inf"))
+def apply_bias(logits: torch.Tensor, bias: torch.Tensor) -> None:
+    """Add a mask bias to a logits row (or [rows, V]) in place; columns past the mask (a
+    head wider than the tokenizer) are banned too."""
+    width = min(logits.shape[-1], bias.shape[-1])
+    logits[..., :width].add_(bias[..., :width])
     if logits.shape[-1] > width:
         logits[..., width:] = float("-inf")

@@ -17,7 +17,7 @@ from typing import Iterable
 import llguidance
 import torch
 
-from mistralrs_core.constrained.masks import banned_tokens, new_bitmask
+from mistralrs_core.constrained.masks import mask_bias, new_bitmask
 from mistralrs_core.constrained.state import SequenceGrammar
 
 
@@ -44,8 +44,8 @@ class MaskPrefetcher:
     def _fill(self, pairs, vocab: int) -> torch.Tensor:
         bitmask = new_bitmask(len(pairs), vocab)
         self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), bitmask.shape[1] * 4, len(pairs))
-        banned = banned_tokens(bitmask)
-        return banned.to(self.device, non_blocking=True) if self.device.type != "cpu" else banned
+        bias = mask_bias(bitmask)
+        return bias.to(self.device) if self.device.type != "cpu" else bias
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -19,20 +19,19 @@ from concurrent.futures import Future
 import torch
 
 from mistralrs_core.constrained.compile import CompiledGrammar
-from mistralrs_core.constrained.masks import apply_banned, banned_tokens, fill_bitmask, new_bitmask
+from mistralrs_core.constrained.masks import apply_bias, fill_bitmask, mask_bias, new_bitmask
 
 
 class SequenceGrammar:
-    __slots__ = ("grammar", "matcher", "consumed", "error", "_banned", "_banned_at", "_job", "_job_at",
-                 "_job_row")
+    __slots__ = ("grammar", "matcher", "consumed", "error", "_bias", "_bias_at", "_job", "_job_at", "_job_row")
 
     def __init__(self, grammar: CompiledGrammar):
         self.grammar = grammar
         self.matcher = grammar.new_matcher()
         self.consumed = 0                 # output tokens fed to the matcher
         self.error: str | None = None     # set when the matcher refused a token
-        self._banned: torch.Tensor | None = None
-        self._banned_at = -1              # the position _banned was computed for
+        self._bias: torch.Tensor | None = None
+        self._bias_at = -1                # the position _bias was computed for
         self._job: Future | None = None   # a prefetch job computing this position's mask
         self._job_at = -1
         self._job_row = 0
@@ -60,7 +59,7 @@ class SequenceGrammar:
     # --- masks ------------------------------------------------------------
     def wants_mask(self) -> bool:
         """No mask for the current position is computed or under way."""
-        return (self.error is None and self._banned_at != self.consumed and self._job_at != self.consumed
+        return (self.error is None and self._bias_at != self.consumed and self._job_at != self.consumed
                 and not self.matcher.is_stopped())
 
     def attach_job(self, job: Future, row: int) -> None:
@@ -70,32 +69,32 @@ class SequenceGrammar:
         job, self._job = self._job, None
         if job is None:
             return
-        banned = job.result()
+        bias = job.result()
         if self._job_at == self.consumed:
-            self._banned, self._banned_at = banned[self._job_row], self._job_at
+            self._bias, self._bias_at = bias[self._job_row], self._job_at
         self._job_at = -1
 
-    def banned(self) -> torch.Tensor:
-        """Bool [>= vocab]: the tokens the grammar does not allow next."""
+    def bias(self) -> torch.Tensor:
+        """Float [>= vocab]: 0 for the tokens the grammar allows next, -inf for the rest."""
         self._settle()
-        if self._banned_at != self.consumed:
+        if self._bias_at != self.consumed:
             if self.error is not None:
                 # A broken matcher allows nothing but an end token: the engine fails the
                 # request after this step, and the row must still be drawable.
-                banned = torch.ones(32 * ((self.grammar.vocab_size + 31) // 32), dtype=torch.bool)
-                banned[list(self.grammar.eos_ids)] = False
+                bias = torch.full((32 * ((self.grammar.vocab_size + 31) // 32),), float("-inf"))
+                bias[sorted(self.grammar.eos_ids)] = 0.0
             else:
                 bitmask = new_bitmask(1, self.grammar.vocab_size)
                 fill_bitmask(self.matcher, bitmask)
-                banned = banned_tokens(bitmask)[0]
-            self._banned, self._banned_at = banned, self.consumed
-        return self._banned
+                bias = mask_bias(bitmask)[0]
+            self._bias, self._bias_at = bias, self.consumed
+        return self._bias
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         """The logits processor: -inf on every token the grammar does not allow next."""
         self.sync(output_ids)
-        banned = self.banned()
-        if banned.device != logits.device:
-            banned = banned.to(logits.device)
-        apply_banned(logits, banned)
+        bias = self.bias()
+        if bias.device != logits.device:
+            bias = bias.to(logits.device)
+        apply_bias(logits, bias)
         return logits
