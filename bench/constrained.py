@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 
@@ -78,7 +79,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--thread-tuning", action="store_true",
+                    help="let the quant plugin retune its thread count (off: both kinds run at --threads)")
     args = ap.parse_args()
+    if not args.thread_tuning:
+        # The tuner moves between thread counts as the machine's load changes, which would
+        # make the two kinds' runs differ in more than the grammar.
+        os.environ["MISTRALRS_QUANT_NO_THREAD_TUNING"] = "1"
     torch.set_num_threads(args.threads)
     from mistralrs_quant import real_models
     path = real_models.smollm2_gguf()
