@@ -109,6 +109,28 @@ def test_byte_table_vocabulary_gives_the_same_masks(pipe):
     assert ma.is_accepting() and mb.is_accepting()
 
 
+def test_sampler_editing_the_logits_in_place_draws_the_same(pipe):
+    """The engine lets the sampler mask its logits in place (no private copy): same draws,
+    and logprobs still come from the raw values."""
+    from mistralrs_core.sampling import SamplingParams, SamplingState, Sampler
+    compiled = pipe.grammar_compiler.compile("regex", "[a-m]+")
+    vocab = pipe.tokenizer.vocab_size
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    kinds = [dict(), dict(temperature=0.8, top_p=0.9), dict(temperature=1.0, presence_penalty=1.0),
+             dict(temperature=0.7, logprobs=True, top_logprobs=2)]
+
+    def draw(in_place):
+        states = [SamplingState(SamplingParams(**k), [1, 2], [], torch.Generator().manual_seed(i))
+                  for i, k in enumerate(kinds)]
+        procs = [SequenceGrammar(compiled) for _ in kinds]
+        x = logits.clone()
+        return Sampler().sample(x, states, processors=procs, may_edit_logits=in_place), x
+    (copied, untouched), (edited, x) = draw(False), draw(True)
+    assert copied == edited and torch.equal(untouched, logits)
+    assert copied[3].logprob == pytest.approx(torch.log_softmax(logits[3], -1)[copied[3].token_id].item())
+    assert all(re.fullmatch("[a-m]+", pipe.tokenizer.decode([t.token_id])) for t in copied)
+
+
 # --- through the engine ----------------------------------------------------------------------
 def test_sampled_outputs_always_match(runner):
     res = complete(runner, temperature=1.0, n_choices=8, seed=3, grammar=EMAIL, grammar_type="regex")

@@ -314,7 +314,11 @@ class Engine:
             procs = None
             if any(r.logits_processors is not None for _, r in singles):
                 procs = [r.logits_processors for _, r in singles]
-            outs = self.sampler.sample(sel, [s.state for s, _ in singles], processors=procs)
+            # The logits are inference tensors (made under inference_mode), which may be edited
+            # in place only under it too.
+            with torch.inference_mode():
+                outs = self.sampler.sample(sel, [s.state for s, _ in singles], processors=procs,
+                                           may_edit_logits=True)
             for (seq, _), tok in zip(singles, outs):
                 if seq.finished:
                     continue   # a sibling choice failed the request (a grammar error)
@@ -347,7 +351,8 @@ class Engine:
         procs = [rec.logits_processors] if rec.logits_processors is not None else None
         accepted = 0
         for i in range(logits.shape[0]):
-            tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs)[0]
+            with torch.inference_mode():
+                tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs, may_edit_logits=True)[0]
             self._append_token(seq, tok)
             if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
                 break
