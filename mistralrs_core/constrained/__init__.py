@@ -16,7 +16,19 @@ a grammar that does not compile is a ``ValueError("grammar: <compiler message>")
 raised when the request is submitted, before it reaches the engine.
 
 Other code builds constrained requests through the same two fields (tool calling sets
-``grammar_type="lark"`` or ``"json_schema"``); nothing else is needed.
+``grammar_type="lark"`` or ``"json_schema"``); nothing else is needed. To check a schema or
+grammar without submitting anything, ``TextPipeline.grammar_compiler.compile(type, text)``
+raises the same ``ValueError``.
+
+JSON schemas (``json_schema``) compile to one-line JSON spaced like ``json.dumps``
+(``compile.JSON_DEFAULTS``): llguidance's default allows any whitespace between tokens, and
+small models then fill their budget with newlines. A schema embedded in lark with ``%json``
+keeps llguidance's defaults unless it says otherwise; add
+``"x-guidance": {"whitespace_flexible": false}`` to it for compact JSON.
+
+Semantics: end tokens are allowed only where the grammar may end; once the grammar can take
+nothing more the sequence finishes with ``finish_reason="stop"``. ``response_format``'s
+``strict`` does not change anything: the output is always constrained.
 
 Modules: ``vocab`` (llguidance's view of a model tokenizer, HF or GGUF-built),
 ``compile`` (grammar text -> ``CompiledGrammar``), ``state`` (``SequenceGrammar``: a
