@@ -33,7 +33,7 @@ class Capability:
 
 
 KNOWN: dict[str, Capability] = {c.name: c for c in (
-    Capability("grammar", "constrained decoding", _CORE_LATER, request_fields=("grammar",)),
+    Capability("grammar", "constrained decoding", _CORE, request_fields=("grammar",)),
     Capability("tool_calling", "tool calling", _CORE, request_fields=("tool_schemas",)),
     Capability("tool_callbacks", "Python tool callbacks", _CORE, runner_args=("tool_callbacks",)),
     Capability("mcp", "the MCP client", "mistralrs-tools-mcp", runner_args=("mcp_client_config",)),

@@ -31,14 +31,15 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 
 
 # Tool calling, the agentic loop, sessions and the produced-file store live in the core
-# (mistralrs_core.agent); MCP, web search, code execution and shell come from plugins.
-CORE_CAPABILITIES = ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")
+# (mistralrs_core.agent), constrained decoding too (mistralrs_core.constrained, llguidance);
+# MCP, web search, code execution and shell come from plugins.
+CORE_CAPABILITIES = ("grammar", "tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")
 
 
 @hookimpl
 def mistralrs_register_capabilities(register):
     for name in CORE_CAPABILITIES:
-        register(name, provides="mistralrs_core.agent")
+        register(name, provides="mistralrs_core.constrained" if name == "grammar" else "mistralrs_core.agent")
 
 
 @hookimpl

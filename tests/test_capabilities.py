@@ -53,13 +53,14 @@ def test_every_gated_argument_is_known_once():
 
 
 def test_request_field_gate_both_ways(fresh_plugins):
-    req = ChatCompletionRequest(messages=CHAT, grammar={"type": "regex", "value": "a+"})
-    with pytest.raises(NotAvailableYet, match=r"^grammar \(constrained decoding\).*install"):
+    # (grammar, the first gated field, is provided by the core now: web search stands in)
+    req = ChatCompletionRequest(messages=CHAT, web_search_options={"search_context_size": "low"})
+    with pytest.raises(NotAvailableYet, match=r"^web_search_options \(web search\).*install"):
         capabilities.check_request(req)
     capabilities.check_request(ChatCompletionRequest(messages=CHAT))   # unset fields ask for nothing
-    plugins.register_plugin(capability_plugin("grammar"), "grammar_test_plugin")
+    plugins.register_plugin(capability_plugin("web_search"), "search_test_plugin")
     capabilities.check_request(req)
-    assert capabilities.provided()["grammar"] == "grammar_test_plugin"
+    assert capabilities.provided()["web_search"] == "search_test_plugin"
     # Other fields stay gated.
     with pytest.raises(NotAvailableYet, match="enable_code_execution"):
         capabilities.check_request(ChatCompletionRequest(messages=CHAT, enable_code_execution=True))
@@ -127,10 +128,12 @@ def test_duplicate_registration_names_both_plugins(fresh_plugins):
         plugins.register_plugin(plugin(**{hook: lambda register, name=name: register(name, "x:y")}), pname)
         assert f"{table_name} {name!r} is registered by both 'core' and {pname!r}" in plugins.failed_plugins()[pname]
 
-    plugins.register_plugin(capability_plugin("grammar"), "cap_a")
-    plugins.register_plugin(capability_plugin("grammar"), "cap_b")
-    assert "capability 'grammar' is registered by both 'cap_a' and 'cap_b'" in plugins.failed_plugins()["cap_b"]
-    assert capabilities.provided()["grammar"] == "cap_a"
+    plugins.register_plugin(capability_plugin("matformer"), "cap_a")
+    plugins.register_plugin(capability_plugin("matformer"), "cap_b")
+    assert "capability 'matformer' is registered by both 'cap_a' and 'cap_b'" in plugins.failed_plugins()["cap_b"]
+    assert capabilities.provided()["matformer"] == "cap_a"
+    plugins.register_plugin(capability_plugin("grammar"), "cap_c")
+    assert "capability 'grammar' is registered by both 'core' and 'cap_c'" in plugins.failed_plugins()["cap_c"]
 
 
 def test_unknown_registration_keyword_fails_the_plugin(fresh_plugins):
@@ -163,7 +166,8 @@ def test_describe_lists_capabilities_and_processors(fresh_plugins):
     text = plugins.describe()
     assert "logits processors:\n  noop <- lp_plugin" in text
     assert "lora: provided by lora_plugin" in text
-    assert "grammar: not installed (install a later mistralrs-core)" in text
+    assert "matformer: not installed (install a later mistralrs-core)" in text
+    assert "grammar: provided by core" in text
 
 
 # --- consumed tables ----------------------------------------------------------------------

@@ -100,5 +100,5 @@ def test_missing_kind_names_the_distribution_and_listing_shows_capabilities():
     out = subprocess.run([sys.executable, "-m", "mistralrs_core.plugins"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "capabilities:\n" in out.stdout and "grammar: not installed" in out.stdout
+    assert "capabilities:\n" in out.stdout and "matformer: not installed" in out.stdout
     assert "logits processors:" in out.stdout

@@ -150,9 +150,12 @@ def test_other_errors_are_openai_objects(server):
     assert r.status_code == 400 and "diffusion" in r.json()["error"]["message"]
     r = httpx.post(server.url + "/v1/audio/speech", json={"input": "hello"})
     assert r.status_code == 400 and "speech" in r.json()["error"]["message"]
-    grammar = {"type": "regex", "value": "a+"}
+    grammar = {"type": "regex", "value": "a("}   # does not compile
     r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, "grammar": grammar})
-    assert r.status_code in (400, 501) and r.json()["error"]["param"] == "grammar"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "grammar"
+    search = {"search_context_size": "low"}       # a capability no installed plugin provides
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": CHAT, "web_search_options": search})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "web_search_options"
 
 
 # --- SSE, concurrency, cancellation ---------------------------------------------------

@@ -193,6 +193,10 @@ def _response_format(v: Any) -> tuple[str, str] | None:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, (dict, bool)):
             _fail("response_format.json_schema.schema", "must be a JSON schema object")
+        # `strict` true or not, the output is constrained to the schema (stricter than
+        # OpenAI's non-strict best effort, never looser).
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            _fail("response_format.json_schema.strict", f"must be a boolean, got {spec['strict']!r}")
         return "json_schema", json.dumps(schema)
     _fail("response_format.type", f"must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 

@@ -68,14 +68,17 @@ class RequestGroup:
     ``spans``: encoder inputs (``FeatureSpan``) whose features replace placeholder tokens of
     the prompt; ``logits_processors``: per choice a processor or None; ``adapter_id`` and
     ``cache_salt`` (tenant isolation) separate prefix-cache entries; ``keep_special_ids``:
-    special tokens kept in the decoded text (tool-call markers)."""
+    special tokens kept in the decoded text (tool-call markers); ``grammar``: a
+    ``constrained.CompiledGrammar`` every choice must follow (each gets its own matcher)."""
 
     def __init__(self, prompt_ids: list[int], params, n: int, stream: bool, max_tokens: int,
                  stop_strings: tuple[str, ...] = (), logits_processors: list[Callable | None] | None = None,
                  seed: int | None = None, spans: tuple[FeatureSpan, ...] = (), adapter_id: str | None = None,
-                 cache_salt: str | None = None, keep_special_ids: frozenset[int] = frozenset()):
+                 cache_salt: str | None = None, keep_special_ids: frozenset[int] = frozenset(),
+                 grammar=None):
         self.seed = seed
         self.keep_special_ids = keep_special_ids
+        self.grammar = grammar
         self.prompt_ids = prompt_ids
         self.spans = tuple(sorted(spans, key=lambda sp: sp.start))
         self.adapter_id = adapter_id
@@ -99,6 +102,13 @@ class RequestGroup:
     @property
     def done(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+def _chain(first: Callable, last: Callable) -> Callable:
+    def chained(output_ids, logits):
+        out = first(output_ids, logits)
+        return last(output_ids, logits if out is None else out)
+    return chained
 
 
 class Engine:
@@ -136,6 +146,7 @@ class Engine:
         self._rng = random.Random(config.seed)
         self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0,
                       "tokens_computed": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+        self._masks = None   # constrained.MaskPrefetcher, made with the first constrained request
         self._thread = threading.Thread(target=self._loop, name=f"mistralrs-engine-{name}", daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
@@ -161,6 +172,13 @@ class Engine:
                                            keep_ids=group.keep_special_ids)
             seq = Sequence(group, i, group.prompt_ids, state, detok, group.max_tokens)
             seq.output_ids = state.output_ids   # the sampler reads the same list
+            procs = group.logits_processors[i] if group.logits_processors else None
+            if group.grammar is not None:
+                from mistralrs_core.constrained.state import SequenceGrammar
+                seq.grammar = SequenceGrammar(group.grammar)
+                # Last, so that no other processor can lift a token the grammar bans.
+                procs = seq.grammar if procs is None else _chain(procs, seq.grammar)
+            seq.processor = procs
             group.seqs.append(seq)
         self.stats["requests"] += 1
         self._inbox.put(group)
@@ -209,6 +227,13 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._run_loop()
+        finally:
+            if self._masks is not None:
+                self._masks.close()
+
+    def _run_loop(self) -> None:
         while not self._stop:
             self._drain_inbox()
             self._reap_cancelled()
@@ -240,13 +265,12 @@ class Engine:
         else:
             ids = seq.token_ids[start:start + n]
             wanted = 1 if start + n == seq.num_tokens else 0
-        procs = group.logits_processors
         return StepRecord(
             seq_id=seq.id, token_ids=ids, start=start, blocks=seq.blocks,
             positions=group.positions.slice(start, len(ids)) if group.positions is not None else None,
             spans=group.spans if group.spans and start < seq.prompt_len else (),
             adapter_id=group.adapter_id, num_logits=wanted,
-            logits_processors=procs[seq.index] if procs else None, commit=not seq.draft,
+            logits_processors=seq.processor, commit=not seq.draft,
             state_slot=seq.state_slot if self.slotted else None, fresh_slot=self._take_fresh(seq))
 
     @staticmethod
@@ -265,6 +289,9 @@ class Engine:
         if not batch:
             return
         records = [self._record(seq, n) for seq, n in batch]
+        # Masks for the rows sampled this step that no earlier step started (a prompt's
+        # first token): computed while the model runs.
+        self._prefetch_masks(seq for (seq, _), rec in zip(batch, records) if rec.num_logits)
         try:
             logits = self.runner.run(records)
         except Exception as exc:
@@ -291,17 +318,35 @@ class Engine:
             procs = None
             if any(r.logits_processors is not None for _, r in singles):
                 procs = [r.logits_processors for _, r in singles]
-            outs = self.sampler.sample(sel, [s.state for s, _ in singles], processors=procs)
+            # The logits are inference tensors (made under inference_mode), which may be edited
+            # in place only under it too.
+            with torch.inference_mode():
+                outs = self.sampler.sample(sel, [s.state for s, _ in singles], processors=procs,
+                                           may_edit_logits=True)
             for (seq, _), tok in zip(singles, outs):
+                if seq.finished:
+                    continue   # a sibling choice failed the request (a grammar error)
                 if seq.first_token_time is None:
                     seq.first_token_time = now
                 self._append_token(seq, tok)
         for seq, rec, seq_logits in verify:
             self._verify(seq, rec, seq_logits)
+        # The next step's masks depend only on the tokens just consumed: start them now,
+        # so that they are computed while the next forward runs.
+        self._prefetch_masks(self.scheduler.running)
         if self.config.no_kv_cache:
             for seq, _ in batch:
                 if not seq.finished:
                     self.scheduler.reset_for_recompute(seq)
+
+    def _prefetch_masks(self, seqs) -> None:
+        states = [s.grammar for s in seqs if s.grammar is not None and not s.finished]
+        if not states:
+            return
+        if self._masks is None:
+            from mistralrs_core.constrained.prefetch import MaskPrefetcher
+            self._masks = MaskPrefetcher(self.config.device)
+        self._masks.start(states)
 
     def _verify(self, seq: Sequence, rec: StepRecord, logits: torch.Tensor) -> None:
         """Sample row by row while the samples agree with the drafts; keep those plus the
@@ -310,7 +355,8 @@ class Engine:
         procs = [rec.logits_processors] if rec.logits_processors is not None else None
         accepted = 0
         for i in range(logits.shape[0]):
-            tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs)[0]
+            with torch.inference_mode():
+                tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs, may_edit_logits=True)[0]
             self._append_token(seq, tok)
             if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
                 break
@@ -332,10 +378,21 @@ class Engine:
             seq.finish_reason = "stop"
             self._finish(seq)
             return
+        grammar = seq.grammar
+        if grammar is not None:
+            grammar.sync(seq.output_ids)
+            if grammar.error is not None:
+                self._fail(group, f"grammar: {grammar.error}")
+                return
         delta = seq.detok.push(tid)
         if delta:
             seq.text += delta
         if group.stop_strings and delta and self._check_stop_strings(seq, len(delta)):
+            self._finish(seq)
+            return
+        if grammar is not None and grammar.stopped:
+            # The grammar is complete and allows nothing more: the answer is finished.
+            seq.finish_reason = "stop"
             self._finish(seq)
             return
         if len(seq.output_ids) >= seq.max_tokens or seq.num_tokens >= self.max_context:

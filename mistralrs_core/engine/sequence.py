@@ -18,7 +18,7 @@ class Sequence:
     __slots__ = ("id", "group", "index", "prompt_ids", "output_ids", "blocks", "block_hashes",
                  "num_computed", "status", "state", "detok", "text", "emitted", "finish_reason",
                  "logprobs", "arrival", "first_token_time", "admitted_time", "preemptions", "stop_at",
-                 "max_tokens", "prompt_len", "state_slot", "_tokens", "draft", "slot_fresh")
+                 "max_tokens", "prompt_len", "state_slot", "_tokens", "draft", "slot_fresh", "grammar", "processor")
 
     def __init__(self, group, index: int, prompt_ids: list[int], state, detok, max_tokens: int):
         self.id = next(_ids)
@@ -49,6 +49,8 @@ class Sequence:
         self.max_tokens = max_tokens
         self.state_slot: int | None = None  # recurrent-state slot while admitted
         self.slot_fresh = False            # admitted since its last step: its slot's state is stale
+        self.grammar = None                # constrained.SequenceGrammar when the request has one
+        self.processor = None              # its logits processor (the grammar's mask last)
 
     @property
     def token_ids(self) -> list[int]:

@@ -152,14 +152,33 @@ class TextPipeline(TextGeneration):
             return (attrs.evolve(req, tool_schemas=None) if req.tool_schemas else req), None
         return calling.prepare(req, source, self.tokenizer, messages), calling
 
+    @property
+    def grammar_compiler(self):
+        """Compiles this model's grammars (``constrained.GrammarCompiler``), made on first use."""
+        compiler = self.__dict__.get("_grammar_compiler")
+        if compiler is None:
+            from mistralrs_core.constrained.compile import GrammarCompiler
+            compiler = self.__dict__.setdefault("_grammar_compiler",
+                                                GrammarCompiler(self.tokenizer, self.engine.eos_ids))
+        return compiler
+
+    def compile_grammar(self, req):
+        """The request's grammar compiled for this model, or None (ValueError naming the
+        field when it does not compile)."""
+        if getattr(req, "grammar_type", None) is None:
+            return None
+        return self.grammar_compiler.compile(req.grammar_type, req.grammar)
+
     def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False, keep_special_ids=frozenset()):
+        grammar = self.compile_grammar(req)
         max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))
         params = sampling_params(req, self.tokenizer, self.generation_config, max_tokens=max_tokens,
                                  n=n, force_logprobs=force_logprobs)
         group = RequestGroup(prompt.ids, params, n, stream, max_tokens, stop_strings=params.stop_strings,
                              seed=getattr(req, "seed", None), spans=tuple(prompt.spans),
                              logits_processors=self.logits_processors(req, n),
-                             cache_salt=getattr(req, "cache_salt", None), keep_special_ids=keep_special_ids)
+                             cache_salt=getattr(req, "cache_salt", None), keep_special_ids=keep_special_ids,
+                             grammar=grammar)
         self.engine.submit(group)
         return group
 
