@@ -48,10 +48,11 @@ class FluxDefaults:
     max_sequence_length: int
 
     @classmethod
-    def for_transformer(cls, guidance_embeds: bool) -> "FluxDefaults":
+    def for_transformer(cls, guidance_embeds: bool, t5_limit: int = 512) -> "FluxDefaults":
+        """``t5_limit``: the T5 tokenizer's ``model_max_length`` from the folder."""
         if guidance_embeds:
-            return cls(50, 3.5, 512)
-        return cls(4, None, 256)
+            return cls(50, 3.5, min(512, t5_limit))
+        return cls(4, None, min(256, t5_limit))
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,8 @@ class FluxPipeline(ImageGeneration):
         self.transformer, self.vae = transformer, vae
         self.scheduler = scheduler
         self.placement = placement
-        self.defaults = defaults or FluxDefaults.for_transformer(transformer.cfg.guidance_embeds)
+        self.defaults = defaults or FluxDefaults.for_transformer(transformer.cfg.guidance_embeds,
+                                                                 t5_tokenizer.max_length)
         self.generator = torch.Generator("cpu")
         self.generator.manual_seed(seed if seed is not None else secrets.randbits(63))
         self._lock = threading.Lock()

@@ -106,4 +106,8 @@ def load_t5_tokenizer(folder: Path, max_length: int = 512) -> PromptTokenizer:
                                 "model alone is not read)")
     cfg = _tokenizer_config(folder)
     tok = tokenizers.Tokenizer.from_file(str(path))
+    limit = cfg.get("model_max_length")
+    # Configs without a limit store a huge sentinel (int(1e30)).
+    if isinstance(limit, int) and 0 < limit < max_length:
+        max_length = limit
     return PromptTokenizer(tok, _special(cfg, "pad_token", "<pad>"), max_length, str(folder))

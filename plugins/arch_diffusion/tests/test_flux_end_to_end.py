@@ -61,8 +61,12 @@ def test_single_file_weights_equal_the_diffusers_folder(loaded):
 
 def test_defaults_follow_the_variant(loaded):
     s, d = loaded["schnell", "diffusers"].defaults, loaded["dev", "diffusers"].defaults
-    assert (s.num_inference_steps, s.guidance_scale, s.max_sequence_length) == (4, None, 256)
-    assert (d.num_inference_steps, d.guidance_scale, d.max_sequence_length) == (50, 3.5, 512)
+    # The T5 context is capped by the folder's tokenizer limit (40 in the tiny models).
+    assert (s.num_inference_steps, s.guidance_scale, s.max_sequence_length) == (4, None, tiny_flux.T5_MAX)
+    assert (d.num_inference_steps, d.guidance_scale, d.max_sequence_length) == (50, 3.5, tiny_flux.T5_MAX)
+    from mistralrs_arch_diffusion.pipeline import FluxDefaults
+    assert FluxDefaults.for_transformer(False) == FluxDefaults(4, None, 256)
+    assert FluxDefaults.for_transformer(True) == FluxDefaults(50, 3.5, 512)
 
 
 def test_max_sequence_length_is_honoured(tiny_flux_models, loaded):
