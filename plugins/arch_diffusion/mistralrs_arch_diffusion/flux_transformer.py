@@ -23,7 +23,8 @@ from torch import nn
 from mistralrs_core.layers.attention_backends import EncoderAttention
 from mistralrs_core.layers.linear import Linear, fuse_linears
 from mistralrs_core.layers.norms import RMSNorm
-from mistralrs_core.layers.rope import rotate_pairs
+
+from mistralrs_arch_diffusion.page_release import release_pages
 
 
 @attrs.frozen
@@ -58,6 +59,14 @@ class FluxConfig:
     @property
     def out_dim(self) -> int:
         return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
+
+
+def _linear(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with the bias folded into the matmul when the weight is dense (one pass
+    over the output instead of two)."""
+    if layer.qmethod is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -111,9 +120,14 @@ def rope_tables(ids: torch.Tensor, axes_dims: tuple, theta: float = 10000.0) -> 
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; cos/sin [S, D] (interleaved pairs)."""
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * c + rotate_pairs(x).float() * s).to(x.dtype)
+    """x [B, S, H, D]; cos/sin [S, D] (interleaved pairs, each value repeated for its pair).
+
+    The reference's ``x * cos + rotate_pairs(x) * sin`` in float32, computed per pair:
+    (x0 c - x1 s, x1 c + x0 s) gives the same float32 values with one upcast."""
+    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +135,7 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def _modulate(x, shift, scale):
-    return _layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
+    return torch.addcmul(shift[:, None], _layer_norm(x), 1 + scale[:, None])
 
 
 class _Mod(nn.Module):
@@ -133,7 +147,7 @@ class _Mod(nn.Module):
         self.linear = Linear(dim, n * dim, bias=True)
 
     def forward(self, temb_act):
-        return self.linear(temb_act).chunk(self.n, dim=-1)
+        return _linear(self.linear, temb_act).chunk(self.n, dim=-1)
 
 
 # --------------------------------------------------------------------------- attention
@@ -154,6 +168,14 @@ class _JointAttention(nn.Module):
 
 
 _sdpa = EncoderAttention()
+
+
+def _drop(owner: nn.Module, *names: str) -> None:
+    """Remove layers whose rows now live in a fused copy. Their memory-mapped checkpoint
+    pages were read by the copy; give them back, or they would stay resident beside it."""
+    for name in names:
+        release_pages(getattr(owner, name))
+        delattr(owner, name)
 
 
 def _attend(q, k, v, rope):
@@ -183,14 +205,14 @@ class FluxTransformerBlock(nn.Module):
         self.qkv = fuse_linears([a.to_q, a.to_k, a.to_v])
         self.add_qkv = fuse_linears([a.add_q_proj, a.add_k_proj, a.add_v_proj])
         if self.qkv is not None and self.add_qkv is not None:
-            del a.to_q, a.to_k, a.to_v, a.add_q_proj, a.add_k_proj, a.add_v_proj
+            _drop(a, "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 
     def _project(self, x, fused, parts, norm_q, norm_k):
         b, s, _ = x.shape
         if fused is not None:
-            q, k, v = fused(x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+            q, k, v = _linear(fused, x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
-            q, k, v = (p(x).view(b, s, self.heads, self.head_dim) for p in parts)
+            q, k, v = (_linear(p, x).view(b, s, self.heads, self.head_dim) for p in parts)
         return norm_q(q), norm_k(k), v
 
     def forward(self, img, txt, temb_act, rope):
@@ -207,10 +229,10 @@ class FluxTransformerBlock(nn.Module):
         n_txt = txt.shape[1]
         out = _attend(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1), rope)
         txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
-        img = img + gate[:, None] * a.to_out[0](img_out.contiguous())
-        img = img + gate_mlp[:, None] * self.ff(_modulate(img, shift_mlp, scale_mlp))
-        txt = txt + c_gate[:, None] * a.to_add_out(txt_out.contiguous())
-        txt = txt + c_gate_mlp[:, None] * self.ff_context(_modulate(txt, c_shift_mlp, c_scale_mlp))
+        img = torch.addcmul(img, gate[:, None], _linear(a.to_out[0], img_out))
+        img = torch.addcmul(img, gate_mlp[:, None], self.ff(_modulate(img, shift_mlp, scale_mlp)))
+        txt = torch.addcmul(txt, c_gate[:, None], _linear(a.to_add_out, txt_out))
+        txt = torch.addcmul(txt, c_gate_mlp[:, None], self.ff_context(_modulate(txt, c_shift_mlp, c_scale_mlp)))
         if txt.dtype == torch.float16:
             txt = txt.clip(-65504, 65504)
         return img, txt
@@ -230,7 +252,7 @@ class _FeedForward(nn.Module):
         self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim, bias=True)])
 
     def forward(self, x):
-        return self.net[2](F.gelu(self.net[0].proj(x), approximate="tanh"))
+        return _linear(self.net[2], F.gelu(_linear(self.net[0].proj, x), approximate="tanh"))
 
 
 class FluxSingleTransformerBlock(nn.Module):
@@ -252,23 +274,24 @@ class FluxSingleTransformerBlock(nn.Module):
         # One matmul for q, k, v and the MLP input, as the original checkpoints store it.
         self.linear1 = fuse_linears([a.to_q, a.to_k, a.to_v, self.proj_mlp])
         if self.linear1 is not None:
-            del a.to_q, a.to_k, a.to_v, self.proj_mlp
+            _drop(a, "to_q", "to_k", "to_v")
+            _drop(self, "proj_mlp")
 
     def forward(self, x, temb_act, rope):
         shift, scale, gate = self.norm(temb_act)
         h = _modulate(x, shift, scale)
         b, s, dim = h.shape
         if self.linear1 is not None:
-            qkv, mlp = self.linear1(h).split([3 * dim, self.mlp_dim], dim=-1)
+            qkv, mlp = _linear(self.linear1, h).split([3 * dim, self.mlp_dim], dim=-1)
             q, k, v = qkv.view(b, s, 3, self.heads, self.head_dim).unbind(2)
         else:
             a = self.attn
-            q, k, v = (p(h).view(b, s, self.heads, self.head_dim) for p in (a.to_q, a.to_k, a.to_v))
-            mlp = self.proj_mlp(h)
+            q, k, v = (_linear(p, h).view(b, s, self.heads, self.head_dim) for p in (a.to_q, a.to_k, a.to_v))
+            mlp = _linear(self.proj_mlp, h)
         q, k = self.attn.norm_q(q), self.attn.norm_k(k)
         attn = _attend(q, k, v, rope)
         mlp = F.gelu(mlp, approximate="tanh")
-        x = x + gate[:, None] * self.proj_out(torch.cat([attn, mlp], dim=2))
+        x = torch.addcmul(x, gate[:, None], _linear(self.proj_out, torch.cat([attn, mlp], dim=2)))
         if x.dtype == torch.float16:
             x = x.clip(-65504, 65504)
         return x
@@ -282,8 +305,8 @@ class _NormOut(nn.Module):
         self.linear = Linear(dim, 2 * dim, bias=True)
 
     def forward(self, x, temb_act):
-        scale, shift = self.linear(temb_act.to(x.dtype)).chunk(2, dim=-1)
-        return _layer_norm(x) * (1 + scale)[:, None] + shift[:, None]
+        scale, shift = _linear(self.linear, temb_act.to(x.dtype)).chunk(2, dim=-1)
+        return torch.addcmul(shift[:, None], _layer_norm(x), (1 + scale)[:, None])
 
 
 class FluxTransformer2DModel(nn.Module):

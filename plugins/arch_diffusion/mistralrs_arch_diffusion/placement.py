@@ -4,7 +4,9 @@
 ``FluxOffloaded``: components are loaded into host memory and each is moved onto the
 compute device only while it runs (CLIP, then T5, then the transformer for all steps, then
 the VAE), so the accelerator holds one component at a time. When the compute device is the
-host itself the moves are no-ops and the two behave alike.
+host itself the moves are no-ops and the two behave alike: there, each component's
+memory-mapped weight pages are handed back to the page cache once it has run
+(``page_release.py``), so neither keeps every component resident at once.
 
 The move itself is a parameter (``move(module, device)``) so the order can be checked
 without an accelerator.
@@ -17,6 +19,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from mistralrs_arch_diffusion.page_release import release_pages
+
 
 def _move(module: nn.Module, device: torch.device) -> None:
     module.to(device)
@@ -24,11 +28,14 @@ def _move(module: nn.Module, device: torch.device) -> None:
 
 class Placement:
     def __init__(self, compute: torch.device, offload: bool,
-                 move: Callable[[nn.Module, torch.device], None] = _move):
+                 move: Callable[[nn.Module, torch.device], None] = _move, release_idle: bool | None = None):
         self.compute = torch.device(compute)
         self.offload = offload
         self.storage = torch.device("cpu") if offload else self.compute
         self._move = move
+        # On the host, a component's memory-mapped weight pages go back to the page cache
+        # when it finishes (page_release.py), so peak RSS is the largest component.
+        self.release_idle = self.compute.type == "cpu" if release_idle is None else release_idle
 
     @property
     def moves(self) -> bool:
@@ -39,7 +46,11 @@ class Placement:
     def running(self, module: nn.Module):
         """Run ``module`` on the compute device for the duration of the block."""
         if not self.moves:
-            yield module
+            try:
+                yield module
+            finally:
+                if self.release_idle and self.compute.type == "cpu":
+                    release_pages(module)
             return
         self._move(module, self.compute)
         try:
