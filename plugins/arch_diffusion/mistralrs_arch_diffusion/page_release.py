@@ -8,9 +8,10 @@ private file mapping drops them, and the next use faults them back in from the p
 (or the disk, if the kernel reclaimed them meanwhile). Peak RSS becomes the largest
 component instead of the sum of all of them.
 
-Only ranges inside a mapping of a ``.safetensors`` file are released, and only whole pages
-inside one tensor's bytes. Dropping a private page discards writes to it: nothing in the
-pipeline writes weights after loading (they are inference-only parameters).
+Only ranges inside a mapping of a ``.safetensors`` file are released, only whole pages
+inside one tensor's bytes, and only pages that are still the file's own: dropping a private
+page that was written to (copy-on-write, now anonymous) would throw the write away, so
+``/proc/self/pagemap`` is read first and such pages are kept.
 """
 from __future__ import annotations
 
@@ -72,6 +73,24 @@ def file_backed_ranges(module: nn.Module) -> list[tuple[int, int]]:
     return out
 
 
+def _clean_file_runs(lo: int, hi: int, pagemap) -> list[tuple[int, int]]:
+    """Sub-ranges of [lo, hi) whose pages are present and still file pages (not written)."""
+    import numpy as np
+
+    n = (hi - lo) // _PAGE
+    pagemap.seek(lo // _PAGE * 8)
+    entries = np.frombuffer(pagemap.read(n * 8), dtype=np.uint64)
+    if entries.size != n:
+        return []
+    # bit 63: present; bit 61: file page or shared anonymous (a written private page is neither)
+    keep = ((entries >> np.uint64(63)) & np.uint64(1)).astype(bool) & \
+        ((entries >> np.uint64(61)) & np.uint64(1)).astype(bool)
+    if not keep.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], keep, [False])).astype(np.int8)))
+    return [(lo + int(a) * _PAGE, lo + int(b) * _PAGE) for a, b in zip(edges[0::2], edges[1::2])]
+
+
 def release_pages(module: nn.Module) -> int:
     """Drop ``module``'s file-backed weight pages from the resident set; returns the bytes
     advised. A no-op where ``madvise`` is unavailable."""
@@ -81,8 +100,17 @@ def release_pages(module: nn.Module) -> int:
         madvise = _madvise()
     except (OSError, AttributeError):
         return 0
+    ranges = file_backed_ranges(module)
+    if not ranges:
+        return 0
+    try:
+        pagemap = open("/proc/self/pagemap", "rb", buffering=0)
+    except OSError:
+        return 0  # without page flags a written page cannot be told apart: keep everything
     total = 0
-    for lo, hi in file_backed_ranges(module):
-        if madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
-            total += hi - lo
+    with pagemap:
+        for lo, hi in ranges:
+            for a, b in _clean_file_runs(lo, hi, pagemap):
+                if madvise(a, b - a, _MADV_DONTNEED) == 0:
+                    total += b - a
     return total

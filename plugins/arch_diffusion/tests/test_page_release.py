@@ -52,3 +52,22 @@ def test_placement_releases_after_running_on_the_host(tmp_path):
     dense = Linear(8, 8)
     dense.weight = torch.nn.Parameter(torch.randn(8, 8), requires_grad=False)
     assert file_backed_ranges(dense) == [] and release_pages(dense) == 0
+
+
+def test_written_pages_are_kept(tmp_path):
+    """A weight changed in place after loading (copy-on-write) keeps its new values."""
+    w = torch.randn(1024, 1024)
+    save_file({"weight": w}, tmp_path / "m.safetensors")
+    layer = Linear(1024, 1024)
+    with SafetensorsWeights(tmp_path / "m.safetensors") as sw:
+        load_module(layer, sw.items())
+    x = torch.randn(2, 1024)
+    layer(x)
+    with torch.no_grad():
+        layer.weight[:8].mul_(2.0)
+    want = w.clone()
+    want[:8] *= 2.0
+    released = release_pages(layer)
+    assert torch.equal(layer.weight, want)
+    # The untouched pages were still released.
+    assert released >= 3 * 2**20
