@@ -23,6 +23,7 @@ from torch import nn
 from mistralrs_core.layers.attention_backends import EncoderAttention
 from mistralrs_core.layers.linear import Linear, fuse_linears
 from mistralrs_core.layers.norms import RMSNorm
+from mistralrs_core.layers.rope import rotate_pairs
 
 from mistralrs_arch_diffusion.page_release import release_pages
 
@@ -120,14 +121,10 @@ def rope_tables(ids: torch.Tensor, axes_dims: tuple, theta: float = 10000.0) -> 
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, D]; cos/sin [S, D] (interleaved pairs, each value repeated for its pair).
-
-    The reference's ``x * cos + rotate_pairs(x) * sin`` in float32, computed per pair:
-    (x0 c - x1 s, x1 c + x0 s) gives the same float32 values with one upcast."""
-    c, s = cos[None, :, None, 0::2], sin[None, :, None, 0::2]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    return torch.stack((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1).flatten(-2).to(x.dtype)
+    """x [B, S, H, D]; cos/sin [S, D] float32 (interleaved pairs), applied in float32.
+    The pair swap runs in x's dtype before the upcast (half the bytes to interleave)."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.addcmul(x.float() * c, rotate_pairs(x).float(), s).to(x.dtype)
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
