@@ -9,7 +9,8 @@ the same thread count, each in its own process, so peak RSS is each engine's own
 ``VmHWM - VmRSS`` after imports (the "runtime floor": Python, torch and the engine's modules).
 A step is one transformer call (the scheduler update is a few element-wise ops); the first
 step is a warm-up and not counted; the fastest of the rest is reported (other processes on a
-shared machine only add time), with the median and the median process CPU time. Prints a table and writes bench/results/diffusion-<date>.json.
+shared machine only add time), with the median and the median process CPU time. The engines alternate for ``--rounds`` rounds and each keeps its best round. Prints a
+table and writes bench/results/diffusion-<date>.json.
 
     .venv/bin/python bench/diffusion.py [--threads 2] [--steps 6] [--size 512] [--dtype auto|bf16|f32]
 """
@@ -151,6 +152,7 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "f32"))
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the engines this many times")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -162,25 +164,36 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "flux"
         write_model(model_dir, dtype)
-        rows = {}
+        rows: dict = {}
         images = {}
-        # diffusers first, then ours: neither gets a warmer page cache for the weights.
-        for engine in ("diffusers", "ours"):
-            out_img = Path(tmp) / f"{engine}.npy"
-            env = {**os.environ, "BENCH_IMAGE_OUT": str(out_img)}
-            proc = subprocess.run([sys.executable, __file__, "--engine", engine, "--model-dir", str(model_dir),
-                                   "--dtype", dtype, "--threads", str(args.threads), "--steps", str(args.steps),
-                                   "--size", str(args.size)], capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.exit(f"{engine} failed:\n{proc.stderr[-4000:]}")
-            rows[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
-            import numpy as np
-            images[engine] = np.load(out_img)
+        # Alternating rounds (diffusers, ours, diffusers, ...): load on a shared machine drifts,
+        # and each engine keeps its best round.
+        for rnd in range(args.rounds):
+            for engine in ("diffusers", "ours"):
+                out_img = Path(tmp) / f"{engine}.npy"
+                env = {**os.environ, "BENCH_IMAGE_OUT": str(out_img)}
+                proc = subprocess.run([sys.executable, __file__, "--engine", engine, "--model-dir", str(model_dir),
+                                       "--dtype", dtype, "--threads", str(args.threads), "--steps",
+                                       str(args.steps), "--size", str(args.size)], capture_output=True, text=True,
+                                      env=env)
+                if proc.returncode:
+                    sys.exit(f"{engine} failed:\n{proc.stderr[-4000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["round"] = rnd
+                best = rows.get(engine)
+                rows.setdefault(engine + "_rounds", []).append(row)
+                if best is None or row["step_s"] < best["step_s"]:
+                    rows[engine] = row
+                import numpy as np
+                images[engine] = np.load(out_img)
     import numpy as np
     o, d = rows["ours"], rows["diffusers"]
     speed = d["step_s"] / o["step_s"]
     speed_median = d["step_median_s"] / o["step_median_s"]
     speed_cpu = d["step_cpu_s"] / o["step_cpu_s"]
+    # Peak memory does not depend on load: the largest over the rounds on each side.
+    peak = {e: max(r["peak_above_floor_mib"] for r in rows[e + "_rounds"]) for e in ("ours", "diffusers")}
+    o["peak_above_floor_mib"], d["peak_above_floor_mib"] = peak["ours"], peak["diffusers"]
     mem = o["peak_above_floor_mib"] / d["peak_above_floor_mib"]
     diff = float(np.abs(images["ours"] - images["diffusers"]).max())
     print(f"Flux-shaped {SHAPE['double']}+{SHAPE['single']} blocks, {SHAPE['heads']}x{SHAPE['head_dim']} heads, "
