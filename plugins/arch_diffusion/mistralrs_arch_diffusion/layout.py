@@ -26,7 +26,6 @@ from mistralrs_core.loading.safetensors_io import SafetensorsWeights
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 #: what the hub download fetches (the diffusers layout only: a BFL repo holds both)
 HUB_PATTERNS = ["model_index.json", *(f"{c}/*" for c in COMPONENTS)]
-_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def read_json(path: Path, what: str) -> dict:

@@ -157,9 +157,6 @@ class _Decoder(nn.Module):
 
 
 class AutoencoderKLDecoder(nn.Module):
-    # Text-to-image never encodes: the encoder half of the checkpoint is not loaded.
-    ignored_weight_suffixes = ()
-
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         self.cfg = cfg
@@ -168,6 +165,7 @@ class AutoencoderKLDecoder(nn.Module):
 
     @staticmethod
     def map_weight_name(name: str) -> str | None:
+        # Text-to-image never encodes: the encoder half of the checkpoint is not loaded.
         if name.startswith(("encoder.", "quant_conv.")):
             return None
         return name
