@@ -1,0 +1,1 @@
+"""mistralrs-arch-diffusion: Flux image generation behind ``Runner.generate_image``."""

@@ -1,0 +1,352 @@
+"""Flux's diffusion transformer (diffusers' ``FluxTransformer2DModel`` names and config).
+
+Text tokens (T5 states) and image tokens (packed 2x2 latent patches) first run through
+double-stream blocks (each stream its own weights, one joint attention over text + image),
+then through single-stream blocks over the concatenation. Every block is modulated by one
+conditioning vector: timestep embedding (+ guidance embedding for guidance-distilled "dev"
+checkpoints) + the projected CLIP pooled output. Positions are 3-axis ids (text: zeros;
+image: (0, row, col)) turned into interleaved-pair rope over ``axes_dims_rope`` slices of
+each head.
+
+All projections are core ``Linear`` layers, so the quantization hook sees the DiT linears;
+after load q/k/v (and, in single blocks, q/k/v + the MLP input) are fused into one matmul.
+"""
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mistralrs_core.layers.attention_backends import EncoderAttention
+from mistralrs_core.layers.linear import Linear, fuse_linears
+from mistralrs_core.layers.norms import RMSNorm
+from mistralrs_core.layers.rope import rotate_pairs
+
+from mistralrs_arch_diffusion.page_release import release_pages
+
+
+@attrs.frozen
+class FluxConfig:
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple = (16, 56, 56)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "FluxConfig":
+        d = cls()
+        kw = {f.name: hf.get(f.name, getattr(d, f.name)) for f in attrs.fields(cls)}
+        kw["axes_dims_rope"] = tuple(kw["axes_dims_rope"])
+        cfg = cls(**kw)
+        if sum(cfg.axes_dims_rope) != cfg.attention_head_dim:
+            raise ValueError(f"axes_dims_rope: {list(cfg.axes_dims_rope)} must sum to attention_head_dim "
+                             f"({cfg.attention_head_dim})")
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_dim(self) -> int:
+        return self.patch_size * self.patch_size * (self.out_channels or self.in_channels)
+
+
+def _linear(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` with the bias folded into the matmul when the weight is dense (one pass
+    over the output instead of two)."""
+    if layer.qmethod is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of (scaled) timesteps [B] -> [B, dim], cosines first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class _MLPEmbedder(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding / PixArt text projection)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = Linear(in_dim, dim, bias=True)
+        self.linear_2 = Linear(dim, dim, bias=True)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class _TimeTextEmbed(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.timestep_embedder = _MLPEmbedder(256, cfg.inner_dim)
+        if cfg.guidance_embeds:
+            self.guidance_embedder = _MLPEmbedder(256, cfg.inner_dim)
+        self.text_embedder = _MLPEmbedder(cfg.pooled_projection_dim, cfg.inner_dim)
+
+    def forward(self, timestep, guidance, pooled):
+        emb = self.timestep_embedder(timestep_features(timestep).to(pooled.dtype))
+        if guidance is not None:
+            emb = emb + self.guidance_embedder(timestep_features(guidance).to(pooled.dtype))
+        return emb + self.text_embedder(pooled)
+
+
+def rope_tables(ids: torch.Tensor, axes_dims: tuple, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [S, n_axes] -> (cos, sin) [S, sum(axes_dims)] float32, each frequency repeated
+    for its (even, odd) pair; angles in float64 as the reference computes them."""
+    cos, sin = [], []
+    pos = ids.double()
+    for i, dim in enumerate(axes_dims):
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim))
+        ang = torch.outer(pos[:, i], inv)
+        cos.append(ang.cos().repeat_interleave(2, dim=1).float())
+        sin.append(ang.sin().repeat_interleave(2, dim=1).float())
+    return torch.cat(cos, -1), torch.cat(sin, -1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, H, D]; cos/sin [S, D] float32 (interleaved pairs), applied in float32.
+    The pair swap runs in x's dtype before the upcast (half the bytes to interleave)."""
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.addcmul(x.float() * c, rotate_pairs(x).float(), s).to(x.dtype)
+
+
+def _layer_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+def _modulate(x, shift, scale):
+    return torch.addcmul(shift[:, None], _layer_norm(x), 1 + scale[:, None])
+
+
+class _Mod(nn.Module):
+    """AdaLayerNormZero(-Single)'s projection: ``linear(silu(temb))`` cut into ``n`` chunks."""
+
+    def __init__(self, dim: int, n: int):
+        super().__init__()
+        self.n = n
+        self.linear = Linear(dim, n * dim, bias=True)
+
+    def forward(self, temb_act):
+        return _linear(self.linear, temb_act).chunk(self.n, dim=-1)
+
+
+# --------------------------------------------------------------------------- attention
+
+class _JointAttention(nn.Module):
+    """Holds the HF-named projections; the blocks call them (fused after load)."""
+
+    def __init__(self, cfg: FluxConfig, dual: bool):
+        super().__init__()
+        dim, hd = cfg.inner_dim, cfg.attention_head_dim
+        self.to_q, self.to_k, self.to_v = (Linear(dim, dim, bias=True) for _ in range(3))
+        self.norm_q, self.norm_k = RMSNorm(hd, 1e-6), RMSNorm(hd, 1e-6)
+        if dual:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (Linear(dim, dim, bias=True) for _ in range(3))
+            self.norm_added_q, self.norm_added_k = RMSNorm(hd, 1e-6), RMSNorm(hd, 1e-6)
+            self.to_out = nn.ModuleList([Linear(dim, dim, bias=True)])
+            self.to_add_out = Linear(dim, dim, bias=True)
+
+
+_sdpa = EncoderAttention()
+
+
+def _drop(owner: nn.Module, *names: str) -> None:
+    """Remove layers whose rows now live in a fused copy. Their memory-mapped checkpoint
+    pages were read by the copy; give them back, or they would stay resident beside it."""
+    for name in names:
+        release_pages(getattr(owner, name))
+        delattr(owner, name)
+
+
+def _attend(q, k, v, rope):
+    """q/k/v [B, S, H, D] over the joint sequence -> [B, S, H * D]."""
+    cos, sin = rope
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    out = _sdpa(q, k, v, None, scale=q.shape[-1] ** -0.5)
+    return out.flatten(2).to(q.dtype)
+
+
+class FluxTransformerBlock(nn.Module):
+    """Double-stream block: image and text streams with their own weights, joint attention."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.norm1 = _Mod(dim, 6)
+        self.norm1_context = _Mod(dim, 6)
+        self.attn = _JointAttention(cfg, dual=True)
+        self.ff = _FeedForward(dim)
+        self.ff_context = _FeedForward(dim)
+        self.qkv = self.add_qkv = None
+
+    def post_load(self):
+        a = self.attn
+        self.qkv = fuse_linears([a.to_q, a.to_k, a.to_v])
+        self.add_qkv = fuse_linears([a.add_q_proj, a.add_k_proj, a.add_v_proj])
+        if self.qkv is not None and self.add_qkv is not None:
+            _drop(a, "to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+
+    def _project(self, x, fused, parts, norm_q, norm_k):
+        b, s, _ = x.shape
+        if fused is not None:
+            q, k, v = _linear(fused, x).view(b, s, 3, self.heads, self.head_dim).unbind(2)
+        else:
+            q, k, v = (_linear(p, x).view(b, s, self.heads, self.head_dim) for p in parts)
+        return norm_q(q), norm_k(k), v
+
+    def forward(self, img, txt, temb_act, rope):
+        a = self.attn
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb_act)
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb_act)
+        q, k, v = self._project(_modulate(img, shift, scale), self.qkv,
+                                (getattr(a, "to_q", None), getattr(a, "to_k", None), getattr(a, "to_v", None)),
+                                a.norm_q, a.norm_k)
+        cq, ck, cv = self._project(_modulate(txt, c_shift, c_scale), self.add_qkv,
+                                   (getattr(a, "add_q_proj", None), getattr(a, "add_k_proj", None),
+                                    getattr(a, "add_v_proj", None)),
+                                   a.norm_added_q, a.norm_added_k)
+        n_txt = txt.shape[1]
+        out = _attend(torch.cat([cq, q], 1), torch.cat([ck, k], 1), torch.cat([cv, v], 1), rope)
+        txt_out, img_out = out[:, :n_txt], out[:, n_txt:]
+        img = torch.addcmul(img, gate[:, None], _linear(a.to_out[0], img_out))
+        img = torch.addcmul(img, gate_mlp[:, None], self.ff(_modulate(img, shift_mlp, scale_mlp)))
+        txt = torch.addcmul(txt, c_gate[:, None], _linear(a.to_add_out, txt_out))
+        txt = torch.addcmul(txt, c_gate_mlp[:, None], self.ff_context(_modulate(txt, c_shift_mlp, c_scale_mlp)))
+        if txt.dtype == torch.float16:
+            txt = txt.clip(-65504, 65504)
+        return img, txt
+
+
+class _Proj(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = Linear(dim_in, dim_out, bias=True)
+
+
+class _FeedForward(nn.Module):
+    """net.0.proj -> tanh-GELU -> net.2 (diffusers' FeedForward layout)."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([_Proj(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim, bias=True)])
+
+    def forward(self, x):
+        return _linear(self.net[2], F.gelu(_linear(self.net[0].proj, x), approximate="tanh"))
+
+
+class FluxSingleTransformerBlock(nn.Module):
+    """Single-stream block over [text; image]: parallel attention and MLP branches."""
+
+    def __init__(self, cfg: FluxConfig, mlp_ratio: float = 4.0):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.dim, self.mlp_dim = dim, int(dim * mlp_ratio)
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.norm = _Mod(dim, 3)
+        self.proj_mlp = Linear(dim, self.mlp_dim, bias=True)
+        self.proj_out = Linear(dim + self.mlp_dim, dim, bias=True)
+        self.attn = _JointAttention(cfg, dual=False)
+        self.linear1 = None
+
+    def post_load(self):
+        a = self.attn
+        # One matmul for q, k, v and the MLP input, as the original checkpoints store it.
+        self.linear1 = fuse_linears([a.to_q, a.to_k, a.to_v, self.proj_mlp])
+        if self.linear1 is not None:
+            _drop(a, "to_q", "to_k", "to_v")
+            _drop(self, "proj_mlp")
+
+    def forward(self, x, temb_act, rope):
+        shift, scale, gate = self.norm(temb_act)
+        h = _modulate(x, shift, scale)
+        b, s, dim = h.shape
+        if self.linear1 is not None:
+            qkv, mlp = _linear(self.linear1, h).split([3 * dim, self.mlp_dim], dim=-1)
+            q, k, v = qkv.view(b, s, 3, self.heads, self.head_dim).unbind(2)
+        else:
+            a = self.attn
+            q, k, v = (_linear(p, h).view(b, s, self.heads, self.head_dim) for p in (a.to_q, a.to_k, a.to_v))
+            mlp = _linear(self.proj_mlp, h)
+        q, k = self.attn.norm_q(q), self.attn.norm_k(k)
+        attn = _attend(q, k, v, rope)
+        mlp = F.gelu(mlp, approximate="tanh")
+        x = torch.addcmul(x, gate[:, None], _linear(self.proj_out, torch.cat([attn, mlp], dim=2)))
+        if x.dtype == torch.float16:
+            x = x.clip(-65504, 65504)
+        return x
+
+
+class _NormOut(nn.Module):
+    """AdaLayerNormContinuous: ``linear(silu(temb))`` -> (scale, shift), in that order."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = Linear(dim, 2 * dim, bias=True)
+
+    def forward(self, x, temb_act):
+        scale, shift = _linear(self.linear, temb_act.to(x.dtype)).chunk(2, dim=-1)
+        return torch.addcmul(shift[:, None], _layer_norm(x), (1 + scale)[:, None])
+
+
+class FluxTransformer2DModel(nn.Module):
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.inner_dim
+        self.time_text_embed = _TimeTextEmbed(cfg)
+        self.context_embedder = Linear(cfg.joint_attention_dim, dim, bias=True)
+        self.x_embedder = Linear(cfg.in_channels, dim, bias=True)
+        self.transformer_blocks = nn.ModuleList([FluxTransformerBlock(cfg) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleTransformerBlock(cfg) for _ in range(cfg.num_single_layers)])
+        self.norm_out = _NormOut(dim)
+        self.proj_out = Linear(dim, cfg.out_dim, bias=True)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.bias.dtype
+
+    def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor):
+        """(cos, sin) over [text; image] positions; the same for every step of a generation."""
+        return rope_tables(torch.cat([txt_ids, img_ids], 0), self.cfg.axes_dims_rope)
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids=None,
+                txt_ids=None, guidance=None, rope=None):
+        """hidden_states [B, N, in_channels] packed latents; encoder_hidden_states [B, T, joint_dim];
+        pooled [B, pooled_dim]; timestep [B] in [0, 1] (sigma); guidance [B] or None.
+        ``rope``: precomputed ``self.rope(txt_ids, img_ids)`` (else built from the ids)."""
+        img = self.x_embedder(hidden_states)
+        dtype = img.dtype
+        t = timestep.to(dtype) * 1000
+        g = guidance.to(dtype) * 1000 if guidance is not None and self.cfg.guidance_embeds else None
+        temb = self.time_text_embed(t, g, pooled_projections)
+        txt = self.context_embedder(encoder_hidden_states)
+        if rope is None:
+            rope = self.rope(txt_ids, img_ids)
+        temb_act = F.silu(temb)
+        for blk in self.transformer_blocks:
+            img, txt = blk(img, txt, temb_act, rope)
+        n_txt = txt.shape[1]
+        x = torch.cat([txt, img], 1)
+        for blk in self.single_transformer_blocks:
+            x = blk(x, temb_act, rope)
+        img = x[:, n_txt:]
+        return self.proj_out(self.norm_out(img, temb_act))
