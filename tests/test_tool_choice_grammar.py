@@ -124,3 +124,18 @@ def test_forced_call_runs_the_callback_and_the_answer_arrives(smollm2):
     assert record.round == 1 and json.loads(record.arguments) == seen[0]
     assert res.choices[0].message.tool_calls is None and res.choices[0].finish_reason == "stop"
     assert res.choices[0].message.content.strip()
+
+
+@pytest.mark.parametrize("text", ["What's the weather like in Paris? Use the get_weather tool.",
+                                  "I need 2 seats from JFK to LAX. Find flights.", "Say hello."])
+def test_auto_with_strict_tools_calls_validly_or_answers(smollm2, text):
+    # auto leaves the choice to the model; whatever call it makes follows the strict schema,
+    # and a plain answer stays possible.
+    res = ask(smollm2, text, "auto")
+    choice = res.choices[0]
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            _valid(call)
+    else:
+        assert choice.message.content and "<tool_call>" not in choice.message.content

@@ -154,3 +154,32 @@ def test_tool_choice_resolution_and_bad_input():
         parse_tool_specs([json.dumps(SEARCH), json.dumps(SEARCH)])
     with pytest.raises(ValueError, match=r"^tool_schemas\[0\]\.function\.name"):
         parse_tool_specs([json.dumps({"type": "function", "function": {"name": "has space"}})])
+
+
+AUTO = [n for n in NATIVE if n[0] not in (formats.LLAMA, formats.HARMONY)]
+
+
+@pytest.mark.parametrize("fmt,call", AUTO, ids=[n[0] for n in AUTO])
+def test_auto_choice_with_a_strict_tool_holds_a_call_to_the_schema(tok, ll_tok, fmt, call):
+    specs = _specs()
+    mode = ToolMode("auto", ("get_weather", "search"))
+    gtype, grammar = formats.auto_call_grammar(fmt, specs, mode, tok)
+    # Free text, a call, or text and then a call all pass ...
+    for text in ("It is sunny in Paris today.", call, "Let me check.\n" + call):
+        assert _accepts(ll_tok, tok, gtype, grammar, text), (fmt, text)
+    # ... but a call's strict arguments must follow the schema, even after some text, and
+    # the opener cannot hide inside text.
+    bad = call.replace('{"city": "Paris"}', '{"city": 3}')
+    for text in (bad, "Let me check.\n" + bad):
+        assert not _accepts(ll_tok, tok, gtype, grammar, text), (fmt, text)
+    # The non-strict tool still takes any object.
+    assert _accepts(ll_tok, tok, gtype, grammar, call.replace("get_weather", "search"))
+
+
+def test_auto_choice_without_strict_tools_or_opener_is_free(tok):
+    specs = _specs()
+    mode = ToolMode("auto", ("get_weather", "search"))
+    assert formats.auto_call_grammar(formats.LLAMA, specs, mode, tok) is None
+    assert formats.auto_call_grammar(formats.HARMONY, specs, mode, tok) is None
+    loose = parse_tool_specs([json.dumps(SEARCH)])
+    assert formats.auto_call_grammar(formats.HERMES, loose, ToolMode("auto", ("search",)), tok) is None

@@ -68,6 +68,11 @@ class ToolCalling:
         if self.mode.forced:
             gtype, grammar = formats.forced_call_grammar(self.fmt, self.specs, self.mode, tokenizer)
             changes.update(grammar_type=gtype, grammar=grammar)
+        elif req.grammar is None:
+            # auto with a strict tool: a call, if the model makes one, follows the schema.
+            auto = formats.auto_call_grammar(self.fmt, self.specs, self.mode, tokenizer)
+            if auto is not None:
+                changes.update(grammar_type=auto[0], grammar=auto[1])
         return attrs.evolve(req, **changes)
 
     @property

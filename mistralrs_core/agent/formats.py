@@ -9,6 +9,7 @@ so any chat model can be offered tools.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from mistralrs_core.agent import parsers as P
@@ -211,3 +212,39 @@ def forced_call_grammar(fmt: str, specs: list[ToolSpec], mode: ToolMode, tokeniz
                         f"call: {_json(_call_schema(chosen, 'arguments'))}\n")
     return "lark", (f"start: {L(P.HERMES_OPEN)} \"\\n\" call \"\\n\" {L(P.HERMES_CLOSE)}\n"
                     f"call: {_json(_call_schema(chosen, 'arguments'))}\n")
+
+
+# The text that opens a call in each format whose calls have an opening marker. Llama's
+# bare-JSON calls have none (text and call cannot be told apart while generating) and
+# Harmony's calls sit in channels after free analysis text: both stay unconstrained in auto.
+_CALL_OPENERS = {HERMES: P.HERMES_OPEN, MISTRAL: P.MISTRAL_CALLS, MISTRAL_V11: P.MISTRAL_CALLS,
+                 DEEPSEEK: P.DS_CALLS_BEGIN, GEMMA: P.GEMMA_CALL_OPEN}
+
+
+def auto_call_grammar(fmt: str, specs: list[ToolSpec], mode: ToolMode, tokenizer=None) -> tuple[str, str] | None:
+    """``(grammar_type, grammar)`` for ``tool_choice`` auto with a ``strict`` tool: the model
+    may answer in text, or write text and then one call whose arguments are held to the
+    tool's schema (what upstream does by switching to a grammar once a call starts). None
+    when no offered tool is strict or the format has no call opener to switch on."""
+    opener = _CALL_OPENERS.get(fmt)
+    if opener is None or not any(s.strict and s.name in mode.names for s in specs):
+        return None
+    gtype, forced = forced_call_grammar(fmt, specs, ToolMode("required", mode.names), tokenizer)
+    head, _, rules = forced.partition("\n")
+    lit = _lit(opener, tokenizer)
+    assert head.startswith(f"start: {lit} "), head
+    body = head[len("start: "):]
+    # Free text never contains the opener spelled in ordinary tokens, so every call the
+    # parser will read goes through the call rule.
+    escaped = re.escape(opener).replace("/", "\\/")
+    text = f"FREE_TEXT: /(?s:.+)/ & ~/(?s:.*{escaped}.*)/\n"
+    if lit.startswith("<["):
+        # A special-token opener ends the text lexeme by itself.
+        return gtype, f"start: FREE_TEXT | FREE_TEXT? tool_call\n{text}tool_call: {body}\n{rules}"
+    # A text opener: llguidance's lexer is greedy, so the text before a call is a lexeme that
+    # stops at the opener (which it consumes), and the call goes on after it.
+    rest = body[len(lit) + 1:]
+    return gtype, (f"start: FREE_TEXT | text_then_call\n{text}"
+                   f"text_then_call: text_before_call tool_call_rest\n"
+                   f"text_before_call[stop={lit}]: /(?s:.*)/\n"
+                   f"tool_call_rest: {rest}\n{rules}")
