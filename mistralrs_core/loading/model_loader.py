@@ -65,7 +65,8 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     cfg = EngineConfig(max_seqs=opts.max_seqs, block_size=bs, num_blocks=num_blocks,
                        prefix_cache=opts.prefix_cache_n > 0, no_kv_cache=opts.no_kv_cache,
                        max_batch_tokens=opts.max_batch_tokens or 2048, seed=opts.seed,
-                       device=str(device), cache_dtype=cache_dtype)
+                       device=str(device), cache_dtype=cache_dtype, max_waiting=opts.max_queue,
+                       request_timeout=opts.request_timeout)
     eos = generation_eos_ids(tokenizer, template, generation_config, hf_config)
     engine = Engine(model, tokenizer, cfg, eos, name=name)
     return (pipeline_cls or TextPipeline)(name, model, tokenizer, template, engine, generation_config)

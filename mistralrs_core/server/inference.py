@@ -73,7 +73,11 @@ async def chat_completions(request: Request):
     include_usage = _include_usage(body)
     req = chat_request_from_openai(body)
     try:
-        result = await st.run(st.runner.send_chat_completion_request, req, model)
+        if req.stream:
+            result = await st.run(st.runner.send_chat_completion_request, req, model)
+        else:
+            result = await st.run_until_disconnect(request, "/v1/chat/completions",
+                                                   st.runner.send_chat_completion_request, req, model)
     except WrongModelKind as exc:
         raise _wrong_kind(exc, "/v1/chat/completions") from None
     if req.stream:
@@ -102,7 +106,8 @@ async def completions(request: Request):
             raise _wrong_kind(exc, "/v1/completions") from None
         return _stream(st, result, model, "/v1/completions", include_usage, t0)
     try:
-        result = await st.run(st.runner.send_completion_request, req, model)
+        result = await st.run_until_disconnect(request, "/v1/completions", st.runner.send_completion_request,
+                                               req, model)
     except WrongModelKind as exc:
         raise _wrong_kind(exc, "/v1/completions") from None
     out = to_json_dict(result)
