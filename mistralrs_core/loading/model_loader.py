@@ -40,7 +40,13 @@ def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cp
     cls = entry.load()
     model = cls.from_hf_config(hf, dtype)
     weights = SafetensorsWeights(model_dir)
-    model.load_weights(weights.items(), device=device)
+    try:
+        model.load_weights(weights.items(), device=device)
+    except ValueError as exc:
+        # A weight the family does not expect, or of the wrong shape: say which file holds it.
+        where = str(weights.files[0] if len(weights.files) == 1 else model_dir)
+        msg = str(exc)
+        raise ValueError(msg if where in msg else f"{where}: {msg}") from None
     model.eval()
     model.family = entry
     return model, hf
