@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench stress clean
 
 $(VENV)/.installed: pyproject.toml plugins/*/pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,10 @@ test: install
 
 bench: install
 	$(PYTHON) bench/peers.py --install
+
+# The long form of tests/stress (CI runs the short form with `make test`).
+stress: install
+	$(PYTHON) bench/stress.py
 
 clean:
 	rm -rf $(VENV)

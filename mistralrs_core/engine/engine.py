@@ -184,8 +184,8 @@ class Engine:
                 # Sequences that would wait: those queued plus these, less the free batch slots.
                 free = max(0, self.config.max_seqs - self.num_running)
                 if self.num_waiting + group.n - free > limit:
-                    raise QueueFull(f"model {self.name!r} is busy: {self.num_waiting} sequences wait for "
-                                    f"a slot (the queue limit is {limit}); retry later")
+                    raise QueueFull(f"model {self.name!r} is busy: {self.num_waiting} sequences queued for "
+                                    f"{free} free batch slots (the queue limit is {limit}); retry later")
             if self.config.request_timeout is not None:
                 group.deadline = group.t_submit + self.config.request_timeout
             self.stats["requests"] += 1

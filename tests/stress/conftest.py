@@ -47,13 +47,30 @@ def smol_server(smollm2_file, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory):
-    """A random tiny Llama with two batch slots, a queue of two and a 3 s request timeout."""
-    from mistralrs_core.testing.tiny import write_random_llama
-    model = write_random_llama(tmp_path_factory.mktemp("tiny-srv") / "tiny")
-    srv = Server(["-m", str(model), "--max-seqs", "2", "--max-queue", "2", "--request-timeout", "3",
-                  "--seed", "0", "--dtype", "f32"], tmp_path_factory.mktemp("tiny-log") / "log.txt")
+    """A random tiny Llama with two batch slots and a queue of two."""
+    srv = Server(["-m", str(tiny_llama(tmp_path_factory)), "--max-seqs", "2", "--max-queue", "2", "--seed", "0",
+                  "--dtype", "f32"], tmp_path_factory.mktemp("tiny-log") / "log.txt")
     yield srv.wait()
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def timeout_server(tmp_path_factory):
+    """The tiny Llama with a 1 s request timeout."""
+    srv = Server(["-m", str(tiny_llama(tmp_path_factory)), "--request-timeout", "1", "--seed", "0",
+                  "--dtype", "f32"], tmp_path_factory.mktemp("timeout-log") / "log.txt")
+    yield srv.wait()
+    srv.stop()
+
+
+_TINY: list = []
+
+
+def tiny_llama(tmp_path_factory):
+    if not _TINY:
+        from mistralrs_core.testing.tiny import write_random_llama
+        _TINY.append(write_random_llama(tmp_path_factory.mktemp("tiny-srv") / "tiny"))
+    return _TINY[0]
 
 
 def wait_idle(server, timeout: float = 10.0) -> dict:

@@ -53,13 +53,16 @@ def test_gguf_header_mutants_end_cleanly(smollm2_file, tmp_path):
             fields, header_end = gguf_fields(head)
             sources.append((path, head[:header_end], fields, path.stat().st_size))
         for i in range(n):
-            path, header, fields, file_size = sources[i % len(sources)]
+            # Gemma 3 (long form only) takes every fourth mutant, header loads only: its full
+            # load would take most of the time budget.
+            gemma = len(sources) > 1 and i % 4 == 3
+            path, header, fields, file_size = sources[1 if gemma else 0]
             data = bytearray(header)
             what = mutate_gguf(data, fields, len(header), rng)
             mutant = tmp_path / f"mutant-{i:04d}.gguf"
             write_sparse_mutant(mutant, bytes(data), file_size)
             res = fuzzer.run(i, "gguf", mutant, False, what)
-            if res["outcome"] == "ok" and full_budget > 0:
+            if res["outcome"] == "ok" and full_budget > 0 and not gemma:
                 full_budget -= 1
                 fuzzer.run(i, "gguf", mutant, True, what)
             mutant.unlink()
