@@ -43,7 +43,7 @@ def test_the_address_space_bound_holds(tmp_path):
 
 def test_gguf_header_mutants_end_cleanly(smollm2_file, tmp_path):
     rng = random.Random(21)
-    n, full_budget = size(80, 1400), size(4, 150)
+    n, full_budget = size(120, 1400), size(4, 150)
     fuzzer = Fuzzer(tmp_path)
     try:
         sources = []

@@ -111,6 +111,33 @@ def test_admission_control_answers_503_with_retry_after_at_once(tiny_server):
     eng = wait_idle(tiny_server)
     assert eng["kv_blocks_used"] == 0 and eng["running"] == 0
 
+    # A flood: memory stays bounded (refused requests hold nothing; admitted ones are few).
+    rss_before = _rss(tiny_server)
+
+    async def flood(n):
+        async def one(http):
+            async with http.stream("POST", CHAT, json=_long(True)) as r:
+                return r.status_code
+        limits = httpx.Limits(max_connections=n)
+        async with httpx.AsyncClient(base_url=tiny_server.url, timeout=60, limits=limits) as http:
+            return await asyncio.gather(*(one(http) for _ in range(n)))
+
+    codes = asyncio.run(flood(size(100, 1000)))
+    # Admitted streams leave at once (their slots free again), so more than 4 may get in over time.
+    assert set(codes) <= {200, 503} and codes.count(503) >= len(codes) // 2
+    eng = wait_idle(tiny_server)
+    assert eng["kv_blocks_used"] == 0 and eng["running"] == 0 and eng["waiting"] == 0
+    grown = _rss(tiny_server) - rss_before
+    record("admission", flood=len(codes), refused=codes.count(503), rss_growth_mb=round(grown / 2**20, 1))
+    assert grown < 100 << 20
+
+
+def _rss(server) -> int:
+    for line in open(f"/proc/{server.proc.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
 
 def test_non_streamed_client_that_leaves_frees_its_sequence(tiny_server):
     wait_idle(tiny_server)
