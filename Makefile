@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 CONSTRAINTS := -c constraints.txt
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench stress clean
 
 # tests/test_web_ui.py drives the /ui page in Debian's chromium through its driver; a machine
 # without them gets them here (as root, or through sudo), and install fails if it cannot.
@@ -40,6 +40,10 @@ test: install
 
 bench: install
 	$(PYTHON) bench/peers.py --install
+
+# The long form of tests/stress (CI runs the short form with `make test`).
+stress: install
+	$(PYTHON) bench/stress.py
 
 clean:
 	rm -rf $(VENV)

@@ -24,6 +24,9 @@ _RUNNER_FLAGS = (
     ("--token-source", "token_source", str, "Hugging Face token: cache, none, env:VAR, path:FILE, literal:TOK"),
     ("--isq", "in_situ_quant", str, "in-situ quantization type"),
     ("--device", "device", str, "torch device (default: cuda if available, else cpu)"),
+    ("--max-queue", "max_queue", int, "most sequences waiting for a slot; beyond it requests get 503 "
+                                      "with Retry-After (default: no limit)"),
+    ("--request-timeout", "request_timeout", float, "seconds a request may run before it fails (default: none)"),
 )
 
 
@@ -55,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--api-key", default=os.environ.get("MISTRALRS_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' (default: $MISTRALRS_API_KEY)")
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     run = sub.add_parser("run", help="chat in the terminal")
     _model_args(run)
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             port = args.port or cfg.server.get("port", 1234)
             print(f"mistralrs: serving {', '.join(runner.list_models())} on http://{host}:{port}/v1",
                   file=sys.stderr, flush=True)
-            serve(runner, host=host, port=port, api_key=args.api_key, log_level=args.log_level)
+            serve(runner, host=host, port=port, api_key=args.api_key, log_level=args.log_level,
+                  drain_timeout=args.drain_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)))
             return 0
         return _run(runner, args)
     finally:

@@ -15,6 +15,23 @@ class ModelError(RuntimeError):
     """The engine failed while serving a request (the engine itself keeps running)."""
 
 
+class QueueFull(ModelError):
+    """Admission control: the model's queue is at its limit (``max_queue``); retry later."""
+
+
+class EngineStopped(ModelError):
+    """The model was unloaded or the server is stopping while the request was in flight."""
+
+
+class RequestTimedOut(ModelError):
+    """The request ran past the ``request_timeout`` option."""
+
+
+def engine_error(message: str, kind: str | None) -> ModelError:
+    """The exception for an engine ``("error", message, kind)`` event."""
+    return {"timeout": RequestTimedOut, "stopped": EngineStopped}.get(kind, ModelError)(message)
+
+
 def _a(word: str) -> str:
     return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 

@@ -108,6 +108,14 @@ def _check_paged_attn(paged_attn: bool, no_paged_attn: bool) -> None:
                               "size it with pa_gpu_mem / pa_gpu_mem_usage / pa_ctxt_len instead")
 
 
+def _check_limits(max_queue, request_timeout) -> None:
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+        raise ValueError(f"max_queue: must be an integer >= 0 or None, got {max_queue!r}")
+    if request_timeout is not None and (isinstance(request_timeout, bool)
+                                        or not isinstance(request_timeout, (int, float)) or not request_timeout > 0):
+        raise ValueError(f"request_timeout: must be a number of seconds > 0 or None, got {request_timeout!r}")
+
+
 class Runner:
     def __init__(
         self,
@@ -143,11 +151,16 @@ class Runner:
         *,
         device: str | None = None,
         quant_kernel: str | None = None,
+        max_queue: int | None = None,
+        request_timeout: float | None = None,
     ) -> None:
         """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
         present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
         (default: exact float32 dots) or "vnni" (ggml's int8 dots where the CPU has AVX-512
-        VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change)."""
+        VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change).
+        ``max_queue``: most sequences that may wait for a slot; a request beyond it raises
+        ``QueueFull`` at once (default: no limit). ``request_timeout``: seconds a request may
+        run before it ends with ``RequestTimedOut`` (default: no limit)."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
             which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
@@ -159,13 +172,15 @@ class Runner:
             raise ValueError("max_seqs: must be >= 1")
         if prefix_cache_n < 0:
             raise ValueError("prefix_cache_n: must be >= 0")
+        _check_limits(max_queue, request_timeout)
         self._defaults = LoadOptions(
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
             in_situ_quant=in_situ_quant, pa_gpu_mem=pa_gpu_mem, pa_gpu_mem_usage=pa_gpu_mem_usage,
             pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
             no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
-            quant_kernel=quant_kernel.strip().lower() if quant_kernel else None)
+            quant_kernel=quant_kernel.strip().lower() if quant_kernel else None,
+            max_queue=max_queue, request_timeout=request_timeout)
         self.speculative_gamma = speculative_gamma
         # Tool arguments go to the tool providers that claim them (refused when none does).
         self._tools = attach_tool_providers(dict(

@@ -26,6 +26,11 @@ from .tools import WebSearchOptions
 
 U32_MAX = 2**32 - 1
 MAX_TOP_LOGPROBS = 20
+# Bounds on what one request may ask of the engine: n sequences each holding KV blocks,
+# and stop strings that every sampled token is checked against.
+MAX_CHOICES = 128
+MAX_STOP_SEQS = 64
+MAX_STOP_CHARS = 4096
 ROLES = frozenset(r.value for r in Role)
 CONTENT_PART_TYPES = ("text", "image_url", "audio_url", "video_url")
 GRAMMAR_TYPES = ("regex", "lark", "json_schema", "llguidance")
@@ -145,6 +150,17 @@ def _json_text(name: str, text: str, what: str) -> Any:
         _fail(name, f"{what} is not valid JSON ({exc})")
 
 
+def _stop_seqs(value: Any) -> None:
+    _str_list("stop_seqs", value)
+    if value is None:
+        return
+    if len(value) > MAX_STOP_SEQS:
+        _fail("stop_seqs", f"at most {MAX_STOP_SEQS} stop strings, got {len(value)}")
+    for i, s in enumerate(value):
+        if len(s) > MAX_STOP_CHARS:
+            _fail(f"stop_seqs[{i}]", f"at most {MAX_STOP_CHARS} characters, got {len(s)}")
+
+
 def _grammar(grammar: Any, grammar_type: Any) -> None:
     if (grammar is None) != (grammar_type is None):
         missing = "grammar_type" if grammar_type is None else "grammar"
@@ -182,7 +198,7 @@ def _sampling(req: Any) -> None:
     """Rules shared by chat and completion requests."""
     _str("model", req.model, optional=False)
     _int("max_tokens", req.max_tokens, 1)
-    _int("n_choices", req.n_choices, 1)
+    _int("n_choices", req.n_choices, 1, MAX_CHOICES)
     _float("temperature", req.temperature, 0.0)
     _float("top_p", req.top_p, 0.0, 1.0, lo_open=True)
     _int("top_k", req.top_k, 0)
@@ -191,7 +207,7 @@ def _sampling(req: Any) -> None:
     _float("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
     _float("repetition_penalty", req.repetition_penalty, 0.0, lo_open=True)
     _logit_bias(req.logit_bias)
-    _str_list("stop_seqs", req.stop_seqs)
+    _stop_seqs(req.stop_seqs)
     _grammar(req.grammar, req.grammar_type)
     _tool_schemas(req.tool_schemas)
     _dry(req)

@@ -26,6 +26,7 @@ from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.scheduler import Scheduler
 from mistralrs_core.engine.sequence import Sequence, SeqStatus
 from mistralrs_core.engine.step import FeatureSpan, StepRecord
+from mistralrs_core.errors import EngineStopped, QueueFull
 from mistralrs_core.models.positions import PromptPositions
 from mistralrs_core.layers.recurrent import has_recurrent_state
 from mistralrs_core.plugins import make_sampler
@@ -54,6 +55,11 @@ class EngineConfig:
     seed: int | None = None
     device: str = "cpu"
     cache_dtype: torch.dtype = torch.float32
+    # Admission control: submit() refuses a request (QueueFull) that would make more than
+    # this many sequences wait for a batch slot; None queues without bound.
+    max_waiting: int | None = None
+    # Seconds a request may take from submit to its last token; None: no limit.
+    request_timeout: float | None = None
 
 
 _LIVE_ENGINES = weakref.WeakSet()
@@ -95,9 +101,11 @@ class RequestGroup:
         self.seqs: list[Sequence] = []
         self.cancelled = False
         self.error: str | None = None
+        self.error_kind: str | None = None   # "model", "timeout" or "stopped"
         self.created = time.time()
         self.t_submit = time.perf_counter()
         self.t_done: float | None = None
+        self.deadline: float | None = None   # perf_counter time; set by the engine
 
     @property
     def done(self) -> bool:
@@ -143,6 +151,10 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._wake = threading.Event()
         self._stop = False
+        # Orders submit() against admission and shutdown: no group may slip into the inbox
+        # after the engine thread drained it for the last time.
+        self._admit = threading.Lock()
+        self._stopped = False
         self._rng = random.Random(config.seed)
         self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0,
                       "tokens_computed": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
@@ -180,9 +192,25 @@ class Engine:
                 procs = seq.grammar if procs is None else _chain(procs, seq.grammar)
             seq.processor = procs
             group.seqs.append(seq)
-        self.stats["requests"] += 1
-        self._inbox.put(group)
+        self._admit_group(group)
         self._wake.set()
+
+    def _admit_group(self, group: RequestGroup) -> None:
+        with self._admit:
+            if self._stop or self._stopped:
+                raise EngineStopped(f"model {self.name!r} is shutting down (unloaded or the server is "
+                                    f"stopping); send the request again")
+            limit = self.config.max_waiting
+            if limit is not None:
+                # Sequences that would wait: those queued plus these, less the free batch slots.
+                free = max(0, self.config.max_seqs - self.num_running)
+                if self.num_waiting + group.n - free > limit:
+                    raise QueueFull(f"model {self.name!r} is busy: {self.num_waiting} sequences queued for "
+                                    f"{free} free batch slots (the queue limit is {limit}); retry later")
+            if self.config.request_timeout is not None:
+                group.deadline = group.t_submit + self.config.request_timeout
+            self.stats["requests"] += 1
+            self._inbox.put(group)
 
     def cancel(self, group: RequestGroup) -> None:
         group.cancelled = True
@@ -220,18 +248,28 @@ class Engine:
                 self.scheduler.add(seq)
 
     def _reap_cancelled(self) -> None:
+        now = time.perf_counter()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if seq.group.cancelled and not seq.finished:
+            group = seq.group
+            if seq.finished:
+                continue
+            if group.cancelled:
                 seq.finish_reason = seq.finish_reason or "cancelled"
                 self._finish(seq)
+            elif group.deadline is not None and now > group.deadline:
+                self._fail(group, f"request timed out: still running after "
+                                  f"{self.config.request_timeout:g} s (the request_timeout)", timed_out=True)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         try:
             self._run_loop()
         finally:
-            if self._masks is not None:
-                self._masks.close()
+            try:
+                self._fail_all_pending()
+            finally:
+                if self._masks is not None:
+                    self._masks.close()
 
     def _run_loop(self) -> None:
         while not self._stop:
@@ -247,6 +285,17 @@ class Engine:
                 log.error("engine step failed: %s\n%s", exc, traceback.format_exc())
                 for seq in list(self.scheduler.running):
                     self._fail(seq.group, f"{type(exc).__name__}: {exc}")
+
+    def _fail_all_pending(self) -> None:
+        """Requests still in flight when the engine stops (unload, shutdown) end with an
+        error instead of leaving their callers waiting forever."""
+        with self._admit:
+            self._stopped = True
+        self._drain_inbox()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if not seq.finished:
+                self._fail(seq.group, f"model {self.name!r} was unloaded or shut down while this request "
+                                      f"was running; send it again", stopped=True)
 
     def _propose_drafts(self) -> None:
         seqs = [s for s in self.scheduler.running if s.decoding and not s.finished]
@@ -454,11 +503,14 @@ class Engine:
             group.t_done = time.perf_counter()
             group.events.put(("done", None, None, None, None))
 
-    def _fail(self, group: RequestGroup, message: str) -> None:
+    def _fail(self, group: RequestGroup, message: str, *, timed_out: bool = False, stopped: bool = False) -> None:
+        if group.error is not None:
+            return   # several of its sequences were in the failed batch: one error event
         group.error = message
+        group.error_kind = "timeout" if timed_out else "stopped" if stopped else "model"
         for seq in group.seqs:
             if not seq.finished:
                 seq.finish_reason = "error"
                 seq.status = SeqStatus.FINISHED
                 self.scheduler.finish(seq)
-        group.events.put(("error", message, None, None, None))
+        group.events.put(("error", message, group.error_kind, None, None))

@@ -40,7 +40,13 @@ def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cp
     cls = entry.load()
     model = cls.from_hf_config(hf, dtype)
     weights = SafetensorsWeights(model_dir)
-    model.load_weights(weights.items(), device=device)
+    try:
+        model.load_weights(weights.items(), device=device)
+    except ValueError as exc:
+        # A weight the family does not expect, or of the wrong shape: say which file holds it.
+        where = str(weights.files[0] if len(weights.files) == 1 else model_dir)
+        msg = str(exc)
+        raise ValueError(msg if where in msg else f"{where}: {msg}") from None
     model.eval()
     model.family = entry
     return model, hf
@@ -65,7 +71,8 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     cfg = EngineConfig(max_seqs=opts.max_seqs, block_size=bs, num_blocks=num_blocks,
                        prefix_cache=opts.prefix_cache_n > 0, no_kv_cache=opts.no_kv_cache,
                        max_batch_tokens=opts.max_batch_tokens or 2048, seed=opts.seed,
-                       device=str(device), cache_dtype=cache_dtype)
+                       device=str(device), cache_dtype=cache_dtype, max_waiting=opts.max_queue,
+                       request_timeout=opts.request_timeout)
     eos = generation_eos_ids(tokenizer, template, generation_config, hf_config)
     engine = Engine(model, tokenizer, cfg, eos, name=name)
     return (pipeline_cls or TextPipeline)(name, model, tokenizer, template, engine, generation_config)

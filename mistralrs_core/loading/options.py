@@ -27,6 +27,9 @@ class LoadOptions:
     # CPU kernel variant for quantized (GGUF/GGML) weights; None/"auto": the exact one.
     # A load option, not an environment switch: it changes the numbers.
     quant_kernel: str | None = None
+    # Admission control and a time limit per request (see engine.EngineConfig).
+    max_queue: int | None = None
+    request_timeout: float | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -12,7 +12,8 @@ from mistralrs_core.api import responses as R
 from mistralrs_core.api.enums import ToolCallType
 from mistralrs_core.engine.engine import Engine, RequestGroup
 from mistralrs_core.engine.step import FeatureSpan
-from mistralrs_core.errors import ModelError
+from mistralrs_core.engine.cancel import on_cancel
+from mistralrs_core.errors import engine_error
 from mistralrs_core.pipeline.base import TextGeneration
 from mistralrs_core.plugins import logits_processors_for
 from mistralrs_core.pipeline.requests import (normalize_messages, reject_unavailable, sampling_params,
@@ -103,6 +104,9 @@ class TextPipeline(TextGeneration):
         return Prompt(ids[cut:], spans)
 
     def _max_tokens(self, requested: int | None, prompt_len: int) -> int:
+        if requested is not None and requested > self.max_context:
+            raise ValueError(f"max_tokens: {requested} is over the model's maximum context length of "
+                             f"{self.max_context}")
         room = self.max_context - prompt_len
         return max(1, min(requested, room) if requested is not None else room)
 
@@ -169,7 +173,16 @@ class TextPipeline(TextGeneration):
             return None
         return self.grammar_compiler.compile(req.grammar_type, req.grammar)
 
+    def _check_vocab(self, req) -> None:
+        """Token ids a request names must exist (OpenAI answers 400 for unknown logit_bias keys)."""
+        vocab = self.tokenizer.vocab_size
+        for tok in (req.logit_bias or {}):
+            if int(tok) >= vocab:
+                raise ValueError(f"logit_bias[{tok!r}]: token id {tok} is not in the model's vocabulary "
+                                 f"of {vocab} tokens")
+
     def _submit(self, req, prompt: Prompt, *, n, stream, force_logprobs=False, keep_special_ids=frozenset()):
+        self._check_vocab(req)
         grammar = self.compile_grammar(req)
         max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))
         params = sampling_params(req, self.tokenizer, self.generation_config, max_tokens=max_tokens,
@@ -180,16 +193,18 @@ class TextPipeline(TextGeneration):
                              cache_salt=getattr(req, "cache_salt", None), keep_special_ids=keep_special_ids,
                              grammar=grammar)
         self.engine.submit(group)
+        # A caller that gives up (an HTTP client that left) cancels through its scope.
+        on_cancel(lambda: self.engine.cancel(group))
         return group
 
     def _wait(self, group: RequestGroup) -> None:
         try:
             while True:
-                kind, a, *_ = group.events.get()
+                kind, a, b, *_ = group.events.get()
                 if kind == "done":
                     return
                 if kind == "error":
-                    raise ModelError(a)
+                    raise engine_error(a, b)
         except BaseException:
             self.engine.cancel(group)
             raise
@@ -285,7 +300,7 @@ class TextPipeline(TextGeneration):
             while True:
                 kind, a, text, tok, finish = group.events.get()
                 if kind == "error":
-                    raise ModelError(a)
+                    raise engine_error(a, text)
                 if kind == "done":
                     if pending is not None:
                         yield chunk([pending], self._usage(group))
@@ -364,7 +379,7 @@ class TextPipeline(TextGeneration):
             while True:
                 kind, a, text, _tok, finish = group.events.get()
                 if kind == "error":
-                    raise ModelError(a)
+                    raise engine_error(a, text)
                 if kind == "done":
                     for i, c in enumerate(pending):
                         yield chunk([c], self._usage(group) if i == len(pending) - 1 else None)

@@ -248,7 +248,7 @@ async def messages(request: Request):
             # so for them the count comes with message_delta only).
             model = st.resolve_model(chat.get("model"))
             input_tokens = await st.run(st.runner.count_chat_tokens, chat_request_from_openai(chat), model)
-        model, req, result = await run_chat(st, chat, "/v1/messages")
+        model, req, result = await run_chat(st, chat, "/v1/messages", request=request)
     except ValueError as exc:
         raise renamed(exc, offset) from None
     if req.stream:

@@ -1,13 +1,15 @@
 """The FastAPI application and how it is served."""
 from __future__ import annotations
 
+import contextlib
 import hmac
+import signal
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mistralrs_core.server import admin, anthropic_api, inference, responses_api, sessions, web_ui
-from mistralrs_core.server.context import ServerState
+from mistralrs_core.server.context import MAX_BODY_BYTES, ServerState
 from mistralrs_core.server.errors import APIError
 from mistralrs_core.server.metrics import MetricsMiddleware
 
@@ -42,10 +44,12 @@ def route_paths() -> list[str]:
     return sorted({r.path for router in ROUTERS for r in router.routes})
 
 
-def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) -> FastAPI:
+def create_app(runner, *, api_key: str | None = None, max_threads: int = 256,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """An OpenAI-compatible app serving ``runner`` (routes by the request's ``model``)."""
     app = FastAPI(title="mistralrs for Python", version="0.1.0")
-    app.state.server = ServerState(runner, api_key=api_key, max_threads=max_threads)
+    app.state.server = ServerState(runner, api_key=api_key, max_threads=max_threads,
+                                   max_body_bytes=max_body_bytes)
     for router in ROUTERS:
         app.include_router(router)
 
@@ -62,12 +66,29 @@ def create_app(runner, *, api_key: str | None = None, max_threads: int = 256) ->
     return app
 
 
-def serve(runner, *, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
-          log_level: str = "info") -> None:
-    """Serve ``runner`` until interrupted (blocking)."""
+def _draining_server(config):
+    """uvicorn's server, except that SIGTERM means "drain and exit 0": uvicorn finishes the
+    in-flight requests (up to ``timeout_graceful_shutdown``), then raises the signal again,
+    which would kill the process before the Runner shuts down, with a failure status."""
     import uvicorn
 
-    app = create_app(runner, api_key=api_key)
+    class DrainingServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
+    return DrainingServer(config)
+
+
+def serve(runner, *, host: str = "127.0.0.1", port: int = 1234, api_key: str | None = None,
+          log_level: str = "info", drain_timeout: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Serve ``runner`` until SIGTERM/SIGINT (blocking). On SIGTERM the server stops
+    accepting connections and lets in-flight requests finish for up to ``drain_timeout``
+    seconds (then cancels them), and returns normally."""
+    import uvicorn
+
+    app = create_app(runner, api_key=api_key, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
-                            timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+                            timeout_graceful_shutdown=drain_timeout)
+    _draining_server(config).run()

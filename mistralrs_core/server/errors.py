@@ -11,7 +11,7 @@ import re
 
 from fastapi.responses import JSONResponse
 
-from mistralrs_core.errors import ModelError, NotAvailableYet
+from mistralrs_core.errors import EngineStopped, ModelError, NotAvailableYet, QueueFull, RequestTimedOut
 
 log = logging.getLogger("mistralrs.server")
 
@@ -22,22 +22,26 @@ _REFUSED = re.compile(r"^([a-z_][\w.]*) \(")
 _PARAM_ALIASES = {"model_id": "model"}
 
 
+RETRY_AFTER_S = "1"
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,
                           "code": self.code}}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or self.headers)
 
 
 def field_of(message: str) -> str | None:
@@ -68,6 +72,13 @@ def from_exception(exc: BaseException) -> APIError:
             return APIError(404, msg, param="model", code="model_not_found")
         code = "context_length_exceeded" if "maximum context length" in msg else None
         return APIError(400, msg, param=param, code=code)
+    if isinstance(exc, (QueueFull, EngineStopped)):
+        # 503 + Retry-After: the client should come back (an unloaded model reloads on demand).
+        return APIError(503, str(exc), type="server_error",
+                        code="overloaded" if isinstance(exc, QueueFull) else "model_unloaded",
+                        headers={"Retry-After": RETRY_AFTER_S})
+    if isinstance(exc, RequestTimedOut):
+        return APIError(504, str(exc), type="server_error", code="request_timeout")
     if isinstance(exc, ModelError):
         return APIError(500, str(exc), type="server_error", code="model_error")
     log.exception("unexpected error while serving a request", exc_info=exc)

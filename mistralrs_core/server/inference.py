@@ -63,14 +63,20 @@ def _stream(st: ServerState, stream, model: str, route: str, include_usage: bool
     return EventStreamResponse(events(), on_disconnect=disconnected)
 
 
-async def run_chat(st: ServerState, body: dict, route: str = "/v1/chat/completions"):
+async def run_chat(st: ServerState, body: dict, route: str = "/v1/chat/completions",
+                   request: Request | None = None):
     """The one chat path: an OpenAI chat body routed, validated and sent to the Runner.
     ``/v1/responses`` and ``/v1/messages`` translate their bodies into this shape and come
-    here too. Returns ``(model id, request, response or stream)``."""
+    here too. Returns ``(model id, request, response or stream)``. With the HTTP ``request``,
+    a non-streamed answer is cancelled when its client disconnects first."""
     model = st.resolve_model(body.get("model"))
     req = chat_request_from_openai(body)
     try:
-        result = await st.run(st.runner.send_chat_completion_request, req, model)
+        if request is not None and not req.stream:
+            result = await st.run_until_disconnect(request, route, st.runner.send_chat_completion_request,
+                                                   req, model)
+        else:
+            result = await st.run(st.runner.send_chat_completion_request, req, model)
     except WrongModelKind as exc:
         raise _wrong_kind(exc, route) from None
     return model, req, result
@@ -83,7 +89,7 @@ async def chat_completions(request: Request):
     st = state(request)
     body = await read_json(request)
     include_usage = _include_usage(body)
-    model, req, result = await run_chat(st, body)
+    model, req, result = await run_chat(st, body, request=request)
     if req.stream:
         return _stream(st, result, model, "/v1/chat/completions", include_usage, t0)
     out = wire.chat_response(result)
@@ -110,7 +116,8 @@ async def completions(request: Request):
             raise _wrong_kind(exc, "/v1/completions") from None
         return _stream(st, result, model, "/v1/completions", include_usage, t0)
     try:
-        result = await st.run(st.runner.send_completion_request, req, model)
+        result = await st.run_until_disconnect(request, "/v1/completions", st.runner.send_completion_request,
+                                               req, model)
     except WrongModelKind as exc:
         raise _wrong_kind(exc, "/v1/completions") from None
     out = to_json_dict(result)

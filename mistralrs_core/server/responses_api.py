@@ -326,7 +326,7 @@ async def create_response(request: Request):
     incremental = bool(stream or background)
     chat, new, offset = chat_body(body, history, incremental)
     try:
-        model, _, result = await run_chat(st, chat, "/v1/responses")
+        model, _, result = await run_chat(st, chat, "/v1/responses", request=request)
     except ValueError as exc:
         raise renamed(exc, body, offset) from None
     rec = Stored(new_response(body, model, previous), history + new, body.get("store") is not False)

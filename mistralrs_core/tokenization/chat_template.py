@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -72,8 +75,97 @@ class _GenerationTag(jinja2.ext.Extension):
         return caller()
 
 
+# Bounds on one rendering. Jinja's sandbox stops attribute escapes, not resource abuse: a
+# template from a model file could loop for hours ({% for a in range(100000) %}{% for b in
+# range(100000) %}...) or build a huge string ('x' * 10**10, '%999999999s', 'x'.ljust(10**10)).
+# No real chat template comes near these; a prompt this long exceeds every context anyway.
+MAX_RENDER_SECONDS = 5.0
+MAX_RENDER_CHARS = 8_000_000
+
+_budget = threading.local()
+_WIDE_FORMAT = re.compile(r"\d{7,}")   # a width or precision of a million characters or more
+
+
+def _check_deadline() -> None:
+    deadline = getattr(_budget, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise jinja2.exceptions.SecurityError(
+            f"chat template rendering ran past {MAX_RENDER_SECONDS:g} s (an endless or runaway loop?)")
+
+
+def _check_size(n: int, what: str) -> None:
+    if n > MAX_RENDER_CHARS:
+        raise jinja2.exceptions.SecurityError(f"chat template {what} would make {n} items, over the "
+                                              f"limit of {MAX_RENDER_CHARS}")
+
+
+def _bounded(iterable: Any):
+    """What every template `for` loop iterates: the items, with the deadline checked."""
+    for item in iterable:
+        _check_deadline()
+        yield item
+
+
+def _guard_filter(fn):
+    def guarded(*args, **kwargs):
+        _check_deadline()
+        for a in (*args[1:], *kwargs.values()):
+            if isinstance(a, int) and not isinstance(a, bool):
+                _check_size(abs(a), "filter argument")
+        return fn(*args, **kwargs)
+    for attr in ("jinja_pass_arg",):   # keep @pass_context / @pass_environment markers
+        if hasattr(fn, attr):
+            setattr(guarded, attr, getattr(fn, attr))
+    return guarded
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus limits on time and on the size of what a template builds."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def _parse(self, source, name, filename):
+        tree = super()._parse(source, name, filename)
+        # Route every loop through _bounded, so no loop outlives the deadline.
+        for loop in tree.find_all(jinja2.nodes.For):
+            loop.iter = jinja2.nodes.Filter(loop.iter, "mistralrs_bounded", [], [], None, None,
+                                            lineno=loop.lineno)
+        return tree
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(times, int):
+                    _check_size(len(seq) * max(times, 0), "repetition")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and left.bit_length() * right > (1 << 20):
+                raise jinja2.exceptions.SecurityError("chat template power is too large")
+        elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
+            raise jinja2.exceptions.SecurityError("chat template format width is too large")
+        return super().call_binop(context, operator, left, right)
+
+    def unsafe_undefined(self, obj, attribute):
+        # The sandbox would render an unsafe attribute as an empty string; an escape attempt
+        # is better refused outright than silently turned into a different prompt.
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        _check_deadline()
+        owner = getattr(__obj, "__self__", None)
+        if isinstance(owner, str):
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, int) and not isinstance(a, bool):
+                    _check_size(abs(a), "string method argument")
+            if getattr(__obj, "__name__", "") in ("format", "format_map") and _WIDE_FORMAT.search(owner):
+                raise jinja2.exceptions.SecurityError("chat template format width is too large")
+        return super().call(__context, __obj, *args, **kwargs)
+
+
 def _make_env() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _BoundedSandbox(
         trim_blocks=True,
         lstrip_blocks=True,
         extensions=[jinja2.ext.loopcontrols, _GenerationTag],
@@ -82,6 +174,9 @@ def _make_env() -> ImmutableSandboxedEnvironment:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _GuardedNamespace
+    for name, fn in list(env.filters.items()):
+        env.filters[name] = _guard_filter(fn)
+    env.filters["mistralrs_bounded"] = _bounded
     return env
 
 
@@ -165,15 +260,30 @@ class ChatTemplate:
         if tools is not None:
             context["tools"] = _plain(list(tools))
         try:
-            return self._template.render(**context)
+            return self._render_bounded(context)
         except ChatTemplateError:
             raise
+        except RecursionError:
+            raise ChatTemplateError(f"{self.origin} recursed too deeply") from None
         except jinja2.exceptions.SecurityError as exc:
             raise ChatTemplateError(f"{self.origin} tried an unsafe operation: {exc}") from None
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"{self.origin} failed to render: {exc}") from None
-        except (TypeError, KeyError, AttributeError, IndexError, ValueError) as exc:
+        except (TypeError, KeyError, AttributeError, IndexError, ValueError, ArithmeticError) as exc:
             raise ChatTemplateError(f"{self.origin} failed to render: {type(exc).__name__}: {exc}") from None
+
+    def _render_bounded(self, context: dict) -> str:
+        _budget.deadline = time.monotonic() + MAX_RENDER_SECONDS
+        try:
+            parts, total = [], 0
+            for chunk in self._template.generate(**context):
+                total += len(chunk)
+                _check_size(total, "output")
+                _check_deadline()
+                parts.append(chunk)
+            return "".join(parts)
+        finally:
+            _budget.deadline = None
 
     def __repr__(self) -> str:
         return f"ChatTemplate(origin={self.origin!r}, {len(self.source)} chars)"

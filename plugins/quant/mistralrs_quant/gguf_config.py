@@ -106,6 +106,9 @@ def _common(m: GGUFMeta, vocab: int, tied: bool) -> dict:
         cfg["head_dim"] = int(key_len)
     head_dim = cfg.get("head_dim", hidden // heads)
     rope_dims = m.get("rope.dimension_count")
+    if rope_dims is not None and not 0 < int(rope_dims) <= head_dim:
+        # Checked before anything is sized by it (the rotary tables).
+        raise ValueError(f"rope.dimension_count: {rope_dims} is not within 1..{head_dim} (the head dimension)")
     if rope_dims is not None and int(rope_dims) != head_dim:
         cfg["partial_rotary_factor"] = int(rope_dims) / head_dim
     scaling = _rope_scaling(m, cfg)

@@ -174,7 +174,10 @@ def finish_pipeline(which, opts, name: str, gguf: GGUFFile):
     # The header and the bytes of tensors the model copied (fused, dequantized) were read
     # once; their pages would otherwise stay in the RSS next to the copies.
     gguf.release_unused_pages()
-    template = resolve_chat_template(tok_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
+    try:
+        template = resolve_chat_template(tok_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
+    except ValueError as exc:   # the template in the file's metadata does not compile
+        raise ValueError(f"{gguf.paths[0]}: {exc}") from None
     return make_text_pipeline(name, model, tokenizer, template, hf, {}, opts, device)
 
 

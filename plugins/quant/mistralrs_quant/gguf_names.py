@@ -109,6 +109,10 @@ def _qkv_rows(hf_cfg: dict) -> tuple[int, int]:
 
 def unpermute_rows(n_rows: int, n_head: int) -> torch.Tensor:
     """Row order that undoes llama.cpp's Q/K permutation (rotate-half -> interleaved)."""
+    if n_head <= 0 or n_rows % (2 * n_head):
+        # The head count comes from the metadata, the rows from the tensor: a damaged file.
+        raise ValueError(f"{n_rows} rows cannot be split into {n_head} rotary heads; the head count "
+                         f"metadata does not match the tensor")
     half = n_rows // n_head // 2
     idx = torch.arange(n_rows).reshape(n_head, half, 2).transpose(1, 2).reshape(-1)
     return idx

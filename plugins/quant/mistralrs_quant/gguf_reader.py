@@ -12,6 +12,7 @@ still alive, and drops every page none of them covers.
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -28,6 +29,8 @@ from .formats import GGML_TYPES, FormatSpec, type_name
 
 PathLike = Union[str, os.PathLike]
 
+_MAX_DIM = 1 << 40
+_MAX_ELEMENTS = 1 << 50
 _SPLIT_NAME = re.compile(r"^(?P<prefix>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
@@ -176,9 +179,13 @@ def _tensor_infos(part: _Part) -> dict[str, GGUFTensorInfo]:
         if t.offset % h.alignment:
             raise ValueError(f"{path}: tensor '{t.name}' data offset {t.offset} is not aligned to "
                              f"{h.alignment} bytes")
+        # Python ints, bounded before numpy sees them: a damaged dimension must not overflow
+        # int64 or numpy's dimension limit on its way to the bounds check below.
+        if any(d >= _MAX_DIM for d in t.dims) or math.prod(t.dims) >= _MAX_ELEMENTS:
+            raise ValueError(f"{path}: tensor '{t.name}' has an impossible shape {list(t.dims)}")
         shape = tuple(int(d) for d in reversed(t.dims))
         row_bytes = spec.row_bytes(shape[-1])
-        n_rows = int(np.prod(shape[:-1], dtype=np.int64))
+        n_rows = math.prod(shape[:-1])
         start = h.data_start + t.offset
         end = start + n_rows * row_bytes
         if end > h.file_size:

@@ -215,6 +215,13 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> tuple[Tokenizer, dict[st
     gc.disable()
     try:
         return _tokenizer_from_gguf(metadata)
+    except ValueError:
+        raise
+    except Exception as exc:
+        # The tokenizers library raises plain Exceptions (a merge naming a token that is not
+        # in the vocabulary); wrong-typed metadata raises TypeError. Either way the file's
+        # tokenizer is invalid, which callers report as a ValueError naming the file.
+        raise ValueError(f"invalid GGUF tokenizer metadata ({type(exc).__name__}: {exc})") from exc
     finally:
         if gc_was_on:
             gc.enable()
