@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 ENV = "MISTRALRS_VISION_COMPILE"
 #: below this many encoder parameters the compile (seconds) costs more than it saves
 AUTO_MIN_PARAMS = 50_000_000
+#: inductor settings of the compile
+INDUCTOR_OPTIONS = {"freezing": True}
 
 
 def compile_setting() -> str:
@@ -63,7 +65,7 @@ class FrozenEncoder:
         self.shape = (tokens, hidden)
         self.batch = EncoderBatch.padded()     # built outside the graph: dynamo cannot trace attrs' __init__
         self.compile_s: float | None = None
-        self._fn = torch.compile(self._run, dynamic=False, fullgraph=True, options={"freezing": True})
+        self._fn = torch.compile(self._run, dynamic=False, fullgraph=True, options=dict(INDUCTOR_OPTIONS))
 
     def _run(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = [x] if 0 in self.keep else []
