@@ -103,7 +103,7 @@ class CLIPVisionTower(nn.Module):
 
     def compile_encoder(self) -> None:
         """Compile the encoder layers for this tower's one image size (see towers/compiled.py)."""
-        self.frozen = maybe_compile_encoder(self, list(self.encoder.layers), tuple(sorted(set(self.feature_layers))),
+        self.frozen = maybe_compile_encoder(list(self.encoder.layers), tuple(sorted(set(self.feature_layers))),
                                             self.cfg.num_patches + 1, self.cfg.hidden_size)
 
     def keeps_weight(self, name: str) -> bool:

@@ -183,7 +183,7 @@ class SiglipVisionTower(nn.Module):
         """Compile the encoder layers ``forward(..., feature_layer)`` runs, for this tower's
         one image size (see towers/compiled.py)."""
         n = self.num_layers if feature_layer is None else self._layers_for(feature_layer)
-        self.frozen = maybe_compile_encoder(self, list(self.encoder.layers), (n,), self.cfg.num_patches,
+        self.frozen = maybe_compile_encoder(list(self.encoder.layers), (n,), self.cfg.num_patches,
                                             self.cfg.hidden_size)
 
     def map_weight_name(self, name: str) -> str | None:
