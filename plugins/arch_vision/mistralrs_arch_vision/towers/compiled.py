@@ -88,8 +88,11 @@ class FrozenEncoder:
     def warm_up(self, dtype: torch.dtype) -> None:
         """Compile now (not on the first request) and check the graph against the eager
         layers on one random input."""
-        x = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
         with torch.inference_mode():
+            # Made inside inference mode like the engine's inputs: dynamo guards on the
+            # tensor's dispatch keys, and a plain tensor here would mean a second compile on
+            # the first request.
+            x = torch.randn(1, *self.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
             t = time.perf_counter()
             got = self(x)
             self.compile_s = time.perf_counter() - t
