@@ -73,6 +73,7 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 
 class Gemma3ForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     checkpoint_prefixes = _PREFIXES
+    compiled_towers = ("vision_tower",)
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod

@@ -72,6 +72,7 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 
 class LlavaForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     checkpoint_prefixes = _PREFIXES
+    compiled_towers = ("vision_tower",)
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod

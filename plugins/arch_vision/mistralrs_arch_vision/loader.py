@@ -56,6 +56,9 @@ class VisionLoader:
         tokenizer = Tokenizer.from_dir(model_dir, tokenizer_json=which.tokenizer_json)
         model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device, kind="vision")
         family = model.family
+        compile_towers = getattr(model, "compile_for_inference", None)
+        if compile_towers is not None:
+            compile_towers()
         proc_cls = family.load_processor()
         if proc_cls is None:
             raise ValueError(f"arch: vision family {family.name!r} registers no processor")

@@ -16,6 +16,7 @@ from torch import nn
 from mistralrs_core.layers.attention_backends import EncoderBatch
 from mistralrs_core.layers.norms import LayerNorm
 
+from mistralrs_arch_vision.towers.compiled import maybe_compile_encoder
 from mistralrs_arch_vision.towers.vit import ViTEncoder
 
 
@@ -98,6 +99,12 @@ class CLIPVisionTower(nn.Module):
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.encoder = ViTEncoder(self.built_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
                                   cfg.layer_norm_eps, cfg.hidden_act)
+        self.frozen = None   # a FrozenEncoder after ``compile_encoder``
+
+    def compile_encoder(self) -> None:
+        """Compile the encoder layers for this tower's one image size (see towers/compiled.py)."""
+        self.frozen = maybe_compile_encoder(list(self.encoder.layers), tuple(sorted(set(self.feature_layers))),
+                                            self.cfg.num_patches + 1, self.cfg.hidden_size)
 
     def keeps_weight(self, name: str) -> bool:
         """Whether a tower-relative checkpoint name is one this tower holds (the layers past
@@ -113,6 +120,9 @@ class CLIPVisionTower(nn.Module):
         b = pixels.shape[0]
         h = self.pre_layrnorm(self.embeddings(pixels))
         n = h.shape[1]
+        if self.frozen is not None and self.frozen.fits(h):
+            states = dict(zip(self.frozen.keep, self.frozen(h)))
+            return [states[i] for i in self.feature_layers]
         # Every image has the same number of tokens: the backend reshapes, no mask.
         batch = EncoderBatch.packed([n] * b)
         h = h.reshape(b * n, -1)

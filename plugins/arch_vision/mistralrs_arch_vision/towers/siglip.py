@@ -17,6 +17,7 @@ from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_atten
 from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.layers.norms import LayerNorm, RMSNorm
 
+from mistralrs_arch_vision.towers.compiled import maybe_compile_encoder
 from mistralrs_arch_vision.towers.vit import ViTEncoder, ViTMLP
 
 
@@ -176,6 +177,14 @@ class SiglipVisionTower(nn.Module):
                                   cfg.layer_norm_eps, cfg.hidden_act)
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.head = SiglipPoolingHead(cfg) if (cfg.vision_use_head if use_head is None else use_head) else None
+        self.frozen = None   # a FrozenEncoder after ``compile_encoder``
+
+    def compile_encoder(self, feature_layer: int | None = None) -> None:
+        """Compile the encoder layers ``forward(..., feature_layer)`` runs, for this tower's
+        one image size (see towers/compiled.py)."""
+        n = self.num_layers if feature_layer is None else self._layers_for(feature_layer)
+        self.frozen = maybe_compile_encoder(list(self.encoder.layers), (n,), self.cfg.num_patches,
+                                            self.cfg.hidden_size)
 
     def map_weight_name(self, name: str) -> str | None:
         """Checkpoint name -> module name: standalone SigLIP checkpoints nest the tower under
@@ -224,6 +233,9 @@ class SiglipVisionTower(nn.Module):
             raise ValueError("last_hidden_state needs every layer; this tower was built with "
                              f"{self.num_layers} of {self.cfg.num_hidden_layers}")
         x = self.embeddings(pixel_values)
+        if self.frozen is not None and n in self.frozen.keep and self.frozen.fits(x):
+            x = self.frozen(x)[self.frozen.keep.index(n)]
+            return self.post_layernorm(x) if feature_layer is None else x
         # Every image has the same patch count: the backend runs the batch as one padded call
         # with no mask.
         batch = EncoderBatch.padded()
