@@ -34,6 +34,7 @@ class ModelSlot:
         self.pipeline = None
         self.status = "unloaded"
         self.lock = threading.RLock()
+        self.speculation = None   # SpeculativeConfig: a drafter attached at every (re)load
 
 
 def _which_model_id(which) -> str:
@@ -142,11 +143,19 @@ class Runner:
         *,
         device: str | None = None,
         quant_kernel: str | None = None,
+        speculative_ngram: int | None = None,
     ) -> None:
         """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
         present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
         (default: exact float32 dots) or "vnni" (ggml's int8 dots where the CPU has AVX-512
-        VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change)."""
+        VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change).
+
+        Speculative decoding: ``which_draft`` loads a draft model (same tokenizer) that
+        proposes ``speculative_gamma`` tokens per step for the target to verify;
+        ``speculative_ngram=n`` instead proposes, without a draft model, the
+        ``speculative_gamma`` tokens that followed the latest earlier occurrence of the last
+        n (down to 1) tokens (prompt lookup). Either way the output is distributed exactly
+        as the target's alone (greedy: the same tokens)."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
             which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
@@ -166,6 +175,11 @@ class Runner:
             no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
             quant_kernel=quant_kernel.strip().lower() if quant_kernel else None)
         self.speculative_gamma = speculative_gamma
+        from mistralrs_core.loading.speculative import SpeculativeConfig
+        speculation = SpeculativeConfig.from_runner_args(which_draft, speculative_gamma, speculative_ngram)
+        if speculation is not None and isinstance(which, (list, tuple)) and len(which) != 1:
+            raise ValueError(f"{speculation.field}: speculative decoding needs one target model, "
+                             f"got {len(which)} in which")
         # Tool arguments go to the tool providers that claim them (refused when none does).
         self._tools = attach_tool_providers(dict(
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
@@ -175,11 +189,14 @@ class Runner:
         self._default: str | None = None
         self._lock = threading.RLock()
         for w in (which if isinstance(which, (list, tuple)) else [which]):
-            self.add_model(w)
+            self._add_model(w, None, False, speculation, {})
 
     # --- model table ------------------------------------------------------
     def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
         """Load another model into this runner; ``options`` override the Runner's load options."""
+        return self._add_model(which, model_id, default, None, options)
+
+    def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict) -> str:
         import attrs
         opts = attrs.evolve(self._defaults, **options) if options else self._defaults
         with self._lock:
@@ -190,6 +207,7 @@ class Runner:
             if mid in self._models:
                 raise ValueError(f"model_id: {mid!r} is already loaded")
             slot = ModelSlot(mid, which, opts)
+            slot.speculation = speculation
             self._load(slot)
             self._models[mid] = slot
             if self._default is None or default:
@@ -203,7 +221,15 @@ class Runner:
             prev = slot.status
             slot.status = "reloading" if prev == "unloaded" and slot.model_id in self._models else "loading"
             try:
-                slot.pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                if slot.speculation is not None:
+                    from mistralrs_core.loading.speculative import attach_speculation
+                    try:
+                        attach_speculation(pipeline, slot.speculation, slot.opts, slot.model_id)
+                    except BaseException:
+                        pipeline.shutdown()
+                        raise
+                slot.pipeline = pipeline
                 slot.status = "loaded"
             except BaseException:
                 slot.status = prev
