@@ -154,7 +154,7 @@ class Runner:
         proposes ``speculative_gamma`` tokens per step for the target to verify;
         ``speculative_ngram=n`` instead proposes, without a draft model, the
         ``speculative_gamma`` tokens that followed the latest earlier occurrence of the last
-        n (down to 1) tokens (prompt lookup). Either way the output is distributed exactly
+        n (down to 2, or 1 when n = 1) tokens (prompt lookup). Either way the output is distributed exactly
         as the target's alone (greedy: the same tokens)."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
@@ -185,6 +185,8 @@ class Runner:
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
             search_callback=search_callback, search_embedding_model=search_embedding_model,
             code_execution_config=code_execution_config, shell_config=shell_config))
+        # Prompt lookup needs no second model, so it also serves models added later.
+        self._lookup = speculation if speculation is not None and speculation.ngram is not None else None
         self._models: dict[str, ModelSlot] = {}
         self._default: str | None = None
         self._lock = threading.RLock()
@@ -194,7 +196,7 @@ class Runner:
     # --- model table ------------------------------------------------------
     def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
         """Load another model into this runner; ``options`` override the Runner's load options."""
-        return self._add_model(which, model_id, default, None, options)
+        return self._add_model(which, model_id, default, self._lookup, options)
 
     def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict) -> str:
         import attrs

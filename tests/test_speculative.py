@@ -309,3 +309,26 @@ def test_sampled_output_follows_the_target_distribution(dirs):
         probs = nxt
     n = sum(counts.values())
     assert chi2(counts, probs, n) < chi2_bound(len(probs) - 1)
+
+
+def test_speculation_is_attached_again_on_reload_and_lookup_serves_added_models(dirs, tiny_dir):
+    r = runner(dirs, speculative_ngram=2, speculative_gamma=3)
+    try:
+        mid = r.get_default_model_id()
+        r.unload_model(mid)
+        r.reload_model(mid)
+        assert isinstance(r._pipeline(None).engine.drafter, PromptLookupDrafter)
+        r.add_model(plain(tiny_dir), model_id="other")
+        assert isinstance(r._pipeline("other").engine.drafter, PromptLookupDrafter)
+    finally:
+        r.shutdown()
+    r = runner(dirs, which_draft=plain(dirs["draft"]), speculative_gamma=2)
+    try:
+        mid = r.get_default_model_id()
+        r.unload_model(mid)
+        r.reload_model(mid)
+        assert type(r._pipeline(None).engine.drafter).__name__ == "DraftModelDrafter"
+        r.add_model(plain(tiny_dir), model_id="other")    # a draft serves its own target only
+        assert r._pipeline("other").engine.drafter is None
+    finally:
+        r.shutdown()
