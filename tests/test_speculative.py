@@ -131,6 +131,10 @@ def test_same_model_as_draft_keeps_everything_and_cuts_steps(dirs, reference):
         body = to_json_dict(res)
         assert body["usage"]["completion_tokens_details"] == {"accepted_prediction_tokens": d.accepted_prediction_tokens,
                                                               "rejected_prediction_tokens": 0}
+        from mistralrs_core.server.metrics import Metrics
+        text = Metrics().render(r)
+        assert f'mistralrs_engine_accepted_draft_tokens_total{{model="{r.get_default_model_id()}"}} ' \
+               f'{d.accepted_prediction_tokens}' in text
         assert_no_leaks(r)
     finally:
         r.shutdown()

@@ -107,7 +107,10 @@ class Engine:
     tokens to follow each decoding sequence; the engine verifies them in one step (k + 1
     logits rows), keeps the agreeing prefix plus one sampled token, and rolls back the KV
     of the rest. The output is exactly what plain decoding samples (each kept token is the
-    target model's own draw), only in fewer steps when the drafts are good."""
+    target model's own draw), only in fewer steps when the drafts are good. A drafter may
+    also offer ``draft_probs(seq, drafts)`` (the distribution sampled drafts were drawn from:
+    verified by rejection sampling instead) and ``release(seq)`` (a sequence ended); see
+    ``speculative.py``."""
 
     def __init__(self, model, tokenizer, config: EngineConfig, eos_ids: set[int], name: str = "default",
                  drafter=None):
