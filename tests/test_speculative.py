@@ -3,7 +3,6 @@ tokens, the target verifies them in one step. Greedy output must be the target's
 token for token; sampled output must follow the target's distribution exactly."""
 import math
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +89,8 @@ def reference(dirs):
         return {"greedy": run_all(r, reqs),
                 "stop": r.send_completion_request(completion(PROMPTS[6], stop_seqs=["lazy"])).choices[0].text,
                 "short": r.send_completion_request(completion(PROMPTS[0], n=5)).choices[0].text,
+                "penalized": r.send_completion_request(completion(PROMPTS[4], 32, frequency_penalty=0.7,
+                                                                  logit_bias={5: 2.0})).choices[0].text,
                 "seeded": [r.send_completion_request(completion(p, 24, temperature=0.9, seed=3)).choices[0].text
                            for p in PROMPTS[:3]]}
     finally:
@@ -112,6 +113,9 @@ def test_draft_model_greedy_is_the_target_alone_batched_and_streamed(dirs, refer
             == reference["stop"]
         res = r.send_completion_request(completion(PROMPTS[0], n=5))
         assert res.choices[0].text == reference["short"] and res.usage.completion_tokens == 5
+        # Penalties and logit bias shape both the drafts and the verification.
+        assert r.send_completion_request(completion(PROMPTS[4], 32, frequency_penalty=0.7, logit_bias={5: 2.0})
+                                         ).choices[0].text == reference["penalized"]
         assert_no_leaks(r)
     finally:
         r.shutdown()
@@ -276,14 +280,15 @@ def test_rejection_sampling_gives_the_target_distribution():
 
 
 def test_sampled_output_follows_the_target_distribution(dirs):
-    """Through the engine: 4 tokens at temperature 1, top-k 2 (16 possible outputs) from a
-    draft that often disagrees with the target, against the target's exact probabilities."""
+    """Through the engine: 4 tokens at temperature 1, top-k 2 (16 possible outputs) and a
+    presence penalty (so every row depends on the drafted context) from a draft that often
+    disagrees with the target, against the target's exact probabilities."""
     r = Runner(which=plain(dirs["target"]), seed=0, pa_blk_size=4, max_seqs=64,
                which_draft=plain(dirs["draft"]), speculative_gamma=2)
     try:
         pipe = r._pipeline(None)
         ids = pipe.tokenizer.encode(PROMPTS[1], add_special_tokens=True)
-        params = SamplingParams(temperature=1.0, top_k=2, max_tokens=4, ignore_eos=True)
+        params = SamplingParams(temperature=1.0, top_k=2, presence_penalty=1.5, max_tokens=4, ignore_eos=True)
         groups = []
         for i in range(24):
             g = RequestGroup(ids, params, 64, False, 4, seed=1000 + i)
@@ -305,7 +310,9 @@ def test_sampled_output_follows_the_target_distribution(dirs):
     for _ in range(4):
         nxt = {}
         for prefix, pr in probs.items():
-            row = SingleSequence(model).step(ids + list(prefix))[-1]
+            row = SingleSequence(model).step(ids + list(prefix))[-1].clone()
+            for t in set(prefix):
+                row[t] -= 1.5
             top = torch.topk(row, 2)
             w = torch.softmax(top.values, -1)
             for t, wt in zip(top.indices.tolist(), w.tolist()):
