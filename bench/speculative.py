@@ -3,7 +3,7 @@ alone and with the bundled SmolLM2 Q4_1 GGUF as its draft (``speculative_gamma``
 then prompt-lookup speculation (no draft model) on a summarisation-style prompt against
 plain decoding. Every speculative output is checked to be the target's own, token for token.
 
-    .venv/bin/python bench/speculative.py [--tokens 128] [--threads 2] [--repeats 3] [--gammas 2 4 8]
+    .venv/bin/python bench/speculative.py [--tokens 128] [--threads 2] [--repeats 3] [--gammas 2 4 8] [--ngram-gammas 2 8]
 
 The target is the GGUF's weights dequantized to float32 safetensors (written once into
 ``~/.cache/mistralrs-bench/smollm2-135m-f32``), so draft and target share the tokenizer and
@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 8])
-    ap.add_argument("--ngram-gamma", type=int, default=8)
+    ap.add_argument("--ngram-gammas", type=int, nargs="+", default=[2, 8])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from mistralrs_quant.real_models import smollm2_gguf
@@ -105,10 +105,10 @@ def main():
                ("draft alone (Q4_1 GGUF), for reference", story, "target alone (F32)", dict(which=draft))]
     configs += [(f"draft Q4_1, gamma {g}", story, "target alone (F32)",
                  dict(which=target, which_draft=draft, speculative_gamma=g)) for g in args.gammas]
-    configs += [("summary: target alone", summary, None, dict(which=target)),
-                (f"summary: prompt lookup (n-gram 3, gamma {args.ngram_gamma})", summary, "summary: target alone",
-                 dict(which=target, speculative_ngram=3, speculative_gamma=args.ngram_gamma)),
-                ("summary: draft Q4_1, gamma 4", summary, "summary: target alone",
+    configs += [("summary: target alone", summary, None, dict(which=target))]
+    configs += [(f"summary: prompt lookup (n-gram 3, gamma {g})", summary, "summary: target alone",
+                 dict(which=target, speculative_ngram=3, speculative_gamma=g)) for g in args.ngram_gammas]
+    configs += [("summary: draft Q4_1, gamma 4", summary, "summary: target alone",
                  dict(which=target, which_draft=draft, speculative_gamma=4))]
     runners = {label: Runner(seed=0, **kw) for label, _, _, kw in configs}
     best: dict[str, float] = {}

@@ -5,7 +5,7 @@ one forward; the output is the target's own (greedy: the same tokens; sampled: t
 distribution). Without a draft model, ``speculative_ngram`` proposes what followed an earlier
 occurrence of the last tokens (prompt lookup). ``usage.completion_tokens_details`` reports the
 drafted tokens kept and rejected. For real models and timings see ``bench/speculative.py``
-(float32 SmolLM2-135M verified against its own Q4_1 GGUF: 1.6-2.3x greedy tok/s).
+(float32 SmolLM2-135M drafted by its own Q4_1 GGUF: 1.6-2.4x greedy tok/s).
 
     python examples/speculative_decoding.py
 """
