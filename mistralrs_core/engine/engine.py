@@ -308,7 +308,8 @@ class Engine:
 
     def _verify(self, seq: Sequence, rec: StepRecord, logits: torch.Tensor) -> None:
         """Sample row by row while the samples agree with the drafts; keep those plus the
-        first disagreeing (or bonus) sample, and roll the KV back to what they cover."""
+        first disagreeing (or bonus) sample, and roll the KV back to what they cover. Drafts
+        that come with their draft distribution are verified by rejection sampling instead."""
         drafts = rec.token_ids[1:]
         # A draft model's sampled drafts come with the distribution they were drawn from:
         # rejection sampling (speculative.py) keeps more of them than exact match does.
