@@ -144,6 +144,21 @@ def test_same_model_as_draft_keeps_everything_and_cuts_steps(dirs, reference):
         r.shutdown()
 
 
+def test_long_catch_up_is_chunked_over_rounds(dirs, reference):
+    """A draft that may compute only 3 tokens of catch-up per round prefills the prompt over
+    several rounds (drafting nothing meanwhile), then drafts exactly what the target says."""
+    r = runner(dirs, which_draft=plain(dirs["target"]), speculative_gamma=2)
+    try:
+        engine = r._pipeline(None).engine
+        engine.drafter.max_batch_tokens = 3
+        res = r.send_completion_request(completion(PROMPTS[6]))
+        assert res.choices[0].text == reference["greedy"][6]
+        assert engine.stats["accepted_draft_tokens"] == engine.stats["draft_tokens"] > 0
+        assert_no_leaks(r)
+    finally:
+        r.shutdown()
+
+
 def test_plain_usage_has_no_prediction_details(dirs):
     r = runner(dirs)
     try:

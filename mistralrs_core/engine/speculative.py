@@ -272,9 +272,7 @@ class DraftModelDrafter:
             records.append(StepRecord(seq_id=seq.id, token_ids=list(chunk), start=len(st.tokens), blocks=st.blocks,
                                       num_logits=1 if whole else 0, commit=False))
             if whole:
-                live.append((i, seq, st, k))
-            else:
-                st.tokens.extend(chunk)   # a long catch-up continues next round
+                live.append((i, seq, st, k))   # else: a long catch-up continues next round
         drafts: dict[int, list[int]] = {i: [] for i, *_ in live}
         probs: dict[int, list[torch.Tensor]] = {i: [] for i, *_ in live}
         while records:
