@@ -55,7 +55,8 @@ KNOWN: dict[str, Capability] = {c.name: c for c in (
     Capability("file_io", "file inputs and requested output files", "mistralrs-tools-mcp",
                request_fields=("files", "input_files")),
     Capability("lora", "LoRA adapters", _CORE_LATER, request_fields=("adapter",)),
-    Capability("speculative", "speculative decoding", _CORE_LATER, runner_args=("which_draft",)),
+    # Provided by the core itself (defaults.py): engine/speculative.py.
+    Capability("speculative", "speculative decoding", "mistralrs-core", runner_args=("which_draft",)),
     Capability("mtp", "multi-token prediction", _CORE_LATER, runner_args=("mtp_model",)),
     Capability("anymoe", "AnyMoE", _CORE_LATER, runner_args=("anymoe_config",)),
     Capability("device_mapping", "manual device mapping", _CORE_LATER, runner_args=("num_device_layers",)),

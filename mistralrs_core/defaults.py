@@ -18,6 +18,12 @@ def mistralrs_register_samplers(register):
 
 
 @hookimpl
+def mistralrs_register_capabilities(register):
+    # Draft-model and prompt-lookup speculation live in the core engine (engine/speculative.py).
+    register("speculative")
+
+
+@hookimpl
 def mistralrs_select_loader(which, kind):
     if type(which).__name__ == "Plain":
         return "safetensors"

@@ -35,6 +35,7 @@ class ModelSlot:
         self.pipeline = None
         self.status = "unloaded"
         self.lock = threading.RLock()
+        self.speculation = None   # SpeculativeConfig: a drafter attached at every (re)load
 
 
 def _which_model_id(which) -> str:
@@ -153,6 +154,7 @@ class Runner:
         quant_kernel: str | None = None,
         max_queue: int | None = None,
         request_timeout: float | None = None,
+        speculative_ngram: int | None = None,
     ) -> None:
         """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
         present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
@@ -160,7 +162,14 @@ class Runner:
         VNNI: faster, activations rounded to int8 as llama.cpp does, so numbers change).
         ``max_queue``: most sequences that may wait for a slot; a request beyond it raises
         ``QueueFull`` at once (default: no limit). ``request_timeout``: seconds a request may
-        run before it ends with ``RequestTimedOut`` (default: no limit)."""
+        run before it ends with ``RequestTimedOut`` (default: no limit).
+
+        Speculative decoding: ``which_draft`` loads a draft model (same tokenizer) that
+        proposes ``speculative_gamma`` tokens per step for the target to verify;
+        ``speculative_ngram=n`` instead proposes, without a draft model, the
+        ``speculative_gamma`` tokens that followed the latest earlier occurrence of the last
+        n (down to 2, or 1 when n = 1) tokens (prompt lookup). Either way the output is distributed exactly
+        as the target's alone (greedy: the same tokens)."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
             which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
@@ -182,6 +191,11 @@ class Runner:
             quant_kernel=quant_kernel.strip().lower() if quant_kernel else None,
             max_queue=max_queue, request_timeout=request_timeout)
         self.speculative_gamma = speculative_gamma
+        from mistralrs_core.loading.speculative import SpeculativeConfig
+        speculation = SpeculativeConfig.from_runner_args(which_draft, speculative_gamma, speculative_ngram)
+        if speculation is not None and isinstance(which, (list, tuple)) and len(which) != 1:
+            raise ValueError(f"{speculation.field}: speculative decoding needs one target model, "
+                             f"got {len(which)} in which")
         # Tool arguments go to the tool providers that claim them (refused when none does).
         self._tools = attach_tool_providers(dict(
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
@@ -190,15 +204,20 @@ class Runner:
         # Every chat request goes through the agent: it runs the providers' tools, keeps
         # sessions and produced files (one loop for the Runner and the server).
         self._agent = Agent(Toolbox(self._tools))
+        # Prompt lookup needs no second model, so it also serves models added later.
+        self._lookup = speculation if speculation is not None and speculation.ngram is not None else None
         self._models: dict[str, ModelSlot] = {}
         self._default: str | None = None
         self._lock = threading.RLock()
         for w in (which if isinstance(which, (list, tuple)) else [which]):
-            self.add_model(w)
+            self._add_model(w, None, False, speculation, {})
 
     # --- model table ------------------------------------------------------
     def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
         """Load another model into this runner; ``options`` override the Runner's load options."""
+        return self._add_model(which, model_id, default, self._lookup, options)
+
+    def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict) -> str:
         import attrs
         opts = attrs.evolve(self._defaults, **options) if options else self._defaults
         with self._lock:
@@ -209,6 +228,7 @@ class Runner:
             if mid in self._models:
                 raise ValueError(f"model_id: {mid!r} is already loaded")
             slot = ModelSlot(mid, which, opts)
+            slot.speculation = speculation
             self._load(slot)
             self._models[mid] = slot
             if self._default is None or default:
@@ -222,7 +242,15 @@ class Runner:
             prev = slot.status
             slot.status = "reloading" if prev == "unloaded" and slot.model_id in self._models else "loading"
             try:
-                slot.pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                if slot.speculation is not None:
+                    from mistralrs_core.loading.speculative import attach_speculation
+                    try:
+                        attach_speculation(pipeline, slot.speculation, slot.opts, slot.model_id)
+                    except BaseException:
+                        pipeline.shutdown()
+                        raise
+                slot.pipeline = pipeline
                 slot.status = "loaded"
             except BaseException:
                 slot.status = prev

@@ -67,16 +67,19 @@ def test_request_field_gate_both_ways(fresh_plugins):
 
 
 def test_runner_and_which_gates_both_ways(fresh_plugins, tiny_dir):
-    with pytest.raises(NotAvailableYet, match=r"which_draft.*speculative decoding"):
-        capabilities.check_runner_args(which_draft=object())
+    with pytest.raises(NotAvailableYet, match=r"mtp_model.*multi-token prediction"):
+        capabilities.check_runner_args(mtp_model=object())
+    # Speculative decoding is the core's own (engine/speculative.py).
+    assert capabilities.provided()["speculative"] == "core"
+    capabilities.check_runner_args(which_draft=object())
     with pytest.raises(NotAvailableYet, match=r"in_situ_quant.*install mistralrs-quant"):
         Runner(which=Which.Plain(model_id=str(tiny_dir)), in_situ_quant="Q4K")
     which = Which.Plain(model_id=str(tiny_dir), from_uqff="x.uqff")
     with pytest.raises(NotAvailableYet, match=r"Which.Plain\(from_uqff=...\).*install mistralrs-quant"):
         capabilities.check_which(which)
     capabilities.check_which(which, supported={"from_uqff"})   # a loader that handles it
-    plugins.register_plugin(capability_plugin("speculative", "uqff"), "spec_uqff_plugin")
-    capabilities.check_runner_args(which_draft=object())
+    plugins.register_plugin(capability_plugin("mtp", "uqff"), "mtp_uqff_plugin")
+    capabilities.check_runner_args(mtp_model=object())
     capabilities.check_which(which)
     with pytest.raises(NotAvailableYet, match="send_re_isq"):
         capabilities.check_method("send_re_isq")

@@ -22,6 +22,15 @@ SYSTEM_FINGERPRINT = "local"
 
 
 @attrs.define
+class CompletionTokensDetails:
+    """OpenAI's breakdown of ``completion_tokens``. Speculative decoding reports its drafts
+    here with the fields OpenAI uses for predicted outputs: drafted tokens the target kept
+    (``accepted_prediction_tokens``) and those it rejected."""
+    accepted_prediction_tokens: int = field(0)
+    rejected_prediction_tokens: int = field(0)
+
+
+@attrs.define
 class Usage:
     completion_tokens: int = field(0)
     prompt_tokens: int = field(0)
@@ -32,6 +41,8 @@ class Usage:
     total_time_sec: float = field(0.0)
     total_prompt_time_sec: float = field(0.0)
     total_completion_time_sec: float = field(0.0)
+    # Beyond upstream: present only when the request's tokens were speculated.
+    completion_tokens_details: CompletionTokensDetails | None = field(None, omit_if_none=True)
 
 
 @attrs.define

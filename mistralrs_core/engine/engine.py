@@ -25,6 +25,7 @@ from mistralrs_core.engine.block_manager import BlockKeyExtras, BlockManager
 from mistralrs_core.engine.model_runner import ModelRunner
 from mistralrs_core.engine.scheduler import Scheduler
 from mistralrs_core.engine.sequence import Sequence, SeqStatus
+from mistralrs_core.engine.speculative import rejection_sample
 from mistralrs_core.engine.step import FeatureSpan, StepRecord
 from mistralrs_core.errors import EngineStopped, QueueFull
 from mistralrs_core.models.positions import PromptPositions
@@ -106,6 +107,8 @@ class RequestGroup:
         self.t_submit = time.perf_counter()
         self.t_done: float | None = None
         self.deadline: float | None = None   # perf_counter time; set by the engine
+        self.draft_tokens = 0             # speculative decoding: drafts verified for this request
+        self.accepted_draft_tokens = 0    # ... and how many of them were kept
 
     @property
     def done(self) -> bool:
@@ -124,7 +127,10 @@ class Engine:
     tokens to follow each decoding sequence; the engine verifies them in one step (k + 1
     logits rows), keeps the agreeing prefix plus one sampled token, and rolls back the KV
     of the rest. The output is exactly what plain decoding samples (each kept token is the
-    target model's own draw), only in fewer steps when the drafts are good."""
+    target model's own draw), only in fewer steps when the drafts are good. A drafter may
+    also offer ``draft_probs(seq, drafts)`` (the distribution sampled drafts were drawn from:
+    verified by rejection sampling instead) and ``release(seq)`` (a sequence ended); see
+    ``speculative.py``."""
 
     def __init__(self, model, tokenizer, config: EngineConfig, eos_ids: set[int], name: str = "default",
                  drafter=None):
@@ -399,19 +405,30 @@ class Engine:
 
     def _verify(self, seq: Sequence, rec: StepRecord, logits: torch.Tensor) -> None:
         """Sample row by row while the samples agree with the drafts; keep those plus the
-        first disagreeing (or bonus) sample, and roll the KV back to what they cover."""
+        first disagreeing (or bonus) sample, and roll the KV back to what they cover. Drafts
+        that come with their draft distribution are verified by rejection sampling instead."""
         drafts = rec.token_ids[1:]
-        procs = [rec.logits_processors] if rec.logits_processors is not None else None
-        accepted = 0
-        for i in range(logits.shape[0]):
-            with torch.inference_mode():
-                tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs, may_edit_logits=True)[0]
-            self._append_token(seq, tok)
-            if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
-                break
-            accepted += 1
+        # A draft model's sampled drafts come with the distribution they were drawn from:
+        # rejection sampling (speculative.py) keeps more of them than exact match does.
+        draft_probs = getattr(self.drafter, "draft_probs", None)
+        q = draft_probs(seq, drafts) if draft_probs is not None else None
+        if q is not None:
+            accepted = rejection_sample(seq, logits, drafts, q, rec.logits_processors, self._append_token)
+        else:
+            procs = [rec.logits_processors] if rec.logits_processors is not None else None
+            accepted = 0
+            for i in range(logits.shape[0]):
+                with torch.inference_mode():
+                    tok = self.sampler.sample(logits[i:i + 1], [seq.state], processors=procs,
+                                              may_edit_logits=True)[0]
+                self._append_token(seq, tok)
+                if seq.finished or i >= len(drafts) or tok.token_id != drafts[i]:
+                    break
+                accepted += 1
         self.stats["draft_tokens"] += len(drafts)
         self.stats["accepted_draft_tokens"] += accepted
+        seq.group.draft_tokens += len(drafts)
+        seq.group.accepted_draft_tokens += accepted
         if not seq.finished:
             self.scheduler.commit(seq, rec.start + 1 + accepted)
 
@@ -494,6 +511,9 @@ class Engine:
             if tail and seq.finish_reason != "cancelled":
                 seq.text += tail
         self.scheduler.finish(seq)
+        release = getattr(self.drafter, "release", None)
+        if release is not None:
+            release(seq)      # the drafter's own per-sequence state (a draft model's KV)
         group = seq.group
         if group.stream:
             self._emit(seq)

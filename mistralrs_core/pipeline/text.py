@@ -218,12 +218,17 @@ class TextPipeline(TextGeneration):
         prompt_t = max(first - group.t_submit, 1e-9)
         compl_t = max(end - first, 1e-9)
         total_t = max(end - group.t_submit, 1e-9)
+        details = None
+        if group.draft_tokens:
+            details = R.CompletionTokensDetails(
+                accepted_prediction_tokens=group.accepted_draft_tokens,
+                rejected_prediction_tokens=group.draft_tokens - group.accepted_draft_tokens)
         return R.Usage(completion_tokens=completion, prompt_tokens=prompt, total_tokens=prompt + completion,
                        avg_tok_per_sec=(prompt + completion) / total_t,
                        avg_prompt_tok_per_sec=prompt / prompt_t,
                        avg_compl_tok_per_sec=completion / compl_t,
                        total_time_sec=total_t, total_prompt_time_sec=prompt_t,
-                       total_completion_time_sec=compl_t)
+                       total_completion_time_sec=compl_t, completion_tokens_details=details)
 
     def _logprob_entry(self, tok) -> R.ResponseLogprob:
         tk = self.tokenizer

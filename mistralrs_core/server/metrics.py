@@ -89,6 +89,9 @@ _ENGINE_COUNTERS = (
     ("engine_prompt_tokens_computed_total", "prompt_tokens_computed",
      "Prompt tokens run through the model, prefix-cache hits excluded (since load)."),
     ("engine_steps_total", "steps", "Engine steps (one batched forward each, since load)."),
+    ("engine_draft_tokens_total", "draft_tokens", "Speculative decoding: drafted tokens verified (since load)."),
+    ("engine_accepted_draft_tokens_total", "accepted_draft_tokens",
+     "Speculative decoding: drafted tokens the target kept (since load)."),
 )
 
 
