@@ -18,12 +18,6 @@ def mistralrs_register_samplers(register):
 
 
 @hookimpl
-def mistralrs_register_capabilities(register):
-    # Draft-model and prompt-lookup speculation live in the core engine (engine/speculative.py).
-    register("speculative")
-
-
-@hookimpl
 def mistralrs_select_loader(which, kind):
     if type(which).__name__ == "Plain":
         return "safetensors"
@@ -38,14 +32,18 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 
 # Tool calling, the agentic loop, sessions and the produced-file store live in the core
 # (mistralrs_core.agent), constrained decoding too (mistralrs_core.constrained, llguidance);
+# draft-model and prompt-lookup speculation live in the engine (engine/speculative.py);
 # MCP, web search, code execution and shell come from plugins.
-CORE_CAPABILITIES = ("grammar", "tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")
+CORE_CAPABILITIES = {"grammar": "mistralrs_core.constrained", "speculative": "mistralrs_core.engine.speculative",
+                     **{name: "mistralrs_core.agent"
+                        for name in ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")}}
 
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    for name in CORE_CAPABILITIES:
-        register(name, provides="mistralrs_core.constrained" if name == "grammar" else "mistralrs_core.agent")
+    # One implementation per hook name in this module: a second def would replace the first.
+    for name, where in CORE_CAPABILITIES.items():
+        register(name, provides=where)
 
 
 @hookimpl
