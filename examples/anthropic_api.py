@@ -20,7 +20,7 @@ def main() -> int:
     log = Path(tempfile.mkdtemp()) / "server.log"
     server = Server(smollm2_args(), log).wait()
     try:
-        # A server started with --api-key wants `Authorization: Bearer`: pass auth_token=.
+        # A server started with --api-key takes the key from api_key= (sent as x-api-key).
         client = anthropic.Anthropic(base_url=server.url, api_key="none")
         question = [{"role": "user", "content": "What is the capital of France?"}]
         msg = client.messages.create(model="default", max_tokens=64, system="You are a helpful assistant.",

@@ -18,20 +18,30 @@ OPEN_PATHS = frozenset({"/health"}) | web_ui.PUBLIC_PATHS
 
 
 class BearerAuth:
-    """401 unless ``Authorization: Bearer <key>`` matches; /health stays open for probes."""
+    """401 unless the key matches; /health (and the chat page's static files) stay open.
+    The key comes as ``Authorization: Bearer <key>`` (OpenAI clients) or, when there is no
+    Authorization header, as ``x-api-key: <key>`` (what the Anthropic client's ``api_key=``
+    sends)."""
 
     def __init__(self, app, key: str):
         self.app = app
         self.key = key.encode()
 
+    def _presented(self, headers: dict) -> bytes | None:
+        auth = headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, token = auth.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else None
+        token = headers.get(b"x-api-key")
+        return token.strip() if token is not None else None
+
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = header.partition(b" ")
+            token = self._presented(dict(scope["headers"]))
             # compare_digest: the time taken must not reveal how much of the key matched.
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                err = APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>'.",
-                               code="invalid_api_key")
+            if token is None or not hmac.compare_digest(token, self.key):
+                err = APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer <key>' "
+                                    "(or 'x-api-key: <key>').", code="invalid_api_key")
                 return await err.response({"WWW-Authenticate": "Bearer"})(scope, receive, send)
         await self.app(scope, receive, send)
 

@@ -118,3 +118,27 @@ def test_the_server_binds_loopback_by_default(smol_server):
     listening = [r.split()[1] for r in rows if r.split()[3] == "0A"]
     ours = [addr for addr in listening if int(addr.split(":")[1], 16) == smol_server.port]
     assert ours == ["0100007F:%04X" % smol_server.port]
+
+
+def test_the_anthropic_clients_x_api_key_header_is_accepted_and_checked():
+    import asyncio
+    passed = []
+
+    async def app(scope, receive, send):
+        passed.append(scope["path"])
+
+    sent = []
+
+    async def send(msg):
+        sent.append(msg)
+
+    auth = app_module.BearerAuth(app, API_KEY)
+    for headers, ok in (([(b"x-api-key", API_KEY.encode())], True), ([(b"x-api-key", b"guess")], False),
+                        # An Authorization header decides on its own: a right x-api-key beside a
+                        # wrong bearer token does not get in.
+                        ([(b"authorization", b"Bearer guess"), (b"x-api-key", API_KEY.encode())], False)):
+        passed.clear(), sent.clear()
+        asyncio.run(auth({"type": "http", "path": "/v1/messages", "headers": headers}, None, send))
+        assert bool(passed) == ok, headers
+        if not ok:
+            assert sent[0]["status"] == 401
