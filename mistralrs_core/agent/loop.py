@@ -18,6 +18,7 @@ import attrs
 from mistralrs_core.api import responses as R
 from mistralrs_core.api.enums import ToolChoice
 from mistralrs_core.api.validate import normalize_messages, validate_chat_request
+from mistralrs_core.pipeline.text import ResponseStream
 from mistralrs_core.agent.sessions import FileStore, SessionStore
 from mistralrs_core.tools import ToolOutput
 
@@ -189,7 +190,7 @@ class Agent:
             run.execute(msg.content, calls)
 
 
-class _LoopStream:
+class _LoopStream(ResponseStream):
     """The loop, streamed: each round's content streams as it comes; a round that ends in
     calls the loop runs streams no calls and no finish; the last round streams whole."""
 
@@ -197,18 +198,9 @@ class _LoopStream:
         self._pipe, self._run = pipe, run
         self._current = None
         self._cancelled = threading.Event()
-        self._chunks = self._generate()
+        super().__init__(self._generate(), self._cancel_round)
 
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self._chunks)
-
-    def close(self) -> None:
-        self._chunks.close()
-
-    def cancel(self) -> None:
+    def _cancel_round(self) -> None:
         self._cancelled.set()
         current = self._current
         if current is not None:
