@@ -6,6 +6,8 @@ without image splitting against transformers' PIL-path ``Idefics2Processor``; th
 through the Runner (``Which.VisionPlain``), an image request batched with a text one."""
 
 import numpy as np
+from functools import partial
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_idefics2 import FAKE, IMG, LATENTS, PATCH, PREPROCESSOR, write_tiny_idefics2  # noqa: E402
+import vision_testing  # noqa: E402
 from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Idefics2"]
@@ -302,18 +305,6 @@ def test_placeholder_count_mismatch_is_refused(loaded, tiny):
 
 
 # --------------------------------------------------------------------------- through the Runner
-@torch.inference_mode()
-def ref_greedy(ref, ids, images, spans, n):
-    ids, toks, lps = list(ids), [], []
-    for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, images, spans)[-1].double(), -1)
-        t = int(lp.argmax())
-        toks.append(t)
-        lps.append(float(lp[t]))
-        ids.append(t)
-    return toks, lps
-
-
 @pytest.fixture(scope="module")
 def runner(tiny):
     from mistralrs import Runner, VisionArchitecture, Which
@@ -325,14 +316,7 @@ def runner(tiny):
 
 
 def check_against_reference(pipe, ref, req, res, n=6):
-    prompt = pipe.chat_prompt(req)
-    images = [s.data for s in prompt.spans]
-    want_toks, want_lps = ref_greedy(ref, prompt.ids, images, [(s.start, s.length) for s in prompt.spans], n)
-    got = res.choices[0].logprobs.content
-    assert res.usage.prompt_tokens == len(prompt.ids)
-    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
-    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
-    return prompt
+    return vision_testing.check_against_reference(pipe, partial(ref_logits_spans, ref), req, res, n)
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny):

@@ -6,6 +6,8 @@ then the model through the Runner (``Which.VisionPlain``), an image request batc
 text one."""
 
 import numpy as np
+from functools import partial
+
 import pytest
 import torch
 from PIL import Image
@@ -20,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_idefics3 import (FAKE, GLOBAL, IMAGE, PREPROCESSOR, TILE, TOKENS,  # noqa: E402
                            write_tiny_idefics3)
+import vision_testing  # noqa: E402
 from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Idefics3"]
@@ -298,18 +301,6 @@ def test_placeholder_count_mismatch_is_refused(loaded, tiny):
 
 
 # --------------------------------------------------------------------------- through the Runner
-@torch.inference_mode()
-def ref_greedy(ref, ids, pixels, spans, n):
-    ids, toks, lps = list(ids), [], []
-    for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, pixels, spans)[-1].double(), -1)
-        t = int(lp.argmax())
-        toks.append(t)
-        lps.append(float(lp[t]))
-        ids.append(t)
-    return toks, lps
-
-
 @pytest.fixture(scope="module")
 def runner(tiny):
     from mistralrs import Runner, VisionArchitecture, Which
@@ -321,14 +312,7 @@ def runner(tiny):
 
 
 def check_against_reference(pipe, ref, req, res, n=6):
-    prompt = pipe.chat_prompt(req)
-    pixels = [s.data for s in prompt.spans]
-    want_toks, want_lps = ref_greedy(ref, prompt.ids, pixels, [(s.start, s.length) for s in prompt.spans], n)
-    got = res.choices[0].logprobs.content
-    assert res.usage.prompt_tokens == len(prompt.ids)
-    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
-    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
-    return prompt
+    return vision_testing.check_against_reference(pipe, partial(ref_logits_spans, ref), req, res, n)
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny):

@@ -5,6 +5,8 @@ batched with a text request."""
 import json
 import threading
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_llava import IMAGE, make_reference, write_tiny_llava  # noqa: E402
+from tiny_llava import IMAGE, write_tiny_llava  # noqa: E402
+import vision_testing  # noqa: E402
 from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["LLaVa"]
@@ -154,18 +157,6 @@ def test_hub_checkpoint_layout_loads(tmp_path, loaded):
 
 
 # --------------------------------------------------------------------------- through the Runner
-@torch.inference_mode()
-def ref_greedy(ref, ids, pixels, spans, n):
-    ids, toks, lps = list(ids), [], []
-    for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, pixels, spans)[-1].double(), -1)
-        t = int(lp.argmax())
-        toks.append(t)
-        lps.append(float(lp[t]))
-        ids.append(t)
-    return toks, lps
-
-
 @pytest.fixture(scope="module")
 def runner(tiny_llava):
     from mistralrs import Runner, VisionArchitecture, Which
@@ -177,14 +168,7 @@ def runner(tiny_llava):
 
 
 def check_against_reference(pipe, ref, req, res, n=6):
-    prompt = pipe.chat_prompt(req)
-    pixels = [s.data for s in prompt.spans]
-    want_toks, want_lps = ref_greedy(ref, prompt.ids, pixels, [(s.start, s.length) for s in prompt.spans], n)
-    got = res.choices[0].logprobs.content
-    assert res.usage.prompt_tokens == len(prompt.ids)
-    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
-    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
-    return prompt
+    return vision_testing.check_against_reference(pipe, partial(ref_logits_spans, ref), req, res, n)
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny_llava):

@@ -5,6 +5,8 @@
 a text request."""
 
 import numpy as np
+from functools import partial
+
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from test_llava import Ours  # noqa: E402
+import vision_testing  # noqa: E402
 from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
 from tiny_llava import IMAGE, PATCH  # noqa: E402
 from tiny_llava_next import NEXT_PREPROCESSOR, PINPOINTS, write_tiny_llava_next  # noqa: E402
@@ -245,19 +248,6 @@ def test_full_feature_strategy_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------- through the Runner
-@torch.inference_mode()
-def ref_greedy(ref, ids, pixels, spans, n):
-    ids, toks, lps = list(ids), [], []
-    feats = ref_features(ref, pixels) if pixels else []
-    for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, feats, spans)[-1].double(), -1)
-        t = int(lp.argmax())
-        toks.append(t)
-        lps.append(float(lp[t]))
-        ids.append(t)
-    return toks, lps
-
-
 @pytest.fixture(scope="module")
 def runner(tiny):
     from mistralrs import Runner, VisionArchitecture, Which
@@ -269,14 +259,9 @@ def runner(tiny):
 
 
 def check_against_reference(pipe, ref, req, res, n=6):
-    prompt = pipe.chat_prompt(req)
-    pixels = [s.data for s in prompt.spans]
-    want_toks, want_lps = ref_greedy(ref, prompt.ids, pixels, [(s.start, s.length) for s in prompt.spans], n)
-    got = res.choices[0].logprobs.content
-    assert res.usage.prompt_tokens == len(prompt.ids)
-    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
-    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
-    return prompt
+    # The reference's tower runs once per request, not once per generated token.
+    return vision_testing.check_against_reference(pipe, partial(ref_logits_spans, ref), req, res, n,
+                                                  prepare=lambda px: ref_features(ref, px) if px else [])
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny):

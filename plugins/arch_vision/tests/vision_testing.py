@@ -1,5 +1,6 @@
 """What the vision families' tests share: random images, data URIs, greedy chat requests
-with logprobs, and sending requests to a Runner at once."""
+with logprobs, sending requests to a Runner at once, and checking a greedy answer against
+the reference model."""
 from __future__ import annotations
 
 import base64
@@ -7,6 +8,8 @@ import io
 import threading
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 
@@ -39,3 +42,29 @@ def run_concurrently(runner, reqs) -> list:
     for t in threads:
         t.join(timeout=120)
     return results
+
+
+def check_against_reference(pipe, ref_logits, req, res, n=6, prepare=None):
+    """Assert our greedy answer ``res`` to ``req`` is the reference's: the same prompt length,
+    the same ``n`` tokens, each log-prob within 1e-4. ``ref_logits(ids, data, spans)``: the
+    reference model's logits [T, V] for ``ids`` with each span's image data spliced in at
+    ``(start, length)``; ``prepare(data)``, when given, turns the spans' data into what
+    ``ref_logits`` takes, once (e.g. tower features). Returns the prompt."""
+    prompt = pipe.chat_prompt(req)
+    data = [s.data for s in prompt.spans]
+    if prepare is not None:
+        data = prepare(data)
+    spans = [(s.start, s.length) for s in prompt.spans]
+    ids, want_toks, want_lps = list(prompt.ids), [], []
+    with torch.inference_mode():
+        for _ in range(n):
+            lp = torch.log_softmax(ref_logits(ids, data, spans)[-1].double(), -1)
+            t = int(lp.argmax())
+            want_toks.append(t)
+            want_lps.append(float(lp[t]))
+            ids.append(t)
+    got = res.choices[0].logprobs.content
+    assert res.usage.prompt_tokens == len(prompt.ids)
+    assert [e.logprob for e in got] == pytest.approx(want_lps, abs=1e-4)
+    assert res.choices[0].message.content == pipe.tokenizer.decode(want_toks)
+    return prompt
