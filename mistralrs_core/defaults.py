@@ -35,6 +35,7 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 # draft-model and prompt-lookup speculation live in the engine (engine/speculative.py);
 # MCP, web search, code execution and shell come from plugins.
 CORE_CAPABILITIES = {"grammar": "mistralrs_core.constrained", "speculative": "mistralrs_core.engine.speculative",
+                     "device_mapping": "mistralrs_core.distributed",
                      **{name: "mistralrs_core.agent"
                         for name in ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")}}
 

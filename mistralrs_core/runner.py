@@ -94,7 +94,11 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
     if entry is None:
         raise ValueError(f"loader {loader_name!r} was selected but is not registered")
     loader = entry.load()()
-    return loader.load(which, opts, name)
+    from mistralrs_core.distributed import placement
+    # Device maps (num_device_layers, auto_map_params, topology devices) and tensor-parallel
+    # sharding apply to the models this load builds (CausalLM.load_weights asks for them).
+    with placement.loading(placement.request_from(which, opts)):
+        return loader.load(which, opts, name)
 
 
 def _check_paged_attn(paged_attn: bool, no_paged_attn: bool) -> None:
@@ -189,7 +193,8 @@ class Runner:
             pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
             no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
             quant_kernel=quant_kernel.strip().lower() if quant_kernel else None,
-            max_queue=max_queue, request_timeout=request_timeout)
+            max_queue=max_queue, request_timeout=request_timeout,
+            num_device_layers=list(num_device_layers) if num_device_layers else None)
         self.speculative_gamma = speculative_gamma
         from mistralrs_core.loading.speculative import SpeculativeConfig
         speculation = SpeculativeConfig.from_runner_args(which_draft, speculative_gamma, speculative_ngram)

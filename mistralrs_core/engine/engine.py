@@ -150,7 +150,9 @@ class Engine:
                                    enable_prefix_cache=(config.prefix_cache and not config.no_kv_cache
                                                         and not self.stateful))
         self.scheduler = Scheduler(self.blocks, config.max_seqs, config.max_batch_tokens, config.no_kv_cache)
-        self.runner = ModelRunner(model, config.num_blocks, config.block_size, config.device, config.cache_dtype,
+        # A tensor-parallel model brings the runner that broadcasts each step to the other ranks.
+        runner_cls = getattr(model, "model_runner_cls", None) or ModelRunner
+        self.runner = runner_cls(model, config.num_blocks, config.block_size, config.device, config.cache_dtype,
                                   num_state_slots=config.max_seqs)
         self.sampler = make_sampler()
         self.max_context = getattr(model, "max_context_len", 4096)

@@ -79,10 +79,12 @@ class ModelRunner:
         self.device = torch.device(device)
         self.block_size = block_size
         # Paged K/V per attention layer; a slot pool per recurrent layer (see layers/recurrent.py).
+        # Under a device map each layer's cache lives with its layer (``model.layer_devices``).
+        devices = getattr(model, "layer_devices", None) or []
         self.caches: list[LayerKVCache | None] = [
-            make_layer_cache(spec, num_blocks, block_size, cache_dtype, self.device, num_state_slots,
-                             lazy_zero=True)
-            for spec in model.kv_cache_specs()
+            make_layer_cache(spec, num_blocks, block_size, cache_dtype,
+                             devices[i] if i < len(devices) else self.device, num_state_slots, lazy_zero=True)
+            for i, spec in enumerate(model.kv_cache_specs())
         ]
         self._zeroed: set[int] = set()
 
@@ -92,10 +94,14 @@ class ModelRunner:
         if not fresh:
             return
         self._zeroed.update(fresh)
-        idx = torch.tensor(sorted(fresh), device=self.device)
+        idx = torch.tensor(sorted(fresh))
+        on: dict = {}
         for c in self.caches:
             if hasattr(c, "zero_blocks"):
-                c.zero_blocks(idx)
+                dev = getattr(c, "k", idx).device
+                if dev not in on:
+                    on[dev] = idx.to(dev)
+                c.zero_blocks(on[dev])
 
     @property
     def cache_bytes(self) -> int:

@@ -318,7 +318,7 @@ class MoEWeightsMixin:
             experts = modules.get(m["moe"] + ".experts") if m else None
             if isinstance(experts, MoEExperts) and m["part"] in _PARTS:
                 prefix = raw.rpartition(".")[0]
-                experts.load_expert(int(m["e"]), _PARTS[m["part"]], value, loader.device, loader.dtype,
+                experts.load_expert(int(m["e"]), _PARTS[m["part"]], value, loader.device_for(experts), loader.dtype,
                                     quantize=lambda w, prefix=prefix: loader.quant_method(prefix, experts, w))
                 del value      # a quantized expert's dense tensor is freed before the next arrives
                 continue

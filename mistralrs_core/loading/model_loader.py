@@ -60,6 +60,8 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     from mistralrs_core.pipeline.text import TextPipeline
     from mistralrs_core.tokenization.eos import generation_eos_ids
 
+    from mistralrs_core.distributed import placement
+    placement.finish_model(model)
     cache_dtype = model.dtype
     if opts.pa_cache_type is not None and getattr(opts.pa_cache_type, "name", "Auto") != "Auto":
         from mistralrs_core.errors import NotAvailableYet
@@ -68,6 +70,13 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     bs = kv_pool.block_size(opts)
     tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len)
     num_blocks = max(2, -(-tokens // bs))
+    if getattr(model, "tensor_parallel", None) is not None:
+        from mistralrs_core.distributed.step_channel import tp_pipeline
+        # Every rank needs the same pool (block ids travel in the steps); the others serve
+        # the forwards rank 0 schedules instead of running an engine.
+        num_blocks, worker = tp_pipeline(model, name, num_blocks, bs, device, cache_dtype, opts)
+        if worker is not None:
+            return worker
     cfg = EngineConfig(max_seqs=opts.max_seqs, block_size=bs, num_blocks=num_blocks,
                        prefix_cache=opts.prefix_cache_n > 0, no_kv_cache=opts.no_kv_cache,
                        max_batch_tokens=opts.max_batch_tokens or 2048, seed=opts.seed,

@@ -30,6 +30,8 @@ class LoadOptions:
     # Admission control and a time limit per request (see engine.EngineConfig).
     max_queue: int | None = None
     request_timeout: float | None = None
+    # Device mapping: "ORD:NUM" entries (mistralrs_core/distributed/device_map.py).
+    num_device_layers: list[str] | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -7,7 +7,8 @@ time, so a model never holds a second copy of its weights:
    ``map_weight_name``; None drops it), names ending in an ignored suffix are skipped;
 2. a per-parameter loader may reshape what the checkpoint gives (a ``weight_loader``
    attribute on the parameter or its module, ``(param_or_module, name, tensor) -> tensor``:
-   the seam tensor-parallel sharding will use to keep only its rows);
+   tensor-parallel sharding keeps only its rows or columns this way, packed blocks included
+   when the loader sets ``packed_ok``; see ``mistralrs_core/distributed/tp.py``);
 3. for the ``weight`` of a layer that can hold a quantized method (``Linear``,
    ``Embedding``: anything with ``set_quant_method``), the ``mistralrs_quant_method`` hook
    sees the tensor as the checkpoint stored it, before any cast or move, and may return a
@@ -99,14 +100,14 @@ class WeightLoader:
             module.__dict__["hf_name"] = prefix
         current = getattr(module, attr)
         packed = not isinstance(value, torch.Tensor)
-        if not packed:
-            # Instance attributes only (set by whoever shards the model): nn.Module's
-            # __getattr__ on a missing name costs an exception per tensor.
-            fn = current.__dict__.get("weight_loader") if current is not None else None
-            if fn is None:
-                fn = module.__dict__.get("weight_loader")
-            if fn is not None:
-                value = fn(current if current is not None else module, name, value)
+        # Instance attributes only (set by whoever shards the model): nn.Module's
+        # __getattr__ on a missing name costs an exception per tensor.
+        fn = current.__dict__.get("weight_loader") if current is not None else None
+        if fn is None:
+            fn = module.__dict__.get("weight_loader")
+        # A loader that can slice packed blocks says so (``packed_ok``); others see dense tensors.
+        if fn is not None and (not packed or getattr(fn, "packed_ok", False)):
+            value = fn(current if current is not None else module, name, value)
         if attr == "weight" and hasattr(module, "set_quant_method"):
             method = self.quant_method(prefix, module, value)
             if method is not None:
@@ -118,13 +119,22 @@ class WeightLoader:
         if current is not None and tuple(current.shape) != tuple(value.shape):
             raise ValueError(f"weight {name!r} has shape {tuple(value.shape)}, "
                              f"expected {tuple(current.shape)}")
-        tensor = value.to(device=self.device, dtype=self.dtype)
+        tensor = value.to(device=self.device_for(module), dtype=self.dtype)
         setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+    def device_for(self, module: nn.Module) -> torch.device:
+        """Where ``module``'s weights go: its ``load_device`` (set by device mapping on a
+        layer's modules) or the load's device."""
+        return module.__dict__.get("load_device") or self.device
 
     def quant_method(self, hf_prefix: str, module: nn.Module, weight):
         """The quantization hook's answer for one checkpoint weight (None: keep it dense).
         Modules that store weights their own way (stacked MoE experts) ask through here too."""
-        method = self._hook(quant_config=self.quant_config, hf_name=hf_prefix, module=module, weight=weight)
+        config = self.quant_config
+        dev = module.__dict__.get("load_device")
+        if dev is not None and dev != config.device:
+            config = attrs.evolve(config, device=dev)
+        method = self._hook(quant_config=config, hf_name=hf_prefix, module=module, weight=weight)
         if method is not None:
             self.quantized.append(hf_prefix)
         return method

@@ -96,6 +96,10 @@ class CausalLM(nn.Module):
         """Stream ``(hf_name, tensor | QuantizedWeight)`` into the model. ``quant_config``
         (else ``self.quant_config`` if a loader set one; families that wrap this method do
         not forward extra arguments) decides what the quantization hook does."""
+        from mistralrs_core.distributed.placement import prepare_for_load
+        # Tensor-parallel sharding and device mapping change the modules while they are
+        # still on the meta device, before the first weight arrives.
+        prepare_for_load(self, device)
         loader = WeightLoader(self, device, self.dtype, quant_config or getattr(self, "quant_config", None))
         loader.load(self.route_weights(weights, loader))
         self.quant_config = loader.quant_config
