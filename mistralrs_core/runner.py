@@ -186,6 +186,9 @@ class Runner:
         if prefix_cache_n < 0:
             raise ValueError("prefix_cache_n: must be >= 0")
         _check_limits(max_queue, request_timeout)
+        if num_device_layers is not None:
+            from mistralrs_core.distributed.device_map import check_num_device_layers
+            check_num_device_layers(num_device_layers)
         self._defaults = LoadOptions(
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
@@ -318,6 +321,14 @@ class Runner:
         engine = getattr(slot.pipeline, "engine", None) if slot is not None else None
         snapshot = getattr(engine, "snapshot", None)
         return snapshot() if snapshot is not None else None
+
+    def model_placement(self, model_id: str) -> dict | None:
+        """Where a loaded model lives (ours, beyond the SDK): its device map (layer ranges
+        per device) and tensor-parallel layout; None when neither applies or it is unloaded."""
+        from mistralrs_core.distributed.placement import placement_status
+        slot = self._models.get(model_id)
+        model = getattr(slot.pipeline, "model", None) if slot is not None else None
+        return placement_status(model) if model is not None else None
 
     def get_model_status(self, model_id: str) -> str | None:
         slot = self._models.get(model_id)

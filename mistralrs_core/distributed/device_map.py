@@ -66,21 +66,30 @@ def _device_for_ordinal(ordinal: int, base: torch.device) -> tuple[torch.device,
     return torch.device(base.type), f"{base.type}[{ordinal}]"
 
 
-def parse_num_device_layers(entries: Sequence[str], num_layers: int, base: torch.device) -> DeviceMap:
-    """``["0:16", "1:16"]``: the first 16 layers on ordinal 0, the next 16 on ordinal 1.
-    Layers the list does not cover stay on the CPU (upstream's host layers); more layers
-    than the model has, a malformed entry, or an unknown ordinal is a ``ValueError``."""
+def check_num_device_layers(entries) -> list[tuple[int, int]]:
+    """(ordinal, layer count) per entry; a malformed list is a ``ValueError`` naming it
+    (checked when the Runner is made, before any load)."""
     if isinstance(entries, str) or not isinstance(entries, (list, tuple)) or not entries:
         raise ValueError(f"num_device_layers: expected a non-empty list of 'ORD:NUM' strings, got {entries!r}")
-    layers: list[torch.device] = []
-    labels: list[str] = []
+    out = []
     for k, entry in enumerate(entries):
         m = _ORD_NUM.match(entry) if isinstance(entry, str) else None
         if m is None:
             raise ValueError(f"num_device_layers[{k}]: expected 'ORD:NUM' (e.g. '0:16'), got {entry!r}")
-        dev, label = _device_for_ordinal(int(m[1]), base)
-        layers += [dev] * int(m[2])
-        labels += [label] * int(m[2])
+        out.append((int(m[1]), int(m[2])))
+    return out
+
+
+def parse_num_device_layers(entries: Sequence[str], num_layers: int, base: torch.device) -> DeviceMap:
+    """``["0:16", "1:16"]``: the first 16 layers on ordinal 0, the next 16 on ordinal 1.
+    Layers the list does not cover stay on the CPU (upstream's host layers); more layers
+    than the model has, a malformed entry, or an unknown ordinal is a ``ValueError``."""
+    layers: list[torch.device] = []
+    labels: list[str] = []
+    for ordinal, count in check_num_device_layers(entries):
+        dev, label = _device_for_ordinal(ordinal, base)
+        layers += [dev] * count
+        labels += [label] * count
     if len(layers) > num_layers:
         raise ValueError(f"num_device_layers: maps {len(layers)} layers but the model has {num_layers}")
     if len(layers) < num_layers:

@@ -20,7 +20,8 @@ def _model_card(st: ServerState, model_id: str) -> dict:
 def _status(st: ServerState, model_id: str) -> dict:
     return {"model_id": model_id, "status": st.runner.get_model_status(model_id),
             "default": model_id == st.runner.get_default_model_id(),
-            "engine": st.runner.engine_stats(model_id)}
+            "engine": st.runner.engine_stats(model_id),
+            "placement": st.runner.model_placement(model_id)}
 
 
 async def _target(request: Request) -> tuple[ServerState, str]:

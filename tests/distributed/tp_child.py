@@ -100,14 +100,16 @@ def main() -> None:
         tp = init_tensor_parallel(spec["rank"], spec["world"], timeout_s=spec.get("timeout", 20))
     if spec["mode"] == "logits":
         from safetensors.torch import save_file
-        tensors, tokens = {}, {}
+        tensors, tokens, summaries = {}, {}, {}
         for entry in spec["models"]:
-            logits, toks = logits_run(load(entry))
+            model = load(entry)
+            logits, toks = logits_run(model)
             tensors.update({f"{entry['name']}.{k}": v for k, v in logits.items()})
             tokens[entry["name"]] = toks
+            summaries[entry["name"]] = getattr(model, "tp_summary", None)
         if spec["rank"] == 0:
             save_file(tensors, spec["out"] + ".safetensors")
-            Path(spec["out"] + ".json").write_text(json.dumps(tokens))
+            Path(spec["out"] + ".json").write_text(json.dumps({"tokens": tokens, "summary": summaries}))
     else:
         result = runner_mode(spec, tp)
         if spec["rank"] == 0:
