@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, seconds in-flight requests may take to finish (default 30)")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body in MiB (default 16)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.add_argument("--tp", type=int, help="tensor-parallel ranks to start on this machine (under torchrun: "
+                                         "its WORLD_SIZE); see docs/distributed.md")
     run = sub.add_parser("run", help="chat in the terminal")
     _model_args(run)
     c = run.add_argument_group("chat")
@@ -107,13 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from mistralrs_core.errors import NotAvailableYet
     from mistralrs_core.server.loading import build_runner
+    from mistralrs_core.distributed import launch, serve_workers, stop_workers
     try:
         cfg = _serve_config(args)
+        # Tensor parallelism: every rank loads its shard; ranks > 0 then serve rank 0's steps.
+        tp = launch.setup(getattr(args, "tp", None), device=cfg.runtime.get("device")) \
+            if args.command == "serve" else None
         runner = build_runner(cfg.models, cfg.runtime)
     except (ValueError, OSError, NotAvailableYet) as exc:
         print(f"mistralrs: error: {exc}", file=sys.stderr)
         return 1
     try:
+        if tp is not None and not tp.is_driver:
+            return _serve_rank(serve_workers)
         if args.command == "serve":
             from mistralrs_core.server.app import serve
             host = args.host or cfg.server.get("host", "127.0.0.1")
@@ -125,7 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run(runner, args)
     finally:
+        stop_workers()
         runner.shutdown()
+
+
+def _serve_rank(serve_workers) -> int:
+    from mistralrs_core.distributed import DistributedError
+    try:
+        serve_workers()
+    except DistributedError as exc:
+        print(f"mistralrs: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(runner, args) -> int:

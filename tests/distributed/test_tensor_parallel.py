@@ -117,3 +117,22 @@ def test_runner_on_rank_zero_and_a_dead_rank(models, tmp_path):
     # The request after the death fails with a clear error, within the collective timeout.
     assert "tensor parallel" in result["after_death"] and "stopped answering" in result["after_death"]
     assert result["after_death_s"] < 8 + 10
+
+
+def test_serve_tp_starts_its_ranks(models, tmp_path):
+    """``mistralrs serve --tp 2``: rank 0 starts rank 1 itself, serves HTTP, reports the
+    layout in the model status, and stops its rank on SIGTERM."""
+    from mistralrs_core.testing.server import Server
+    srv = Server(["-m", models[0]["dir"], "--tp", "2", "--device", "cpu", "--pa-ctxt-len", "512"],
+                 tmp_path / "serve.log")
+    try:
+        srv.wait(timeout=120)
+        r = srv.client().chat.completions.create(model="default", max_tokens=6, temperature=0,
+                                                 messages=[{"role": "user", "content": "Tell me a story"}])
+        assert r.choices[0].finish_reason == "length"
+        tp = srv.status()["placement"]["tensor_parallel"]
+        assert tp["world"] == 2 and tp["attention"] == 2 and tp["mlp"] == 2
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0, srv.log.read_text(errors="replace")
+    assert "Traceback" not in srv.log.read_text(errors="replace")
