@@ -201,6 +201,12 @@ class Runner:
         self.speculative_gamma = speculative_gamma
         from mistralrs_core.loading.speculative import SpeculativeConfig
         speculation = SpeculativeConfig.from_runner_args(which_draft, speculative_gamma, speculative_ngram)
+        if which_draft is not None:
+            from mistralrs_core.distributed import current as current_tp
+            if current_tp() is not None:
+                # The draft's own forwards would run on rank 0 alone, outside the collectives.
+                raise ValueError("which_draft: a draft model is not supported under tensor parallelism "
+                                 "(speculative_ngram is)")
         if speculation is not None and isinstance(which, (list, tuple)) and len(which) != 1:
             raise ValueError(f"{speculation.field}: speculative decoding needs one target model, "
                              f"got {len(which)} in which")

@@ -23,7 +23,7 @@ log = logging.getLogger("mistralrs")
 _children: list[subprocess.Popen] = []
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +37,7 @@ def env_world() -> tuple[int, int]:
 def spawn_local_ranks(tp_size: int, argv: list[str], module: str = "mistralrs_core.cli") -> None:
     """Make this process rank 0 of ``tp_size`` and start the others running
     ``python -m module *argv`` with the same environment plus their rank."""
-    port = str(_free_port())
+    port = str(free_port())
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(tp_size),
             "LOCAL_WORLD_SIZE": str(tp_size)}
     for r in range(1, tp_size):

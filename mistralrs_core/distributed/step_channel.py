@@ -29,6 +29,7 @@ _lock = threading.Lock()       # one broadcast on the control group at a time (e
 _next_index = 0                # models load in the same order on every rank: the index names one
 _workers: dict[int, "WorkerPipeline"] = {}
 _stopped = False
+_serving = False               # rank 0 sent a step: the other ranks are in their loop
 
 
 def _broadcast(tp: TensorParallel, t: torch.Tensor, what: str) -> None:
@@ -62,8 +63,9 @@ def decode_step(payload: torch.Tensor, n: int) -> list[StepRecord]:
 
 
 def send(tp: TensorParallel, op: int, index: int, records: list[StepRecord] = ()) -> None:
-    global _stopped
+    global _stopped, _serving
     with _lock:
+        _serving = True
         tp.check()
         if _stopped:
             raise DistributedError("tensor parallel: the worker ranks were stopped")
@@ -116,6 +118,11 @@ def tp_pipeline(model, name: str, num_blocks: int, block_size: int, device, cach
     """(num_blocks agreed by all ranks, a ``WorkerPipeline`` on ranks > 0 or None on rank 0)."""
     global _next_index
     tp: TensorParallel = model.tensor_parallel
+    if _serving:
+        # The other ranks wait in their step loop; a collective for a new model would meet
+        # a step broadcast there.
+        raise ValueError("tensor parallel: models cannot be added or reloaded once the ranks serve; "
+                         "restart the ranks with every model to serve")
     t = torch.tensor([num_blocks], dtype=torch.int64)
     try:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.control)
