@@ -47,10 +47,11 @@ class TensorParallel:
     def fail(self, what: str, exc: BaseException) -> DistributedError:
         """Mark the group dead and return the error to raise (named once, reused after)."""
         if self.broken is None:
+            # gloo's first sentence says what happened; the rest is boilerplate.
+            detail = (str(exc).splitlines() or [""])[0].split(". This is typically")[0]
             self.broken = (f"tensor parallel: {what} failed, a rank of {self.world} stopped answering "
                            f"(collective timeout {self.timeout_s:g}s or a closed connection: "
-                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                           f"restart all ranks")
+                           f"{type(exc).__name__}: {detail}); restart all ranks")
             log.error("%s", self.broken)
         return DistributedError(self.broken)
 

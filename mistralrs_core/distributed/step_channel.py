@@ -10,6 +10,7 @@ payload) on the control group: no pickled objects cross between processes.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 
@@ -34,7 +35,13 @@ _serving = False               # rank 0 sent a step: the other ranks are in thei
 
 def _broadcast(tp: TensorParallel, t: torch.Tensor, what: str) -> None:
     try:
-        dist.broadcast(t, src=0, group=tp.control)
+        if tp.is_driver:
+            # gloo's sender waits for each receiver to post its buffer: a rank that hangs
+            # while idle would block rank 0 for the control group's long timeout.
+            work = dist.broadcast(t, src=0, group=tp.control, async_op=True)
+            work.wait(timeout=datetime.timedelta(seconds=tp.timeout_s))
+        else:
+            dist.broadcast(t, src=0, group=tp.control)
     except RuntimeError as exc:
         raise tp.fail(what, exc) from None
 
