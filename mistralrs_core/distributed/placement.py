@@ -28,7 +28,7 @@ log = logging.getLogger("mistralrs")
 class PlacementRequest:
     num_device_layers: list[str] | None = None
     auto_map_params: object = None
-    topology: Mapping | None = None        # parsed topology (its ``device`` keys)
+    topology: str | Mapping | None = None   # topology file (read when the model is built) or parsed
     device: str | None = None               # the load's device option
 
 
@@ -50,13 +50,13 @@ def request_from(which, opts) -> PlacementRequest | None:
     """The placement asked for by a Runner's load options and a ``Which``."""
     ndl = getattr(opts, "num_device_layers", None)
     auto = getattr(which, "auto_map_params", None)
+    # Only the path here: the loader first checks that something serves ``topology`` at all.
     topo = getattr(which, "topology", None)
-    parsed = load_topology_devices(topo) if topo else None
-    if not ndl and auto is None and not parsed:
+    if not ndl and auto is None and not topo:
         return None
     if ndl and auto is not None:
         raise ValueError("num_device_layers / auto_map_params: give one way of mapping devices, not both")
-    return PlacementRequest(list(ndl) if ndl else None, auto, parsed, getattr(opts, "device", None))
+    return PlacementRequest(list(ndl) if ndl else None, auto, topo, getattr(opts, "device", None))
 
 
 def load_topology_devices(path) -> Mapping | None:
@@ -87,8 +87,10 @@ def resolve_device_map(model, req: PlacementRequest, load_device=None) -> dm.Dev
     n = len(dm.decoder_layers(model))
     if req.num_device_layers:
         return dm.parse_num_device_layers(req.num_device_layers, n, base)
-    if req.topology:
-        return dm.device_map_from_topology(req.topology, n, base)
+    topo = load_topology_devices(req.topology) if isinstance(req.topology, (str, bytes)) or \
+        hasattr(req.topology, "__fspath__") else req.topology
+    if topo:
+        return dm.device_map_from_topology(topo, n, base)
     if req.auto_map_params is not None:
         if base.type != "cuda":
             # One host: nothing to spread over (upstream maps only accelerators).
@@ -105,7 +107,7 @@ def prepare_for_load(model, device=None) -> None:
     tp = current_tp()
     req = _REQUEST.get()
     if tp is not None:
-        if req is not None and (req.num_device_layers or req.topology):
+        if req is not None and (req.num_device_layers or (req.topology and resolve_device_map(model, req))):
             raise ValueError("num_device_layers / topology devices: device mapping and tensor parallelism "
                              "cannot be combined; every rank holds all layers of its shard")
         from mistralrs_core.distributed.tp import shard_model
