@@ -131,6 +131,12 @@ def test_auto_map_sizes_from_the_model(tmp_path):
     fake[0] = (fake[0][0], "cuda[0]", base + layer + kv - 1)
     m = dm.auto_map_for_model(model, TextAutoMapParams(max_seq_len=64, max_batch_size=2), CPU, devices=fake)
     assert m.labels == ["cpu", "cpu"]
+    # Image tokens count too: the same room that held one layer's text KV holds none with images.
+    from mistralrs_core.api import VisionAutoMapParams
+    fake[0] = (fake[0][0], "cuda[0]", base + layer + kv)
+    m = dm.auto_map_for_model(model, VisionAutoMapParams(max_seq_len=64, max_batch_size=2, max_num_images=1,
+                                                         max_image_length=16), CPU, devices=fake)
+    assert m.labels == ["cpu", "cpu"]
 
 
 def test_auto_map_on_a_host_alone_maps_nothing(model_dir):
