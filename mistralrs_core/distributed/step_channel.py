@@ -10,6 +10,7 @@ payload) on the control group: no pickled objects cross between processes.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import threading
@@ -140,6 +141,9 @@ def tp_pipeline(model, name: str, num_blocks: int, block_size: int, device, cach
     _next_index += 1
     if tp.is_driver:
         model.model_runner_cls = TPModelRunner
+        if model.tp_index == 0:
+            # Whoever forgets stop_workers: the other ranks must not wait forever after we exit.
+            atexit.register(stop_workers)
         return num_blocks, None
     runner = ModelRunner(model, num_blocks, block_size, device, cache_dtype, num_state_slots=opts.max_seqs)
     worker = WorkerPipeline(name, model, runner, model.tp_index)
