@@ -34,11 +34,17 @@ def detect_architecture(hf_config: dict, kind: str = "text", arch=None):
 
 def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cpu", kind="text"):
     from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.quant_config import from_hf_config
     from mistralrs_core.loading.safetensors_io import SafetensorsWeights
     hf = load_model_config(model_dir)
     entry = detect_architecture(hf, kind, arch)
     cls = entry.load()
     model = cls.from_hf_config(hf, dtype)
+    prequantized = from_hf_config(hf)
+    if prequantized is not None:
+        # Read by CausalLM.load_weights (family overrides of load_weights do not forward
+        # extra arguments).
+        model.quant_config = prequantized
     weights = SafetensorsWeights(model_dir)
     try:
         model.load_weights(weights.items(), device=device)

@@ -97,7 +97,7 @@ class CausalLM(nn.Module):
         (else ``self.quant_config`` if a loader set one; families that wrap this method do
         not forward extra arguments) decides what the quantization hook does."""
         loader = WeightLoader(self, device, self.dtype, quant_config or getattr(self, "quant_config", None))
-        loader.load(self.route_weights(weights, loader))
+        loader.load(self.route_weights(loader.packed_stream(weights), loader))
         self.quant_config = loader.quant_config
         self.finish_loading(device)
 
