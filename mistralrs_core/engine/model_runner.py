@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from mistralrs_core.engine.step import StepRecord
-from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache
+from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache, layer_cache_dtype
 from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.models.base import CausalLM
 
@@ -80,8 +80,8 @@ class ModelRunner:
         self.block_size = block_size
         # Paged K/V per attention layer; a slot pool per recurrent layer (see layers/recurrent.py).
         self.caches: list[LayerKVCache | None] = [
-            make_layer_cache(spec, num_blocks, block_size, cache_dtype, self.device, num_state_slots,
-                             lazy_zero=True)
+            make_layer_cache(spec, num_blocks, block_size, layer_cache_dtype(spec, cache_dtype, model.dtype),
+                             self.device, num_state_slots, lazy_zero=True)
             for spec in model.kv_cache_specs()
         ]
         self._zeroed: set[int] = set()

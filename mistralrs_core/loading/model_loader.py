@@ -66,13 +66,10 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
     from mistralrs_core.pipeline.text import TextPipeline
     from mistralrs_core.tokenization.eos import generation_eos_ids
 
-    cache_dtype = model.dtype
-    if opts.pa_cache_type is not None and getattr(opts.pa_cache_type, "name", "Auto") != "Auto":
-        from mistralrs_core.errors import NotAvailableYet
-        raise NotAvailableYet("pa_cache_type=F8E4M3", "the KV cache is stored in the model dtype")
     specs = model.kv_cache_specs()
+    cache_dtype = kv_pool.cache_dtype(opts.pa_cache_type, model.dtype, specs)
     bs = kv_pool.block_size(opts)
-    tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len)
+    tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len, model_dtype=model.dtype)
     num_blocks = max(2, -(-tokens // bs))
     cfg = EngineConfig(max_seqs=opts.max_seqs, block_size=bs, num_blocks=num_blocks,
                        prefix_cache=opts.prefix_cache_n > 0, no_kv_cache=opts.no_kv_cache,
