@@ -54,13 +54,18 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: [rows, W] words -> [rows, W * 32 / bits] int64 codes."""
+    """Inverse of ``pack_bits``: [rows, W] words -> [rows, W * 32 / bits] codes (uint8 for
+    2/4/8 bits, int64 otherwise)."""
     rows = words.shape[0]
+    if bits in (2, 4, 8):
+        # Codes never straddle a byte, and the words are little-endian: work on bytes,
+        # which is several times cheaper than 64-bit shifts over the whole weight.
+        b = words.contiguous().view(torch.uint8)
+        if bits == 8:
+            return b
+        fields = [(b >> s) & (2 ** bits - 1) for s in range(0, 8, bits)]
+        return torch.stack(fields, -1).reshape(rows, -1)
     w = words.to(torch.int64) & 0xFFFFFFFF
-    if bits in (2, 4, 8):            # codes never straddle a word: one shift per code
-        per = 32 // bits
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-        return ((w.unsqueeze(-1) >> shifts) & (2 ** bits - 1)).reshape(rows, -1)
     stream = ((w.unsqueeze(-1) >> torch.arange(32, dtype=torch.int64)) & 1).reshape(rows, -1, bits)
     return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
 
@@ -96,7 +101,8 @@ class AFQMethod:
     def _rows(self, w_q: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor) -> torch.Tensor:
         q = unpack_bits(w_q, self.bits).to(torch.float32)
         q = q.reshape(q.shape[0], -1, self.group_size)
-        w = q * scales.to(torch.float32).unsqueeze(-1) + biases.to(torch.float32).unsqueeze(-1)
+        # one fused pass: bias + q * scale (the same rounding as q * scale + bias)
+        w = torch.addcmul(biases.to(torch.float32).unsqueeze(-1), q, scales.to(torch.float32).unsqueeze(-1))
         return w.reshape(q.shape[0], -1)
 
     def dequantize(self) -> torch.Tensor:

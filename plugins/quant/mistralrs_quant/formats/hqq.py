@@ -63,6 +63,7 @@ class HQQMethod:
         self.w_q, self.scales, self.zeros = w_q, scales, zeros
         self.out_features, self.in_features = (int(s) for s in shape)
         self.bits, self.group_size, self.steps = int(bits), int(group_size), int(steps)
+        self._neg_zs = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int | None = 4, group_size: int | None = None,
@@ -101,7 +102,11 @@ class HQQMethod:
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize()
+        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+        if self._neg_zs is None:
+            self._neg_zs = -(self.zeros * self.scales)
+        w = torch.addcmul(self._neg_zs, self._codes().to(torch.float32), self.scales)
+        w = w.reshape(self.out_features, self.in_features)
         return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
