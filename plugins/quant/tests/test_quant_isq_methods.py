@@ -169,3 +169,19 @@ def test_uqff_tensors_round_trip_through_safetensors(make, tmp_path):
     bad = dict(back, **{"weight.format": torch.tensor(1, dtype=torch.uint8)})
     with pytest.raises(ValueError, match="weight.format"):
         type(m).from_uqff_tensors(bad)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_afq4_bf16_runs_on_the_int4_kernel_within_bf16_rounding(group):
+    from mistralrs_quant.kernels.int4pack import kernel_available
+    if not kernel_available():
+        pytest.skip("torch has no CPU int4 kernel")
+    w = _weight(40, 256)                       # 40 rows: padded to the kernel's 16-row tiles
+    m = AFQMethod.from_float(w, 4, group)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(4)).bfloat16()
+    y = m.forward(x)
+    assert m._int4_packed is not None and y.dtype == torch.bfloat16 and y.shape == (5, 40)
+    deq = m.dequantize().double()
+    ref = x.double() @ deq.T
+    bound = 2 ** -7 * (x.double().abs() @ deq.abs().T)
+    assert bool(((y.double() - ref).abs() <= bound).all())

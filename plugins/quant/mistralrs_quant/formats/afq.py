@@ -70,6 +70,11 @@ def unpack_bits(words: torch.Tensor, bits: int) -> torch.Tensor:
     return (stream << torch.arange(bits, dtype=torch.int64)).sum(-1)
 
 
+def _int4_kernel() -> bool:
+    from mistralrs_quant.kernels.int4pack import kernel_available
+    return kernel_available()
+
+
 class AFQMethod:
     """A weight [out, in] as MLX affine groups; ``forward`` dequantizes then multiplies."""
 
@@ -81,6 +86,7 @@ class AFQMethod:
             raise ValueError(f"AFQ group size must be one of {GROUP_SIZES}, got {group_size}")
         self.w_q, self.scales, self.biases = w_q, scales, biases
         self.bits, self.group_size = int(bits), int(group_size)
+        self._int4_packed = None
         self.out_features = int(w_q.shape[0])
         self.in_features = int(w_q.shape[1]) * 32 // self.bits
 
@@ -108,7 +114,23 @@ class AFQMethod:
     def dequantize(self) -> torch.Tensor:
         return self._rows(self.w_q, self.scales, self.biases)
 
+    def _int4(self):
+        """4-bit codes on torch's CPU int4 kernel (bf16 activations): ``c·s + b`` is its
+        ``(c − 8)·s + zero`` with ``zero = b + 8s``, rounded to bf16 like the activations."""
+        if self._int4_packed is None:
+            from mistralrs_quant.kernels.int4pack import Int4Packed
+            s, b = self.scales.to(torch.float32), self.biases.to(torch.float32)
+
+            def split(rows):
+                return unpack_bits(self.w_q[rows], 4).to(torch.int32), s[rows], b[rows] + 8 * s[rows]
+            self._int4_packed = Int4Packed(torch.arange(self.out_features), None, torch.bfloat16, split=split,
+                                           group=self.group_size)
+        return self._int4_packed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and self.bits == 4 and x.device.type == "cpu" and _int4_kernel():
+            lead = x.shape[:-1]
+            return self._int4().mm(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)
         w = self.dequantize()
         return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
 
@@ -128,7 +150,8 @@ class AFQMethod:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.w_q, self.scales, self.biases))
+        extra = self._int4_packed.nbytes if self._int4_packed is not None else 0
+        return sum(t.numel() * t.element_size() for t in (self.w_q, self.scales, self.biases)) + extra
 
     # --- UQFF (upstream's per-tensor entries for an AFQ layer) -----------------------
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
