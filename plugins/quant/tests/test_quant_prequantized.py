@@ -112,6 +112,27 @@ def test_gptq_parts_grouped_in_any_order_and_incomplete_layers_named():
         packed_weights(QuantConfig(kind="gptq", params={"bits": 3}), iter(()))
 
 
+def test_gptq_g_idx_after_its_layer_must_be_the_default_order():
+    qc = QuantConfig(kind="gptq", params={"bits": 4, "group_size": 16, "desc_act": False})
+    parts = [("l.qweight", torch.zeros(8, 32, dtype=torch.int32)), ("l.qzeros", torch.zeros(4, 4, dtype=torch.int32)),
+             ("l.scales", torch.ones(4, 32, dtype=torch.float16))]
+    out = list(packed_weights(qc, iter(parts + [("l.g_idx", (torch.arange(64) // 16).int())])))
+    assert [n for n, _ in out] == ["l.weight"]
+    with pytest.raises(ValueError, match="l.g_idx: arrived after"):
+        list(packed_weights(qc, iter(parts + [("l.g_idx", torch.zeros(64, dtype=torch.int32))])))
+
+
+def test_fp8_and_mxfp4_incomplete_layers_are_named():
+    with pytest.raises(ValueError, match="FP8 layer 'a.q_proj' has a weight but no weight_scale_inv"):
+        list(packed_weights(QuantConfig(kind="fp8", params={}),
+                            iter([("a.q_proj.weight", torch.zeros(4, 4, dtype=torch.float8_e4m3fn))])))
+    dense = [("a.norm.weight", torch.ones(4))]
+    assert [n for n, _ in packed_weights(QuantConfig(kind="fp8", params={}), iter(dense))] == ["a.norm.weight"]
+    with pytest.raises(ValueError, match="has no m.experts.down_proj_scales"):
+        list(packed_weights(QuantConfig(kind="mxfp4"),
+                            iter([("m.experts.down_proj_blocks", torch.zeros(2, 4, 2, 16, dtype=torch.uint8))])))
+
+
 def test_quantization_config_detection():
     assert from_hf_config({}) is None
     assert from_hf_config({"quantization_config": {"quant_method": "GPTQ", "bits": 4}}).kind == "gptq"
@@ -153,10 +174,10 @@ def test_checkpoint_logits_equal_dense_load_of_dequantized(fmt, dense_dir, tmp_p
     assert err <= 1e-5
 
 
-def test_runner_loads_gptq_and_awq_like_the_dense_equivalent(dense_dir, tmp_path):
+def test_runner_loads_gptq_awq_fp8_like_the_dense_equivalent(dense_dir, tmp_path):
     from mistralrs import ChatCompletionRequest, Runner, Which
     outs = {}
-    for name, writer in (("gptq", WRITERS["gptq4"]), ("awq", WRITERS["awq"])):
+    for name, writer in (("gptq", WRITERS["gptq4"]), ("awq", WRITERS["awq"]), ("fp8", WRITERS["fp8_block"])):
         deq = writer(dense_dir, tmp_path / name)
         ref_dir = cw.write_dense(dense_dir, tmp_path / f"{name}_ref", deq)
         for tag, d in ((name, tmp_path / name), (f"{name}_ref", ref_dir)):
