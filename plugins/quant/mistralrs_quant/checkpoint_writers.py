@@ -18,7 +18,7 @@ import torch
 
 #: the projections a quantizer converts (embeddings, norms and lm_head stay dense, as
 #: AutoGPTQ/AutoAWQ leave them)
-PROJECTIONS = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$")
+PROJECTIONS = re.compile(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj|experts\.\d+\.w[123])\.weight$")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 

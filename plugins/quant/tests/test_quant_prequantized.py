@@ -239,3 +239,26 @@ def test_gpt_oss_mxfp4_experts_load_packed(tmp_path):
     err = max_rel_err(_logits(model), _logits(load_for_test(ref_dir)))
     print(f"gpt-oss mxfp4: max rel err {err:.2e}")
     assert err <= 1e-5
+
+
+def test_gptq_mixtral_experts_run_packed(tmp_path):
+    """Per-expert GPTQ tensors (``block_sparse_moe.experts.N.w1.qweight`` ...) reach the MoE
+    layer as packed methods, as a GPTQ Mixtral checkpoint's would."""
+    transformers = pytest.importorskip("transformers")
+    from mistralrs_core.layers.moe import QuantizedExperts
+    from mistralrs_core.testing.parity import perturb_parameters, save_reference
+    torch.manual_seed(0)
+    ref = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=256, max_position_embeddings=256, eos_token_id=None, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2))
+    perturb_parameters(ref)
+    dense = save_reference(ref, tmp_path / "dense")
+    deq = cw.write_gptq(dense, tmp_path / "q", bits=4, group_size=16)
+    assert any(".experts.3.w2." in k for k in deq)
+    model = load_for_test(tmp_path / "q")
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts.quant, QuantizedExperts) and experts.gate_up_proj is None
+    assert type(experts.quant.parts[(3, "down")]).__name__ == "GPTQMethod"
+    err = max_rel_err(_logits(model), _logits(load_for_test(cw.write_dense(dense, tmp_path / "ref", deq))))
+    assert err <= 1e-5
