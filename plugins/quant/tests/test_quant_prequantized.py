@@ -53,6 +53,32 @@ def test_gptq_dequantize_matches_definition(bits, desc_act):
     torch.testing.assert_close(m.forward(x), x @ torch.from_numpy(ref).T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_4bit_bf16_runs_on_the_int4_kernel_within_bf16_rounding(fmt):
+    from mistralrs_quant.kernels.int4pack import kernel_available
+    if not kernel_available():
+        pytest.skip("torch has no CPU int4 kernel")
+    g = torch.Generator().manual_seed(7)
+    in_f, out_f, group = 128, 48, 32
+    words = lambda *shape: torch.randint(-2 ** 31, 2 ** 31 - 1, shape, generator=g, dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(in_f // group, out_f, generator=g) * 0.1).half()
+    if fmt == "gptq":
+        m = GPTQMethod(words(in_f // 8, out_f), words(in_f // group, out_f // 8), scales, bits=4, group_size=group)
+    else:
+        m = AWQMethod(words(in_f, out_f // 8), words(in_f // group, out_f // 8), scales, group_size=group)
+    x = torch.randn(3, in_f, generator=g).bfloat16()
+    y = m.forward(x)
+    assert m._int4_packed is not None and y.dtype == torch.bfloat16
+    deq = m.dequantize().double()
+    bound = 2 ** -7 * (x.double().abs() @ deq.abs().T)
+    assert bool(((y.double() - x.double() @ deq.T).abs() <= bound).all())
+    if fmt == "gptq":   # act order: scattered groups stay on the dequantize path
+        perm = GPTQMethod(m.qweight, m.qzeros, scales, torch.randperm(in_f, generator=g) // group, bits=4,
+                          group_size=group)
+        perm.forward(x)
+        assert perm._int4_packed is None
+
+
 def test_awq_dequantize_matches_definition():
     g = torch.Generator().manual_seed(0)
     in_f, out_f, group = 64, 32, 16
