@@ -98,3 +98,16 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
     to leave it dense. The loader drops the weight right after, so an implementation must
     not keep a reference to a dense tensor it was given.
     """
+
+
+@hookspec(firstresult=True)
+def mistralrs_packed_weights(quant_config, weights):
+    """Group a pre-quantized checkpoint's packed tensors, before any family sees them.
+
+    ``quant_config.kind`` names the format (``gptq``, ``awq``, ``fp8``, ``mxfp4``: see
+    ``loading/quant_config.py``); ``weights`` is the ``(hf_name, tensor)`` stream. Return a
+    new stream in which each layer's parts (``q_proj.qweight``, ``q_proj.qzeros`` ...) are
+    replaced by one ``(prefix + ".weight", QuantizedWeight)`` (stacked expert tensors keep
+    their stacked name), or None when the format is not yours. Parts are buffered only until
+    their layer is complete, so the load still holds one layer's tensors at a time.
+    """

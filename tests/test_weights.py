@@ -316,7 +316,7 @@ def test_quant_config_decides_per_layer():
     assert QuantConfig().for_layer("lm_head") is None
     assert QuantConfig(kind="gguf").for_layer("x") == "gguf"
     with pytest.raises(ValueError, match="kind must be one of"):
-        QuantConfig(kind="awq")
+        QuantConfig(kind="bitsandbytes")
     assert WeightLoader(Tower(), "cpu").quant_config.compute_dtype == torch.float32
 
 

@@ -1,21 +1,44 @@
 """How many KV blocks to allocate, from the ``pa_*`` Runner arguments."""
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-from mistralrs_core.layers.attention import KVCacheSpec
+from mistralrs_core.layers.attention import FP8_CACHE_DTYPE, KVCacheSpec, layer_cache_dtype
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 32
 # Without explicit sizing, the CPU pool gets at most this much memory.
 CPU_DEFAULT_BUDGET = 2 << 30
 
 
-def bytes_per_token(specs, dtype: torch.dtype) -> int:
-    elem = torch.empty(0, dtype=dtype).element_size()
-    # Recurrent-state specs hold per-sequence state, not per-token K/V: not counted here.
-    return sum((s.num_heads * (s.k_dim + s.v_dim)) * elem for s in specs if isinstance(s, KVCacheSpec))
+def cache_dtype(pa_cache_type, model_dtype: torch.dtype, specs=()) -> torch.dtype:
+    """The paged K/V dtype for ``Runner(pa_cache_type=...)``: ``Auto`` (or None) keeps the
+    model dtype, ``F8E4M3`` stores K/V as float8 E4M3 with scale 1.0, as upstream does."""
+    name = getattr(pa_cache_type, "name", pa_cache_type)
+    if name is None or str(name).lower() == "auto":
+        return model_dtype
+    if str(name).lower() != "f8e4m3":
+        raise ValueError(f"pa_cache_type: expected Auto or F8E4M3, got {pa_cache_type!r}")
+    if any(isinstance(s, KVCacheSpec) and s.latent for s in specs):
+        log.info("pa_cache_type=F8E4M3: this model's MLA latent cache stays in %s (FP8 applies to "
+                 "per-head K/V only, as upstream)", model_dtype)
+    return FP8_CACHE_DTYPE
+
+
+def bytes_per_token(specs, dtype: torch.dtype, model_dtype: torch.dtype | None = None) -> int:
+    """K/V bytes per token over all layers; with an FP8 ``dtype``, MLA latents count in
+    ``model_dtype`` (they are kept there)."""
+    total = 0
+    for s in specs:
+        # Recurrent-state specs hold per-sequence state, not per-token K/V: not counted here.
+        if isinstance(s, KVCacheSpec):
+            d = layer_cache_dtype(s, dtype, model_dtype or dtype)
+            total += s.num_heads * (s.k_dim + s.v_dim) * torch.empty(0, dtype=d).element_size()
+    return total
 
 
 def _available_memory(device: torch.device) -> int:
@@ -28,9 +51,10 @@ def _available_memory(device: torch.device) -> int:
         return 8 << 30
 
 
-def pool_tokens(opts, specs, dtype, device: torch.device, max_context: int) -> int:
+def pool_tokens(opts, specs, dtype, device: torch.device, max_context: int,
+                model_dtype: torch.dtype | None = None) -> int:
     """Priority (as upstream): pa_ctxt_len > pa_gpu_mem_usage > pa_gpu_mem > default."""
-    per_tok = max(1, bytes_per_token(specs, dtype))
+    per_tok = max(1, bytes_per_token(specs, dtype, model_dtype))
     if opts.pa_ctxt_len is not None:
         if opts.pa_ctxt_len < 1:
             raise ValueError("pa_ctxt_len: must be >= 1")

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from mistralrs_core.engine.step import StepRecord
-from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache
+from mistralrs_core.layers.attention import AttentionMetadata, LayerKVCache, layer_cache_dtype
 from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.models.base import CausalLM
 
@@ -82,7 +82,7 @@ class ModelRunner:
         # Under a device map each layer's cache lives with its layer (``model.layer_devices``).
         devices = getattr(model, "layer_devices", None) or []
         self.caches: list[LayerKVCache | None] = [
-            make_layer_cache(spec, num_blocks, block_size, cache_dtype,
+            make_layer_cache(spec, num_blocks, block_size, layer_cache_dtype(spec, cache_dtype, model.dtype),
                              devices[i] if i < len(devices) else self.device, num_state_slots, lazy_zero=True)
             for i, spec in enumerate(model.kv_cache_specs())
         ]

@@ -17,10 +17,26 @@ import torch.nn.functional as F
 
 @attrs.define
 class KVCacheSpec:
-    """What one layer stores per token: ``num_heads`` x (``k_dim`` + ``v_dim``)."""
+    """What one layer stores per token: ``num_heads`` x (``k_dim`` + ``v_dim``).
+    ``latent``: the entry is a compressed latent (MLA), which stays in the model dtype
+    when the paged K/V is stored in FP8 (see ``LayerKVCache``)."""
     num_heads: int
     k_dim: int
     v_dim: int
+    latent: bool = False
+
+
+#: dtypes a paged K/V cache may use besides the model's: ``pa_cache_type=F8E4M3``
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0
+
+
+def layer_cache_dtype(spec, cache_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of one layer's cache: FP8 applies to plain K/V only; MLA latents and
+    recurrent state keep the model dtype (as upstream, whose FP8 cache is a K/V cache)."""
+    if cache_dtype == FP8_CACHE_DTYPE and not (isinstance(spec, KVCacheSpec) and not spec.latent):
+        return model_dtype
+    return cache_dtype
 
 
 class LayerKVCache:
@@ -38,16 +54,30 @@ class LayerKVCache:
         self.k = alloc(num_blocks, block_size, spec.num_heads, spec.k_dim, dtype=dtype, device=device)
         self.v = (alloc(num_blocks, block_size, spec.num_heads, spec.v_dim, dtype=dtype, device=device)
                   if spec.v_dim else None)
+        # FP8 (pa_cache_type=F8E4M3): values are stored with scale 1.0, as upstream's paged
+        # cache does, saturated to ±448 (its kernels convert with SATFINITE). torch has no
+        # CPU index_copy_/index_fill_ for float8, so writes go through a uint8 view.
+        self.fp8 = dtype == FP8_CACHE_DTYPE
+
+    def _raw(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.uint8) if self.fp8 else t
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8:
+            return x.clamp(-_FP8_MAX, _FP8_MAX).to(FP8_CACHE_DTYPE).view(torch.uint8)
+        return x.to(self.k.dtype)
 
     def zero_blocks(self, blocks: torch.Tensor) -> None:
-        self.k.index_fill_(0, blocks, 0)
+        self._raw(self.k).index_fill_(0, blocks, 0)
         if self.v is not None:
-            self.v.index_fill_(0, blocks, 0)
+            self._raw(self.v).index_fill_(0, blocks, 0)
 
     def write(self, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None) -> None:
-        self.k.view(-1, *self.k.shape[2:]).index_copy_(0, slot_mapping, k.to(self.k.dtype))
+        kr = self._raw(self.k)
+        kr.view(-1, *kr.shape[2:]).index_copy_(0, slot_mapping, self._stored(k))
         if self.v is not None and v is not None:
-            self.v.view(-1, *self.v.shape[2:]).index_copy_(0, slot_mapping, v.to(self.v.dtype))
+            vr = self._raw(self.v)
+            vr.view(-1, *vr.shape[2:]).index_copy_(0, slot_mapping, self._stored(v))
 
     def gather(self, block_tables: torch.Tensor, max_len: int):
         """Contexts as [B, max_len, heads, dim] (positions beyond a context are junk, masked later)."""

@@ -34,11 +34,17 @@ def detect_architecture(hf_config: dict, kind: str = "text", arch=None):
 
 def build_text_model(model_dir: Path, arch=None, dtype=torch.float32, device="cpu", kind="text"):
     from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.quant_config import from_hf_config
     from mistralrs_core.loading.safetensors_io import SafetensorsWeights
     hf = load_model_config(model_dir)
     entry = detect_architecture(hf, kind, arch)
     cls = entry.load()
     model = cls.from_hf_config(hf, dtype)
+    prequantized = from_hf_config(hf)
+    if prequantized is not None:
+        # Read by CausalLM.load_weights (family overrides of load_weights do not forward
+        # extra arguments).
+        model.quant_config = prequantized
     weights = SafetensorsWeights(model_dir)
     try:
         model.load_weights(weights.items(), device=device)
@@ -62,13 +68,10 @@ def make_text_pipeline(name: str, model, tokenizer, template, hf_config: dict, g
 
     from mistralrs_core.distributed import placement
     placement.finish_model(model)
-    cache_dtype = model.dtype
-    if opts.pa_cache_type is not None and getattr(opts.pa_cache_type, "name", "Auto") != "Auto":
-        from mistralrs_core.errors import NotAvailableYet
-        raise NotAvailableYet("pa_cache_type=F8E4M3", "the KV cache is stored in the model dtype")
     specs = model.kv_cache_specs()
+    cache_dtype = kv_pool.cache_dtype(opts.pa_cache_type, model.dtype, specs)
     bs = kv_pool.block_size(opts)
-    tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len)
+    tokens = kv_pool.pool_tokens(opts, specs, cache_dtype, device, model.max_context_len, model_dtype=model.dtype)
     num_blocks = max(2, -(-tokens // bs))
     if getattr(model, "tensor_parallel", None) is not None:
         from mistralrs_core.distributed.step_channel import tp_pipeline

@@ -71,6 +71,21 @@ class WeightLoader:
         self.quantized: list[str] = []
 
     # --- streaming ----------------------------------------------------------
+    def packed_stream(self, weights: Iterable[tuple[str, object]]) -> Iterable[tuple[str, object]]:
+        """``weights`` with a pre-quantized checkpoint's per-layer parts grouped into one
+        ``QuantizedWeight`` each (by the plugin that knows the format); unchanged otherwise.
+        A pre-quantized format no installed plugin groups is a ``ValueError``."""
+        from mistralrs_core.loading.quant_config import PREQUANTIZED
+        kind = self.quant_config.kind
+        if kind not in PREQUANTIZED:
+            return weights
+        from mistralrs_core.plugins import get_plugin_manager
+        grouped = get_plugin_manager().hook.mistralrs_packed_weights(quant_config=self.quant_config, weights=weights)
+        if grouped is None:
+            raise ValueError(f"quantization_config.quant_method: {kind!r} checkpoints need a plugin that "
+                             "reads them (install mistralrs-quant)")
+        return grouped
+
     def load(self, weights: Iterable[tuple[str, object]]) -> None:
         if self._modules is None:
             assign_prefixes(self.model)
@@ -174,7 +189,7 @@ def load_module(model: nn.Module, weights: Iterable[tuple[str, object]], device=
     """Load any module (vision tower, T5/CLIP, VAE, codec) in one call; returns the loader
     (its ``quantized`` lists the layers the hook packed)."""
     loader = WeightLoader(model, device, dtype, quant_config, map_name, ignored_suffixes)
-    loader.load(weights)
+    loader.load(loader.packed_stream(weights))
     loader.finish()
     return loader
 

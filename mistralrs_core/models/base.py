@@ -101,7 +101,7 @@ class CausalLM(nn.Module):
         # still on the meta device, before the first weight arrives.
         prepare_for_load(self, device)
         loader = WeightLoader(self, device, self.dtype, quant_config or getattr(self, "quant_config", None))
-        loader.load(self.route_weights(weights, loader))
+        loader.load(self.route_weights(loader.packed_stream(weights), loader))
         self.quant_config = loader.quant_config
         self.finish_loading(device)
 

@@ -101,7 +101,7 @@ class DeepseekV2ForCausalLM(MixtralForCausalLM):
 
     def kv_cache_specs(self):
         c = self.cfg
-        return [KVCacheSpec(1, c.kv_lora_rank + c.head_dim, 0) for _ in range(c.num_layers)]
+        return [KVCacheSpec(1, c.kv_lora_rank + c.head_dim, 0, latent=True) for _ in range(c.num_layers)]
 
     def map_weight_name(self, name):
         # DeepSeek-V3 checkpoints carry a multi-token-prediction layer past the last one.

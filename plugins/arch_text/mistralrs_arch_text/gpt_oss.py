@@ -45,10 +45,22 @@ class GptOssForCausalLM(MixtralForCausalLM):
         def converted():
             for name, value in weights:
                 if name.endswith(("_blocks", "_scales")):
-                    raise NotAvailableYet("GPT-OSS MXFP4 expert weights",
-                                          "load a dequantized (bf16) checkpoint for now")
+                    raise NotAvailableYet("GPT-OSS MXFP4 expert weights without quantization_config",
+                                          "config.json must say quant_method \"mxfp4\" (mistralrs-quant reads it)")
                 # Stacked experts are handed on one expert tensor at a time, under per-expert
                 # names, so that they reach the quantization hook like any other checkpoint's.
+                if not isinstance(value, torch.Tensor) and name.endswith(("experts.gate_up_proj",
+                                                                           "experts.down_proj")):
+                    # Packed stacks (MXFP4) are stored [E, out, in] with gate/up rows
+                    # interleaved; `expert(e, rows)` hands on one expert's rows still packed.
+                    base, _, which = name.rpartition(".")
+                    for e in range(value.shape[0]):
+                        if which == "gate_up_proj":
+                            yield f"{base}.{e}.gate_proj.weight", value.expert(e, slice(0, None, 2))
+                            yield f"{base}.{e}.up_proj.weight", value.expert(e, slice(1, None, 2))
+                        else:
+                            yield f"{base}.{e}.down_proj.weight", value.expert(e)
+                    continue
                 if name.endswith("experts.gate_up_proj"):
                     stacked = _deinterleave(value).transpose(1, 2)          # [E, 2I, H]
                     i = stacked.shape[1] // 2

@@ -71,12 +71,17 @@ def kernel_available() -> bool:
 class Int4Packed:
     """A [N, K] 4-bit ggml weight repacked for the CPU int4 kernel (bfloat16 compute)."""
 
-    def __init__(self, raw: torch.Tensor, ggml_type: int, dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, raw: torch.Tensor, ggml_type: int | None, dtype: torch.dtype = torch.bfloat16, *,
+                 split=None, group: int = GROUP):
+        """``split``: instead of a ggml type, a function of a slice of ``raw``'s rows
+        returning ``(codes, scale, zero)`` in the kernel's convention, with groups of
+        ``group`` (32/64/128) inputs (formats other than ggml's, e.g. AFQ)."""
         n = raw.shape[0]
         self.n = n
         self.n_pad = -(-n // 16) * 16
         self.dtype = dtype
-        split = AFFINE[int(ggml_type)]
+        self.group = group
+        split = split or AFFINE[int(ggml_type)]
         packed, sz = [], []
         for r0 in range(0, n, _PACK_ROWS):
             codes, scale, zero = split(raw[r0:r0 + _PACK_ROWS])
@@ -100,7 +105,7 @@ class Int4Packed:
     def mm(self, x2d: torch.Tensor) -> torch.Tensor:
         """``x2d`` [M, K] -> [M, N] in ``self.dtype``."""
         x2d = x2d.to(self.dtype).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, GROUP, self.scales_zeros)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group, self.scales_zeros)
         return y[:, :self.n].contiguous() if self.n_pad != self.n else y
 
     def dequantize(self) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""HQQ: half-quadratic quantization (Badri & Shaji, 2023), 4 and 8 bits, as upstream's ISQ.
+
+Layout (upstream's ``HqqLayer`` with ``axis = 0``, ``channel_wise``): the weight is
+flattened and viewed as ``[group_size, numel / group_size]``; each *column* of that view
+is one group, with its own ``scale``/``zero`` (``[1, numel / group_size]`` float32).
+Quantization is ``q = clamp(round(w * s + z), 0, 2^bits - 1)`` with ``s`` the inverse
+step; the stored ``scales`` are ``1 / s``, so ``w ≈ (q - zero) * scales``.
+
+The zero points come from HQQ's proximal solver ("legacy" variant, lp-norm 0.7,
+beta 10, kappa 1.01): alternately round, shrink the error with the generalised soft
+threshold and refit the zeros, while the mean absolute error keeps falling (at most
+``steps`` iterations; upstream's ISQ uses 10). Upstream multiplies beta by kappa every
+step, as the hqq paper and hqq's own code at the commit upstream follows do; the pip
+package's current ``optimize_weights_proximal_legacy`` keeps beta fixed, so the tests use
+its step and shrink functions with upstream's beta schedule as the reference.
+
+4-bit codes are packed two per byte down the group axis: byte row ``i`` holds row ``i``
+in its high nibble and row ``i + group_size / 2`` in its low nibble (hqq's bitpack).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+GROUP_SIZE = 64          # upstream's ISQ_HQQ_GROUP_SIZE
+ISQ_STEPS = 10           # upstream's ISQ_HQQ_DEFAULT_OPT_STEPS
+BITS = (4, 8)
+_SERDE_HQQ = 2           # upstream's QuantizedSerdeType::Hqq
+
+
+def _shrink_lp(x: torch.Tensor, beta: float, lp_norm: float) -> torch.Tensor:
+    mag = x.abs()
+    return torch.sign(x) * (mag - (1.0 / beta) * mag.pow(lp_norm - 1.0)).clamp_min(0.0)
+
+
+def optimize_zeros(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: float, steps: int,
+                   lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01):
+    """HQQ's proximal solver on the grouped view ``w`` [group, n] (groups along dim 0).
+    Returns the codes (float), ``scale`` (inverse step) and the fitted ``zero``."""
+    best = float("inf")
+    for _ in range(steps):
+        wq = torch.round(w * scale + zero).clamp(0.0, qmax)
+        wr = (wq - zero) / scale
+        we = _shrink_lp(w - wr, beta, lp_norm)
+        zero = torch.mean(wq - (w - we) * scale, dim=0, keepdim=True)
+        beta *= kappa
+        err = float((w - wr).abs().mean())
+        if err < best:
+            best = err
+        else:
+            break
+    wq = torch.round(w * scale + zero).clamp(0.0, qmax)
+    return wq, scale, zero
+
+
+class HQQMethod:
+    """A weight [out, in] in HQQ form; ``forward`` dequantizes then multiplies."""
+
+    def __init__(self, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape, bits: int,
+                 group_size: int = GROUP_SIZE, steps: int = ISQ_STEPS):
+        if bits not in BITS:
+            raise ValueError(f"HQQ bits must be one of {BITS}, got {bits}")
+        self.w_q, self.scales, self.zeros = w_q, scales, zeros
+        self.out_features, self.in_features = (int(s) for s in shape)
+        self.bits, self.group_size, self.steps = int(bits), int(group_size), int(steps)
+        self._neg_zs = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bits: int | None = 4, group_size: int | None = None,
+                   device=None, steps: int = ISQ_STEPS) -> "HQQMethod":
+        bits = 4 if bits is None else int(bits)
+        group_size = group_size or GROUP_SIZE
+        if bits not in BITS:
+            raise ValueError(f"HQQ bits must be one of {BITS}, got {bits}")
+        if weight.dim() != 2:
+            raise ValueError(f"HQQ quantizes 2-D weights, got shape {tuple(weight.shape)}")
+        if weight.numel() % group_size:
+            raise ValueError(f"HQQ: the weight's {weight.numel()} elements are not a multiple of "
+                             f"the group size {group_size}")
+        device = torch.device(device) if device is not None else weight.device
+        w = weight.detach().to(torch.float32).reshape(group_size, -1)
+        qmax = float(2 ** bits - 1)
+        lo, hi = w.amin(0, keepdim=True), w.amax(0, keepdim=True)
+        scale = (qmax / (hi - lo)).clamp(0.0, 2e4)
+        zero = -lo * scale
+        wq, scale, zero = optimize_zeros(w, scale, zero, qmax, steps)
+        codes = wq.to(torch.uint8)
+        if bits == 4:
+            half = group_size // 2
+            codes = (codes[:half] << 4) | codes[half:]
+        return cls(codes.contiguous().to(device), (1.0 / scale).to(device), zero.to(device),
+                   weight.shape, bits, group_size, steps)
+
+    # --- QuantMethod --------------------------------------------------------------
+    def _codes(self) -> torch.Tensor:
+        if self.bits == 8:
+            return self.w_q
+        return torch.cat([self.w_q >> 4, self.w_q & 0x0F], 0)
+
+    def dequantize(self) -> torch.Tensor:
+        w = (self._codes().to(torch.float32) - self.zeros) * self.scales
+        return w.reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+        if self._neg_zs is None:
+            self._neg_zs = -(self.zeros * self.scales)
+        w = torch.addcmul(self._neg_zs, self._codes().to(torch.float32), self.scales)
+        w = w.reshape(self.out_features, self.in_features)
+        return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantize())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w_q, self.scales, self.zeros))
+
+    # --- UQFF (upstream's per-tensor entries for an HQQ layer) -----------------------
+    def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "weight.format": torch.tensor(_SERDE_HQQ, dtype=torch.uint8),
+            "weight": self.w_q,
+            "weight.scales": self.scales,
+            "weight.zeros": self.zeros,
+            "weight.shape": torch.tensor([self.out_features, self.in_features], dtype=torch.uint32),
+            "weight.bits": torch.tensor(self.bits, dtype=torch.uint8),
+            "weight.group_size": torch.tensor(self.group_size, dtype=torch.uint32),
+            "weight.axis": torch.tensor(0, dtype=torch.uint8),
+            "weight.optimization_steps": torch.tensor(self.steps, dtype=torch.uint32),
+            "weight.round_zeros": torch.tensor(0, dtype=torch.uint8),
+            "weight.channel_wise": torch.tensor(1, dtype=torch.uint8),
+        }
+
+    @classmethod
+    def from_uqff_tensors(cls, t: dict) -> "HQQMethod":
+        if int(t["weight.format"]) != _SERDE_HQQ:
+            raise ValueError(f"weight.format: expected {_SERDE_HQQ} (HQQ), got {int(t['weight.format'])}")
+        if int(t.get("weight.axis", 0)) != 0 or int(t.get("weight.channel_wise", 1)) != 1:
+            raise ValueError("HQQ: only axis 0, channel-wise layers are supported")
+        shape = [int(s) for s in t["weight.shape"].reshape(-1).tolist()]
+        return cls(t["weight"], t["weight.scales"], t["weight.zeros"], shape, int(t["weight.bits"]),
+                   int(t["weight.group_size"]), int(t.get("weight.optimization_steps", ISQ_STEPS)))
+
+    def __repr__(self) -> str:
+        return f"HQQMethod({self.bits} bit, out={self.out_features}, in={self.in_features}, group={self.group_size})"
