@@ -22,6 +22,8 @@ from mistralrs_core.heap import release_free_heap
 from mistralrs_core.loading.options import LoadOptions
 from mistralrs_core.pipeline.base import TEXT_KINDS, TOKENIZER_KINDS, kind_of
 from mistralrs_core.plugins import get_plugin_manager, get_registry, installed_plugins
+from mistralrs_core.progress import check_setting as check_progress_setting
+from mistralrs_core.progress import scope as progress_scope
 from mistralrs_core.tools import attach_tool_providers
 
 if TYPE_CHECKING:
@@ -66,7 +68,8 @@ def load_pipeline(which, opts: LoadOptions, name: str):
 
     def work():
         try:
-            box["pipeline"] = _load_pipeline(which, opts, name)
+            with progress_scope(opts.progress):
+                box["pipeline"] = _load_pipeline(which, opts, name)
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
@@ -161,6 +164,7 @@ class Runner:
         max_queue: int | None = None,
         request_timeout: float | None = None,
         speculative_ngram: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
         present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
@@ -175,7 +179,10 @@ class Runner:
         ``speculative_ngram=n`` instead proposes, without a draft model, the
         ``speculative_gamma`` tokens that followed the latest earlier occurrence of the last
         n (down to 2, or 1 when n = 1) tokens (prompt lookup). Either way the output is distributed exactly
-        as the target's alone (greedy: the same tokens)."""
+        as the target's alone (greedy: the same tokens).
+
+        ``progress``: show loading progress (bars and notices on stderr) or not; None (default):
+        ``MISTRALRS_PROGRESS=1/0``, else only when stderr is a terminal."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
             which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
@@ -188,6 +195,7 @@ class Runner:
         if prefix_cache_n < 0:
             raise ValueError("prefix_cache_n: must be >= 0")
         _check_limits(max_queue, request_timeout)
+        check_progress_setting(progress)
         self._defaults = LoadOptions(
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
@@ -195,7 +203,7 @@ class Runner:
             pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
             no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
             quant_kernel=quant_kernel.strip().lower() if quant_kernel else None,
-            max_queue=max_queue, request_timeout=request_timeout)
+            max_queue=max_queue, request_timeout=request_timeout, progress=progress)
         self.speculative_gamma = speculative_gamma
         from mistralrs_core.loading.speculative import SpeculativeConfig
         speculation = SpeculativeConfig.from_runner_args(which_draft, speculative_gamma, speculative_ngram)

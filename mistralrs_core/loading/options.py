@@ -30,6 +30,9 @@ class LoadOptions:
     # Admission control and a time limit per request (see engine.EngineConfig).
     max_queue: int | None = None
     request_timeout: float | None = None
+    # Progress bars and notices while loading (mistralrs_core.progress); None: the
+    # MISTRALRS_PROGRESS environment variable, else only on a terminal.
+    progress: bool | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:
