@@ -24,7 +24,7 @@ def main() -> None:
     ]
     for follow_up in ("And roughly how many people live there?", None):
         res = runner.send_chat_completion_request(ChatCompletionRequest(
-            model="default", messages=messages, max_tokens=48, temperature=0.0))
+            model="default", messages=messages, max_tokens=32, temperature=0.0))
         answer = res.choices[0].message.content or ""
         print(f"user: {messages[-1]['content']}\nassistant: {answer}\n")
         # The model sees the whole conversation each turn: append its answer, then ask again.

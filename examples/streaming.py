@@ -21,7 +21,7 @@ def main() -> None:
     runner = Runner(which=Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name))
     stream = runner.send_chat_completion_request(ChatCompletionRequest(
         model="default", messages=[{"role": "user", "content": "Write a haiku about the sea."}],
-        max_tokens=64, temperature=0.0, stream=True))
+        max_tokens=40, temperature=0.0, stream=True))
     start, first, pieces, finish = time.perf_counter(), None, 0, None
     for chunk in stream:
         for choice in chunk.choices:

@@ -18,10 +18,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
-TIMEOUT = 120
+# Generous: the limit is for a hung example, and a shared 2-core machine under load runs
+# everything several times slower (measured: 10-120 s each at load average 12).
+TIMEOUT = 240
 
-# Examples measured above 30 s (they start a server process and make several requests).
-SLOW = {"anthropic_api.py": 300, "responses_api.py": 300}
+# Examples above 30 s even on an idle machine: they start a server process (a second
+# interpreter and model load) and make several requests, or build a model with transformers.
+SLOW = {"anthropic_api.py": 480, "responses_api.py": 480, "vision_chat.py": 360}
 
 
 def _tiny_llava(tmp: Path) -> list[str]:

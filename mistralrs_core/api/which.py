@@ -100,7 +100,7 @@ class Which:
 WhichVariant = Which
 
 
-_V = TypeVar("_V", bound=type)
+_V = TypeVar("_V", bound="type[Which]")
 
 
 def _variant(kind: str, weights_format: str = "safetensors",
