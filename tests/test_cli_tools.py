@@ -138,6 +138,43 @@ def test_from_config_runs_the_models(tmp_path, model_dir, capsys):
     assert captured.out.strip()
 
 
+def test_from_config_serves_the_models(tmp_path, model_dir):
+    import os
+    import sys
+    import time
+
+    import httpx
+
+    from mistralrs_core.testing.server import _free_port
+    port = _free_port()
+    f = tmp_path / "serve.toml"
+    f.write_text(f'command = "serve"\ndefault_model_id = "b"\n[server]\nhost = "127.0.0.1"\nport = {port}\n'
+                 f'[[models]]\nmodel_id = "{model_dir}"\nname = "a"\n[[models]]\nmodel_id = "{model_dir}"\n'
+                 f'name = "b"\n')
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "mistralrs_core.cli", "from-config", "-f", str(f),
+                             "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "MISTRALRS_API_KEY": ""})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text(errors="replace")
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, (tmp_path / "server.log").read_text(errors="replace")
+                time.sleep(0.3)
+        assert [m["id"] for m in models.json()["data"]] == ["a", "b"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                       json={"prompt": "hi", "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "b"      # default_model_id
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
 @pytest.mark.parametrize("doc, key", [
     ('command = "serve"\n[[models]]\nmodel_id = "m"\n[models.adapter]\nlora = "x"\n', "models[0].adapter"),
     ('command = "serve"\n[[models]]\nmodel_id = "m"\n[models.format]\nformat = "ggml"\n', "models[0].format.format"),
