@@ -1,6 +1,7 @@
 """Every script in examples/ runs to completion, offline, in its own process.
 
-Examples are found by glob, so a new one is covered the day it lands. One that needs
+Examples are found by glob, so a new one is covered the day it lands; they run two at a
+time (``JOBS``), each test reporting its own example's outcome. One that needs
 arguments gets them from ``ARGS``; one that needs more than ``TIMEOUT`` seconds (on two
 busy cores) is listed in ``SLOW`` with its own limit; one that would be too slow runs
 with a smaller setting from ``ENV`` rather than being skipped.
@@ -11,8 +12,10 @@ import ast
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pytest
 
@@ -21,6 +24,8 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # Generous: the limit is for a hung example, and a shared 2-core machine under load runs
 # everything several times slower (measured: 10-120 s each at load average 12).
 TIMEOUT = 240
+# Examples run at once (MISTRALRS_EXAMPLE_JOBS overrides).
+JOBS = int(os.environ.get("MISTRALRS_EXAMPLE_JOBS") or 2)
 
 # Examples above 30 s even on an idle machine: they start a server process (a second
 # interpreter and model load) and make several requests, or build a model with transformers.
@@ -57,15 +62,52 @@ def test_example_has_a_docstring(path: Path):
     assert doc, f"{path.name}: say in a docstring what it shows and what it needs"
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(path: Path, tmp_path: Path):
-    args = ARGS[path.name](tmp_path) if path.name in ARGS else []
+class Outcome(NamedTuple):
+    returncode: int | None      # None: ran past its limit
+    stdout: str
+    stderr: str
+    seconds: float
+    skipped: str = ""           # why the example could not be set up here (a missing test extra)
+
+
+def _run(path: Path, tmp: Path) -> Outcome:
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        args = ARGS[path.name](tmp) if path.name in ARGS else []
+    except pytest.skip.Exception as exc:
+        return Outcome(None, "", "", 0.0, skipped=str(exc))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8", "MISTRALRS_PROGRESS": "0",
            **ENV.get(path.name, {})}
+    start = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, str(path), *args], cwd=tmp_path, env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, str(path), *args], cwd=tmp, env=env, capture_output=True,
                               text=True, encoding="utf-8", errors="replace", timeout=SLOW.get(path.name, TIMEOUT))
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{path.name} ran past {exc.timeout} s; list it in SLOW or give it a smaller ENV setting")
-    assert proc.returncode == 0, f"{path.name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert proc.stdout.strip(), f"{path.name} printed nothing"
+        return Outcome(None, str(exc.stdout or ""), str(exc.stderr or ""), time.perf_counter() - start)
+    return Outcome(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory) -> dict[str, Outcome]:
+    """Every selected example, run JOBS at a time: most of an example's time is one
+    interpreter starting and one model loading, single-threaded work that two cores overlap."""
+    selected = [item.callspec.params["path"] for item in request.session.items
+                if item.originalname == "test_example_runs" and hasattr(item, "callspec")]
+    # Longest first, so that the long ones do not end up running alone at the end.
+    selected.sort(key=lambda p: -SLOW.get(p.name, 0))
+    base = tmp_path_factory.mktemp("examples")
+    with ThreadPoolExecutor(JOBS) as pool:
+        futures = {p.name: pool.submit(_run, p, base / p.stem) for p in selected}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(path: Path, outcomes: dict[str, Outcome]):
+    out = outcomes[path.name]
+    if out.skipped:
+        pytest.skip(out.skipped)
+    limit = SLOW.get(path.name, TIMEOUT)
+    if out.returncode is None:
+        pytest.fail(f"{path.name} ran past {limit} s; list it in SLOW or give it a smaller ENV setting")
+    assert out.returncode == 0, f"{path.name} exited {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.stdout.strip(), f"{path.name} printed nothing"
