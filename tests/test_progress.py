@@ -102,3 +102,20 @@ def test_runner_load_draws_the_tensor_bar(tiny_dir, capsys, monkeypatch):
     r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"))
     r.shutdown()
     assert "tensor" not in capsys.readouterr().err      # not a terminal, not asked: quiet
+
+
+def test_kernel_build_announces_itself(tmp_path, monkeypatch, capsys):
+    cpp = pytest.importorskip("mistralrs_quant.kernels.cpp")
+    built = []
+    monkeypatch.setattr(cpp, "cache_dir", lambda: tmp_path / "kernels")
+
+    def fake_compile(build, name):
+        built.append(name)
+        raise RuntimeError("no compiler in this test")
+    monkeypatch.setattr(cpp, "_compile", fake_compile)
+    with progress.scope(True), pytest.raises(RuntimeError, match="no compiler"):
+        cpp._build()
+    assert built and "compiling the quantized-matmul C++ kernels" in capsys.readouterr().err
+    with progress.scope(False), pytest.raises(RuntimeError):
+        cpp._build()
+    assert capsys.readouterr().err == ""
