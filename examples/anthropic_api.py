@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import anthropic
+from anthropic.types import MessageParam
 
 from mistralrs_core.testing.server import Server, smollm2_args
 
@@ -22,10 +23,11 @@ def main() -> int:
     try:
         # A server started with --api-key takes the key from api_key= (sent as x-api-key).
         client = anthropic.Anthropic(base_url=server.url, api_key="none")
-        question = [{"role": "user", "content": "What is the capital of France?"}]
+        question: list[MessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
         msg = client.messages.create(model="default", max_tokens=64, system="You are a helpful assistant.",
                                      messages=question, extra_body={"temperature": 0})
-        print("answer:", msg.content[0].text, f"[{msg.stop_reason}, {msg.usage.output_tokens} tokens]")
+        block = msg.content[0]
+        print("answer:", block.text if block.type == "text" else block, f"[{msg.stop_reason}, {msg.usage.output_tokens} tokens]")
 
         print("streamed: ", end="")
         with client.messages.stream(model="default", max_tokens=64, messages=[

@@ -58,7 +58,7 @@ def main() -> None:
 
         person = r.send_chat_completion_request(ChatCompletionRequest(
             messages=[{"role": "user", "content": "Describe a fictional person as JSON."}], model="default",
-            max_tokens=80, temperature=0, grammar=PERSON, grammar_type="json_schema"))
+            max_tokens=80, temperature=0, grammar=json.dumps(PERSON), grammar_type="json_schema"))
         print("json_schema:", json.loads(person.choices[0].message.content))
 
         call = r.send_completion_request(CompletionRequest(

@@ -24,6 +24,7 @@ def smollm2_gguf() -> Path | None:
 
 def main() -> int:
     path = smollm2_gguf()
+    which: Which
     if path is not None:
         which = Which.GGUF(quantized_model_id=str(path.parent), quantized_filename=path.name)
         print(f"model: SmolLM2-135M-Instruct Q4_1 from {path}", file=sys.stderr)

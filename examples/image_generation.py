@@ -30,7 +30,7 @@ def main() -> int:
     print("wrote", res.data[0].url)
     b64 = runner.generate_image("a blue sky over green hills", ImageGenerationResponseFormat.B64Json,
                                 height=128, width=192)
-    print("second image:", len(base64.b64decode(b64.data[0].b64_json)), "PNG bytes")
+    print("second image:", len(base64.b64decode(b64.data[0].b64_json or "")), "PNG bytes")
     runner.shutdown()
     if tmp is not None:
         tmp.cleanup()

@@ -27,7 +27,7 @@ def main() -> int:
         print("answer:", first.output_text)
         follow = client.responses.create(model="default", input="And the capital of Germany?",
                                          previous_response_id=first.id, max_output_tokens=64, temperature=0)
-        print("follow-up:", follow.output_text, f"({follow.usage.input_tokens} prompt tokens)")
+        print("follow-up:", follow.output_text, f"({follow.usage.input_tokens if follow.usage else '?'} prompt tokens)")
 
         print("streamed: ", end="")
         for event in client.responses.create(model="default", input="Name three colours.", stream=True,
@@ -35,7 +35,7 @@ def main() -> int:
             if event.type == "response.output_text.delta":
                 print(event.delta, end="", flush=True)
             elif event.type in ("response.completed", "response.incomplete"):
-                print(f"\n[{event.response.status}, {event.response.usage.output_tokens} tokens]")
+                print(f"\n[{event.response.status}, {event.response.usage.output_tokens if event.response.usage else '?'} tokens]")
 
         # Stored responses can be read back and deleted.
         assert client.responses.retrieve(first.id).output_text == first.output_text

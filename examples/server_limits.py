@@ -7,24 +7,26 @@ import tempfile
 import threading
 from pathlib import Path
 
-from mistralrs import ChatCompletionRequest, Runner, Which
+from typing import Any
+
+from mistralrs import ChatCompletionRequest, ModelDType, Runner, Which
 from mistralrs_core.errors import QueueFull, RequestTimedOut
 from mistralrs_core.testing.tiny import write_random_llama
 
 
-def ask(runner, max_tokens):
+def ask(runner: Runner, max_tokens: int) -> Any:
     return runner.send_chat_completion_request(ChatCompletionRequest(
         model="default", messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=max_tokens,
         temperature=0, ignore_eos=True))
 
 
-def main():
+def main() -> None:
     model = write_random_llama(Path(tempfile.mkdtemp()) / "tiny")
-    runner = Runner(which=Which.Plain(model_id=str(model), dtype="F32"), max_seqs=1, max_queue=1,
+    runner = Runner(which=Which.Plain(model_id=str(model), dtype=ModelDType.F32), max_seqs=1, max_queue=1,
                     request_timeout=5.0)
-    outcomes = []
+    outcomes: list[str] = []
 
-    def one():
+    def one() -> None:
         try:
             outcomes.append(f"answered: {ask(runner, 1500).choices[0].finish_reason}")
         except QueueFull as exc:

@@ -10,12 +10,13 @@ drafted tokens kept and rejected. For real models and timings see ``bench/specul
     python examples/speculative_decoding.py
 """
 import tempfile
+from typing import Any
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistralrs import CompletionRequest, Runner, Which
+from mistralrs import CompletionRequest, ModelDType, Runner, Which
 from mistralrs_core.testing.tiny import write_random_llama
 
 root = Path(tempfile.mkdtemp())
@@ -31,7 +32,7 @@ save_file({k: v + 0.1 * v.std() * torch.randn(v.shape, generator=g)
            for k, v in load_file(str(target_dir / "model.safetensors")).items()},
           str(draft_dir / "model.safetensors"))
 
-target = Which.Plain(model_id=str(target_dir), dtype="F32")
+target = Which.Plain(model_id=str(target_dir), dtype=ModelDType.F32)
 request = CompletionRequest(prompt="The quick brown fox jumps over the lazy dog. The quick", model="default",
                             max_tokens=48, temperature=0.0, ignore_eos=True)
 
@@ -39,12 +40,15 @@ alone = Runner(which=target)
 expected = alone.send_completion_request(request).choices[0].text
 alone.shutdown()
 
-for label, options in [("draft model, gamma 4", dict(which_draft=Which.Plain(model_id=str(draft_dir), dtype="F32"),
-                                                     speculative_gamma=4)),
-                       ("prompt lookup, n-gram 3, gamma 4", dict(speculative_ngram=3, speculative_gamma=4))]:
+runs: list[tuple[str, dict[str, Any]]] = [
+    ("draft model, gamma 4",
+     dict(which_draft=Which.Plain(model_id=str(draft_dir), dtype=ModelDType.F32), speculative_gamma=4)),
+    ("prompt lookup, n-gram 3, gamma 4", dict(speculative_ngram=3, speculative_gamma=4))]
+for label, options in runs:
     runner = Runner(which=target, **options)
     res = runner.send_completion_request(request)
     details = res.usage.completion_tokens_details
+    assert details is not None
     print(f"{label}: same text as the target alone: {res.choices[0].text == expected}; "
           f"drafts kept {details.accepted_prediction_tokens}, rejected {details.rejected_prediction_tokens}")
     runner.shutdown()

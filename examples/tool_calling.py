@@ -13,6 +13,7 @@ Run: python examples/tool_calling.py
 from __future__ import annotations
 
 import json
+from typing import Any
 import sys
 
 from mistralrs import ChatCompletionRequest, Runner, Which
@@ -23,7 +24,7 @@ WEATHER_TOOL = {"type": "function", "function": {
                    "properties": {"city": {"type": "string", "maxLength": 40}}}}}
 
 
-def get_weather(name: str, args: dict) -> str:
+def get_weather(name: str, args: dict[str, Any]) -> str:
     # A real tool would call a weather service; tools must return text for the model.
     return json.dumps({"city": args["city"], "sky": "sunny", "temperature_c": 21})
 
@@ -51,6 +52,7 @@ def main() -> int:
 
         # The session continues where it stopped, and travels as JSON.
         saved = runner.export_session("demo")
+        assert saved is not None
         print(f"session 'demo' holds {len(json.loads(saved)['messages'])} messages")
         runner.delete_session("demo")
         runner.import_session("demo", saved)

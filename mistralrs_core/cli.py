@@ -1,5 +1,7 @@
 """The ``mistralrs`` command: ``serve`` (OpenAI-compatible HTTP server) and ``run``
-(terminal chat). Model flags mirror the ``Which`` variants and ``Runner`` arguments."""
+(terminal chat). Model flags mirror the ``Which`` variants and ``Runner`` arguments.
+The other commands (doctor, bench, from-config, quantize, completion) live one per module
+in ``mistralrs_core.cli_tools``."""
 from __future__ import annotations
 
 import argparse
@@ -46,14 +48,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     for flag, dest, typ, help in _RUNNER_FLAGS:
         r.add_argument(flag, dest=dest, type=typ, help=help)
     r.add_argument("--no-kv-cache", action="store_true", default=None, help="recompute every step")
+    r.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="no loading progress on stderr (default: shown on a terminal; "
+                        "MISTRALRS_PROGRESS=0/1 also switches it)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mistralrs", description="mistralrs for Python: local LLM inference")
-    sub = p.add_subparsers(dest="command", metavar="{serve,run}")
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _model_args(serve)
-    s = serve.add_argument_group("server")
+def server_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server")
     s.add_argument("-p", "--port", type=int, help="port (default 1234)")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--api-key", default=os.environ.get("MISTRALRS_API_KEY") or None,
@@ -64,9 +65,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     s.add_argument("--tp", type=int, help="tensor-parallel ranks to start on this machine (under torchrun: "
                                          "its WORLD_SIZE); see docs/distributed.md")
-    run = sub.add_parser("run", help="chat in the terminal")
-    _model_args(run)
-    c = run.add_argument_group("chat")
+
+
+def chat_args(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("chat")
     c.add_argument("-i", "--prompt", help="answer this prompt once (streamed to stdout) and exit")
     c.add_argument("--system", help="system message")
     c.add_argument("--max-tokens", type=int, help="most tokens per answer")
@@ -75,6 +77,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--top-k", type=int)
     c.add_argument("--min-p", type=float)
     c.add_argument("--repetition-penalty", type=float)
+
+
+def parser() -> argparse.ArgumentParser:
+    from mistralrs_core.cli_tools import TOOLS
+    p = argparse.ArgumentParser(prog="mistralrs", description="mistralrs for Python: local LLM inference")
+    names = ["serve", "run", *(t.NAME for t in TOOLS)]
+    sub = p.add_subparsers(dest="command", metavar="{" + ",".join(names) + "}")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve models over an OpenAI-compatible HTTP API (and the chat page at /ui).")
+    _model_args(serve)
+    server_args(serve)
+    run = sub.add_parser("run", help="chat in the terminal", description="Chat with a model in the terminal.")
+    _model_args(run)
+    chat_args(run)
+    for tool in TOOLS:
+        tool.add_parser(sub)
     return p
 
 
@@ -82,6 +100,8 @@ def _serve_config(args) -> ServeConfig:
     runtime = {dest: getattr(args, dest) for _, dest, _, _ in _RUNNER_FLAGS if getattr(args, dest) is not None}
     if args.no_kv_cache:
         runtime["no_kv_cache"] = True
+    if args.progress is not None:
+        runtime["progress"] = args.progress
     if args.config:
         if args.model_id or args.quantized_filename:
             raise ValueError("--config: cannot be combined with -m/-f")
@@ -107,22 +127,40 @@ def main(argv: list[str] | None = None) -> int:
         parser().print_help(sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    tool = getattr(args, "tool", None)
+    if tool is not None:
+        return tool.main(args)
+    from mistralrs_core.errors import NotAvailableYet
+    try:
+        cfg = _serve_config(args)
+    except (ValueError, OSError, NotAvailableYet) as exc:
+        return error(exc)
+    return execute(args.command, cfg, args)
+
+
+def error(exc: BaseException | str) -> int:
+    """Report a user-facing failure the way every command does; the exit status."""
+    print(f"mistralrs: error: {exc}", file=sys.stderr)
+    return 1
+
+
+def execute(command: str, cfg: ServeConfig, args: argparse.Namespace, *, chat: dict | None = None) -> int:
+    """Load ``cfg``'s models and serve them or chat with them (``args``: the server or chat
+    flags of ``command``; ``chat``: request fields every chat turn carries)."""
     from mistralrs_core.errors import NotAvailableYet
     from mistralrs_core.server.loading import build_runner
     from mistralrs_core.distributed import launch, serve_workers, stop_workers
     try:
-        cfg = _serve_config(args)
         # Tensor parallelism: every rank loads its shard; ranks > 0 then serve rank 0's steps.
         tp = launch.setup(getattr(args, "tp", None), device=cfg.runtime.get("device")) \
-            if args.command == "serve" else None
+            if command == "serve" else None
         runner = build_runner(cfg.models, cfg.runtime)
     except (ValueError, OSError, NotAvailableYet) as exc:
-        print(f"mistralrs: error: {exc}", file=sys.stderr)
-        return 1
+        return error(exc)
     try:
         if tp is not None and not tp.is_driver:
             return _serve_rank(serve_workers)
-        if args.command == "serve":
+        if command == "serve":
             from mistralrs_core.server.app import serve
             host = args.host or cfg.server.get("host", "127.0.0.1")
             port = args.port or cfg.server.get("port", 1234)
@@ -131,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(runner, host=host, port=port, api_key=args.api_key, log_level=args.log_level,
                   drain_timeout=args.drain_timeout, max_body_bytes=int(args.max_body_mb * (1 << 20)))
             return 0
-        return _run(runner, args)
+        return _run(runner, args, chat)
     finally:
         stop_workers()
         runner.shutdown()
@@ -142,17 +180,16 @@ def _serve_rank(serve_workers) -> int:
     try:
         serve_workers()
     except DistributedError as exc:
-        print(f"mistralrs: error: {exc}", file=sys.stderr)
-        return 1
+        return error(exc)
     return 0
 
 
-def _run(runner, args) -> int:
+def _run(runner, args, extra: dict | None = None) -> int:
     from mistralrs_core.server.interactive import chat_loop, stream_answer
     # Answers may hold any character; never die on a terminal that cannot show one.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
-    sampling = _sampling(args)
+    sampling = {**(extra or {}), **_sampling(args)}
     if args.prompt is None:
         return chat_loop(runner, sampling, system=args.system)
     messages = [{"role": "system", "content": args.system}] if args.system else []

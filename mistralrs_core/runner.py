@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from mistralrs_core import capabilities
 from mistralrs_core.agent.loop import Agent, Toolbox
@@ -22,7 +22,15 @@ from mistralrs_core.heap import release_free_heap
 from mistralrs_core.loading.options import LoadOptions
 from mistralrs_core.pipeline.base import TEXT_KINDS, TOKENIZER_KINDS, kind_of
 from mistralrs_core.plugins import get_plugin_manager, get_registry, installed_plugins
+from mistralrs_core.progress import check_setting as check_progress_setting
+from mistralrs_core.progress import scope as progress_scope
 from mistralrs_core.tools import attach_tool_providers
+
+if TYPE_CHECKING:
+    from mistralrs_core.api import (AnyMoeConfig, ChatCompletionChunkResponse, ChatCompletionRequest,
+                                    CompletionRequest, CompletionResponse, EmbeddingRequest,
+                                    ImageGenerationResponse, ImageGenerationResponseFormat,
+                                    PagedCacheType, SpeechGenerationResponse, Which)
 
 log = logging.getLogger("mistralrs")
 
@@ -60,7 +68,8 @@ def load_pipeline(which, opts: LoadOptions, name: str):
 
     def work():
         try:
-            box["pipeline"] = _load_pipeline(which, opts, name)
+            with progress_scope(opts.progress):
+                box["pipeline"] = _load_pipeline(which, opts, name)
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 
@@ -124,23 +133,23 @@ def _check_limits(max_queue, request_timeout) -> None:
 class Runner:
     def __init__(
         self,
-        which,
+        which: Which | list[Which],
         max_seqs: int = 16,
         no_kv_cache: bool = False,
         prefix_cache_n: int = 16,
         token_source: str = "cache",
         speculative_gamma: int = 32,
-        which_draft=None,
+        which_draft: Which | None = None,
         chat_template: str | None = None,
         jinja_explicit: str | None = None,
         num_device_layers: list[str] | None = None,
         in_situ_quant: str | None = None,
-        anymoe_config=None,
+        anymoe_config: AnyMoeConfig | None = None,
         pa_gpu_mem: int | None = None,
         pa_gpu_mem_usage: float | None = None,
         pa_ctxt_len: int | None = None,
         pa_blk_size: int | None = None,
-        pa_cache_type=None,
+        pa_cache_type: PagedCacheType | str | None = None,
         no_paged_attn: bool = False,
         paged_attn: bool = False,
         seed: int | None = None,
@@ -148,10 +157,10 @@ class Runner:
         search_embedding_model: str | None = None,
         search_callback: Callable[[str], list[dict[str, str]]] | None = None,
         tool_callbacks: Mapping[str, Callable[[str, dict], str]] | None = None,
-        mcp_client_config=None,
-        code_execution_config=None,
-        shell_config=None,
-        mtp_model=None,
+        mcp_client_config: Any = None,
+        code_execution_config: Any = None,
+        shell_config: Any = None,
+        mtp_model: Any = None,
         mtp_n_predict: int | None = None,
         *,
         device: str | None = None,
@@ -159,6 +168,7 @@ class Runner:
         max_queue: int | None = None,
         request_timeout: float | None = None,
         speculative_ngram: int | None = None,
+        progress: bool | None = None,
     ) -> None:
         """Beyond the SDK (keyword-only): ``device`` ("cpu", "cuda:0"; default: CUDA when
         present) and ``quant_kernel``, the CPU kernel variant for GGUF/GGML weights: "auto"
@@ -173,7 +183,10 @@ class Runner:
         ``speculative_ngram=n`` instead proposes, without a draft model, the
         ``speculative_gamma`` tokens that followed the latest earlier occurrence of the last
         n (down to 2, or 1 when n = 1) tokens (prompt lookup). Either way the output is distributed exactly
-        as the target's alone (greedy: the same tokens)."""
+        as the target's alone (greedy: the same tokens).
+
+        ``progress``: show loading progress (bars and notices on stderr) or not; None (default):
+        ``MISTRALRS_PROGRESS=1/0``, else only when stderr is a terminal."""
         # Every argument a plugin has to provide goes through the one capability table.
         capabilities.check_runner_args(
             which_draft=which_draft, mtp_model=mtp_model, anymoe_config=anymoe_config,
@@ -189,6 +202,7 @@ class Runner:
         if num_device_layers is not None:
             from mistralrs_core.distributed.device_map import check_num_device_layers
             check_num_device_layers(num_device_layers)
+        check_progress_setting(progress)
         self._defaults = LoadOptions(
             max_seqs=max_seqs, no_kv_cache=no_kv_cache, prefix_cache_n=prefix_cache_n,
             token_source=token_source, chat_template=chat_template, jinja_explicit=jinja_explicit,
@@ -196,7 +210,7 @@ class Runner:
             pa_ctxt_len=pa_ctxt_len, pa_blk_size=pa_blk_size, pa_cache_type=pa_cache_type,
             no_paged_attn=no_paged_attn, paged_attn=paged_attn, seed=seed, device=device,
             quant_kernel=quant_kernel.strip().lower() if quant_kernel else None,
-            max_queue=max_queue, request_timeout=request_timeout,
+            max_queue=max_queue, request_timeout=request_timeout, progress=progress,
             num_device_layers=list(num_device_layers) if num_device_layers else None)
         self.speculative_gamma = speculative_gamma
         from mistralrs_core.loading.speculative import SpeculativeConfig
@@ -227,7 +241,7 @@ class Runner:
             self._add_model(w, None, False, speculation, {})
 
     # --- model table ------------------------------------------------------
-    def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
+    def add_model(self, which: Which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
         """Load another model into this runner; ``options`` override the Runner's load options."""
         return self._add_model(which, model_id, default, self._lookup, options)
 
@@ -320,7 +334,7 @@ class Runner:
     def list_unloaded_models(self) -> list[str]:
         return [m for m, s in self._models.items() if s.pipeline is None]
 
-    def engine_stats(self, model_id: str) -> dict | None:
+    def engine_stats(self, model_id: str) -> dict[str, Any] | None:
         """A loaded model's engine counters (queue, running sequences, KV blocks); None when
         the model is unloaded or has no engine. Never triggers a reload."""
         slot = self._models.get(model_id)
@@ -358,7 +372,7 @@ class Runner:
             if callable(close):
                 close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             for slot in self._models.values():
                 if slot.pipeline is not None:
@@ -375,26 +389,30 @@ class Runner:
             raise WrongModelKind(pipe.name, kind, kinds, call)
         return pipe
 
-    def send_chat_completion_request(self, request, model_id: str | None = None):
+    def send_chat_completion_request(self, request: ChatCompletionRequest, model_id: str | None = None) -> Any:
+        """A ``ChatCompletionResponse``, or with ``request.stream`` an iterator of
+        ``ChatCompletionChunkResponse``. Typed ``Any`` because which one depends on a field's
+        value: a union would make every caller narrow it, which the SDK's examples never do."""
         pipe = self._serving(model_id, TEXT_KINDS, "send_chat_completion_request")
         return self._agent.chat(pipe, request, self._slot(model_id).model_id)
 
-    def send_completion_request(self, request, model_id: str | None = None):
+    def send_completion_request(self, request: CompletionRequest, model_id: str | None = None) -> CompletionResponse:
         return self._serving(model_id, TEXT_KINDS, "send_completion_request").completion(request)
 
-    def stream_completion_request(self, request, model_id: str | None = None):
+    def stream_completion_request(self, request: CompletionRequest,
+                                  model_id: str | None = None) -> Iterator[Any]:
         """A completion as an iterator of chunks, whatever ``request.stream`` says (the SDK
         has no streamed completion call; the server's ``/v1/completions`` needs one). The
         iterator has ``cancel()``."""
         return self._serving(model_id, TEXT_KINDS, "stream_completion_request").completion_stream(request)
 
-    def send_chat_completion_request_to_model(self, request, model_id: str):
+    def send_chat_completion_request_to_model(self, request: ChatCompletionRequest, model_id: str) -> Any:
         return self.send_chat_completion_request(request, model_id=model_id)
 
-    def send_completion_request_to_model(self, request, model_id: str):
+    def send_completion_request_to_model(self, request: CompletionRequest, model_id: str) -> CompletionResponse:
         return self.send_completion_request(request, model_id=model_id)
 
-    def count_chat_tokens(self, request, model_id: str | None = None) -> int:
+    def count_chat_tokens(self, request: ChatCompletionRequest, model_id: str | None = None) -> int:
         """The prompt tokens ``send_chat_completion_request(request)`` would feed the model
         (chat template applied, image placeholders included), without generating anything.
         The server's Anthropic ``count_tokens`` route needs it."""
@@ -403,10 +421,10 @@ class Runner:
         validate_chat_request(request)
         return len(pipe.chat_prompt(request).ids)
 
-    def send_embedding_request(self, request, model_id: str | None = None) -> list[list[float]]:
+    def send_embedding_request(self, request: EmbeddingRequest, model_id: str | None = None) -> list[list[float]]:
         return self._serving(model_id, ("embedding",), "send_embedding_request").embed(request)
 
-    def embedding_token_ids(self, request, model_id: str | None = None) -> list[list[int]]:
+    def embedding_token_ids(self, request: EmbeddingRequest, model_id: str | None = None) -> list[list[int]]:
         """The token ids ``send_embedding_request`` embeds for ``request`` (for usage counts)."""
         return self._serving(model_id, ("embedding",), "embedding_token_ids").prepare(request)
 
@@ -414,12 +432,13 @@ class Runner:
         """"text", "vision", "embedding", "diffusion" or "speech" (loads an unloaded model)."""
         return kind_of(self._pipeline(model_id))
 
-    def generate_image(self, prompt: str, response_format, height: int = 720, width: int = 1280,
-                       model_id: str | None = None, save_file: str | None = None):
+    def generate_image(self, prompt: str, response_format: ImageGenerationResponseFormat, height: int = 720,
+                       width: int = 1280, model_id: str | None = None,
+                       save_file: str | None = None) -> ImageGenerationResponse:
         pipe = self._serving(model_id, ("diffusion",), "generate_image")
         return pipe.generate_image(prompt, response_format, height, width, save_file)
 
-    def generate_audio(self, prompt: str, model_id: str | None = None):
+    def generate_audio(self, prompt: str, model_id: str | None = None) -> SpeechGenerationResponse:
         return self._serving(model_id, ("speech",), "generate_audio").generate_audio(prompt)
 
     def send_re_isq(self, dtype: str, model_id: str | None = None) -> None:
@@ -484,7 +503,7 @@ class Runner:
     def list_session_ids(self, model_id: str | None = None) -> list[str]:
         return self._agent.sessions.ids(self._session_model(model_id))
 
-    def find_file(self, file_id: str):
+    def find_file(self, file_id: str) -> Any:
         """A file a tool produced (full body), or None."""
         if not isinstance(file_id, str) or not file_id:
             raise ValueError(f"file_id: must be a non-empty string, got {file_id!r}")

@@ -130,7 +130,9 @@ def test_chat_loop_history_clear_exit():
 
 # --- the real command ------------------------------------------------------------------
 
-def test_run_one_shot_prints_answer(model_dir):
+def test_run_one_shot_prints_answer(model_dir, monkeypatch):
+    # Loading progress shows on a terminal or when asked (stderr is a pipe here: asked).
+    monkeypatch.setenv("MISTRALRS_PROGRESS", "1")
     r = _cli("run", "-m", str(model_dir), "-i", "hello", "--max-tokens", "8", "--temperature", "0")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() and r.stdout.endswith("\n")

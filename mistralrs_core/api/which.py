@@ -9,7 +9,7 @@ diffusion, speech, embedding), `variant` (the canonical class name),
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import attrs
 
@@ -70,6 +70,26 @@ class Which:
     weights_format: ClassVar[str] = "safetensors"
     adapter_kind: ClassVar[str | None] = None
 
+    if TYPE_CHECKING:
+        # The variants are attached by `_variant` at import time; spelled out here so that
+        # type checkers and editors complete `Which.Plain(...)` and its fields.
+        from mistralrs_core.api import which as _w
+        Plain: ClassVar[type[_w.Plain]]
+        XLora: ClassVar[type[_w.XLora]]
+        Lora: ClassVar[type[_w.Lora]]
+        GGUF: ClassVar[type[_w.GGUF]]
+        XLoraGGUF: ClassVar[type[_w.XLoraGGUF]]
+        LoraGGUF: ClassVar[type[_w.LoraGGUF]]
+        GGML: ClassVar[type[_w.GGML]]
+        XLoraGGML: ClassVar[type[_w.XLoraGGML]]
+        LoraGGML: ClassVar[type[_w.LoraGGML]]
+        Embedding: ClassVar[type[_w.Embedding]]
+        VisionPlain: ClassVar[type[_w.VisionPlain]]
+        MultimodalPlain: ClassVar[type[_w.VisionPlain]]
+        DiffusionPlain: ClassVar[type[_w.DiffusionPlain]]
+        Speech: ClassVar[type[_w.Speech]]
+        MistralGGUF: ClassVar[Callable[..., _w.GGUF]]
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         if cls is Which:
             raise TypeError("Which is not constructible; use a variant such as Which.Plain(...)")
@@ -80,21 +100,27 @@ class Which:
 WhichVariant = Which
 
 
-def _variant(kind: str, weights_format: str = "safetensors", adapter_kind: str | None = None):
-    def wrap(cls: type) -> type:
+_V = TypeVar("_V", bound="type[Which]")
+
+
+def _variant(kind: str, weights_format: str = "safetensors",
+             adapter_kind: str | None = None) -> Callable[[_V], _V]:
+    """Registers an attrs class (decorated with a plain ``@attrs.define`` below this, so
+    that type checkers see its fields and ``__init__``) as ``Which.<name>``."""
+    def wrap(cls: _V) -> _V:
         cls.kind = kind
         cls.variant = cls.__name__
         cls.weights_format = weights_format
         cls.adapter_kind = adapter_kind
         cls.__qualname__ = f"Which.{cls.__name__}"
-        made = attrs.define(cls)
-        setattr(Which, cls.__name__, made)
-        return made
+        setattr(Which, cls.__name__, cls)
+        return cls
 
     return wrap
 
 
 @_variant("text")
+@attrs.define
 class Plain(Which):
     model_id: str = str_field()
     arch: Architecture | None = _arch(Architecture)
@@ -113,6 +139,7 @@ class Plain(Which):
 
 
 @_variant("text", adapter_kind="xlora")
+@attrs.define
 class XLora(Which):
     xlora_model_id: str = str_field()
     order: str = str_field()
@@ -129,6 +156,7 @@ class XLora(Which):
 
 
 @_variant("text", adapter_kind="lora")
+@attrs.define
 class Lora(Which):
     # Required by the spec; optional here only because upstream's newer
     # form passes `adapters=[LoraAdapter(...)]` instead (checked below).
@@ -156,6 +184,7 @@ class Lora(Which):
 
 
 @_variant("text", weights_format="gguf")
+@attrs.define
 class GGUF(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str | list[str] = str_or_list_field()
@@ -183,6 +212,7 @@ class GGUF(Which):
 
 
 @_variant("text", weights_format="gguf", adapter_kind="xlora")
+@attrs.define
 class XLoraGGUF(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str | list[str] = str_or_list_field()
@@ -198,6 +228,7 @@ class XLoraGGUF(Which):
 
 
 @_variant("text", weights_format="gguf", adapter_kind="lora")
+@attrs.define
 class LoraGGUF(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str | list[str] = str_or_list_field()
@@ -212,6 +243,7 @@ class LoraGGUF(Which):
 
 
 @_variant("text", weights_format="ggml")
+@attrs.define
 class GGML(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str = str_field()
@@ -225,6 +257,7 @@ class GGML(Which):
 
 
 @_variant("text", weights_format="ggml", adapter_kind="xlora")
+@attrs.define
 class XLoraGGML(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str = str_field()
@@ -240,6 +273,7 @@ class XLoraGGML(Which):
 
 
 @_variant("text", weights_format="ggml", adapter_kind="lora")
+@attrs.define
 class LoraGGML(Which):
     quantized_model_id: str = str_field()
     quantized_filename: str = str_field()
@@ -254,6 +288,7 @@ class LoraGGML(Which):
 
 
 @_variant("embedding")
+@attrs.define
 class Embedding(Which):
     model_id: str = str_field()
     arch: EmbeddingArchitecture | None = _arch(EmbeddingArchitecture)
@@ -268,6 +303,7 @@ class Embedding(Which):
 
 
 @_variant("vision")
+@attrs.define
 class VisionPlain(Which):
     model_id: str = str_field()
     arch: VisionArchitecture = _arch(VisionArchitecture, required=True)
@@ -287,6 +323,7 @@ class VisionPlain(Which):
 
 
 @_variant("diffusion")
+@attrs.define
 class DiffusionPlain(Which):
     model_id: str = str_field()
     arch: DiffusionArchitecture = _arch(DiffusionArchitecture, required=True)
@@ -294,6 +331,7 @@ class DiffusionPlain(Which):
 
 
 @_variant("speech")
+@attrs.define
 class Speech(Which):
     model_id: str = str_field()
     # The spec types this DiffusionArchitecture (a doc slip); the loader

@@ -30,6 +30,7 @@ from mistralrs_core.engine.step import FeatureSpan, StepRecord
 from mistralrs_core.errors import EngineStopped, QueueFull
 from mistralrs_core.models.positions import PromptPositions
 from mistralrs_core.layers.recurrent import has_recurrent_state
+from mistralrs_core import progress
 from mistralrs_core.plugins import make_sampler
 from mistralrs_core.sampling.state import SamplingState
 from mistralrs_core.tokenization.detokenizer import IncrementalDetokenizer
@@ -167,7 +168,9 @@ class Engine:
         self.stats = {"steps": 0, "prompt_tokens_computed": 0, "generated_tokens": 0, "requests": 0,
                       "tokens_computed": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
         self._masks = None   # constrained.MaskPrefetcher, made with the first constrained request
-        self._thread = threading.Thread(target=self._loop, name=f"mistralrs-engine-{name}", daemon=True)
+        # in_context: kernels built on first use inside a step honour the load's progress setting.
+        self._thread = threading.Thread(target=progress.in_context(self._loop), name=f"mistralrs-engine-{name}",
+                                        daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
 

@@ -32,6 +32,9 @@ class LoadOptions:
     request_timeout: float | None = None
     # Device mapping: "ORD:NUM" entries (mistralrs_core/distributed/device_map.py).
     num_device_layers: list[str] | None = None
+    # Progress bars and notices while loading (mistralrs_core.progress); None: the
+    # MISTRALRS_PROGRESS environment variable, else only on a terminal.
+    progress: bool | None = None
 
 
 def pick_device(requested: str | None) -> torch.device:

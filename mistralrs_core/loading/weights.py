@@ -28,6 +28,7 @@ import attrs
 import torch
 from torch import nn
 
+from mistralrs_core import progress
 from mistralrs_core.loading.quant_config import QuantConfig
 
 #: ``(param_or_module, name, tensor) -> tensor``: what of a checkpoint tensor this
@@ -46,6 +47,13 @@ def assign_prefixes(module: nn.Module, prefix: str = "") -> None:
     for name, sub in module.named_modules(prefix=prefix):
         # A plain string attribute: skip nn.Module.__setattr__'s parameter/buffer bookkeeping.
         sub.__dict__.setdefault("hf_name", name)
+
+
+def _length(weights: object) -> int | None:
+    try:
+        return len(weights)  # type: ignore[arg-type]
+    except TypeError:  # a generator: the bar counts without a total
+        return None
 
 
 class WeightLoader:
@@ -91,20 +99,26 @@ class WeightLoader:
             assign_prefixes(self.model)
             self._modules = dict(self.model.named_modules())
         modules, ignored, map_name = self._modules, self.ignored, self.map_name
-        for raw_name, value in weights:
-            if raw_name.endswith(ignored):
-                continue
-            name = map_name(raw_name)
-            if name is None:
-                continue
-            mod_name, _, attr = name.rpartition(".")
-            module = modules.get(mod_name)
-            if module is None or not hasattr(module, attr):
-                raise ValueError(f"unexpected weight {raw_name!r} for {type(self.model).__name__}")
-            self.assign(module, attr, value, name, raw_name)
-            # Drop our reference before the stream produces the next tensor, so that a
-            # weight the hook quantized is freed now, not one step later.
-            del value
+        # Every model kind streams its checkpoint through here: the one place to count it.
+        # Counted by hand rather than by iterating the bar, whose generator would hold each
+        # tensor one step longer (see the `del` below).
+        with progress.bar(total=_length(weights), desc=f"loading {type(self.model).__name__}",
+                          unit=" tensors") as shown:
+            for raw_name, value in weights:
+                shown.update(1)
+                if raw_name.endswith(ignored):
+                    continue
+                name = map_name(raw_name)
+                if name is None:
+                    continue
+                mod_name, _, attr = name.rpartition(".")
+                module = modules.get(mod_name)
+                if module is None or not hasattr(module, attr):
+                    raise ValueError(f"unexpected weight {raw_name!r} for {type(self.model).__name__}")
+                self.assign(module, attr, value, name, raw_name)
+                # Drop our reference before the stream produces the next tensor, so that a
+                # weight the hook quantized is freed now, not one step later.
+                del value
 
     def assign(self, module: nn.Module, attr: str, value, name: str, hf_name: str | None = None) -> None:
         """Install one checkpoint value as ``module.<attr>`` (``name``: its module-tree name,

@@ -6,17 +6,19 @@ import threading
 
 from tqdm import tqdm
 
+from mistralrs_core import progress as progress_setting
 from mistralrs_core.server.spec import ModelSpec
 
 
-def build_runner(specs: list[ModelSpec], runtime: dict, *, progress: bool = True):
+def build_runner(specs: list[ModelSpec], runtime: dict, *, progress: bool | None = None):
     """A Runner holding every spec (in order; the spec marked default, else the first, is
     the default model). ``runtime`` are Runner keyword arguments; a spec's options
-    override them for that model only."""
+    override them for that model only. ``progress``: the models bar (None: as the Runner's
+    ``progress`` option in ``runtime``, else MISTRALRS_PROGRESS, else only on a terminal)."""
     from mistralrs_core.runner import Runner
 
     runner = Runner(which=[], **runtime)
-    with tqdm(total=len(specs), desc="Loading", unit="model", file=sys.stderr, disable=not progress,
+    with tqdm(total=len(specs), desc="Loading", unit="model", file=sys.stderr, disable=not progress_setting.enabled(runtime.get("progress") if progress is None else progress),
               bar_format="{desc}: {n_fmt}/{total_fmt} models [{elapsed}]{postfix}") as bar:
         # A single load gives no progress callbacks; ticking keeps the elapsed time moving
         # so a long load does not look hung.

@@ -109,7 +109,8 @@ def build_which(kind: str, model_id: str, *, quantized_filename=None, tok_model_
         raise ValueError(f"{where}{exc}") from None
 
 
-def _read(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """The document in a .json or .toml file (errors name the file)."""
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".toml":
         try:
@@ -158,14 +159,18 @@ def _model_spec(entry: Any, i: int, base: Path) -> ModelSpec:
 
 def load_config(path: str | Path) -> ServeConfig:
     path = Path(path)
-    data = _read(path)
+    return config_from_data(read_config(path), path.parent)
+
+
+def config_from_data(data: dict, base: Path) -> ServeConfig:
+    """A config document (``base``: the directory its relative model paths start from)."""
     for key in data:
         if key not in _TOP_KEYS:
             raise ValueError(f"{key}: unknown top-level key (expected: {', '.join(sorted(_TOP_KEYS))})")
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise ValueError("models: must be a non-empty list")
-    specs = [_model_spec(m, i, path.parent) for i, m in enumerate(models)]
+    specs = [_model_spec(m, i, base) for i, m in enumerate(models)]
     runtime = data.get("runtime") or {}
     if not isinstance(runtime, dict):
         raise ValueError("runtime: must be an object of Runner options")

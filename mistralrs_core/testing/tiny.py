@@ -91,3 +91,24 @@ def write_random_llama(out: Path, *, hidden: int = 64, layers: int = 2, heads: i
 def write_tiny_test_family(out: Path, **kw) -> Path:
     """A model of the test-only ``TinyTest`` family (tests/plugins/tiny_family)."""
     return write_random_llama(out, model_type="mistralrs_tiny", architecture="MistralrsTinyForCausalLM", **kw)
+
+
+def write_random_qwen3_embedding(out: Path, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                                 kv_heads: int = 2, seed: int = 0) -> Path:
+    """A random Qwen3-Embedding folder (a Qwen3 body, pooled on its last token), torch only."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = write_random_llama(out, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed,
+                             tie=True, model_type="qwen3", architecture="Qwen3ForCausalLM")
+    head_dim = hidden // heads
+    weights = load_file(str(out / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed + 1)
+    for i in range(layers):
+        for norm in ("q_norm", "k_norm"):
+            weights[f"model.layers.{i}.self_attn.{norm}.weight"] = 1 + 0.1 * torch.randn(head_dim, generator=g)
+    save_file(weights, str(out / "model.safetensors"))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["head_dim"] = head_dim
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out

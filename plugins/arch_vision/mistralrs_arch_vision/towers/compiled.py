@@ -27,6 +27,7 @@ import time
 import torch
 from torch import nn
 
+from mistralrs_core import progress
 from mistralrs_core.layers.attention_backends import EncoderBatch
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ def maybe_compile_encoder(layers: list[nn.Module], keep: tuple[int, ...], tokens
         return None
     if setting == "auto" and (sum(p.numel() for p in params) < AUTO_MIN_PARAMS or not have_cxx()):
         return None
+    progress.notice(f"compiling the vision tower for {tokens} tokens (once per load, takes seconds; "
+                    f"MISTRALRS_VISION_COMPILE=0 skips it)")
     try:
         enc = FrozenEncoder(layers, keep, tokens, hidden)
         enc.warm_up(params[0].dtype)

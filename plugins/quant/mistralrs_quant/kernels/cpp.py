@@ -48,6 +48,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from mistralrs_core import progress
+
 from .._env import cache_root, env_flag
 
 log = logging.getLogger(__name__)
@@ -133,6 +135,8 @@ def _build() -> ctypes.CDLL:
         except OSError:
             cached = False
     if lib is None:
+        progress.notice(f"compiling the quantized-matmul C++ kernels (first use, takes a while; "
+                        f"cached in {build})")
         _compile(build, _LIB_NAME)
         lib = ctypes.CDLL(str(so))
     seconds = time.perf_counter() - t0
