@@ -328,6 +328,16 @@ class Runner:
         snapshot = getattr(engine, "snapshot", None)
         return snapshot() if snapshot is not None else None
 
+    def anymoe_routes(self, prompt: str, model_id: str | None = None) -> dict[int, int]:
+        """Beyond the SDK: for an AnyMoE model, the expert each AnyMoE layer picks for
+        ``prompt`` (sent as one user turn, as the gate was trained), ``{layer: expert}``;
+        expert 0 is the base MLP, 1.. the ``model_ids`` in order."""
+        pipe = self._pipeline(model_id)
+        moe = getattr(pipe, "anymoe", None)
+        if moe is None:
+            raise ValueError(f"model_id: {pipe.name!r} was not loaded with anymoe_config")
+        return dict(zip(moe.layer_indices, moe.route(prompt)))
+
     def get_model_status(self, model_id: str) -> str | None:
         slot = self._models.get(model_id)
         return slot.status if slot is not None else None

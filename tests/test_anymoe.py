@@ -67,11 +67,13 @@ def trained(dirs):
     r.shutdown()
 
 
-def _bind(moe, block_size=4, num_blocks=64):
-    """Point the running sums at a SingleSequence cache's geometry."""
-    moe.routing.block_size = block_size
-    for layer in moe.layers:
-        layer.bind_pool(num_blocks, block_size, "cpu")
+def _logits(moe, model, ids, chunk=None):
+    """Logits of a prompt through a SingleSequence cache (block size 4), fed whole or in
+    chunks, with gate sums laid out for that cache."""
+    seq = SingleSequence(model)
+    with moe.routing.scratch(len(seq.blocks), seq.block_size):
+        step = chunk or len(ids)
+        return torch.cat([seq.step(ids[i:i + step]) for i in range(0, len(ids), step)])
 
 
 def _forced_gate(path, layers, expert, experts=3, hidden=64):
@@ -98,7 +100,7 @@ def test_training_lowers_the_loss_and_routes_held_out_prompts(trained, dirs):
     moe = trained._pipeline(None).anymoe
     assert moe.layer_indices == [0, 2]
     for prompt, expert in HELD_OUT.items():
-        assert moe.route(prompt) == [expert, expert], prompt
+        assert trained.anymoe_routes(prompt) == {0: expert, 2: expert}, prompt
     # Only the gates ever learned; nothing keeps gradients afterwards.
     model = trained._pipeline(None).model
     assert not any(p.requires_grad for p in model.parameters())
@@ -129,15 +131,9 @@ def test_routing_is_independent_of_chunking(trained):
     pipe = trained._pipeline(None)
     moe, model = pipe.anymoe, pipe.model
     ids = moe.prompt_ids("the quick brown fox 1 2 3 over the dog")
-    _bind(moe)
-    try:
-        whole = SingleSequence(model).step(ids)
-        seq = SingleSequence(model)
-        parts = [seq.step(ids[i:i + 5]) for i in range(0, len(ids), 5)]
-        assert max_rel_err(torch.cat(parts), whole) < 1e-5
-    finally:
-        ec = pipe.engine.config
-        _bind(moe, ec.block_size, ec.num_blocks)
+    whole = _logits(moe, model, ids)
+    assert max_rel_err(_logits(moe, model, ids, chunk=5), whole) < 1e-5
+    assert max_rel_err(_logits(moe, model, ids, chunk=1), whole) < 1e-5
 
 
 # --- experts and gates ------------------------------------------------------------------------
@@ -150,9 +146,8 @@ def test_forced_gate_equals_the_expert_model_alone(dirs, tmp_path):
         try:
             moe = r._pipeline(None).anymoe
             assert moe.layer_indices == list(range(LAYERS))
-            _bind(moe)
             ids = moe.prompt_ids("the quick brown fox")
-            got = SingleSequence(r._pipeline(None).model).step(ids)
+            got = _logits(moe, r._pipeline(None).model, ids)
             want = SingleSequence(load_for_test(ref_dir)).step(ids)
             assert max_rel_err(got, want) < 1e-5, expert
         finally:
@@ -195,9 +190,8 @@ def test_lora_experts_match_peft_merge(dirs, tmp_path):
                               training=False, gate_model_id=str(gate)))
     try:
         moe = r._pipeline(None).anymoe
-        _bind(moe)
         ids = moe.prompt_ids("once upon a time")
-        got = SingleSequence(r._pipeline(None).model).step(ids)
+        got = _logits(moe, r._pipeline(None).model, ids)
         # Reference: the base with only layer 1's MLP taken from peft's merged model.
         ref_w = load_file(str(dirs["base"] / "model.safetensors"))
         ref_w.update({k: v for k, v in load_file(str(merged_dir / "model.safetensors")).items()
@@ -264,3 +258,40 @@ def test_bad_lora_configs(dirs, tmp_path):
     # It loads with the right settings.
     r = _runner(dirs, _config(dirs, expert_type=lora(), **common))
     r.shutdown()
+
+
+def test_speculation_on_an_anymoe_model_keeps_its_output(trained, dirs):
+    """Verified drafts roll the KV (and the gate sums beside it) back; the kept tokens must be
+    what the AnyMoE model decodes alone."""
+    cfg = _config(dirs, training=False, gate_model_id=str(dirs["root"] / "gate"))
+    r = _runner(dirs, cfg, speculative_ngram=2, speculative_gamma=3)
+    try:
+        for prompt in ("1 2 3 1 2 3 1 2", "the dog the dog the"):
+            req = CompletionRequest(prompt=prompt, model="default", max_tokens=24, temperature=0.0, ignore_eos=True)
+            got = r.send_completion_request(req)
+            assert got.choices[0].text == trained.send_completion_request(req).choices[0].text
+    finally:
+        r.shutdown()
+
+
+def test_isq_base_gets_quantized_experts(dirs, tmp_path):
+    from mistralrs_core import capabilities
+    if not capabilities.available("isq"):
+        pytest.skip("no ISQ plugin installed")
+    gate = _forced_gate(tmp_path / "g", [0, 2], 1)
+    r = _runner(dirs, _config(dirs, training=False, gate_model_id=str(gate)), in_situ_quant="Q8_0")
+    try:
+        moe = r._pipeline(None).anymoe
+        for layer in moe.layers:
+            expert = layer.experts[1]
+            linears = [m for m in expert.modules() if hasattr(m, "qmethod")]
+            assert linears and all(m.qmethod is not None for m in linears)
+        req = CompletionRequest(prompt="1 2 3", model="default", max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert r.send_completion_request(req).usage.completion_tokens == 6
+    finally:
+        r.shutdown()
+
+
+def test_routes_of_a_model_without_anymoe_are_refused(tiny_runner):
+    with pytest.raises(ValueError, match="^model_id: .*anymoe_config"):
+        tiny_runner.anymoe_routes("hello")

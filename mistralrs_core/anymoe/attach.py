@@ -46,18 +46,10 @@ class AnyMoeModel:
     @torch.inference_mode()
     def route(self, prompt: str) -> list[int]:
         """Per AnyMoE layer, the expert the prompt's last token is routed to (the expert the
-        gate picks for the whole prompt). Uses a throwaway cache; safe while serving only
-        when the engine is idle."""
-        ids = self.prompt_ids(prompt)
-        saved = [layer.sums for layer in self.layers]
-        block = self.routing.block_size
-        try:
-            forward_prompts(self.model, self.routing, self.layers, [ids])
-            return [int(layer.last_choice[-1]) for layer in self.layers]
-        finally:
-            self.routing.block_size = block
-            for layer, s in zip(self.layers, saved):
-                layer.sums = s
+        gate picks for the whole prompt). Runs in the caller's thread on its own cache and
+        scratch sums, so the engine may keep serving meanwhile."""
+        choices = forward_prompts(self.model, self.routing, [self.prompt_ids(prompt)])
+        return [int(choices[layer.layer][-1]) for layer in self.layers]
 
 
 def _resolve(model_id: str, opts, where: str):

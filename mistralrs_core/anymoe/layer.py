@@ -17,6 +17,8 @@ table and writes the sums of the tokens it computes.
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -54,25 +56,64 @@ class StepLayout:
             self.has_prev = torch.tensor([s > 0 for s in starts], device=device)
 
 
+class _Pass(threading.local):
+    """What one thread's current forward knows (the engine thread serves while another thread
+    may run ``AnyMoeModel.route`` on scratch tables)."""
+    meta = None
+    layout: StepLayout | None = None
+    scratch: dict | None = None        # layer -> its scratch table, inside ``Routing.scratch``
+    scratch_geometry: tuple[int, int] | None = None
+    choices: dict | None = None        # layer index -> per-row experts, inside ``Routing.scratch``
+
+
 class Routing:
     """Shared by every AnyMoE layer of one model: the current step's layout (set by the
     model's ``forward_embeds`` wrapper) and the geometry of the pool the sums follow."""
 
     def __init__(self):
-        self.meta = None
-        self.block_size: int | None = None
-        self._layout: StepLayout | None = None
+        self.block_size: int | None = None     # the engine pool's, once bound
+        self._pass = _Pass()
 
     def begin(self, meta) -> None:
-        self.meta, self._layout = meta, None
+        self._pass.meta, self._pass.layout = meta, None
 
     def end(self) -> None:
-        self.meta, self._layout = None, None
+        self._pass.meta, self._pass.layout = None, None
 
     def layout(self, device) -> StepLayout:
-        if self._layout is None:
-            self._layout = StepLayout(self.meta, self.block_size, device)
-        return self._layout
+        p = self._pass
+        if p.layout is None:
+            block = p.scratch_geometry[1] if p.scratch is not None else self.block_size
+            p.layout = StepLayout(p.meta, block, device)
+        return p.layout
+
+    @contextmanager
+    def scratch(self, num_blocks: int, block_size: int):
+        """Forwards in this thread read and write private sum tables laid out for a cache of
+        ``num_blocks`` x ``block_size`` (training, ``route``, tests), never the engine's;
+        yields the experts each layer picked, per row."""
+        p = self._pass
+        p.scratch, p.scratch_geometry, p.choices = {}, (num_blocks, block_size), {}
+        try:
+            yield p.choices
+        finally:
+            p.scratch = p.scratch_geometry = p.choices = None
+
+    def table(self, layer: "AnyMoeMlp", device) -> torch.Tensor:
+        p = self._pass
+        if p.scratch is None:
+            if layer.sums is None:
+                raise RuntimeError("AnyMoE: no gate-sum pool is bound to this layer")
+            return layer.sums
+        t = p.scratch.get(layer.layer)
+        if t is None:
+            n, b = p.scratch_geometry
+            t = p.scratch[layer.layer] = torch.zeros(n * b, layer.num_experts, dtype=torch.float32, device=device)
+        return t
+
+    def note(self, layer: "AnyMoeMlp", choice: torch.Tensor) -> None:
+        if self._pass.choices is not None:
+            self._pass.choices[layer.layer] = choice
 
 
 def install_routing(model: nn.Module, routing: Routing) -> None:
@@ -114,8 +155,6 @@ class AnyMoeMlp(nn.Module):
         #: over all its rows (with autograd), what the loss is computed on
         self.recording = False
         self.recorded: torch.Tensor | None = None
-        #: per row of the last forward, the expert it went to (inspection and tests)
-        self.last_choice: torch.Tensor | None = None
 
     def bind_pool(self, num_blocks: int, block_size: int, device) -> None:
         self.sums = torch.zeros(num_blocks * block_size, self.num_experts, dtype=torch.float32, device=device)
@@ -134,7 +173,7 @@ class AnyMoeMlp(nn.Module):
             probs = self.gate_probs(x)
             layout = self.routing.layout(x.device)
         choice = self._running_mean(probs, layout).argmax(dim=-1)
-        self.last_choice = choice
+        self.routing.note(self, choice)
         return self._dispatch(x, choice)
 
     def _running_mean(self, probs: torch.Tensor, layout: StepLayout) -> torch.Tensor:
@@ -143,14 +182,15 @@ class AnyMoeMlp(nn.Module):
             n = torch.arange(1, probs.shape[0] + 1, device=probs.device, dtype=probs.dtype)
             return probs.cumsum(0) / n[:, None]
         e = probs.shape[1]
+        table = self.routing.table(self, probs.device)
         padded = probs.new_zeros(layout.num_seqs * layout.q_max, e)
         padded.index_copy_(0, layout.token_index, probs)
         sums = padded.view(layout.num_seqs, layout.q_max, e).cumsum(1)
         if layout.prev_slot is not None:
-            prev = self.sums.index_select(0, layout.prev_slot) * layout.has_prev[:, None]
+            prev = table.index_select(0, layout.prev_slot) * layout.has_prev[:, None]
             sums = sums + prev[:, None, :]
         rows = sums.view(-1, e).index_select(0, layout.token_index)
-        self.sums.index_copy_(0, layout.slot_mapping, rows)
+        table.index_copy_(0, layout.slot_mapping, rows)
         return rows / (layout.position + 1).to(rows.dtype)[:, None]
 
     def _dispatch(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:

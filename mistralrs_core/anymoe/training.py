@@ -27,9 +27,10 @@ log = logging.getLogger("mistralrs")
 _BLOCK = 16
 
 
-def forward_prompts(model, routing, layers, prompts: list[list[int]]) -> None:
-    """One prefill of ``prompts`` (a batch) through ``model`` with a throwaway cache."""
-    blocks, records, nxt = [], [], 0
+def forward_prompts(model, routing, prompts: list[list[int]]) -> dict:
+    """One prefill of ``prompts`` (a batch) through ``model`` with a throwaway KV cache and
+    scratch gate sums; returns, per AnyMoE layer, the expert of each row."""
+    records, nxt = [], 0
     for ids in prompts:
         n = -(-len(ids) // _BLOCK)
         records.append((ids, 0, list(range(nxt, nxt + n))))
@@ -43,10 +44,9 @@ def forward_prompts(model, routing, layers, prompts: list[list[int]]) -> None:
                                     state_slots=list(range(len(prompts))) if slotted else None)
     if slotted:
         meta.fresh_slots = [True] * len(prompts)
-    routing.block_size = _BLOCK
-    for layer in layers:
-        layer.bind_pool(nxt, _BLOCK, device)
-    model.forward_embeds(model.embed(ids), pos, meta, caches)
+    with routing.scratch(nxt, _BLOCK) as choices:
+        model.forward_embeds(model.embed(ids), pos, meta, caches)
+        return dict(choices)
 
 
 def train(model, routing, layers, samples: list[tuple[list[int], int]], cfg, seed: int) -> list[list[float]]:
@@ -69,7 +69,7 @@ def train(model, routing, layers, samples: list[tuple[list[int], int]], cfg, see
                 batch = [samples[j] for j in order[i:i + cfg.batch_size]]
                 labels = torch.tensor([e for _, e in batch], device=device)
                 with torch.no_grad():
-                    forward_prompts(model, routing, layers, [ids for ids, _ in batch])
+                    forward_prompts(model, routing, [ids for ids, _ in batch])
                 step = []
                 for layer, opt in zip(layers, optims):
                     loss = F.nll_loss(layer.recorded.clamp_min(1e-12).log(), labels)
