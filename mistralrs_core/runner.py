@@ -200,7 +200,8 @@ class Runner:
         from mistralrs_core.anymoe.setup import AnyMoeSetup
         anymoe = AnyMoeSetup.from_runner_arg(anymoe_config)
         if anymoe is not None and isinstance(which, (list, tuple)) and len(which) != 1:
-            raise ValueError(f"anymoe_config: AnyMoE applies to one model, got {len(which)} in which")
+            raise ValueError(f"anymoe_config: AnyMoE applies to one model, got {len(which)} in which; "
+                             f"pass it to add_model (or a serve config's [[models]] entry) instead")
         # Tool arguments go to the tool providers that claim them (refused when none does).
         self._tools = attach_tool_providers(dict(
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
@@ -219,8 +220,11 @@ class Runner:
 
     # --- model table ------------------------------------------------------
     def add_model(self, which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
-        """Load another model into this runner; ``options`` override the Runner's load options."""
-        return self._add_model(which, model_id, default, self._lookup, options)
+        """Load another model into this runner; ``options`` override the Runner's load options
+        (and ``anymoe_config=`` makes this model an AnyMoE model)."""
+        from mistralrs_core.anymoe.setup import AnyMoeSetup
+        anymoe = AnyMoeSetup.from_runner_arg(options.pop("anymoe_config", None))
+        return self._add_model(which, model_id, default, self._lookup, options, anymoe)
 
     def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict,
                    anymoe=None) -> str:

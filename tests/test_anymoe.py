@@ -234,7 +234,11 @@ def test_bad_configs_name_the_field(dirs, tmp_path):
     _raises(dirs, "gate_model_id.*shape", training=False, layers=[0],
             gate_model_id=str(_forced_gate(tmp_path / "g2", [0], 1, experts=2)))
     with pytest.raises(ValueError, match="^anymoe_config: expected an AnyMoeConfig"):
+        _runner(dirs, "hidden_size=64")
+    with pytest.raises(ValueError, match="^anymoe_config.dataset_json"):      # a dict lacking fields
         _runner(dirs, {"hidden_size": 64})
+    with pytest.raises(ValueError, match="^anymoe_config.hidden_sise: not a field"):
+        _runner(dirs, {"hidden_sise": 64})
 
 
 def test_bad_lora_configs(dirs, tmp_path):
@@ -295,3 +299,25 @@ def test_isq_base_gets_quantized_experts(dirs, tmp_path):
 def test_routes_of_a_model_without_anymoe_are_refused(tiny_runner):
     with pytest.raises(ValueError, match="^model_id: .*anymoe_config"):
         tiny_runner.anymoe_routes("hello")
+
+
+def test_serve_config_makes_one_model_an_anymoe_model(dirs, tmp_path):
+    """A serve config's [[models]] entry may carry anymoe_config (upstream's TOML spellings of
+    expert_type); the Runner's add_model takes it."""
+    from mistralrs_core.server.loading import build_runner
+    from mistralrs_core.server.spec import load_config
+    cfg = {"models": [{"model_id": str(dirs["base"]), "name": "moe", "dtype": "F32", "anymoe_config": {
+        "hidden_size": 64, "dataset_json": "", "prefix": "model.layers", "mlp": "mlp",
+        "model_ids": [str(dirs["a"]), str(dirs["b"])], "expert_type": "fine_tuned", "layers": [0, 2],
+        "training": False, "gate_model_id": str(dirs["root"] / "gate")}}]}
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps(cfg))
+    runner = build_runner(*(lambda c: (c.models, c.runtime))(load_config(path)), progress=False)
+    try:
+        assert runner.anymoe_routes("5 6 7 8 9", model_id="moe") == {0: 1, 2: 1}
+    finally:
+        runner.shutdown()
+    cfg["models"][0]["anymoe_config"]["expert_type"] = "lora"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="^anymoe_config.expert_type"):
+        build_runner(*(lambda c: (c.models, c.runtime))(load_config(path)), progress=False)

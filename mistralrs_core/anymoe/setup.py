@@ -36,6 +36,8 @@ class AnyMoeSetup:
     def from_runner_arg(cls, cfg) -> "AnyMoeSetup | None":
         if cfg is None:
             return None
+        if isinstance(cfg, dict):
+            cfg = config_from_dict(cfg)
         if not isinstance(cfg, AnyMoeConfig):
             raise ValueError(f"anymoe_config: expected an AnyMoeConfig, got {type(cfg).__name__}")
         if not isinstance(cfg.expert_type, (AnyMoeExpertType.FineTuned, AnyMoeExpertType.LoraAdapter)):
@@ -71,3 +73,38 @@ class AnyMoeSetup:
             raise ValueError("anymoe_config.gate_model_id: training=False loads a trained gate, so "
                              "gate_model_id must name it")
         return cls(cfg, layers)
+
+
+def _expert_type(value):
+    """Upstream's TOML spellings: ``"fine_tuned"``, ``{fine_tuned = {}}`` or
+    ``{lora_adapter = {rank, alpha, target_modules}}``."""
+    if isinstance(value, (AnyMoeExpertType.FineTuned, AnyMoeExpertType.LoraAdapter)):
+        return value
+    if value == "fine_tuned" or value == {"fine_tuned": {}}:
+        return AnyMoeExpertType.FineTuned()
+    if isinstance(value, dict) and set(value) == {"lora_adapter"} and isinstance(value["lora_adapter"], dict):
+        args = value["lora_adapter"]
+        unknown = set(args) - {"rank", "alpha", "target_modules"}
+        if unknown or not {"rank", "alpha", "target_modules"} <= set(args):
+            raise ValueError("anymoe_config.expert_type.lora_adapter: needs exactly rank, alpha and target_modules")
+        return AnyMoeExpertType.LoraAdapter(**args)
+    raise ValueError(f'anymoe_config.expert_type: "fine_tuned" or {{"lora_adapter": {{"rank": ..., "alpha": ..., '
+                     f'"target_modules": [...]}}}}, got {value!r}')
+
+
+def config_from_dict(d: dict) -> AnyMoeConfig:
+    """An ``AnyMoeConfig`` from JSON/TOML (the server's config file)."""
+    known = set(attrs.fields_dict(AnyMoeConfig))
+    for key in d:
+        if key not in known:
+            raise ValueError(f"anymoe_config.{key}: not a field of AnyMoeConfig ({', '.join(sorted(known))})")
+    d = dict(d)
+    if "expert_type" in d:
+        d["expert_type"] = _expert_type(d["expert_type"])
+    try:
+        return AnyMoeConfig(**d)
+    except TypeError as exc:
+        missing = [f.name for f in attrs.fields(AnyMoeConfig) if f.default is attrs.NOTHING and f.name not in d]
+        raise ValueError(f"anymoe_config.{missing[0] if missing else 'expert_type'}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"anymoe_config: {exc}") from None
