@@ -321,3 +321,13 @@ def test_serve_config_makes_one_model_an_anymoe_model(dirs, tmp_path):
     path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="^anymoe_config.expert_type"):
         build_runner(*(lambda c: (c.models, c.runtime))(load_config(path)), progress=False)
+
+
+def test_no_kv_cache_recomputes_the_same_routes(trained, dirs):
+    cfg = _config(dirs, training=False, gate_model_id=str(dirs["root"] / "gate"))
+    r = _runner(dirs, cfg, no_kv_cache=True)
+    try:
+        req = CompletionRequest(prompt="the dog 1 2", model="default", max_tokens=10, temperature=0.0, ignore_eos=True)
+        assert r.send_completion_request(req).choices[0].text == trained.send_completion_request(req).choices[0].text
+    finally:
+        r.shutdown()

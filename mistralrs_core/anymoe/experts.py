@@ -31,7 +31,10 @@ def find_mlps(model: nn.Module, prefix: str, mlp: str) -> dict[int, tuple[nn.Mod
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\." + re.escape(mlp))
     found: dict[int, tuple[nn.Module, str, nn.Module]] = {}
     for path, module in model.named_modules():
-        for name in (path, module.__dict__.get("hf_name")):
+        # A container's checkpoint name shows in its children's (a family may map names).
+        child = next((c.__dict__.get("hf_name") for c in module.children() if c.__dict__.get("hf_name")), None)
+        from_child = child.rpartition(".")[0] if child else None
+        for name in (path, module.__dict__.get("hf_name"), from_child):
             m = pattern.fullmatch(name or "")
             if m:
                 parent_path, _, attr = path.rpartition(".")
