@@ -120,8 +120,11 @@ def test_trained_model_serves_chat_through_the_engine(trained):
     reqs = [CompletionRequest(prompt=p, model="default", max_tokens=10, temperature=0.0, ignore_eos=True)
             for p in prompts]
     alone = [trained.send_completion_request(r).choices[0].text for r in reqs]
-    with cf.ThreadPoolExecutor(4) as ex:
+    # anymoe_routes runs in the caller's thread on scratch sums while the engine serves.
+    with cf.ThreadPoolExecutor(5) as ex:
+        routes = ex.submit(lambda: [trained.anymoe_routes(p) for p in list(HELD_OUT) * 3])
         together = list(ex.map(lambda r: trained.send_completion_request(r).choices[0].text, reqs))
+        assert routes.result() == [{0: e, 2: e} for e in list(HELD_OUT.values()) * 3]
     assert together == alone
 
 
@@ -329,5 +332,19 @@ def test_no_kv_cache_recomputes_the_same_routes(trained, dirs):
     try:
         req = CompletionRequest(prompt="the dog 1 2", model="default", max_tokens=10, temperature=0.0, ignore_eos=True)
         assert r.send_completion_request(req).choices[0].text == trained.send_completion_request(req).choices[0].text
+    finally:
+        r.shutdown()
+
+
+def test_bf16_model_routes_and_serves(dirs):
+    cfg = _config(dirs, training=False, gate_model_id=str(dirs["root"] / "gate"))
+    r = Runner(which=Which.Plain(model_id=str(dirs["base"]), dtype="BF16"), anymoe_config=cfg, seed=0)
+    try:
+        layer = r._pipeline(None).anymoe.layers[0]
+        assert layer.experts[1].down_proj.weight.dtype == torch.bfloat16
+        assert layer.moe_gate.weight.dtype == torch.float32        # routing decided in float32
+        assert r.anymoe_routes("5 6 7 8 9") == {0: 1, 2: 1}
+        req = CompletionRequest(prompt="the dog 1 2", model="default", max_tokens=8, temperature=0.0, ignore_eos=True)
+        assert r.send_completion_request(req).usage.completion_tokens == 8
     finally:
         r.shutdown()

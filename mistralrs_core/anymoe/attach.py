@@ -147,7 +147,10 @@ def attach_anymoe(pipeline, setup: AnyMoeSetup, opts) -> AnyMoeModel:
     else:
         samples = []
         for i, (prompt, expert) in enumerate(rows):
-            ids = moe.prompt_ids(prompt)
+            try:
+                ids = moe.prompt_ids(prompt)
+            except ValueError as exc:       # the chat template refused it
+                raise ValueError(f"anymoe_config.dataset_json: rows[{i}].prompt: {exc}") from None
             if len(ids) > model.max_context_len:
                 raise ValueError(f"anymoe_config.dataset_json: rows[{i}].prompt is {len(ids)} tokens, over the "
                                  f"model's context of {model.max_context_len}")

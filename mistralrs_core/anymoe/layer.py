@@ -21,7 +21,6 @@ import threading
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
