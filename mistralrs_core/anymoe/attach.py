@@ -48,7 +48,7 @@ class AnyMoeModel:
         """Per AnyMoE layer, the expert the prompt's last token is routed to (the expert the
         gate picks for the whole prompt). Runs in the caller's thread on its own cache and
         scratch sums, so the engine may keep serving meanwhile."""
-        choices = forward_prompts(self.model, self.routing, [self.prompt_ids(prompt)])
+        choices = forward_prompts(self.model, self.routing, self.layer_indices, [self.prompt_ids(prompt)])
         return [int(choices[layer.layer][-1]) for layer in self.layers]
 
 

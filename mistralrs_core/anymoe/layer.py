@@ -63,6 +63,11 @@ class _Pass(threading.local):
     scratch: dict | None = None        # layer -> its scratch table, inside ``Routing.scratch``
     scratch_geometry: tuple[int, int] | None = None
     choices: dict | None = None        # layer index -> per-row experts, inside ``Routing.scratch``
+    stop_after: int | None = None      # inside ``Routing.scratch``: the last layer anyone needs
+
+
+class StopForward(Exception):
+    """Ends a scratch forward at its last AnyMoE layer: nothing after it is needed."""
 
 
 class Routing:
@@ -87,16 +92,17 @@ class Routing:
         return p.layout
 
     @contextmanager
-    def scratch(self, num_blocks: int, block_size: int):
+    def scratch(self, num_blocks: int, block_size: int, stop_after: int | None = None):
         """Forwards in this thread read and write private sum tables laid out for a cache of
         ``num_blocks`` x ``block_size`` (training, ``route``, tests), never the engine's;
-        yields the experts each layer picked, per row."""
+        yields the experts each layer picked, per row. With ``stop_after`` (a layer index) the
+        forward ends by ``StopForward`` once that AnyMoE layer has routed."""
         p = self._pass
-        p.scratch, p.scratch_geometry, p.choices = {}, (num_blocks, block_size), {}
+        p.scratch, p.scratch_geometry, p.choices, p.stop_after = {}, (num_blocks, block_size), {}, stop_after
         try:
             yield p.choices
         finally:
-            p.scratch = p.scratch_geometry = p.choices = None
+            p.scratch = p.scratch_geometry = p.choices = p.stop_after = None
 
     def table(self, layer: "AnyMoeMlp", device) -> torch.Tensor:
         p = self._pass
@@ -113,6 +119,8 @@ class Routing:
     def note(self, layer: "AnyMoeMlp", choice: torch.Tensor) -> None:
         if self._pass.choices is not None:
             self._pass.choices[layer.layer] = choice
+            if self._pass.stop_after == layer.layer:
+                raise StopForward
 
 
 def install_routing(model: nn.Module, routing: Routing) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mistralrs_core.anymoe.layer import StopForward
 from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.layers.recurrent import make_layer_cache
 
@@ -27,9 +28,10 @@ log = logging.getLogger("mistralrs")
 _BLOCK = 16
 
 
-def forward_prompts(model, routing, prompts: list[list[int]]) -> dict:
+def forward_prompts(model, routing, layers: list[int], prompts: list[list[int]]) -> dict:
     """One prefill of ``prompts`` (a batch) through ``model`` with a throwaway KV cache and
-    scratch gate sums; returns, per AnyMoE layer, the expert of each row."""
+    scratch gate sums, up to the last of the AnyMoE ``layers``; returns, per AnyMoE layer,
+    the expert of each row."""
     records, nxt = [], 0
     for ids in prompts:
         n = -(-len(ids) // _BLOCK)
@@ -44,8 +46,12 @@ def forward_prompts(model, routing, prompts: list[list[int]]) -> dict:
                                     state_slots=list(range(len(prompts))) if slotted else None)
     if slotted:
         meta.fresh_slots = [True] * len(prompts)
-    with routing.scratch(nxt, _BLOCK) as choices:
-        model.forward_embeds(model.embed(ids), pos, meta, caches)
+    # The layers after the last AnyMoE layer change nothing the gates see.
+    with routing.scratch(nxt, _BLOCK, stop_after=max(layers)) as choices:
+        try:
+            model.forward_embeds(model.embed(ids), pos, meta, caches)
+        except StopForward:
+            pass
         return dict(choices)
 
 
@@ -69,7 +75,7 @@ def train(model, routing, layers, samples: list[tuple[list[int], int]], cfg, see
                 batch = [samples[j] for j in order[i:i + cfg.batch_size]]
                 labels = torch.tensor([e for _, e in batch], device=device)
                 with torch.no_grad():
-                    forward_prompts(model, routing, [ids for ids, _ in batch])
+                    forward_prompts(model, routing, [layer.layer for layer in layers], [ids for ids, _ in batch])
                 step = []
                 for layer, opt in zip(layers, optims):
                     loss = F.nll_loss(layer.recorded.clamp_min(1e-12).log(), labels)
