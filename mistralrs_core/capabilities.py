@@ -58,7 +58,8 @@ KNOWN: dict[str, Capability] = {c.name: c for c in (
     # Provided by the core itself (defaults.py): engine/speculative.py.
     Capability("speculative", "speculative decoding", "mistralrs-core", runner_args=("which_draft",)),
     Capability("mtp", "multi-token prediction", _CORE_LATER, runner_args=("mtp_model",)),
-    Capability("anymoe", "AnyMoE", _CORE_LATER, runner_args=("anymoe_config",)),
+    # Provided by the core itself (defaults.py): mistralrs_core/anymoe.
+    Capability("anymoe", "AnyMoE", _CORE, runner_args=("anymoe_config",)),
     # Provided by the core itself (defaults.py): mistralrs_core/distributed/device_map.py.
     Capability("device_mapping", "manual device mapping", _CORE, runner_args=("num_device_layers",)),
     Capability("isq", "in-situ quantization", "mistralrs-quant", runner_args=("in_situ_quant",),

@@ -32,10 +32,12 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 
 # Tool calling, the agentic loop, sessions and the produced-file store live in the core
 # (mistralrs_core.agent), constrained decoding too (mistralrs_core.constrained, llguidance);
-# draft-model and prompt-lookup speculation live in the engine (engine/speculative.py);
+# draft-model and prompt-lookup speculation live in the engine (engine/speculative.py), AnyMoE
+# in mistralrs_core/anymoe;
 # MCP, web search, code execution and shell come from plugins.
 CORE_CAPABILITIES = {"grammar": "mistralrs_core.constrained", "speculative": "mistralrs_core.engine.speculative",
                      "device_mapping": "mistralrs_core.distributed",
+                     "anymoe": "mistralrs_core.anymoe",
                      **{name: "mistralrs_core.agent"
                         for name in ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")}}
 

@@ -44,6 +44,7 @@ class ModelSlot:
         self.status = "unloaded"
         self.lock = threading.RLock()
         self.speculation = None   # SpeculativeConfig: a drafter attached at every (re)load
+        self.anymoe = None        # AnyMoeSetup: the model's MLPs made experts at every (re)load
 
 
 def _which_model_id(which) -> str:
@@ -224,6 +225,11 @@ class Runner:
         if speculation is not None and isinstance(which, (list, tuple)) and len(which) != 1:
             raise ValueError(f"{speculation.field}: speculative decoding needs one target model, "
                              f"got {len(which)} in which")
+        from mistralrs_core.anymoe.setup import AnyMoeSetup
+        anymoe = AnyMoeSetup.from_runner_arg(anymoe_config)
+        if anymoe is not None and isinstance(which, (list, tuple)) and len(which) != 1:
+            raise ValueError(f"anymoe_config: AnyMoE applies to one model, got {len(which)} in which; "
+                             f"pass it to add_model (or a serve config's [[models]] entry) instead")
         # Tool arguments go to the tool providers that claim them (refused when none does).
         self._tools = attach_tool_providers(dict(
             tool_callbacks=tool_callbacks, mcp_client_config=mcp_client_config, enable_search=enable_search,
@@ -238,14 +244,18 @@ class Runner:
         self._default: str | None = None
         self._lock = threading.RLock()
         for w in (which if isinstance(which, (list, tuple)) else [which]):
-            self._add_model(w, None, False, speculation, {})
+            self._add_model(w, None, False, speculation, {}, anymoe)
 
     # --- model table ------------------------------------------------------
     def add_model(self, which: Which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:
-        """Load another model into this runner; ``options`` override the Runner's load options."""
-        return self._add_model(which, model_id, default, self._lookup, options)
+        """Load another model into this runner; ``options`` override the Runner's load options
+        (and ``anymoe_config=`` makes this model an AnyMoE model)."""
+        from mistralrs_core.anymoe.setup import AnyMoeSetup
+        anymoe = AnyMoeSetup.from_runner_arg(options.pop("anymoe_config", None))
+        return self._add_model(which, model_id, default, self._lookup, options, anymoe)
 
-    def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict) -> str:
+    def _add_model(self, which, model_id: str | None, default: bool, speculation, options: dict,
+                   anymoe=None) -> str:
         import attrs
         opts = attrs.evolve(self._defaults, **options) if options else self._defaults
         with self._lock:
@@ -257,6 +267,7 @@ class Runner:
                 raise ValueError(f"model_id: {mid!r} is already loaded")
             slot = ModelSlot(mid, which, opts)
             slot.speculation = speculation
+            slot.anymoe = anymoe
             self._load(slot)
             self._models[mid] = slot
             if self._default is None or default:
@@ -271,6 +282,13 @@ class Runner:
             slot.status = "reloading" if prev == "unloaded" and slot.model_id in self._models else "loading"
             try:
                 pipeline = load_pipeline(slot.which, slot.opts, slot.model_id)
+                if slot.anymoe is not None:
+                    from mistralrs_core.anymoe import attach_anymoe
+                    try:
+                        attach_anymoe(pipeline, slot.anymoe, slot.opts)
+                    except BaseException:
+                        pipeline.shutdown()
+                        raise
                 if slot.speculation is not None:
                     from mistralrs_core.loading.speculative import attach_speculation
                     try:
@@ -349,6 +367,16 @@ class Runner:
         slot = self._models.get(model_id)
         model = getattr(slot.pipeline, "model", None) if slot is not None else None
         return placement_status(model) if model is not None else None
+
+    def anymoe_routes(self, prompt: str, model_id: str | None = None) -> dict[int, int]:
+        """Beyond the SDK: for an AnyMoE model, the expert each AnyMoE layer picks for
+        ``prompt`` (sent as one user turn, as the gate was trained), ``{layer: expert}``;
+        expert 0 is the base MLP, 1.. the ``model_ids`` in order."""
+        pipe = self._pipeline(model_id)
+        moe = getattr(pipe, "anymoe", None)
+        if moe is None:
+            raise ValueError(f"model_id: {pipe.name!r} was not loaded with anymoe_config")
+        return dict(zip(moe.layer_indices, moe.route(prompt)))
 
     def get_model_status(self, model_id: str) -> str | None:
         slot = self._models.get(model_id)

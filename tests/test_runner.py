@@ -220,8 +220,6 @@ def test_missing_and_broken_model_files(tmp_path, tiny_dir):
 def test_unavailable_arguments_are_refused(tiny_dir):
     with pytest.raises(NotAvailableYet, match="mtp_model"):
         Runner(which=Which.Plain(model_id=str(tiny_dir)), mtp_model=Which.Plain(model_id=str(tiny_dir)))
-    with pytest.raises(NotAvailableYet, match="anymoe_config"):
-        Runner(which=Which.Plain(model_id=str(tiny_dir)), anymoe_config=object())
 
 
 def test_unavailable_request_fields_are_refused(tiny_runner):

@@ -15,6 +15,8 @@ Config file (JSON, or TOML when the name ends in .toml), modelled on upstream's
     arch = "qwen3"                      # and any other field of the chosen Which variant
     quantized_filename = "q4.gguf"      # GGUF: one file or a list
     prefix_cache_n = 0                  # and any load option, overriding [runtime]
+    anymoe_config = {hidden_size = 64, dataset_json = "amoe.json", prefix = "model.layers",
+                     mlp = "mlp", model_ids = ["..."], expert_type = "fine_tuned"}   # optional
 
 Every error names the offending key (``models[1].kind: ...``).
 """
@@ -151,7 +153,8 @@ def _model_spec(entry: Any, i: int, base: Path) -> ModelSpec:
     if served is not None and not isinstance(served, str):
         raise ValueError(f"{where}name: must be a string")
     kind = entry.pop("kind", "auto")
-    options = {k: entry.pop(k) for k in list(entry) if k in LOAD_OPTIONS}
+    # anymoe_config (an object of AnyMoeConfig's fields) belongs to this model, like a load option.
+    options = {k: entry.pop(k) for k in list(entry) if k in LOAD_OPTIONS or k == "anymoe_config"}
     which = build_which(kind, model_id, where=where, quantized_filename=entry.pop("quantized_filename", None),
                         tok_model_id=entry.pop("tok_model_id", None), **entry)
     return ModelSpec(which, served, False, options)
