@@ -164,20 +164,10 @@ def test_a_server_dying_mid_call(http_url):
         client.close()
 
 
-def test_close_stops_the_process_server():
-    client = McpClient(McpClientConfigPy(servers=[server("p", process_source("p", "--tools", "where"))]))
-    pid = json.loads(client.call("where", {}).content)["pid"]
-    assert pid_alive(pid)
-    client.close()
-    assert not pid_alive(pid)
-    with pytest.raises(McpServerError, match="the client is closed"):
-        client.call("where", {})
-
-
 def test_interpreter_exit_stops_the_process_server():
     script = textwrap.dedent(f"""
         import json, sys
-        from mistralrs import McpClientConfigPy, McpServerConfigPy, McpServerSourcePy
+        from mistralrs_core.api.tools import McpClientConfigPy, McpServerConfigPy, McpServerSourcePy
         from mistralrs_tools_mcp.mcp.client import McpClient
         src = McpServerSourcePy.Process(command=sys.executable,
                                         args=[{process_source('p').args[0]!r}, "stdio", "--tools", "where"])
@@ -194,18 +184,23 @@ def test_interpreter_exit_stops_the_process_server():
     assert not pid_alive(pid)
 
 
-def test_same_names_without_prefix_keep_the_first(caplog):
+def test_same_names_without_prefix_keep_the_first_and_close_stops_processes(caplog):
     caplog.set_level(logging.WARNING, logger="mistralrs")
     client = McpClient(McpClientConfigPy(servers=[
-        server("one", process_source("one", "--tools", "echo")),
+        server("one", process_source("one", "--tools", "echo,where")),
         server("two", process_source("two", "--tools", "echo,add")),
     ]))
     try:
-        assert names(client) == ["echo", "add"]
+        assert names(client) == ["echo", "where", "add"]
         assert client.call("echo", {"text": "a"}).content == "one says: a"
         assert "tool 'echo' is already registered by MCP server 'one'" in caplog.text
+        pid = json.loads(client.call("where", {}).content)["pid"]
+        assert pid_alive(pid)
     finally:
         client.close()
+    assert not pid_alive(pid)
+    with pytest.raises(McpServerError, match="the client is closed"):
+        client.call("where", {})
 
 
 def test_auto_register_tools_off_offers_nothing():

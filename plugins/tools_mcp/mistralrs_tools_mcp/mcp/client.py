@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import re
 import threading
@@ -102,9 +103,15 @@ class McpClient:
 
     def _register(self, conn: ServerConnection) -> None:
         prefix = conn.config.tool_prefix
-        entries = [(t.name, t.name, {"type": "function", "function": {
-            "name": "", "description": t.description or t.title or t.name,
-            "parameters": t.input_schema or {"type": "object", "properties": {}}}}) for t in conn.tools]
+        entries = []
+        for t in conn.tools:
+            params = t.input_schema or {"type": "object", "properties": {}}
+            strict = closed_objects(params)
+            if schema_constrains(strict):
+                params = strict
+            entries.append((t.name, t.name, {"type": "function", "function": {
+                "name": "", "description": t.description or t.title or t.name, "parameters": params,
+                "strict": params is strict}}))
         if conn.resources:
             uris = [str(r.uri) for r in conn.resources]
             entries.append((READ_RESOURCE, None, {"type": "function", "function": {
@@ -157,6 +164,36 @@ class McpClient:
                 return
             self._closed = True
         self._finalizer()
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on each object that lists its
+    properties and says nothing of others, as OpenAI's strict mode has it. JSON Schema's
+    default (anything else allowed) lets a small model add keys until max_tokens; the
+    properties the server declared are what it reads."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k not in ("const", "enum", "default", "examples") else v
+           for k, v in schema.items()}
+    if (out.get("type") == "object" and isinstance(out.get("properties"), dict)
+            and "additionalProperties" not in out and "patternProperties" not in out):
+        out["additionalProperties"] = False
+    return out
+
+
+def schema_constrains(schema: dict) -> bool:
+    """Whether the model's calls can be held to ``schema`` (the tool is then offered as
+    ``strict``). A server checks arguments against its input schema anyway, so holding
+    the model to it only spares failed calls; a schema constrained decoding cannot
+    compile is offered loose instead of failing every request that offers the tool."""
+    import llguidance
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        return llguidance.LLMatcher.validate_grammar(grammar, None) == ""
+    except Exception:   # llguidance raises ValueError/RuntimeError on schemas it rejects
+        return False
 
 
 async def _make_semaphore(n: int) -> asyncio.Semaphore:

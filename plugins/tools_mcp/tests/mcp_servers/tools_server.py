@@ -13,6 +13,9 @@ import os
 import socket
 import sys
 import time
+from typing import Annotated
+
+from pydantic import Field
 
 from mcp.server.mcpserver import MCPServer
 
@@ -26,7 +29,7 @@ def build(name: str, tools) -> MCPServer:
         """Add two integers."""
         return str(a + b)
 
-    def echo(text: str) -> str:
+    def echo(text: Annotated[str, Field(min_length=1, max_length=24)]) -> str:
         """Repeat the text back, tagged with this server's name."""
         return f"{name} says: {text}"
 
