@@ -26,7 +26,7 @@ def server(id: str, source, **kw) -> McpServerConfigPy:
 
 @contextmanager
 def listening_server(transport: str, name: str, *extra: str, token: str | None = TOKEN):
-    """Starts tools_server.py over ``http`` or ``ws`` on 127.0.0.1; yields its base URL."""
+    """Starts tools_server.py over ``http``, ``sse`` or ``ws`` on 127.0.0.1; yields its URL."""
     cmd = [sys.executable, TOOLS_SERVER, transport, "--name", name, *extra]
     if token is not None:
         cmd += ["--token", token]
@@ -36,7 +36,8 @@ def listening_server(transport: str, name: str, *extra: str, token: str | None =
         if not line.startswith("PORT "):
             raise RuntimeError(f"{transport} test server did not start: {line!r}")
         port = int(line.split()[1])
-        yield f"http://127.0.0.1:{port}/mcp" if transport == "http" else f"ws://127.0.0.1:{port}"
+        yield {"http": f"http://127.0.0.1:{port}/mcp", "sse": f"http://127.0.0.1:{port}/sse",
+               "ws": f"ws://127.0.0.1:{port}"}[transport]
     finally:
         proc.kill()
         proc.wait(10)

@@ -203,6 +203,16 @@ def test_same_names_without_prefix_keep_the_first_and_close_stops_processes(capl
         client.call("where", {})
 
 
+def test_the_older_http_sse_transport():
+    with listening_server("sse", "old", "--tools", "echo") as url:
+        client = McpClient(McpClientConfigPy(servers=[
+            server("old", McpServerSourcePy.Http(url=url, timeout_secs=20), bearer_token=TOKEN)]))
+        try:
+            assert client.call("echo", {"text": "still here"}).content == "old says: still here"
+        finally:
+            client.close()
+
+
 def test_auto_register_tools_off_offers_nothing():
     client = McpClient(McpClientConfigPy(servers=[server("p", process_source("p", "--tools", "add"))],
                                          auto_register_tools=False))

@@ -2,7 +2,7 @@
 
     python tools_server.py stdio|http|ws [--token T] [--name N] [--tools add,echo,...]
 
-``http`` (streamable HTTP) and ``ws`` listen on 127.0.0.1, on a free port they print as
+``http`` (streamable HTTP), ``sse`` (the older HTTP+SSE transport) and ``ws`` listen on 127.0.0.1, on a free port they print as
 ``PORT <n>``; with ``--token`` they answer 401 to a request without ``Authorization:
 Bearer <T>``. The WebSocket side uses the client's own framing adapter (the SDK has no
 WebSocket server either)."""
@@ -82,9 +82,9 @@ def _announce(port: int) -> None:
     print(f"PORT {port}", flush=True)
 
 
-async def serve_http(server: MCPServer, token) -> None:
+async def serve_http(server: MCPServer, token, sse: bool = False) -> None:
     import uvicorn
-    app = server.streamable_http_app()
+    app = server.sse_app() if sse else server.streamable_http_app()
 
     async def guarded(scope, receive, send):
         if scope["type"] == "http" and token is not None:
@@ -125,7 +125,7 @@ async def serve_ws(server: MCPServer, token) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("transport", choices=("stdio", "http", "ws"))
+    ap.add_argument("transport", choices=("stdio", "http", "sse", "ws"))
     ap.add_argument("--token")
     ap.add_argument("--name", default="tools")
     ap.add_argument("--tools", default=",".join(TOOLS))
@@ -133,8 +133,8 @@ def main() -> None:
     server = build(args.name, set(args.tools.split(",")))
     if args.transport == "stdio":
         server.run("stdio")
-    elif args.transport == "http":
-        asyncio.run(serve_http(server, args.token))
+    elif args.transport in ("http", "sse"):
+        asyncio.run(serve_http(server, args.token, sse=args.transport == "sse"))
     else:
         asyncio.run(serve_ws(server, args.token))
 
