@@ -130,6 +130,8 @@ def test_failed_servers_are_named_and_the_others_keep_working(http_url, ws_url, 
         server("ok", process_source("ok", "--tools", "add"), tool_prefix="ok"),
         server("missing", McpServerSourcePy.Process(command="/nonexistent/mcp-server")),
         server("garbage", McpServerSourcePy.Process(command=sys.executable, args=[GARBAGE_SERVER])),
+        server("quits", McpServerSourcePy.Process(command=sys.executable,
+                                                  args=["-c", "import sys; sys.exit('no config file found')"])),
         server("anon", McpServerSourcePy.Http(url=http_url, timeout_secs=10), tool_prefix="anon"),
         server("wsanon", McpServerSourcePy.WebSocket(url=ws_url, timeout_secs=10), tool_prefix="wsanon"),
     ], tool_timeout_secs=2))
@@ -138,10 +140,12 @@ def test_failed_servers_are_named_and_the_others_keep_working(http_url, ws_url, 
         assert status["ok"] is None and names(client) == ["ok_add"]
         assert "'Missing MCP' (missing) failed to start: FileNotFoundError" in status["missing"]
         assert "'Garbage MCP' (garbage) failed to start: it answered something that is not MCP" in status["garbage"]
+        assert "'Quits MCP' (quits) failed to start:" in status["quits"]
+        assert status["quits"].endswith("its stderr ends with: no config file found")
         assert "'Anon MCP' (anon) failed to start: HTTP 401" in status["anon"]
         assert "'Wsanon MCP' (wsanon) failed to start:" in status["wsanon"] and "HTTP 401" in status["wsanon"]
         logged = caplog.text
-        assert all(f"({sid}) failed to start" in logged for sid in ("missing", "garbage", "anon", "wsanon"))
+        assert all(f"({sid}) failed to start" in logged for sid in ("missing", "garbage", "quits", "anon", "wsanon"))
         assert client.call("ok_add", {"a": 20, "b": 22}).content == "42"
     finally:
         client.close()

@@ -143,7 +143,12 @@ class McpClient:
             raise McpServerError(f"MCP server {self._connections[tool.server_id].label}: the client is closed")
         if not isinstance(arguments, dict):
             raise ValueError(f"arguments of {name!r}: must be a JSON object, got {type(arguments).__name__}")
-        text, images = self._loop.submit(self._call(tool, arguments)).result()
+        try:
+            text, images = self._loop.submit(self._call(tool, arguments)).result()
+        except concurrent.futures.CancelledError:
+            # close() cancels the calls still waiting when it stops the loop.
+            raise McpServerError(f"MCP server {self._connections[tool.server_id].label}: "
+                                 f"the client closed during the call") from None
         return ToolOutput(text, images_base64=images)
 
     async def _call(self, tool: RegisteredTool, arguments: dict) -> tuple[str, list[str]]:
@@ -219,6 +224,14 @@ def _shutdown(loop: _LoopThread, connections: dict, tasks: list) -> None:
             _, late = await asyncio.wait(pending, timeout=CLOSE_WAIT_SECS)
             for t in late:
                 t.cancel()
+        # Calls still waiting (for the semaphore, or on a session that ignored the stop)
+        # end now: a caller must not wait on a loop that is about to stop.
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        if rest:
+            await asyncio.wait(rest, timeout=CLOSE_WAIT_SECS)
     if loop.loop.is_closed():
         return
     done = loop.submit(stop_all())

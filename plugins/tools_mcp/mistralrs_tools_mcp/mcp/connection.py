@@ -10,6 +10,7 @@ import asyncio
 import fnmatch
 import json
 import logging
+import os
 import tempfile
 from contextlib import AsyncExitStack
 from typing import Any
@@ -82,6 +83,7 @@ class ServerConnection:
                 if self._startup.cancelled_caught:
                     raise McpServerError(f"it answered something that is not MCP ({self._garbage})")
                 self.session, self.failure = session, None
+                self._trim_errlog(keep_below=0)
                 if not ready.done():
                     ready.set_result(None)
                 await self._stop.wait()
@@ -108,6 +110,17 @@ class ServerConnection:
             self._startup.cancel()
         else:
             log.warning("MCP server %s sent something that is not JSON-RPC: %s", self.label, self._garbage)
+
+    def _trim_errlog(self, keep_below: int = 2**20) -> None:
+        # Only startup errors quote the server's stderr; past startup it is kept small.
+        # (The process shares the file's offset, so its next write lands at the start.)
+        try:
+            fd = self._errlog.fileno()
+            if os.fstat(fd).st_size > keep_below:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+        except (OSError, ValueError):   # closed already
+            pass
 
     def _note_http_error(self, status: int, reason: str) -> None:
         self._http_error = f"HTTP {status} {reason}".strip()
@@ -167,6 +180,7 @@ class ServerConnection:
             raise McpServerError(f"MCP server {self.label}: tool {name!r}: {exc.error.message}") from None
         except Exception as exc:
             raise McpServerError(f"MCP server {self.label}: tool {name!r}: {describe(exc)}") from None
+        self._trim_errlog()
         text, images = render_blocks(result.content)
         if not text and result.structured_content is not None:
             text = json.dumps(result.structured_content, ensure_ascii=False)
