@@ -118,7 +118,8 @@ class McpClient:
                 "name": "", "description": f"Read a resource of MCP server {conn.config.name or conn.config.id}. "
                                            f"Available: {', '.join(uris)}",
                 "parameters": {"type": "object", "additionalProperties": False, "required": ["uri"],
-                               "properties": {"uri": {"type": "string", "enum": uris}}}}}))
+                               "properties": {"uri": {"type": "string", "enum": uris}}},
+                "strict": True}}))
         for remote_name, remote, definition in entries:
             name = _NAME_OK.sub("_", f"{prefix}_{remote_name}" if prefix else remote_name)[:64]
             other = self._tools.get(name)
