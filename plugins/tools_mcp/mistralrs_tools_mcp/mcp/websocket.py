@@ -61,8 +61,8 @@ async def message_streams(ws) -> AsyncIterator[tuple]:
             yield read_stream, write_stream
         finally:
             tg.cancel_scope.cancel()
-            for stream in (read_stream, write_stream):
-                await stream.aclose()
+            read_stream.close()
+            write_stream.close()
 
 
 @asynccontextmanager
