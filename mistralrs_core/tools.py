@@ -19,12 +19,15 @@ by duck type:
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping
 
 import attrs
 
 from mistralrs_core import capabilities
 from mistralrs_core.errors import NotAvailableYet
+
+log = logging.getLogger("mistralrs")
 
 # The Runner keywords that configure tools.
 TOOL_ARGS = ("tool_callbacks", "mcp_client_config", "enable_search", "search_callback",
@@ -65,8 +68,16 @@ def attach_tool_providers(args: Mapping[str, Any]) -> dict[str, Any]:
     from mistralrs_core.plugins import get_registry
     built: dict[str, Any] = {}
     taken: set[str] = set()
+    broken: list[str] = []
     for entry in get_registry().tool_providers.values():
-        provider = entry.load()()
+        try:
+            provider = entry.load()()
+        except ImportError as exc:
+            # One distribution's missing or broken provider must not refuse the arguments
+            # other providers take; an argument left untaken says why below.
+            log.warning("tool provider %r (%s) failed to load: %s", entry.name, entry.plugin, exc)
+            broken.append(f"{entry.name} ({entry.plugin}) failed to load: {type(exc).__name__}: {exc}")
+            continue
         if not provider.claims(args):
             continue
         mine = {k: v for k, v in args.items() if k in provider.accepts}
@@ -78,5 +89,5 @@ def attach_tool_providers(args: Mapping[str, Any]) -> dict[str, Any]:
         field = f"Runner({name}=...)"
         capabilities.check_runner_args(**{name: args[name]})
         # The capability is registered, yet no provider takes the argument: still refused.
-        raise NotAvailableYet(field, "no installed tool provider accepts it")
+        raise NotAvailableYet(field, "; ".join(["no installed tool provider accepts it", *broken]))
     return built

@@ -15,3 +15,17 @@ def tiny_runner(tiny_dir):
     r = Runner(which=Which.Plain(model_id=str(tiny_dir), dtype="F32"), seed=0)
     yield r
     r.shutdown()
+
+
+@pytest.fixture
+def without_tools_distribution(monkeypatch):
+    """The plugins as an installation without mistralrs-tools-mcp has them (its entry point
+    left out of the allowlist), so tests of the gates keep their meaning once it is installed."""
+    from importlib.metadata import entry_points
+
+    from mistralrs_core import plugins
+    names = [ep.name for ep in entry_points(group=plugins.ENTRY_POINT_GROUP) if ep.name != "tools_mcp"]
+    monkeypatch.setenv(plugins.ENV_ALLOWLIST, ",".join(names) or "none")
+    plugins.reset()
+    yield plugins
+    plugins.reset()

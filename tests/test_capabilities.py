@@ -15,11 +15,10 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def fresh_plugins():
-    """In-process plugins registered by a test are forgotten after it."""
-    plugins.reset()
+def fresh_plugins(without_tools_distribution):
+    """In-process plugins registered by a test are forgotten after it; the tests gate on
+    capabilities as an installation without mistralrs-tools-mcp has them."""
     yield plugins
-    plugins.reset()
 
 
 def plugin(**hooks):

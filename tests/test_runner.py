@@ -222,8 +222,9 @@ def test_unavailable_arguments_are_refused(tiny_dir):
         Runner(which=Which.Plain(model_id=str(tiny_dir)), mtp_model=Which.Plain(model_id=str(tiny_dir)))
 
 
-def test_unavailable_request_fields_are_refused(tiny_runner):
-    # (tool_schemas is served by the core now: the sandboxed tools' fields stand in)
+def test_unavailable_request_fields_are_refused(tiny_runner, without_tools_distribution):
+    # (tool_schemas is served by the core now: the sandboxed tools' fields stand in, gated
+    # as they are where mistralrs-tools-mcp is not installed)
     with pytest.raises(NotAvailableYet, match="enable_code_execution"):
         chat(tiny_runner, enable_code_execution=True)
     with pytest.raises(NotAvailableYet, match="tool_dispatch_url"):

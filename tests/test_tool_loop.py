@@ -129,7 +129,8 @@ class _CalcProvider:
         return _CalcTools()
 
 
-def test_a_plugin_providers_tools_are_offered_and_run(tiny_dir):
+def test_a_plugin_providers_tools_are_offered_and_run(tiny_dir, without_tools_distribution):
+    # (without mistralrs-tools-mcp, whose "mcp" capability this stand-in registers)
     hooks = types.SimpleNamespace(
         mistralrs_register_tool_providers=hookimpl(lambda register: register("calc", _CalcProvider)),
         mistralrs_register_capabilities=hookimpl(lambda register: register("mcp", provides="calc")))
