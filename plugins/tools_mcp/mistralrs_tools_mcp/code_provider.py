@@ -29,7 +29,7 @@ from mistralrs_core.tools import ToolOutput, ToolProvider
 from mistralrs_tools_mcp.code_exec import sandbox
 
 TOOL = {"type": "function", "function": {
-    "name": sandbox.TOOL_NAME,
+    "name": sandbox.TOOL_NAME, "strict": True,
     "description": ("Run a Python 3 program in a sandbox and get its exit code, stdout, stderr and the files "
                     "it wrote in its working directory. No network. Print what you need to see."),
     "parameters": {"type": "object", "additionalProperties": False, "required": ["code"],

@@ -1,16 +1,15 @@
 """One search: the query's results (from ``search_callback`` or the built-in backend), cut
 into passages, BM25-prefiltered, reranked by embeddings, and budgeted by the request's
-``search_context_size`` into the tool result the model reads (JSON, with its sources)."""
+``search_context_size`` into the tool result the model reads (text, with its sources)."""
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping
 
 from mistralrs_tools_mcp.search.bm25 import bm25_scores
 
 TOOL_NAME = "search_the_web"
 TOOL = {"type": "function", "function": {
-    "name": TOOL_NAME,
+    "name": TOOL_NAME, "strict": True,
     "description": ("Search the web for a query and read the most relevant parts of the pages found. "
                     "Use it when the question needs current or external information."),
     "parameters": {"type": "object", "additionalProperties": False, "required": ["query"],
@@ -97,29 +96,42 @@ class SearchEngine:
             ranked.setdefault(i, [])
         return list(ranked.items()), passages
 
-    def run(self, query: str, context_size: str = "medium") -> str:
+    def search(self, query: str, context_size: str = "medium") -> list[dict]:
+        """The kept results, most relevant first: ``{source, title, url, description,
+        content}`` with ``content`` the result's most relevant passages in page order,
+        within the context size's budget."""
         if not isinstance(query, str) or not query.strip():
             raise ValueError("query: must be a non-empty string")
         results = check_results(self._search(query))
         n_keep, budget = BUDGETS.get(context_size, BUDGETS["medium"])
+        if not results:
+            return []
+        ranked, passages = self.rank(query, results)
+        ranked = ranked[:n_keep]
+        share = budget // len(ranked)
         out = []
-        if results:
-            ranked, passages = self.rank(query, results)
-            ranked = ranked[:n_keep]
-            share = budget // len(ranked)
-            for rank, (i, ks) in enumerate(ranked):
-                r = results[i]
-                taken, used = [], 0
-                for k in ks:
-                    text = passages[k][2]
-                    if used + len(text) > share and taken:
-                        break
-                    taken.append(k)
-                    used += len(text)
-                # The passages read in page order.
-                content = "\n".join(passages[k][2] for k in sorted(taken))[:share]
-                out.append({"source": rank + 1, "title": r["title"], "url": r["url"],
-                            "description": r["description"], "content": content})
-        return json.dumps({"query": query, "results": out,
-                           "sources": [f"[{o['source']}] {o['title']} - {o['url']}" for o in out]},
-                          ensure_ascii=False)
+        for rank, (i, ks) in enumerate(ranked):
+            r = results[i]
+            taken, used = [], 0
+            for k in ks:
+                text = passages[k][2]
+                if used + len(text) > share and taken:
+                    break
+                taken.append(k)
+                used += len(text)
+            content = "\n".join(passages[k][2] for k in sorted(taken))[:share]
+            out.append({"source": rank + 1, "title": r["title"], "url": r["url"],
+                        "description": r["description"], "content": content})
+        return out
+
+    def run(self, query: str, context_size: str = "medium") -> str:
+        """The tool result: plain text (small models read it better than JSON), each
+        result numbered with its URL, then the list of sources to cite."""
+        found = self.search(query, context_size)
+        if not found:
+            return f"No web results for: {query}"
+        blocks = [f"Web results for: {query}"]
+        for r in found:
+            blocks.append(f"[{r['source']}] {r['title']}\nURL: {r['url']}\n{r['content'] or r['description']}")
+        blocks.append("Sources:\n" + "\n".join(f"[{r['source']}] {r['title']} - {r['url']}" for r in found))
+        return "\n\n".join(blocks)

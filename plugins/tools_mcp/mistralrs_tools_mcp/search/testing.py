@@ -68,3 +68,30 @@ def write_word_embedding_model(out, words, *, hidden: int = 128, seed: int = 0) 
         tensors[p + "self_attn." + name + ".weight"] = torch.zeros(head_dim)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"))
     return out
+
+
+def register_tools_plugin() -> None:
+    """Register this distribution's hooks in-process (tests run from a checkout whose entry
+    point may not be installed). A checkout without the MCP provider's module gets only the
+    search and code-execution registrations: the Runner loads every registered provider."""
+    import importlib.util
+    import types
+
+    from mistralrs_core import plugins
+    from mistralrs_core.hookspecs import hookimpl
+    from mistralrs_tools_mcp import plugin
+
+    if importlib.util.find_spec("mistralrs_tools_mcp.mcp_provider") is not None:
+        plugins.register_plugin(plugin, "tools_mcp")
+        return
+
+    def providers(register):
+        register("web_search", "mistralrs_tools_mcp.search_provider:SearchToolProvider")
+        register("code_execution", "mistralrs_tools_mcp.code_provider:CodeExecutionToolProvider")
+
+    def capabilities(register):
+        register("web_search", provides="Runner(enable_search=True) and web_search_options")
+        register("code_execution", provides="Runner(code_execution_config=...) and enable_code_execution")
+    plugins.register_plugin(types.SimpleNamespace(
+        mistralrs_register_tool_providers=hookimpl(providers),
+        mistralrs_register_capabilities=hookimpl(capabilities)), "tools_mcp")
