@@ -3,12 +3,12 @@ standard library only, nothing of the package is imported here).
 
 In order: drop root to an unprivileged user when that user can run the interpreter (so
 ``RLIMIT_NPROC`` binds, the kernel exempts root from it, and the code cannot write root's
-files); unshare a user, network and PID namespace (no network: the new network
-namespace has no interface but a loopback, down unless the policy says "loopback", and
-never the host's); set the rlimits; fork the interpreter as PID 1 of the new PID namespace,
-with ``PR_SET_PDEATHSIG`` so that it (and with it everything it started) dies with this
-process. Exit status 97 means the sandbox could not be set up; the reason is the last line
-of stderr, prefixed ``SANDBOX:``.
+files); unshare a user, network and PID namespace (no network: the new network namespace
+has no interface but a loopback, down unless the policy says "loopback", and never the
+host's); set the rlimits; fork PID 1 of the new PID namespace (``PR_SET_PDEATHSIG``: it,
+and with it everything in the namespace, dies with this process), which forks the
+interpreter and reports its exit status. Exit status 97 means the sandbox could not be
+set up; the reason is the last line of stderr, prefixed ``SANDBOX:``.
 """
 import ctypes
 import fcntl
@@ -127,13 +127,24 @@ def main():
         fail("cannot set resource limits: %s" % exc)
     pid = os.fork()
     if pid == 0:
-        try:
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            os.chdir(cfg["cwd"])
-            os.execve(cfg["python"], [cfg["python"], "-I", cfg["script"]], cfg["env"])
-        except OSError as exc:
-            sys.stderr.write("SANDBOX: cannot start the interpreter %r: %s\n" % (cfg["python"], exc))
-        os._exit(SETUP_FAILED)
+        # PID 1 of the namespace: it dies with the launcher, and the namespace with it. The
+        # code runs in its child: the kernel ignores default-action signals, SIGXCPU
+        # included, sent to a namespace's PID 1.
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        code = os.fork()
+        if code == 0:
+            try:
+                os.chdir(cfg["cwd"])
+                os.execve(cfg["python"], [cfg["python"], "-I", cfg["script"]], cfg["env"])
+            except OSError as exc:
+                sys.stderr.write("SANDBOX: cannot start the interpreter %r: %s\n" % (cfg["python"], exc))
+            os._exit(SETUP_FAILED)
+        os._exit(wait_status(code))
+    os._exit(wait_status(pid))
+
+
+def wait_status(pid):
+    """The exit status of ``pid`` as a shell reports it (128 + signal when killed)."""
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -141,8 +152,8 @@ def main():
         except InterruptedError:
             continue
     if os.WIFSIGNALED(status):
-        os._exit(128 + os.WTERMSIG(status))
-    os._exit(os.WEXITSTATUS(status))
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
 
 
 if __name__ == "__main__":
