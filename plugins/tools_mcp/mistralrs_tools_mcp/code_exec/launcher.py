@@ -91,23 +91,24 @@ def main():
     uid, gid = os.getuid(), os.getgid()
     network = cfg["network"]
     flags = CLONE_NEWUSER | CLONE_NEWPID | (0 if network == "full" else CLONE_NEWNET)
-    pid_ns = True
     if libc.unshare(flags) != 0:
         err = ctypes.get_errno()
-        # A PID namespace is containment on top of the rlimits; the network one is required.
-        pid_ns = False
-        if cfg["strict"] or libc.unshare(flags & ~CLONE_NEWPID) != 0:
-            err = ctypes.get_errno() or err
-            if network != "full" or cfg["strict"]:
-                fail("cannot create a %s here (unshare: %s); no code runs without it" % (
-                    "network namespace" if network != "full" else "user/PID namespace", os.strerror(err)))
-    if flags & CLONE_NEWUSER:
+        # Without a PID namespace the rlimits and the process-group kill still bound the
+        # code (not strict); without the network namespace no code runs.
+        if not cfg["strict"] and libc.unshare(flags & ~CLONE_NEWPID) == 0:
+            flags &= ~CLONE_NEWPID
+        elif network == "full" and not cfg["strict"]:
+            flags = 0
+        else:
+            fail("cannot create a %s here (unshare: %s); no code runs without it" % (
+                "network namespace" if network != "full" else "user and PID namespace", os.strerror(err)))
+    if flags:
         try:
             write("/proc/self/setgroups", "deny")
             write("/proc/self/uid_map", "%d %d 1" % (uid, uid))
             write("/proc/self/gid_map", "%d %d 1" % (gid, gid))
-        except OSError:
-            pass   # an unprivileged unshare without CLONE_NEWUSER above: nothing to map
+        except OSError as exc:
+            fail("cannot map the user into its namespace: %s" % exc)
     if network == "loopback":
         try:
             loopback_up()
