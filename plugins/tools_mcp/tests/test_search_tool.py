@@ -14,7 +14,6 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from mistralrs import ChatCompletionRequest, Runner, Which
-from mistralrs_core import plugins
 from mistralrs_core.api.enums import SearchContextSize
 from mistralrs_core.api.tools import WebSearchOptions
 from mistralrs_tools_mcp.search.testing import register_tools_plugin
