@@ -38,7 +38,9 @@ def main() -> int:
             messages=[{"role": "user", "content": "Write the first 10 square numbers to squares.txt with Python."}],
             enable_code_execution=True,
             tool_choice_openai={"type": "function", "function": {"name": "execute_python"}},
-            max_tokens=80, temperature=0))
+            # One round: a 135M model tends to call again and again (the loop's cap is 256).
+            max_tool_rounds=1,
+            max_tokens=48, temperature=0))
         for record in res.agentic_tool_calls or []:
             print(f"the model ran:\n{record.arguments}\nthe sandbox said:\n{record.result_content}\n")
             for file_id in record.file_ids:

@@ -59,7 +59,7 @@ def ask(runner) -> None:
         messages=[{"role": "user", "content": "Who built the Zorblax lighthouse?"}],
         web_search_options=WebSearchOptions(search_context_size=SearchContextSize.Low),
         tool_choice_openai={"type": "function", "function": {"name": "search_the_web"}},
-        max_tokens=60, temperature=0))
+        max_tool_rounds=1, max_tokens=60, temperature=0))
     for record in res.agentic_tool_calls or []:
         print(f"called {record.name}({record.arguments}); the result starts:")
         print("   " + "\n   ".join(record.result_content.splitlines()[:5]))
