@@ -11,11 +11,20 @@ What ``build`` returns may also serve tools to the agentic loop (``mistralrs_cor
 by duck type:
 
 * ``tool_definitions() -> list[dict]`` (optional): OpenAI tool objects offered on every chat
-  request of the Runner (MCP servers' tools, web search); a request's own tool of the same
+  request of the Runner (MCP servers' tools); a request's own tool of the same
   name wins;
+* ``request_tool_definitions(request) -> list[dict]`` (optional): tools offered to this one
+  request, for tools a request field turns on (``web_search_options`` offers the search
+  tool, ``enable_code_execution`` offers ``execute_python``);
+* ``request_fields: tuple[str, ...]`` (optional): the request fields it serves; a request
+  setting such a field (of a capability with Runner arguments) on a Runner none of whose
+  providers serves it is refused with a ``ValueError`` naming the field;
 * ``can_call(name) -> bool``: whether it runs tool ``name``;
 * ``call(name, arguments: dict) -> str | ToolOutput``: runs it. An exception becomes an error
-  result the model reads, never a failed request.
+  result the model reads, never a failed request. With ``call_with_request = True`` it is
+  called as ``call(name, arguments, request=...)``, the chat request of the round (for
+  per-request settings such as ``web_search_options``);
+* ``close()`` (optional): called by ``Runner.shutdown``.
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import attrs
 
+from mistralrs_core import capabilities
 from mistralrs_core.api import responses as R
 from mistralrs_core.api.enums import ToolChoice
 from mistralrs_core.api.validate import normalize_messages, validate_chat_request
@@ -34,18 +35,27 @@ class Toolbox:
     def __bool__(self) -> bool:
         return bool(self._handles)
 
-    def definitions(self) -> list[dict]:
+    def definitions(self, req=None) -> list[dict]:
         out = []
         for h in self._handles:
             defs = getattr(h, "tool_definitions", None)
             out.extend(defs() if callable(defs) else ())
+            per_request = getattr(h, "request_tool_definitions", None)
+            if req is not None and callable(per_request):
+                out.extend(per_request(req))
         return out
+
+    def serves(self, field: str) -> bool:
+        """Whether some provider serves request field ``field`` (its ``request_fields``)."""
+        return any(field in getattr(h, "request_fields", ()) for h in self._handles)
 
     def can_call(self, name: str) -> bool:
         return any(h.can_call(name) for h in self._handles)
 
-    def run(self, name: str, arguments: str) -> ToolOutput:
-        """Never raises: a failing tool is a result that says so (the model may recover)."""
+    def run(self, name: str, arguments: str, request=None) -> ToolOutput:
+        """Never raises: a failing tool is a result that says so (the model may recover).
+        ``request``: the chat request of the round, passed to providers that ask for it
+        (``call_with_request = True``) for per-request settings (a search's context size)."""
         try:
             args = json.loads(arguments) if arguments else {}
         except json.JSONDecodeError as exc:
@@ -53,7 +63,8 @@ class Toolbox:
         for h in self._handles:
             if h.can_call(name):
                 try:
-                    out = h.call(name, args)
+                    out = (h.call(name, args, request=request) if getattr(h, "call_with_request", False)
+                           else h.call(name, args))
                 except Exception as exc:  # a tool's failure is the model's information
                     return ToolOutput(f"Error: tool {name!r} failed: {type(exc).__name__}: {exc}")
                 if isinstance(out, ToolOutput):
@@ -121,7 +132,7 @@ class _Run:
         self.rounds += 1
         self.messages.append(_assistant_turn(content, calls))
         for c in calls:
-            out = self.agent.toolbox.run(c.function.name, c.function.arguments)
+            out = self.agent.toolbox.run(c.function.name, c.function.arguments, self.base)
             ids = [self.agent.files.add(f).id for f in out.files]
             self.files.extend(self.agent.files.find(i) for i in ids)
             self.messages.append({"role": "tool", "tool_call_id": c.id, "name": c.function.name,
@@ -144,8 +155,23 @@ class Agent:
         self.sessions = sessions or SessionStore()
         self.files = files or FileStore()
 
+    def _check_served(self, req) -> None:
+        """A request field that turns on a Runner-level tool (``web_search_options``,
+        ``enable_code_execution``) on a Runner built without that tool is refused: its
+        plugin is installed (else the capability gate names it), the Runner lacks the
+        argument that sets the tool up."""
+        for cap in capabilities.KNOWN.values():
+            if not (cap.request_fields and cap.runner_args) or not capabilities.available(cap.name):
+                continue
+            for field in cap.request_fields:
+                if capabilities._present(getattr(req, field, None)) and not self.toolbox.serves(field):
+                    args = " or ".join(f"Runner({a}=...)" for a in cap.runner_args
+                                       if a != "search_embedding_model")
+                    raise ValueError(f"{field}: this Runner has no {cap.what}; build it with {args}")
+
     def _with_provider_tools(self, req):
-        defs = self.toolbox.definitions()
+        self._check_served(req)
+        defs = self.toolbox.definitions(req)
         if not defs or req.tool_choice is ToolChoice.NoTools:
             return req
         own = set()
