@@ -5,6 +5,7 @@ from mistralrs_core.hookspecs import hookimpl
 @hookimpl
 def mistralrs_register_loaders(register):
     register("safetensors", "mistralrs_core.loading.model_loader:SafetensorsLoader")
+    register("adapters", "mistralrs_core.adapters.loader:AdapterLoader")
 
 
 @hookimpl
@@ -21,6 +22,9 @@ def mistralrs_register_samplers(register):
 def mistralrs_select_loader(which, kind):
     if type(which).__name__ == "Plain":
         return "safetensors"
+    # LoRA / X-LoRA on any base: the base loads through its own loader first.
+    if getattr(which, "adapter_kind", None) is not None:
+        return "adapters"
     return None
 
 
@@ -35,6 +39,7 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 # draft-model and prompt-lookup speculation live in the engine (engine/speculative.py);
 # MCP, web search, code execution and shell come from plugins.
 CORE_CAPABILITIES = {"grammar": "mistralrs_core.constrained", "speculative": "mistralrs_core.engine.speculative",
+                     "lora": "mistralrs_core.adapters",
                      **{name: "mistralrs_core.agent"
                         for name in ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")}}
 
