@@ -65,7 +65,8 @@ def read_xlora_config(path: Path) -> XLoraConfig:
 
 
 class XLoraClassifier:
-    """hidden [T, H] -> scalings [T, layers, adapters] (dropout is a no-op at inference)."""
+    """hidden [T, H] -> scalings [T, layers, adapters] (dropout is a no-op at inference);
+    ``per_layer`` then gives what each adapted layer applies (top-k)."""
 
     def __init__(self, cfg: XLoraConfig, layers: list[tuple[torch.Tensor, torch.Tensor | None]],
                  n_layers: int, n_classes: int):
@@ -116,7 +117,7 @@ class XLoraClassifier:
             s = x.unsqueeze(1).expand(t, self.n_layers, self.n_classes)
         if self.cfg.enable_softmax:
             s = torch.softmax(s / self.cfg.softmax_temperature, dim=-1)
-        return self.per_layer(s)
+        return s
 
     def per_layer(self, s: torch.Tensor) -> torch.Tensor:
         """What each adapted layer applies: top-k of the adapters, optionally re-softmaxed."""
@@ -188,7 +189,7 @@ class XLoraRuntime(AdapterRuntime):
                                 device=h.device)
             s = self._apply_frozen(meta, frozen, s)
             self.last_scalings = s
-            self.current = ScalingPlan(s, self.weight)
+            self.current = ScalingPlan(self.classifier.per_layer(s), self.weight)
             try:
                 return inner(h, positions, meta, caches)
             finally:
