@@ -233,3 +233,37 @@ def test_ordering_naming_a_missing_adapter_is_refused(tiny, tmp_path):
     order = _ordering(tmp_path / "o.json", order=["a", "zzz"])
     with pytest.raises(FileNotFoundError, match=r"adapter 'zzz': no .*zzz/adapter_config.json"):
         Runner(which=Which.Lora(model_id=str(base_dir), adapter_model_id=str(adapters), order=order))
+
+
+def test_lora_on_a_quantized_method_base_is_not_merged(tiny):
+    """A base whose layers hold a quant method (ISQ, UQFF) keeps it; LoRA adds its path after."""
+    from mistralrs_core.layers.linear import Linear, UnquantizedMethod
+    ref, base_dir, adapters, vocab = tiny
+    model = load_for_test(base_dir)
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight is not None:
+            m.set_quant_method(UnquantizedMethod(m.weight.detach().clone()))
+    rt = attach_lora(model, [("a", adapters / "a")], ["a"])
+    assert not rt.merged
+    prompt = random_prompt(6, vocab, seed=7)
+    assert max_rel_err(_run(model, prompt, [3]), _ref_logits(_peft_model(ref, adapters, ["a"]), prompt + [3])) <= TOL
+
+
+def test_runner_with_lora_adapter_objects(tiny):
+    """Upstream's newer form: Which.Lora(adapters=[LoraAdapter(alias, source)]); the base by default."""
+    from mistralrs import LoraAdapter
+    _, base_dir, adapters, _ = tiny
+    runner = Runner(which=Which.Lora(model_id=str(base_dir), adapters=[LoraAdapter("x", str(adapters / "b"))]))
+    try:
+        base = Runner(which=Which.Plain(model_id=str(base_dir)))
+        req = CompletionRequest(prompt="def", max_tokens=8, temperature=0.0)
+        assert runner.send_completion_request(req).choices[0].text == base.send_completion_request(req).choices[0].text
+        base.shutdown()
+        x = CompletionRequest(prompt="def", max_tokens=8, temperature=0.0, adapter="x")
+        assert runner.send_completion_request(x).choices[0].text != runner.send_completion_request(req).choices[0].text
+    finally:
+        runner.shutdown()
+    with pytest.raises(ValueError, match="^max_adapters: 2 adapters exceed the limit of 1"):
+        Runner(which=Which.Lora(model_id=str(base_dir), adapters=[LoraAdapter("x", str(adapters / "b")),
+                                                                  LoraAdapter("y", str(adapters / "a"))],
+                                max_adapters=1))
