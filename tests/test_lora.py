@@ -267,3 +267,14 @@ def test_runner_with_lora_adapter_objects(tiny):
         Runner(which=Which.Lora(model_id=str(base_dir), adapters=[LoraAdapter("x", str(adapters / "b")),
                                                                   LoraAdapter("y", str(adapters / "a"))],
                                 max_adapters=1))
+
+
+def test_server_config_adapter_kinds():
+    from mistralrs_core.server.spec import build_which
+    w = build_which("lora", "/base", adapter_model_id="/ad", order="o.json")
+    assert type(w).__name__ == "Lora" and w.model_id == "/base" and w.order == "o.json"
+    w = build_which("xlora", "/q", quantized_filename="m.gguf", xlora_model_id="/x", order="o.json",
+                    tgt_non_granular_index=2)
+    assert type(w).__name__ == "XLoraGGUF" and w.quantized_model_id == "/q" and w.tgt_non_granular_index == 2
+    with pytest.raises(ValueError, match="^models\\[0\\].order: required for kind 'xlora'"):
+        build_which("xlora", "/base", xlora_model_id="/x", where="models[0].")
