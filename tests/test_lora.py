@@ -53,6 +53,9 @@ def tiny(tmp_path_factory):
                   rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3})
     _peft_adapter(ref, adapters / "b", r=8, lora_alpha=16, use_rslora=True,
                   target_modules=r".*\.(k_proj|o_proj|up_proj)")
+    # LoRA on the LM head, and a whole MLP projection saved per adapter (modules_to_save).
+    _peft_adapter(ref, adapters / "c", r=4, lora_alpha=4, target_modules=["lm_head", "q_proj"],
+                  modules_to_save=["down_proj"])
     return ref, base_dir, adapters, vocab
 
 
@@ -83,7 +86,8 @@ def _run(model, prompt, decode):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("active,merge", [(["a"], False), (["b"], False), (["a", "b"], False), (["a"], True)])
+@pytest.mark.parametrize("active,merge", [(["a"], False), (["b"], False), (["a", "b"], False), (["a"], True),
+                                          (["c"], False), (["c"], True)])
 def test_lora_matches_peft(tiny, active, merge):
     ref, base_dir, adapters, vocab = tiny
     prompt = random_prompt(9, vocab, seed=1)
@@ -109,7 +113,7 @@ def test_unmerged_single_adapter_on_the_fused_layers(tiny):
 @torch.inference_mode()
 def _batched(model, seqs, block_size=4):
     """seqs: (prompt, adapter id); one prefill step for all, then one decode step each."""
-    caches = [make_layer_cache(s, 64, block_size, model.dtype, "cpu") for s in model.kv_cache_specs()]
+    caches = [make_layer_cache(s, 16 * len(seqs), block_size, model.dtype, "cpu") for s in model.kv_cache_specs()]
     blocks = [list(range(i * 16, i * 16 + 16)) for i in range(len(seqs))]
     recs = [StepRecord(i, p, 0, blocks[i], adapter_id=a) for i, (p, a) in enumerate(seqs)]
     ids, pos, meta = build_metadata(recs, block_size, "cpu")
@@ -124,9 +128,10 @@ def _batched(model, seqs, block_size=4):
 
 def test_batch_with_two_adapters_and_none_equals_each_alone(tiny):
     _, base_dir, adapters, vocab = tiny
-    model = _ours(base_dir, adapters, ["a", "b"], default=[])
+    model = _ours(base_dir, adapters, ["a", "b", "c"], default=[])
     seqs = [(random_prompt(7, vocab, seed=2), "a"), (random_prompt(5, vocab, seed=3), None),
-            (random_prompt(9, vocab, seed=4), "b"), (random_prompt(6, vocab, seed=5), "a")]
+            (random_prompt(9, vocab, seed=4), "b"), (random_prompt(6, vocab, seed=5), "a"),
+            (random_prompt(4, vocab, seed=6), "c")]
     together = _batched(model, seqs)
     for i, s in enumerate(seqs):
         alone = _batched(model, [s])

@@ -115,7 +115,7 @@ def attach_lora(model, sources: list[tuple[str, Path]], default: list[str], merg
     if merge is None:
         merge = (len(adapters) == 1 and default == [adapters[0].name] and all(
             getattr(linears[m][0], "qmethod", None) is None and linears[m][0].weight is not None
-            for m in list(adapters[0].updates) + list(adapters[0].biases)))
+            for m in list(adapters[0].updates) + list(adapters[0].biases) + list(adapters[0].weights)))
     elif merge and len(adapters) != 1:
         raise ValueError("merge: only one adapter can be merged into the weights")
     runtime = AdapterRuntime(model, adapters, default)
@@ -136,6 +136,9 @@ def attach_xlora(model, root: Path, ordering: Ordering, tgt_non_granular_index: 
         raise ValueError(f"tgt_non_granular_index: must be >= 1, got {tgt_non_granular_index}")
     sources = [(n, adapter_dir(root, n, f"xlora_model_id ({ordering.path})")) for n in ordering.order]
     adapters, linears = load_adapters(model, sources)
+    for a in adapters:
+        if a.weights:
+            raise ValueError(f"adapter {a.name!r}: modules_to_save: whole-module copies cannot be mixed by X-LoRA")
     layers = dict(ordering.layers)
     for a in adapters:
         for module in a.updates:

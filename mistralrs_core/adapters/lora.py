@@ -18,16 +18,17 @@ import attrs
 import torch
 from torch import nn
 
-from mistralrs_core.adapters.weights import AdapterWeights
+from mistralrs_core.adapters.weights import AdapterWeights, base_weight
 
 
 @attrs.define(eq=False)
 class Piece:
     adapter: int
     rows: slice | None       # output rows of the (possibly fused) layer; None = all
-    A: torch.Tensor | None   # [r, in]; None for a bias-only piece
+    A: torch.Tensor | None   # [r, in]; None for a piece without a low-rank update
     B: torch.Tensor | None   # [out_part, r], pre-multiplied by the scale
     bias: torch.Tensor | None = None   # added on the adapter's rows (trained bias - base bias)
+    D: torch.Tensor | None = None      # modules_to_save: saved weight - base weight [out_part, in]
     xlayer: int | None = None          # X-LoRA: the classifier's layer index of this module
 
 
@@ -75,6 +76,9 @@ class LayerAdapters:
                     if p.A is not None:
                         d = (xs @ p.A.t()) @ p.B.t()
                         _add(y, rows, p.rows, d if coef == 1.0 else d * coef)
+                    if p.D is not None:
+                        d = xs @ p.D.t()
+                        _add(y, rows, p.rows, d if coef == 1.0 else d * coef)
                     if p.bias is not None:
                         _add(y, rows, p.rows, p.bias.expand(xs.shape[0], -1) * coef)
         return y
@@ -111,24 +115,27 @@ class AdapterRuntime:
             self._merge(adapters[0], linears)
             return
         slots: dict[int, LayerAdapters] = {}
+
+        def slot_of(layer) -> LayerAdapters:
+            slot = slots.get(id(layer))
+            if slot is None:
+                slot = slots[id(layer)] = LayerAdapters(self)
+                self.layers.append((layer, slot))
+            return slot
+
         for i, a in enumerate(adapters):
             for module, u in a.updates.items():
                 layer, rows = linears[module]
-                slot = slots.get(id(layer))
-                if slot is None:
-                    slot = slots[id(layer)] = LayerAdapters(self)
-                    self.layers.append((layer, slot))
                 xl = None if xlayers is None else xlayers[module]
-                slot.add(Piece(i, rows, u.A.to(dtype), (u.B * u.scale).to(dtype), xlayer=xl))
+                slot_of(layer).add(Piece(i, rows, u.A.to(dtype), (u.B * u.scale).to(dtype), xlayer=xl))
+            for module, weight in a.weights.items():
+                layer, rows = linears[module]
+                slot_of(layer).add(Piece(i, rows, None, None, D=(weight - base_weight(layer, rows)).to(dtype)))
             for module, bias in a.biases.items():
                 layer, rows = linears[module]
                 base = layer.bias.detach().float()
                 base = base[rows] if rows is not None else base
-                slot = slots.get(id(layer))
-                if slot is None:
-                    slot = slots[id(layer)] = LayerAdapters(self)
-                    self.layers.append((layer, slot))
-                slot.add(Piece(i, rows, None, None, bias=(bias - base).to(dtype)))
+                slot_of(layer).add(Piece(i, rows, None, None, bias=(bias - base).to(dtype)))
         for layer, slot in self.layers:
             layer.lora = slot
         self._wrap_forward()
@@ -136,6 +143,10 @@ class AdapterRuntime:
     def _merge(self, a: AdapterWeights, linears: dict) -> None:
         """W[rows] += scale * B A, and the adapter's biases replace the base's (dense weights)."""
         with torch.no_grad():
+            for module, weight in a.weights.items():
+                layer, rows = linears[module]
+                sl = slice(None) if rows is None else rows
+                layer.weight[sl] = weight.to(layer.weight.dtype)
             for module, u in a.updates.items():
                 layer, rows = linears[module]
                 w = layer.weight
@@ -152,21 +163,63 @@ class AdapterRuntime:
         the base weights only) is offered only the steps no adapter touches."""
         model = self.model
         inner = model.forward_embeds
-        fast = model.fast_forward
 
         def forward_embeds(h, positions, meta, caches):
-            self.current = self.plan(meta, h.shape[0], h.device)
-            try:
-                return inner(h, positions, meta, caches)
-            finally:
-                self.current = None
+            plan = self.plan(meta, h.shape[0], h.device)
+            self._remember(meta, h.shape[0], plan, h.device)
+            return self.run_with(plan, inner, h, positions, meta, caches)
+
+        model.forward_embeds = forward_embeds
+        self._wrap_tail()
+
+    def run_with(self, plan, fn, *args):
+        self.current = plan
+        try:
+            return fn(*args)
+        finally:
+            self.current = None
+
+    def _wrap_tail(self) -> None:
+        """The fused decode step only for unadapted steps; the LM head routed by logits row."""
+        model = self.model
+        fast = model.fast_forward
+        inner_logits = model.compute_logits
 
         def guarded_fast_forward(h, positions, meta, caches):
             return None if self.current is not None else fast(h, positions, meta, caches)
 
-        model.forward_embeds = forward_embeds
+        def compute_logits(hidden):
+            return self.run_with(self._plan_for_rows(hidden.shape[0]), inner_logits, hidden)
+
         if fast is not None:
             model.fast_forward = guarded_fast_forward
+        model.compute_logits = compute_logits
+
+    def _remember(self, meta, num_tokens: int, plan, device) -> None:
+        """The step's plans for the LM head, which sees only the rows whose logits are wanted
+        (each sequence's last ``num_logits`` tokens), or, in tests, every row."""
+        counts = getattr(meta, "num_logits", None)
+        logits_plan, n = None, -1
+        if counts is not None and plan is not None:
+            n = sum(counts)
+            logits_plan = self.rows_plan(plan, meta, counts, device)
+        self._tail = (num_tokens, plan, n, logits_plan)
+
+    def rows_plan(self, plan, meta, counts, device):
+        return self._route(getattr(meta, "adapter_ids", None), counts, device)
+
+    def _plan_for_rows(self, n: int):
+        tokens, plan, n_logits, logits_plan = getattr(self, "_tail", (0, None, -1, None))
+        if plan is None:
+            return None
+        if n == n_logits:
+            return logits_plan
+        if n == tokens:
+            return plan
+        if isinstance(plan, RoutingPlan) and len(plan.groups) == 1 and plan.groups[0][0] is None:
+            return plan
+        raise ValueError(f"adapter: {n} logits rows match neither the step's {tokens} tokens nor its "
+                         f"{n_logits} wanted rows")
 
     # --- routing ------------------------------------------------------------
     def selection(self, adapter_id: str | None) -> tuple[tuple[int, float], ...]:
@@ -175,7 +228,10 @@ class AdapterRuntime:
         return ((self.index[adapter_id], 1.0),)
 
     def plan(self, meta, num_tokens: int, device) -> RoutingPlan | None:
-        ids = getattr(meta, "adapter_ids", None)
+        return self._route(getattr(meta, "adapter_ids", None), meta.query_lens, device)
+
+    def _route(self, ids, lens, device) -> RoutingPlan | None:
+        """Rows (``lens`` per sequence) grouped by the adapters their sequence uses."""
         if ids is None:
             return RoutingPlan([(None, self.default)]) if self.default else None
         sels = [self.selection(a) for a in ids]
@@ -183,7 +239,7 @@ class AdapterRuntime:
             return RoutingPlan([(None, sels[0])]) if sels[0] else None
         rows: dict[tuple, list[int]] = {}
         off = 0
-        for sel, n in zip(sels, meta.query_lens):
+        for sel, n in zip(sels, lens):
             if sel:
                 rows.setdefault(sel, []).extend(range(off, off + n))
             off += n

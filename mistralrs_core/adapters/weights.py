@@ -18,7 +18,11 @@ from mistralrs_core.adapters.peft_config import LoraConfig, read_lora_config
 from mistralrs_core.layers.linear import Linear
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
-_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.bias$")
+_BIAS_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.modules_to_save(?:\.[^.]+)?)?\.bias$")
+# A whole weight: a ``modules_to_save`` copy, or the ``base_layer`` PEFT stores beside a LoRA on
+# an embedding-like layer (the LM head) in case the vocabulary was resized.
+_WEIGHT_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)(?P<base>\.base_layer)?(?:\.modules_to_save(?:\.[^.]+)?)?\.weight$")
 
 
 @attrs.define(eq=False)
@@ -36,6 +40,7 @@ class AdapterWeights:
     config: LoraConfig
     updates: dict[str, TargetUpdate]
     biases: dict[str, torch.Tensor]        # module -> the bias the adapter trained (replaces the base's)
+    weights: dict[str, torch.Tensor] = attrs.field(factory=dict)   # modules_to_save: module -> its weight
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -58,9 +63,6 @@ def load_adapter(name: str, directory: Path, model: nn.Module, linears: dict) ->
     """Read ``directory``'s adapter and check every tensor against the layer it targets."""
     cfg = read_lora_config(directory / "adapter_config.json")
     what = f"adapter {name!r} ({directory})"
-    if cfg.modules_to_save:
-        raise ValueError(f"{what}: modules_to_save: {list(cfg.modules_to_save)}: full-module copies per "
-                         f"adapter are not supported")
     if isinstance(cfg.target_modules, tuple):
         for t in cfg.target_modules:
             if not any(cfg.targets(m) and (m == t or m.endswith("." + t)) for m in linears):
@@ -77,7 +79,11 @@ def load_adapter(name: str, directory: Path, model: nn.Module, linears: dict) ->
         tensors.update(_read_tensors(f))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     biases: dict[str, torch.Tensor] = {}
-    lm_head = getattr(model, "lm_head", None)
+    full: dict[str, torch.Tensor] = {}
+
+    def saved_whole(module: str) -> bool:
+        return any(module == n or module.endswith("." + n) for n in cfg.modules_to_save)
+
     for key, t in tensors.items():
         m = _LORA_KEY.match(key)
         if m is not None:
@@ -85,8 +91,17 @@ def load_adapter(name: str, directory: Path, model: nn.Module, linears: dict) ->
             continue
         if "lora_embedding" in key or "lora_magnitude" in key:
             raise ValueError(f"{what}: {key}: embedding LoRA and DoRA tensors are not supported")
+        w = _WEIGHT_KEY.match(key)
+        if w is not None and w["base"]:
+            # PEFT loads it over the base layer; usually it is the base weight itself.
+            if _check_base_layer(what, key, w["module"], t, linears):
+                full[w["module"]] = t
+            continue
+        if w is not None and saved_whole(w["module"]):
+            full[w["module"]] = t
+            continue
         b = _BIAS_KEY.match(key)
-        if b is not None and cfg.bias != "none":
+        if b is not None and (cfg.bias != "none" or saved_whole(b["module"])):
             biases[b["module"]] = t
             continue
         raise ValueError(f"{what}: {key}: not a LoRA tensor this loader understands")
@@ -98,8 +113,6 @@ def load_adapter(name: str, directory: Path, model: nn.Module, linears: dict) ->
         if hit is None:
             raise ValueError(f"{what}: target module {module!r} is not a linear layer of the base model")
         layer, rows = hit
-        if lm_head is not None and layer is lm_head:
-            raise ValueError(f"{what}: target module {module!r}: LoRA on the LM head is not supported")
         A, B = ab["A"], ab["B"]
         out = (rows.stop - rows.start) if rows is not None else layer.out_features
         r = A.shape[0]
@@ -117,6 +130,37 @@ def load_adapter(name: str, directory: Path, model: nn.Module, linears: dict) ->
         out = (rows.stop - rows.start) if rows is not None else layer.out_features
         if layer.bias is None or tuple(bias.shape) != (out,):
             raise ValueError(f"{what}: bias of {module!r} {list(bias.shape)} does not fit the base layer")
-    if not updates:
+    for module, weight in full.items():
+        hit = linears.get(module)
+        if hit is None:
+            raise ValueError(f"{what}: modules_to_save: {module!r} is not a linear layer of the base model "
+                             f"(only linear layers can be saved whole)")
+        layer, rows = hit
+        out = (rows.stop - rows.start) if rows is not None else layer.out_features
+        if tuple(weight.shape) != (out, layer.in_features):
+            raise ValueError(f"{what}: modules_to_save: {module!r} {list(weight.shape)} does not fit the base layer "
+                             f"[{out} x {layer.in_features}]: an adapter for a different base model?")
+    if not updates and not full:
         raise ValueError(f"{what}: holds no LoRA tensors")
-    return AdapterWeights(name, cfg, updates, {k: v.float() for k, v in biases.items()})
+    return AdapterWeights(name, cfg, updates, {k: v.float() for k, v in biases.items()},
+                          {k: v.float() for k, v in full.items()})
+
+
+def _check_base_layer(what: str, key: str, module: str, t: torch.Tensor, linears: dict) -> bool:
+    """Whether a saved ``base_layer`` weight differs from the base's (then it replaces it)."""
+    hit = linears.get(module)
+    if hit is None:
+        raise ValueError(f"{what}: {key}: {module!r} is not a linear layer of the base model")
+    layer, rows = hit
+    out = (rows.stop - rows.start) if rows is not None else layer.out_features
+    if tuple(t.shape) != (out, layer.in_features):
+        raise ValueError(f"{what}: {key} {list(t.shape)} does not fit the base layer [{out} x {layer.in_features}] "
+                         f"(a resized vocabulary, or an adapter for a different base model?)")
+    return not torch.equal(t.float(), base_weight(layer, rows))
+
+
+def base_weight(layer: Linear, rows: slice | None) -> torch.Tensor:
+    """The layer's current weight rows in float32 (dequantized when packed)."""
+    q = getattr(layer, "qmethod", None)
+    w = q.dequantize() if q is not None else layer.weight.detach().float()
+    return w[rows] if rows is not None else w

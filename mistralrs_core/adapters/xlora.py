@@ -170,37 +170,34 @@ class XLoraRuntime(AdapterRuntime):
     def _wrap_forward(self) -> None:
         model = self.model
         inner = model.forward_embeds
-        fast = model.fast_forward
 
         def forward_embeds(h, positions, meta, caches):
             t = h.shape[0]
             frozen = self._frozen_rows(meta)
             if frozen is None or not all(r is not None for r in frozen):
                 value = self.classifier.cfg.scaling_pass_value
-                self.current = (ScalingPlan(self.classifier.dummy(t, h.dtype, h.device), self.weight)
-                                if value != 0 else None)
-                try:
-                    base = inner(h.clone(), positions, meta, self.shadow_caches(caches))
-                finally:
-                    self.current = None
+                dummy = (ScalingPlan(self.classifier.dummy(t, h.dtype, h.device), self.weight)
+                         if value != 0 else None)
+                base = self.run_with(dummy, inner, h.clone(), positions, meta, self.shadow_caches(caches))
                 s = self.classifier(base).to(h.dtype)
             else:
                 s = torch.empty(t, self.classifier.n_layers, self.classifier.n_classes, dtype=h.dtype,
                                 device=h.device)
             s = self._apply_frozen(meta, frozen, s)
             self.last_scalings = s
-            self.current = ScalingPlan(self.classifier.per_layer(s), self.weight)
-            try:
-                return inner(h, positions, meta, caches)
-            finally:
-                self.current = None
-
-        def guarded_fast_forward(h, positions, meta, caches):
-            return None if self.current is not None else fast(h, positions, meta, caches)
+            plan = ScalingPlan(self.classifier.per_layer(s), self.weight)
+            self._remember(meta, t, plan, h.device)
+            return self.run_with(plan, inner, h, positions, meta, caches)
 
         model.forward_embeds = forward_embeds
-        if fast is not None:
-            model.fast_forward = guarded_fast_forward
+        self._wrap_tail()
+
+    def rows_plan(self, plan, meta, counts, device):
+        rows, off = [], 0
+        for q, c in zip(meta.query_lens, counts):
+            rows.extend(range(off + q - c, off + q))
+            off += q
+        return ScalingPlan(plan.scalings.index_select(0, torch.tensor(rows, device=device)), plan.weight)
 
     @property
     def weight(self) -> float:
