@@ -25,8 +25,8 @@ from mistralrs_core.adapters.weights import AdapterWeights, base_weight
 class Piece:
     adapter: int
     rows: slice | None       # output rows of the (possibly fused) layer; None = all
-    A: torch.Tensor | None   # [r, in]; None for a piece without a low-rank update
-    B: torch.Tensor | None   # [out_part, r], pre-multiplied by the scale
+    At: torch.Tensor | None  # lora_A transposed [in, r]; None for a piece without a low-rank update
+    Bt: torch.Tensor | None  # lora_B transposed [r, out_part], pre-multiplied by the scale
     bias: torch.Tensor | None = None   # added on the adapter's rows (trained bias - base bias)
     D: torch.Tensor | None = None      # modules_to_save: saved weight - base weight [out_part, in]
     xlayer: int | None = None          # X-LoRA: the classifier's layer index of this module
@@ -53,6 +53,16 @@ def _add(y: torch.Tensor, rows: torch.Tensor | None, cols: slice | None, d: torc
         target.index_add_(0, rows, d)
 
 
+def _low_rank(y, rows, cols, xs, p: "Piece", coef: float) -> None:
+    """y[rows, cols] += coef * (xs At) Bt, in place (addmm when the rows are all of them)."""
+    h = torch.mm(xs, p.At)
+    if rows is None:
+        (y if cols is None else y[:, cols]).addmm_(h, p.Bt, alpha=coef)
+    else:
+        d = torch.mm(h, p.Bt)
+        _add(y, rows, cols, d if coef == 1.0 else d * coef)
+
+
 class LayerAdapters:
     """Sits in a ``Linear``'s ``lora`` slot: ``y = base(x)`` -> ``y + updates``."""
 
@@ -67,32 +77,33 @@ class LayerAdapters:
         plan = self.runtime.current
         if plan is None:
             return y
+        out = y
+        if x.dim() != 2:   # the engine's batches are flat [T, features]; others are viewed so
+            x, y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         if isinstance(plan, ScalingPlan):
-            return self._scaled(plan, x, y)
+            self._scaled(plan, x, y)
+            return out
         for rows, selection in plan.groups:
             xs = x if rows is None else x.index_select(0, rows)
             for adapter, coef in selection:
                 for p in self.by_adapter.get(adapter, ()):
-                    if p.A is not None:
-                        d = (xs @ p.A.t()) @ p.B.t()
-                        _add(y, rows, p.rows, d if coef == 1.0 else d * coef)
+                    if p.At is not None:
+                        _low_rank(y, rows, p.rows, xs, p, coef)
                     if p.D is not None:
                         d = xs @ p.D.t()
                         _add(y, rows, p.rows, d if coef == 1.0 else d * coef)
                     if p.bias is not None:
                         _add(y, rows, p.rows, p.bias.expand(xs.shape[0], -1) * coef)
-        return y
+        return out
 
-    def _scaled(self, plan: ScalingPlan, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _scaled(self, plan: ScalingPlan, x: torch.Tensor, y: torch.Tensor) -> None:
         s = plan.scalings
         for adapter, pieces in self.by_adapter.items():
             for p in pieces:
-                if p.A is None:
+                if p.At is None:
                     continue
-                h = (x @ p.A.t()) * s[:, p.xlayer, adapter, None]
-                d = h @ p.B.t()
-                _add(y, None, p.rows, d if plan.weight == 1.0 else d * plan.weight)
-        return y
+                h = torch.mm(x, p.At) * s[:, p.xlayer, adapter, None]
+                (y if p.rows is None else y[:, p.rows]).addmm_(h, p.Bt, alpha=plan.weight)
 
 
 class AdapterRuntime:
@@ -127,7 +138,8 @@ class AdapterRuntime:
             for module, u in a.updates.items():
                 layer, rows = linears[module]
                 xl = None if xlayers is None else xlayers[module]
-                slot_of(layer).add(Piece(i, rows, u.A.to(dtype), (u.B * u.scale).to(dtype), xlayer=xl))
+                slot_of(layer).add(Piece(i, rows, u.A.t().contiguous().to(dtype),
+                                         (u.B * u.scale).t().contiguous().to(dtype), xlayer=xl))
             for module, weight in a.weights.items():
                 layer, rows = linears[module]
                 slot_of(layer).add(Piece(i, rows, None, None, D=(weight - base_weight(layer, rows)).to(dtype)))
