@@ -8,4 +8,4 @@
 * ``xlora``: the X-LoRA classifier and its two-pass forward.
 * ``loader``: the ``Which.Lora*`` / ``Which.XLora*`` loader.
 """
-from mistralrs_core.adapters.lora import AdapterRuntime, request_adapter_id  # noqa: F401
+from mistralrs_core.adapters.lora import AdapterRuntime, request_adapter_id  # noqa: F401  (the package API)
