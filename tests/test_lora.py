@@ -169,3 +169,27 @@ def test_lora_on_a_quantized_method_base_is_not_merged(tiny):
     assert max_rel_err(_run(model, prompt, [3]), _ref_logits(_peft_model(ref, adapters, ["a"]), prompt + [3])) <= TOL
 
 
+
+
+@torch.inference_mode()
+def test_lm_head_rows_follow_num_logits(tiny):
+    """A mid-prompt chunk (no logits rows) next to a finished prompt: the LM head's adapter
+    rows are the wanted rows only, as the model runner selects them."""
+    _, base_dir, adapters, vocab = tiny
+    model = ours(base_dir, adapters, ["a", "c"], default=[])
+    p0, p1 = random_prompt(5, vocab, seed=8), random_prompt(4, vocab, seed=9)
+
+    def logits(records):
+        caches = [make_layer_cache(s, 32, 4, model.dtype, "cpu") for s in model.kv_cache_specs()]
+        ids, pos, meta = build_metadata(records, 4, "cpu")
+        hidden = model(ids, pos, meta, caches)
+        rows, off = [], 0
+        for r in records:
+            off += r.num_tokens
+            rows.extend(range(off - r.num_logits, off))
+        return model.compute_logits(hidden[rows])
+
+    both = logits([StepRecord(0, p0, 0, list(range(8)), adapter_id="a", num_logits=0),
+                   StepRecord(1, p1, 0, list(range(8, 16)), adapter_id="c")])
+    alone = logits([StepRecord(1, p1, 0, list(range(8, 16)), adapter_id="c")])
+    assert both.shape[0] == 1 and max_rel_err(both, alone) <= 1e-5

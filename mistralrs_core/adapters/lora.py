@@ -252,12 +252,12 @@ class AdapterRuntime:
         rows: dict[tuple, list[int]] = {}
         off = 0
         for sel, n in zip(sels, lens):
-            if sel:
+            if sel and n:
                 rows.setdefault(sel, []).extend(range(off, off + n))
             off += n
         if not rows:
             return None
-        return RoutingPlan([(torch.tensor(r, device=device), sel) for sel, r in rows.items()])
+        return RoutingPlan([(torch.tensor(r, dtype=torch.long, device=device), sel) for sel, r in rows.items()])
 
     # --- requests -------------------------------------------------------------
     def request_adapter(self, adapter) -> str:

@@ -197,7 +197,8 @@ class XLoraRuntime(AdapterRuntime):
         for q, c in zip(meta.query_lens, counts):
             rows.extend(range(off + q - c, off + q))
             off += q
-        return ScalingPlan(plan.scalings.index_select(0, torch.tensor(rows, device=device)), plan.weight)
+        return ScalingPlan(plan.scalings.index_select(0, torch.tensor(rows, dtype=torch.long, device=device)),
+                           plan.weight)
 
     @property
     def weight(self) -> float:
