@@ -136,3 +136,43 @@ def test_runner_lora_ggml(tmp_path):
         assert max_rel_err(run.step(prompt), want) <= TOL
     finally:
         r.shutdown()
+
+
+def test_xlora_on_q8_0_equals_peft_on_the_dequantized_base(q8, tmp_path):
+    """The scaling pass (no adapters) may run on the fused C++ step, over its own cache."""
+    from safetensors.torch import save_file
+
+    from mistralrs_core.adapters.loader import attach_xlora
+    from mistralrs_core.adapters.ordering import read_ordering
+    d, ref = q8
+    xcfg = dict(xlora_depth=2, xlora_size=16, layerwise_scalings=True)
+    ref = copy.deepcopy(ref)
+    ref.config.use_cache = False
+    pm = peft.get_peft_model(ref, peft.XLoraConfig(task_type="CAUSAL_LM", hidden_size=64, adapters={
+        "0": str(d / "ad" / "a"), "1": str(d / "ad" / "b")}, **xcfg)).eval()
+    clf = pm.base_model.internal_xlora_classifier
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in clf.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    xl = tmp_path / "xl"
+    xl.mkdir()
+    for n in ("a", "b"):
+        (xl / n).symlink_to(d / "ad" / n)
+    save_file({f"internal_xlora_classifier.{k}": v.contiguous() for k, v in clf.state_dict().items()},
+              str(xl / "xlora_classifier.safetensors"))
+    (xl / "xlora_config.json").write_text(json.dumps({"hidden_size": 64, **xcfg}))
+    layers = [n for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear)]
+    (tmp_path / "o.json").write_text(json.dumps({"order": ["a", "b"], "layers": {
+        n[n.index("model.layers."):]: i for i, n in enumerate(layers)}}))
+    prompt, decode = random_prompt(7, VOCAB, seed=4), [9, 21, 40]
+    with torch.inference_mode():
+        want = pm(input_ids=torch.tensor([prompt + decode])).logits[0].float()
+    model, _, _ = load_gguf_model([d / "m.gguf"], torch.float32)
+    served, fast = [], model.fast_forward
+    if fast is not None:
+        model.fast_forward = lambda *a: served.append(1) or fast(*a)
+    attach_xlora(model, xl, read_ordering(str(tmp_path / "o.json")), None)
+    assert max_rel_err(_run(model, prompt, decode), want) <= TOL
+    if fast is not None:
+        assert len(served) == 1 + len(decode)      # every scaling pass, never a scaled one
