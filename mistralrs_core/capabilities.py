@@ -54,7 +54,8 @@ KNOWN: dict[str, Capability] = {c.name: c for c in (
     Capability("files", "the store of files tools produced", _CORE, methods=("find_file",)),
     Capability("file_io", "file inputs and requested output files", "mistralrs-tools-mcp",
                request_fields=("files", "input_files")),
-    Capability("lora", "LoRA adapters", _CORE_LATER, request_fields=("adapter",)),
+    # Provided by the core itself (defaults.py): mistralrs_core/adapters.
+    Capability("lora", "LoRA adapters", _CORE, request_fields=("adapter",)),
     # Provided by the core itself (defaults.py): engine/speculative.py.
     Capability("speculative", "speculative decoding", "mistralrs-core", runner_args=("which_draft",)),
     Capability("mtp", "multi-token prediction", _CORE_LATER, runner_args=("mtp_model",)),

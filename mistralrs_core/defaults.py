@@ -5,6 +5,7 @@ from mistralrs_core.hookspecs import hookimpl
 @hookimpl
 def mistralrs_register_loaders(register):
     register("safetensors", "mistralrs_core.loading.model_loader:SafetensorsLoader")
+    register("adapters", "mistralrs_core.adapters.loader:AdapterLoader")
 
 
 @hookimpl
@@ -21,6 +22,9 @@ def mistralrs_register_samplers(register):
 def mistralrs_select_loader(which, kind):
     if type(which).__name__ == "Plain":
         return "safetensors"
+    # LoRA / X-LoRA on any base: the base loads through its own loader first.
+    if getattr(which, "adapter_kind", None) is not None:
+        return "adapters"
     return None
 
 
@@ -38,6 +42,7 @@ def mistralrs_quant_method(quant_config, hf_name, module, weight):
 CORE_CAPABILITIES = {"grammar": "mistralrs_core.constrained", "speculative": "mistralrs_core.engine.speculative",
                      "device_mapping": "mistralrs_core.distributed",
                      "anymoe": "mistralrs_core.anymoe",
+                     "lora": "mistralrs_core.adapters",
                      **{name: "mistralrs_core.agent"
                         for name in ("tool_calling", "tool_callbacks", "agentic_loop", "sessions", "files")}}
 

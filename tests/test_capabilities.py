@@ -164,10 +164,12 @@ def test_describe_lists_capabilities_and_processors(fresh_plugins):
     def lp(register):
         register("noop", lambda request, tokenizer: None)
     plugins.register_plugin(plugin(mistralrs_register_logits_processors=lp), "lp_plugin")
-    plugins.register_plugin(capability_plugin("lora"), "lora_plugin")
+    # (LoRA is the core's own now: multi-token prediction stands in for a plugin's capability)
+    plugins.register_plugin(capability_plugin("mtp"), "mtp_plugin")
     text = plugins.describe()
     assert "logits processors:\n  noop <- lp_plugin" in text
-    assert "lora: provided by lora_plugin" in text
+    assert "mtp: provided by mtp_plugin" in text
+    assert "lora: provided by core" in text
     assert "matformer: not installed (install a later mistralrs-core)" in text
     assert "grammar: provided by core" in text
 

@@ -110,6 +110,8 @@ _COMMON: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "logit_bias": ("logit_bias", _logit_bias),
     "seed": ("seed", _int),
     "cache_salt": ("cache_salt", _str),
+    # mistral.rs: the loaded LoRA adapter this request uses (see mistralrs_core/adapters)
+    "adapter": ("adapter", _str),
     "dry_multiplier": ("dry_multiplier", _num),
     "dry_base": ("dry_base", _num),
     "dry_allowed_length": ("dry_allowed_length", _int),

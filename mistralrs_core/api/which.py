@@ -174,6 +174,8 @@ class Lora(Which):
     max_adapters: int = int_field(16, kw_only=True)
     max_rank: int = int_field(256, kw_only=True)
     max_bytes: int = int_field(8 * _GIB, kw_only=True)
+    # Upstream's older form: an ordering file naming the adapters under adapter_model_id.
+    order: str | None = str_field(None, kw_only=True)
 
     def __attrs_post_init__(self) -> None:
         if self.adapter_model_id is None and not self.adapters:

@@ -49,6 +49,7 @@ def build_metadata(records: list, block_size: int, device, causal: bool = True,
         state_slots=None if state_slots is None else torch.tensor(state_slots, device=device),
         fresh_slots=None if state_slots is None else [r.fresh_slot for r in records],
         adapter_ids=adapters if any(a is not None for a in adapters) else None,
+        seq_ids=[r.seq_id for r in records], num_logits=[r.num_logits for r in records],
         bidirectional_spans=bidi)
     return torch.from_numpy(ids).to(device), torch.from_numpy(pos).to(device), meta
 

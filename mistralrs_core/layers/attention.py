@@ -112,6 +112,10 @@ class AttentionMetadata:
     fresh_slots: list[bool] | None = None
     # per sequence its adapter id (None: base weights); None when no sequence has one
     adapter_ids: list[str | None] | None = None
+    # per sequence its engine id and how many logits rows it wants this step (adapters that
+    # keep per-sequence state, e.g. X-LoRA's frozen scalings); None in tests and parity helpers
+    seq_ids: list[int] | None = None
+    num_logits: list[int] | None = None
     # Per sequence, absolute [start, end) position ranges whose tokens attend each other
     # both ways inside a causal sequence (Gemma 3 image tokens); None or all-empty: plain causal.
     bidirectional_spans: list[list[tuple[int, int]]] | None = None

@@ -26,7 +26,12 @@ class UnquantizedMethod:
 
 
 class Linear(nn.Module):
-    """``y = x W^T + b`` where W is a dense parameter or a plugin's ``QuantMethod``."""
+    """``y = x W^T + b`` where W is a dense parameter or a plugin's ``QuantMethod``.
+
+    ``lora``: None, or a callable ``(x, y) -> y`` that adds per-token low-rank updates
+    (``mistralrs_core.adapters``) after the one base matmul."""
+
+    lora = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
@@ -54,6 +59,8 @@ class Linear(nn.Module):
             y = F.linear(x, self.weight)
         if self.bias is not None:
             y = y + self.bias
+        if self.lora is not None:
+            y = self.lora(x, y)
         return y
 
     def extra_repr(self):

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import attrs
 
+from mistralrs_core.adapters.lora import request_adapter_id
 from mistralrs_core.agent.calling import ToolCalling, no_tools_messages, template_tools, to_tool_calls
 from mistralrs_core.api import responses as R
 from mistralrs_core.api.enums import ToolCallType
@@ -187,8 +188,9 @@ class TextPipeline(TextGeneration):
         max_tokens = self._max_tokens(req.max_tokens, len(prompt.ids))
         params = sampling_params(req, self.tokenizer, self.generation_config, max_tokens=max_tokens,
                                  n=n, force_logprobs=force_logprobs)
+        adapter_id = request_adapter_id(self.model, req)
         group = RequestGroup(prompt.ids, params, n, stream, max_tokens, stop_strings=params.stop_strings,
-                             seed=getattr(req, "seed", None), spans=tuple(prompt.spans),
+                             seed=getattr(req, "seed", None), spans=tuple(prompt.spans), adapter_id=adapter_id,
                              logits_processors=self.logits_processors(req, n),
                              cache_salt=getattr(req, "cache_salt", None), keep_special_ids=keep_special_ids,
                              grammar=grammar)

@@ -32,7 +32,9 @@ import attrs
 from mistralrs_core.api.which import Which
 from mistralrs_core.loading.options import LoadOptions
 
-KINDS = ("auto", "text", "embedding", "vision", "multimodal", "diffusion", "speech")
+KINDS = ("auto", "text", "embedding", "vision", "multimodal", "diffusion", "speech", "lora", "xlora")
+# Adapter kinds: (dense base, GGUF base); their adapter fields come from the entry.
+_ADAPTER_CLASSES = {"lora": (Which.Lora, Which.LoraGGUF), "xlora": (Which.XLora, Which.XLoraGGUF)}
 _CLASSES = {"embedding": Which.Embedding, "vision": Which.VisionPlain, "multimodal": Which.VisionPlain,
             "diffusion": Which.DiffusionPlain, "speech": Which.Speech}
 LOAD_OPTIONS = frozenset(attrs.fields_dict(LoadOptions))
@@ -79,7 +81,16 @@ def build_which(kind: str, model_id: str, *, quantized_filename=None, tok_model_
             and Path(model_id).is_file():
         # `-m model.gguf` names the file directly.
         model_id, quantized_filename = str(Path(model_id).parent), Path(model_id).name
-    if kind in ("auto", "text") and quantized_filename is not None:
+    if kind in _ADAPTER_CLASSES:
+        dense, gguf = _ADAPTER_CLASSES[kind]
+        if quantized_filename is not None:
+            cls, args = gguf, dict(quantized_model_id=model_id, quantized_filename=quantized_filename,
+                                   tok_model_id=tok_model_id)
+        else:
+            if tok_model_id is not None:
+                raise ValueError(f"{name('tok_model_id')}: only used with GGUF files")
+            cls, args = dense, {"model_id": model_id}
+    elif kind in ("auto", "text") and quantized_filename is not None:
         cls = Which.GGUF
         files = list(quantized_filename) if isinstance(quantized_filename, (list, tuple)) \
             else [quantized_filename]
