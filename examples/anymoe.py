@@ -13,12 +13,13 @@ serves requests like any model.
 import csv
 import json
 import tempfile
+from typing import Any
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistralrs import AnyMoeConfig, AnyMoeExpertType, ChatCompletionRequest, Runner, Which
+from mistralrs import AnyMoeConfig, AnyMoeExpertType, ChatCompletionRequest, ModelDType, Runner, Which
 from mistralrs_core.testing.tiny import write_random_llama
 
 root = Path(tempfile.mkdtemp())
@@ -38,7 +39,7 @@ def fine_tuned(name: str, seed: int) -> Path:
 
 
 numbers_expert, story_expert = fine_tuned("numbers", 1), fine_tuned("stories", 2)
-rows = ([{"prompt": p, "expert": 1} for p in ["1 2 3 4 5", "7 8 9 10 100", "3 5 7 9", "10 100 1000", "2 4 6 8"]]
+rows: list[dict[str, Any]] = ([{"prompt": p, "expert": 1} for p in ["1 2 3 4 5", "7 8 9 10 100", "3 5 7 9", "10 100 1000", "2 4 6 8"]]
         + [{"prompt": p, "expert": 2} for p in ["once upon a time", "the lazy dog", "tell me a story",
                                                  "the quick brown fox", "a compiler loved borrowing"]])
 (root / "amoe.json").write_text(json.dumps({"rows": rows}))
@@ -49,7 +50,7 @@ config = AnyMoeConfig(
     layers=[1, 3], lr=0.05, epochs=20, batch_size=4,
     gate_model_id=str(root / "gate"),            # training=True: the trained gate is saved here
     loss_csv_path=str(root / "loss.csv"))
-runner = Runner(which=Which.Plain(model_id=str(base), dtype="F32"), anymoe_config=config, seed=0)
+runner = Runner(which=Which.Plain(model_id=str(base), dtype=ModelDType.F32), anymoe_config=config, seed=0)
 
 with open(root / "loss.csv") as f:
     losses = list(csv.reader(f))
@@ -63,7 +64,7 @@ print("answer:", repr(res.choices[0].message.content))
 runner.shutdown()
 
 # The saved gate, without training again.
-inference = Runner(which=Which.Plain(model_id=str(base), dtype="F32"), anymoe_config=AnyMoeConfig(
+inference = Runner(which=Which.Plain(model_id=str(base), dtype=ModelDType.F32), anymoe_config=AnyMoeConfig(
     hidden_size=64, dataset_json="", prefix="model.layers", mlp="mlp",
     model_ids=[str(numbers_expert), str(story_expert)], expert_type=AnyMoeExpertType.FineTuned(),
     layers=[1, 3], gate_model_id=str(root / "gate"), training=False))
@@ -80,7 +81,7 @@ save_file({f"base_model.model.model.layers.{n}.mlp.gate_proj.lora_{ab}.weight": 
           str(adapter / "adapter_model.safetensors"))
 # Two experts now: 0 (the base MLP) for numbers, 1 (base + adapter) for stories.
 (root / "lora.json").write_text(json.dumps({"rows": [dict(r, expert=r["expert"] - 1) for r in rows]}))
-lora = Runner(which=Which.Plain(model_id=str(base), dtype="F32"), anymoe_config=AnyMoeConfig(
+lora = Runner(which=Which.Plain(model_id=str(base), dtype=ModelDType.F32), anymoe_config=AnyMoeConfig(
     hidden_size=64, dataset_json=str(root / "lora.json"), prefix="model.layers", mlp="mlp",
     model_ids=[str(adapter)], layers=[1, 3], lr=0.05, epochs=20,
     expert_type=AnyMoeExpertType.LoraAdapter(rank=8, alpha=16.0, target_modules=["gate_proj"])), seed=0)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mistralrs import CompletionRequest, Runner, Which
+from mistralrs import CompletionRequest, ModelDType, Runner, Which
 from mistralrs_core.testing.tiny import write_random_llama
 
 root = Path(tempfile.mkdtemp())
@@ -50,10 +50,10 @@ ordering.write_text(json.dumps({
                          {"name": "chatty", "adapter_model_id": str(root / "adapters")}]}))
 
 runner = Runner(which=Which.Lora(model_id=str(base), adapter_model_id=str(root / "adapters"), order=str(ordering),
-                                 dtype="F32"))
+                                 dtype=ModelDType.F32))
 
 
-def complete(adapter):
+def complete(adapter: str | None) -> str:
     req = CompletionRequest(prompt="def main():", max_tokens=16, temperature=0.0, ignore_eos=True, adapter=adapter)
     return runner.send_completion_request(req).choices[0].text
 
@@ -66,7 +66,7 @@ for adapter, text in alone.items():
 runner.shutdown()
 
 # One adapter directory and no ordering file: it serves every request, merged into the weights.
-merged = Runner(which=Which.Lora(model_id=str(base), adapter_model_id=str(root / "adapters" / "terse"), dtype="F32"))
+merged = Runner(which=Which.Lora(model_id=str(base), adapter_model_id=str(root / "adapters" / "terse"), dtype=ModelDType.F32))
 print("merged 'terse':", merged.send_completion_request(CompletionRequest(
     prompt="def main():", max_tokens=16, temperature=0.0, ignore_eos=True)).choices[0].text == alone["terse"])
 merged.shutdown()
@@ -87,7 +87,7 @@ modules = [f"model.layers.{i}.{m}" for i in range(2)
 (root / "xlora_ordering.json").write_text(json.dumps({
     "order": ["terse", "chatty"], "base_model_id": str(base), "layers": {m: i for i, m in enumerate(modules)}}))
 xrunner = Runner(which=Which.XLora(xlora_model_id=str(xl), order=str(root / "xlora_ordering.json"),
-                                   model_id=str(base), tgt_non_granular_index=None, dtype="F32"))
+                                   model_id=str(base), tgt_non_granular_index=None, dtype=ModelDType.F32))
 print("x-lora:", repr(xrunner.send_completion_request(CompletionRequest(
     prompt="def main():", max_tokens=16, temperature=0.0, ignore_eos=True)).choices[0].text))
 xrunner.shutdown()

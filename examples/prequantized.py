@@ -12,9 +12,10 @@ AWQ and FP8 (per-tensor or DeepSeek-V3 128x128 blocks) checkpoints load the same
     python examples/prequantized.py
 """
 import tempfile
+from typing import Any
 from pathlib import Path
 
-from mistralrs import ChatCompletionRequest, PagedCacheType, Runner, Which
+from mistralrs import ChatCompletionRequest, ModelDType, PagedCacheType, Runner, Which
 from mistralrs_core.testing.tiny import write_random_llama
 from mistralrs_quant.checkpoint_writers import write_dense, write_gptq
 
@@ -27,8 +28,8 @@ request = ChatCompletionRequest(messages=[{"role": "user", "content": "Tell me a
                                 temperature=0.0, logprobs=True, ignore_eos=True)
 
 
-def run(model_dir, **options):
-    runner = Runner(which=Which.Plain(model_id=str(model_dir), dtype="F32"), **options)
+def run(model_dir: Path, **options: Any) -> tuple[Any, list[str]]:
+    runner = Runner(which=Which.Plain(model_id=str(model_dir), dtype=ModelDType.F32), **options)
     res = runner.send_chat_completion_request(request)
     layer = runner._pipeline(None).model.model.layers[0].self_attn
     kinds = sorted({type(m.qmethod).__name__ for m in layer.modules() if getattr(m, "qmethod", None) is not None})

@@ -23,7 +23,7 @@ from mistralrs_core.testing.tiny import write_random_llama
 QUESTIONS = ["Tell me a story", "What is the capital of France?"]
 
 
-def answers(runner):
+def answers(runner: Runner) -> list[str | None]:
     return [runner.send_chat_completion_request(ChatCompletionRequest(
         messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0.0)).choices[0].message.content
         for q in QUESTIONS]
@@ -37,7 +37,9 @@ if os.environ.get("RANK") is None:
     alone.shutdown()
 
     mapped = Runner(which=Which.Plain(model_id=str(model_dir)), device="cpu", num_device_layers=["0:2", "1:2"])
-    print("device map:", mapped.model_placement(mapped.list_models()[0])["device_map"]["layers"])
+    placement = mapped.model_placement(mapped.list_models()[0])
+    assert placement is not None
+    print("device map:", placement["device_map"]["layers"])
     assert answers(mapped) == expected
     mapped.shutdown()
 
@@ -51,11 +53,14 @@ else:
 
 tp = distributed.init_tensor_parallel(int(os.environ["RANK"]), 2, device="cpu")
 runner = Runner(which=Which.Plain(model_id=str(model_dir)), device="cpu")
+assert tp is not None
 if not tp.is_driver:
     distributed.serve_workers()          # until rank 0 stops it
     sys.exit(0)
 got = answers(runner)
-print("tensor parallel, 2 ranks:", runner.model_placement(runner.list_models()[0])["tensor_parallel"])
+layout = runner.model_placement(runner.list_models()[0])
+assert layout is not None
+print("tensor parallel, 2 ranks:", layout["tensor_parallel"])
 for q, a in zip(QUESTIONS, got):
     print(f"  {q!r} -> {a!r}")
 assert got == expected, (got, expected)

@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import threading
+from typing import Any
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mistralrs import ChatCompletionRequest, Runner, SearchContextSize, WebSearchOptions, Which
@@ -33,11 +34,11 @@ DOCS = {
 
 
 class Site(BaseHTTPRequestHandler):
-    def log_message(self, *args):
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
-    def do_GET(self):
-        port = self.server.server_address[1]
+    def do_GET(self) -> None:
+        port = self.server.server_port  # type: ignore[attr-defined]
         path = self.path.split("?")[0]
         if path == "/html/":   # the results page, in DuckDuckGo's HTML markup
             body = "".join(f'<div class="result"><a class="result__a" href="http://127.0.0.1:{port}{p}">{t}</a>'
@@ -54,7 +55,7 @@ class Site(BaseHTTPRequestHandler):
         self.wfile.write(body.encode())
 
 
-def ask(runner) -> None:
+def ask(runner: Runner) -> None:
     res = runner.send_chat_completion_request(ChatCompletionRequest(
         messages=[{"role": "user", "content": "Who built the Zorblax lighthouse?"}],
         web_search_options=WebSearchOptions(search_context_size=SearchContextSize.Low),
@@ -91,7 +92,7 @@ def main() -> int:
             runner.shutdown()
     server.shutdown()
 
-    def my_search(query: str) -> list[dict]:
+    def my_search(query: str) -> list[dict[str, str]]:
         return [{"title": t, "description": x[:40], "url": f"https://example.org{p}", "content": x}
                 for p, (t, x) in DOCS.items()]
     print("== search_callback")

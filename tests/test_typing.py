@@ -20,7 +20,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 def test_every_distribution_ships_py_typed():
     dists = [(ROOT / "pyproject.toml", [ROOT / "mistralrs", ROOT / "mistralrs_core"])]
     for pyproject in sorted(ROOT.glob("plugins/*/pyproject.toml")):
-        dists.append((pyproject, sorted(p for p in pyproject.parent.glob("mistralrs_*") if p.is_dir())))
+        dists.append((pyproject, sorted(p for p in pyproject.parent.glob("mistralrs_*") if p.is_dir() and not p.name.endswith(".egg-info"))))
     for pyproject, packages in dists:
         assert packages, pyproject
         text = pyproject.read_text()
