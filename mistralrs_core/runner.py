@@ -93,8 +93,24 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
     entry = get_registry().loaders.get(loader_name.lower())
     if entry is None:
         raise ValueError(f"loader {loader_name!r} was selected but is not registered")
+    _check_quant_args(which, opts, loader_name)
     loader = entry.load()()
     return loader.load(which, opts, name)
+
+
+def _check_quant_args(which, opts, loader_name: str) -> None:
+    """In-situ quantization, topologies, UQFF and importance matrices are served for
+    ``Which.Plain`` text models (the safetensors loader hands them to the quant plugin);
+    any other loader would ignore them, so they are refused there."""
+    if loader_name.lower() in ("safetensors", "isq"):
+        return
+    from mistralrs_core.loading.model_loader import QUANT_WHICH_FIELDS
+    variant = type(which).__name__
+    if getattr(opts, "in_situ_quant", None) and variant not in ("GGUF", "GGML"):   # those explain it themselves
+        raise NotAvailableYet(f"in_situ_quant for Which.{variant}", "in-situ quantization serves Which.Plain")
+    for field in QUANT_WHICH_FIELDS:
+        if getattr(which, field, None):
+            raise NotAvailableYet(f"Which.{variant}({field}=...)", f"{field} serves Which.Plain text models")
 
 
 def _check_paged_attn(paged_attn: bool, no_paged_attn: bool) -> None:
