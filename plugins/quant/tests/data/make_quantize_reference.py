@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-# ggml type ids: Q4_0, Q4_1, Q5_0, Q5_1 (imatrix only: without one gguf-py is the
-# reference), Q2_K .. Q6_K (with and without an imatrix).
+# ggml type ids: Q2_K .. Q6_K (with and without an imatrix); Q4_0, Q4_1, Q5_0, Q5_1 (with
+# and without: without one, gguf-py's quantizer is also a reference); Q8_0 and MXFP4
+# (llama.cpp ignores an imatrix for them).
 K_TYPES = (10, 11, 12, 13, 14)
 LEGACY_TYPES = (2, 3, 6, 7)
+PLAIN_TYPES = (8, 39)
 ROWS, COLS = 12, 512
 
 
@@ -49,8 +51,8 @@ def main(lib_path: str) -> None:
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     x, imatrix = inputs()
     out = {"x": x, "imatrix": imatrix}
-    for t in K_TYPES + LEGACY_TYPES:
-        for use_im in ((False, True) if t in K_TYPES else (True,)):
+    for t in K_TYPES + LEGACY_TYPES + PLAIN_TYPES:
+        for use_im in ((False,) if t in PLAIN_TYPES else (False, True)):
             dst = np.zeros((ROWS, lib.ggml_row_size(t, COLS)), np.uint8)
             lib.ggml_quantize_chunk(t, x.ctypes.data, dst.ctypes.data, 0, ROWS, COLS,
                                     imatrix.ctypes.data if use_im else None)
