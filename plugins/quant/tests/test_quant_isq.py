@@ -1,7 +1,6 @@
 """In-situ quantization (``mistralrs_quant.isq``): quantizers bit-exact with llama.cpp and
 gguf-py, type names, topology/MoQE/imatrix plans, ISQ'd models against the dequantize-
 then-matmul reference, one dense tensor at a time, UQFF round trips, SDK errors."""
-import json
 import struct
 import weakref
 from pathlib import Path
@@ -15,7 +14,7 @@ from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.loading.quant_config import QuantConfig
 from mistralrs_core.testing.parity import SingleSequence, load_for_test
 from mistralrs_core.testing.tiny import write_random_llama
-from mistralrs_quant.formats import T, get_format
+from mistralrs_quant.formats import T
 from mistralrs_quant.isq import imatrix as imx
 from mistralrs_quant.isq.plan import build_plan
 from mistralrs_quant.isq.quantize import quantize_tensor

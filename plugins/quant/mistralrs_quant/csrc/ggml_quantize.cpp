@@ -665,6 +665,133 @@ void q5_1_block(const float* x, const float* qw, float sigma2, uint8_t* y) {
   std::memcpy(y + 4, &qh, 4);
 }
 
+// The 32-element formats without an imatrix, and MXFP4 (llama.cpp's reference quantizers;
+// gguf-py's agree for the first five).
+inline float signed_absmax(const float* x, int n) {
+  float amax = 0, max = 0;
+  for (int j = 0; j < n; ++j) {
+    const float v = x[j];
+    if (amax < std::fabs(v)) { amax = std::fabs(v); max = v; }
+  }
+  return max;
+}
+
+inline void min_max(const float* x, int n, float* mn, float* mx) {
+  float lo = 3.402823466e+38f, hi = -3.402823466e+38f;
+  for (int j = 0; j < n; ++j) {
+    if (x[j] < lo) lo = x[j];
+    if (x[j] > hi) hi = x[j];
+  }
+  *mn = lo;
+  *mx = hi;
+}
+
+void q4_0_plain(const float* x, const float*, uint8_t* y) {
+  const float d = signed_absmax(x, 32) / -8;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  for (int j = 0; j < 16; ++j) {
+    const int a = std::min(15, static_cast<int>(static_cast<int8_t>(x[j] * id + 8.5f)));
+    const int b = std::min(15, static_cast<int>(static_cast<int8_t>(x[16 + j] * id + 8.5f)));
+    y[2 + j] = static_cast<uint8_t>(a | (b << 4));
+  }
+}
+
+void q4_1_plain(const float* x, const float*, uint8_t* y) {
+  float mn, mx;
+  min_max(x, 32, &mn, &mx);
+  const float d = (mx - mn) / 15;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  put_half(y + 2, mn);
+  for (int j = 0; j < 16; ++j) {
+    const int a = std::min(15, static_cast<int>(static_cast<int8_t>((x[j] - mn) * id + 0.5f)));
+    const int b = std::min(15, static_cast<int>(static_cast<int8_t>((x[16 + j] - mn) * id + 0.5f)));
+    y[4 + j] = static_cast<uint8_t>(a | (b << 4));
+  }
+}
+
+void pack5(const int* q, uint8_t* qh_at, uint8_t* qs) {
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t a = static_cast<uint32_t>(q[j]), b = static_cast<uint32_t>(q[16 + j]);
+    qs[j] = static_cast<uint8_t>((a & 0x0F) | ((b & 0x0F) << 4));
+    qh |= ((a & 0x10u) >> 4) << j;
+    qh |= ((b & 0x10u) >> 4) << (j + 16);
+  }
+  std::memcpy(qh_at, &qh, 4);
+}
+
+void q5_0_plain(const float* x, const float*, uint8_t* y) {
+  const float d = signed_absmax(x, 32) / -16;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  int q[32];
+  for (int j = 0; j < 32; ++j) q[j] = std::min(31, static_cast<int>(static_cast<int8_t>(x[j] * id + 16.5f)));
+  pack5(q, y + 2, y + 6);
+}
+
+void q5_1_plain(const float* x, const float*, uint8_t* y) {
+  float mn, mx;
+  min_max(x, 32, &mn, &mx);
+  const float d = (mx - mn) / 31;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  put_half(y + 2, mn);
+  int q[32];
+  for (int j = 0; j < 32; ++j) q[j] = static_cast<uint8_t>((x[j] - mn) * id + 0.5f);
+  pack5(q, y + 4, y + 8);
+}
+
+void q8_0_plain(const float* x, const float*, uint8_t* y) {
+  float amax = 0;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  for (int j = 0; j < 32; ++j) y[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+}
+
+void q8_1_plain(const float* x, const float*, uint8_t* y) {
+  float amax = 0;
+  for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+  const float d = amax / 127;
+  const float id = d ? 1.0f / d : 0.0f;
+  put_half(y, d);
+  int sum = 0;
+  for (int j = 0; j < 32; ++j) {
+    const int8_t q = static_cast<int8_t>(std::round(x[j] * id));
+    y[4 + j] = static_cast<uint8_t>(q);
+    sum += q;
+  }
+  put_half(y + 2, sum * d);
+}
+
+// e2m1 code values, doubled (so they are integers).
+constexpr int8_t kMxfp4[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
+void mxfp4_plain(const float* x, const float*, uint8_t* y) {
+  float amax = 0;
+  for (int j = 0; j < 32; ++j)
+    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]);
+  const uint8_t e = amax > 0.0f ? static_cast<uint8_t>(std::floor(std::log2(amax)) - 2 + 127) : 0;
+  // Half the e8m0 value 2^(e-127), built from its bits.
+  const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float d;
+  std::memcpy(&d, &bits, 4);
+  y[0] = e;
+  auto best = [&](float v) {
+    int bi = 0;
+    float be = std::fabs(kMxfp4[0] * d - v);
+    for (int i = 1; i < 16; ++i) {
+      const float err = std::fabs(kMxfp4[i] * d - v);
+      if (err < be) { bi = i; be = err; }
+    }
+    return bi;
+  };
+  for (int j = 0; j < 16; ++j) y[1 + j] = static_cast<uint8_t>(best(x[j]) | (best(x[16 + j]) << 4));
+}
+
 using KBlock = void (*)(const float*, const float*, uint8_t*);
 using LBlock = void (*)(const float*, const float*, float, uint8_t*);
 
@@ -676,6 +803,19 @@ bool k_block(int type, KBlock* f, int* bytes) {
     case 13: *f = q5_k_block; *bytes = 176; return true;
     case 14: *f = q6_k_block; *bytes = 210; return true;
     case 15: *f = q8_k_block; *bytes = 292; return true;
+    default: return false;
+  }
+}
+
+bool plain_block(int type, KBlock* f, int* bytes) {
+  switch (type) {
+    case 2: *f = q4_0_plain; *bytes = 18; return true;
+    case 3: *f = q4_1_plain; *bytes = 20; return true;
+    case 6: *f = q5_0_plain; *bytes = 22; return true;
+    case 7: *f = q5_1_plain; *bytes = 24; return true;
+    case 8: *f = q8_0_plain; *bytes = 34; return true;
+    case 9: *f = q8_1_plain; *bytes = 36; return true;
+    case 39: *f = mxfp4_plain; *bytes = 17; return true;
     default: return false;
   }
 }
@@ -696,8 +836,9 @@ extern "C" {
 
 // Quantize x [nrows, ncols] (float32, rows contiguous) to ggml type `type` into out
 // (nrows * bytes-per-row). imatrix: ncols importance weights shared by every row, or
-// null. K-quants take either; Q4_0/Q4_1/Q5_0/Q5_1 only with an imatrix. Returns 0, 1 for
-// an unsupported type or 2 for a row length that is not a whole number of blocks.
+// null (the K-quants and Q4_0/Q4_1/Q5_0/Q5_1 use it; Q8_0/Q8_1/MXFP4 ignore it, as
+// llama.cpp does). Returns 0, 1 for an unsupported type or 2 for a row length that is not
+// a whole number of blocks.
 int mq_quantize(int type, const float* x, const float* imatrix, int64_t nrows, int64_t ncols, uint8_t* out) {
   KBlock kf = nullptr;
   LBlock lf = nullptr;
@@ -706,6 +847,9 @@ int mq_quantize(int type, const float* x, const float* imatrix, int64_t nrows, i
     block = QK;
   } else if (imatrix && legacy_block(type, &lf, &bytes)) {
     block = 32;
+  } else if (plain_block(type, &kf, &bytes)) {
+    block = 32;
+    imatrix = nullptr;
   } else {
     return 1;
   }
@@ -716,7 +860,7 @@ int mq_quantize(int type, const float* x, const float* imatrix, int64_t nrows, i
       const float* xr = x + r * ncols;
       uint8_t* yr = out + r * row_bytes;
       if (kf) {
-        for (int64_t b = 0; b < nb; ++b) kf(xr + b * QK, imatrix ? imatrix + b * QK : nullptr, yr + b * bytes);
+        for (int64_t b = 0; b < nb; ++b) kf(xr + b * block, imatrix ? imatrix + b * block : nullptr, yr + b * bytes);
       } else {
         float sum_x2 = 0;
         for (int64_t j = 0; j < ncols; ++j) sum_x2 += xr[j] * xr[j];

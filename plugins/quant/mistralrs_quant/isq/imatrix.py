@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch

@@ -16,7 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from mistralrs_core.errors import NotAvailableYet
 from mistralrs_core.loading.quant_config import QuantConfig
 

@@ -1,9 +1,9 @@
 """Dense tensor -> ggml blocks, as llama.cpp's quantizer writes them.
 
-K-quants (and the 32-element formats under an importance matrix) go through the C++
-quantizer (``csrc/ggml_quantize.cpp``, bit-exact with llama.cpp, parallel over rows); the
-32-element formats without an imatrix through the torch quantizers of ``formats`` (bit-
-exact with gguf-py's ``quants.quantize``); MXFP4 through ``mxfp4`` below. A tensor is
+Every type goes through the C++ quantizer (``csrc/ggml_quantize.cpp``, bit-exact with
+llama.cpp's and, for Q4_0..Q8_0, gguf-py's, parallel over rows). Without the C++ library
+the 32-element formats use the torch quantizers of ``formats`` (bit-exact with gguf-py),
+MXFP4 ``quantize_mxfp4`` below, and Q4_K/Q6_K/Q8_K the approximate torch ones. A tensor is
 quantized in slabs of rows so that the float32 copy made for the quantizer stays small
 whatever the checkpoint dtype.
 """
@@ -46,17 +46,19 @@ def quantize_mxfp4(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_rows(x: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:
     """float rows [n, k] -> uint8 [n, row bytes] (no slabbing)."""
-    if ggml_type in _K_TYPES or (imatrix is not None and ggml_type in IMATRIX_TYPES):
-        if cpp_kernels.available():
-            return cpp_kernels.quantize(x, ggml_type, imatrix if ggml_type in IMATRIX_TYPES else None)
-        spec = get_format(ggml_type)
+    if ggml_type not in IMATRIX_TYPES:
+        imatrix = None
+    if ggml_type in cpp_kernels.QUANTIZE_BLOCKS and cpp_kernels.available():
+        return cpp_kernels.quantize(x, ggml_type, imatrix)
+    spec = get_format(ggml_type)
+    if ggml_type in _K_TYPES or imatrix is not None:
         if imatrix is not None or spec.quantize is None:
             raise RuntimeError(f"quantizing to {spec.name}{' with an imatrix' if imatrix is not None else ''} "
                                f"needs the C++ kernels: {cpp_kernels.unavailable_reason()}")
         return spec.quantize(x)   # torch fallback (Q4_K/Q6_K/Q8_K): valid blocks, not bit-exact
     if ggml_type == T.MXFP4:
         return quantize_mxfp4(x)
-    return get_format(ggml_type).quantize(x)
+    return spec.quantize(x)       # the gguf-py-exact torch quantizers
 
 
 def quantize_tensor(weight: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:

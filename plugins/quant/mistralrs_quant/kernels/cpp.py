@@ -376,18 +376,20 @@ def dequantize(raw: torch.Tensor, ggml_type: int, ids: Optional[torch.Tensor] = 
 
 # ggml type id -> (elements, bytes) per block of the types mq_quantize writes.
 QUANTIZE_BLOCKS = {10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-                   15: (256, 292), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24)}
-# The 32-element types mq_quantize takes only with an importance matrix.
-QUANTIZE_NEEDS_IMATRIX = {2, 3, 6, 7}
+                   15: (256, 292), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+                   9: (32, 36), 39: (32, 17)}
+# Types whose quantizer takes an importance matrix (the others ignore one, as llama.cpp).
+QUANTIZE_IMATRIX = {2, 3, 6, 7, 10, 11, 12, 13, 14}
 
 
 def quantize(x: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [N, K] -> uint8 [N, bytes per row] as llama.cpp's quantizer writes it (K-quants;
-    Q4_0/Q4_1/Q5_0/Q5_1 with an ``imatrix`` of K importance weights), rows in parallel."""
+    """x [N, K] -> uint8 [N, bytes per row] as llama.cpp's quantizer writes it (with an
+    ``imatrix`` of K importance weights for the types that use one), rows in parallel."""
     lib = _lib()
-    if ggml_type not in QUANTIZE_BLOCKS or (ggml_type in QUANTIZE_NEEDS_IMATRIX and imatrix is None):
-        raise ValueError(f"mq_quantize does not write ggml type {ggml_type}"
-                         f"{' without an imatrix' if ggml_type in QUANTIZE_NEEDS_IMATRIX else ''}")
+    if ggml_type not in QUANTIZE_BLOCKS:
+        raise ValueError(f"mq_quantize does not write ggml type {ggml_type}")
+    if ggml_type not in QUANTIZE_IMATRIX:
+        imatrix = None
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
     x = x.to(device="cpu", dtype=torch.float32).contiguous()
