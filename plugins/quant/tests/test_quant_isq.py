@@ -420,3 +420,13 @@ def test_other_model_kinds_refuse_isq(tmp_path):
     with pytest.raises(NotAvailableYet, match="in_situ_quant on a GGUF model|in_situ_quant"):
         Runner(which=Which.GGUF(quantized_model_id=str(tmp_path), quantized_filename="x.gguf"),
                in_situ_quant="Q4K")
+
+
+def test_moqe_organization_through_runner(tiny):
+    # A dense model has no experts: under MoQE nothing is quantized (upstream does the same).
+    from mistralrs import IsqOrganization
+    r, model = _load_isq(tiny, "Q4K", organization=IsqOrganization.MoQE)
+    try:
+        assert not any(getattr(m, "qmethod", None) is not None for m in model.modules())
+    finally:
+        r.shutdown()

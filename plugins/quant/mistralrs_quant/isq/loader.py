@@ -47,7 +47,7 @@ def check_args(which, opts) -> None:
                 raise ValueError(f"{f}: from_uqff loads already quantized weights; {f} does not apply")
     elif not isq and not getattr(which, "topology", None):
         for f in ("write_uqff", "imatrix", "calibration_file", "organization"):
-            if getattr(which, f, None):
+            if getattr(which, f, None) and (f != "organization" or _is_moqe(which)):
                 raise ValueError(f"{f}: needs in-situ quantization (Runner(in_situ_quant=...) or a topology)")
 
 
