@@ -187,6 +187,103 @@ float fit_affine(int n, int nmax, const float* x, const float* w, uint8_t* L, fl
   return scale;
 }
 
+// The affine fit of 8 sub-blocks at once, one per vector lane: each lane performs exactly
+// the float32 operations of fit_affine in the same order (lane-wise IEEE ops round as the
+// scalar ones do), so the results are bit-identical; only the 8 independent searches run
+// side by side. Used for the 8 sub-blocks of a Q4_K/Q5_K super-block without an imatrix,
+// the hot path of ISQ to those types. n = 32, mad = false.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+// Bit reinterpretations (memcpy: a C-style cast between vector types may convert values).
+inline v8i bits_of(v8f v) {
+  v8i i;
+  std::memcpy(&i, &v, sizeof i);
+  return i;
+}
+
+inline v8f float_of(v8i i) {
+  v8f v;
+  std::memcpy(&v, &i, sizeof v);
+  return v;
+}
+
+inline v8i round_even_v(v8f v) {
+  return (bits_of(v + 12582912.f) & 0x007fffff) - 0x00400000;
+}
+
+inline v8i clamp_v(v8i l, int hi) {
+  l = l < 0 ? 0 : l;
+  return l > hi ? hi : l;
+}
+
+inline v8f to_f(v8i l) { return __builtin_convertvector(l, v8f); }
+
+// Cloned for AVX2 (one 8-lane register per vector, native integer min/max/blend) and the
+// baseline, picked at load time; lane-wise IEEE results are the same on either.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void fit_affine_v8(int nmax, const v8f* x, const v8f* w, v8i* L, v8f* the_min, v8f* scale_out, float rmin,
+                   float rdelta, int nstep) {
+  constexpr int n = 32;
+  v8i Laux[n];
+  v8f mn = x[0], mx = x[0];
+  v8f sum_w = w[0], sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    mn = x[i] < mn ? x[i] : mn;
+    mx = x[i] > mx ? x[i] : mx;
+    sum_w += w[i];
+    sum_x += w[i] * x[i];
+  }
+  const v8f zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  mn = mn > 0 ? zero : mn;
+  const v8f mn0 = mn;
+  const v8i flat = mx <= mn;
+  const v8f range = mx - mn;
+  v8f iscale = static_cast<float>(nmax) / range;
+  v8f scale = 1.0f / iscale;
+  v8f best = zero;
+  for (int i = 0; i < n; ++i) {
+    L[i] = clamp_v(round_even_v(iscale * (x[i] - mn)), nmax);
+    const v8f diff = scale * to_f(L[i]) + mn - x[i];
+    best += w[i] * (diff * diff);
+  }
+  for (int is = 0; is <= nstep; ++is) {
+    // (mx - mn) with the current mn: the reference refits against the best offset so far.
+    const float num = rmin + rdelta * is + nmax;
+    iscale = num / (mx - mn);
+    v8f sum_l = zero, sum_l2 = zero, sum_xl = zero;
+    for (int i = 0; i < n; ++i) {
+      Laux[i] = clamp_v(round_even_v(iscale * (x[i] - mn)), nmax);
+      const v8f l = to_f(Laux[i]);
+      sum_l += w[i] * l;
+      sum_l2 += w[i] * l * l;
+      sum_xl += w[i] * l * x[i];
+    }
+    const v8f D = sum_w * sum_l2 - sum_l * sum_l;
+    v8f ts = (sum_w * sum_xl - sum_x * sum_l) / D;
+    v8f tm = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+    const v8i pos = tm > 0;
+    tm = pos ? zero : tm;
+    ts = pos ? sum_xl / sum_l2 : ts;
+    v8f err = zero;
+    for (int i = 0; i < n; ++i) {
+      const v8f diff = ts * to_f(Laux[i]) + tm - x[i];
+      err += w[i] * (diff * diff);
+    }
+    const v8i take = (D > 0) & (err < best);
+    for (int i = 0; i < n; ++i) L[i] = take ? Laux[i] : L[i];
+    best = take ? err : best;
+    scale = take ? ts : scale;
+    mn = take ? tm : mn;
+  }
+  const v8i zi = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < n; ++i) L[i] = flat ? zi : L[i];
+  *scale_out = flat ? zero : scale;
+  *the_min = -(flat ? mn0 : mn);
+}
+
 // 3-bit symmetric codes with coordinate-descent refinement (Q3_K without an imatrix).
 float fit_q3(int n, int nmax, const float* x, int8_t* L) {
   float max = 0, amax = 0;
@@ -462,15 +559,24 @@ void k_affine_block(const float* x, const float* qw, int nmax, uint8_t* y, uint8
   float weights[32], mins[8], scales[8], sw[8];
   float d, dmin;
   if (!qw) {
+    // Lane j holds sub-block j: xt[i][j] = x[32 j + i].
+    v8f xt[32], wt[32];
+    v8i Lv[32];
+    for (int i = 0; i < 32; ++i)
+      for (int j = 0; j < 8; ++j) xt[i][j] = x[32 * j + i];
+    v8f s2 = xt[0] * xt[0];
+    for (int i = 1; i < 32; ++i) s2 += xt[i] * xt[i];
+    v8f av;
+    for (int j = 0; j < 8; ++j) av[j] = std::sqrt(s2[j] / 32);
+    for (int i = 0; i < 32; ++i) wt[i] = av + float_of(bits_of(xt[i]) & 0x7fffffff);
+    v8f vmin, vscale;
+    if (nmax == 15) fit_affine_v8(15, xt, wt, Lv, &vmin, &vscale, -1.f, 0.1f, 20);
+    else fit_affine_v8(31, xt, wt, Lv, &vmin, &vscale, -0.5f, 0.1f, 15);
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 8; ++j) {
-      float s2 = 0;
-      for (int l = 0; l < 32; ++l) s2 += x[32 * j + l] * x[32 * j + l];
-      const float av = std::sqrt(s2 / 32);
-      for (int l = 0; l < 32; ++l) weights[l] = av + std::fabs(x[32 * j + l]);
-      scales[j] = nmax == 15
-                      ? fit_affine(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20, false)
-                      : fit_affine(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15, false);
+      scales[j] = vscale[j];
+      mins[j] = vmin[j];
+      for (int i = 0; i < 32; ++i) L[32 * j + i] = static_cast<uint8_t>(Lv[i][j]);
       if (scales[j] > max_scale) max_scale = scales[j];
       if (mins[j] > max_min) max_min = mins[j];
     }

@@ -21,7 +21,7 @@ import numpy as np
 K_TYPES = (10, 11, 12, 13, 14)
 LEGACY_TYPES = (2, 3, 6, 7)
 PLAIN_TYPES = (8, 39)
-ROWS, COLS = 12, 512
+ROWS, COLS = 40, 512
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +38,11 @@ def inputs() -> tuple[np.ndarray, np.ndarray]:
     x[9] = rng.uniform(-1, 1, COLS).astype(np.float32)
     x[10] = (rng.standard_normal(COLS) * 0.02).astype(np.float32)
     x[11, 100:400] = 0
+    for r in range(12, ROWS):                      # plain random rows of varied scale and shape
+        scale = 10.0 ** rng.uniform(-3, 1)
+        x[r] = (rng.standard_t(2 + r % 5, COLS) if r % 2 else rng.standard_normal(COLS)) * scale
+        if r % 3 == 0:
+            x[r, rng.random(COLS) < 0.3] = 0       # sparse
     imatrix = (rng.gamma(0.5, 2.0, COLS) + 1e-4).astype(np.float32)
     return x, imatrix
 
