@@ -36,10 +36,13 @@ runner = Runner(which=Which.Plain(model_id=str(work / "uqff"), from_uqff="q4k-0.
 print(f"UQFF load: {time.perf_counter() - t0:.1f} s ->", runner.send_chat_completion_request(ask).choices[0].message.content)
 runner.shutdown()
 
-# 3. A topology (upstream's YAML): layers 0-3 in Q8_0, every MLP down projection in Q6K,
-#    the rest in the default type; then re-quantize the loaded model from its original weights.
+# 3. A topology (upstream's YAML): layers 0-3 in Q8_0, every attention output projection in
+#    Q8_0, the rest in the default type; then re-quantize the loaded model from its original
+#    weights. (SmolLM2's float32 folder holds Q4_1 values: Q4K, whose 576-wide rows fall back
+#    to Q4_1, and Q8_0 keep them almost exactly; Q5K/Q6K fall back to Q5_0/Q5_1 there, whose
+#    grid does not hold them, and this 135M model's answers suffer visibly.)
 topology = work / "topology.yml"
-topology.write_text("0-4:\n  isq: Q8_0\n'/mlp\\.down_proj\\.weight$/':\n  isq: Q6K\n")
+topology.write_text("0-4:\n  isq: Q8_0\n'/self_attn\\.o_proj\\.weight$/':\n  isq: Q8_0\n")
 runner = Runner(which=Which.Plain(model_id=str(model_dir), topology=str(topology)), in_situ_quant="4")
 print("topology ->", runner.send_chat_completion_request(ask).choices[0].message.content)
 runner.send_re_isq("Q8_0")

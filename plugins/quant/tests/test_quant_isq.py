@@ -404,9 +404,20 @@ def test_uqff_shards_and_version_check(tiny, tmp_path):
 
 
 def test_send_re_isq(tiny):
+    from mistralrs import CompletionRequest
     r, model = _load_isq(tiny, "Q4K")
+    req = CompletionRequest(prompt="a b c d e f g h i j k l m n o p q r s t", model="default", max_tokens=6,
+                            temperature=0.0, ignore_eos=True)
     try:
+        r.send_completion_request(req)      # leaves the prompt's blocks in the prefix cache
         r.send_re_isq("Q8_0")
+        fresh, _ = _load_isq(tiny, "Q8_0")
+        try:
+            # no K/V computed with the Q4K weights is reused after the swap
+            assert r.send_completion_request(req).choices[0].text == \
+                fresh.send_completion_request(req).choices[0].text
+        finally:
+            fresh.shutdown()
         names = {m.qmethod.spec.name for m in model.modules() if getattr(m, "qmethod", None) is not None}
         assert names == {"Q8_0"}
         with pytest.raises(ValueError, match="unknown ISQ type"):

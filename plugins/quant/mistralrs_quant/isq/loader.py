@@ -234,3 +234,6 @@ class _ReIsq:
         self.plan = plan
         model.fast_forward = None
         install(model)
+        changed = getattr(getattr(self.pipe, "engine", None), "weights_changed", None)
+        if changed is not None:
+            changed()
