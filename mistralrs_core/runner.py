@@ -99,15 +99,14 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
 
 
 def _check_quant_args(which, opts, loader_name: str) -> None:
-    """In-situ quantization, topologies, UQFF and importance matrices are served for
-    ``Which.Plain`` text models (the safetensors loader hands them to the quant plugin);
-    any other loader would ignore them, so they are refused there."""
+    """Topologies, UQFF and importance matrices are served for ``Which.Plain`` text models
+    (the safetensors loader hands them to the quant plugin); any other loader would ignore
+    them, so they are refused there. (``in_situ_quant`` is each loader's to take or refuse:
+    the diffusion loader quantizes through the same hook, GGUF refuses it.)"""
     if loader_name.lower() in ("safetensors", "isq"):
         return
     from mistralrs_core.loading.model_loader import QUANT_WHICH_FIELDS
     variant = type(which).__name__
-    if getattr(opts, "in_situ_quant", None) and variant not in ("GGUF", "GGML"):   # those explain it themselves
-        raise NotAvailableYet(f"in_situ_quant for Which.{variant}", "in-situ quantization serves Which.Plain")
     for field in QUANT_WHICH_FIELDS:
         if getattr(which, field, None):
             raise NotAvailableYet(f"Which.{variant}({field}=...)", f"{field} serves Which.Plain text models")

@@ -56,7 +56,10 @@ def isq_quant_method(quant_config, hf_name: str, module, weight):
     name = quant_config.for_layer(hf_name, module)
     if name is None:
         return None
-    isq = parse_isq_type(name)
+    try:
+        isq = parse_isq_type(name)
+    except ValueError:
+        return None   # a type another plugin serves (names are checked when the load starts)
     plan = quant_config.plan
     imatrix = plan.imatrix_for(hf_name) if plan is not None else None
     method = quantize_weight(weight, isq, quant_config.compute_dtype or torch.float32, quant_config.device,
