@@ -41,6 +41,10 @@ ENGINES = {
                      "probe": "import mistralrs, importlib.metadata as m; print(m.version('mistralrs'))"},
 }
 PEER_NAMES = ("llamacpp", "mistralrs_rs")
+# --isq: ours loading a float32 safetensors folder with in-situ quantization, and the UQFF
+# directory that load writes (children of the same script; see isq_main).
+ISQ_ENGINES = {"ours_isq": "ours (safetensors + ISQ Q4K)", "ours_uqff": "ours (UQFF q4k)",
+               "ours": "ours (GGUF Q4_K_S)", "llamacpp": "llama.cpp (GGUF Q4_K_S)"}
 
 MODELS = {
     "smollm2-135m-q4_1": (
@@ -216,9 +220,18 @@ class SdkEngine:
             tpl.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
             kw["jinja_explicit"] = str(tpl)
         t0 = time.perf_counter()
-        self.r = mistralrs.Runner(which=mistralrs.Which.GGUF(quantized_model_id=str(path.parent),
-                                                             quantized_filename=path.name), **kw)
+        if ours and path.is_dir() and (path / "residual.safetensors").exists():
+            # A UQFF directory (--isq): its shards load with no quantization pass.
+            self.r = mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(path), from_uqff="q4k-0.uqff"))
+        elif ours and path.is_dir():
+            # A float32 safetensors folder (--isq): quantized to Q4K while it loads.
+            self.r = mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(path)), in_situ_quant="Q4K")
+        else:
+            self.r = mistralrs.Runner(which=mistralrs.Which.GGUF(quantized_model_id=str(path.parent),
+                                                                 quantized_filename=path.name), **kw)
         self.load_s = time.perf_counter() - t0
+        model = getattr(self.r._pipeline(None), "model", None) if ours else None
+        self.isq_s = getattr(model, "isq_seconds", None)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.r.tokenize_text(text, False, None))
@@ -346,9 +359,10 @@ def child(engine: str, model_path: Path, group: str, threads: int) -> dict:
     if engine == "llamacpp":
         eng = LlamaCppEngine(model_path, threads)
     else:
-        eng = SdkEngine(model_path, threads, ours=(engine == "ours"))
+        eng = SdkEngine(model_path, threads, ours=engine.startswith("ours"))
     res = {"engine": engine, "version": eng.version, "group": group, "model_path": str(model_path),
-           "threads": threads, "import_s": eng.import_s, "load_s": eng.load_s}
+           "threads": threads, "import_s": eng.import_s, "load_s": eng.load_s,
+           "isq_s": getattr(eng, "isq_s", None)}
     # Warm-up: first-call costs (lazy kernels, allocator growth) are not throughput.
     eng.complete("Warm up: one two three", 8)
     if group == "single":
@@ -443,9 +457,12 @@ def wait_idle(max_wait: float, threshold: float = 0.3) -> float:
 
 def run_child(engine: str, model: Path, group: str, threads: int, timeout: float,
               idle_wait: float = 0.0) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    # Peers must not see our packages; ours keeps a PYTHONPATH (e.g. a worktree's code).
+    drop = ("VIRTUAL_ENV",) if engine.startswith("ours") else ("PYTHONPATH", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(_child_env(threads))
-    cmd = [str(ENGINES[engine]["python"]), str(Path(__file__).resolve()), "--child", engine,
+    python = ENGINES["ours" if engine.startswith("ours") else engine]["python"]
+    cmd = [str(python), str(Path(__file__).resolve()), "--child", engine,
            "--model-path", str(model), "--group", group, "--threads", str(threads)]
     busy = wait_idle(idle_wait) if idle_wait > 0 else None
     load_before = os.getloadavg()[0]
@@ -566,6 +583,9 @@ def main():
     ap.add_argument("--idle-wait", type=float, default=60,
                     help="before each child, wait up to this many seconds for the other processes "
                          "on the machine to leave the cores free (0: don't)")
+    ap.add_argument("--isq", action="store_true",
+                    help="ISQ benchmark instead: SmolLM2 float32 safetensors + ISQ Q4K and its UQFF vs a "
+                         "Q4_K_S GGUF made by llama.cpp's quantizer (ours and llama.cpp), batch 1")
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/peers-<date>.json)")
     # child mode (internal)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -574,11 +594,16 @@ def main():
     args = ap.parse_args()
 
     if args.child:
-        # The script's own folder is on sys.path; nothing else of the project should be.
-        sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        # The script's own folder is on sys.path; nothing else of the project should be
+        # (for the peers: their own `mistralrs` must win).
+        if not args.child.startswith("ours"):
+            sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
         print(MARK + json.dumps(child(args.child, args.model_path, args.group, args.threads)), flush=True)
         return
 
+    if args.isq:
+        isq_main(args)
+        return
     engines = [e for e in args.engines.split(",") if e]
     models = [m for m in args.models.split(",") if m]
     for e in engines:
@@ -647,6 +672,87 @@ def main():
     print()
     print(f"{args.threads} threads, {args.repeats} repeat(s); medians; ratios are medians of per-repeat "
           f"ours/peer; versions: " + ", ".join(f"{ENGINES[e]['label']} {v}" for e, v in versions.items()))
+    print()
+    print(md)
+    print(f"\nwritten: {out}")
+
+
+ISQ_CACHE = Path.home() / ".cache" / "mistralrs-bench"
+
+
+def _isq_inputs() -> dict[str, Path]:
+    """The float32 folder, the UQFF directory ISQ writes from it, and a Q4_K_S GGUF that
+    llama.cpp's quantizer makes from the same weights (the float32 folder is the bundled
+    Q4_1 GGUF dequantized; llama.cpp requantizes that GGUF through float32)."""
+    code = ("from mistralrs_quant.real_models import smollm2_f32, smollm2_gguf; "
+            "print(smollm2_f32()); print(smollm2_gguf())")
+    r = subprocess.run([str(OURS_PY), "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    if r.returncode:
+        sys.exit(f"SmolLM2 float32 folder: {r.stderr.strip()[-400:]}")
+    f32, src = (Path(x) for x in r.stdout.split()[-2:])
+    uqff = ISQ_CACHE / "smollm2-135m-uqff-q4k"
+    if not (uqff / "q4k-0.uqff").exists():
+        code = ("from mistralrs import Runner, Which; "
+                f"Runner(which=Which.Plain(model_id={str(f32)!r}, write_uqff={str(uqff)!r}), in_situ_quant='Q4K')")
+        r = subprocess.run([str(OURS_PY), "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+        if r.returncode:
+            sys.exit(f"writing the UQFF: {r.stderr.strip()[-400:]}")
+    gguf = ISQ_CACHE / "smollm2-135m-q4_k_s.gguf"
+    if not gguf.exists():
+        code = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S; p.allow_requantize = True; "
+                "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
+        r = subprocess.run([str(ENGINES["llamacpp"]["python"]), "-c", code, str(src), str(gguf)],
+                           capture_output=True, text=True, cwd=str(PEERS))
+        if r.returncode or not gguf.exists():
+            sys.exit(f"llama.cpp quantize: {r.stderr.strip()[-400:]}")
+    return {"ours_isq": f32, "ours_uqff": uqff, "ours": gguf, "llamacpp": gguf}
+
+
+def isq_main(args) -> None:
+    """ISQ Q4K (ours, from float32 safetensors) against llama.cpp on a Q4_K_S GGUF of the
+    same weights: decode/prefill ratios, ISQ time at load, UQFF load vs GGUF load, peak RSS."""
+    if skip_reason("llamacpp"):
+        sys.exit(f"llama.cpp: {skip_reason('llamacpp')}")
+    paths = _isq_inputs()
+    runs = []
+    for rep in range(args.repeats):
+        order = list(ISQ_ENGINES)
+        k = rep % len(order)
+        for e in order[k:] + order[:k]:
+            res = run_child(e, paths[e], "single", args.threads, args.timeout, args.idle_wait)
+            runs.append({"repeat": rep, "engine": e, "result": res})
+            brief = res.get("error") or ", ".join(f"{key}={res[key]:.3g}" for key in (
+                "load_s", "isq_s", "prefill_tps", "decode_tps", "peak_rss_mib") if res.get(key) is not None)
+            print(f"[{rep + 1}/{args.repeats}] {e:10s} {brief}", flush=True)
+
+    def med(e, key):
+        return _med([r["result"].get(key) for r in runs if r["engine"] == e and "error" not in r["result"]])
+
+    def ratio(a, b, key):
+        xs = [x["result"].get(key) / y["result"].get(key) for x in runs for y in runs
+              if x["engine"] == a and y["engine"] == b and x["repeat"] == y["repeat"]
+              and x["result"].get(key) and y["result"].get(key)]
+        return _med(xs)
+
+    rows = [("load (s)", "load_s", "{:.2f}"), ("ISQ at load (s)", "isq_s", "{:.2f}"),
+            (f"prefill tok/s ({PROMPT_TOKENS})", "prefill_tps", "{:.0f}"),
+            (f"decode tok/s ({DECODE_TOKENS})", "decode_tps", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}")]
+    lines = ["| measure | " + " | ".join(ISQ_ENGINES.values()) + " |", "|---" * (len(ISQ_ENGINES) + 1) + "|"]
+    for label, key, fmt in rows:
+        vals = [med(e, key) for e in ISQ_ENGINES]
+        lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in vals) + " |")
+    summary = {"decode_isq_over_llamacpp": ratio("ours_isq", "llamacpp", "decode_tps"),
+               "prefill_isq_over_llamacpp": ratio("ours_isq", "llamacpp", "prefill_tps"),
+               "uqff_load_over_gguf_load": ratio("ours_uqff", "ours", "load_s"),
+               "rss_isq_over_llamacpp": ratio("ours_isq", "llamacpp", "peak_rss_mib")}
+    md = "\n".join(lines) + "\n\n" + "\n".join(
+        f"- {k}: {'-' if v is None else f'{v:.2f}'}" for k, v in summary.items())
+    out = args.out or RESULTS / f"isq-{_dt.datetime.now():%Y-%m-%d-%H%M%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": _dt.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
+                               "paths": {k: str(v) for k, v in paths.items()}, "summary": summary,
+                               "table_md": md, "runs": runs}, indent=1))
     print()
     print(md)
     print(f"\nwritten: {out}")

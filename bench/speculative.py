@@ -13,7 +13,6 @@ from one run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -38,36 +37,9 @@ ARTICLE = (
 def dequantized_smollm2(gguf_path: Path, out: Path = CACHE) -> Path:
     """The GGUF's tensors dequantized to float32 under their Hugging Face names, with an HF
     config, the GGUF's own tokenizer as tokenizer.json and its chat template: a ``Which.Plain``
-    folder that means the same tokens as the GGUF."""
-    if (out / "model.safetensors").exists():
-        return out
-    from safetensors.torch import save_file
-
-    from mistralrs_quant.gguf_config import hf_config_from_gguf
-    from mistralrs_quant.gguf_loader import _family, iter_gguf_weights
-    from mistralrs_quant.gguf_reader import open_gguf
-    from mistralrs_quant.gguf_tokenizer import tokenizer_from_gguf
-
-    gguf = open_gguf([gguf_path])
-    arch = gguf.architecture
-    entry = _family(arch, None, gguf_path)
-    hf = hf_config_from_gguf(gguf.metadata, gguf.tensors, gguf.tensors["token_embd.weight"].shape[0], arch,
-                             family=entry)
-    weights = {}
-    for name, value in iter_gguf_weights(gguf, arch, hf):
-        t = value.dequantize() if hasattr(value, "dequantize") else value
-        weights[name] = t.to(torch.float32).contiguous()
-    tok, info = tokenizer_from_gguf(gguf.metadata)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps({**hf, "torch_dtype": "float32"}))
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": info.get("bos_token"), "eos_token": info.get("eos_token"),
-        "unk_token": info.get("unk_token"), "pad_token": info.get("pad_token"),
-        "add_bos_token": info["add_bos"], "add_eos_token": info["add_eos"],
-        "chat_template": info.get("chat_template")}))
-    return out
+    folder that means the same tokens as the GGUF (``mistralrs_quant.real_models.smollm2_f32``)."""
+    from mistralrs_quant.real_models import smollm2_f32
+    return smollm2_f32(out)
 
 
 def run(runner: Runner, prompt: str, tokens: int) -> tuple[str, float, float | None]:

@@ -103,12 +103,27 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
     entry = get_registry().loaders.get(loader_name.lower())
     if entry is None:
         raise ValueError(f"loader {loader_name!r} was selected but is not registered")
+    _check_quant_args(which, opts, loader_name)
     loader = entry.load()()
     from mistralrs_core.distributed import placement
     # Device maps (num_device_layers, auto_map_params, topology devices) and tensor-parallel
     # sharding apply to the models this load builds (CausalLM.load_weights asks for them).
     with placement.loading(placement.request_from(which, opts)):
         return loader.load(which, opts, name)
+
+
+def _check_quant_args(which, opts, loader_name: str) -> None:
+    """Topologies, UQFF and importance matrices are served for ``Which.Plain`` text models
+    (the safetensors loader hands them to the quant plugin); any other loader would ignore
+    them, so they are refused there. (``in_situ_quant`` is each loader's to take or refuse:
+    the diffusion loader quantizes through the same hook, GGUF refuses it.)"""
+    if loader_name.lower() in ("safetensors", "isq"):
+        return
+    from mistralrs_core.loading.model_loader import QUANT_WHICH_FIELDS
+    variant = type(which).__name__
+    for field in QUANT_WHICH_FIELDS:
+        if getattr(which, field, None):
+            raise NotAvailableYet(f"Which.{variant}({field}=...)", f"{field} serves Which.Plain text models")
 
 
 def _check_paged_attn(paged_attn: bool, no_paged_attn: bool) -> None:

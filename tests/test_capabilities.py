@@ -71,17 +71,18 @@ def test_runner_and_which_gates_both_ways(fresh_plugins, tiny_dir):
     # Speculative decoding is the core's own (engine/speculative.py).
     assert capabilities.provided()["speculative"] == "core"
     capabilities.check_runner_args(which_draft=object())
-    with pytest.raises(NotAvailableYet, match=r"in_situ_quant.*install mistralrs-quant"):
-        Runner(which=Which.Plain(model_id=str(tiny_dir)), in_situ_quant="Q4K")
-    which = Which.Plain(model_id=str(tiny_dir), from_uqff="x.uqff")
-    with pytest.raises(NotAvailableYet, match=r"Which.Plain\(from_uqff=...\).*install mistralrs-quant"):
+    # (in_situ_quant and from_uqff, the examples here once, are served by mistralrs-quant now)
+    with pytest.raises(NotAvailableYet, match=r"anymoe_config.*AnyMoE"):
+        Runner(which=Which.Plain(model_id=str(tiny_dir)), anymoe_config=object())
+    which = Which.Plain(model_id=str(tiny_dir), matformer_config_path="m.yml")
+    with pytest.raises(NotAvailableYet, match=r"Which.Plain\(matformer_config_path=...\).*install"):
         capabilities.check_which(which)
-    capabilities.check_which(which, supported={"from_uqff"})   # a loader that handles it
-    plugins.register_plugin(capability_plugin("mtp", "uqff"), "mtp_uqff_plugin")
+    capabilities.check_which(which, supported={"matformer_config_path"})   # a loader that handles it
+    plugins.register_plugin(capability_plugin("mtp", "matformer"), "mtp_matformer_plugin")
     capabilities.check_runner_args(mtp_model=object())
     capabilities.check_which(which)
-    with pytest.raises(NotAvailableYet, match="send_re_isq"):
-        capabilities.check_method("send_re_isq")
+    assert capabilities.provided()["isq"] == "quant"    # send_re_isq's gate: mistralrs-quant opens it
+    capabilities.check_method("send_re_isq")
 
 
 # --- strict registration ------------------------------------------------------------------

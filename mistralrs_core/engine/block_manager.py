@@ -153,6 +153,16 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def forget_prefixes(self) -> None:
+        """Drop every prefix-cache registration: the model's weights changed (re-quantized),
+        so K/V cached under a token prefix no longer match it. Blocks in use stay with
+        their sequences and go back to the free list when released."""
+        for b in self.cached:
+            self.free.append(b)
+        self.cached.clear()
+        self.by_hash.clear()
+        self.block_hash = [None] * self.num_blocks
+
     # --- allocation -----------------------------------------------------
     def _unregister(self, b: int) -> None:
         h = self.block_hash[b]

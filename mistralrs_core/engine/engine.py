@@ -223,6 +223,13 @@ class Engine:
             self.stats["requests"] += 1
             self._inbox.put(group)
 
+    def weights_changed(self) -> None:
+        """The model's weights were replaced (``send_re_isq``): the engine thread drops the
+        prefix cache before it schedules anything else, so no later request reuses K/V
+        computed with the old weights."""
+        self._forget_prefixes = True
+        self._wake.set()
+
     def cancel(self, group: RequestGroup) -> None:
         group.cancelled = True
         self._wake.set()
@@ -284,6 +291,8 @@ class Engine:
 
     def _run_loop(self) -> None:
         while not self._stop:
+            if self.__dict__.pop("_forget_prefixes", False):
+                self.blocks.forget_prefixes()
             self._drain_inbox()
             self._reap_cancelled()
             if not self.scheduler.has_work:

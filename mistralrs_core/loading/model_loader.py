@@ -97,10 +97,31 @@ def reject_unsupported_fields(which, supported: frozenset = frozenset()) -> None
     check_which(which, supported)
 
 
+#: What a Plain load may ask of a quantization plugin (Runner option, then Which fields).
+QUANT_WHICH_FIELDS = ("topology", "organization", "from_uqff", "write_uqff", "imatrix", "calibration_file")
+
+
+def quant_requested(which, opts) -> bool:
+    return bool(getattr(opts, "in_situ_quant", None)) or any(getattr(which, f, None) for f in QUANT_WHICH_FIELDS)
+
+
+def _quantizing_loader(which, opts):
+    """The plugin loader registered as "isq" when this load asks for in-situ quantization,
+    a topology, an importance matrix or UQFF (None: a dense load; without the plugin the
+    capability gate has already refused those arguments)."""
+    if not quant_requested(which, opts):
+        return None
+    entry = get_registry().loaders.get("isq")
+    return entry.load()() if entry is not None else None
+
+
 class SafetensorsLoader:
     """``Which.Plain``: a local or hub directory with config.json, safetensors and tokenizer."""
 
     def load(self, which, opts, name: str):
+        delegate = _quantizing_loader(which, opts)
+        if delegate is not None:
+            return delegate.load(which, opts, name)
         reject_unsupported_fields(which)
         from mistralrs_core.loading.hf_config import load_generation_config
         from mistralrs_core.loading.options import pick_device, pick_dtype

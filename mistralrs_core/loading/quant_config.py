@@ -61,6 +61,10 @@ class QuantConfig:
     compute_dtype: torch.dtype | None = None
     device: torch.device | None = attrs.field(default=None, converter=lambda d: None if d is None else torch.device(d))
     params: Mapping = attrs.field(factory=dict, hash=False)
+    #: A plugin's ISQ plan: an object whose ``type_for(hf_name, module)`` decides instead of
+    #: ``default_type``/``topology`` (upstream's topology files, promotion of embeddings and
+    #: LM heads, MoQE), carrying what the plugin's hook also needs (an importance matrix).
+    plan: object = attrs.field(default=None, eq=False, hash=False)
 
     def for_layer(self, hf_name: str, module=None) -> str | None:
         """The quantization type of the layer called ``hf_name`` (no ``.weight`` suffix), or
@@ -70,6 +74,8 @@ class QuantConfig:
             return None
         if self.kind in ("gguf", "uqff") or self.kind in PREQUANTIZED:
             return self.kind
+        if self.plan is not None:
+            return self.plan.type_for(hf_name, module)
         for pattern, qtype in self.topology:
             if pattern.search(hf_name):
                 return qtype

@@ -40,3 +40,48 @@ def gemma3_gguf() -> Optional[Path]:
     if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
         return target
     return Path(pkg.assemble())
+
+
+def smollm2_f32(out: Optional[Path] = None) -> Optional[Path]:
+    """SmolLM2-135M as a float32 safetensors folder (``Which.Plain``): the bundled GGUF's
+    tensors dequantized under their HF names, an HF config, the GGUF's tokenizer as
+    tokenizer.json and its chat template. Written once (default
+    ``~/.cache/mistralrs-bench/smollm2-135m-f32``); None when the GGUF is not installed."""
+    out = out or Path.home() / ".cache" / "mistralrs-bench" / "smollm2-135m-f32"
+    if (out / "model.safetensors").exists():
+        return out
+    gguf_path = smollm2_gguf()
+    if gguf_path is None:
+        return None
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .gguf_config import hf_config_from_gguf
+    from .gguf_loader import _family, iter_gguf_weights
+    from .gguf_reader import open_gguf
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    gguf = open_gguf([gguf_path])
+    arch = gguf.architecture
+    entry = _family(arch, None, gguf_path)
+    hf = hf_config_from_gguf(gguf.metadata, gguf.tensors, gguf.tensors["token_embd.weight"].shape[0], arch,
+                             family=entry)
+    weights = {}
+    for name, value in iter_gguf_weights(gguf, arch, hf):
+        t = value.dequantize() if hasattr(value, "dequantize") else value
+        weights[name] = t.to(torch.float32).contiguous()
+    tok, info = tokenizer_from_gguf(gguf.metadata)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "model.safetensors.partial"
+    save_file(weights, str(tmp))
+    (out / "config.json").write_text(json.dumps({**hf, "torch_dtype": "float32"}))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": info.get("bos_token"), "eos_token": info.get("eos_token"),
+        "unk_token": info.get("unk_token"), "pad_token": info.get("pad_token"),
+        "add_bos_token": info["add_bos"], "add_eos_token": info["add_eos"],
+        "chat_template": info.get("chat_template")}))
+    tmp.rename(out / "model.safetensors")   # last: its presence means the folder is complete
+    return out

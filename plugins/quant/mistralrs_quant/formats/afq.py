@@ -148,6 +148,11 @@ class AFQMethod:
         return cls(torch.cat([m.w_q for m in methods]), torch.cat([m.scales for m in methods]),
                    torch.cat([m.biases for m in methods]), first.bits, first.group_size)
 
+    def slice_rows(self, start: int, stop: int) -> "AFQMethod":
+        """Output rows ``start:stop`` (a fused layer's part, for UQFF): groups run along a row."""
+        return type(self)(self.w_q[start:stop], self.scales[start:stop], self.biases[start:stop],
+                          self.bits, self.group_size)
+
     @property
     def nbytes(self) -> int:
         extra = self._int4_packed.nbytes if self._int4_packed is not None else 0

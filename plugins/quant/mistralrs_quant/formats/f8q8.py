@@ -78,6 +78,10 @@ class F8Q8Method:
         return cls(torch.cat([m.blocks for m in methods]),
                    (sum(m.out_features for m in methods), first.in_features))
 
+    def slice_rows(self, start: int, stop: int) -> "F8Q8Method":
+        """Output rows ``start:stop`` (a fused layer's part, for UQFF): blocks run along a row."""
+        return type(self)(self.blocks[start:stop], (stop - start, self.in_features))
+
     @property
     def nbytes(self) -> int:
         return self.blocks.numel()

@@ -58,7 +58,8 @@ ENV_DISABLE = "MISTRALRS_QUANT_NO_CPP"
 ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _LIB_NAME = "mistralrs_quant_ggml"
-_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp")
+_SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp",
+            "ggml_quantize.cpp")
 _HEADERS = ("ggml_kernels.h", "mq_parallel.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
 # reference dequantizer (the AVX-512 code uses explicit FMAs only where they are exact).
@@ -151,6 +152,8 @@ def _build() -> ctypes.CDLL:
     lib.mq_dequantize.argtypes = [cint, cint, vp, i64, i64, i64, vp, i64, vp, cint]
     lib.mq_decoder_step.restype = cint
     lib.mq_decoder_step.argtypes = [vp, vp]
+    lib.mq_quantize.restype = cint
+    lib.mq_quantize.argtypes = [cint, vp, vp, i64, i64, vp]
     lib.mq_set_thread_cap.restype = None
     lib.mq_set_thread_cap.argtypes = [cint]
     # The same library again, for the one function that builds Python objects: PyDLL keeps
@@ -372,4 +375,39 @@ def dequantize(raw: torch.Tensor, ggml_type: int, ids: Optional[torch.Tensor] = 
     if r and k:
         _check(lib.mq_dequantize(int(ggml_type), impl, raw.data_ptr(), raw.stride(0), raw.shape[0], k,
                                  ids_ptr, r, out.data_ptr(), int(dtype == torch.bfloat16)))
+    return out
+
+
+# ggml type id -> (elements, bytes) per block of the types mq_quantize writes.
+QUANTIZE_BLOCKS = {10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+                   15: (256, 292), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+                   9: (32, 36), 39: (32, 17)}
+# Types whose quantizer takes an importance matrix (the others ignore one, as llama.cpp).
+QUANTIZE_IMATRIX = {2, 3, 6, 7, 10, 11, 12, 13, 14}
+
+
+def quantize(x: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [N, K] -> uint8 [N, bytes per row] as llama.cpp's quantizer writes it (with an
+    ``imatrix`` of K importance weights for the types that use one), rows in parallel."""
+    lib = _lib()
+    if ggml_type not in QUANTIZE_BLOCKS:
+        raise ValueError(f"mq_quantize does not write ggml type {ggml_type}")
+    if ggml_type not in QUANTIZE_IMATRIX:
+        imatrix = None
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    x = x.to(device="cpu", dtype=torch.float32).contiguous()
+    n, k = x.shape
+    elems, nbytes = QUANTIZE_BLOCKS[ggml_type]
+    if k % elems:
+        raise ValueError(f"row length {k} is not a multiple of the block size {elems}")
+    qw = None
+    if imatrix is not None:
+        qw = imatrix.to(device="cpu", dtype=torch.float32).contiguous().reshape(-1)
+        if qw.numel() != k:
+            raise ValueError(f"imatrix has {qw.numel()} weights, the rows have {k} columns")
+    out = torch.empty(n, k // elems * nbytes, dtype=torch.uint8)
+    if n:
+        _check(lib.mq_quantize(int(ggml_type), x.data_ptr(), None if qw is None else qw.data_ptr(), n, k,
+                               out.data_ptr()))
     return out

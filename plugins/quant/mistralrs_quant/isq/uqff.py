@@ -1,0 +1,300 @@
+"""UQFF 1.2, upstream's quantized-model directory (``reference/uqff-format``).
+
+A directory holds ``<stem>-<N>.uqff`` shards (safetensors files, ~10 GiB each), one
+``residual.safetensors`` with the tensors that stayed dense (norms, unquantized layers),
+and the model's assets (config, tokenizer, templates). In a shard every quantized layer
+``<key>`` (its HF name, ``model.layers.0.self_attn.q_proj``) describes itself:
+
+* ``<key>.weight.format``: u8 scalar, the family tag (0 GGUF, 1 unquantized, 2 HQQ, 3 FP8,
+  4 AFQ, 5 F8Q8, 6 MXFP4, upstream's ``QuantizedSerdeType``);
+* GGUF family: ``<key>.weight`` the raw ggml blocks as u8 [n bytes], ``<key>.weight.dtype``
+  u32 scalar (the ggml type id) and ``<key>.weight.shape`` u32 [rank] (``[out, in]``);
+* unquantized: ``<key>.weight`` a plain tensor;
+* other families: what their class's ``to_uqff_tensors`` writes;
+* ``<key>.bias`` when the layer has one.
+
+Each shard also holds the version scalars ``uqff.version.{major,minor,patch}`` (u32). A
+reader refuses another major version and a newer minor, as upstream does.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+VERSION = (1, 2, 0)
+_VERSION_KEYS = ("uqff.version.major", "uqff.version.minor", "uqff.version.patch")
+RESIDUAL = "residual.safetensors"
+SHARD_BYTES = 10 << 30
+ASSETS = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "modules.json",
+          "chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+          "special_tokens_map.json", "tokenizer.model")
+FORMAT_GGUF, FORMAT_UNQUANT, FORMAT_HQQ, FORMAT_FP8, FORMAT_AFQ, FORMAT_F8Q8, FORMAT_MXFP4 = range(7)
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<n>\d+)\.uqff$")
+
+
+def _u32(v) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.uint32)
+
+
+def _u8(v) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- writing
+
+def layer_tensors(key: str, method, bias: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The shard entries of one layer's quant method."""
+    from ..qlinear import GGMLQuantMethod
+    if isinstance(method, GGMLQuantMethod):
+        if method.raw is None:
+            raise ValueError(f"{key}: the layer keeps no ggml bytes to write")
+        raw = method.raw.contiguous().cpu()
+        out = {f"{key}.weight.format": _u8(FORMAT_GGUF), f"{key}.weight": raw.reshape(-1).clone(),
+               f"{key}.weight.dtype": _u32(int(method.ggml_type)),
+               f"{key}.weight.shape": _u32([method.out_features, method.in_features])}
+    else:
+        to_uqff = getattr(method, "to_uqff_tensors", None)
+        if to_uqff is None:
+            raise ValueError(f"{key}: {type(method).__name__} cannot be written to UQFF (no to_uqff_tensors)")
+        # the method's entries are named relative to the layer (``weight``, ``weight.scales`` ...)
+        out = {f"{key}.{name}": t for name, t in to_uqff().items()}
+    if bias is not None:
+        out[f"{key}.bias"] = bias.detach().cpu().contiguous()
+    return out
+
+
+def dense_layer_tensors(key: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {f"{key}.weight.format": _u8(FORMAT_UNQUANT), f"{key}.weight": weight.detach().cpu().contiguous()}
+    if bias is not None:
+        out[f"{key}.bias"] = bias.detach().cpu().contiguous()
+    return out
+
+
+def _quantized_layers(model):
+    """(HF layer name, quant method, bias) for every quantized layer; fused layers are split
+    back into their checkpoint parts (GGML rows are whole blocks, so a row slice is exact)."""
+    for module in model.modules():
+        method = getattr(module, "qmethod", None)
+        if method is None:
+            continue
+        bias = getattr(module, "bias", None)
+        parts = getattr(module, "fused_parts", None)
+        if parts:
+            from ..qlinear import GGMLQuantMethod
+            if isinstance(method, GGMLQuantMethod) and method.raw is not None:
+                def rows(start, stop):
+                    return GGMLQuantMethod(method.raw[start:stop], method.ggml_type, cpp=False)
+            elif hasattr(method, "slice_rows"):
+                rows = method.slice_rows
+            else:
+                name = module.__dict__.get("hf_name") or parts[0][0]
+                raise ValueError(f"{name}: a fused {type(method).__name__} cannot be split for UQFF")
+            for part, start, stop in parts:
+                if part is None:
+                    continue
+                yield part, rows(start, stop), None if bias is None else bias[start:stop]
+        else:
+            yield module.__dict__.get("hf_name"), method, bias
+
+
+def _residual_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
+    """Every dense parameter under its checkpoint name (fused dense layers split)."""
+    out: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        prefix = module.__dict__.get("hf_name")
+        parts = getattr(module, "fused_parts", None)
+        for attr, p in module.named_parameters(recurse=False):
+            if p is None or p.device.type == "meta":
+                continue
+            if attr == "bias" and (prefix in quantized or (parts and getattr(module, "qmethod", None) is not None)):
+                continue   # written next to the quantized weight
+            t = p.detach().cpu()
+            if parts:
+                for part, start, stop in parts:
+                    if part is not None:
+                        out[f"{part}.{attr}"] = t[start:stop].contiguous()
+            else:
+                out[f"{prefix}.{attr}" if prefix else attr] = t.contiguous()
+    return out
+
+
+def write_uqff(model, target: str | Path, source_dir: Optional[Path], stem: str,
+               shard_bytes: int = SHARD_BYTES) -> list[Path]:
+    """Write ``model``'s quantized layers and residual as a UQFF directory; returns the
+    shard paths. ``target``: a directory (shards ``<stem>-<N>.uqff`` there), or a file
+    name ending in ``.uqff`` (``out/model.uqff``: directory ``out``, stem ``model``)."""
+    from safetensors.torch import save_file
+    target = Path(target).expanduser()
+    if target.suffix == ".uqff":
+        # A file name: its directory, and its stem without any "-<N>" shard number.
+        m = _SHARD.match(target.name)
+        directory, stem = target.parent, (m.group("stem") if m else target.stem)
+    else:
+        directory = target
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"uqff.producer": "mistralrs-python", "uqff.producer.mistralrs.version": "0.1.0"}
+    version = {k: _u32(v) for k, v in zip(_VERSION_KEYS, VERSION)}
+    shards: list[dict] = [{}]
+    size = 0
+    quantized = set()
+    for key, method, bias in _quantized_layers(model):
+        entries = layer_tensors(key, method, bias)
+        quantized.add(key)
+        n = sum(t.numel() * t.element_size() for t in entries.values())
+        if size and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1].update(entries)
+        size += n
+    paths = []
+    for old in directory.glob(f"{stem}-*.uqff"):
+        if _SHARD.match(old.name):
+            old.unlink()
+    for i, entries in enumerate(shards):
+        path = directory / f"{stem}-{i}.uqff"
+        save_file({**version, **entries}, str(path), metadata=meta)
+        paths.append(path)
+    save_file(_residual_tensors(model, quantized), str(directory / RESIDUAL), metadata={"format": "pt"})
+    if source_dir is not None and Path(source_dir).resolve() != directory.resolve():
+        for name in ASSETS:
+            src = Path(source_dir) / name
+            if src.is_file():
+                shutil.copyfile(src, directory / name)
+    return paths
+
+
+# --------------------------------------------------------------------------- reading
+
+def expand_shards(from_uqff, model_dir: Optional[Path]) -> list[Path]:
+    """``from_uqff`` (a path, a list of paths, or paths joined by ';') -> every shard file:
+    ``q4k-0.uqff`` brings its siblings ``q4k-1.uqff`` ... Relative names are looked up in
+    the model directory when not found as given."""
+    items = from_uqff if isinstance(from_uqff, (list, tuple)) else str(from_uqff).split(";")
+    out: list[Path] = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        p = Path(item).expanduser()
+        if not p.is_file() and model_dir is not None and (model_dir / item).is_file():
+            p = model_dir / item
+        if not p.is_file():
+            raise FileNotFoundError(f"from_uqff: no such UQFF file {item!r}"
+                                    + (f" (also looked in {model_dir})" if model_dir is not None else ""))
+        m = _SHARD.match(p.name)
+        group = [p]
+        if m is not None:
+            group = sorted((q for q in p.parent.glob(f"{m.group('stem')}-*.uqff")
+                            if (mm := _SHARD.match(q.name)) and mm.group("stem") == m.group("stem")),
+                           key=lambda q: int(_SHARD.match(q.name).group("n")))
+        for q in group:
+            if q not in out:
+                out.append(q)
+    if not out:
+        raise ValueError("from_uqff: no UQFF file given")
+    return out
+
+
+class UqffQuantizedWeight:
+    """One layer read from a shard: its entries, turned into the method by the quant hook
+    (``uqff_quant_method``) or dequantized when no layer can hold it packed."""
+
+    def __init__(self, key: str, entries: dict[str, torch.Tensor], where: Path):
+        self.key, self.entries, self.where = key, entries, where
+        self.format = int(entries[f"{key}.weight.format"].item())
+        if self.format == FORMAT_GGUF:
+            shape = entries[f"{key}.weight.shape"].to(torch.int64).tolist()
+            if len(shape) != 2:
+                raise ValueError(f"{where}: {key}: only 2-D GGUF entries are supported, shape {shape}")
+            self.shape = tuple(shape)
+            self.ggml_type = int(entries[f"{key}.weight.dtype"].item())
+
+    def method(self, compute_dtype: torch.dtype, device, cpp_impl=None):
+        if self.format == FORMAT_GGUF:
+            from ..formats import get_format
+            from ..qlinear import GGMLQuantMethod
+            spec = get_format(self.ggml_type)
+            raw = self.entries[f"{self.key}.weight"].reshape(self.shape[0], spec.row_bytes(self.shape[1]))
+            if device is not None and torch.device(device).type != "cpu":
+                raw = raw.to(device)
+            return GGMLQuantMethod(raw, self.ggml_type, self.shape, compute_dtype=compute_dtype, cpp_impl=cpp_impl)
+        cls = _FAMILY_CLASSES.get(self.format)
+        if cls is None:
+            raise ValueError(f"{self.where}: {self.key}: unknown UQFF format tag {self.format}")
+        from .types import TYPES
+        target = TYPES[cls].load_class()
+        from_uqff = getattr(target, "from_uqff_tensors", None)
+        if from_uqff is None:
+            raise ValueError(f"{self.where}: {self.key}: {target.__name__} cannot read UQFF entries")
+        prefix = f"{self.key}."
+        mine = {k[len(prefix):]: (t if device is None else t.to(device))
+                for k, t in self.entries.items() if k.startswith(prefix)}
+        return from_uqff(mine)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.format == FORMAT_UNQUANT:
+            return self.entries[f"{self.key}.weight"]
+        return self.method(torch.float32, None).dequantize()
+
+
+# Format tag -> an ISQ type of the family whose class reads it.
+_FAMILY_CLASSES = {FORMAT_HQQ: "HQQ4", FORMAT_FP8: "FP8", FORMAT_AFQ: "AFQ4", FORMAT_F8Q8: "F8Q8"}
+
+
+def _check_version(path: Path, tensors: dict) -> None:
+    if not all(k in tensors for k in _VERSION_KEYS):
+        raise ValueError(f"{path}: UQFF file has no version tag (pre-1.0 file); regenerate it")
+    major, minor, patch = (int(tensors[k].item()) for k in _VERSION_KEYS)
+    ours = ".".join(map(str, VERSION))
+    if major != VERSION[0]:
+        raise ValueError(f"{path}: UQFF version {major}.{minor}.{patch} is incompatible with this reader ({ours})")
+    if minor > VERSION[1]:
+        raise ValueError(f"{path}: UQFF version {major}.{minor}.{patch} was written by a newer producer than "
+                         f"this reader ({ours}); upgrade")
+
+
+def iter_uqff(shards: Iterable[Path]):
+    """(name, tensor | UqffQuantizedWeight) for every layer of the shards: quantized
+    layers as one ``<key>.weight`` item, unquantized entries as plain tensors."""
+    from safetensors import safe_open
+    for path in shards:
+        try:
+            f = safe_open(str(path), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path}: not a UQFF (safetensors) file: {exc}") from None
+        with f:
+            names = list(f.keys())
+            _check_version(path, {k: f.get_tensor(k) for k in _VERSION_KEYS if k in names})
+            keys = [n[:-len(".weight.format")] for n in names if n.endswith(".weight.format")]
+            for key in keys:
+                prefix = f"{key}."
+                entries = {n: f.get_tensor(n) for n in names if n.startswith(prefix)
+                           and (n == f"{key}.weight" or n.startswith(f"{key}.weight."))}
+                layer = UqffQuantizedWeight(key, entries, path)
+                if layer.format == FORMAT_UNQUANT:
+                    yield f"{key}.weight", entries[f"{key}.weight"]
+                else:
+                    yield f"{key}.weight", layer
+                if f"{key}.bias" in names:
+                    yield f"{key}.bias", f.get_tensor(f"{key}.bias")
+
+
+def uqff_quant_method(quant_config, hf_name: str, module, weight):
+    if not isinstance(weight, UqffQuantizedWeight):
+        return None
+    plan = quant_config.plan
+    return weight.method(quant_config.compute_dtype or torch.float32, quant_config.device,
+                         getattr(plan, "cpp_impl", None))
+
+
+def shard_stem(isq_name: Optional[str]) -> str:
+    return (isq_name or "uqff").lower()
+
+
+def report(paths: list[Path]) -> str:
+    return json.dumps([str(p) for p in paths])
