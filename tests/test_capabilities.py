@@ -72,8 +72,8 @@ def test_runner_and_which_gates_both_ways(fresh_plugins, tiny_dir):
     assert capabilities.provided()["speculative"] == "core"
     capabilities.check_runner_args(which_draft=object())
     # (in_situ_quant and from_uqff, the examples here once, are served by mistralrs-quant now)
-    with pytest.raises(NotAvailableYet, match=r"anymoe_config.*AnyMoE"):
-        Runner(which=Which.Plain(model_id=str(tiny_dir)), anymoe_config=object())
+    with pytest.raises(NotAvailableYet, match=r"mtp_model.*multi-token prediction"):
+        Runner(which=Which.Plain(model_id=str(tiny_dir)), mtp_model=Which.Plain(model_id=str(tiny_dir)))
     which = Which.Plain(model_id=str(tiny_dir), matformer_config_path="m.yml")
     with pytest.raises(NotAvailableYet, match=r"Which.Plain\(matformer_config_path=...\).*install"):
         capabilities.check_which(which)
