@@ -118,6 +118,10 @@ def test_forced_tool_use_then_its_result_gets_an_answer(client):
     use = m.content[0]
     assert use.name == "get_weather" and use.id.startswith("toolu_") and isinstance(use.input, dict)
     jsonschema.validate(use.input, WEATHER["input_schema"])
+    # The offered tools are part of the prompt, and of its count.
+    counted = client.messages.count_tokens(model="default", messages=[ASK], tools=[WEATHER], tool_choice=FORCED)
+    assert counted.input_tokens == m.usage.input_tokens > client.messages.count_tokens(
+        model="default", messages=[ASK]).input_tokens
     # SmolLM2 offered the tool again calls it again; "none" asks for the answer.
     answer = client.messages.create(
         model="default", max_tokens=24, tools=[WEATHER], tool_choice={"type": "none"}, extra_body=GREEDY,
@@ -141,6 +145,7 @@ def test_streamed_tool_use(client, server):
     for e in events:
         strict.validate_python(e)
     assert events[1]["content_block"]["type"] == "tool_use" and events[1]["content_block"]["input"] == {}
+    assert events[0]["message"]["usage"]["input_tokens"] == full.usage.input_tokens   # tools counted up front
     deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
     assert deltas and all(d["type"] == "input_json_delta" for d in deltas)
     assert json.loads("".join(d["partial_json"] for d in deltas)) == full.content[0].input
