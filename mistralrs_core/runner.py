@@ -468,6 +468,11 @@ class Runner:
         from mistralrs_core.api.validate import validate_chat_request
         pipe = self._serving(model_id, TEXT_KINDS, "count_chat_tokens")
         validate_chat_request(request)
+        tool_calling = getattr(pipe, "tool_calling", None)
+        if tool_calling is not None:
+            # Offered tools and past calls render as the model will see them (for a template
+            # without tools, a system message of tool specs), so they count.
+            request = tool_calling(request)[0]
         return len(pipe.chat_prompt(request).ids)
 
     def send_embedding_request(self, request: EmbeddingRequest, model_id: str | None = None) -> list[list[float]]:

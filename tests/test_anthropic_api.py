@@ -7,6 +7,7 @@ import json
 
 import anthropic
 import httpx
+import jsonschema
 import pydantic
 import pytest
 
@@ -15,6 +16,11 @@ from mistralrs_core.testing.server import Server, smollm2_args
 QUESTION = "What is the capital of France?"
 SYSTEM = "You are a helpful assistant."
 GREEDY = {"temperature": 0}   # this anthropic SDK takes sampling fields through extra_body
+WEATHER = {"name": "get_weather", "description": "Get the current weather in a city.", "strict": True,
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                            "additionalProperties": False}}
+FORCED = {"type": "tool", "name": "get_weather"}
+ASK = {"role": "user", "content": "What is the weather in Paris?"}
 
 
 @pytest.fixture(scope="module")
@@ -104,18 +110,72 @@ def test_count_tokens_matches_usage(client):
     assert counted.input_tokens == used.usage.input_tokens > 0
 
 
+def test_forced_tool_use_then_its_result_gets_an_answer(client):
+    m = client.messages.create(model="default", max_tokens=60, messages=[ASK], tools=[WEATHER], tool_choice=FORCED,
+                               extra_body=GREEDY)
+    anthropic.types.Message.model_validate(m.to_dict())
+    assert m.stop_reason == "tool_use" and [b.type for b in m.content] == ["tool_use"]
+    use = m.content[0]
+    assert use.name == "get_weather" and use.id.startswith("toolu_") and isinstance(use.input, dict)
+    jsonschema.validate(use.input, WEATHER["input_schema"])
+    # The offered tools are part of the prompt, and of its count.
+    counted = client.messages.count_tokens(model="default", messages=[ASK], tools=[WEATHER], tool_choice=FORCED)
+    assert counted.input_tokens == m.usage.input_tokens > client.messages.count_tokens(
+        model="default", messages=[ASK]).input_tokens
+    # SmolLM2 offered the tool again calls it again; "none" asks for the answer.
+    answer = client.messages.create(
+        model="default", max_tokens=24, tools=[WEATHER], tool_choice={"type": "none"}, extra_body=GREEDY,
+        messages=[ASK, {"role": "assistant", "content": m.content},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                                "content": [{"type": "text", "text": "21 C and sunny"}]}]}])
+    assert answer.stop_reason == "end_turn" and answer.content[0].type == "text" and "21" in answer.content[0].text
+
+
+def test_streamed_tool_use(client, server):
+    kw = dict(model="default", max_tokens=60, messages=[ASK], tools=[WEATHER], tool_choice=FORCED, extra_body=GREEDY)
+    full = client.messages.create(**kw)
+    with client.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[0].type == "tool_use"
+    assert final.content[0].input == full.content[0].input and final.content[0].name == "get_weather"
+    events = stream_events(server, {**kw.pop("extra_body"), **kw, "stream": True})
+    assert [e["type"] for e in events] == ["message_start", "content_block_start"] + \
+        ["content_block_delta"] * (len(events) - 5) + ["content_block_stop", "message_delta", "message_stop"]
+    strict = pydantic.TypeAdapter(anthropic.types.RawMessageStreamEvent)
+    for e in events:
+        strict.validate_python(e)
+    assert events[1]["content_block"]["type"] == "tool_use" and events[1]["content_block"]["input"] == {}
+    assert events[0]["message"]["usage"]["input_tokens"] == full.usage.input_tokens   # tools counted up front
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert deltas and all(d["type"] == "input_json_delta" for d in deltas)
+    assert json.loads("".join(d["partial_json"] for d in deltas)) == full.content[0].input
+    assert events[-2]["delta"]["stop_reason"] == "tool_use"
+
+
 @pytest.mark.parametrize("body, field", [
     ({"messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
     ({"max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
     ({"max_tokens": 8, "messages": []}, "messages"),
     ({"max_tokens": 8, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]},
-     "messages[0].content[0].type"),
+    ({"max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]}, "messages[0].content[0].type"),
+    ({"max_tokens": 8, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "t", "name": "get_weather", "input": "Paris"}]}]}, "messages[1].content[0].input"),
+    ({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
+     "messages[0].content[0].tool_use_id"),
     ({"max_tokens": 8, "system": [{"type": "image"}], "messages": [{"role": "user", "content": "hi"}]}, "system[0]"),
     ({"max_tokens": 8, "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}, "temperature"),
     ({"max_tokens": 8, "stop_sequences": "END", "messages": [{"role": "user", "content": "hi"}]}, "stop_sequences"),
-    ({"max_tokens": 8, "tools": [{"name": "f", "input_schema": {}}], "messages": [{"role": "user", "content": "hi"}]},
-     "tools"),
+    ({"max_tokens": 8, "tools": [{"name": "f"}], "messages": [{"role": "user", "content": "hi"}]},
+     "tools[0].input_schema"),
+    ({"max_tokens": 8, "tools": [{**WEATHER, "name": "bad name!"}], "messages": [{"role": "user", "content": "hi"}]},
+     "tools[0].name"),
+    ({"max_tokens": 8, "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+      "messages": [{"role": "user", "content": "hi"}]}, "tools[0].type"),
+    ({"max_tokens": 8, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"},
+      "messages": [{"role": "user", "content": "hi"}]}, "tool_choice"),
+    ({"max_tokens": 8, "tools": [WEATHER], "tool_choice": {"type": "sometimes"},
+      "messages": [{"role": "user", "content": "hi"}]}, "tool_choice"),
     # An image reaches the chat path as an image_url part, which a text model refuses.
     ({"max_tokens": 8, "system": SYSTEM, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},

@@ -3,9 +3,11 @@ official ``openai`` client: answers equal the chat route's for the same conversa
 OpenAI's streaming event sequence, chaining, the store (get/delete/cancel), errors."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -18,6 +20,10 @@ QUESTION = "What is the capital of France?"
 STREAM_EVENTS_HEAD = ["response.created", "response.in_progress", "response.output_item.added",
                       "response.content_part.added"]
 STREAM_EVENTS_TAIL = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+WEATHER = {"type": "function", "name": "get_weather", "description": "Get the current weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                          "additionalProperties": False}, "strict": True}
+FORCED = {"type": "function", "name": "get_weather"}
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +190,67 @@ def test_client_leaving_a_stream_cancels_it(server):
     assert server.client().responses.retrieve(rid).status == "cancelled"
 
 
+def test_forced_function_call_then_its_output_gets_an_answer(client):
+    r = client.responses.create(model="default", input="What is the weather in Paris?", tools=[WEATHER],
+                                tool_choice=FORCED, max_output_tokens=60, temperature=0)
+    Response.model_validate(r.to_dict())
+    assert r.status == "completed" and [i.type for i in r.output] == ["function_call"]
+    call = r.output[0]
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and call.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert r.tools[0].name == "get_weather" and r.tool_choice.name == "get_weather"
+
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "21 C and sunny"}
+    # SmolLM2 offered the tool again calls it again; "none" asks for the answer.
+    chained = client.responses.create(model="default", input=[result], previous_response_id=r.id, tools=[WEATHER],
+                                      tool_choice="none", max_output_tokens=24, temperature=0)
+    assert chained.status == "completed" and "21" in chained.output_text
+    assert all(i.type == "message" for i in chained.output)
+    # The same conversation spelled out as items (the call item sent back as it came) answers the same.
+    explicit = client.responses.create(
+        model="default", input=[{"role": "user", "content": "What is the weather in Paris?"}, call.to_dict(), result],
+        tools=[WEATHER], tool_choice="none", max_output_tokens=24, temperature=0)
+    assert explicit.output_text == chained.output_text
+    assert explicit.usage.input_tokens == chained.usage.input_tokens
+    items = client.responses.input_items.list(chained.id).data
+    assert [i.type for i in items] == ["function_call_output", "function_call", "message"]   # newest first
+    assert items[1].call_id == call.call_id and items[0].output == "21 C and sunny"
+
+
+def test_streamed_function_call_follows_openais_events(client):
+    kw = dict(model="default", input="What is the weather in Paris?", tools=[WEATHER], tool_choice=FORCED,
+              max_output_tokens=60, temperature=0)
+    full = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    types = [e.type for e in events]
+    n = types.count("response.function_call_arguments.delta")
+    assert n >= 1 and types == ["response.created", "response.in_progress", "response.output_item.added"] + \
+        ["response.function_call_arguments.delta"] * n + \
+        ["response.function_call_arguments.done", "response.output_item.done", "response.completed"]
+    strict = pydantic.TypeAdapter(ResponseStreamEvent)
+    for e in events:
+        strict.validate_python(e.to_dict())
+    added, done, final = events[2].item, events[-2].item, events[-1].response
+    assert added.type == "function_call" and added.status == "in_progress" and added.arguments == ""
+    args = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+    assert args == events[-3].arguments == done.arguments == final.output[0].arguments == full.output[0].arguments
+    assert done.status == "completed" and done.id == added.id and final.output[0].call_id == added.call_id
+    jsonschema.validate(json.loads(args), WEATHER["parameters"])
+    # Streamed, the call is stored and chains like any other.
+    nxt = client.responses.create(model="default", previous_response_id=final.id, tools=[WEATHER], temperature=0,
+                                  tool_choice="none", max_output_tokens=24, stream=True, input=[
+                                      {"type": "function_call_output", "call_id": done.call_id, "output": "21 C"}])
+    assert "21" in [e for e in nxt][-1].response.output_text
+
+
 @pytest.mark.parametrize("kw, param", [
-    (dict(input=QUESTION, tools=[{"type": "function", "name": "f", "parameters": {}}]), "tools"),
     (dict(input=QUESTION, max_output_tokens=0), "max_output_tokens"),
-    (dict(input=[{"type": "function_call_output", "call_id": "c", "output": "x"}]), "input[0].type"),
+    (dict(input=[{"type": "reasoning", "summary": []}]), "input[0].type"),
+    (dict(input=[{"type": "function_call", "name": "f", "arguments": "{}"}]), "input[0].call_id"),
+    (dict(input=QUESTION, tools=[WEATHER], tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
+    (dict(input=QUESTION, tools=[{"type": "web_search"}]), "tools[0].type"),
+    (dict(input=QUESTION, tools=[{**WEATHER, "name": "bad name!"}]), "tools[0].name"),
+    (dict(input=QUESTION, tools=[WEATHER], tool_choice={"type": "mcp"}), "tool_choice"),
     (dict(input=[{"role": "robot", "content": "hi"}]), "input[0].role"),
     (dict(input=[{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]), "input[0].content[0].type"),
     (dict(input=QUESTION, temperature="hot"), "temperature"),

@@ -6,11 +6,14 @@ blocks as text / ``image_url`` parts, ``stop_sequences`` as ``stop``) and runs t
 ``inference.run_chat``, the code ``/v1/chat/completions`` runs; the answer (or its chunks)
 becomes a Message (or Anthropic's event sequence). Errors leave in Anthropic's shape,
 ``{"type": "error", "error": {"type", "message"}}``, with the offending field first in the
-message. Tool use is refused until the tools work reaches this API.
+message. Tools map onto the chat path's tools: ``tool_use`` blocks are an assistant turn's
+``tool_calls``, ``tool_result`` blocks are ``tool`` messages, and the answer's calls come
+back as ``tool_use`` blocks with ``stop_reason: "tool_use"``.
 """
 from __future__ import annotations
 
 import functools
+import json
 import re
 import uuid
 from typing import Any, Callable
@@ -78,12 +81,41 @@ def _image(field: str, block: dict) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _blocks(field: str, content: Any) -> str | list[dict]:
+def _tool_use(field: str, block: dict) -> dict:
+    """A ``tool_use`` block as one OpenAI chat tool call."""
+    args = block.get("input")
+    if not isinstance(args, dict):
+        _fail(f"{field}.input", f"must be an object, got {args!r}")
+    return {"id": _str(f"{field}.id", block.get("id")), "type": "function",
+            "function": {"name": _str(f"{field}.name", block.get("name")), "arguments": json.dumps(args)}}
+
+
+def _tool_result(field: str, block: dict) -> dict:
+    """A ``tool_result`` block as a ``tool`` message (text only: a text model reads no images)."""
+    content = block.get("content", "")
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                _fail(f"{field}.content[{k}]", f"must be a text block, got {part!r}")
+            texts.append(_str(f"{field}.content[{k}].text", part.get("text")))
+        content = "\n".join(texts)
+    content = _str(f"{field}.content", content)
+    if block.get("is_error") and not content.startswith("Error"):
+        # How the agentic loop words a failed tool for the model.
+        content = f"Error: {content}"
+    return {"role": "tool", "tool_call_id": _str(f"{field}.tool_use_id", block.get("tool_use_id")),
+            "content": content}
+
+
+def _blocks(field: str, content: Any, role: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """A message's content as (tool messages from tool_result blocks, text/image parts,
+    tool calls from tool_use blocks)."""
     if isinstance(content, str):
-        return content
+        return [], [{"type": "text", "text": content}], []
     if not isinstance(content, list):
         _fail(field, f"must be a string or a list of content blocks, got {content!r}")
-    parts = []
+    results, parts, calls = [], [], []
     for j, block in enumerate(content):
         where = f"{field}[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -93,13 +125,54 @@ def _blocks(field: str, content: Any) -> str | list[dict]:
             parts.append(_image(where, block))
         elif kind in _DROPPED_BLOCKS:
             continue
-        elif kind in ("tool_use", "tool_result", "server_tool_use"):
-            _fail(f"{where}.type", f"tool use is not supported by /v1/messages yet, got {kind!r}")
+        elif kind == "tool_use" and role == "assistant":
+            calls.append(_tool_use(where, block))
+        elif kind == "tool_result" and role == "user":
+            results.append(_tool_result(where, block))
         else:
-            _fail(f"{where}.type", f"must be 'text' or 'image', got {kind!r}")
+            allowed = "'text', 'image' or 'tool_use'" if role == "assistant" else "'text', 'image' or 'tool_result'"
+            _fail(f"{where}.type", f"must be {allowed} in a {role} message, got {kind!r}")
+    return results, parts, calls
+
+
+def _content(parts: list[dict]) -> str | list[dict]:
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
+
+
+def _tools(v: Any) -> list[dict]:
+    """Anthropic's client tools as OpenAI chat tools."""
+    if not isinstance(v, list):
+        _fail("tools", f"must be a list of tools, got {v!r}")
+    out = []
+    for i, tool in enumerate(v):
+        if not isinstance(tool, dict):
+            _fail(f"tools[{i}]", f"must be a tool object, got {tool!r}")
+        if tool.get("type") not in (None, "custom"):
+            _fail(f"tools[{i}].type", f"only client tools (type 'custom' or none) are supported, "
+                                      f"got {tool.get('type')!r}")
+        if not isinstance(tool.get("input_schema"), dict):
+            _fail(f"tools[{i}].input_schema", f"must be a JSON schema object, got {tool.get('input_schema')!r}")
+        fn = {"name": tool.get("name"), "parameters": tool["input_schema"]}
+        for key in ("description", "strict"):
+            if tool.get(key) is not None:
+                fn[key] = tool[key]
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(v: Any) -> Any:
+    """Anthropic's ``tool_choice`` in the chat API's shape."""
+    kind = v.get("type") if isinstance(v, dict) else None
+    if kind in ("auto", "none"):
+        return kind
+    if kind == "any":
+        return "required"
+    if kind == "tool":
+        return {"type": "function", "function": {"name": _str("tool_choice.name", v.get("name"))}}
+    _fail("tool_choice", f"must be {{'type': 'auto' | 'any' | 'none'}} or {{'type': 'tool', 'name': ...}}, "
+                         f"got {v!r}")
 
 
 def _system(v: Any) -> list[dict]:
@@ -115,10 +188,10 @@ def _system(v: Any) -> list[dict]:
     return [{"role": "system", "content": _str("system", v)}]
 
 
-def chat_body(body: dict, *, counting: bool = False) -> tuple[dict, int]:
-    """A Messages body as an OpenAI chat body, and where ``messages`` start in it."""
-    if body.get("tools"):
-        _fail("tools", "tool use is not supported by /v1/messages yet (use /v1/chat/completions)")
+def chat_body(body: dict, *, counting: bool = False) -> tuple[dict, list[int]]:
+    """A Messages body as an OpenAI chat body, and for each chat message the index of the
+    message it came from (-1 for the system message): a user message with tool results
+    becomes one ``tool`` message per result, then the rest of its content."""
     max_tokens = body.get("max_tokens")
     if max_tokens is None and not counting:
         _fail("max_tokens", "is required")
@@ -126,15 +199,27 @@ def chat_body(body: dict, *, counting: bool = False) -> tuple[dict, int]:
     if not isinstance(messages, list) or not messages:
         _fail("messages", f"must be a non-empty list of messages, got {messages!r}")
     system = _system(body.get("system"))
-    out = []
+    out: list[dict] = []
+    where = [-1] * len(system)
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             _fail(f"messages[{i}]", f"must be an object, got {m!r}")
         role = m.get("role")
         if role not in ("user", "assistant"):
             _fail(f"messages[{i}].role", f"must be 'user' or 'assistant', got {role!r}")
-        out.append({"role": role, "content": _blocks(f"messages[{i}].content", m.get("content"))})
+        results, parts, calls = _blocks(f"messages[{i}].content", m.get("content"), role)
+        turns = list(results)
+        if calls:
+            turns.append({"role": role, "content": _content(parts) if parts else None, "tool_calls": calls})
+        elif parts or not results:
+            turns.append({"role": role, "content": _content(parts)})
+        out += turns
+        where += [i] * len(turns)
     chat: dict = {"model": body.get("model"), "messages": system + out}
+    if body.get("tools") is not None:
+        chat["tools"] = _tools(body["tools"])
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
     if not counting:
         chat["max_tokens"] = max_tokens
         for key in ("temperature", "top_p", "top_k", "stream"):
@@ -145,19 +230,26 @@ def chat_body(body: dict, *, counting: bool = False) -> tuple[dict, int]:
             if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
                 _fail("stop_sequences", f"must be a list of strings, got {stops!r}")
             chat["stop"] = stops
-    return chat, len(system)
+    return chat, where
 
 
 _MESSAGES = re.compile(r"^messages\[(\d+)\](.*)$")
+_TOOLS = re.compile(r"^(?:tools|tool_schemas)\[(\d+)\]\.function(.*)$")
 
 
-def renamed(exc: ValueError, offset: int) -> ValueError:
+def renamed(exc: ValueError, where: list[int]) -> ValueError:
     """A chat-path ValueError with its field named as the Messages request names it."""
     head, sep, rest = str(exc).partition(":")
     m = _MESSAGES.match(head)
+    t = _TOOLS.match(head)
     if m and sep:
         k = int(m.group(1))
-        head = f"messages[{k - offset}]{m.group(2)}" if k >= offset else "system"
+        i = where[k] if k < len(where) else -1
+        head = f"messages[{i}]{m.group(2)}" if i >= 0 else "system"
+    elif t and sep:
+        tail = t.group(2)
+        head = f"tools[{t.group(1)}]" + (".input_schema" + tail[len(".parameters"):]
+                                         if tail.startswith(".parameters") else tail)
     elif sep and head.startswith("stop"):
         head = "stop_sequences" + head[len("stop"):]
     else:
@@ -170,7 +262,19 @@ def renamed(exc: ValueError, offset: int) -> ValueError:
 def _stop_reason(finish: str | None) -> str:
     # A stop sequence and the end-of-turn token both finish as "stop" on the chat path,
     # which does not say which one it was.
-    return "max_tokens" if finish == "length" else "end_turn"
+    return {"length": "max_tokens", "tool_calls": "tool_use"}.get(finish or "", "end_turn")
+
+
+def _tool_use_id(call_id: str) -> str:
+    # Anthropic's ids read toolu_...; the suffix keeps the chat call's id recognisable.
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _input(arguments: str | None) -> dict:
+    """A call's argument text as the tool_use block's ``input`` (the parser only returns
+    calls whose arguments are a JSON object)."""
+    args = json.loads(arguments or "{}")
+    return args if isinstance(args, dict) else {}
 
 
 def _usage(u: dict | None) -> dict:
@@ -182,8 +286,13 @@ def _usage(u: dict | None) -> dict:
 def message(result, model: str) -> dict:
     d = to_json_dict(result)
     choice = d["choices"][0]
+    text = choice["message"].get("content") or ""
+    calls = choice["message"].get("tool_calls") or []
+    blocks = [{"type": "text", "text": text}] if text or not calls else []
+    blocks += [{"type": "tool_use", "id": _tool_use_id(c["id"]), "name": c["function"]["name"],
+                "input": _input(c["function"].get("arguments"))} for c in calls]
     return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": "assistant", "model": model,
-            "content": [{"type": "text", "text": choice["message"].get("content") or ""}],
+            "content": blocks,
             "stop_reason": _stop_reason(choice.get("finish_reason")), "stop_sequence": None,
             "usage": _usage(d.get("usage"))}
 
@@ -202,24 +311,48 @@ def _stream(st: ServerState, stream, model: str, input_tokens: int):
                  "content": [], "stop_reason": None, "stop_sequence": None,
                  "usage": {**_usage(None), "input_tokens": input_tokens}}
         yield ev({"type": "message_start", "message": start})
-        yield ev({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+        # Blocks open as their content arrives: text first, then one tool_use block per
+        # call (the chat stream sends a call's id and name, then its argument text).
+        index, open_kind = -1, None
+
+        def start_block(block: dict):
+            nonlocal index, open_kind
+            out = [ev({"type": "content_block_stop", "index": index})] if open_kind else []
+            index, open_kind = index + 1, block["type"]
+            return out + [ev({"type": "content_block_start", "index": index, "content_block": block})]
         try:
             async for chunk in iterate_in_threads(stream, st.limiter):
                 d = to_json_dict(chunk)
                 usage = d.get("usage") or usage
                 for choice in d["choices"]:
                     finish = choice.get("finish_reason") or finish
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        yield ev({"type": "content_block_delta", "index": 0,
-                                  "delta": {"type": "text_delta", "text": text}})
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        if open_kind != "text":
+                            for e in start_block({"type": "text", "text": ""}):
+                                yield e
+                        yield ev({"type": "content_block_delta", "index": index,
+                                  "delta": {"type": "text_delta", "text": delta["content"]}})
+                    for piece in delta.get("tool_calls") or []:
+                        fn = piece.get("function") or {}
+                        if piece.get("id"):
+                            for e in start_block({"type": "tool_use", "id": _tool_use_id(piece["id"]),
+                                                  "name": fn.get("name"), "input": {}}):
+                                yield e
+                        if fn.get("arguments") and open_kind == "tool_use":
+                            yield ev({"type": "content_block_delta", "index": index,
+                                      "delta": {"type": "input_json_delta", "partial_json": fn["arguments"]}})
         except Exception as exc:
             # Headers are gone already: the error travels as an event, as Anthropic does.
             yield ev(error_body(from_exception(exc)))
             return
         finally:
             st.metrics.record_usage(model, usage)
-        yield ev({"type": "content_block_stop", "index": 0})
+        if open_kind is None:
+            # An empty answer still has its (empty) text block.
+            for e in start_block({"type": "text", "text": ""}):
+                yield e
+        yield ev({"type": "content_block_stop", "index": index})
         u = _usage(usage)
         yield ev({"type": "message_delta", "delta": {"stop_reason": _stop_reason(finish), "stop_sequence": None},
                   "usage": {"input_tokens": u["input_tokens"], "output_tokens": u["output_tokens"]}})
@@ -239,7 +372,7 @@ def _stream(st: ServerState, stream, model: str, input_tokens: int):
 async def messages(request: Request):
     st = state(request)
     body = await read_json(request)
-    chat, offset = chat_body(body)
+    chat, where = chat_body(body)
     try:
         input_tokens = 0
         if chat.get("stream") is True and not _has_images(chat):
@@ -250,7 +383,7 @@ async def messages(request: Request):
             input_tokens = await st.run(st.runner.count_chat_tokens, chat_request_from_openai(chat), model)
         model, req, result = await run_chat(st, chat, "/v1/messages", request=request)
     except ValueError as exc:
-        raise renamed(exc, offset) from None
+        raise renamed(exc, where) from None
     if req.stream:
         return _stream(st, result, model, input_tokens)
     out = message(result, model)
@@ -263,10 +396,10 @@ async def messages(request: Request):
 async def count_tokens(request: Request):
     st = state(request)
     body = await read_json(request)
-    chat, offset = chat_body(body, counting=True)
+    chat, where = chat_body(body, counting=True)
     model = st.resolve_model(chat.get("model"))
     try:
         n = await st.run(st.runner.count_chat_tokens, chat_request_from_openai(chat), model)
     except ValueError as exc:
-        raise renamed(exc, offset) from None
+        raise renamed(exc, where) from None
     return JSONResponse({"input_tokens": n})

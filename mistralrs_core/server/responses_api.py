@@ -5,8 +5,10 @@ conversation of ``previous_response_id``, then ``input``) and goes through
 ``inference.run_chat``, the code ``/v1/chat/completions`` runs; the chat answer (or its
 chunks) becomes a Response object (or OpenAI's event sequence). Responses live in a
 bounded in-memory store, so that they can be fetched, chained, deleted, and cancelled
-while they run (streamed or ``background``). Tools are refused until the Responses side
-of tool calling exists.
+while they run (streamed or ``background``). Function tools map onto the chat path's
+tools: ``function_call`` / ``function_call_output`` items are an assistant turn's
+``tool_calls`` and ``tool`` messages, and the chat answer's calls come back as
+``function_call`` items.
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "develop
 # through the clients' extra_body.
 _PASS_THROUGH = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "ignore_eos", "logit_bias")
-_IGNORED_TOOL_CHOICE = (None, "auto", "none")
 
 
 def _fail(field: str, message: str, status: int = 400, code: str | None = None):
@@ -68,14 +69,34 @@ def _part(field: str, part: Any) -> dict:
     _fail(f"{field}.type", f"must be 'input_text' or 'input_image', got {kind!r}")
 
 
+def _output_text(field: str, v: Any) -> str:
+    """A ``function_call_output``'s output: a string, or text parts joined."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        return "".join(_part(f"{field}[{j}]", p).get("text", "") for j, p in enumerate(v))
+    _fail(field, f"must be a string or a list of input_text parts, got {v!r}")
+
+
+def _call_item(field: str, item: dict) -> dict:
+    """A ``function_call`` item as one OpenAI chat tool call."""
+    call_id = _text(f"{field}.call_id", item.get("call_id"))
+    args = _text(f"{field}.arguments", item.get("arguments"))
+    return {"id": call_id, "type": "function",
+            "function": {"name": _text(f"{field}.name", item.get("name")), "arguments": args}}
+
+
 def _message(field: str, item: Any) -> dict:
     if not isinstance(item, dict):
         _fail(field, f"must be a message object, got {item!r}")
     kind = item.get("type", "message")
+    if kind == "function_call":
+        return {"role": "assistant", "content": None, "tool_calls": [_call_item(field, item)]}
+    if kind == "function_call_output":
+        return {"role": "tool", "tool_call_id": _text(f"{field}.call_id", item.get("call_id")),
+                "content": _output_text(f"{field}.output", item.get("output"))}
     if kind != "message":
-        what = "tool calls are not supported by /v1/responses yet" if "call" in str(kind) else \
-            "only message items are supported"
-        _fail(f"{field}.type", f"{what}, got {kind!r}")
+        _fail(f"{field}.type", f"must be 'message', 'function_call' or 'function_call_output', got {kind!r}")
     role = item.get("role")
     if role not in _ROLES:
         _fail(f"{field}.role", f"must be one of {sorted(_ROLES)}, got {role!r}")
@@ -92,13 +113,58 @@ def _message(field: str, item: Any) -> dict:
     return {"role": _ROLES[role], "content": parts}
 
 
-def input_messages(v: Any) -> list[dict]:
-    """``input`` (a string, or a list of items) as chat messages, one per item."""
+def input_messages(v: Any) -> tuple[list[dict], list[int]]:
+    """``input`` (a string, or a list of items) as chat messages, and the item each message
+    came from: one per item, except that consecutive ``function_call`` items join the
+    assistant turn before them (a chat assistant turn holds all its calls)."""
     if isinstance(v, str):
-        return [{"role": "user", "content": v}]
+        return [{"role": "user", "content": v}], [0]
     if not isinstance(v, list) or not v:
         _fail("input", f"must be a string or a non-empty list of items, got {v!r}")
-    return [_message(f"input[{i}]", item) for i, item in enumerate(v)]
+    out: list[dict] = []
+    where: list[int] = []
+    for i, item in enumerate(v):
+        m = _message(f"input[{i}]", item)
+        last = out[-1] if out else None
+        if m.get("tool_calls") and last is not None and last["role"] == "assistant" and \
+                (last.get("tool_calls") or isinstance(last.get("content"), str)):
+            last.setdefault("tool_calls", []).extend(m["tool_calls"])
+            continue
+        out.append(m)
+        where.append(i)
+    return out, where
+
+
+def _tools(v: Any) -> list[dict]:
+    """Responses function tools (flat) as chat tools (nested under ``function``)."""
+    if not isinstance(v, list):
+        _fail("tools", f"must be a list of tools, got {v!r}")
+    out = []
+    for i, tool in enumerate(v):
+        if not isinstance(tool, dict):
+            _fail(f"tools[{i}]", f"must be a tool object, got {tool!r}")
+        if tool.get("type") != "function":
+            _fail(f"tools[{i}].type", f"only 'function' tools are supported, got {tool.get('type')!r}")
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(v: Any) -> Any:
+    """Responses ``tool_choice`` in the chat API's shape."""
+    if v is None or v in ("auto", "none", "required"):
+        return v
+    if isinstance(v, dict) and v.get("type") == "function":
+        return {"type": "function", "function": {"name": _text("tool_choice.name", v.get("name"))}}
+    if isinstance(v, dict) and v.get("type") == "allowed_tools":
+        tools = v.get("tools")
+        if not isinstance(tools, list):
+            _fail("tool_choice.tools", f"must be a list of tools, got {tools!r}")
+        named = [{"type": "function", "function": {"name": t.get("name") if isinstance(t, dict) else t}}
+                 for t in tools]
+        return {"type": "allowed_tools", "allowed_tools": {"mode": v.get("mode", "auto"), "tools": named}}
+    _fail("tool_choice", f"must be 'none', 'auto', 'required', {{'type': 'function', 'name': ...}} or "
+                         f"allowed_tools, got {v!r}")
 
 
 def _text_format(text: Any) -> dict | None:
@@ -121,22 +187,23 @@ def _text_format(text: Any) -> dict | None:
     return dict(fmt)
 
 
-def chat_body(body: dict, history: list[dict], stream: bool) -> tuple[dict, list[dict], int]:
+def chat_body(body: dict, history: list[dict], stream: bool) -> tuple[dict, list[dict], list[int]]:
     """A Responses body as an OpenAI chat body; also this request's input messages, and
-    where they start in the chat messages (to name fields in error messages)."""
-    if body.get("tools"):
-        _fail("tools", "tools are not supported by /v1/responses yet (use /v1/chat/completions)",
-              code="not_available")
-    if body.get("tool_choice") not in _IGNORED_TOOL_CHOICE:
-        _fail("tool_choice", "tools are not supported by /v1/responses yet", code="not_available")
+    for each chat message the input item it came from (-1 before ``input``; to name fields
+    in error messages)."""
     instructions = body.get("instructions")
     system = []
     if instructions is not None:
         system = [{"role": "system", "content": _text("instructions", instructions)}]
     if "input" not in body:
         _fail("input", "is required")
-    new = input_messages(body["input"])
+    new, where = input_messages(body["input"])
     out: dict = {"model": body.get("model"), "messages": system + history + new, "stream": stream}
+    if body.get("tools") is not None:
+        out["tools"] = _tools(body["tools"])
+    choice = _tool_choice(body.get("tool_choice"))
+    if choice is not None:
+        out["tool_choice"] = choice
     if body.get("max_output_tokens") is not None:
         out["max_tokens"] = body["max_output_tokens"]
     for key in _PASS_THROUGH:
@@ -145,25 +212,29 @@ def chat_body(body: dict, history: list[dict], stream: bool) -> tuple[dict, list
     fmt = _text_format(body.get("text"))
     if fmt is not None:
         out["response_format"] = fmt
-    return out, new, len(system) + len(history)
+    return out, new, [-1] * (len(system) + len(history)) + where
 
 
 _MESSAGES = re.compile(r"^messages\[(\d+)\](.*)$")
+_TOOLS = re.compile(r"^(?:tools|tool_schemas)\[(\d+)\]\.function(.*)$")
 
 
-def renamed(exc: ValueError, body: dict, offset: int) -> ValueError:
+def renamed(exc: ValueError, body: dict, where: list[int]) -> ValueError:
     """A chat-path ValueError with its field named as the Responses request names it."""
     msg = str(exc)
     head, sep, rest = msg.partition(":")
     if not sep:
         return exc
     m = _MESSAGES.match(head)
+    t = _TOOLS.match(head)
     if m:
         k = int(m.group(1))
-        if k >= offset:
-            new = "input" if isinstance(body.get("input"), str) else f"input[{k - offset}]{m.group(2)}"
+        if k < len(where) and where[k] >= 0:
+            new = "input" if isinstance(body.get("input"), str) else f"input[{where[k]}]{m.group(2)}"
         else:
             new = "instructions" if k == 0 and body.get("instructions") is not None else "previous_response_id"
+    elif t:
+        new = f"tools[{t.group(1)}]{t.group(2)}"
     elif head.startswith("max_tokens"):
         new = "max_output_tokens" + head[len("max_tokens"):]
     elif head.startswith("response_format"):
@@ -196,7 +267,10 @@ def new_response(body: dict, model: str, previous: str | None) -> dict:
         "max_output_tokens": body.get("max_output_tokens"), "model": model, "output": [],
         "parallel_tool_calls": True, "previous_response_id": previous,
         "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-        "text": {"format": fmt or {"type": "text"}}, "tool_choice": "auto", "tools": [],
+        "text": {"format": fmt or {"type": "text"}}, "tool_choice": body.get("tool_choice") or "auto",
+        "tools": [{"type": "function", "name": t.get("name"), "description": t.get("description"),
+                   "parameters": t.get("parameters"), "strict": t.get("strict")}
+                  for t in body.get("tools") or []],
         "truncation": "disabled", "usage": None, "metadata": body.get("metadata") or {},
         "store": body.get("store") is not False, "user": body.get("user"),
     }
@@ -205,6 +279,20 @@ def new_response(body: dict, model: str, previous: str | None) -> dict:
 def _message_item(text: str, status: str) -> dict:
     return {"id": f"msg_{uuid.uuid4().hex}", "type": "message", "status": status, "role": "assistant",
             "content": [_text_part(text)]}
+
+
+def _call_output(call: dict, status: str) -> dict:
+    """A chat tool call as a ``function_call`` output item."""
+    return {"id": f"fc_{uuid.uuid4().hex}", "type": "function_call", "status": status,
+            "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"].get("arguments") or ""}
+
+
+def _assistant_turn(text: str, calls: list[dict]) -> dict:
+    """The answer as the chat message that ``previous_response_id`` replays."""
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
 
 
 def _text_part(text: str) -> dict:
@@ -230,9 +318,102 @@ def complete(rec: Stored, result) -> None:
     d = to_json_dict(result)
     choice = d["choices"][0]
     text = choice["message"].get("content") or ""
+    calls = [{"id": c["id"], "type": "function", "function": dict(c["function"])}
+             for c in choice["message"].get("tool_calls") or []]
     item_status = _finish(rec.response, choice.get("finish_reason"), False, d.get("usage"))
-    rec.response["output"] = [_message_item(text, item_status)]
-    rec.history.append({"role": "assistant", "content": text})
+    # As OpenAI: a turn that only calls tools has no message item.
+    items = [_message_item(text, item_status)] if text or not calls else []
+    rec.response["output"] = items + [_call_output(c, item_status) for c in calls]
+    rec.history.append(_assistant_turn(text, calls))
+
+
+class _Output:
+    """The output items of one streamed answer: a message item opened by the first text,
+    then one ``function_call`` item per call (the chat stream sends a call's id and name,
+    then its argument text, once the answer has ended). Each method returns the events
+    its change makes."""
+
+    def __init__(self, resp: dict, event):
+        self.resp, self.event = resp, event
+        self.msg: dict | None = None
+        self.part: dict | None = None
+        self.call: dict | None = None
+        self.calls: list[dict] = []   # the chat tool calls, for the stored conversation
+        resp["output"] = []
+
+    @property
+    def text(self) -> str:
+        return self.part["text"] if self.part is not None else ""
+
+    def _ids(self, item: dict) -> dict:
+        return {"item_id": item["id"], "output_index": self.resp["output"].index(item)}
+
+    def open_message(self) -> list[dict]:
+        self.msg = _message_item("", "in_progress")
+        self.msg["content"] = []
+        self.part = _text_part("")
+        self.resp["output"].append(self.msg)
+        evs = [self.event("response.output_item.added", output_index=len(self.resp["output"]) - 1,
+                          item=copy.deepcopy(self.msg))]
+        self.msg["content"].append(self.part)
+        evs.append(self.event("response.content_part.added", **self._ids(self.msg), content_index=0,
+                              part=copy.deepcopy(self.part)))
+        return evs
+
+    def add_text(self, text: str) -> list[dict]:
+        evs = self.open_message() if self.msg is None else []
+        self.part["text"] += text
+        return evs + [self.event("response.output_text.delta", **self._ids(self.msg), content_index=0,
+                                 delta=text, logprobs=[])]
+
+    def close_message(self, status: str) -> list[dict]:
+        if self.msg is None or self.msg["status"] != "in_progress":
+            return []
+        self.msg["status"] = status
+        ids = self._ids(self.msg)
+        return [self.event("response.output_text.done", **ids, content_index=0, text=self.part["text"],
+                           logprobs=[]),
+                self.event("response.content_part.done", **ids, content_index=0, part=copy.deepcopy(self.part)),
+                self.event("response.output_item.done", output_index=ids["output_index"],
+                           item=copy.deepcopy(self.msg))]
+
+    def add_call_piece(self, piece: dict) -> list[dict]:
+        fn = piece.get("function") or {}
+        evs: list[dict] = []
+        if piece.get("id"):
+            evs += self.close_message("completed") + self.close_call("completed")
+            self.calls.append({"id": piece["id"], "type": "function",
+                               "function": {"name": fn.get("name"), "arguments": ""}})
+            self.call = _call_output(self.calls[-1], "in_progress")
+            self.resp["output"].append(self.call)
+            evs.append(self.event("response.output_item.added", output_index=len(self.resp["output"]) - 1,
+                                  item=copy.deepcopy(self.call)))
+        delta = fn.get("arguments")
+        if delta and self.call is not None:
+            self.call["arguments"] += delta
+            self.calls[-1]["function"]["arguments"] += delta
+            evs.append(self.event("response.function_call_arguments.delta", **self._ids(self.call), delta=delta))
+        return evs
+
+    def close_call(self, status: str) -> list[dict]:
+        call, self.call = self.call, None
+        if call is None:
+            return []
+        call["status"] = status
+        ids = self._ids(call)
+        return [self.event("response.function_call_arguments.done", **ids, arguments=call["arguments"]),
+                self.event("response.output_item.done", output_index=ids["output_index"],
+                           item=copy.deepcopy(call))]
+
+    def close(self, status: str) -> list[dict]:
+        # An answer with neither text nor calls still has its (empty) message item.
+        evs = self.open_message() if self.msg is None and not self.calls else []
+        return evs + self.close_message(status) + self.close_call(status)
+
+    def abandon(self) -> None:
+        for item in (self.msg, self.call):
+            if item is not None and item["status"] == "in_progress":
+                item["status"] = "incomplete"
 
 
 async def drive(st: ServerState, store: ResponseStore, rec: Stored, stream, model: str) -> AsyncIterator[dict]:
@@ -248,29 +429,24 @@ async def drive(st: ServerState, store: ResponseStore, rec: Stored, stream, mode
     def snapshot() -> dict:
         return copy.deepcopy(resp)
 
-    item = _message_item("", "in_progress")
-    item["content"] = []
-    part = _text_part("")
-    ids = {"item_id": item["id"], "output_index": 0}
+    out = _Output(resp, event)
     finish, usage, finished = None, None, False
     try:
         yield event("response.created", response=snapshot())
         yield event("response.in_progress", response=snapshot())
-        resp["output"] = [item]
-        yield event("response.output_item.added", output_index=0, item=copy.deepcopy(item))
-        item["content"].append(part)
-        yield event("response.content_part.added", **ids, content_index=0, part=copy.deepcopy(part))
         try:
             async for chunk in iterate_in_threads(stream, st.limiter):
                 d = to_json_dict(chunk)
                 usage = d.get("usage") or usage
                 for choice in d["choices"]:
                     finish = choice.get("finish_reason") or finish
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
-                        part["text"] += text
-                        yield event("response.output_text.delta", **ids, content_index=0, delta=text,
-                                    logprobs=[])
+                    delta = choice.get("delta") or {}
+                    if delta.get("content"):
+                        for ev in out.add_text(delta["content"]):
+                            yield ev
+                    for piece in delta.get("tool_calls") or []:
+                        for ev in out.add_call_piece(piece):
+                            yield ev
         except Exception as exc:
             err = from_exception(exc)
             resp["status"] = "failed"
@@ -278,13 +454,12 @@ async def drive(st: ServerState, store: ResponseStore, rec: Stored, stream, mode
             finished = True
             yield event("response.failed", response=snapshot())
             return
-        item["status"] = _finish(resp, finish, rec.cancelled, usage)
+        status = _finish(resp, finish, rec.cancelled, usage)
         finished = True
         st.metrics.record_usage(model, usage)
-        rec.history.append({"role": "assistant", "content": part["text"]})
-        yield event("response.output_text.done", **ids, content_index=0, text=part["text"], logprobs=[])
-        yield event("response.content_part.done", **ids, content_index=0, part=copy.deepcopy(part))
-        yield event("response.output_item.done", output_index=0, item=copy.deepcopy(item))
+        rec.history.append(_assistant_turn(out.text, out.calls))
+        for ev in out.close(status):
+            yield ev
         last = "response.completed" if resp["status"] == "completed" else "response.incomplete"
         yield event(last, response=snapshot())
     finally:
@@ -292,8 +467,9 @@ async def drive(st: ServerState, store: ResponseStore, rec: Stored, stream, mode
             # The client left mid-stream (or the task was cancelled): the engine has been told
             # to stop; what was generated stays readable.
             rec.cancelled = True
-            item["status"] = _finish(resp, finish, True, usage)
-            rec.history.append({"role": "assistant", "content": part["text"]})
+            _finish(resp, finish, True, usage)
+            out.abandon()
+            rec.history.append(_assistant_turn(out.text, out.calls))
         store.finished(rec)
 
 
@@ -324,11 +500,11 @@ async def create_response(request: Request):
             _fail("previous_response_id", f"response '{previous}' has not finished yet")
         history = [dict(m) for m in prev.history]
     incremental = bool(stream or background)
-    chat, new, offset = chat_body(body, history, incremental)
+    chat, new, where = chat_body(body, history, incremental)
     try:
         model, _, result = await run_chat(st, chat, "/v1/responses", request=request)
     except ValueError as exc:
-        raise renamed(exc, body, offset) from None
+        raise renamed(exc, body, where) from None
     rec = Stored(new_response(body, model, previous), history + new, body.get("store") is not False)
     if not incremental:
         complete(rec, result)
@@ -401,19 +577,25 @@ async def cancel_response(request: Request, response_id: str):
 @router.get("/v1/responses/{response_id}/input_items")
 @openai_errors
 async def input_items(request: Request, response_id: str):
-    """The conversation that went in (previous responses' turns included), as message items."""
+    """The conversation that went in (previous responses' turns included), as items."""
     rec = store_of(request).get(response_id)
     turns = rec.history[:-1] if not rec.running and rec.history and \
         rec.history[-1]["role"] == "assistant" else rec.history
     data = []
     for m in turns:
         content = m["content"]
-        kind = "output_text" if m["role"] == "assistant" else "input_text"
-        parts = [{"type": kind, "text": content}] if isinstance(content, str) else \
-            [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
-             {"type": "input_image", "image_url": p["image_url"]["url"], "detail": "auto"} for p in content]
-        data.append({"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": m["role"],
-                     "status": "completed", "content": parts})
+        if m["role"] == "tool":
+            data.append({"id": f"fco_{uuid.uuid4().hex}", "type": "function_call_output", "status": "completed",
+                         "call_id": m.get("tool_call_id"), "output": content})
+            continue
+        if content is not None:
+            kind = "output_text" if m["role"] == "assistant" else "input_text"
+            parts = [{"type": kind, "text": content}] if isinstance(content, str) else \
+                [{"type": "input_text", "text": p["text"]} if p["type"] == "text" else
+                 {"type": "input_image", "image_url": p["image_url"]["url"], "detail": "auto"} for p in content]
+            data.append({"id": f"msg_{uuid.uuid4().hex}", "type": "message", "role": m["role"],
+                         "status": "completed", "content": parts})
+        data += [_call_output(c, "completed") for c in m.get("tool_calls") or []]
     data.reverse()   # newest first, OpenAI's default order
     return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
                          "last_id": data[-1]["id"] if data else None, "has_more": False})
