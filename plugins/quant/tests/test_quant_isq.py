@@ -467,6 +467,30 @@ def test_uqff_shards_and_version_check(tiny, tmp_path):
         list(uqff.iter_uqff([tmp_path / "old-0.uqff"]))
 
 
+def test_uqff_layers_shard_as_gguf_blocks(tiny, tmp_path):
+    """Tensor parallelism takes rows / block-aligned columns of a GGUF-family UQFF layer (the
+    same bytes as the dense rows' quantization); other families are refused by name."""
+    from mistralrs_quant.isq import uqff
+    from mistralrs_quant.qlinear import GGUFQuantizedWeight
+    r, model = _load_isq(tiny, "Q8_0", write_uqff=str(tmp_path / "q"))
+    r.shutdown()
+    layers = dict(uqff.iter_uqff([tmp_path / "q" / "q8_0-0.uqff"]))
+    w = layers["model.layers.0.mlp.down_proj.weight"]           # [256, 512]
+    full = w.dequantize()
+    rows = w.take_rows([(0, 16), (100, 120)])
+    assert isinstance(rows, uqff.UqffQuantizedWeight) and rows.shape == (36, 512)
+    assert torch.equal(rows.dequantize(), torch.cat([full[:16], full[100:120]]))
+    cols = w.take_cols(256, 512)
+    assert cols.shape == (256, 256) and torch.equal(cols.dequantize(), full[:, 256:])
+    with pytest.raises(ValueError, match="whole quantization blocks of 32"):
+        w.take_cols(0, 48)
+    assert isinstance(w._ggml_view(), GGUFQuantizedWeight)
+    hqq = uqff.UqffQuantizedWeight("x", {"x.weight.format": torch.tensor(uqff.FORMAT_HQQ, dtype=torch.uint8)},
+                                   tmp_path / "h-0.uqff")
+    with pytest.raises(ValueError, match="x: UQFF layers of format tag 2 cannot be sharded"):
+        hqq.take_rows([(0, 1)])
+
+
 def test_send_re_isq(tiny):
     from mistralrs import CompletionRequest
     r, model = _load_isq(tiny, "Q4K")
