@@ -105,6 +105,11 @@ def test_topology_file_reaches_the_placement(tmp_path):
     assert placement.load_topology_devices(f) == {"0-2": {"device": "cpu"}, "2-4": {"isq": "Q4K"}}
     f.write_text("0-2:\n  isq: Q4K\n")
     assert placement.load_topology_devices(f) is None
+    # the YAML itself, as the quantizer also takes it
+    assert placement.load_topology_devices("0-2:\n  device: cpu[1]\n") == {"0-2": {"device": "cpu[1]"}}
+    assert placement.load_topology_devices("0-2:\n  isq: Q4K\n") is None
+    with pytest.raises(ValueError, match="cannot read"):
+        placement.load_topology_devices(str(tmp_path / "missing.yml"))
     f.write_text("0-2: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         placement.load_topology_devices(f)

@@ -301,9 +301,9 @@ def test_topology_device_keys_are_the_core_s(tmp_path):
 
 def test_topology_with_isq_and_device_keys_through_runner(tiny, tmp_path):
     from mistralrs import ChatCompletionRequest, Runner, Which
-    both, isq_only = tmp_path / "both.yml", tmp_path / "isq.yml"
+    both = tmp_path / "both.yml"
     both.write_text("0:\n  isq: Q8_0\n  device: cpu[0]\n1:\n  isq: Q4K\n  device: cpu[1]\n")
-    isq_only.write_text("0:\n  isq: Q8_0\n1:\n  isq: Q4K\n")
+    isq_only = "0:\n  isq: Q8_0\n1:\n  isq: Q4K\n"     # the YAML itself also passes both readers
 
     def ask(r):
         req = ChatCompletionRequest(messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=6,
