@@ -74,6 +74,10 @@ def test_runner_and_which_gates_both_ways(fresh_plugins, tiny_dir):
     # (in_situ_quant and from_uqff, the examples here once, are served by mistralrs-quant now)
     with pytest.raises(NotAvailableYet, match=r"mtp_model.*multi-token prediction"):
         Runner(which=Which.Plain(model_id=str(tiny_dir)), mtp_model=Which.Plain(model_id=str(tiny_dir)))
+    # AnyMoE is the core's own (mistralrs_core/anymoe): the gate opens, the value is checked.
+    assert capabilities.provided()["anymoe"] == "core"
+    with pytest.raises(ValueError, match=r"^anymoe_config: expected an AnyMoeConfig"):
+        Runner(which=Which.Plain(model_id=str(tiny_dir)), anymoe_config=object())
     which = Which.Plain(model_id=str(tiny_dir), matformer_config_path="m.yml")
     with pytest.raises(NotAvailableYet, match=r"Which.Plain\(matformer_config_path=...\).*install"):
         capabilities.check_which(which)

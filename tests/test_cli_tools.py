@@ -215,6 +215,38 @@ def test_quantize_without_the_quant_capability_says_what_to_install(tmp_path, mo
     assert "--isq" in err and "install mistralrs-quant" in err and "no-such-model" not in err
 
 
+def _greedy(which, **kw):
+    from mistralrs_core.api import ChatCompletionRequest
+    from mistralrs_core.runner import Runner
+    r = Runner(which=which, max_seqs=2, **kw)
+    try:
+        out = r.send_chat_completion_request(ChatCompletionRequest(
+            messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=8, temperature=0.0,
+            logprobs=True))
+        choice = out.choices[0]
+        return choice.message.content, [t.logprob for t in choice.logprobs.content]
+    finally:
+        r.shutdown()
+
+
+@pytest.mark.parametrize("target", ["dir", "file"])
+def test_quantize_writes_a_uqff_that_loads_and_answers_as_the_isq_model(tmp_path, model_dir, capsys, target):
+    pytest.importorskip("mistralrs_quant")
+    from mistralrs_core.api import Which
+    out = tmp_path / "out"
+    if target == "file":
+        out.mkdir()
+    dest = out if target == "dir" else out / "tiny.uqff"
+    assert cli.main(["quantize", "-m", str(model_dir), "--isq", "Q8_0", "-o", str(dest), "--no-progress"]) == 0
+    shard = "q8_0-0.uqff" if target == "dir" else "tiny-0.uqff"
+    printed = capsys.readouterr().out
+    assert str(out / shard) in printed and f"from_uqff={shard!r}" in printed
+    assert {shard, "residual.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
+    want = _greedy(Which.Plain(model_id=str(model_dir)), in_situ_quant="Q8_0")
+    got = _greedy(Which.Plain(model_id=str(out), from_uqff=shard))
+    assert got[0] == want[0] and got[1] == want[1]
+
+
 # --- completion ----------------------------------------------------------------------
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -232,8 +264,8 @@ def test_bash_completion_completes_commands_flags_and_choices(tmp_path, capsys):
     assert complete("d") == ["doctor"]
     assert set(complete("")) >= {"serve", "run", "from-config", "doctor", "bench", "quantize", "completion"}
     assert complete("bench", "--prompt") == ["--prompt-len"]
-    assert complete("serve", "--kind", "") == ["auto", "text", "embedding", "vision", "multimodal",
-                                              "diffusion", "speech"]
+    from mistralrs_core.server.spec import KINDS
+    assert complete("serve", "--kind", "") == list(KINDS)   # the parser's choices, in order
     assert complete("completion", "") == ["bash", "zsh", "fish"]
 
 

@@ -113,3 +113,61 @@ def test_served_over_http_with_a_config_file(tiny, tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "adapter"
     finally:
         srv.stop()
+
+
+def _dequantized_copy(ref, model):
+    """``ref`` (transformers) with each of ``model``'s quantized weights replaced by its
+    dequantized values (fused layers by their parts' rows)."""
+    import copy
+    ref = copy.deepcopy(ref)
+    n = 0
+    for m in model.modules():
+        if getattr(m, "qmethod", None) is None:
+            continue
+        w = m.qmethod.dequantize().float()
+        for part, start, stop in getattr(m, "fused_parts", None) or [(m.__dict__.get("hf_name"), 0, len(w))]:
+            target = ref.get_submodule(part).weight
+            assert target.shape == w[start:stop].shape, part
+            target.data.copy_(w[start:stop])
+            n += 1
+    assert n == 2 * 7 + 2          # every projection, the embeddings and the LM head
+    return ref
+
+
+@pytest.mark.parametrize("cpp", [True, False], ids=["cpp", "torch"])
+def test_lora_on_an_isq_base_equals_peft_on_the_dequantized_weights(tiny, cpp, monkeypatch):
+    """Which.Lora + Runner(in_situ_quant=...): the base loads through the quant plugin's ISQ
+    loader (kept packed), the adapters ride on top; equal to peft on the ISQ'd weights."""
+    import torch
+    pytest.importorskip("mistralrs_quant")
+    import peft
+    from mistralrs_core.testing.parity import SingleSequence, max_rel_err, random_prompt
+    from mistralrs_quant.qlinear import GGMLQuantMethod
+    if not cpp:
+        monkeypatch.setenv("MISTRALRS_QUANT_NO_CPP", "1")
+    ref, base_dir, adapters, vocab = tiny
+    active = ["a", "b"]
+    order = ordering(adapters / "isq_order.json", order=active)
+    # float32 products: under Auto the torch path runs quantized products in bfloat16 (by design).
+    runner = Runner(which=Which.Lora(model_id=str(base_dir), adapter_model_id=str(adapters), order=order,
+                                     dtype="F32"), in_situ_quant="Q8_0")
+    try:
+        model = runner._pipeline(None).model
+        attn = model.model.layers[0].self_attn
+        # Without the C++ kernels q/k/v are fused into one packed matmul (each part its rows).
+        q = attn.q_proj if cpp else attn._qkv_runtime
+        assert isinstance(q.qmethod, GGMLQuantMethod) and q.qmethod.spec.name == "Q8_0" and q.lora is not None
+        assert not model.adapters.merged
+        prompt, decode = random_prompt(9, vocab, seed=3), [5, 17, 33, 60]
+        with torch.inference_mode():
+            pm = peft.PeftModel.from_pretrained(_dequantized_copy(ref, model), str(adapters / active[0]),
+                                                adapter_name=active[0])
+            for n in active[1:]:
+                pm.load_adapter(str(adapters / n), adapter_name=n)
+            pm.base_model.set_adapter(active)
+            want = pm.eval()(input_ids=torch.tensor([prompt + decode])).logits[0].float()
+            run = SingleSequence(model)
+            got = torch.cat([run.step(prompt)] + [run.step([t]) for t in decode])
+        assert max_rel_err(got, want) <= 1e-4
+    finally:
+        runner.shutdown()

@@ -26,7 +26,7 @@ from torch import nn
 log = logging.getLogger("mistralrs")
 
 _ORD_NUM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_DEVICE_KEY = re.compile(r"^\s*(cuda|metal)\s*\[\s*(\d+)\s*\]\s*$|^\s*cpu\s*$")
+_DEVICE_KEY = re.compile(r"^\s*(cuda|metal|cpu)\s*\[\s*(\d+)\s*\]\s*$|^\s*cpu\s*$")
 
 
 @attrs.define
@@ -101,12 +101,15 @@ def parse_num_device_layers(entries: Sequence[str], num_layers: int, base: torch
 
 
 def parse_device_key(value: str, where: str) -> tuple[torch.device, str]:
-    """A topology ``device`` value: ``cuda[N]`` or ``cpu`` (``metal[N]`` is refused here)."""
+    """A topology ``device`` value: ``cuda[N]``, ``cpu`` or a logical host device ``cpu[N]``
+    (all the host, as ``num_device_layers`` ordinals off CUDA; ``metal[N]`` is refused here)."""
     m = _DEVICE_KEY.match(value) if isinstance(value, str) else None
     if m is None:
-        raise ValueError(f"{where}: unknown device {value!r}; expected 'cuda[N]' or 'cpu'")
+        raise ValueError(f"{where}: unknown device {value!r}; expected 'cuda[N]', 'cpu' or 'cpu[N]'")
     if m[1] is None:
         return torch.device("cpu"), "cpu"
+    if m[1] == "cpu":
+        return torch.device("cpu"), f"cpu[{int(m[2])}]"
     if m[1] == "metal":
         raise ValueError(f"{where}: {value!r}: Metal devices are not available in this build")
     ordinal = int(m[2])
@@ -150,7 +153,7 @@ def device_map_from_topology(topology: Mapping, num_layers: int, base: torch.dev
             raise ValueError(f"{where}.device: a device can only be given for a layer range, not a name pattern")
         dev, label = parse_device_key(entry["device"], f"{where}.device")
         for i in rng:
-            if layers[i] is not None and layers[i] != dev:
+            if labels[i] is not None and labels[i] != label:
                 raise ValueError(f"{where}.device: layer {i} is already placed on {labels[i]}")
             layers[i], labels[i] = dev, label
     if all(d is None for d in layers):

@@ -59,19 +59,33 @@ def request_from(which, opts) -> PlacementRequest | None:
     return PlacementRequest(list(ndl) if ndl else None, auto, topo, getattr(opts, "device", None))
 
 
+def _is_yaml_text(value) -> bool:
+    """``topology`` may be the YAML itself rather than a file (the quantizer's rule too):
+    not an existing file, and multi-line or a ``key:`` without a file suffix."""
+    from pathlib import Path
+    if not isinstance(value, str) or Path(value).expanduser().is_file():
+        return False
+    return "\n" in value or (":" in value and not Path(value).suffix)
+
+
 def load_topology_devices(path) -> Mapping | None:
-    """The parsed topology file if any entry has a ``device`` key (else None, and the
-    file is left to the quantizer). Parsing is YAML (safe loader)."""
+    """The parsed topology file (or YAML text) if any entry has a ``device`` key (else
+    None, and the file is left to the quantizer). Parsing is YAML (safe loader)."""
     import yaml
+    text = _is_yaml_text(path)
+    where = "(YAML text)" if text else path
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        if text:
+            data = yaml.safe_load(path)
+        else:
+            with open(path) as f:
+                data = yaml.safe_load(f)
     except OSError as exc:
         raise ValueError(f"topology: cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ValueError(f"topology: {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"topology: {where} is not valid YAML: {exc}") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"topology: {path} must map layer ranges to settings")
+        raise ValueError(f"topology: {where} must map layer ranges to settings")
     if not any(isinstance(v, Mapping) and v.get("device") is not None for v in data.values()):
         return None
     return data

@@ -85,6 +85,11 @@ def test_topology_device_keys():
     m = dm.device_map_from_topology(topo, 4, CPU)
     assert m.labels == ["cpu", "cpu", "cpu", "cpu"] and m.source == "topology"
     assert dm.device_map_from_topology({"0-2": {"isq": "Q4K"}}, 4, CPU) is None   # quantizer's business only
+    # logical host devices, as num_device_layers ordinals off CUDA
+    m = dm.device_map_from_topology({"0": {"device": "cpu[0]"}, "1-4": {"device": "cpu[1]", "isq": "Q8_0"}}, 4, CPU)
+    assert m.labels == ["cpu[0]", "cpu[1]", "cpu[1]", "cpu[1]"] and set(m.layers) == {CPU}
+    with pytest.raises(ValueError, match="layer 1 is already placed on cpu\\[1\\]"):
+        dm.device_map_from_topology({"1-3": {"device": "cpu[1]"}, "0-2": {"device": "cpu[0]"}}, 4, CPU)
     with pytest.raises(ValueError, match=r"topology\['0-9'\]: layers 0-9 are outside the model's 4 layers"):
         dm.device_map_from_topology({"0-9": {"device": "cpu"}}, 4, CPU)
     with pytest.raises(ValueError, match="only be given for a layer range"):
@@ -100,6 +105,11 @@ def test_topology_file_reaches_the_placement(tmp_path):
     assert placement.load_topology_devices(f) == {"0-2": {"device": "cpu"}, "2-4": {"isq": "Q4K"}}
     f.write_text("0-2:\n  isq: Q4K\n")
     assert placement.load_topology_devices(f) is None
+    # the YAML itself, as the quantizer also takes it
+    assert placement.load_topology_devices("0-2:\n  device: cpu[1]\n") == {"0-2": {"device": "cpu[1]"}}
+    assert placement.load_topology_devices("0-2:\n  isq: Q4K\n") is None
+    with pytest.raises(ValueError, match="cannot read"):
+        placement.load_topology_devices(str(tmp_path / "missing.yml"))
     f.write_text("0-2: [unclosed\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         placement.load_topology_devices(f)

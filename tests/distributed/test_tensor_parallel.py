@@ -1,7 +1,8 @@
 """Tensor parallelism with 2 ranks on gloo (processes started here) against 1 rank:
 the same logits (float32, <= 1e-5 relative) and greedy tokens for a tiny Llama (KV heads
 split, uneven vocabulary), Qwen3 (one KV head: replicated; tied embeddings), a
-Mixtral-like MoE (expert parallel) and a Q8_0 GGUF Llama (packed blocks sharded); then
+Mixtral-like MoE (expert parallel), a Q8_0 GGUF Llama and the Llama as a Q8_0 UQFF
+(packed blocks sharded); then
 the Runner on rank 0 with 4 concurrent requests, and a rank that dies."""
 from __future__ import annotations
 
@@ -30,7 +31,21 @@ def models(tmp_path_factory):
     return [{"name": "llama", "dir": str(llama)},
             {"name": "qwen3", "dir": str(write_qwen3(base / "qwen3"))},
             {"name": "mixtral", "dir": str(write_mixtral(base / "mixtral"))},
-            {"name": "q8", "gguf": str(write_q8_gguf(base / "llama_q8.gguf", llama))}]
+            {"name": "q8", "gguf": str(write_q8_gguf(base / "llama_q8.gguf", llama))},
+            *_uqff_entries(llama, base / "llama_uqff")]
+
+
+def _uqff_entries(llama: Path, out: Path) -> list[dict]:
+    """The llama ISQ'd to Q8_0 and written as UQFF (GGUF-family layers, sharded as GGUF
+    blocks); nothing when the quant plugin is not installed."""
+    try:
+        import mistralrs_quant  # noqa: F401
+    except ImportError:
+        return []
+    from mistralrs_core.api import Which
+    from mistralrs_core.runner import Runner
+    Runner(which=Which.Plain(model_id=str(llama), write_uqff=str(out)), in_situ_quant="Q8_0").shutdown()
+    return [{"name": "uqff", "uqff": str(out), "shard": "q8_0-0.uqff"}]
 
 
 def _port() -> int:
@@ -80,6 +95,9 @@ def test_two_ranks_give_the_logits_and_tokens_of_one(models, tmp_path):
     assert s["qwen3"]["vocab"] == ["model.embed_tokens"]          # tied head: the embedding's gather
     assert s["mixtral"]["moe"] == 2 and s["mixtral"]["mlp"] == 0
     assert s["q8"]["attention"] == 2 and not s["q8"]["replicated"]
+    if "uqff" in s:
+        assert s["uqff"]["attention"] == 2 and s["uqff"]["mlp"] == 2 and not s["uqff"]["replicated"]
+        assert s["uqff"]["vocab"] == ["model.embed_tokens", "lm_head"]
 
 
 def test_runner_on_rank_zero_and_a_hung_rank(models, tmp_path):

@@ -3,7 +3,7 @@
     python tp_child.py '<json spec>'
 
 spec: rank, world, port, timeout, mode ("logits" | "runner"), out (rank 0 writes its
-results there), models (logits mode: [{"name", "dir" | "gguf"}]), model (runner mode).
+results there), models (logits mode: [{"name", "dir" | "gguf" | "uqff" + "shard"}]), model (runner mode).
 """
 from __future__ import annotations
 
@@ -21,7 +21,16 @@ DECODE_STEPS = 6
 
 def load(entry: dict):
     from mistralrs_core.distributed import placement
-    if "gguf" in entry:
+    if "uqff" in entry:
+        from pathlib import Path
+
+        from mistralrs_core.api import Which
+        from mistralrs_core.loading.options import LoadOptions
+        from mistralrs_quant.isq.loader import load_uqff_model
+        d = Path(entry["uqff"])
+        which = Which.Plain(model_id=str(d), from_uqff=entry["shard"])
+        model = load_uqff_model(d, which, LoadOptions(), torch.device("cpu"), torch.float32, torch.float32)[0]
+    elif "gguf" in entry:
         from mistralrs_quant.gguf_loader import load_gguf_model
         model = load_gguf_model([entry["gguf"]], torch.float32, "cpu", quant_compute_dtype=torch.float32)[0]
     else:

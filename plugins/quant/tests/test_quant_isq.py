@@ -122,7 +122,6 @@ def test_topology_ranges_indices_regexes():
 
 
 @pytest.mark.parametrize("text, err, match", [
-    ("0-4:\n  device: cuda[0]\n", NotAvailableYet, "device"),
     ("abc:\n  isq: Q4K\n", ValueError, "layer range"),
     ("4-2:\n  isq: Q4K\n", ValueError, "end must be > start"),
     ("0:\n  isq: Q9K\n", ValueError, "unknown ISQ type"),
@@ -293,6 +292,48 @@ def test_topology_and_moqe_through_runner(tiny, tmp_path):
         r.shutdown()
 
 
+def test_topology_device_keys_are_the_core_s(tmp_path):
+    # One file, two readers: the quantizer reads `isq` and skips `device`, the core's device
+    # map reads `device` (and checks it) and skips `isq`.
+    topo = parse_topology("0-2:\n  isq: Q8_0\n  device: cpu[1]\n2:\n  device: nowhere\n")
+    assert {i: t and t.name for i, t in topo.layers.items()} == {0: "Q8_0", 1: "Q8_0", 2: None}
+
+
+def test_topology_with_isq_and_device_keys_through_runner(tiny, tmp_path):
+    from mistralrs import ChatCompletionRequest, Runner, Which
+    both = tmp_path / "both.yml"
+    both.write_text("0:\n  isq: Q8_0\n  device: cpu[0]\n1:\n  isq: Q4K\n  device: cpu[1]\n")
+    isq_only = "0:\n  isq: Q8_0\n1:\n  isq: Q4K\n"     # the YAML itself also passes both readers
+
+    def ask(r):
+        req = ChatCompletionRequest(messages=[{"role": "user", "content": "Tell me a story"}], max_tokens=6,
+                                    temperature=0.0, logprobs=True)
+        out = r.send_chat_completion_request(req).choices[0]
+        return out.message.content, [t.logprob for t in out.logprobs.content]
+
+    runners = []
+    try:
+        for path in (both, isq_only):
+            runners.append(Runner(which=Which.Plain(model_id=str(tiny), dtype="F32", topology=str(path)),
+                                  max_seqs=2))
+        mapped, plain = (r._pipeline(None).model for r in runners)
+        assert mapped.device_map.labels == ["cpu[0]", "cpu[1]"] and mapped.device_map.source == "topology"
+        assert runners[0].model_placement(runners[0].list_models()[0])["device_map"]["layers"] == [
+            {"device": "cpu[0]", "layers": [0, 0]}, {"device": "cpu[1]", "layers": [1, 1]}]
+        assert getattr(plain, "device_map", None) is None
+        for model in (mapped, plain):
+            names = {m.hf_name: m.qmethod.spec.name for m in model.modules()
+                     if getattr(m, "qmethod", None) is not None}
+            assert names["model.layers.0.self_attn.q_proj"] == "Q8_0"
+            assert names["model.layers.1.mlp.down_proj"] == "Q4_K"
+            assert "lm_head" not in names          # no default type: only the topology's layers
+        a, b = ask(runners[0]), ask(runners[1])
+        assert a[0] == b[0] and a[1] == b[1]
+    finally:
+        for r in runners:
+            r.shutdown()
+
+
 def test_imatrix_changes_the_blocks_as_llama_cpp(tiny, tmp_path):
     rng = np.random.default_rng(0)
     vals = {f"model.layers.{i}.mlp.down_proj": torch.from_numpy(rng.gamma(0.5, 2.0, 512).astype(np.float32))
@@ -424,6 +465,30 @@ def test_uqff_shards_and_version_check(tiny, tmp_path):
     save_file(t, str(tmp_path / "old-0.uqff"))
     with pytest.raises(ValueError, match="no version tag"):
         list(uqff.iter_uqff([tmp_path / "old-0.uqff"]))
+
+
+def test_uqff_layers_shard_as_gguf_blocks(tiny, tmp_path):
+    """Tensor parallelism takes rows / block-aligned columns of a GGUF-family UQFF layer (the
+    same bytes as the dense rows' quantization); other families are refused by name."""
+    from mistralrs_quant.isq import uqff
+    from mistralrs_quant.qlinear import GGUFQuantizedWeight
+    r, model = _load_isq(tiny, "Q8_0", write_uqff=str(tmp_path / "q"))
+    r.shutdown()
+    layers = dict(uqff.iter_uqff([tmp_path / "q" / "q8_0-0.uqff"]))
+    w = layers["model.layers.0.mlp.down_proj.weight"]           # [256, 512]
+    full = w.dequantize()
+    rows = w.take_rows([(0, 16), (100, 120)])
+    assert isinstance(rows, uqff.UqffQuantizedWeight) and rows.shape == (36, 512)
+    assert torch.equal(rows.dequantize(), torch.cat([full[:16], full[100:120]]))
+    cols = w.take_cols(256, 512)
+    assert cols.shape == (256, 256) and torch.equal(cols.dequantize(), full[:, 256:])
+    with pytest.raises(ValueError, match="whole quantization blocks of 32"):
+        w.take_cols(0, 48)
+    assert isinstance(w._ggml_view(), GGUFQuantizedWeight)
+    hqq = uqff.UqffQuantizedWeight("x", {"x.weight.format": torch.tensor(uqff.FORMAT_HQQ, dtype=torch.uint8)},
+                                   tmp_path / "h-0.uqff")
+    with pytest.raises(ValueError, match="x: UQFF layers of format tag 2 cannot be sharded"):
+        hqq.take_rows([(0, 1)])
 
 
 def test_send_re_isq(tiny):

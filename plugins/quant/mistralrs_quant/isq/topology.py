@@ -2,16 +2,16 @@
 
 Keys: a layer range ``START-END`` (end exclusive), a bare layer index, or a ``/regex/``
 matched against checkpoint tensor names (``model.layers.0.mlp.up_proj.weight``). Values: a
-mapping with ``isq`` (an ISQ type; absent or null: the default type). ``device`` keys place
-layers on devices, which belongs to multi-device loading: refused with a clear error.
+mapping with ``isq`` (an ISQ type; absent or null: the default type) and ``device``. The same
+file serves two readers: ``device`` keys are the core's device map
+(``mistralrs_core.distributed.device_map.device_map_from_topology``, which checks them), so
+they are skipped here; the core skips ``isq``.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from mistralrs_core.errors import NotAvailableYet
 
 from .types import parse_isq_type
 
@@ -45,9 +45,6 @@ def parse_topology(text: str, where: str = "topology") -> Topology:
         unknown = set(value) - {"isq", "device"}
         if unknown:
             raise ValueError(f"{label}: unknown key(s) {', '.join(sorted(map(str, unknown)))} (known: isq, device)")
-        if value.get("device") is not None:
-            raise NotAvailableYet(f"{label}: 'device'", "per-layer device placement comes with multi-device "
-                                                        "loading; use 'isq' entries only")
         isq = parse_isq_type(value["isq"], f"{label}: isq") if value.get("isq") is not None else None
         skey = str(key).strip()
         if len(skey) >= 2 and skey.startswith("/") and skey.endswith("/"):

@@ -236,6 +236,34 @@ class UqffQuantizedWeight:
                 for k, t in self.entries.items() if k.startswith(prefix)}
         return from_uqff(mine)
 
+    # Tensor parallelism (``mistralrs_core.distributed.packed``): a GGUF-family layer is
+    # sharded as a GGUF file's blocks are (whole rows; columns at block boundaries), through
+    # the same code, so both refuse the same splits.
+    def _ggml_view(self):
+        from ..formats import get_format
+        from ..qlinear import GGUFQuantizedWeight
+        if self.format != FORMAT_GGUF:
+            raise ValueError(f"{self.where}: {self.key}: UQFF layers of format tag {self.format} cannot be "
+                             f"sharded for tensor parallelism; write the UQFF with a GGUF-family type "
+                             f"(Q4K, Q8_0, ...)")
+        row_bytes = get_format(self.ggml_type).row_bytes(self.shape[1])
+        raw = self.entries[f"{self.key}.weight"].reshape(self.shape[0], row_bytes)
+        return GGUFQuantizedWeight(raw, self.ggml_type, self.shape)
+
+    def _from_view(self, view) -> "UqffQuantizedWeight":
+        entries = dict(self.entries)
+        entries[f"{self.key}.weight"] = view.raw.contiguous().reshape(-1)
+        entries[f"{self.key}.weight.shape"] = torch.tensor(list(view.shape), dtype=torch.int64)
+        return UqffQuantizedWeight(self.key, entries, self.where)
+
+    def take_rows(self, ranges) -> "UqffQuantizedWeight":
+        from mistralrs_core.distributed.packed import take_rows
+        return self._from_view(take_rows(self._ggml_view(), ranges, f"{self.key}.weight"))
+
+    def take_cols(self, start: int, stop: int) -> "UqffQuantizedWeight":
+        from mistralrs_core.distributed.packed import take_cols
+        return self._from_view(take_cols(self._ggml_view(), start, stop, f"{self.key}.weight"))
+
     def dequantize(self) -> torch.Tensor:
         if self.format == FORMAT_UNQUANT:
             return self.entries[f"{self.key}.weight"]
