@@ -75,6 +75,9 @@ def _listening_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
+    # Listening before the port is announced: a client that connects while the server is
+    # still starting waits in the backlog instead of being refused.
+    sock.listen(64)
     return sock
 
 
