@@ -35,7 +35,7 @@ from mistralrs_core.distributed.packed import take_cols, take_rows
 from mistralrs_core.distributed.state import DistributedError, TensorParallel
 from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.layers.mlp import GatedMLP, PlainMLP
-from mistralrs_core.layers.moe import MoEExperts, SparseMoE, route
+from mistralrs_core.layers.moe import MoEExperts, SparseMoE
 
 log = logging.getLogger("mistralrs")
 
@@ -212,19 +212,12 @@ class ExpertParallelMoE(SparseMoE):
     """``SparseMoE`` whose experts are split across ranks (class swapped in by
     ``shard_model`` so module names and the router stay as built)."""
 
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return dispatch_owned(x, ids, weights, self.experts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        router = getattr(self, self.cfg.router_name)
-        logits = router(x, self.cfg.router_fp32)
-        weights, ids = route(logits, self.cfg, router.e_score_correction_bias)
-        if not self.cfg.weights_fp32:
-            weights = weights.to(x.dtype)
-        y = dispatch_owned(x, ids, weights, self.experts)
-        if self.cfg.shared_intermediate_size:
-            shared = getattr(self, self.cfg.shared_name)(x)      # a partial sum (down not reduced)
-            if self.cfg.shared_gate:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        return all_reduce(self.tp, y)
+        # Routed experts and the sharded shared expert are both partial sums: one all-reduce.
+        return all_reduce(self.tp, super().forward(x))
 
 
 # --- sharding a model ---------------------------------------------------------------

@@ -274,13 +274,17 @@ class SparseMoE(nn.Module):
         weights, ids = route(logits, self.cfg, router.e_score_correction_bias)
         if not self.cfg.weights_fp32:
             weights = weights.to(x.dtype)
-        y = dispatch(x, ids, weights, self.experts)
+        y = self.dispatch(x, ids, weights)
         if self.cfg.shared_intermediate_size:
             shared = getattr(self, self.cfg.shared_name)(x)
             if self.cfg.shared_gate:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
         return y
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum (expert parallelism runs only its own experts)."""
+        return dispatch(x, ids, weights, self.experts)
 
 
 class QuantizedExperts:
