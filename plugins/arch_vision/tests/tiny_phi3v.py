@@ -93,7 +93,7 @@ class Reference(nn.Module):
         if (last is not None and last["feats"] is feats and last["spans"] == list(spans)
                 and len(ids) > len(last["ids"]) and ids[:len(last["ids"])] == last["ids"]):
             h = self.lm.get_input_embeddings()(torch.tensor([ids[len(last["ids"]):]]))
-            out = self.lm(inputs_embeds=h, past_key_values=last["past"], use_cache=True)
+            out = self.lm(inputs_embeds=h, cache=last["past"], use_cache=True)
             logits = torch.cat([last["logits"], out.logits[0].float()])
         else:
             h = self.lm.get_input_embeddings()(torch.tensor([ids]))
@@ -103,7 +103,7 @@ class Reference(nn.Module):
                 k += n
             out = self.lm(inputs_embeds=h, use_cache=True)
             logits = out.logits[0].float()
-        self._last = dict(ids=list(ids), feats=feats, spans=list(spans), past=out.past_key_values, logits=logits)
+        self._last = dict(ids=list(ids), feats=feats, spans=list(spans), past=out.cache, logits=logits)
         return logits
 
 
