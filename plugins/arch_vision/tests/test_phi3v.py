@@ -430,3 +430,28 @@ def test_bfloat16_model_runs_close_to_float32(tiny, loaded):
     ids, spans = prompt_with_images(image_token, pixels, list(range(9)), model16)
     logits = Ours(model16, num_blocks=256).step(ids, spans)
     assert torch.isfinite(logits).all()
+
+
+def test_hub_config_builds_clip_l_336_and_phi3():
+    """Phi-3.5-vision-instruct's config.json (no tower config: the hub code fixes CLIP
+    ViT-L/14-336) builds, on the meta device, the model the hub's does minus CLIP's unused
+    last layer and post_layernorm: 4.13 B parameters."""
+    from mistralrs_arch_vision.phi3v import Phi3VForCausalLM
+    hf = {"architectures": ["Phi3VForCausalLM"], "model_type": "phi3_v", "vocab_size": 32064, "hidden_size": 3072,
+          "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+          "hidden_act": "silu", "max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+          "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 262144, "tie_word_embeddings": False,
+          "rope_scaling": {"type": "su", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48},
+          "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                         "use_hd_transform": True, "with_learnable_separator": True},
+          "img_processor": {"image_dim_out": 1024, "model_name": "openai/clip-vit-large-patch14-336",
+                            "name": "clip_vision_model", "num_img_tokens": 144}}
+    model = Phi3VForCausalLM.from_hf_config(hf, torch.bfloat16)
+    tower = model.vision_tower
+    assert (tower.cfg.hidden_size, tower.cfg.patch_size, tower.cfg.image_size, len(tower.encoder.layers)) == \
+        (1024, 14, 336, 23)
+    assert model.image_embed.img_projection[0].weight.shape == (3072, 4096)
+    assert model.cfg.rope.rope_type == "longrope" and model.cfg.qkv_fused and model.cfg.mlp_fused
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 4.13
+    # 16 crops of a square image: the hub's count for 1344 x 1344
+    assert model.tokens_for(1344, 1344) == (16 + 1) * 144 + 1 + 5 * 12
