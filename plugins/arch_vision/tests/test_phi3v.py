@@ -380,6 +380,24 @@ def test_runner_greedy_32_tokens(runner, tiny):
     check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req), n=32)
 
 
+def test_runner_chunked_prefill_splits_an_image_span(runner, tiny):
+    """Image spans are causal: chunks may end inside one, each splicing its rows."""
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 100
+    try:
+        req = chat([{"type": "text", "text": "Look: <|image_1|> what is it?"},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(image(37, 29, 7))}}])
+        steps = pipe.engine.stats["steps"]
+        prompt = check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req))
+        assert prompt.spans[0].start % 100 != 0 and prompt.spans[0].length > 300
+        assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 100
+    finally:
+        sched.max_batch_tokens = old
+
+
 def test_bad_inputs_fail_alone_while_an_image_request_completes(runner, tiny):
     _, ref, _ = tiny
     pipe = runner._pipeline(None)
