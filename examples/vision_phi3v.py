@@ -46,7 +46,7 @@ def write_random_phi3v(out: Path) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>", "chat_template": TEMPLATE}))
     vocab, d, c, g = tok.get_vocab_size(), 64, 32, torch.Generator().manual_seed(0)
 
-    def rnd(*shape):
+    def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * 0.1
 
     w = {"model.embed_tokens.weight": rnd(vocab, d), "model.norm.weight": 1 + rnd(d), "lm_head.weight": rnd(vocab, d)}
