@@ -311,7 +311,9 @@ class RelativeAttentionBias(nn.Module):
         """[1, heads, n, n]."""
         pos = torch.arange(n, device=device)
         rel = (pos[None, :] - pos[:, None]).clamp(-self.max_distance, self.max_distance - 1)
-        idx = rel.abs() if self.symmetric else rel + self.num_buckets // 2
+        # Symmetric: distance max_distance has no bucket (transformers indexes past its table
+        # there and fails); it shares the farthest one.
+        idx = rel.abs().clamp_max(self.num_buckets - 1) if self.symmetric else rel + self.num_buckets // 2
         return self.bias_values(idx).permute(2, 0, 1).unsqueeze(0)
 
 
