@@ -89,10 +89,13 @@ def kaldi_mel_filters(n_freqs: int, n_mels: int, f_min: float, f_max: float, sam
 
 @dataclass
 class Phi4MMAudioClip:
-    """One prepared clip: its log-mel ``features`` [n_frames, n_mels] float32 (CPU) and how many
-    audio placeholder tokens it expands to; the encoder reads ``features`` only."""
+    """One prepared clip: its log-mel ``features`` [n_frames, n_mels] float32 (CPU), how many
+    audio placeholder tokens it expands to, and the projection its prompt calls for:
+    ``"speech"``, or ``"vision"`` when the same prompt has images (transformers picks the
+    vision-speech projection then; the family processor, which sees both, sets it)."""
     features: torch.Tensor
     num_tokens: int
+    mode: str = "speech"
 
     @property
     def num_frames(self) -> int:

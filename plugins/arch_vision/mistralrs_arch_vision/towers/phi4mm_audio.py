@@ -11,6 +11,8 @@ Interface (for the family file)::
     out = enc(features, mask, mode="speech")      # [B, T, n_mels] float, mask [B, T] bool or None
                                                   # -> [B, T', text_hidden], T' = ceil(T / 8)
     embeds = enc.encode([clip.features, ...], modes)   # -> one [num_tokens_i, text_hidden] per clip
+    embeds = enc.encode_clips([clip, ...])        # the same from processors.phi4mm_audio's
+                                                  # Phi4MMAudioClip (features, mode, num_tokens)
 
 * ``config``: transformers 5 (``audio_config`` + ``hidden_size``) or Microsoft's original
   (``audio_processor.config`` + ``embd_layer.audio_embd_layer`` + ``hidden_size``).
@@ -542,6 +544,11 @@ class Phi4MMAudioEncoder(nn.Module):
                 out[rows] = self.project(h[rows], m)
         keep = torch.arange(h.shape[1], device=h.device)[None, :] < torch.tensor(out_lens, device=h.device)[:, None]
         return out * keep[..., None].to(out.dtype)
+
+    def encode_clips(self, clips) -> list[torch.Tensor]:
+        """``encode`` for the feature extractor's ``Phi4MMAudioClip``s (features, mode and
+        token count of each)."""
+        return self.encode([c.features for c in clips], [c.mode for c in clips], [c.num_tokens for c in clips])
 
     def encode(self, clips: Sequence[torch.Tensor], modes: str | Sequence[str] = "speech",
                num_tokens: Sequence[int] | None = None) -> list[torch.Tensor]:
