@@ -9,7 +9,8 @@ data, token_ids=None)``, ``image_token_id``, ``image_part``); ``token_ids`` spel
 that holds more than image tokens (Pixtral's row breaks). A processor whose images expand to
 more than one run of placeholder tokens with text around them (Gemma 3: boi/eoi tokens,
 pan-and-scan crops) defines ``expand_prompt(text, images) -> Prompt`` instead, and expands
-the rendered text itself before tokenizing.
+the rendered text itself before tokenizing. A processor with ``message_text(parts) -> str``
+gets each message's content parts flattened to one string for the template (MiniCPM-o).
 """
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ class VisionPipeline(TextPipeline):
                     raise ValueError(f"{where}: unsupported content part type {kind!r} (text or image_url)")
             # Parts stay a list, as transformers' processors hand them to the template: the
             # hub's vision templates iterate content parts (a joined string would render
-            # as no text at all in LLaVa's).
-            m["content"] = parts
+            # as no text at all in LLaVa's). A family whose hub code flattens a message to
+            # text before its (text-only) template runs says how (``message_text``).
+            flatten = getattr(self.processor, "message_text", None)
+            m["content"] = parts if flatten is None else flatten(parts)
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
         extra = {}
