@@ -222,8 +222,11 @@ class MiniCpmOProcessor:
             out += [self.image_processor.placeholder(img.image.size, k), chunk]
         return "".join(out)
 
-    def expand_prompt(self, text: str, images) -> Prompt:
-        """Rendered chat text + loaded images -> token ids, one span per source image/slice."""
+    def expand_prompt(self, text: str, images, audios=()) -> Prompt:
+        """Rendered chat text + loaded images -> token ids, one span per source image/slice.
+        No ``prepare_audio``: the pipeline refuses audio parts before this runs."""
+        if audios:
+            raise ValueError("messages: MiniCPM-o here takes images only, not audio")
         units = [(img, k, piece) for img in images for k, piece in enumerate(self.image_processor(img.image))]
         ids = encode_prompt(self.tokenizer, self.expand_text(text, images))
         runs = token_runs(ids, self.unk_id)

@@ -473,5 +473,10 @@ def test_runner_refuses_a_broken_image_and_keeps_serving(runner):
                 {"type": "text", "text": "hi"}])
     with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\]"):
         runner.send_chat_completion_request(bad)
+    # MiniCPM-o's audio encoder is not built (upstream mistral.rs takes images only too).
+    wav = "data:audio/wav;base64,UklGRiQAAABXQVZFZm10IBAAAAABAAEAQB8AAIA+AAACABAAZGF0YQAAAAA="
+    audio = chat([{"type": "audio_url", "audio_url": {"url": wav}}, {"type": "text", "text": "hi"}])
+    with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\]\.audio_url: this model does not take audio"):
+        runner.send_chat_completion_request(audio)
     ok = runner.send_chat_completion_request(chat("Hello there"))
     assert ok.choices[0].message.content
