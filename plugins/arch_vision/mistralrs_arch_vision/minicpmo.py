@@ -145,7 +145,11 @@ class MiniCPMOForConditionalGeneration(VisionFamilyMixin, DecoderLM):
 
     @classmethod
     def config_from_hf(cls, text: dict):
-        return base_config(text, qkv_bias=True, **qwen2_sliding(text))
+        # The hub scales the token embeddings when its config has a ``scale_emb`` (MiniCPM
+        # text models do; the released 2.6 configs do not).
+        scale = text.get("scale_emb")
+        return base_config(text, qkv_bias=True, embed_scale=None if scale is None else float(scale),
+                           **qwen2_sliding(text))
 
     def map_weight_name(self, name):
         if name.startswith(_SKIPPED):

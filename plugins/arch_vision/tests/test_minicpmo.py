@@ -222,6 +222,9 @@ def test_released_config_reads_like_the_hub():
         v26 = M.from_hf_config({**MINICPM_O_2_6, "model_type": "minicpmv", "architectures": ["MiniCPMV"],
                                 "drop_vision_last_layer": True, "init_audio": None})
     assert len(v26.vpm.encoder.layers) == 26
+    assert model.cfg.embed_scale is None
+    with torch.device("meta"):
+        assert M.from_hf_config({**MINICPM_O_2_6, "scale_emb": 12}).cfg.embed_scale == 12.0
     with pytest.raises(ValueError, match="version 2.5"):
         M.from_hf_config({**MINICPM_O_2_6, "model_type": "minicpmv", "version": 2.5})
     with pytest.raises(ValueError, match="model_type"):
