@@ -193,6 +193,23 @@ def test_checkpoint_names_map_to_every_parameter(loaded):
     assert torch.equal(model.lm_head.weight, ref.llm.lm_head.weight.detach())
 
 
+def test_minicpm_v_2_6_folder_loads_as_the_same_family(loaded, tiny, tmp_path):
+    """MiniCPM-V 2.6 (model_type minicpmv, MiniCPMV) is the same model without audio weights."""
+    import json
+    import shutil
+    from mistralrs_core.loading.model_loader import build_text_model
+    from mistralrs_arch_vision.minicpmo import MiniCPMOForConditionalGeneration
+    model, _, _ = loaded
+    folder = shutil.copytree(tiny[0], tmp_path / "minicpmv")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="minicpmv", architectures=["MiniCPMV"])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    v, _ = build_text_model(folder, kind="vision")
+    assert type(v) is MiniCPMOForConditionalGeneration
+    ids = [5, 9, 30, 2]
+    assert torch.equal(run_ours(v, ids, [], [])[0], run_ours(model, ids, [], [])[0])
+
+
 # openbmb/MiniCPM-o-2_6's config.json (the keys that shape the model).
 MINICPM_O_2_6 = {
     "architectures": ["MiniCPMO"], "model_type": "minicpmo", "version": 2.6, "hidden_size": 3584,
