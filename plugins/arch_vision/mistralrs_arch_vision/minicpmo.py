@@ -213,7 +213,9 @@ class MiniCpmOProcessor:
             ids.append(tid)
         return cls(ip, tokenizer, ids[0], tuple(ids[1:]))
 
-    def message_text(self, parts: list[dict]) -> str:
+    def message_text(self, parts: list[dict], before: dict | None = None) -> str:
+        """One message's parts as the hub's chat writes them (tags are not numbered, so
+        ``before``, the pipeline's count of earlier images, is not needed)."""
         return "\n".join(RAW_IMAGE_TAG if p["type"] == "image" else p.get("text", "") for p in parts)
 
     def expand_text(self, text: str, images) -> str:

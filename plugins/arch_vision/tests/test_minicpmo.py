@@ -411,7 +411,7 @@ def test_message_parts_flatten_as_the_hub_chat_does(loaded, tiny):
     model, _, _ = loaded
     proc = processor_for(model, tiny[0])
     parts = [{"type": "image"}, {"type": "text", "text": "What is this?"}, {"type": "image"}]
-    assert proc.message_text(parts) == f"{TAG}\nWhat is this?\n{TAG}"
+    assert proc.message_text(parts, {"image": 2, "audio": 0}) == f"{TAG}\nWhat is this?\n{TAG}"
 
 
 def test_bad_inputs_are_refused(loaded, tiny):
