@@ -24,6 +24,8 @@ VISION_FAMILIES = [
      ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
     ("Phi3V", (), f"{_PKG}.phi3v:Phi3VForCausalLM", ("phi3_v",), ("Phi3VForCausalLM",),
      f"{_PKG}.phi3v:Phi3VProcessor"),
+    ("MiniCpmO", (), f"{_PKG}.minicpmo:MiniCPMOForConditionalGeneration", ("minicpmo", "minicpmv"),
+     ("MiniCPMO", "MiniCPMV"), f"{_PKG}.minicpmo:MiniCpmOProcessor"),
 ]
 
 
@@ -48,4 +50,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO)")
