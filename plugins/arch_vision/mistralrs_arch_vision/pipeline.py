@@ -82,8 +82,12 @@ class VisionPipeline(TextPipeline):
                                      f"(text, image_url, audio_url or input_audio)")
             # Parts stay a list, as transformers' processors hand them to the template: the
             # hub's vision templates iterate content parts (a joined string would render
-            # as no text at all in LLaVa's).
-            m["content"] = parts
+            # as no text at all in LLaVa's). A processor whose hub template concatenates the
+            # content as a string (Phi-4-multimodal's; its parts carry only text) joins them.
+            if getattr(self.processor, "content_as_text", False):
+                m["content"] = "".join(p.get("text", "") for p in parts)
+            else:
+                m["content"] = parts
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
         extra = {}
