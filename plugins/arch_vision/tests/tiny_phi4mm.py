@@ -23,8 +23,10 @@ TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}")
 
-# Microsoft's preprocessor_config.json (the image keys; the crop size and patch are the defaults).
-PREPROCESSOR = {"dynamic_hd": 36, "image_processor_type": "Phi4MMImageProcessor",
+# Microsoft's preprocessor_config.json, at half the released crop size (448) to keep the tests
+# fast: 16 x 16 patches a crop, 8 x 8 after pooling.
+CROP = 224
+PREPROCESSOR = {"dynamic_hd": 36, "size": {"height": CROP, "width": CROP}, "patch_size": 14, "image_processor_type": "Phi4MMImageProcessor",
                 "feature_extractor_type": "Phi4MMAudioFeatureExtractor", "audio_compression_rate": 8,
                 "audio_downsample_rate": 1, "audio_feat_stride": 1, "processor_class": "Phi4MMProcessor"}
 
@@ -44,17 +46,19 @@ def make_reference(vocab: int, ids: dict[str, int], *, seed: int = 1, vision_lay
     rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
             "short_factor": [1.0 + 0.1 * i for i in range(ROTARY // 2)],
             "long_factor": [2.0 + 0.3 * i for i in range(ROTARY // 2)],
-            "original_max_position_embeddings": 64}
+            "original_max_position_embeddings": 2048}
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-              image_size=448, patch_size=14, crop_size=448, feature_layer=-2, image_token_id=ids[IMAGE_TOKEN])
+              image_size=CROP, patch_size=14, crop_size=CROP, feature_layer=-2, image_token_id=ids[IMAGE_TOKEN])
     ac = dict(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=4, ext_pw_out_channel=32,
               depthwise_separable_out_channel=32, nemo_conv_channels=32, input_size=80, time_reduction=8,
               bias_max_distance=20, audio_token_id=ids[AUDIO_TOKEN])
     cfg = Phi4MultimodalConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               original_max_position_embeddings=64, rope_parameters=rope, rms_norm_eps=1e-5,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                               original_max_position_embeddings=2048, rope_parameters=rope, rms_norm_eps=1e-5,
                                tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
                                vision_config=vc, audio_config=ac)
+    # Eager everywhere: transformers' vision attention sets ``is_causal = True``, which its SDPA
+    # path honours when a crop has no padding mask (a causal image tower, not the model's math).
     for c in (cfg, cfg.vision_config, cfg.audio_config):
         c._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -106,7 +110,7 @@ def microsoft_config(hf: dict) -> dict:
                rope_scaling={"type": "longrope", "short_factor": rope["short_factor"],
                              "long_factor": rope["long_factor"]},
                embd_layer={"embedding_cls": "image_audio",
-                           "image_embd_layer": {"crop_size": 448, "embedding_cls": "tune_image",
+                           "image_embd_layer": {"crop_size": hf["vision_config"]["crop_size"], "embedding_cls": "tune_image",
                                                 "hd_transform_order": "sub_glb",
                                                 "image_token_compression_cls": "avg_pool_2d",
                                                 "projection_cls": "mlp", "use_hd_transform": True,
