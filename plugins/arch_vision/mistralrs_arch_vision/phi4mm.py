@@ -38,6 +38,8 @@ from mistralrs_core.tokenization.prompt import encode_prompt
 from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.pipeline import part_digest
 from mistralrs_arch_vision.processors.phi4mm import Phi4MMImage, Phi4MMImageProcessor
+from mistralrs_arch_vision.processors.phi4mm_audio import Phi4MMAudioClip, Phi4MMAudioFeatureExtractor
+from mistralrs_arch_vision.towers.phi4mm_audio import Phi4MMAudioEncoder
 from mistralrs_arch_vision.towers.phi4mm_vision import SO400M_448, Phi4MMImageEmbedding
 from mistralrs_arch_vision.towers.siglip import SiglipTowerConfig
 
@@ -79,6 +81,12 @@ def vision_settings(hf: dict) -> tuple[SiglipTowerConfig, int, int]:
     return vision, int(vc.get("feature_layer", -2)), int(vc.get("crop_size") or vision.image_size)
 
 
+def has_audio(hf: dict) -> bool:
+    if is_microsoft_layout(hf):
+        return bool(hf.get("audio_processor")) and bool((hf.get("embd_layer") or {}).get("audio_embd_layer"))
+    return True          # transformers 5 always builds one (a missing audio_config means defaults)
+
+
 def _token_id(hf: dict, sub: str, key: str, default: int) -> int:
     return int((hf.get(sub) or {}).get(key) or default)
 
@@ -106,16 +114,12 @@ _PREFIXES = (
     ("model.embed_tokens_extend.image_embed.", "image_embed."),
     ("model.embed_tokens_extend.audio_embed.", "audio_embed."),
 )
-_MICROSOFT_NAMES = (  # Microsoft's names inside image_embed / audio_embed -> transformers 5's
+_MICROSOFT_NAMES = (  # Microsoft's names inside image_embed -> transformers 5's
     ("image_embed.glb_GN", "image_embed.global_img_feature_extensor"),
     ("image_embed.sub_GN", "image_embed.sub_img_feature_extensor"),
     ("image_embed.img_projection.0.", "image_embed.img_projection_up."),
     ("image_embed.img_projection.2.", "image_embed.img_projection_down."),
-    ("audio_embed.audio_projection.speech.0.", "audio_embed.up_proj_for_speech."),
-    ("audio_embed.audio_projection.speech.2.", "audio_embed.down_proj_for_speech."),
-    ("audio_embed.audio_projection.vision.0.", "audio_embed.up_proj_for_vision_speech."),
-    ("audio_embed.audio_projection.vision.2.", "audio_embed.down_proj_for_vision_speech."),
-)
+)   # the audio encoder's own map_weight_name renames Microsoft's audio names
 _LORA = re.compile(r"^(?P<prefix>.+)\.(?:base_layer\.weight|lora_(?P<ab>[AB])\.(?P<name>\w+)\.weight)$")
 
 
@@ -123,7 +127,6 @@ class Phi4MMForCausalLM(VisionFamilyMixin, DecoderLM):
     checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
     vision_lora: LoraSpec | None = None
-    audio_embed = None
 
     @classmethod
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32) -> "Phi4MMForCausalLM":
@@ -133,6 +136,8 @@ class Phi4MMForCausalLM(VisionFamilyMixin, DecoderLM):
         model.microsoft_layout = is_microsoft_layout(hf)
         if model.microsoft_layout:
             model.vision_lora = LoraSpec.from_hf("vision", hf.get("vision_lora"))
+        # (not a class attribute: nn.Module would register the encoder but find the class's None)
+        model.audio_embed = Phi4MMAudioEncoder.from_hf(hf) if has_audio(hf) else None
         model.image_token_id = _token_id(hf, "vision_config", "image_token_id", _IMAGE_ID)
         model.audio_token_id = _token_id(hf, "audio_config", "audio_token_id", _AUDIO_ID)
         return model
@@ -204,12 +209,14 @@ class Phi4MMForCausalLM(VisionFamilyMixin, DecoderLM):
         if images:
             for (i, _), feats in zip(images, self.image_embed([d for _, d in images])):
                 out[i] = feats
-        others = [i for i, s in enumerate(spans) if out[i] is None]
-        if others:
+        clips = [(i, s.data) for i, s in enumerate(spans) if isinstance(s.data, Phi4MMAudioClip)]
+        if clips:
             if self.audio_embed is None:
-                raise ValueError("this Phi-4-multimodal model has no audio encoder")
-            for i, feats in zip(others, self.audio_embed([spans[i].data for i in others])):
+                raise ValueError("audio: this Phi-4-multimodal model has no audio encoder")
+            for (i, _), feats in zip(clips, self.audio_embed.encode_clips([c for _, c in clips])):
                 out[i] = feats
+        if any(f is None for f in out):
+            raise ValueError("Phi-4-multimodal spans hold images or audio clips only")
         return [f.to(self.dtype) for f in out]
 
 
@@ -255,15 +262,21 @@ class Phi4MMProcessor:
 
     @staticmethod
     def _audio_processor(model, preprocessor_config: dict):
-        return None
+        if model.audio_embed is None:
+            return None
+        return Phi4MMAudioFeatureExtractor.from_hf(preprocessor_config)
 
     def prepare(self, image) -> Phi4MMImage:
         return self.image_processor(image)
 
-    def prepare_audio(self, audio):
+    def prepare_audio(self, audio, *, with_images: bool = False, where: str = "audio") -> Phi4MMAudioClip:
+        """A loaded clip -> log-mel features, token count and the projection head its
+        request calls for (``vision`` when the request has an image)."""
         if self.audio_processor is None:
-            raise ValueError("audio: this Phi-4-multimodal model has no audio encoder")
-        return self.audio_processor(audio)
+            raise ValueError(f"{where}: this Phi-4-multimodal model has no audio encoder")
+        clip = self.audio_processor.prepare(audio.samples, audio.rate, where=where)
+        clip.mode = "vision" if with_images else "speech"
+        return clip
 
     def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         text = _IMAGE_TAG.sub(IMAGE_TOKEN, text)
@@ -283,7 +296,7 @@ class Phi4MMProcessor:
                 n, digest, k = prepared.num_tokens, item.content_hash, k + 1
             elif t == self.audio_token_id:
                 item = audios[a]
-                prepared = self.prepare_audio(item).with_images(with_images)
+                prepared = self.prepare_audio(item, with_images=with_images, where=f"audio {a + 1}")
                 n, a = prepared.num_tokens, a + 1
                 # The projection head depends on whether the request has images.
                 digest = part_digest(item.content_hash, b"phi4mm-audio", int(with_images))

@@ -21,7 +21,7 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_phi4mm import CROP, IMAGE_TOKEN, write_microsoft_layout, write_tiny_phi4mm  # noqa: E402
+from tiny_phi4mm import AUDIO_TOKEN, CROP, IMAGE_TOKEN, write_microsoft_layout, write_tiny_phi4mm  # noqa: E402
 import vision_testing  # noqa: E402
 from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
@@ -119,8 +119,12 @@ def prompt_with_images(image_token, images, text_ids):
 
 
 @torch.inference_mode()
-def ref_logits(ref, ids, images):
+def ref_logits(ref, ids, images, clip=None):
+    """transformers' own forward from its processor's inputs (at most one audio clip: its
+    batched audio path differs from a clip alone, see towers/phi4mm_audio.py)."""
     kw = reference_image_inputs(images) if images else {}
+    if clip is not None:
+        kw.update(audio_input_features=clip.features[None], audio_embed_sizes=torch.tensor([clip.num_tokens]))
     return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
 
 
@@ -155,6 +159,59 @@ def test_prefill_and_decode_logits_match_reference(loaded, processor, n_images):
         seq.append((seq[-1] * 7 + 3 + i) % ids_of[IMAGE_TOKEN])
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits_spans(ref, seq, feats, where)[-1]))
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
+
+
+def tone(seconds=0.7, rate=16000, freq=330.0, seed=0):
+    import numpy as np
+    t = np.arange(int(seconds * rate)) / rate
+    noise = np.random.default_rng(seed).standard_normal(t.size) * 0.05
+    return (0.4 * np.sin(2 * np.pi * freq * t) + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from mistralrs_arch_vision.processors.phi4mm_audio import Phi4MMAudioFeatureExtractor
+    return Phi4MMAudioFeatureExtractor()
+
+
+@torch.inference_mode()
+def ref_audio_features(ref, clip, with_images):
+    """The reference's ``audio_embed`` on one clip (its projection chosen as transformers does)."""
+    n = clip.num_tokens
+    emb = ref.model.embed_tokens_extend.audio_embed
+    return emb(torch.full((1, n), ref.config.audio_config.audio_token_id), torch.zeros(1, n, HIDDEN),
+               audio_input_features=clip.features[None], audio_embed_sizes=torch.tensor([n]),
+               audio_projection_mode="vision" if with_images else "speech")[0]
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_audio_prefill_and_decode_logits_match_reference(loaded, processor, extractor, with_image):
+    """An audio clip alone (the speech projection) and with an image in the same prompt (the
+    vision-speech projection), prefill then cached decode steps."""
+    from mistralrs_core.engine.step import FeatureSpan
+    model, ref, ids_of = loaded
+    clip = extractor.prepare(tone(seed=int(with_image)), 16000)
+    clip.mode = "vision" if with_image else "speech"
+    images = [processor(random_image(21, (90, 60)))] if with_image else []
+    ids, spans = [3, 17, 29], []
+    for im in images:
+        spans.append(FeatureSpan(start=len(ids), length=im.num_tokens, content_hash=b"i", data=im))
+        ids += [ids_of[IMAGE_TOKEN]] * im.num_tokens + [40]
+    spans.append(FeatureSpan(start=len(ids), length=clip.num_tokens, content_hash=b"a", data=clip))
+    ids += [ids_of[AUDIO_TOKEN]] * clip.num_tokens + [51, 62, 73]
+    run = Ours(model)
+    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, images, clip))
+    feats = (ref_image_features(ref, images, ids_of[IMAGE_TOKEN]) if images else []) + \
+        [ref_audio_features(ref, clip, with_image)]
+    where = [(s.start, s.length) for s in spans]
+    seq = list(ids)
+    for i in range(3):
+        seq.append(5 + 11 * i)
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits_spans(ref, seq, feats, where)[-1]))
+    assert worst <= TOL, f"relative logit error {worst:.2e}"
+    # the two projections differ: a wrong mode would not pass
+    other = ref_audio_features(ref, clip, not with_image)
+    assert max_rel_err(other, feats[-1]) > 1e-2
 
 
 def test_checkpoint_names_map_to_every_parameter(loaded):

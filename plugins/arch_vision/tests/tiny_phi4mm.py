@@ -5,13 +5,15 @@ speech LoRA weights beside each ``base_layer``)."""
 from __future__ import annotations
 
 import json
-import math
+import types
 from pathlib import Path
 
 import torch
 
 from mistralrs_core.testing.parity import perturb_parameters, save_reference
 from mistralrs_core.testing.tiny import write_tiny_tokenizer
+
+from tiny_phi4mm_audio import TINY_AUDIO, original_config, to_original_name
 
 IMAGE_TOKEN, AUDIO_TOKEN = "<|endoftext10|>", "<|endoftext11|>"
 MARKERS = ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>")
@@ -49,9 +51,7 @@ def make_reference(vocab: int, ids: dict[str, int], *, seed: int = 1, vision_lay
             "original_max_position_embeddings": 2048}
     vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
               image_size=CROP, patch_size=14, crop_size=CROP, feature_layer=-2, image_token_id=ids[IMAGE_TOKEN])
-    ac = dict(hidden_size=32, intermediate_size=64, num_blocks=2, num_attention_heads=4, ext_pw_out_channel=32,
-              depthwise_separable_out_channel=32, nemo_conv_channels=32, input_size=80, time_reduction=8,
-              bias_max_distance=20, audio_token_id=ids[AUDIO_TOKEN])
+    ac = dict(TINY_AUDIO, audio_token_id=ids[AUDIO_TOKEN])
     cfg = Phi4MultimodalConfig(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
                                original_max_position_embeddings=2048, rope_parameters=rope, rms_norm_eps=1e-5,
@@ -64,6 +64,10 @@ def make_reference(vocab: int, ids: dict[str, int], *, seed: int = 1, vision_lay
     torch.manual_seed(0)
     ref = Phi4MultimodalForCausalLM(cfg).float().eval()
     perturb_parameters(ref, seed=seed, scale=0.3)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():   # the audio encoder's mean / inverse-std buffers (zeros / ones at init)
+        for _, buf in ref.model.embed_tokens_extend.audio_embed.named_buffers():
+            buf.add_(torch.randn(buf.shape, generator=g) * 0.1)
     return ref
 
 
@@ -86,23 +90,24 @@ _MS_RENAMES = (
     ("model.embed_tokens_extend.image_embed.sub_img_feature_extensor", "model.embed_tokens_extend.image_embed.sub_GN"),
     ("model.embed_tokens_extend.image_embed.img_projection_up.", "model.embed_tokens_extend.image_embed.img_projection.0."),
     ("model.embed_tokens_extend.image_embed.img_projection_down.", "model.embed_tokens_extend.image_embed.img_projection.2."),
-    ("model.embed_tokens_extend.audio_embed.up_proj_for_speech.", "model.embed_tokens_extend.audio_embed.audio_projection.speech.0."),
-    ("model.embed_tokens_extend.audio_embed.down_proj_for_speech.", "model.embed_tokens_extend.audio_embed.audio_projection.speech.2."),
-    ("model.embed_tokens_extend.audio_embed.up_proj_for_vision_speech.", "model.embed_tokens_extend.audio_embed.audio_projection.vision.0."),
-    ("model.embed_tokens_extend.audio_embed.down_proj_for_vision_speech.", "model.embed_tokens_extend.audio_embed.audio_projection.vision.2."),
 )
+AUDIO_PREFIX = "model.embed_tokens_extend.audio_embed."
 _LORA_TARGETS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 def microsoft_config(hf: dict) -> dict:
     """transformers 5's config.json -> Microsoft's keys for the same model. The tower's size and
-    the placeholder ids, which Microsoft's config never states, stay in ``vision_config`` /
-    ``audio_config`` (our loader reads them when present; the hub model needs the defaults)."""
+    the image placeholder id, which Microsoft's config never states, stay in ``vision_config``
+    (our loader reads it when present; the hub model needs the defaults); the audio encoder is
+    described by ``audio_processor`` only, and its placeholder id comes from the tokenizer."""
     rope = dict(hf["rope_parameters"])
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-            "sliding_window", "vision_config", "audio_config")
+            "sliding_window", "vision_config")
     out = {k: hf[k] for k in keep}
+    audio = original_config(types.SimpleNamespace(hidden_size=hf["hidden_size"],
+                                                  audio_config=types.SimpleNamespace(**hf["audio_config"])))
+    out.update(audio_processor=audio["audio_processor"])
     out.update(model_type="phi4mm", architectures=["Phi4MMForCausalLM"], resid_pdrop=0.0, embd_pdrop=0.0,
                attention_dropout=0.0, rope_theta=rope["rope_theta"],
                partial_rotary_factor=rope["partial_rotary_factor"],
@@ -115,8 +120,7 @@ def microsoft_config(hf: dict) -> dict:
                                                 "image_token_compression_cls": "avg_pool_2d",
                                                 "projection_cls": "mlp", "use_hd_transform": True,
                                                 "with_learnable_separator": True},
-                           "audio_embd_layer": {"compression_rate": 8, "downsample_rate": 1,
-                                                "embedding_cls": "audio", "projection_cls": "mlp"}},
+                           "audio_embd_layer": audio["embd_layer"]["audio_embd_layer"]},
                img_processor=None, vision_lora=VISION_LORA, speech_lora=SPEECH_LORA)
     return out
 
@@ -153,6 +157,8 @@ def write_microsoft_layout(src: Path, out: Path, seed: int = 7) -> dict[str, tor
             if name.startswith(a):
                 name = b + name[len(a):]
                 break
+        if name.startswith(AUDIO_PREFIX):
+            name = AUDIO_PREFIX + to_original_name(name[len(AUDIO_PREFIX):])
         tensors[name] = w
     save_file(tensors, str(out / "model.safetensors"))
     return merged
