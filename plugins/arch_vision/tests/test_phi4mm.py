@@ -356,8 +356,11 @@ def runner(tiny):
 
 
 def check_against_reference(pipe, ref, req, res, n=6):
+    from mistralrs_arch_vision.processors.phi4mm_audio import Phi4MMAudioClip
+
     def features(data):
-        return [ref_image_features(ref, [d], pipe.processor.image_token_id)[0] for d in data]
+        return [ref_audio_features(ref, d, d.mode == "vision") if isinstance(d, Phi4MMAudioClip)
+                else ref_image_features(ref, [d], pipe.processor.image_token_id)[0] for d in data]
     return vision_testing.check_against_reference(pipe, partial(ref_logits_spans, ref), req, res, n, prepare=features)
 
 
@@ -401,3 +404,51 @@ def test_runner_refuses_bad_inputs_and_keeps_serving(runner):
             runner.send_chat_completion_request(req)
     ok = runner.send_chat_completion_request(chat("still serving?", n=2))
     assert ok.usage.completion_tokens == 2
+
+
+def wav_data_uri(samples, rate=16000) -> str:
+    import base64
+    import io
+    import soundfile
+    buf = io.BytesIO()
+    soundfile.write(buf, samples, rate, format="WAV", subtype="FLOAT")
+    return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_runner_audio_and_image_in_one_message(runner, tiny):
+    """The spec's example: an ``audio_url`` and an ``image_url`` part referenced by
+    ``<|audio_1|><|image_1|>`` in the text, batched with an audio-only request (a 22.05 kHz clip,
+    resampled) and an ``input_audio`` one."""
+    import base64
+    _, ref, ids_of = tiny
+    pipe = runner._pipeline(None)
+    wav = wav_data_uri(tone(0.9, seed=3))
+    reqs = [chat([{"type": "audio_url", "audio_url": {"url": wav}},
+                  {"type": "image_url", "image_url": {"url": png_data_uri(random_image(8, (100, 70)))}},
+                  {"type": "text", "text": "<|audio_1|><|image_1|> Describe in detail what is happening."}]),
+            chat([{"type": "audio_url", "audio_url": {"url": wav_data_uri(tone(0.5, 22050, seed=4), 22050)}},
+                  {"type": "text", "text": "<|audio_1|>Transcribe."}]),
+            chat([{"type": "input_audio",
+                   "input_audio": {"data": wav.split(",", 1)[1], "format": "wav"}},
+                  {"type": "text", "text": "What do you hear? <|audio_1|>"}])]
+    results = run_concurrently(runner, reqs)
+    prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]
+    assert [[type(s.data).__name__ for s in p.spans] for p in prompts] == \
+        [["Phi4MMAudioClip", "Phi4MMImage"], ["Phi4MMAudioClip"], ["Phi4MMAudioClip"]]
+    assert [p.spans[0].data.mode for p in prompts] == ["vision", "speech", "speech"]
+    # the same clip heard with and without an image: different projections, different cache keys
+    assert prompts[0].spans[0].content_hash != prompts[2].spans[0].content_hash
+    assert all(p.ids.count(ids_of[AUDIO_TOKEN]) == p.spans[0].length for p in prompts)
+
+
+def test_runner_refuses_bad_audio(runner):
+    wav = wav_data_uri(tone(0.01))                   # 160 samples: shorter than one 25 ms frame
+    bad = [(chat([{"type": "audio_url", "audio_url": {"url": wav}}, {"type": "text", "text": "<|audio_1|>"}]),
+            "too short"),
+           (chat([{"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,AAAA"}},
+                  {"type": "text", "text": "<|audio_1|>"}]), "audio_url"),
+           (chat([{"type": "audio_url", "audio_url": {"url": wav_data_uri(tone(0.3))}},
+                  {"type": "text", "text": "no tag"}]), "audio tag")]
+    for req, match in bad:
+        with pytest.raises(ValueError, match=match):
+            runner.send_chat_completion_request(req)
