@@ -245,22 +245,28 @@ def microsoft(tiny, tmp_path_factory):
     return ms, ref_merged
 
 
-def test_microsoft_layout_merges_vision_lora(loaded, microsoft, processor):
-    """Microsoft's checkpoint equals transformers' model with the vision LoRA merged into every
-    matched linear (and not the speech LoRA): prefill with an image, then decode."""
+def test_microsoft_layout_merges_vision_lora(loaded, microsoft, processor, extractor):
+    """Microsoft's checkpoint (renamed image and audio tensors, LoRA-wrapped text linears)
+    equals transformers' model with the vision LoRA merged into every matched linear (and not
+    the speech LoRA): prefill with an image and an audio clip, then decode."""
+    from mistralrs_core.engine.step import FeatureSpan
     _, _, ids_of = loaded
     ms, ref_merged = microsoft
     model, hf = build_text_model(ms, kind="vision")
-    assert hf["model_type"] == "phi4mm" and model.microsoft_layout
+    assert hf["model_type"] == "phi4mm" and model.microsoft_layout and model.audio_embed is not None
     assert not [n for n, p in model.named_parameters() if p.is_meta]
     images = [processor(random_image(4, (120, 300)))]
-    g = torch.Generator().manual_seed(9)
-    ids, spans = prompt_with_images(ids_of[IMAGE_TOKEN], images,
-                                    torch.randint(0, ids_of[IMAGE_TOKEN], (9,), generator=g).tolist())
+    clip = extractor.prepare(tone(0.4, seed=5), 16000)
+    clip.mode = "vision"
+    ids, spans = [7, 8], []
+    spans.append(FeatureSpan(start=len(ids), length=images[0].num_tokens, content_hash=b"i", data=images[0]))
+    ids += [ids_of[IMAGE_TOKEN]] * images[0].num_tokens + [9]
+    spans.append(FeatureSpan(start=len(ids), length=clip.num_tokens, content_hash=b"a", data=clip))
+    ids += [ids_of[AUDIO_TOKEN]] * clip.num_tokens + [10, 11]
     run = Ours(model)
-    assert max_rel_err(run.step(ids, spans), ref_logits(ref_merged, ids, images)) <= TOL
+    assert max_rel_err(run.step(ids, spans), ref_logits(ref_merged, ids, images, clip)) <= TOL
     seq = ids + [5]
-    assert max_rel_err(run.step([5])[-1], ref_logits(ref_merged, seq, images)[-1]) <= TOL
+    assert max_rel_err(run.step([5])[-1], ref_logits(ref_merged, seq, images, clip)[-1]) <= TOL
 
 
 def test_both_layouts_load_to_identical_logits(tiny, microsoft, tmp_path, processor):
