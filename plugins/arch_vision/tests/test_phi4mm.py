@@ -458,3 +458,23 @@ def test_runner_refuses_bad_audio(runner):
     for req, match in bad:
         with pytest.raises(ValueError, match=match):
             runner.send_chat_completion_request(req)
+
+
+def test_runner_chunked_prefill_splits_spans(runner, tiny):
+    """A prompt of ~300 image and audio rows prefilled 40 tokens a step: the features are
+    computed once and each chunk splices its slice (the spans are causal)."""
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    sched = pipe.engine.scheduler
+    old = sched.max_batch_tokens
+    sched.max_batch_tokens = 40
+    try:
+        req = chat([{"type": "text", "text": "Listen <|audio_1|> and look <|image_1|>."},
+                    {"type": "image_url", "image_url": {"url": png_data_uri(random_image(12, (60, 90)))}},
+                    {"type": "audio_url", "audio_url": {"url": wav_data_uri(tone(0.6, seed=6))}}])
+        steps = pipe.engine.stats["steps"]
+        prompt = check_against_reference(pipe, ref, req, runner.send_chat_completion_request(req))
+        assert pipe.engine.stats["steps"] - steps >= len(prompt.ids) // 40
+        assert [type(s.data).__name__ for s in prompt.spans] == ["Phi4MMAudioClip", "Phi4MMImage"]
+    finally:
+        sched.max_batch_tokens = old
