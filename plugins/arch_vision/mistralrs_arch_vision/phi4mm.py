@@ -6,7 +6,8 @@ Prompts. As upstream mistral.rs and Microsoft's processor: the user writes ``<|i
 ``<|audio_N|>`` tags in the text (the hub's chat template takes string content only), every
 tag becomes the image (audio) placeholder token ``<|endoftext10|>`` (``<|endoftext11|>``), and
 the i-th placeholder expands to the i-th image's (clip's) token count; a template that emits
-the placeholder tokens itself works too. Image and audio parts add no text of their own.
+the placeholder tokens itself works too. Image and audio parts add no text of their own
+(``message_text`` hands the template each message's text as one string).
 
 Audio is projected by one of two heads: ``speech`` when the request has no image, ``vision``
 (transformers' ``up/down_proj_for_vision_speech``) when it has one, as transformers decides it
@@ -226,8 +227,6 @@ class Phi4MMProcessor:
     #: image and audio parts add no text: the user's ``<|image_N|>``/``<|audio_N|>`` tags place them
     image_part = {"type": "text", "text": ""}
     audio_part = {"type": "text", "text": ""}
-    #: the hub's template concatenates ``message['content']`` as a string
-    content_as_text = True
 
     def __init__(self, image_processor: Phi4MMImageProcessor, tokenizer, image_token_id: int,
                  audio_token_id: int, audio_processor=None):
@@ -265,6 +264,12 @@ class Phi4MMProcessor:
         if model.audio_embed is None:
             return None
         return Phi4MMAudioFeatureExtractor.from_hf(preprocessor_config)
+
+    @staticmethod
+    def message_text(parts: list[dict], before: dict) -> str:
+        """The hub's template concatenates ``message['content']`` as a string: the message's
+        text parts joined (image and audio parts add nothing; the user's tags place them)."""
+        return "".join(p.get("text", "") for p in parts if p.get("type") == "text")
 
     def prepare(self, image) -> Phi4MMImage:
         return self.image_processor(image)

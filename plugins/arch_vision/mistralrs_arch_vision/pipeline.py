@@ -9,7 +9,10 @@ data, token_ids=None)``, ``image_token_id``, ``image_part``); ``token_ids`` spel
 that holds more than image tokens (Pixtral's row breaks). A processor whose images expand to
 more than one run of placeholder tokens with text around them (Gemma 3: boi/eoi tokens,
 pan-and-scan crops) defines ``expand_prompt(text, images, audios) -> Prompt`` instead, and
-expands the rendered text itself before tokenizing.
+expands the rendered text itself before tokenizing. A processor whose chat templates take
+message content as a string defines ``message_text(parts, before) -> str`` (``before``: how
+many image and audio parts earlier messages held, ``{"image": n, "audio": m}``, for
+numbered tags).
 
 Audio (``audio_url`` and OpenAI ``input_audio`` parts) takes the same road: a processor that
 hears defines ``audio_token_id``, ``audio_part`` (default ``{"type": "audio"}``) and
@@ -57,10 +60,12 @@ class VisionPipeline(TextPipeline):
         if not any(isinstance(m.get("content"), list) for m in messages):
             return super().chat_prompt(req)           # plain strings: exactly the text path
         images, audios = [], []
+        message_text = getattr(self.processor, "message_text", None)
         for i, m in enumerate(messages):
             content = m.get("content")
             if not isinstance(content, list):
                 continue
+            before = {"image": len(images), "audio": len(audios)}
             parts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -82,12 +87,9 @@ class VisionPipeline(TextPipeline):
                                      f"(text, image_url, audio_url or input_audio)")
             # Parts stay a list, as transformers' processors hand them to the template: the
             # hub's vision templates iterate content parts (a joined string would render
-            # as no text at all in LLaVa's). A processor whose hub template concatenates the
-            # content as a string (Phi-4-multimodal's; its parts carry only text) joins them.
-            if getattr(self.processor, "content_as_text", False):
-                m["content"] = "".join(p.get("text", "") for p in parts)
-            else:
-                m["content"] = parts
+            # as no text at all in LLaVa's). A family whose templates take a string
+            # (Phi-3-vision: ``<|image_N|>`` tags in the text) writes the parts as one.
+            m["content"] = parts if message_text is None else message_text(parts, before)
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
         extra = {}
