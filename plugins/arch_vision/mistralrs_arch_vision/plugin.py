@@ -26,6 +26,8 @@ VISION_FAMILIES = [
      f"{_PKG}.phi3v:Phi3VProcessor"),
     ("MiniCpmO", (), f"{_PKG}.minicpmo:MiniCPMOForConditionalGeneration", ("minicpmo", "minicpmv"),
      ("MiniCPMO", "MiniCPMV"), f"{_PKG}.minicpmo:MiniCpmOProcessor"),
+    ("Phi4MM", (), f"{_PKG}.phi4mm:Phi4MMForCausalLM", ("phi4_multimodal", "phi4mm"),
+     ("Phi4MultimodalForCausalLM", "Phi4MMForCausalLM"), f"{_PKG}.phi4mm:Phi4MMProcessor"),
 ]
 
 
@@ -50,4 +52,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio))")
