@@ -133,9 +133,9 @@ def gemma3n_text_config(text: dict) -> Gemma3nTextConfig:
 
 
 # --------------------------------------------------------------------------- small pieces
-def rms_norm(cfg: DecoderConfig, dim: int | None = None) -> RMSNorm:
+def rms_norm(dim: int, eps: float) -> RMSNorm:
     """Gemma 3n's RMSNorm: ``x * w`` (not Gemma's 1 + w), the product taken in float32."""
-    return RMSNorm(dim or cfg.hidden_size, cfg.norm_eps, cast_before_scale=False)
+    return RMSNorm(dim, eps, cast_before_scale=False)
 
 
 def unscaled_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,11 +185,11 @@ class Gemma3nAttention(nn.Module):
         # K/V another layer reads in the same step (kept only for those layers)
         self.lends_kv = not self.shared and layer in cfg.kv_source[layer + 1:]
         self.q_proj = Linear(cfg.hidden_size, self.nh * self.hd, cfg.qkv_bias)
-        self.q_norm = rms_norm(cfg, self.hd)
+        self.q_norm = rms_norm(self.hd, cfg.norm_eps)
         if not self.shared:
             self.k_proj = Linear(cfg.hidden_size, self.nkv * self.hd, cfg.qkv_bias)
             self.v_proj = Linear(cfg.hidden_size, self.nkv * self.hd, cfg.qkv_bias)
-            self.k_norm = rms_norm(cfg, self.hd)
+            self.k_norm = rms_norm(self.hd, cfg.norm_eps)
         self.o_proj = Linear(self.nh * self.hd, cfg.hidden_size, cfg.o_bias)
         self.sliding_window = cfg.sliding_window if cfg.is_sliding(layer) else None
 
@@ -245,7 +245,7 @@ class Gemma3nAltUp(nn.Module):
         self.correction_coefs = DenseWeight(n, n)
         self.prediction_coefs = DenseWeight(n, n * n)
         self.modality_router = DenseWeight(cfg.hidden_size, n)
-        self.router_norm = rms_norm(cfg)
+        self.router_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.router_input_scale = 1.0 / cfg.hidden_size
 
     def post_load(self) -> None:
@@ -281,7 +281,7 @@ class Gemma3nLaurel(nn.Module):
         super().__init__()
         self.linear_left = Linear(cfg.hidden_size, cfg.laurel_rank)
         self.linear_right = Linear(cfg.laurel_rank, cfg.hidden_size)
-        self.post_laurel_norm = rms_norm(cfg)
+        self.post_laurel_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
 
     def forward(self, x):
         return x + self.post_laurel_norm(self.linear_right(self.linear_left(x)))
@@ -295,7 +295,7 @@ class Gemma3nDecoderLayer(nn.Module):
         self.mlp = Gemma3nMLP(cfg, layer)
         for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                      "post_feedforward_layernorm", "post_per_layer_input_norm"):
-            setattr(self, name, rms_norm(cfg))
+            setattr(self, name, rms_norm(cfg.hidden_size, cfg.norm_eps))
         self.altup = Gemma3nAltUp(cfg)
         self.laurel = Gemma3nLaurel(cfg)
         self.per_layer_input_gate = Linear(cfg.hidden_size, cfg.per_layer_dim)
@@ -330,10 +330,10 @@ class Gemma3nTextLM(DecoderLM):
     def __init__(self, cfg: Gemma3nTextConfig, dtype: torch.dtype = torch.float32):
         super().__init__(cfg, dtype)
         m, n_layers, p = self.model, cfg.num_layers, cfg.per_layer_dim
-        m.norm = rms_norm(cfg)
+        m.norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         m.embed_tokens_per_layer = Embedding(cfg.per_layer_vocab, n_layers * p)
         m.per_layer_model_projection = Linear(cfg.hidden_size, n_layers * p)
-        m.per_layer_projection_norm = rms_norm(cfg, p)
+        m.per_layer_projection_norm = rms_norm(p, cfg.norm_eps)
         m.altup_projections = nn.ModuleList(
             [Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(cfg.altup_num_inputs - 1)])
         m.altup_unembed_projections = nn.ModuleList(

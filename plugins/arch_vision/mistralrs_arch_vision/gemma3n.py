@@ -1,0 +1,225 @@
+"""Gemma 3n: a MobileNetV5 image tower, an audio encoder, and the Gemma 3n text decoder.
+
+Each image becomes ``\\n\\n<start_of_image>`` + ``vision_soft_tokens_per_image`` image tokens +
+``<end_of_image>\\n\\n`` (each audio clip likewise with ``<start_of_audio>`` /
+``<audio_soft_token>`` × ``audio_soft_tokens_per_image`` / ``<end_of_audio>``), written into
+the rendered chat text where the template put the image (audio) token, then tokenized, as
+transformers' ``Gemma3nProcessor`` does. Attention stays causal over them.
+
+Two vocabularies sit past the text model's per-layer table: ids in
+``[embed_vision.vocab_offset, embed_audio.vocab_offset)`` are embedded by ``embed_vision``'s
+own table (hard embedding → norm → projection → weightless norm), ids from
+``embed_audio.vocab_offset`` up by ``embed_audio``'s. That covers ``<end_of_image>``,
+``<end_of_audio>`` and the placeholders themselves, whose rows the features then replace.
+The features are the tower's soft tokens through the same embedder's soft path. The
+per-layer embeddings of all these ids are the per-layer table's row 0 (transformers maps
+every id outside that table to 0) plus the projection of the spliced embeddings.
+
+Checkpoints (hub = transformers 5): ``model.language_model.*``,
+``model.vision_tower.timm_model.*``, ``model.audio_tower.*``, ``model.embed_vision.*``,
+``model.embed_audio.*``; ``lm_head`` is tied.
+"""
+from __future__ import annotations
+
+import re
+
+import attrs
+import torch
+from torch import nn
+
+from mistralrs_core.engine.step import FeatureSpan
+from mistralrs_core.layers.linear import Embedding, Linear
+from mistralrs_core.pipeline.text import Prompt
+from mistralrs_core.tokenization.prompt import encode_prompt
+
+from mistralrs_arch_vision.family import VisionFamilyMixin
+from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM, gemma3n_text_config, rms_norm, unscaled_rms_norm
+from mistralrs_arch_vision.pipeline import token_runs
+
+# Gemma3nConfig's defaults (the released checkpoints' ids and counts).
+GEMMA3N_DEFAULTS = dict(boi_token_id=255_999, eoi_token_id=262_144, image_token_id=262_145, boa_token_id=256_000,
+                        eoa_token_id=262_272, audio_token_id=262_273, vision_soft_tokens_per_image=256,
+                        audio_soft_tokens_per_image=188)
+_VISION_DEFAULTS = dict(hidden_size=2048, vocab_size=128, vocab_offset=262_144, rms_norm_eps=1e-6)
+_AUDIO_DEFAULTS = dict(hidden_size=1536, vocab_size=128, vocab_offset=262_272, rms_norm_eps=1e-6)
+
+
+class Gemma3nMultimodalEmbedder(nn.Module):
+    """Token ids of a modality's own small vocabulary (hard) or encoder outputs (soft) ->
+    text-model embeddings: norm, projection, weightless norm."""
+
+    def __init__(self, mm_hidden: int, text_hidden: int, vocab_size: int, vocab_offset: int, eps: float):
+        super().__init__()
+        self.vocab_size, self.vocab_offset, self.eps = vocab_size, vocab_offset, eps
+        self.embedding = Embedding(vocab_size, mm_hidden)
+        self.hard_embedding_norm = rms_norm(mm_hidden, eps)
+        self.soft_embedding_norm = rms_norm(mm_hidden, eps)
+        self.embedding_projection = Linear(mm_hidden, text_hidden)
+
+    @classmethod
+    def from_hf(cls, mm: dict, defaults: dict, text_hidden: int) -> "Gemma3nMultimodalEmbedder":
+        c = {**defaults, **{k: v for k, v in mm.items() if v is not None}}
+        return cls(int(c["hidden_size"]), text_hidden, int(c["vocab_size"]), int(c["vocab_offset"]),
+                   float(c["rms_norm_eps"]))
+
+    def owns(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.vocab_offset) & (ids < self.vocab_offset + self.vocab_size)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return unscaled_rms_norm(self.embedding_projection(x), self.eps)
+
+    def hard(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """ids in ``[vocab_offset, vocab_offset + vocab_size)`` -> [n, text hidden]."""
+        return self._project(self.hard_embedding_norm(self.embedding(ids - self.vocab_offset, dtype).to(dtype)))
+
+    def soft(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [..., mm_hidden] -> [..., text hidden]."""
+        return self._project(self.soft_embedding_norm(x))
+
+
+def build_vision_tower(vision: dict, dtype: torch.dtype):
+    from mistralrs_arch_vision.towers.mobilenetv5 import MobileNetV5Tower
+    return MobileNetV5Tower.from_hf(vision, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- the model
+_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.audio_tower.", "audio_tower."),
+    ("model.embed_vision.", "embed_vision."),
+    ("model.embed_audio.", "embed_audio."),
+)
+
+
+class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
+    checkpoint_prefixes = _PREFIXES
+
+    @classmethod
+    def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32, *,
+                       vision_tower=None) -> "Gemma3nForConditionalGeneration":
+        """``vision_tower``: a module taking pixels [B, 3, H, W] to soft tokens [B, n, hidden]
+        in place of MobileNetV5 (tests of the text side only)."""
+        if hf.get("model_type") not in (None, "gemma3n"):
+            raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gemma3n")
+        c = {**GEMMA3N_DEFAULTS, **{k: v for k, v in hf.items() if k in GEMMA3N_DEFAULTS and v is not None}}
+        text = dict(hf.get("text_config") or {})
+        model = cls(gemma3n_text_config(text), dtype)
+        hidden = model.cfg.hidden_size
+        vision, audio = dict(hf.get("vision_config") or {}), dict(hf.get("audio_config") or {})
+        model.embed_vision = Gemma3nMultimodalEmbedder.from_hf(vision, _VISION_DEFAULTS, hidden)
+        model.embed_audio = Gemma3nMultimodalEmbedder.from_hf(audio, _AUDIO_DEFAULTS, hidden)
+        if model.embed_vision.vocab_offset + model.embed_vision.vocab_size > model.embed_audio.vocab_offset:
+            raise ValueError("config.json: vision_config's vocabulary overlaps audio_config's")
+        model.vision_hidden = int({**_VISION_DEFAULTS, **vision}["hidden_size"])
+        model.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(vision, dtype)
+        # The audio encoder is not built yet: its weights are skipped and audio input refused.
+        model.audio_tower = None
+        for key in GEMMA3N_DEFAULTS:
+            setattr(model, key, int(c[key]))
+        for key in ("image_token_id", "eoi_token_id"):
+            if not model.embed_vision.owns(torch.tensor(getattr(model, key))):
+                raise ValueError(f"config.json: {key} {getattr(model, key)} is outside the vision vocabulary")
+        return model
+
+    def map_weight_name(self, name):
+        name = self.rename_checkpoint(name)
+        if name.startswith("audio_tower."):
+            return None
+        if name.startswith("vision_tower."):
+            inner_map = getattr(self.vision_tower, "map_weight_name", None)
+            if inner_map is None:
+                return name
+            inner = inner_map(name[len("vision_tower."):])
+            return None if inner is None else "vision_tower." + inner
+        if name.startswith(("embed_vision.", "embed_audio.")):
+            return name
+        return super().map_weight_name(name)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text embeddings, the two modality vocabularies' rows where their ids are, and the
+        per-layer token rows (see gemma3n_text)."""
+        packed = super().embed(input_ids)
+        h = packed[:, :self.cfg.hidden_size]
+        for embedder in (self.embed_vision, self.embed_audio):
+            rows = embedder.owns(input_ids).nonzero(as_tuple=True)[0]
+            if rows.numel():
+                h[rows] = embedder.hard(input_ids[rows], self.dtype).to(h.dtype)
+        return packed
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, soft tokens, text hidden]."""
+        soft = self.vision_tower(pixels.to(device=self.lm_device, dtype=self.dtype))
+        soft = soft * torch.tensor(self.vision_hidden ** 0.5, dtype=soft.dtype)
+        return self.embed_vision.soft(soft)
+
+    def encode_features(self, spans):
+        out: list = [None] * len(spans)
+        images = [i for i, s in enumerate(spans) if isinstance(s.data, torch.Tensor)]
+        if len(images) != len(spans):
+            raise ValueError("Gemma 3n: only image features are supported (audio input is not built)")
+        if images:
+            feats = self.image_features(torch.stack([spans[i].data for i in images]))
+            for i, f in zip(images, feats):
+                out[i] = f
+        return out
+
+
+# --------------------------------------------------------------------------- the processor
+@attrs.define
+class Gemma3nProcessor:
+    """The family's half of the pipeline: the chat template writes ``<image_soft_token>``
+    per image part; ``expand_prompt`` replaces each, in the rendered text, with what
+    transformers' ``Gemma3nProcessor`` writes, tokenizes, and gives each image's run of
+    placeholder tokens a (causal) ``FeatureSpan``."""
+    image_processor: object
+    tokenizer: object
+    image_token_id: int
+    image_token: str
+    boi_token: str
+    eoi_token: str
+    tokens_per_image: int
+    image_part: dict = attrs.field(factory=lambda: {"type": "image"})
+
+    @classmethod
+    def from_pretrained(cls, *, model, hf_config: dict, preprocessor_config: dict, tokenizer=None,
+                        model_dir=None, image_processor=None) -> "Gemma3nProcessor":
+        if tokenizer is None:
+            raise ValueError("Gemma 3n's processor needs the tokenizer (its image tokens are text)")
+        if image_processor is None:
+            from mistralrs_arch_vision.processors.gemma3n import Gemma3nImageProcessor
+            image_processor = Gemma3nImageProcessor.from_hf(preprocessor_config)
+        names = {}
+        for what in ("boi_token_id", "eoi_token_id", "image_token_id"):
+            token_id = getattr(model, what)
+            names[what] = tokenizer.id_to_token(token_id)
+            if names[what] is None:
+                raise ValueError(f"config.json: {what} {token_id} is not in the tokenizer")
+        return cls(image_processor, tokenizer, model.image_token_id, names["image_token_id"],
+                   names["boi_token_id"], names["eoi_token_id"], model.vision_soft_tokens_per_image)
+
+    def image_sequence(self) -> str:
+        return f"\n\n{self.boi_token}{self.image_token * self.tokens_per_image}{self.eoi_token}\n\n"
+
+    def pixels(self, image) -> torch.Tensor:
+        """One image -> [3, H, W] float32."""
+        return self.image_processor(image)
+
+    def expand_prompt(self, text: str, images, audios=()) -> Prompt:
+        if audios:
+            raise ValueError("messages: this Gemma 3n model does not take audio input yet")
+        pieces = re.split(f"({re.escape(self.image_token)})", text)
+        count = pieces.count(self.image_token)
+        if count != len(images):
+            raise ValueError(f"messages: the rendered prompt holds {count} image placeholder(s) for "
+                             f"{len(images)} image(s); the chat template must emit one per image part")
+        pixels = [self.pixels(img.image) for img in images]
+        expanded = "".join(self.image_sequence() if p == self.image_token else p for p in pieces)
+        ids = encode_prompt(self.tokenizer, expanded)
+        runs = token_runs(ids, self.image_token_id)
+        if len(runs) != len(images) or any(n != self.tokens_per_image for _, n in runs):
+            raise ValueError(f"messages: the prompt's image tokens form runs {[n for _, n in runs]}, expected "
+                             f"{len(images)} of {self.tokens_per_image}")
+        spans = [FeatureSpan(start=start, length=n, data=px, content_hash=img.content_hash)
+                 for (start, n), img, px in zip(runs, images, pixels)]
+        return Prompt(ids, spans)
