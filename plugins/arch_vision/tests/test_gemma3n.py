@@ -1,0 +1,277 @@
+"""Gemma 3n (the family) against transformers' ``Gemma3nForConditionalGeneration`` (tiny,
+every parameter perturbed). The image tower here is a stand-in, the same module on both
+sides (tiny_gemma3n.StubTower): what is checked is everything after it — the soft-token
+scaling and ``embed_vision``, the splice, the modality vocabularies' hard embeddings
+(``<end_of_image>``, ``<end_of_audio>``), the per-layer embeddings of ids outside the
+per-layer table, and the text model — with 0, 1 and 2 images through prefill and decode,
+greedy tokens; both checkpoint layouts; the prompt expansion against transformers'
+``Gemma3nProcessor``; bad inputs."""
+import json
+
+import pytest
+import torch
+
+from mistralrs_core.engine.model_runner import build_metadata
+from mistralrs_core.engine.step import FeatureSpan, record
+from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.testing.parity import max_rel_err
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_gemma3n import AUD, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS, StubTower, write_tiny_gemma3n  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_gemma3n(tmp_path_factory.mktemp("tiny_gemma3n"))
+
+
+def load_ours(out):
+    from safetensors.torch import load_file
+
+    from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
+    hf = json.loads((out / "config.json").read_text())
+    model = Gemma3nForConditionalGeneration.from_hf_config(hf, vision_tower=StubTower(reference=False))
+    model.load_weights(iter(load_file(str(out / "model.safetensors")).items()))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny):
+    out, ref, ids = tiny
+    return load_ours(out), ref, ids
+
+
+class Ours:
+    """One sequence through our model with a paged cache; features spliced as the runner does."""
+
+    def __init__(self, model, block_size=4, num_blocks=64):
+        self.model = model
+        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
+                       for s in model.kv_cache_specs()]
+        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
+
+    @torch.inference_mode()
+    def step(self, ids, spans=()):
+        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
+        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
+        h = self.model.embed(tok)
+        if spans:
+            feats = self.model.encode_features(list(spans))
+            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
+            h = self.model.merge_features(h, rows, torch.cat(feats))
+        self.pos += len(ids)
+        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
+
+
+def prompt_with_images(ids_of, pixels, text):
+    """text, then per image \\n\\n-less <boi> soft tokens <eoi> and more text, and an
+    <end_of_audio> (its own vocabulary's hard embedding) near the end."""
+    ids, spans = list(text[:3]), []
+    for k, px in enumerate(pixels):
+        ids.append(ids_of[BOI])
+        spans.append(FeatureSpan(start=len(ids), length=SOFT_TOKENS, content_hash=bytes([k]), data=px))
+        ids += [ids_of[IMG]] * SOFT_TOKENS + [ids_of[EOI]] + list(text[3 + 2 * k: 5 + 2 * k])
+    return ids + [ids_of[BOA], ids_of[EOA]] + list(text[-2:]), spans
+
+
+@torch.inference_mode()
+def ref_logits(ref, ids, pixels):
+    kw = {"pixel_values": torch.stack(pixels)} if pixels else {}
+    return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
+
+
+@torch.inference_mode()
+def ref_logits_spans(ref, ids, pixels, spans):
+    """The reference with features on the prompt's spans only (a random model may generate a
+    placeholder id, which is then an ordinary token): transformers' own embedding of the ids
+    and its per-layer inputs, the image rows replaced before the per-layer projection."""
+    m = ref.model
+    t = torch.tensor([ids])
+    h = m.get_input_embeddings()(t)
+    for emb, mask in ((m.embed_vision, (t >= m.embed_vision.vocab_offset) & (t < m.embed_audio.vocab_offset)),
+                      (m.embed_audio, t >= m.embed_audio.vocab_offset)):
+        if mask.any():
+            h[mask] = emb(input_ids=t[mask][None])[0]
+    if pixels:
+        feats = m.get_image_features(torch.stack(pixels)).pooler_output
+        for (start, n), f in zip(spans, feats):
+            h[0, start:start + n] = f
+    per_layer = m.language_model.get_per_layer_inputs(t)
+    return ref(inputs_embeds=h, per_layer_inputs=per_layer).logits[0].float()
+
+
+def test_image_features_match_reference(loaded):
+    model, ref, _ = loaded
+    px = torch.randn(3, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        theirs = ref.model.get_image_features(px).pooler_output
+        ours = model.image_features(px)
+    assert ours.shape == (3, SOFT_TOKENS, 64)
+    assert max_rel_err(ours, theirs) <= TOL
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_prefill_and_decode_logits_match_reference(loaded, n_images):
+    model, ref, ids_of = loaded
+    g = torch.Generator().manual_seed(n_images)
+    pixels = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(n_images)]
+    text = torch.randint(0, ids_of[BOI], (9,), generator=g).tolist()
+    ids, spans = prompt_with_images(ids_of, pixels, text)
+    run = Ours(model)
+    worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels))
+    seq = list(ids)
+    for i in range(4):
+        seq.append((seq[-1] * 7 + 3 + i) % ids_of[BOI])
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, pixels)[-1]))
+    assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
+    # the same through the span-wise reference (what greedy decoding below compares with)
+    where = [(s.start, s.length) for s in spans]
+    assert max_rel_err(Ours(model).step(ids, spans), ref_logits_spans(ref, ids, pixels, where)) <= TOL
+
+
+def test_greedy_32_tokens_with_two_images(loaded):
+    model, ref, ids_of = loaded
+    g = torch.Generator().manual_seed(2)
+    pixels = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(2)]
+    ids, spans = prompt_with_images(ids_of, pixels, torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
+    where = [(s.start, s.length) for s in spans]
+    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    logits = run.step(ids, spans)[-1]
+    for _ in range(32):
+        ours.append(int(logits.argmax()))
+        logits = run.step(ours[-1:])[-1]
+    for _ in range(32):
+        theirs.append(int(ref_logits_spans(ref, seq, pixels, where)[-1].argmax()))
+        seq.append(theirs[-1])
+    assert ours == theirs
+
+
+def test_chunked_prefill_through_an_image(loaded):
+    """Chunks that split the image's run of placeholders: each chunk splices its slice."""
+    model, ref, ids_of = loaded
+    px = [torch.randn(3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(8))]
+    ids, spans = prompt_with_images(ids_of, px, list(range(20, 29)))
+    span = spans[0]
+    run, outs = Ours(model), []
+    for a, b in ((0, span.start + 2), (span.start + 2, len(ids) - 3), (len(ids) - 3, len(ids))):
+        rec_spans = [span] if a < span.end and b > span.start else []
+        outs.append(_chunk(run, ids[a:b], rec_spans))
+    assert max_rel_err(torch.cat(outs), ref_logits(ref, ids, px)) <= TOL
+
+
+@torch.inference_mode()
+def _chunk(run, ids, spans):
+    """One prefill chunk, splicing only the span rows it covers (as the model runner does)."""
+    rec = record(ids, run.pos, run.blocks, spans=tuple(spans))
+    tok, pos, meta = build_metadata([rec], run.block_size, "cpu")
+    h = run.model.embed(tok)
+    rows, feats = [], []
+    for at, span, first, n in rec.span_rows():
+        f = run.model.encode_features([span])[0]
+        rows.append(torch.arange(at, at + n))
+        feats.append(f[first:first + n])
+    if rows:
+        h = run.model.merge_features(h, torch.cat(rows), torch.cat(feats))
+    run.pos += len(ids)
+    return run.model.compute_logits(run.model.forward_embeds(h, pos, meta, run.caches))
+
+
+def test_placeholder_ids_embed_like_the_reference(loaded):
+    """<end_of_image> / <end_of_audio> come from their own vocabularies; the per-layer rows of
+    ids outside the per-layer table are row 0's (the test fails if either is skipped)."""
+    model, ref, ids_of = loaded
+    t = torch.tensor([ids_of[EOI], ids_of[IMG], ids_of[EOA], ids_of[AUD], 5])
+    with torch.inference_mode():
+        ours = model.embed(t)
+        per_layer = ref.model.language_model.get_per_layer_inputs(t[None])[0].flatten(1)
+        text = ref.model.get_input_embeddings()(t)
+        row0 = ref.model.language_model.get_per_layer_inputs(torch.tensor([[0]]))[0, 0].flatten()
+    h = ours[:, :64]
+    assert torch.allclose(ours[:, 64:], per_layer)
+    assert all(torch.equal(ours[i, 64:], row0) for i in range(4))
+    assert torch.allclose(h[4], text[4])
+    for i in range(4):
+        assert not torch.allclose(h[i], text[i])          # not the text table's rows
+
+
+def test_checkpoint_with_shared_layers_kv_weights_and_audio_tower_loads(tmp_path, loaded):
+    """Released checkpoints carry k/v projections for the KV-shared layers and the audio
+    tower's weights: both are skipped, and the model is the same."""
+    from safetensors.torch import load_file, save_file
+    model, _, ids_of = loaded
+    out, _, _ = write_tiny_gemma3n(tmp_path)
+    weights = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("model.audio_tower.") for k in weights)
+    for name in ("k_proj", "v_proj"):
+        weights[f"model.language_model.layers.5.self_attn.{name}.weight"] = torch.randn(32, 64)
+    weights["model.language_model.layers.4.self_attn.k_norm.weight"] = torch.randn(16)
+    save_file(weights, str(out / "model.safetensors"))
+    other = load_ours(out)
+    ids, spans = prompt_with_images(ids_of, [torch.randn(3, IMAGE, IMAGE)], list(range(20, 29)))
+    assert torch.equal(Ours(other).step(ids, spans), Ours(model).step(ids, spans))
+
+
+# --------------------------------------------------------------------------- the processor
+class _Pixels:
+    """A stand-in image processor (the real one is processors/gemma3n.py)."""
+
+    def __call__(self, image):
+        return torch.zeros(3, IMAGE, IMAGE)
+
+
+def _processor(model, out):
+    from mistralrs_arch_vision.gemma3n import Gemma3nProcessor
+    from mistralrs_core.tokenization.tokenizer import Tokenizer
+    return Gemma3nProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config={},
+                                            tokenizer=Tokenizer.from_dir(out), image_processor=_Pixels())
+
+
+def test_prompt_expansion_matches_transformers_processor(loaded, tiny):
+    from transformers import Gemma3nAudioFeatureExtractor, Gemma3nProcessor, PreTrainedTokenizerFast, \
+        SiglipImageProcessor
+
+    from mistralrs_arch_vision.inputs import load_image
+    from vision_testing import png_data_uri, random_image
+    model, _, ids_of = loaded
+    out = tiny[0]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), extra_special_tokens={
+        "boi_token": BOI, "eoi_token": EOI, "image_token": IMG, "boa_token": BOA, "eoa_token": EOA,
+        "audio_token": AUD})
+    ref = Gemma3nProcessor(feature_extractor=Gemma3nAudioFeatureExtractor(),
+                           image_processor=SiglipImageProcessor(size={"height": IMAGE, "width": IMAGE}),
+                           tokenizer=tok, image_seq_length=SOFT_TOKENS, audio_seq_length=3)
+    images = [random_image(i, size) for i, size in enumerate([(24, 90), (100, 25), (9, 7)])]
+    text = f"<|im_start|>user\n{IMG}Describe {IMG}\nand\n\n{IMG}<|im_end|>\n<|im_start|>assistant\n"
+    want = ref(text=text, images=images, return_tensors="pt")["input_ids"][0].tolist()
+    got = _processor(model, out).expand_prompt(text, [load_image(png_data_uri(im), where="x") for im in images])
+    assert got.ids == want
+    assert [(s.start, s.length) for s in got.spans] == \
+        [(i, SOFT_TOKENS) for i in range(len(want)) if want[i] == ids_of[IMG] and want[i - 1] == ids_of[BOI]]
+    assert not any(s.bidirectional for s in got.spans)
+
+
+def test_bad_prompts_are_refused(loaded, tiny):
+    from mistralrs_arch_vision.inputs import LoadedAudio, load_image
+    from vision_testing import png_data_uri, random_image
+    model, _, _ = loaded
+    proc = _processor(model, tiny[0])
+    img = load_image(png_data_uri(random_image(1)), where="x")
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        proc.expand_prompt(f"{IMG} and {IMG}", [img])
+    with pytest.raises(ValueError, match="audio"):
+        proc.expand_prompt(f"{IMG} {AUD}", [img], [LoadedAudio(samples=torch.zeros(10).numpy(), rate=16000,
+                                                                 content_hash=b"x")])
+
+
+def test_bad_configs_are_refused(tiny):
+    from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
+    hf = json.loads((tiny[0] / "config.json").read_text())
+    stub = StubTower(reference=False)
+    with pytest.raises(ValueError, match="image_token_id"):
+        Gemma3nForConditionalGeneration.from_hf_config({**hf, "image_token_id": 5}, vision_tower=stub)
+    with pytest.raises(ValueError, match="overlaps"):
+        vc = {**hf["vision_config"], "vocab_size": 3}
+        Gemma3nForConditionalGeneration.from_hf_config({**hf, "vision_config": vc}, vision_tower=stub)
