@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_gemma3n import AUD, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS, StubTower, write_tiny_gemma3n  # noqa: E402
 
+COVERS = ["Gemma3n"]
 TOL = 1e-4
 
 
