@@ -276,3 +276,35 @@ def test_bad_configs_are_refused(tiny):
     with pytest.raises(ValueError, match="overlaps"):
         vc = {**hf["vision_config"], "vocab_size": 3}
         Gemma3nForConditionalGeneration.from_hf_config({**hf, "vision_config": vc}, vision_tower=stub)
+
+
+def test_batch_of_image_and_text_sequences_equals_each_alone(loaded):
+    """Three sequences (two images, none, one) prefilled in one step of the model runner,
+    then decoded together, against each run alone: slot mapping, splicing offsets and the
+    shared layers' reads of their source blocks across sequences."""
+    from mistralrs_core.engine.model_runner import ModelRunner
+    model, _, ids_of = loaded
+    g = torch.Generator().manual_seed(11)
+    prompts = []
+    for n_img, n_text in ((2, 9), (0, 14), (1, 11)):
+        px = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(n_img)]
+        prompts.append(prompt_with_images(ids_of, px, torch.randint(0, ids_of[BOI], (n_text,), generator=g).tolist()))
+    per_seq = 12
+    runner = ModelRunner(model, num_blocks=3 * per_seq, block_size=4, device="cpu", cache_dtype=model.dtype)
+    blocks = [list(range(i, 3 * per_seq, 3)) for i in range(3)]          # interleaved block ids
+    recs = [record(ids, 0, blocks[i], spans=tuple(sp), num_logits=len(ids)) for i, (ids, sp) in enumerate(prompts)]
+    batched = runner.run(recs)
+    alone = [Ours(model) for _ in prompts]
+    off, worst, last = 0, 0.0, []
+    for run, (ids, sp) in zip(alone, prompts):
+        mine = run.step(ids, sp)
+        worst = max(worst, max_rel_err(batched[off:off + len(ids)], mine))
+        off += len(ids)
+        last.append(int(mine[-1].argmax()))
+    lengths = [len(ids) for ids, _ in prompts]
+    for _ in range(3):
+        out = runner.run([record([t], n, blocks[i]) for i, (t, n) in enumerate(zip(last, lengths))])
+        for i, run in enumerate(alone):
+            worst = max(worst, max_rel_err(out[i], run.step([last[i]])[-1]))
+        last, lengths = [int(r.argmax()) for r in out], [n + 1 for n in lengths]
+    assert worst <= TOL
