@@ -77,9 +77,29 @@ class Gemma3nMultimodalEmbedder(nn.Module):
         return self._project(self.soft_embedding_norm(x))
 
 
+@attrs.frozen
+class Gemma3nAudioClip:
+    """One clip as the audio encoder takes it: log-mel frames [T, mel bins] and which frames
+    are real (True) rather than padding."""
+    features: torch.Tensor
+    valid: torch.Tensor
+
+
 def build_vision_tower(vision: dict, dtype: torch.dtype):
     from mistralrs_arch_vision.towers.mobilenetv5 import MobileNetV5Tower
-    return MobileNetV5Tower.from_hf(vision, dtype=dtype)
+    return MobileNetV5Tower.from_hf(vision)
+
+
+def build_audio_tower(audio: dict, dtype: torch.dtype):
+    """The USM conformer (towers/gemma3n_audio.py), or None where it is not built: the model
+    then skips the audio weights and its processor refuses audio parts."""
+    try:
+        from mistralrs_arch_vision.towers.gemma3n_audio import Gemma3nAudioEncoder
+    except ModuleNotFoundError as e:
+        if e.name != "mistralrs_arch_vision.towers.gemma3n_audio":
+            raise
+        return None
+    return Gemma3nAudioEncoder.from_hf(audio)
 
 
 # --------------------------------------------------------------------------- the model
@@ -96,10 +116,11 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
     checkpoint_prefixes = _PREFIXES
 
     @classmethod
-    def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32, *,
-                       vision_tower=None) -> "Gemma3nForConditionalGeneration":
-        """``vision_tower``: a module taking pixels [B, 3, H, W] to soft tokens [B, n, hidden]
-        in place of MobileNetV5 (tests of the text side only)."""
+    def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32, *, vision_tower=None,
+                       audio_tower=None) -> "Gemma3nForConditionalGeneration":
+        """``vision_tower``: a module taking pixels [B, 3, H, W] to soft tokens [B, n, hidden],
+        ``audio_tower`` one taking (mel [B, T, bins], padding [B, T]) to (encodings [B, n,
+        hidden], padding [B, n]), in place of the built ones (tests of the rest)."""
         if hf.get("model_type") not in (None, "gemma3n"):
             raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gemma3n")
         c = {**GEMMA3N_DEFAULTS, **{k: v for k, v in hf.items() if k in GEMMA3N_DEFAULTS and v is not None}}
@@ -113,8 +134,7 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
             raise ValueError("config.json: vision_config's vocabulary overlaps audio_config's")
         model.vision_hidden = int({**_VISION_DEFAULTS, **vision}["hidden_size"])
         model.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(vision, dtype)
-        # The audio encoder is not built yet: its weights are skipped and audio input refused.
-        model.audio_tower = None
+        model.audio_tower = audio_tower if audio_tower is not None else build_audio_tower(audio, dtype)
         for key in GEMMA3N_DEFAULTS:
             setattr(model, key, int(c[key]))
         for key in ("image_token_id", "eoi_token_id"):
@@ -124,14 +144,16 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
 
     def map_weight_name(self, name):
         name = self.rename_checkpoint(name)
-        if name.startswith("audio_tower."):
-            return None
-        if name.startswith("vision_tower."):
-            inner_map = getattr(self.vision_tower, "map_weight_name", None)
-            if inner_map is None:
-                return name
-            inner = inner_map(name[len("vision_tower."):])
-            return None if inner is None else "vision_tower." + inner
+        for tower in ("vision_tower", "audio_tower"):
+            if name.startswith(tower + "."):
+                module = getattr(self, tower)
+                if module is None:
+                    return None
+                inner_map = getattr(module, "map_weight_name", None)
+                if inner_map is None:
+                    return name
+                inner = inner_map(name[len(tower) + 1:])
+                return None if inner is None else f"{tower}.{inner}"
         if name.startswith(("embed_vision.", "embed_audio.")):
             return name
         return super().map_weight_name(name)
@@ -153,25 +175,47 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         soft = soft * torch.tensor(self.vision_hidden ** 0.5, dtype=soft.dtype)
         return self.embed_vision.soft(soft)
 
+    def audio_features(self, clip: Gemma3nAudioClip) -> torch.Tensor:
+        """One clip -> [audio_soft_tokens_per_image, text hidden]. The encoder gives at most
+        that many rows; its padded rows and the missing ones up to the count are the audio
+        vocabulary's last entry, as transformers pads them."""
+        if self.audio_tower is None:
+            raise ValueError("Gemma 3n: this model has no audio encoder")
+        mel = clip.features.to(device=self.lm_device, dtype=self.dtype)[None]
+        enc, padding = self.audio_tower(mel, ~clip.valid.to(self.lm_device)[None])
+        feats = self.embed_audio.soft(enc)[0]
+        pad_id = torch.tensor([self.cfg.vocab_size - 1], device=self.lm_device)
+        pad = self.embed_audio.hard(pad_id, self.dtype).to(feats.dtype)
+        feats = torch.where(padding[0, :, None], pad, feats)
+        missing = self.audio_soft_tokens_per_image - feats.shape[0]
+        if missing < 0:
+            raise ValueError(f"audio: the clip gives {feats.shape[0]} encoder rows, more than the "
+                             f"{self.audio_soft_tokens_per_image} audio tokens per clip")
+        return torch.cat([feats, pad.expand(missing, -1)])
+
     def encode_features(self, spans):
+        """Images in one tower call; each audio clip alone (its padding is its own)."""
         out: list = [None] * len(spans)
         images = [i for i, s in enumerate(spans) if isinstance(s.data, torch.Tensor)]
-        if len(images) != len(spans):
-            raise ValueError("Gemma 3n: only image features are supported (audio input is not built)")
         if images:
             feats = self.image_features(torch.stack([spans[i].data for i in images]))
             for i, f in zip(images, feats):
                 out[i] = f
+        for i, s in enumerate(spans):
+            if isinstance(s.data, Gemma3nAudioClip):
+                out[i] = self.audio_features(s.data)
+            elif out[i] is None:
+                raise ValueError(f"Gemma 3n: a feature span holds {type(s.data).__name__}, not an image or a clip")
         return out
 
 
 # --------------------------------------------------------------------------- the processor
 @attrs.define
 class Gemma3nProcessor:
-    """The family's half of the pipeline: the chat template writes ``<image_soft_token>``
-    per image part; ``expand_prompt`` replaces each, in the rendered text, with what
-    transformers' ``Gemma3nProcessor`` writes, tokenizes, and gives each image's run of
-    placeholder tokens a (causal) ``FeatureSpan``."""
+    """The family's half of the pipeline: the chat template writes ``<image_soft_token>`` per
+    image part and ``<audio_soft_token>`` per audio part; ``expand_prompt`` replaces each, in
+    the rendered text, with what transformers' ``Gemma3nProcessor`` writes, tokenizes, and
+    gives each image's and each clip's run of placeholder tokens a (causal) ``FeatureSpan``."""
     image_processor: object
     tokenizer: object
     image_token_id: int
@@ -179,47 +223,94 @@ class Gemma3nProcessor:
     boi_token: str
     eoi_token: str
     tokens_per_image: int
+    audio_token_id: int
+    audio_token: str
+    boa_token: str
+    eoa_token: str
+    tokens_per_audio: int
+    #: samples at ``sampling_rate`` -> (log-mel [T, bins], valid [T]); None: audio refused
+    audio_extractor: object | None = None
     image_part: dict = attrs.field(factory=lambda: {"type": "image"})
+    audio_part: dict = attrs.field(factory=lambda: {"type": "audio"})
 
     @classmethod
     def from_pretrained(cls, *, model, hf_config: dict, preprocessor_config: dict, tokenizer=None,
-                        model_dir=None, image_processor=None) -> "Gemma3nProcessor":
+                        model_dir=None, image_processor=None, audio_extractor=None) -> "Gemma3nProcessor":
         if tokenizer is None:
-            raise ValueError("Gemma 3n's processor needs the tokenizer (its image tokens are text)")
+            raise ValueError("Gemma 3n's processor needs the tokenizer (its image and audio tokens are text)")
         if image_processor is None:
             from mistralrs_arch_vision.processors.gemma3n import Gemma3nImageProcessor
             image_processor = Gemma3nImageProcessor.from_hf(preprocessor_config)
+        if audio_extractor is None and getattr(model, "audio_tower", None) is not None:
+            audio_extractor = build_audio_extractor(preprocessor_config)
         names = {}
-        for what in ("boi_token_id", "eoi_token_id", "image_token_id"):
+        for what in ("boi_token_id", "eoi_token_id", "image_token_id", "boa_token_id", "eoa_token_id",
+                     "audio_token_id"):
             token_id = getattr(model, what)
             names[what] = tokenizer.id_to_token(token_id)
             if names[what] is None:
                 raise ValueError(f"config.json: {what} {token_id} is not in the tokenizer")
-        return cls(image_processor, tokenizer, model.image_token_id, names["image_token_id"],
-                   names["boi_token_id"], names["eoi_token_id"], model.vision_soft_tokens_per_image)
+        return cls(image_processor, tokenizer, model.image_token_id, names["image_token_id"], names["boi_token_id"],
+                   names["eoi_token_id"], model.vision_soft_tokens_per_image, model.audio_token_id,
+                   names["audio_token_id"], names["boa_token_id"], names["eoa_token_id"],
+                   model.audio_soft_tokens_per_image, audio_extractor)
+
+    @property
+    def prepare_audio(self):
+        """The pipeline's "this model hears" flag (None refuses audio parts up front); the
+        clips themselves are prepared in ``expand_prompt``."""
+        return None if self.audio_extractor is None else self.audio_clip
 
     def image_sequence(self) -> str:
         return f"\n\n{self.boi_token}{self.image_token * self.tokens_per_image}{self.eoi_token}\n\n"
 
+    def audio_sequence(self) -> str:
+        return f"\n\n{self.boa_token}{self.audio_token * self.tokens_per_audio}{self.eoa_token}\n\n"
+
     def pixels(self, image) -> torch.Tensor:
         """One image -> [3, H, W] float32."""
-        return self.image_processor(image)
+        return self.image_processor.to_pixels(image)
+
+    def audio_clip(self, audio) -> Gemma3nAudioClip:
+        """One ``LoadedAudio`` -> the encoder's input, resampled to the extractor's rate."""
+        from mistralrs_arch_vision.audio import resample
+        ex = self.audio_extractor
+        features, valid = ex(resample(audio.samples, audio.rate, ex.sampling_rate))
+        return Gemma3nAudioClip(torch.as_tensor(features), torch.as_tensor(valid, dtype=torch.bool))
 
     def expand_prompt(self, text: str, images, audios=()) -> Prompt:
-        if audios:
-            raise ValueError("messages: this Gemma 3n model does not take audio input yet")
-        pieces = re.split(f"({re.escape(self.image_token)})", text)
-        count = pieces.count(self.image_token)
-        if count != len(images):
-            raise ValueError(f"messages: the rendered prompt holds {count} image placeholder(s) for "
-                             f"{len(images)} image(s); the chat template must emit one per image part")
+        if audios and self.audio_extractor is None:
+            raise ValueError("messages: this Gemma 3n model does not take audio input")
+        pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.audio_token)})", text)
+        for token, items, what in ((self.image_token, images, "image"), (self.audio_token, audios, "audio")):
+            count = pieces.count(token)
+            if count != len(items):
+                raise ValueError(f"messages: the rendered prompt holds {count} {what} placeholder(s) for "
+                                 f"{len(items)} {what}(s); the chat template must emit one per {what} part")
         pixels = [self.pixels(img.image) for img in images]
-        expanded = "".join(self.image_sequence() if p == self.image_token else p for p in pieces)
+        clips = [self.audio_clip(a) for a in audios]
+        expanded = "".join(self.image_sequence() if p == self.image_token else
+                           self.audio_sequence() if p == self.audio_token else p for p in pieces)
         ids = encode_prompt(self.tokenizer, expanded)
-        runs = token_runs(ids, self.image_token_id)
-        if len(runs) != len(images) or any(n != self.tokens_per_image for _, n in runs):
-            raise ValueError(f"messages: the prompt's image tokens form runs {[n for _, n in runs]}, expected "
-                             f"{len(images)} of {self.tokens_per_image}")
-        spans = [FeatureSpan(start=start, length=n, data=px, content_hash=img.content_hash)
-                 for (start, n), img, px in zip(runs, images, pixels)]
-        return Prompt(ids, spans)
+        spans = []
+        for token_id, items, data, n, what in (
+                (self.image_token_id, images, pixels, self.tokens_per_image, "image"),
+                (self.audio_token_id, audios, clips, self.tokens_per_audio, "audio")):
+            runs = token_runs(ids, token_id)
+            if len(runs) != len(items) or any(k != n for _, k in runs):
+                raise ValueError(f"messages: the prompt's {what} tokens form runs {[k for _, k in runs]}, "
+                                 f"expected {len(items)} of {n}")
+            spans += [FeatureSpan(start=start, length=k, data=d, content_hash=item.content_hash)
+                      for (start, k), item, d in zip(runs, items, data)]
+        return Prompt(ids, sorted(spans, key=lambda sp: sp.start))
+
+
+def build_audio_extractor(preprocessor_config: dict):
+    """The log-mel feature extractor (processors/gemma3n_audio.py), or None where it is not built."""
+    try:
+        from mistralrs_arch_vision.processors.gemma3n_audio import Gemma3nAudioFeatureExtractor
+    except ModuleNotFoundError as e:
+        if e.name != "mistralrs_arch_vision.processors.gemma3n_audio":
+            raise
+        return None
+    return Gemma3nAudioFeatureExtractor.from_hf(preprocessor_config)

@@ -8,6 +8,8 @@ greedy tokens; both checkpoint layouts; the prompt expansion against transformer
 ``Gemma3nProcessor``; bad inputs."""
 import json
 
+import attrs
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_gemma3n import AUD, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS, StubTower, write_tiny_gemma3n  # noqa: E402
+from tiny_gemma3n import (AUD, AUDIO_TOKENS, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS,  # noqa: E402
+                          ReferenceAudioExtractor, ReferenceAudioTower, StubTower, write_tiny_gemma3n)
 
 COVERS = ["Gemma3n"]
 TOL = 1e-4
@@ -33,8 +36,11 @@ def load_ours(out):
     from safetensors.torch import load_file
 
     from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
+    from transformers import Gemma3nAudioConfig
     hf = json.loads((out / "config.json").read_text())
-    model = Gemma3nForConditionalGeneration.from_hf_config(hf, vision_tower=StubTower(reference=False))
+    audio = ReferenceAudioTower(Gemma3nAudioConfig(**hf["audio_config"]))
+    model = Gemma3nForConditionalGeneration.from_hf_config(hf, vision_tower=StubTower(reference=False),
+                                                           audio_tower=audio)
     model.load_weights(iter(load_file(str(out / "model.safetensors")).items()))
     return model.eval()
 
@@ -219,7 +225,7 @@ def test_checkpoint_with_shared_layers_kv_weights_and_audio_tower_loads(tmp_path
 class _Pixels:
     """A stand-in image processor (the real one is processors/gemma3n.py)."""
 
-    def __call__(self, image):
+    def to_pixels(self, image):
         return torch.zeros(3, IMAGE, IMAGE)
 
 
@@ -227,7 +233,8 @@ def _processor(model, out):
     from mistralrs_arch_vision.gemma3n import Gemma3nProcessor
     from mistralrs_core.tokenization.tokenizer import Tokenizer
     return Gemma3nProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config={},
-                                            tokenizer=Tokenizer.from_dir(out), image_processor=_Pixels())
+                                            tokenizer=Tokenizer.from_dir(out), image_processor=_Pixels(),
+                                            audio_extractor=ReferenceAudioExtractor())
 
 
 def test_prompt_expansion_matches_transformers_processor(loaded, tiny):
@@ -262,9 +269,13 @@ def test_bad_prompts_are_refused(loaded, tiny):
     img = load_image(png_data_uri(random_image(1)), where="x")
     with pytest.raises(ValueError, match="2 image placeholder"):
         proc.expand_prompt(f"{IMG} and {IMG}", [img])
-    with pytest.raises(ValueError, match="audio"):
-        proc.expand_prompt(f"{IMG} {AUD}", [img], [LoadedAudio(samples=torch.zeros(10).numpy(), rate=16000,
-                                                                 content_hash=b"x")])
+    clip = LoadedAudio(samples=torch.zeros(4000).numpy(), rate=16000, content_hash=b"x")
+    with pytest.raises(ValueError, match="1 audio placeholder"):
+        proc.expand_prompt(f"{IMG} {AUD}", [img], [])
+    deaf = attrs.evolve(proc, audio_extractor=None)
+    assert deaf.prepare_audio is None and proc.prepare_audio is not None
+    with pytest.raises(ValueError, match="does not take audio"):
+        deaf.expand_prompt(f"{IMG} {AUD}", [img], [clip])
 
 
 def test_bad_configs_are_refused(tiny):
@@ -308,3 +319,103 @@ def test_batch_of_image_and_text_sequences_equals_each_alone(loaded):
             worst = max(worst, max_rel_err(out[i], run.step([last[i]])[-1]))
         last, lengths = [int(r.argmax()) for r in out], [n + 1 for n in lengths]
     assert worst <= TOL
+
+
+
+# --------------------------------------------------------------------------- audio
+def _clip(seed: int, seconds: float, pad_frames: int = 0):
+    """A random clip's features; ``pad_frames`` padding frames after it, as a clip gets when
+    batched with a longer one (what makes encoder rows padded)."""
+    from mistralrs_arch_vision.gemma3n import Gemma3nAudioClip
+    samples = np.random.default_rng(seed).uniform(-0.5, 0.5, int(16000 * seconds)).astype(np.float32)
+    features, valid = ReferenceAudioExtractor()(samples)
+    features = torch.cat([features, torch.zeros(pad_frames, features.shape[1])])
+    valid = torch.cat([valid, torch.zeros(pad_frames, dtype=torch.bool)])
+    return Gemma3nAudioClip(features, valid)
+
+
+def prompt_with_media(ids_of, pixels, clips, text):
+    """text, an image run, text, an audio run (<boa> placeholders <eoa>), text."""
+    ids, spans = list(text[:3]), []
+    for px in pixels:
+        ids.append(ids_of[BOI])
+        spans.append(FeatureSpan(start=len(ids), length=SOFT_TOKENS, content_hash=b"i", data=px))
+        ids += [ids_of[IMG]] * SOFT_TOKENS + [ids_of[EOI]] + list(text[3:5])
+    for k, clip in enumerate(clips):
+        ids.append(ids_of[BOA])
+        spans.append(FeatureSpan(start=len(ids), length=AUDIO_TOKENS, content_hash=bytes([k]), data=clip))
+        ids += [ids_of[AUD]] * AUDIO_TOKENS + [ids_of[EOA]] + list(text[5:7])
+    return ids + list(text[-2:]), spans
+
+
+@torch.inference_mode()
+def ref_logits_media(ref, ids, pixels, clips):
+    kw = {"pixel_values": torch.stack(pixels)} if pixels else {}
+    if clips:
+        # one clip per call, as transformers' processor pads a batch of clips together
+        assert len(clips) == 1
+        kw.update(input_features=clips[0].features[None], input_features_mask=clips[0].valid[None])
+    return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_audio_clip_logits_match_reference(loaded, with_image):
+    """A clip (and an image in the same message): the encoder's rows, its padded rows and the
+    rows up to audio_soft_tokens_per_image as transformers fills them, prefill + decode."""
+    model, ref, ids_of = loaded
+    g = torch.Generator().manual_seed(21)
+    pixels = [torch.randn(3, IMAGE, IMAGE, generator=g)] if with_image else []
+    clip = _clip(3, 0.6, pad_frames=40)
+    with torch.inference_mode():
+        enc, pad = model.audio_tower(clip.features[None], ~clip.valid[None])
+    assert 0 < enc.shape[1] < AUDIO_TOKENS and pad.any()         # both kinds of padding are exercised
+    ids, spans = prompt_with_media(ids_of, pixels, [clip], torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
+    run = Ours(model)
+    worst = max_rel_err(run.step(ids, spans), ref_logits_media(ref, ids, pixels, [clip]))
+    seq = list(ids)
+    for i in range(3):
+        seq.append((seq[-1] * 5 + 1 + i) % ids_of[BOI])
+        worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits_media(ref, seq, pixels, [clip])[-1]))
+    assert worst <= TOL, f"audio{' + image' if with_image else ''}: relative logit error {worst:.2e}"
+
+
+def test_prompt_expansion_with_audio_matches_transformers_processor(loaded, tiny):
+    from transformers import Gemma3nProcessor, PreTrainedTokenizerFast, SiglipImageProcessor
+
+    from mistralrs_arch_vision.inputs import LoadedAudio, load_image
+    from vision_testing import png_data_uri, random_image
+    model, _, ids_of = loaded
+    out = tiny[0]
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), extra_special_tokens={
+        "boi_token": BOI, "eoi_token": EOI, "image_token": IMG, "boa_token": BOA, "eoa_token": EOA,
+        "audio_token": AUD})
+    ex = ReferenceAudioExtractor()
+    ref = Gemma3nProcessor(feature_extractor=ex.fe, image_processor=SiglipImageProcessor(
+        size={"height": IMAGE, "width": IMAGE}), tokenizer=tok, image_seq_length=SOFT_TOKENS,
+        audio_seq_length=AUDIO_TOKENS)
+    rng = np.random.default_rng(4)
+    waves = [rng.uniform(-0.5, 0.5, 14000).astype(np.float32), rng.uniform(-0.5, 0.5, 9000).astype(np.float32)]
+    text = f"<|im_start|>user\n{AUD}Transcribe {IMG} and\n{AUD}<|im_end|>\n<|im_start|>assistant\n"
+    want = ref(text=text, images=[random_image(1)], audio=waves, return_tensors="pt")
+    audios = [LoadedAudio(samples=w, rate=16000, content_hash=bytes([k])) for k, w in enumerate(waves)]
+    got = _processor(model, out).expand_prompt(text, [load_image(png_data_uri(random_image(1)), where="x")],
+                                               audios)
+    assert got.ids == want["input_ids"][0].tolist()
+    kinds = ["audio" if isinstance(s.data, type(_clip(0, 0.1))) else "image" for s in got.spans]
+    assert kinds == ["audio", "image", "audio"]
+    assert [s.content_hash for s in got.spans if s.length == AUDIO_TOKENS] == [b"\x00", b"\x01"]
+    for span, k in zip([s for s in got.spans if s.length == AUDIO_TOKENS], range(2)):
+        alone = ex(waves[k])
+        assert torch.equal(span.data.features, alone[0]) and torch.equal(span.data.valid, alone[1])
+
+
+def test_a_clip_resampled_to_the_extractors_rate(loaded, tiny):
+    """A 32 kHz clip is resampled to 16 kHz before the features (soxr, as the pipeline's seam)."""
+    from mistralrs_arch_vision.audio import resample
+    from mistralrs_arch_vision.inputs import LoadedAudio
+    model, _, _ = loaded
+    proc = _processor(model, tiny[0])
+    wave = np.random.default_rng(5).uniform(-0.5, 0.5, 32000).astype(np.float32)
+    clip = proc.audio_clip(LoadedAudio(samples=wave, rate=32000, content_hash=b"a"))
+    want = ReferenceAudioExtractor()(resample(wave, 32000, 16000))
+    assert torch.equal(clip.features, want[0]) and torch.equal(clip.valid, want[1])

@@ -23,6 +23,8 @@ from mistralrs_core.testing.tiny import write_tiny_tokenizer
 BOI, BOA, EOI, IMG, EOA, AUD = ("<start_of_image>", "<start_of_audio>", "<end_of_image>", "<image_soft_token>",
                                 "<end_of_audio>", "<audio_soft_token>")
 SOFT_TOKENS = 4          # per image: the stand-in tower pools to 2 x 2
+AUDIO_TOKENS = 8         # per clip: the tiny encoder gives 1 row per 16 mel frames (160 ms)
+MEL_BINS = 16
 VISION_HIDDEN = 16
 IMAGE = 32
 
@@ -99,11 +101,12 @@ def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None):
     from transformers.models.gemma3n import modeling_gemma3n
     vocab = ids[AUD] + 1
     tc = Gemma3nTextConfig(**text_config_kwargs(vocab, ids[EOI]))
-    ac = Gemma3nAudioConfig(vocab_size=vocab - ids[EOA], vocab_offset=ids[EOA], hidden_size=24, input_feat_size=16,
+    ac = Gemma3nAudioConfig(vocab_size=vocab - ids[EOA], vocab_offset=ids[EOA], hidden_size=24, input_feat_size=MEL_BINS,
                             conf_num_attention_heads=2, conf_num_hidden_layers=1, sscp_conv_channel_size=[4, 4],
                             conf_attention_chunk_size=4, conf_attention_context_left=5)
     vc = _vision_config(ids)
     cfg = Gemma3nConfig(text_config=tc, vision_config=vc, audio_config=ac, vision_soft_tokens_per_image=SOFT_TOKENS,
+                        audio_soft_tokens_per_image=AUDIO_TOKENS,
                         boi_token_id=ids[BOI], eoi_token_id=ids[EOI], image_token_id=ids[IMG],
                         boa_token_id=ids[BOA], eoa_token_id=ids[EOA], audio_token_id=ids[AUD])
     for c in (cfg, cfg.text_config, cfg.audio_config, cfg.vision_config):
@@ -133,3 +136,33 @@ def write_tiny_gemma3n(out: Path, **kw):
     ref = make_reference(ids, **kw)
     save_reference(ref, out, extra_files={"chat_template.json": {"chat_template": TEMPLATE}})
     return out, ref, ids
+
+
+class ReferenceAudioTower(nn.Module):
+    """transformers' own audio encoder behind our tower's call shape: a stand-in for tests of
+    everything around the encoder (its weights load from the checkpoint like a tower's)."""
+
+    def __init__(self, audio_config):
+        super().__init__()
+        from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
+        self.inner = Gemma3nAudioEncoder(audio_config).float().eval()
+
+    def map_weight_name(self, name):
+        return "inner." + name
+
+    def forward(self, mel, padding):
+        out = self.inner(mel, padding)
+        return out.last_hidden_state, out.audio_mel_mask
+
+
+class ReferenceAudioExtractor:
+    """transformers' Gemma3nAudioFeatureExtractor behind our extractor's call shape."""
+    sampling_rate = 16_000
+
+    def __init__(self):
+        from transformers import Gemma3nAudioFeatureExtractor
+        self.fe = Gemma3nAudioFeatureExtractor(feature_size=MEL_BINS)
+
+    def __call__(self, samples):
+        out = self.fe(samples, return_tensors="pt")
+        return out["input_features"][0], out["input_features_mask"][0]
