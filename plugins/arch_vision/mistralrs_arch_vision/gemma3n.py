@@ -81,7 +81,7 @@ class Gemma3nMultimodalEmbedder(nn.Module):
 class Gemma3nAudioClip:
     """One clip as the audio encoder takes it: log-mel frames [T, mel bins] and which frames
     are real (True) rather than padding."""
-    features: torch.Tensor
+    mel: torch.Tensor
     valid: torch.Tensor
 
 
@@ -119,8 +119,8 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32, *, vision_tower=None,
                        audio_tower=None) -> "Gemma3nForConditionalGeneration":
         """``vision_tower``: a module taking pixels [B, 3, H, W] to soft tokens [B, n, hidden],
-        ``audio_tower`` one taking (mel [B, T, bins], padding [B, T]) to (encodings [B, n,
-        hidden], padding [B, n]), in place of the built ones (tests of the rest)."""
+        ``audio_tower`` one taking (mel [B, T, bins], valid [B, T]) to (encodings [B, n,
+        hidden], valid [B, n]), in place of the built ones (tests of the rest)."""
         if hf.get("model_type") not in (None, "gemma3n"):
             raise ValueError(f"config.json: model_type {hf['model_type']!r} is not gemma3n")
         c = {**GEMMA3N_DEFAULTS, **{k: v for k, v in hf.items() if k in GEMMA3N_DEFAULTS and v is not None}}
@@ -175,23 +175,32 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         soft = soft * torch.tensor(self.vision_hidden ** 0.5, dtype=soft.dtype)
         return self.embed_vision.soft(soft)
 
-    def audio_features(self, clip: Gemma3nAudioClip) -> torch.Tensor:
-        """One clip -> [audio_soft_tokens_per_image, text hidden]. The encoder gives at most
+    def audio_features(self, clips: list[Gemma3nAudioClip]) -> list[torch.Tensor]:
+        """Clips -> [audio_soft_tokens_per_image, text hidden] each. The encoder gives at most
         that many rows; its padded rows and the missing ones up to the count are the audio
-        vocabulary's last entry, as transformers pads them."""
+        vocabulary's last entry, as transformers pads them. Clips of one length share an
+        encoder call; others are never padded together (the front end's convolutions read
+        past a clip's end, so an answer would depend on its batch)."""
         if self.audio_tower is None:
             raise ValueError("Gemma 3n: this model has no audio encoder")
-        mel = clip.features.to(device=self.lm_device, dtype=self.dtype)[None]
-        enc, padding = self.audio_tower(mel, ~clip.valid.to(self.lm_device)[None])
-        feats = self.embed_audio.soft(enc)[0]
         pad_id = torch.tensor([self.cfg.vocab_size - 1], device=self.lm_device)
-        pad = self.embed_audio.hard(pad_id, self.dtype).to(feats.dtype)
-        feats = torch.where(padding[0, :, None], pad, feats)
-        missing = self.audio_soft_tokens_per_image - feats.shape[0]
-        if missing < 0:
-            raise ValueError(f"audio: the clip gives {feats.shape[0]} encoder rows, more than the "
-                             f"{self.audio_soft_tokens_per_image} audio tokens per clip")
-        return torch.cat([feats, pad.expand(missing, -1)])
+        pad = self.embed_audio.hard(pad_id, self.dtype)
+        out: list = [None] * len(clips)
+        by_len: dict[int, list[int]] = {}
+        for i, c in enumerate(clips):
+            by_len.setdefault(c.mel.shape[0], []).append(i)
+        for idx in by_len.values():
+            mel = torch.stack([clips[i].mel for i in idx]).to(device=self.lm_device, dtype=self.dtype)
+            valid = torch.stack([clips[i].valid for i in idx]).to(self.lm_device)
+            enc, ok = self.audio_tower(mel, valid)
+            feats = torch.where(ok[..., None], self.embed_audio.soft(enc), pad.to(enc.dtype))
+            missing = self.audio_soft_tokens_per_image - feats.shape[1]
+            if missing < 0:
+                raise ValueError(f"audio: a clip gives {feats.shape[1]} encoder rows, more than the "
+                                 f"{self.audio_soft_tokens_per_image} audio tokens per clip")
+            for k, i in enumerate(idx):
+                out[i] = torch.cat([feats[k], pad.expand(missing, -1)])
+        return out
 
     def encode_features(self, spans):
         """Images in one tower call; each audio clip alone (its padding is its own)."""
@@ -201,10 +210,12 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
             feats = self.image_features(torch.stack([spans[i].data for i in images]))
             for i, f in zip(images, feats):
                 out[i] = f
+        clips = [i for i, s in enumerate(spans) if isinstance(s.data, Gemma3nAudioClip)]
+        if clips:
+            for i, f in zip(clips, self.audio_features([spans[i].data for i in clips])):
+                out[i] = f
         for i, s in enumerate(spans):
-            if isinstance(s.data, Gemma3nAudioClip):
-                out[i] = self.audio_features(s.data)
-            elif out[i] is None:
+            if out[i] is None:
                 raise ValueError(f"Gemma 3n: a feature span holds {type(s.data).__name__}, not an image or a clip")
         return out
 
@@ -228,7 +239,7 @@ class Gemma3nProcessor:
     boa_token: str
     eoa_token: str
     tokens_per_audio: int
-    #: samples at ``sampling_rate`` -> (log-mel [T, bins], valid [T]); None: audio refused
+    #: (samples, rate) -> features with ``mel`` [T, bins] and ``valid`` [T]; None: audio refused
     audio_extractor: object | None = None
     image_part: dict = attrs.field(factory=lambda: {"type": "image"})
     audio_part: dict = attrs.field(factory=lambda: {"type": "audio"})
@@ -272,11 +283,9 @@ class Gemma3nProcessor:
         return self.image_processor.to_pixels(image)
 
     def audio_clip(self, audio) -> Gemma3nAudioClip:
-        """One ``LoadedAudio`` -> the encoder's input, resampled to the extractor's rate."""
-        from mistralrs_arch_vision.audio import resample
-        ex = self.audio_extractor
-        features, valid = ex(resample(audio.samples, audio.rate, ex.sampling_rate))
-        return Gemma3nAudioClip(torch.as_tensor(features), torch.as_tensor(valid, dtype=torch.bool))
+        """One ``LoadedAudio`` -> the encoder's input (the extractor resamples to its rate)."""
+        f = self.audio_extractor(audio.samples, audio.rate)
+        return Gemma3nAudioClip(torch.as_tensor(f.mel), torch.as_tensor(f.valid, dtype=torch.bool))
 
     def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         if audios and self.audio_extractor is None:
@@ -313,4 +322,4 @@ def build_audio_extractor(preprocessor_config: dict):
         if e.name != "mistralrs_arch_vision.processors.gemma3n_audio":
             raise
         return None
-    return Gemma3nAudioFeatureExtractor.from_hf(preprocessor_config)
+    return Gemma3nAudioFeatureExtractor.from_config(preprocessor_config)

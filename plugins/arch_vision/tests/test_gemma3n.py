@@ -328,7 +328,8 @@ def _clip(seed: int, seconds: float, pad_frames: int = 0):
     batched with a longer one (what makes encoder rows padded)."""
     from mistralrs_arch_vision.gemma3n import Gemma3nAudioClip
     samples = np.random.default_rng(seed).uniform(-0.5, 0.5, int(16000 * seconds)).astype(np.float32)
-    features, valid = ReferenceAudioExtractor()(samples)
+    f = ReferenceAudioExtractor()(samples)
+    features, valid = f.mel, f.valid
     features = torch.cat([features, torch.zeros(pad_frames, features.shape[1])])
     valid = torch.cat([valid, torch.zeros(pad_frames, dtype=torch.bool)])
     return Gemma3nAudioClip(features, valid)
@@ -354,7 +355,7 @@ def ref_logits_media(ref, ids, pixels, clips):
     if clips:
         # one clip per call, as transformers' processor pads a batch of clips together
         assert len(clips) == 1
-        kw.update(input_features=clips[0].features[None], input_features_mask=clips[0].valid[None])
+        kw.update(input_features=clips[0].mel[None], input_features_mask=clips[0].valid[None])
     return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
 
 
@@ -367,8 +368,8 @@ def test_audio_clip_logits_match_reference(loaded, with_image):
     pixels = [torch.randn(3, IMAGE, IMAGE, generator=g)] if with_image else []
     clip = _clip(3, 0.6, pad_frames=40)
     with torch.inference_mode():
-        enc, pad = model.audio_tower(clip.features[None], ~clip.valid[None])
-    assert 0 < enc.shape[1] < AUDIO_TOKENS and pad.any()         # both kinds of padding are exercised
+        enc, ok = model.audio_tower(clip.mel[None], clip.valid[None])
+    assert 0 < enc.shape[1] < AUDIO_TOKENS and not ok.all()         # both kinds of padding are exercised
     ids, spans = prompt_with_media(ids_of, pixels, [clip], torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
     run = Ours(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits_media(ref, ids, pixels, [clip]))
@@ -406,11 +407,12 @@ def test_prompt_expansion_with_audio_matches_transformers_processor(loaded, tiny
     assert [s.content_hash for s in got.spans if s.length == AUDIO_TOKENS] == [b"\x00", b"\x01"]
     for span, k in zip([s for s in got.spans if s.length == AUDIO_TOKENS], range(2)):
         alone = ex(waves[k])
-        assert torch.equal(span.data.features, alone[0]) and torch.equal(span.data.valid, alone[1])
+        assert torch.equal(span.data.mel, alone.mel) and torch.equal(span.data.valid, alone.valid)
 
 
 def test_a_clip_resampled_to_the_extractors_rate(loaded, tiny):
-    """A 32 kHz clip is resampled to 16 kHz before the features (soxr, as the pipeline's seam)."""
+    """The processor hands the extractor the clip's own rate (a 32 kHz clip gives the
+    features of its 16 kHz resampling)."""
     from mistralrs_arch_vision.audio import resample
     from mistralrs_arch_vision.inputs import LoadedAudio
     model, _, _ = loaded
@@ -418,4 +420,15 @@ def test_a_clip_resampled_to_the_extractors_rate(loaded, tiny):
     wave = np.random.default_rng(5).uniform(-0.5, 0.5, 32000).astype(np.float32)
     clip = proc.audio_clip(LoadedAudio(samples=wave, rate=32000, content_hash=b"a"))
     want = ReferenceAudioExtractor()(resample(wave, 32000, 16000))
-    assert torch.equal(clip.features, want[0]) and torch.equal(clip.valid, want[1])
+    assert torch.equal(clip.mel, want.mel) and torch.equal(clip.valid, want.valid)
+
+
+def test_clips_of_several_lengths_in_one_call_equal_each_alone(loaded):
+    model, _, _ = loaded
+    clips = [_clip(7, 0.5), _clip(8, 0.7), _clip(9, 0.5)]
+    spans = [FeatureSpan(start=0, length=AUDIO_TOKENS, content_hash=bytes([k]), data=c) for k, c in enumerate(clips)]
+    with torch.inference_mode():
+        together = model.encode_features(spans)
+        alone = [model.encode_features([s])[0] for s in spans]
+    assert all(t.shape == (AUDIO_TOKENS, 64) for t in together)
+    assert all(torch.allclose(t, a, rtol=0, atol=1e-6) for t, a in zip(together, alone))

@@ -150,19 +150,23 @@ class ReferenceAudioTower(nn.Module):
     def map_weight_name(self, name):
         return "inner." + name
 
-    def forward(self, mel, padding):
-        out = self.inner(mel, padding)
-        return out.last_hidden_state, out.audio_mel_mask
+    def forward(self, mel, valid):
+        out = self.inner(mel, ~valid)
+        return out.last_hidden_state, ~out.audio_mel_mask
 
 
 class ReferenceAudioExtractor:
-    """transformers' Gemma3nAudioFeatureExtractor behind our extractor's call shape."""
+    """transformers' Gemma3nAudioFeatureExtractor behind our extractor's call shape
+    (``(samples, rate) -> .mel, .valid``; resampled with our seam's soxr)."""
     sampling_rate = 16_000
 
     def __init__(self):
         from transformers import Gemma3nAudioFeatureExtractor
         self.fe = Gemma3nAudioFeatureExtractor(feature_size=MEL_BINS)
 
-    def __call__(self, samples):
-        out = self.fe(samples, return_tensors="pt")
-        return out["input_features"][0], out["input_features_mask"][0]
+    def __call__(self, samples, rate=16_000):
+        from types import SimpleNamespace
+
+        from mistralrs_arch_vision.audio import resample
+        out = self.fe(resample(samples, rate, self.sampling_rate), return_tensors="pt")
+        return SimpleNamespace(mel=out["input_features"][0], valid=out["input_features_mask"][0])
