@@ -137,9 +137,11 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         model.audio_tower = audio_tower if audio_tower is not None else build_audio_tower(audio, dtype)
         for key in GEMMA3N_DEFAULTS:
             setattr(model, key, int(c[key]))
-        for key in ("image_token_id", "eoi_token_id"):
-            if not model.embed_vision.owns(torch.tensor(getattr(model, key))):
-                raise ValueError(f"config.json: {key} {getattr(model, key)} is outside the vision vocabulary")
+        for key, emb in (("image_token_id", model.embed_vision), ("eoi_token_id", model.embed_vision),
+                         ("audio_token_id", model.embed_audio), ("eoa_token_id", model.embed_audio)):
+            if not emb.vocab_offset <= getattr(model, key) < emb.vocab_offset + emb.vocab_size:
+                raise ValueError(f"config.json: {key} {getattr(model, key)} is outside its modality's vocabulary "
+                                 f"[{emb.vocab_offset}, {emb.vocab_offset + emb.vocab_size})")
         return model
 
     def map_weight_name(self, name):

@@ -223,7 +223,7 @@ class Gemma3nMLP(nn.Module):
         self.sparsity = cfg.activation_sparsity[layer]
         if self.sparsity > 0:
             # icdf of the standard normal at the target sparsity, as torch's Normal computes it
-            p = torch.tensor(self.sparsity, dtype=torch.float32)
+            p = torch.tensor(self.sparsity, dtype=torch.float32, device="cpu")
             self.std_multiplier = float(torch.erfinv(2 * p - 1) * math.sqrt(2))
 
     def forward(self, x):

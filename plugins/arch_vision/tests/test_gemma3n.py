@@ -432,3 +432,36 @@ def test_clips_of_several_lengths_in_one_call_equal_each_alone(loaded):
         alone = [model.encode_features([s])[0] for s in spans]
     assert all(t.shape == (AUDIO_TOKENS, 64) for t in together)
     assert all(torch.allclose(t, a, rtol=0, atol=1e-6) for t, a in zip(together, alone))
+
+
+# gemma-3n-E2B-it's config.json (the keys that shape the model; text_config as in test_gemma3n_text).
+def _e2b():
+    from test_gemma3n_text import E2B_TEXT
+    return {
+        "architectures": ["Gemma3nForConditionalGeneration"], "model_type": "gemma3n", "eos_token_id": [1, 106],
+        "audio_soft_tokens_per_image": 188, "audio_token_id": 262273, "boa_token_id": 256000,
+        "boi_token_id": 255999, "eoa_token_id": 262272, "eoi_token_id": 262144, "image_token_id": 262145,
+        "vision_soft_tokens_per_image": 256, "text_config": E2B_TEXT,
+        "audio_config": {"hidden_size": 1536, "input_feat_size": 128, "model_type": "gemma3n_audio",
+                         "rms_norm_eps": 1e-06, "vocab_offset": 262272, "vocab_size": 128},
+        "vision_config": {"architecture": "mobilenetv5_300m_enc", "hidden_size": 2048, "model_type": "gemma3n_vision",
+                          "rms_norm_eps": 1e-06, "vocab_offset": 262144, "vocab_size": 128},
+    }
+
+
+def test_released_config_reads_like_transformers():
+    from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
+    hf = _e2b()
+    with torch.device("meta"):
+        model = Gemma3nForConditionalGeneration.from_hf_config(hf, vision_tower=torch.nn.Identity(),
+                                                               audio_tower=torch.nn.Identity())
+    ref = transformers.Gemma3nConfig(**hf)
+    for key in ("boi_token_id", "eoi_token_id", "image_token_id", "boa_token_id", "eoa_token_id", "audio_token_id",
+                "vision_soft_tokens_per_image", "audio_soft_tokens_per_image"):
+        assert getattr(model, key) == getattr(ref, key), key
+    for ours, theirs in ((model.embed_vision, ref.vision_config), (model.embed_audio, ref.audio_config)):
+        assert (ours.vocab_offset, ours.vocab_size, ours.embedding.embedding_dim) == \
+            (theirs.vocab_offset, theirs.vocab_size, theirs.hidden_size)
+    # <end_of_image> and the image token are the vision vocabulary's first two ids, as in the release
+    assert model.embed_vision.vocab_offset == model.eoi_token_id == model.cfg.per_layer_vocab
+    assert model.cfg.vocab_size == model.embed_audio.vocab_offset + model.embed_audio.vocab_size
