@@ -25,16 +25,14 @@ import re
 
 import attrs
 import torch
-from torch import nn
-
 from mistralrs_core.engine.step import FeatureSpan
-from mistralrs_core.layers.linear import Embedding, Linear
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
 
 from mistralrs_arch_vision.family import VisionFamilyMixin
-from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM, gemma3n_text_config, rms_norm, unscaled_rms_norm
+from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM, gemma3n_text_config
 from mistralrs_arch_vision.pipeline import token_runs
+from mistralrs_arch_vision.towers.multimodal_embedder import Gemma3nMultimodalEmbedder
 
 # Gemma3nConfig's defaults (the released checkpoints' ids and counts).
 GEMMA3N_DEFAULTS = dict(boi_token_id=255_999, eoi_token_id=262_144, image_token_id=262_145, boa_token_id=256_000,
@@ -42,39 +40,6 @@ GEMMA3N_DEFAULTS = dict(boi_token_id=255_999, eoi_token_id=262_144, image_token_
                         audio_soft_tokens_per_image=188)
 _VISION_DEFAULTS = dict(hidden_size=2048, vocab_size=128, vocab_offset=262_144, rms_norm_eps=1e-6)
 _AUDIO_DEFAULTS = dict(hidden_size=1536, vocab_size=128, vocab_offset=262_272, rms_norm_eps=1e-6)
-
-
-class Gemma3nMultimodalEmbedder(nn.Module):
-    """Token ids of a modality's own small vocabulary (hard) or encoder outputs (soft) ->
-    text-model embeddings: norm, projection, weightless norm."""
-
-    def __init__(self, mm_hidden: int, text_hidden: int, vocab_size: int, vocab_offset: int, eps: float):
-        super().__init__()
-        self.vocab_size, self.vocab_offset, self.eps = vocab_size, vocab_offset, eps
-        self.embedding = Embedding(vocab_size, mm_hidden)
-        self.hard_embedding_norm = rms_norm(mm_hidden, eps)
-        self.soft_embedding_norm = rms_norm(mm_hidden, eps)
-        self.embedding_projection = Linear(mm_hidden, text_hidden)
-
-    @classmethod
-    def from_hf(cls, mm: dict, defaults: dict, text_hidden: int) -> "Gemma3nMultimodalEmbedder":
-        c = {**defaults, **{k: v for k, v in mm.items() if v is not None}}
-        return cls(int(c["hidden_size"]), text_hidden, int(c["vocab_size"]), int(c["vocab_offset"]),
-                   float(c["rms_norm_eps"]))
-
-    def owns(self, ids: torch.Tensor) -> torch.Tensor:
-        return (ids >= self.vocab_offset) & (ids < self.vocab_offset + self.vocab_size)
-
-    def _project(self, x: torch.Tensor) -> torch.Tensor:
-        return unscaled_rms_norm(self.embedding_projection(x), self.eps)
-
-    def hard(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """ids in ``[vocab_offset, vocab_offset + vocab_size)`` -> [n, text hidden]."""
-        return self._project(self.hard_embedding_norm(self.embedding(ids - self.vocab_offset, dtype).to(dtype)))
-
-    def soft(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder outputs [..., mm_hidden] -> [..., text hidden]."""
-        return self._project(self.soft_embedding_norm(x))
 
 
 @attrs.frozen
@@ -128,15 +93,20 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         model = cls(gemma3n_text_config(text), dtype)
         hidden = model.cfg.hidden_size
         vision, audio = dict(hf.get("vision_config") or {}), dict(hf.get("audio_config") or {})
-        model.embed_vision = Gemma3nMultimodalEmbedder.from_hf(vision, _VISION_DEFAULTS, hidden)
-        model.embed_audio = Gemma3nMultimodalEmbedder.from_hf(audio, _AUDIO_DEFAULTS, hidden)
+        vision = {**_VISION_DEFAULTS, **{k: v for k, v in vision.items() if v is not None}}
+        audio = {**_AUDIO_DEFAULTS, **{k: v for k, v in audio.items() if v is not None}}
+        model.embed_vision = Gemma3nMultimodalEmbedder.from_hf(vision, hidden)
+        model.embed_audio = Gemma3nMultimodalEmbedder.from_hf(audio, hidden)
         if model.embed_vision.vocab_offset + model.embed_vision.vocab_size > model.embed_audio.vocab_offset:
             raise ValueError("config.json: vision_config's vocabulary overlaps audio_config's")
-        model.vision_hidden = int({**_VISION_DEFAULTS, **vision}["hidden_size"])
         model.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(vision, dtype)
         model.audio_tower = audio_tower if audio_tower is not None else build_audio_tower(audio, dtype)
         for key in GEMMA3N_DEFAULTS:
             setattr(model, key, int(c[key]))
+        tokens = getattr(model.vision_tower, "num_tokens", model.vision_soft_tokens_per_image)
+        if tokens != model.vision_soft_tokens_per_image:
+            raise ValueError(f"config.json: vision_soft_tokens_per_image {model.vision_soft_tokens_per_image} but the "
+                             f"vision tower gives {tokens} soft tokens per image")
         for key, emb in (("image_token_id", model.embed_vision), ("eoi_token_id", model.embed_vision),
                          ("audio_token_id", model.embed_audio), ("eoa_token_id", model.embed_audio)):
             if not emb.vocab_offset <= getattr(model, key) < emb.vocab_offset + emb.vocab_size:
@@ -168,14 +138,13 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         for embedder in (self.embed_vision, self.embed_audio):
             rows = embedder.owns(input_ids).nonzero(as_tuple=True)[0]
             if rows.numel():
-                h[rows] = embedder.hard(input_ids[rows], self.dtype).to(h.dtype)
+                h[rows] = embedder.embed_ids(input_ids[rows]).to(h.dtype)
         return packed
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, soft tokens, text hidden]."""
-        soft = self.vision_tower(pixels.to(device=self.lm_device, dtype=self.dtype))
-        soft = soft * torch.tensor(self.vision_hidden ** 0.5, dtype=soft.dtype)
-        return self.embed_vision.soft(soft)
+        return self.embed_vision.embed_image_features(self.vision_tower(pixels.to(device=self.lm_device,
+                                                                                     dtype=self.dtype)))
 
     def audio_features(self, clips: list[Gemma3nAudioClip]) -> list[torch.Tensor]:
         """Clips -> [audio_soft_tokens_per_image, text hidden] each. The encoder gives at most
@@ -186,7 +155,7 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         if self.audio_tower is None:
             raise ValueError("Gemma 3n: this model has no audio encoder")
         pad_id = torch.tensor([self.cfg.vocab_size - 1], device=self.lm_device)
-        pad = self.embed_audio.hard(pad_id, self.dtype)
+        pad = self.embed_audio.embed_ids(pad_id).to(self.dtype)
         out: list = [None] * len(clips)
         by_len: dict[int, list[int]] = {}
         for i, c in enumerate(clips):
@@ -195,7 +164,7 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
             mel = torch.stack([clips[i].mel for i in idx]).to(device=self.lm_device, dtype=self.dtype)
             valid = torch.stack([clips[i].valid for i in idx]).to(self.lm_device)
             enc, ok = self.audio_tower(mel, valid)
-            feats = torch.where(ok[..., None], self.embed_audio.soft(enc), pad.to(enc.dtype))
+            feats = torch.where(ok[..., None], self.embed_audio.embed_soft(enc), pad.to(enc.dtype))
             missing = self.audio_soft_tokens_per_image - feats.shape[1]
             if missing < 0:
                 raise ValueError(f"audio: a clip gives {feats.shape[1]} encoder rows, more than the "

@@ -1,11 +1,15 @@
 """Gemma 3n (the family) against transformers' ``Gemma3nForConditionalGeneration`` (tiny,
-every parameter perturbed). The image tower here is a stand-in, the same module on both
-sides (tiny_gemma3n.StubTower): what is checked is everything after it — the soft-token
-scaling and ``embed_vision``, the splice, the modality vocabularies' hard embeddings
-(``<end_of_image>``, ``<end_of_audio>``), the per-layer embeddings of ids outside the
-per-layer table, and the text model — with 0, 1 and 2 images through prefill and decode,
-greedy tokens; both checkpoint layouts; the prompt expansion against transformers'
-``Gemma3nProcessor``; bad inputs."""
+every parameter perturbed, the tiny MobileNetV5 over timm as its image tower): image
+features, the splice, the modality vocabularies' hard embeddings (``<end_of_image>``,
+``<end_of_audio>``), the per-layer embeddings of ids outside the per-layer table, and the
+text model, with 0, 1 and 2 images through prefill and decode, greedy tokens, a batch of
+image and text sequences equal to each alone, checkpoints with the weights we skip, the
+prompt expansion against transformers' ``Gemma3nProcessor``, bad inputs.
+
+Audio: everything around the encoder (the clips' rows, transformers' padding up to
+``audio_soft_tokens_per_image``, ``<audio_soft_token>`` expansion, an image and a clip in
+one prompt) with transformers' own encoder and feature extractor standing in for ours
+(towers/gemma3n_audio.py, processors/gemma3n_audio.py: another branch)."""
 import json
 
 import attrs
@@ -21,7 +25,13 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_gemma3n import (AUD, AUDIO_TOKENS, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS,  # noqa: E402
-                          ReferenceAudioExtractor, ReferenceAudioTower, StubTower, write_tiny_gemma3n)
+                          ReferenceAudioExtractor, ReferenceAudioTower, write_tiny_gemma3n)
+from timm_reference import import_timm  # noqa: E402
+
+try:
+    import_timm()
+except ImportError:  # timm is a test-only dependency (the root pyproject's `test-timm` extra)
+    pytest.skip("timm is not installed", allow_module_level=True)
 
 COVERS = ["Gemma3n"]
 TOL = 1e-4
@@ -39,8 +49,7 @@ def load_ours(out):
     from transformers import Gemma3nAudioConfig
     hf = json.loads((out / "config.json").read_text())
     audio = ReferenceAudioTower(Gemma3nAudioConfig(**hf["audio_config"]))
-    model = Gemma3nForConditionalGeneration.from_hf_config(hf, vision_tower=StubTower(reference=False),
-                                                           audio_tower=audio)
+    model = Gemma3nForConditionalGeneration.from_hf_config(hf, audio_tower=audio)
     model.load_weights(iter(load_file(str(out / "model.safetensors")).items()))
     return model.eval()
 
@@ -91,7 +100,7 @@ def ref_logits(ref, ids, pixels):
 
 
 @torch.inference_mode()
-def ref_logits_spans(ref, ids, pixels, spans):
+def ref_logits_spans(ref, ids, pixels, spans, use_cache=False):
     """The reference with features on the prompt's spans only (a random model may generate a
     placeholder id, which is then an ordinary token): transformers' own embedding of the ids
     and its per-layer inputs, the image rows replaced before the per-layer projection."""
@@ -107,6 +116,8 @@ def ref_logits_spans(ref, ids, pixels, spans):
         for (start, n), f in zip(spans, feats):
             h[0, start:start + n] = f
     per_layer = m.language_model.get_per_layer_inputs(t)
+    if use_cache:
+        return ref(inputs_embeds=h, per_layer_inputs=per_layer, use_cache=True)
     return ref(inputs_embeds=h, per_layer_inputs=per_layer).logits[0].float()
 
 
@@ -150,9 +161,12 @@ def test_greedy_32_tokens_with_two_images(loaded):
     for _ in range(32):
         ours.append(int(logits.argmax()))
         logits = run.step(ours[-1:])[-1]
-    for _ in range(32):
-        theirs.append(int(ref_logits_spans(ref, seq, pixels, where)[-1].argmax()))
-        seq.append(theirs[-1])
+    # the reference with its own cache: the prompt's embeddings once, then one token a step
+    with torch.inference_mode():
+        out = ref_logits_spans(ref, seq, pixels, where, use_cache=True)
+        for _ in range(32):
+            theirs.append(int(out.logits[0, -1].argmax()))
+            out = ref(input_ids=torch.tensor([theirs[-1:]]), cache=out.past_key_values, use_cache=True)
     assert ours == theirs
 
 
@@ -281,12 +295,13 @@ def test_bad_prompts_are_refused(loaded, tiny):
 def test_bad_configs_are_refused(tiny):
     from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
     hf = json.loads((tiny[0] / "config.json").read_text())
-    stub = StubTower(reference=False)
     with pytest.raises(ValueError, match="image_token_id"):
-        Gemma3nForConditionalGeneration.from_hf_config({**hf, "image_token_id": 5}, vision_tower=stub)
+        Gemma3nForConditionalGeneration.from_hf_config({**hf, "image_token_id": 5})
     with pytest.raises(ValueError, match="overlaps"):
-        vc = {**hf["vision_config"], "vocab_size": 3}
-        Gemma3nForConditionalGeneration.from_hf_config({**hf, "vision_config": vc}, vision_tower=stub)
+        Gemma3nForConditionalGeneration.from_hf_config({**hf, "vision_config": {**hf["vision_config"],
+                                                                                 "vocab_size": 3}})
+    with pytest.raises(ValueError, match="vision_soft_tokens_per_image"):
+        Gemma3nForConditionalGeneration.from_hf_config({**hf, "vision_soft_tokens_per_image": 256})
 
 
 def test_batch_of_image_and_text_sequences_equals_each_alone(loaded):

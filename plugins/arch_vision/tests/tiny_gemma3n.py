@@ -5,10 +5,9 @@
   window shorter than the prompts, activation sparsity on some layers, soft-capping).
 * ``write_tiny_gemma3n``: ``Gemma3nForConditionalGeneration`` on the same text model, with
   the ids laid out as the released checkpoints lay them out (the image vocabulary starts at
-  ``<end_of_image>``, the audio one at ``<end_of_audio>``, both past the per-layer table).
-  ``vision_tower`` is a stand-in unless a MobileNetV5 reference is given (``StubTower``,
-  the same module on both sides): pooled pixels through a fixed channel map, shaped as
-  transformers' timm wrapper returns them.
+  ``<end_of_image>``, the audio one at ``<end_of_audio>``, both past the per-layer table),
+  the tiny MobileNetV5 of tiny_gemma3n_vision (timm's, through transformers'
+  ``TimmWrapperModel``) and a tiny audio conformer.
 """
 from __future__ import annotations
 
@@ -22,11 +21,18 @@ from mistralrs_core.testing.tiny import write_tiny_tokenizer
 
 BOI, BOA, EOI, IMG, EOA, AUD = ("<start_of_image>", "<start_of_audio>", "<end_of_image>", "<image_soft_token>",
                                 "<end_of_audio>", "<audio_soft_token>")
-SOFT_TOKENS = 4          # per image: the stand-in tower pools to 2 x 2
+SOFT_TOKENS = 4          # per image: the tiny tower's MSFA is 2 x 2
 AUDIO_TOKENS = 8         # per clip: the tiny encoder gives 1 row per 16 mel frames (160 ms)
 MEL_BINS = 16
-VISION_HIDDEN = 16
-IMAGE = 32
+
+IMAGE = 64               # the tiny tower's input size
+# gemma-3n-E4B-it's preprocessor_config.json at the tiny sizes (image keys and the audio keys).
+PREPROCESSOR = {"do_convert_rgb": None, "do_normalize": False, "do_rescale": True, "do_resize": True,
+                "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "SiglipImageProcessorFast",
+                "image_seq_length": SOFT_TOKENS, "image_std": [0.5, 0.5, 0.5], "resample": 2,
+                "rescale_factor": 1 / 255, "size": {"height": IMAGE, "width": IMAGE},
+                "feature_extractor_type": "Gemma3nAudioFeatureExtractor", "feature_size": MEL_BINS,
+                "sampling_rate": 16000, "dither": 0.0, "processor_class": "Gemma3nProcessor"}
 
 # Gemma 3n's template shape (image parts -> <image_soft_token>, audio parts -> <audio_soft_token>)
 # on the ChatML markers the tiny tokenizer knows.
@@ -63,25 +69,6 @@ def make_text_reference(vocab: int = 300, per_layer_vocab: int = 280, seed: int 
     return ref
 
 
-class StubTower(nn.Module):
-    """Pixels -> 2 x 2 average pool -> a fixed channel map -> tanh. ``reference=True`` answers
-    like transformers' timm wrapper ([B, C, 2, 2] in ``last_hidden_state``); otherwise like our
-    towers ([B, 4, C])."""
-
-    def __init__(self, reference: bool):
-        super().__init__()
-        self.reference = reference
-        self.proj = nn.Parameter(torch.randn(VISION_HIDDEN, 3, generator=torch.Generator().manual_seed(5)))
-
-    def forward(self, pixel_values, **_):
-        x = nn.functional.adaptive_avg_pool2d(pixel_values, (2, 2))                 # [B, 3, 2, 2]
-        x = torch.tanh(torch.einsum("bchw,dc->bdhw", x, self.proj.to(x.dtype)) * 2)
-        if self.reference:
-            from transformers.modeling_outputs import BaseModelOutput
-            return BaseModelOutput(last_hidden_state=x)
-        return x.flatten(2).transpose(1, 2)
-
-
 def write_tokenizer(out: Path) -> dict[str, int]:
     from tokenizers import AddedToken, Tokenizer
     write_tiny_tokenizer(out)
@@ -92,8 +79,9 @@ def write_tokenizer(out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in names}
 
 
-def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None):
-    """``vision_tower``: None for the stand-in, else the module transformers should use."""
+def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None, vision_config=None):
+    """``vision_tower``/``vision_config``: None for the stand-in, else transformers' tower
+    (already perturbed) and its config.json entry."""
     from unittest import mock
 
     import transformers
@@ -104,7 +92,7 @@ def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None):
     ac = Gemma3nAudioConfig(vocab_size=vocab - ids[EOA], vocab_offset=ids[EOA], hidden_size=24, input_feat_size=MEL_BINS,
                             conf_num_attention_heads=2, conf_num_hidden_layers=1, sscp_conv_channel_size=[4, 4],
                             conf_attention_chunk_size=4, conf_attention_context_left=5)
-    vc = _vision_config(ids)
+    vc = _vision_config(ids, vision_config)
     cfg = Gemma3nConfig(text_config=tc, vision_config=vc, audio_config=ac, vision_soft_tokens_per_image=SOFT_TOKENS,
                         audio_soft_tokens_per_image=AUDIO_TOKENS,
                         boi_token_id=ids[BOI], eoi_token_id=ids[EOI], image_token_id=ids[IMG],
@@ -112,7 +100,7 @@ def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None):
     for c in (cfg, cfg.text_config, cfg.audio_config, cfg.vision_config):
         c._attn_implementation = "eager"
     real = transformers.AutoModel.from_config
-    tower = vision_tower if vision_tower is not None else StubTower(reference=True)
+    tower = vision_tower if vision_tower is not None else _PooledPixels()
 
     def from_config(config, *a, **kw):
         if config.model_type == "gemma3n_vision":
@@ -121,20 +109,48 @@ def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None):
     torch.manual_seed(0)
     with mock.patch.object(modeling_gemma3n.AutoModel, "from_config", side_effect=from_config):
         ref = Gemma3nForConditionalGeneration(cfg).float().eval()
-    perturb_parameters(ref, seed=seed, scale=0.3)
+    for name, child in ref.model.named_children():
+        if name != "vision_tower" or vision_tower is None:
+            perturb_parameters(child, seed=seed, scale=0.3)
     return ref
 
 
-def _vision_config(ids: dict[str, int]):
+class _PooledPixels(nn.Module):
+    """A placeholder tower for references that never see pixels (text, audio)."""
+
+    def forward(self, pixel_values, **_):
+        raise AssertionError("this reference has no image tower")
+
+
+def _vision_config(ids: dict[str, int], base: dict | None):
     from transformers import Gemma3nVisionConfig
-    return Gemma3nVisionConfig(hidden_size=VISION_HIDDEN, vocab_size=ids[EOA] - ids[EOI], vocab_offset=ids[EOI],
-                               rms_norm_eps=1e-6)
+    base = dict(base or {"hidden_size": 16})
+    base.pop("model_type", None)
+    return Gemma3nVisionConfig(**{**base, "vocab_size": ids[EOA] - ids[EOI], "vocab_offset": ids[EOI],
+                                  "rms_norm_eps": 1e-6})
 
 
-def write_tiny_gemma3n(out: Path, **kw):
+def write_tiny_gemma3n(out: Path, *, real_tower: bool = True, **kw):
+    """``real_tower``: the tiny MobileNetV5 (its MSFA at 2 x 2: SOFT_TOKENS per image) and the
+    released preprocessor settings at IMAGE pixels; else a reference without an image tower
+    (no timm needed)."""
     ids = write_tokenizer(out)
+    extra = {"chat_template.json": {"chat_template": TEMPLATE}}
+    if real_tower:
+        import copy
+
+        from tiny_gemma3n_vision import reference_tower, tiny_model_args, tiny_vision_config
+        vc = tiny_vision_config()
+        vc["model_args"]["msfa_output_resolution"] = 2
+        torch.manual_seed(0)        # the tower's initial weights come from the global generator
+        tower = reference_tower(copy.deepcopy(vc), seed=3)
+        kw.update(vision_tower=tower, vision_config=copy.deepcopy(vc))
+        extra["preprocessor_config.json"] = PREPROCESSOR
     ref = make_reference(ids, **kw)
-    save_reference(ref, out, extra_files={"chat_template.json": {"chat_template": TEMPLATE}})
+    if real_tower:
+        # timm consumed the block dicts while building: the saved config gets fresh ones
+        ref.config.vision_config.model_args = dict(tiny_model_args(), msfa_output_resolution=2)
+    save_reference(ref, out, extra_files=extra)
     return out, ref, ids
 
 
