@@ -32,6 +32,9 @@ from mistralrs_core.tokenization.prompt import encode_prompt
 from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM, gemma3n_text_config
 from mistralrs_arch_vision.pipeline import token_runs
+from mistralrs_arch_vision.processors.gemma3n_audio import Gemma3nAudioFeatureExtractor, Gemma3nAudioFeatures
+from mistralrs_arch_vision.towers.gemma3n_audio import Gemma3nAudioEncoder, encode_clips
+from mistralrs_arch_vision.towers.mobilenetv5 import MobileNetV5Tower
 from mistralrs_arch_vision.towers.multimodal_embedder import Gemma3nMultimodalEmbedder
 
 # Gemma3nConfig's defaults (the released checkpoints' ids and counts).
@@ -42,28 +45,11 @@ _VISION_DEFAULTS = dict(hidden_size=2048, vocab_size=128, vocab_offset=262_144, 
 _AUDIO_DEFAULTS = dict(hidden_size=1536, vocab_size=128, vocab_offset=262_272, rms_norm_eps=1e-6)
 
 
-@attrs.frozen
-class Gemma3nAudioClip:
-    """One clip as the audio encoder takes it: log-mel frames [T, mel bins] and which frames
-    are real (True) rather than padding."""
-    mel: torch.Tensor
-    valid: torch.Tensor
-
-
 def build_vision_tower(vision: dict, dtype: torch.dtype):
-    from mistralrs_arch_vision.towers.mobilenetv5 import MobileNetV5Tower
     return MobileNetV5Tower.from_hf(vision)
 
 
 def build_audio_tower(audio: dict, dtype: torch.dtype):
-    """The USM conformer (towers/gemma3n_audio.py), or None where it is not built: the model
-    then skips the audio weights and its processor refuses audio parts."""
-    try:
-        from mistralrs_arch_vision.towers.gemma3n_audio import Gemma3nAudioEncoder
-    except ModuleNotFoundError as e:
-        if e.name != "mistralrs_arch_vision.towers.gemma3n_audio":
-            raise
-        return None
     return Gemma3nAudioEncoder.from_hf(audio)
 
 
@@ -146,42 +132,31 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         return self.embed_vision.embed_image_features(self.vision_tower(pixels.to(device=self.lm_device,
                                                                                      dtype=self.dtype)))
 
-    def audio_features(self, clips: list[Gemma3nAudioClip]) -> list[torch.Tensor]:
+    def audio_features(self, clips: list[Gemma3nAudioFeatures]) -> list[torch.Tensor]:
         """Clips -> [audio_soft_tokens_per_image, text hidden] each. The encoder gives at most
         that many rows; its padded rows and the missing ones up to the count are the audio
-        vocabulary's last entry, as transformers pads them. Clips of one length share an
-        encoder call; others are never padded together (the front end's convolutions read
-        past a clip's end, so an answer would depend on its batch)."""
-        if self.audio_tower is None:
-            raise ValueError("Gemma 3n: this model has no audio encoder")
+        vocabulary's last entry, as transformers pads them."""
         pad_id = torch.tensor([self.cfg.vocab_size - 1], device=self.lm_device)
         pad = self.embed_audio.embed_ids(pad_id).to(self.dtype)
-        out: list = [None] * len(clips)
-        by_len: dict[int, list[int]] = {}
-        for i, c in enumerate(clips):
-            by_len.setdefault(c.mel.shape[0], []).append(i)
-        for idx in by_len.values():
-            mel = torch.stack([clips[i].mel for i in idx]).to(device=self.lm_device, dtype=self.dtype)
-            valid = torch.stack([clips[i].valid for i in idx]).to(self.lm_device)
-            enc, ok = self.audio_tower(mel, valid)
-            feats = torch.where(ok[..., None], self.embed_audio.embed_soft(enc), pad.to(enc.dtype))
-            missing = self.audio_soft_tokens_per_image - feats.shape[1]
+        out = []
+        for enc, ok in encode_clips(self.audio_tower, clips, self.lm_device, self.dtype):
+            feats = torch.where(ok[:, None], self.embed_audio.embed_soft(enc), pad.to(enc.dtype))
+            missing = self.audio_soft_tokens_per_image - feats.shape[0]
             if missing < 0:
-                raise ValueError(f"audio: a clip gives {feats.shape[1]} encoder rows, more than the "
+                raise ValueError(f"audio: a clip gives {feats.shape[0]} encoder rows, more than the "
                                  f"{self.audio_soft_tokens_per_image} audio tokens per clip")
-            for k, i in enumerate(idx):
-                out[i] = torch.cat([feats[k], pad.expand(missing, -1)])
+            out.append(torch.cat([feats, pad.expand(missing, -1)]))
         return out
 
     def encode_features(self, spans):
-        """Images in one tower call; each audio clip alone (its padding is its own)."""
+        """Images in one tower call, clips through ``encode_clips`` (same-length clips together)."""
         out: list = [None] * len(spans)
         images = [i for i, s in enumerate(spans) if isinstance(s.data, torch.Tensor)]
         if images:
             feats = self.image_features(torch.stack([spans[i].data for i in images]))
             for i, f in zip(images, feats):
                 out[i] = f
-        clips = [i for i, s in enumerate(spans) if isinstance(s.data, Gemma3nAudioClip)]
+        clips = [i for i, s in enumerate(spans) if isinstance(s.data, Gemma3nAudioFeatures)]
         if clips:
             for i, f in zip(clips, self.audio_features([spans[i].data for i in clips])):
                 out[i] = f
@@ -223,8 +198,8 @@ class Gemma3nProcessor:
         if image_processor is None:
             from mistralrs_arch_vision.processors.gemma3n import Gemma3nImageProcessor
             image_processor = Gemma3nImageProcessor.from_hf(preprocessor_config)
-        if audio_extractor is None and getattr(model, "audio_tower", None) is not None:
-            audio_extractor = build_audio_extractor(preprocessor_config)
+        if audio_extractor is None:
+            audio_extractor = Gemma3nAudioFeatureExtractor.from_config(preprocessor_config)
         names = {}
         for what in ("boi_token_id", "eoi_token_id", "image_token_id", "boa_token_id", "eoa_token_id",
                      "audio_token_id"):
@@ -253,10 +228,9 @@ class Gemma3nProcessor:
         """One image -> [3, H, W] float32."""
         return self.image_processor.to_pixels(image)
 
-    def audio_clip(self, audio) -> Gemma3nAudioClip:
+    def audio_clip(self, audio) -> Gemma3nAudioFeatures:
         """One ``LoadedAudio`` -> the encoder's input (the extractor resamples to its rate)."""
-        f = self.audio_extractor(audio.samples, audio.rate)
-        return Gemma3nAudioClip(torch.as_tensor(f.mel), torch.as_tensor(f.valid, dtype=torch.bool))
+        return self.audio_extractor(audio.samples, audio.rate)
 
     def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         if audios and self.audio_extractor is None:
@@ -284,13 +258,3 @@ class Gemma3nProcessor:
                       for (start, k), item, d in zip(runs, items, data)]
         return Prompt(ids, sorted(spans, key=lambda sp: sp.start))
 
-
-def build_audio_extractor(preprocessor_config: dict):
-    """The log-mel feature extractor (processors/gemma3n_audio.py), or None where it is not built."""
-    try:
-        from mistralrs_arch_vision.processors.gemma3n_audio import Gemma3nAudioFeatureExtractor
-    except ModuleNotFoundError as e:
-        if e.name != "mistralrs_arch_vision.processors.gemma3n_audio":
-            raise
-        return None
-    return Gemma3nAudioFeatureExtractor.from_config(preprocessor_config)

@@ -6,10 +6,9 @@ text model, with 0, 1 and 2 images through prefill and decode, greedy tokens, a 
 image and text sequences equal to each alone, checkpoints with the weights we skip, the
 prompt expansion against transformers' ``Gemma3nProcessor``, bad inputs.
 
-Audio: everything around the encoder (the clips' rows, transformers' padding up to
-``audio_soft_tokens_per_image``, ``<audio_soft_token>`` expansion, an image and a clip in
-one prompt) with transformers' own encoder and feature extractor standing in for ours
-(towers/gemma3n_audio.py, processors/gemma3n_audio.py: another branch)."""
+Audio (our encoder and feature extractor, towers/ and processors/gemma3n_audio.py): a clip's
+rows, transformers' padding up to ``audio_soft_tokens_per_image``, ``<audio_soft_token>``
+expansion, an image and a clip in one prompt."""
 import json
 
 import attrs
@@ -25,7 +24,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_gemma3n import (AUD, AUDIO_TOKENS, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS,  # noqa: E402
-                          ReferenceAudioExtractor, ReferenceAudioTower, write_tiny_gemma3n)
+                          PREPROCESSOR, ReferenceAudioExtractor, write_tiny_gemma3n)
 from timm_reference import import_timm  # noqa: E402
 
 try:
@@ -46,10 +45,8 @@ def load_ours(out):
     from safetensors.torch import load_file
 
     from mistralrs_arch_vision.gemma3n import Gemma3nForConditionalGeneration
-    from transformers import Gemma3nAudioConfig
     hf = json.loads((out / "config.json").read_text())
-    audio = ReferenceAudioTower(Gemma3nAudioConfig(**hf["audio_config"]))
-    model = Gemma3nForConditionalGeneration.from_hf_config(hf, audio_tower=audio)
+    model = Gemma3nForConditionalGeneration.from_hf_config(hf)
     model.load_weights(iter(load_file(str(out / "model.safetensors")).items()))
     return model.eval()
 
@@ -246,9 +243,8 @@ class _Pixels:
 def _processor(model, out):
     from mistralrs_arch_vision.gemma3n import Gemma3nProcessor
     from mistralrs_core.tokenization.tokenizer import Tokenizer
-    return Gemma3nProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config={},
-                                            tokenizer=Tokenizer.from_dir(out), image_processor=_Pixels(),
-                                            audio_extractor=ReferenceAudioExtractor())
+    return Gemma3nProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=Tokenizer.from_dir(out), image_processor=_Pixels())
 
 
 def test_prompt_expansion_matches_transformers_processor(loaded, tiny):
@@ -339,15 +335,13 @@ def test_batch_of_image_and_text_sequences_equals_each_alone(loaded):
 
 # --------------------------------------------------------------------------- audio
 def _clip(seed: int, seconds: float, pad_frames: int = 0):
-    """A random clip's features; ``pad_frames`` padding frames after it, as a clip gets when
-    batched with a longer one (what makes encoder rows padded)."""
-    from mistralrs_arch_vision.gemma3n import Gemma3nAudioClip
+    """A random clip's features (transformers' extractor); ``pad_frames`` padding frames
+    after it, as a clip gets when batched with a longer one (what makes encoder rows padded)."""
     samples = np.random.default_rng(seed).uniform(-0.5, 0.5, int(16000 * seconds)).astype(np.float32)
     f = ReferenceAudioExtractor()(samples)
-    features, valid = f.mel, f.valid
-    features = torch.cat([features, torch.zeros(pad_frames, features.shape[1])])
-    valid = torch.cat([valid, torch.zeros(pad_frames, dtype=torch.bool)])
-    return Gemma3nAudioClip(features, valid)
+    f.mel = np.concatenate([f.mel, np.zeros((pad_frames, f.mel.shape[1]), np.float32)])
+    f.valid = np.concatenate([f.valid, np.zeros(pad_frames, bool)])
+    return f
 
 
 def prompt_with_media(ids_of, pixels, clips, text):
@@ -370,7 +364,8 @@ def ref_logits_media(ref, ids, pixels, clips):
     if clips:
         # one clip per call, as transformers' processor pads a batch of clips together
         assert len(clips) == 1
-        kw.update(input_features=clips[0].mel[None], input_features_mask=clips[0].valid[None])
+        kw.update(input_features=torch.from_numpy(clips[0].mel[None]),
+                  input_features_mask=torch.from_numpy(clips[0].valid[None]))
     return ref(input_ids=torch.tensor([ids]), **kw).logits[0].float()
 
 
@@ -383,7 +378,7 @@ def test_audio_clip_logits_match_reference(loaded, with_image):
     pixels = [torch.randn(3, IMAGE, IMAGE, generator=g)] if with_image else []
     clip = _clip(3, 0.6, pad_frames=40)
     with torch.inference_mode():
-        enc, ok = model.audio_tower(clip.mel[None], clip.valid[None])
+        enc, ok = model.audio_tower(torch.from_numpy(clip.mel[None]), torch.from_numpy(clip.valid[None]))
     assert 0 < enc.shape[1] < AUDIO_TOKENS and not ok.all()         # both kinds of padding are exercised
     ids, spans = prompt_with_media(ids_of, pixels, [clip], torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
     run = Ours(model)
@@ -417,25 +412,13 @@ def test_prompt_expansion_with_audio_matches_transformers_processor(loaded, tiny
     got = _processor(model, out).expand_prompt(text, [load_image(png_data_uri(random_image(1)), where="x")],
                                                audios)
     assert got.ids == want["input_ids"][0].tolist()
-    kinds = ["audio" if isinstance(s.data, type(_clip(0, 0.1))) else "image" for s in got.spans]
+    kinds = ["image" if isinstance(s.data, torch.Tensor) else "audio" for s in got.spans]
     assert kinds == ["audio", "image", "audio"]
     assert [s.content_hash for s in got.spans if s.length == AUDIO_TOKENS] == [b"\x00", b"\x01"]
     for span, k in zip([s for s in got.spans if s.length == AUDIO_TOKENS], range(2)):
-        alone = ex(waves[k])
-        assert torch.equal(span.data.mel, alone.mel) and torch.equal(span.data.valid, alone.valid)
-
-
-def test_a_clip_resampled_to_the_extractors_rate(loaded, tiny):
-    """The processor hands the extractor the clip's own rate (a 32 kHz clip gives the
-    features of its 16 kHz resampling)."""
-    from mistralrs_arch_vision.audio import resample
-    from mistralrs_arch_vision.inputs import LoadedAudio
-    model, _, _ = loaded
-    proc = _processor(model, tiny[0])
-    wave = np.random.default_rng(5).uniform(-0.5, 0.5, 32000).astype(np.float32)
-    clip = proc.audio_clip(LoadedAudio(samples=wave, rate=32000, content_hash=b"a"))
-    want = ReferenceAudioExtractor()(resample(wave, 32000, 16000))
-    assert torch.equal(clip.mel, want.mel) and torch.equal(clip.valid, want.valid)
+        theirs = ex(waves[k])           # transformers' features of the clip alone
+        assert np.array_equal(span.data.valid, theirs.valid)
+        assert np.allclose(span.data.mel, theirs.mel, rtol=0, atol=1e-4)
 
 
 def test_clips_of_several_lengths_in_one_call_equal_each_alone(loaded):
@@ -446,7 +429,7 @@ def test_clips_of_several_lengths_in_one_call_equal_each_alone(loaded):
         together = model.encode_features(spans)
         alone = [model.encode_features([s])[0] for s in spans]
     assert all(t.shape == (AUDIO_TOKENS, 64) for t in together)
-    assert all(torch.allclose(t, a, rtol=0, atol=1e-6) for t, a in zip(together, alone))
+    assert max(max_rel_err(t, a) for t, a in zip(together, alone)) <= 1e-5
 
 
 # gemma-3n-E2B-it's config.json (the keys that shape the model; text_config as in test_gemma3n_text).

@@ -1,9 +1,8 @@
 """Gemma 3n through the Runner (``Which.VisionPlain``, arch Gemma3n, the tiny model of
 tiny_gemma3n with the real tiny MobileNetV5): image and text requests batched, each answer
 equal to transformers' greedy tokens and log-probs; a chunked prefill through an image; the
-prefix cache across a repeated image; audio parts (answered like the reference where the
-audio encoder is installed, refused by name where it is not); bad image input keeps the other
-requests running."""
+prefix cache across a repeated image; an audio clip and an image in one message; broken
+image and audio input refused while other requests keep running."""
 import base64
 import io
 from functools import partial
@@ -57,7 +56,7 @@ def ref_logits(ref, ids, data, spans):
         if isinstance(d, torch.Tensor):
             f = m.get_image_features(d[None]).pooler_output[0]
         else:
-            out = m.get_audio_features(d.mel[None], ~d.valid[None])
+            out = m.get_audio_features(torch.from_numpy(d.mel[None]), ~torch.from_numpy(d.valid[None]))
             pad = m.embed_audio(input_ids=torch.tensor([[m.vocab_size - 1]]))[0]
             f = torch.where(out.audio_mel_mask[0, :, None], pad, out.pooler_output[0])
             f = torch.cat([f, pad.expand(n - f.shape[0], -1)])
@@ -124,20 +123,26 @@ def _wav_data_uri(samples: np.ndarray, rate: int) -> str:
 
 
 def test_audio_and_image_in_one_message(runner, tiny):
-    """With the audio encoder installed (towers/gemma3n_audio.py) the answer is the
-    reference's; without it the audio part is refused by name and the engine keeps serving."""
+    """A clip and an image in one message: the reference runs transformers' audio encoder on
+    the frames our extractor made (the extractor's own parity is test_gemma3n_audio.py's)."""
     _, ref, ids_of = tiny
     pipe = runner._pipeline(None)
     wave = np.random.default_rng(3).uniform(-0.5, 0.5, 12000).astype(np.float32)
     req = chat([{"type": "audio_url", "audio_url": {"url": _wav_data_uri(wave, 16000)}},
                 {"type": "text", "text": "Transcribe, then describe"},
                 {"type": "image_url", "image_url": {"url": png_data_uri(random_image(4))}}])
-    if pipe.model.audio_tower is None:
-        with pytest.raises(ValueError, match="audio"):
-            runner.send_chat_completion_request(req)
-    else:
-        prompt = check(pipe, ref, req, runner.send_chat_completion_request(req))
-        assert prompt.ids.count(ids_of[AUD]) == AUDIO_TOKENS and prompt.ids.count(ids_of[IMG]) == SOFT_TOKENS
+    prompt = check(pipe, ref, req, runner.send_chat_completion_request(req))
+    assert prompt.ids.count(ids_of[AUD]) == AUDIO_TOKENS and prompt.ids.count(ids_of[IMG]) == SOFT_TOKENS
+    assert [type(s.data).__name__ for s in prompt.spans] == ["Gemma3nAudioFeatures", "Tensor"]
+
+
+def test_broken_audio_is_refused_and_others_keep_running(runner, tiny):
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    bad = chat([{"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64,bm90IGF1ZGlv"}},
+                {"type": "text", "text": "?"}])
+    with pytest.raises(ValueError, match="audio_url"):
+        runner.send_chat_completion_request(bad)
     ok = chat("Still there?")
     check(pipe, ref, ok, runner.send_chat_completion_request(ok))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -80,8 +81,8 @@ def write_tokenizer(out: Path) -> dict[str, int]:
 
 
 def make_reference(ids: dict[str, int], *, seed: int = 1, vision_tower=None, vision_config=None):
-    """``vision_tower``/``vision_config``: None for the stand-in, else transformers' tower
-    (already perturbed) and its config.json entry."""
+    """``vision_tower``/``vision_config``: transformers' tower (already perturbed) and its
+    config.json entry, or None for a reference without an image tower."""
     from unittest import mock
 
     import transformers
@@ -154,35 +155,15 @@ def write_tiny_gemma3n(out: Path, *, real_tower: bool = True, **kw):
     return out, ref, ids
 
 
-class ReferenceAudioTower(nn.Module):
-    """transformers' own audio encoder behind our tower's call shape: a stand-in for tests of
-    everything around the encoder (its weights load from the checkpoint like a tower's)."""
-
-    def __init__(self, audio_config):
-        super().__init__()
-        from transformers.models.gemma3n.modeling_gemma3n import Gemma3nAudioEncoder
-        self.inner = Gemma3nAudioEncoder(audio_config).float().eval()
-
-    def map_weight_name(self, name):
-        return "inner." + name
-
-    def forward(self, mel, valid):
-        out = self.inner(mel, ~valid)
-        return out.last_hidden_state, ~out.audio_mel_mask
-
-
 class ReferenceAudioExtractor:
-    """transformers' Gemma3nAudioFeatureExtractor behind our extractor's call shape
-    (``(samples, rate) -> .mel, .valid``; resampled with our seam's soxr)."""
-    sampling_rate = 16_000
+    """transformers' Gemma3nAudioFeatureExtractor, its output as our clips' type (so both
+    models can be fed the very same frames)."""
 
     def __init__(self):
         from transformers import Gemma3nAudioFeatureExtractor
         self.fe = Gemma3nAudioFeatureExtractor(feature_size=MEL_BINS)
 
-    def __call__(self, samples, rate=16_000):
-        from types import SimpleNamespace
-
-        from mistralrs_arch_vision.audio import resample
-        out = self.fe(resample(samples, rate, self.sampling_rate), return_tensors="pt")
-        return SimpleNamespace(mel=out["input_features"][0], valid=out["input_features_mask"][0])
+    def __call__(self, samples):
+        from mistralrs_arch_vision.processors.gemma3n_audio import Gemma3nAudioFeatures
+        out = self.fe(samples, return_tensors="np")
+        return Gemma3nAudioFeatures(out["input_features"][0].astype(np.float32), out["input_features_mask"][0])
