@@ -25,6 +25,7 @@ import re
 
 import attrs
 import torch
+
 from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.pipeline.text import Prompt
 from mistralrs_core.tokenization.prompt import encode_prompt
@@ -32,6 +33,7 @@ from mistralrs_core.tokenization.prompt import encode_prompt
 from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM, gemma3n_text_config
 from mistralrs_arch_vision.pipeline import token_runs
+from mistralrs_arch_vision.processors.gemma3n import Gemma3nImageProcessor
 from mistralrs_arch_vision.processors.gemma3n_audio import Gemma3nAudioFeatureExtractor, Gemma3nAudioFeatures
 from mistralrs_arch_vision.towers.gemma3n_audio import Gemma3nAudioEncoder, encode_clips
 from mistralrs_arch_vision.towers.mobilenetv5 import MobileNetV5Tower
@@ -43,14 +45,6 @@ GEMMA3N_DEFAULTS = dict(boi_token_id=255_999, eoi_token_id=262_144, image_token_
                         audio_soft_tokens_per_image=188)
 _VISION_DEFAULTS = dict(hidden_size=2048, vocab_size=128, vocab_offset=262_144, rms_norm_eps=1e-6)
 _AUDIO_DEFAULTS = dict(hidden_size=1536, vocab_size=128, vocab_offset=262_272, rms_norm_eps=1e-6)
-
-
-def build_vision_tower(vision: dict, dtype: torch.dtype):
-    return MobileNetV5Tower.from_hf(vision)
-
-
-def build_audio_tower(audio: dict, dtype: torch.dtype):
-    return Gemma3nAudioEncoder.from_hf(audio)
 
 
 # --------------------------------------------------------------------------- the model
@@ -85,8 +79,8 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         model.embed_audio = Gemma3nMultimodalEmbedder.from_hf(audio, hidden)
         if model.embed_vision.vocab_offset + model.embed_vision.vocab_size > model.embed_audio.vocab_offset:
             raise ValueError("config.json: vision_config's vocabulary overlaps audio_config's")
-        model.vision_tower = vision_tower if vision_tower is not None else build_vision_tower(vision, dtype)
-        model.audio_tower = audio_tower if audio_tower is not None else build_audio_tower(audio, dtype)
+        model.vision_tower = vision_tower if vision_tower is not None else MobileNetV5Tower.from_hf(vision)
+        model.audio_tower = audio_tower if audio_tower is not None else Gemma3nAudioEncoder.from_hf(audio)
         for key in GEMMA3N_DEFAULTS:
             setattr(model, key, int(c[key]))
         tokens = getattr(model.vision_tower, "num_tokens", model.vision_soft_tokens_per_image)
@@ -104,10 +98,7 @@ class Gemma3nForConditionalGeneration(VisionFamilyMixin, Gemma3nTextLM):
         name = self.rename_checkpoint(name)
         for tower in ("vision_tower", "audio_tower"):
             if name.startswith(tower + "."):
-                module = getattr(self, tower)
-                if module is None:
-                    return None
-                inner_map = getattr(module, "map_weight_name", None)
+                inner_map = getattr(getattr(self, tower), "map_weight_name", None)
                 if inner_map is None:
                     return name
                 inner = inner_map(name[len(tower) + 1:])
@@ -196,7 +187,6 @@ class Gemma3nProcessor:
         if tokenizer is None:
             raise ValueError("Gemma 3n's processor needs the tokenizer (its image and audio tokens are text)")
         if image_processor is None:
-            from mistralrs_arch_vision.processors.gemma3n import Gemma3nImageProcessor
             image_processor = Gemma3nImageProcessor.from_hf(preprocessor_config)
         if audio_extractor is None:
             audio_extractor = Gemma3nAudioFeatureExtractor.from_config(preprocessor_config)
