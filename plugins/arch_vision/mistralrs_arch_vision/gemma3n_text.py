@@ -144,7 +144,7 @@ def unscaled_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class DenseWeight(nn.Module):
+class CoefProjection(nn.Module):
     """A tiny bias-free projection (AltUp's coefficient maps, [N, N] and [N*N, N]) kept
     dense: too small for any quantized format."""
 
@@ -242,9 +242,9 @@ class Gemma3nAltUp(nn.Module):
         n = cfg.altup_num_inputs
         self.n, self.active, self.clip = n, cfg.altup_active_idx, cfg.altup_coef_clip
         self.correct_output_scale = nn.Parameter(torch.empty(cfg.hidden_size, device="meta"), requires_grad=False)
-        self.correction_coefs = DenseWeight(n, n)
-        self.prediction_coefs = DenseWeight(n, n * n)
-        self.modality_router = DenseWeight(cfg.hidden_size, n)
+        self.correction_coefs = CoefProjection(n, n)
+        self.prediction_coefs = CoefProjection(n, n * n)
+        self.modality_router = CoefProjection(cfg.hidden_size, n)
         self.router_norm = rms_norm(cfg.hidden_size, cfg.norm_eps)
         self.router_input_scale = 1.0 / cfg.hidden_size
 
