@@ -92,7 +92,8 @@ def kv_sources(layer_types: list[str], num_shared: int) -> list[int]:
 
 
 def gemma3n_text_config(text: dict) -> Gemma3nTextConfig:
-    t = {**GEMMA3N_TEXT_DEFAULTS, **{k: v for k, v in text.items() if v is not None or k == "altup_coef_clip"}}
+    # An explicit null keeps its meaning (final_logit_softcapping: null = no cap), as in transformers.
+    t = {**GEMMA3N_TEXT_DEFAULTS, **text}
     n = int(t["num_hidden_layers"])
     inter = t["intermediate_size"]
     inter = list(inter) if isinstance(inter, (list, tuple)) else [int(inter)] * n

@@ -134,6 +134,18 @@ def test_released_config_reads_like_transformers():
     assert (c.per_layer_vocab, c.per_layer_dim, c.altup_num_inputs, c.laurel_rank) == (262144, 256, 4, 64)
 
 
+def test_explicit_nulls():
+    """Null layer types / sparsity take transformers' derived defaults; a null soft-cap or
+    coefficient bound (refused by transformers' strict config, skipped by its modeling code)
+    means none, never the default."""
+    from mistralrs_arch_vision.gemma3n_text import gemma3n_text_config
+    nulls = {**E2B_TEXT, "layer_types": None, "activation_sparsity_pattern": None}
+    c, tc = gemma3n_text_config(nulls), transformers.Gemma3nTextConfig(**nulls)
+    assert c.layer_types == tc.layer_types and c.activation_sparsity == tc.activation_sparsity_pattern
+    c = gemma3n_text_config({**E2B_TEXT, "final_logit_softcapping": None, "altup_coef_clip": None})
+    assert c.final_softcap is None and c.altup_coef_clip is None
+
+
 @pytest.mark.parametrize("change, field", [
     ({"num_kv_shared_layers": 30}, "num_kv_shared_layers"),
     ({"activation_sparsity_pattern": [0.5] * 3}, "activation_sparsity_pattern"),
