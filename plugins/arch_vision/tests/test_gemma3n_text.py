@@ -157,3 +157,21 @@ def test_bad_configs_are_refused(change, field):
     from mistralrs_arch_vision.gemma3n_text import gemma3n_text_config
     with pytest.raises(ValueError, match=field):
         gemma3n_text_config({**E2B_TEXT, **change})
+
+
+def test_altup_coefficients_are_bounded_by_the_clip(tmp_path):
+    """``altup_coef_clip`` bounds AltUp's prediction / correction coefficient maps (applied once
+    at load; transformers clamps them only while training, and trained weights lie inside)."""
+    from safetensors.torch import load_file
+
+    from mistralrs_arch_vision.gemma3n_text import Gemma3nTextLM
+    ref = make_text_reference(VOCAB, PER_LAYER_VOCAB)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    model = Gemma3nTextLM.from_hf_config({**hf, "altup_coef_clip": 0.05})
+    model.load_weights(iter(load_file(str(tmp_path / "model.safetensors")).items()))
+    for i, layer in enumerate(model.model.layers):
+        for name in ("prediction_coefs", "correction_coefs"):
+            ours = getattr(layer.altup, name).weight
+            theirs = getattr(ref.model.layers[i].altup, name).weight
+            assert torch.equal(ours, theirs.clamp(-0.05, 0.05)) and not torch.equal(ours, theirs)
