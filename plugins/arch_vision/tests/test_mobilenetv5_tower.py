@@ -1,6 +1,7 @@
 """MobileNetV5 (Gemma 3n's vision tower) and Gemma 3n's multimodal embedder against
 transformers' ``TimmWrapperModel`` over timm, and ``Gemma3nMultimodalEmbedder``."""
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from mistralrs_arch_vision.towers.multimodal_embedder import Gemma3nMultimodalEm
 from timm_reference import import_timm
 from tiny_gemma3n_vision import reference_soft_tokens, reference_tower, tiny_vision_config
 
-try:
-    import_timm()
-except ImportError:  # timm is a test-only dependency (the root pyproject's `test` extra)
+if importlib.util.find_spec("timm") is None:
+    # A test-only dependency (the root pyproject's `test-timm` extra, installed by `make install`).
+    # It is imported by the tests that need it, not at collection.
     pytest.skip("timm is not installed", allow_module_level=True)
 
 TOL = 1e-4
@@ -52,6 +53,24 @@ def test_full_size_structure_equals_timm():
     assert mine == theirs
     assert (ours.num_tokens, ours.hidden_size) == (256, 2048)
     assert sorted(ours.msfa_taps) == sorted(ref.msfa_indices)
+    # What shapes do not pin: strides, dilation, padding, skips, head split.
+    convs = 0
+    for name, m in ref.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            mine_conv = ours.get_submodule(name)
+            dynamic = type(m).__name__ == "Conv2dSame"
+            assert (mine_conv.stride, mine_conv.dilation, mine_conv.groups, mine_conv.dynamic) == \
+                (m.stride[0], m.dilation[0], m.groups, dynamic), name
+            if not dynamic:
+                assert mine_conv.padding == m.padding[0], name
+            convs += 1
+        elif hasattr(m, "has_skip"):
+            assert ours.get_submodule(name).has_skip == m.has_skip, name
+        elif type(m).__name__ == "MultiQueryAttention2d":
+            mine_attn = ours.get_submodule(name)
+            assert (mine_attn.num_heads, mine_attn.key_dim, mine_attn.value_dim) == \
+                (m.num_heads, m.key_dim, m.value_dim), name
+    assert convs > 200
 
 
 @pytest.mark.parametrize("n,size", [(1, 768), (2, 186)])
@@ -74,7 +93,7 @@ def test_soft_tokens_equal_reference(pair, n, size):
 def test_parity_sees_every_block_kind(pair):
     # The comparison can fail: corrupting one parameter of each kind of block moves the output.
     ref, ours = pair
-    px = _pixels(1, 256, seed=7)
+    px = _pixels(1, 96, seed=7)
     want = reference_soft_tokens(ref, px)
     params = dict(ours.named_parameters())
     for name in ("conv_stem.conv.bias", "blocks.0.1.bn1.weight", "blocks.1.0.dw_start.conv.weight",
@@ -111,15 +130,21 @@ def test_checkpoint_names():
     assert tower.keeps_weight("msfa.norm.weight")
 
 
+def _top(**fields):
+    return lambda: dict(tiny_vision_config(), **fields)
+
+
 def _with_args(**args):
-    vc = tiny_vision_config()
-    vc["model_args"].update(args)
-    return vc
+    def make():
+        vc = tiny_vision_config()
+        vc["model_args"].update(args)
+        return vc
+    return make
 
 
-@pytest.mark.parametrize("vc,field", [
-    (dict(tiny_vision_config(), architecture="resnet50"), "architecture"),
-    (dict(tiny_vision_config(), hidden_size=1024), "hidden_size"),
+@pytest.mark.parametrize("make,field", [
+    (_top(architecture="resnet50"), "architecture"),
+    (_top(hidden_size=1024), "hidden_size"),
     (_with_args(features_only=True), "features_only"),
     (_with_args(depth_multiplier=2.0), "depth_multiplier"),
     (_with_args(msfa_indices=[-7]), "msfa index"),
@@ -127,9 +152,10 @@ def _with_args(**args):
     (_with_args(block_args=[["uir_r1_a0_k0_s2_e4_c8"]]), "depthwise"),
     (_with_args(block_args=[["er_r1_k3_s2_e4_c8_se0.25"]]), "squeeze-excite"),
 ])
-def test_bad_configs_are_clear_errors(vc, field):
+def test_bad_configs_are_clear_errors(make, field):
+    # (configs are built inside the test: building one imports timm, which collection must not)
     with pytest.raises(ValueError, match=field):
-        MobileNetV5Tower.from_hf(vc)
+        MobileNetV5Tower.from_hf(make())
 
 
 def test_bad_pixels(pair):
@@ -163,3 +189,47 @@ def test_embedder_equals_reference():
     assert ours.owns(torch.tensor([262_143, 262_144, 262_159, 262_160])).tolist() == [False, True, True, False]
     with pytest.raises(ValueError, match="token ids"):
         ours.embed_ids(torch.tensor([5]))
+
+
+def test_tower_and_embedder_equal_gemma3n_get_image_features(tmp_path):
+    # The whole image path of transformers' Gemma3nModel (tower, flatten, sqrt(hidden) scale,
+    # embed_vision) against ours, with the weights and config read back from a saved checkpoint.
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import (Gemma3nAudioConfig, Gemma3nConfig, Gemma3nForConditionalGeneration,
+                              Gemma3nTextConfig, Gemma3nVisionConfig)
+    from tiny_gemma3n_vision import perturb_tower, restore_vision_model_args
+
+    vc = {k: v for k, v in tiny_vision_config().items() if k != "model_type"}
+    tc = Gemma3nTextConfig(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64,
+                           hidden_size_per_layer_input=8, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, num_kv_shared_layers=0,
+                           laurel_rank=4, activation_sparsity_pattern=[0.0, 0.0],
+                           layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    ac = Gemma3nAudioConfig(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1,
+                            sscp_conv_channel_size=[8, 8], vocab_size=8)
+    cfg = Gemma3nConfig(text_config=tc.to_dict(), vision_config=Gemma3nVisionConfig(**vc).to_dict(),
+                        audio_config=ac.to_dict())
+    ref = Gemma3nForConditionalGeneration(cfg).eval()
+    restore_vision_model_args(ref.config)
+    perturb_tower(ref.model.vision_tower, seed=9)
+    perturb_parameters(ref.model.embed_vision, seed=10, scale=0.5)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+
+    saved = json.loads((tmp_path / "config.json").read_text())
+    tower = MobileNetV5Tower.from_hf(saved["vision_config"])
+    embed = Gemma3nMultimodalEmbedder.from_hf(saved["vision_config"], saved["text_config"]["hidden_size"])
+    weights = {}
+    for f in tmp_path.glob("*.safetensors"):
+        weights.update(load_file(f))
+    load_module(tower, [(k[len("model.vision_tower."):], v) for k, v in weights.items()
+                        if k.startswith("model.vision_tower.")], map_name=tower.map_weight_name)
+    load_module(embed, [(k[len("model.embed_vision."):], v) for k, v in weights.items()
+                        if k.startswith("model.embed_vision.")])
+    px = _pixels(2, 96, seed=13)
+    with torch.inference_mode():
+        want = ref.model.get_image_features(px, return_dict=True).pooler_output
+        got = embed.embed_image_features(tower(px))
+    assert got.shape == want.shape == (2, 256, 64)
+    assert max_rel_err(got, want) <= TOL

@@ -76,3 +76,13 @@ def reference_soft_tokens(model, pixels: torch.Tensor, tokens: int = 256) -> tor
     sqrt(hidden) scaling): the last hidden state [B, C, h, w] as [B, h*w, C]."""
     last = model(pixel_values=pixels, do_pooling=False, return_dict=True).last_hidden_state
     return last.reshape(last.shape[0], model.config.hidden_size, tokens).permute(0, 2, 1)
+
+
+def restore_vision_model_args(hf_config, model_args: dict | None = None) -> None:
+    """Put clean ``model_args`` back on a built Gemma 3n config (or its vision config).
+
+    timm rewrites the block dicts it is handed (pops ``block_type``, adds layer classes), so a
+    model built from ``tiny_vision_config()`` holds a config that ``save_pretrained`` cannot
+    write faithfully; call this before saving."""
+    vision = getattr(hf_config, "vision_config", hf_config)
+    vision.model_args = copy.deepcopy(model_args) if model_args is not None else tiny_model_args()
