@@ -149,8 +149,8 @@ def write_tiny_gemma3n(out: Path, *, real_tower: bool = True, **kw):
         extra["preprocessor_config.json"] = PREPROCESSOR
     ref = make_reference(ids, **kw)
     if real_tower:
-        # timm consumed the block dicts while building: the saved config gets fresh ones
-        ref.config.vision_config.model_args = dict(tiny_model_args(), msfa_output_resolution=2)
+        from tiny_gemma3n_vision import restore_vision_model_args
+        restore_vision_model_args(ref.config, dict(tiny_model_args(), msfa_output_resolution=2))
     save_reference(ref, out, extra_files=extra)
     return out, ref, ids
 
