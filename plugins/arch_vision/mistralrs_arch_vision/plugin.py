@@ -28,6 +28,8 @@ VISION_FAMILIES = [
      ("MiniCPMO", "MiniCPMV"), f"{_PKG}.minicpmo:MiniCpmOProcessor"),
     ("Phi4MM", (), f"{_PKG}.phi4mm:Phi4MMForCausalLM", ("phi4_multimodal", "phi4mm"),
      ("Phi4MultimodalForCausalLM", "Phi4MMForCausalLM"), f"{_PKG}.phi4mm:Phi4MMProcessor"),
+    ("Gemma3n", (), f"{_PKG}.gemma3n:Gemma3nForConditionalGeneration", ("gemma3n",),
+     ("Gemma3nForConditionalGeneration",), f"{_PKG}.gemma3n:Gemma3nProcessor"),
 ]
 
 
@@ -52,4 +54,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio))")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio))")
