@@ -64,6 +64,7 @@ def reference_tower(vision_config: dict, seed: int = 0):
     from transformers import AutoModel, Gemma3nVisionConfig
     cfg = copy.deepcopy(vision_config)
     cfg.pop("model_type", None)
+    torch.manual_seed(seed)         # the initial weights too: a test's numbers must not depend on test order
     model = AutoModel.from_config(Gemma3nVisionConfig(**cfg)).eval()
     model.config.model_args = copy.deepcopy(vision_config.get("model_args"))
     perturb_tower(model, seed)
