@@ -31,9 +31,11 @@ import torch
 
 from . import cpp
 
-# Largest M for the fused decode-and-dot path; above it dequant_mm's BLAS wins
-# (see bench/quant_formats.py).
+# Largest M for the fused decode-and-dot path; above it dequant_mm's BLAS wins: from
+# float32 activations at M = 32 (float32 tiles), from bfloat16 ones at M = 16 (bf16 tiles,
+# AMX); measured on 2048 x 2048 weights, one thread (bench/quant_formats.py).
 FUSED_MAX_M = 16
+FUSED_MAX_M_BF16 = 8
 # Decoded tiles of at most this many weights for dequant_mm.
 _TILE_ELEMS = 1 << 20
 
@@ -123,7 +125,7 @@ class FormatKernel:
             raise ValueError(f"input has {x.shape[-1]} features, the weight expects {self.k}")
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.k)
-        if x2d.shape[0] <= FUSED_MAX_M:
+        if x2d.shape[0] <= (FUSED_MAX_M_BF16 if x.dtype == torch.bfloat16 else FUSED_MAX_M):
             y = self.mm(x2d)
         else:
             y = self.dequant_mm(x2d, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
