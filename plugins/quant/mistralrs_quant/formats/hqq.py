@@ -61,7 +61,8 @@ def optimize_zeros(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qma
 
 
 class HQQMethod:
-    """A weight [out, in] in HQQ form; ``forward`` dequantizes then multiplies."""
+    """A weight [out, in] in HQQ form; ``forward`` runs the C++ kernels on CPU, else
+    ``forward_torch`` (dequantize, then multiply)."""
 
     def __init__(self, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape, bits: int,
                  group_size: int = GROUP_SIZE, steps: int = ISQ_STEPS):
