@@ -1,8 +1,8 @@
 // Kernels for the non-ggml weight formats (F8Q8, FP8 per tensor / in blocks, HQQ 4/8-bit):
-// interface between the binding (qformats_cpu.cpp, portable flags) and the AVX-512
-// translation unit (qformats_avx512.cpp), which, like ggml_avx512.cpp, includes nothing
-// but intrinsics and this header so no inline function compiled for AVX-512 can leak into
-// the portable code.
+// interface between the binding (qformats_cpu.cpp, portable flags) and the AVX-512 and
+// AVX2 translation units (qformats_avx512.cpp, qformats_avx2.cpp), which, like
+// ggml_avx512.cpp, include nothing but intrinsics and these headers so no inline function
+// compiled for those ISAs can leak into the portable code.
 //
 // Every kernel decodes a tile of weight rows to the exact float32 values the format's
 // torch path builds (its `dequantize`/`forward` in formats/*.py) and multiplies them in
@@ -24,7 +24,7 @@ enum FmtKind : int32_t {
 // A weight bound once from Python (ctypes Structure of the same layout).
 struct FmtWeight {
   int32_t kind;
-  int32_t impl;          // 0 auto, 1 scalar, 2 avx512
+  int32_t impl;          // 0 auto (AVX-512, else AVX2, else scalar), 1 scalar, 2 avx512, 4 avx2
   const uint8_t* w;      // codes (HQQ: w_q [G or G/2, ncols])
   const float* scale;    // FP8 block: [ceil(N/br), ceil(K/bc)]; HQQ: scales [ncols]
   const float* aux;      // HQQ: -(zero * scale) [ncols]
@@ -48,6 +48,10 @@ void fmt_dot_tile_scalar(const float* x, int64_t M, int64_t K, const float* tile
 void fmt_decode_rows_avx512(const FmtWeight& f, int64_t n0, int64_t n1, float* out);
 void fmt_dot_tile_avx512(const float* x, int64_t M, int64_t K, const float* tile, int64_t rows, float* y,
                          int64_t ldy);
+void fmt_decode_rows_avx2(const FmtWeight& f, int64_t n0, int64_t n1, float* out);
+void fmt_dot_tile_avx2(const float* x, int64_t M, int64_t K, const float* tile, int64_t rows, float* y,
+                       int64_t ldy);
+bool cpu_has_avx2_fma();
 // float32 -> bfloat16 bits (round to nearest even, NaN stays quiet), n a multiple of 16.
 void f32_to_bf16_avx512(const float* in, int64_t n, uint16_t* out);
 #endif

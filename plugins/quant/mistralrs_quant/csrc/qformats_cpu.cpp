@@ -34,78 +34,17 @@ struct Fp8TableInit {
 };
 const Fp8TableInit fp8_table_init;
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+#include "qformats_generic.h"
 
 }  // namespace
 
 void fmt_decode_rows_scalar(const FmtWeight& f, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = f.K;
-  for (int64_t n = n0; n < n1; ++n) {
-    float* o = out + (n - n0) * K;
-    switch (f.kind) {
-      case FMT_F8Q8: {
-        const uint8_t* row = f.w + n * (K / 32) * 33;
-        for (int64_t b = 0; b < K / 32; ++b) {
-          const uint8_t* blk = row + b * 33;
-          // as the torch path: fp8 -> float32, / 448 in float32, times each code
-          const float d = fp8_table[blk[0]] / 448.0f;
-          for (int i = 0; i < 32; ++i) o[b * 32 + i] = static_cast<float>(static_cast<int8_t>(blk[1 + i])) * d;
-        }
-        break;
-      }
-      case FMT_FP8: {
-        const uint8_t* row = f.w + n * K;
-        for (int64_t k = 0; k < K; ++k) o[k] = fp8_table[row[k]];
-        break;
-      }
-      case FMT_FP8_BLOCK: {
-        const uint8_t* row = f.w + n * K;
-        const int64_t nbc = (K + f.bc - 1) / f.bc;
-        const float* s = f.scale + (n / f.br) * nbc;
-        for (int64_t k = 0; k < K; ++k) o[k] = fp8_table[row[k]] * s[k / f.bc];
-        break;
-      }
-      case FMT_HQQ4:
-      case FMT_HQQ8: {
-        // Element (n, k) is element f = n K + k of the flattened weight, which HQQ views as
-        // [G, ncols]: group-view row r = f / ncols, column c = f % ncols (the group).
-        const int64_t G = f.br, ncols = f.N * K / G, half = G / 2;
-        for (int64_t k = 0; k < K;) {
-          const int64_t flat = n * K + k, r = flat / ncols, c = flat % ncols;
-          const int64_t len = min64(K - k, ncols - c);
-          for (int64_t i = 0; i < len; ++i) {
-            int q;
-            if (f.kind == FMT_HQQ8) q = f.w[r * ncols + c + i];
-            else q = r < half ? f.w[r * ncols + c + i] >> 4 : f.w[(r - half) * ncols + c + i] & 15;
-            // q s + (-z s) rounded once, as the AVX-512 kernel's FMA and torch's addcmul on
-            // AVX CPUs: q s is exact in double, and so is the sum unless the two terms lie
-            // ~20 binades apart; a software fma() would cost ~20x more here.
-            o[k + i] = static_cast<float>(static_cast<double>(q) * f.scale[c + i] + f.aux[c + i]);
-          }
-          k += len;
-        }
-        break;
-      }
-      default:
-        break;
-    }
-  }
+  generic_decode_rows(f, n0, n1, out);
 }
 
 void fmt_dot_tile_scalar(const float* x, int64_t M, int64_t K, const float* tile, int64_t rows, float* y,
                          int64_t ldy) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* w = tile + r * K;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xm = x + m * K;
-      float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t k = 0;
-      for (; k + 8 <= K; k += 8)
-        for (int t = 0; t < 8; ++t) p[t] += xm[k + t] * w[k + t];
-      for (; k < K; ++k) p[0] += xm[k] * w[k];
-      y[m * ldy + r] = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
-    }
-  }
+  generic_dot_tile(x, M, K, tile, rows, y, ldy);
 }
 
 }  // namespace mq
@@ -114,12 +53,24 @@ namespace {
 
 enum Status : int { OK = 0, BAD_KIND = 1, BAD_IMPL = 2, NO_ISA = 3, FAILED = 5 };
 
-int resolve_avx512(int impl, bool* avx512) {
-  const bool have = mq::use_avx512_kernels();
-  if (impl == 0) impl = have ? 2 : 1;
-  if (impl != 1 && impl != 2) return BAD_IMPL;
-  if (impl == 2 && !have) return NO_ISA;
-  *avx512 = impl == 2;
+enum Variant : int { AUTO = 0, SCALAR = 1, AVX512 = 2, AVX2 = 4 };
+
+bool have_avx2() {
+#ifdef MQ_HAVE_FMT_AVX512
+  static const bool ok = mq::cpu_has_avx2_fma();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// The variant to run: AUTO is the widest this CPU has.
+int resolve_variant(int impl, int* out) {
+  const bool avx512 = mq::use_avx512_kernels();
+  if (impl == AUTO) impl = avx512 ? AVX512 : have_avx2() ? AVX2 : SCALAR;
+  if (impl != SCALAR && impl != AVX512 && impl != AVX2) return BAD_IMPL;
+  if ((impl == AVX512 && !avx512) || (impl == AVX2 && !have_avx2())) return NO_ISA;
+  *out = impl;
   return OK;
 }
 
@@ -134,12 +85,23 @@ bool valid(const mq::FmtWeight& f) {
   }
 }
 
-void decode(const mq::FmtWeight& f, bool avx512, int64_t n0, int64_t n1, float* out) {
+void decode(const mq::FmtWeight& f, int variant, int64_t n0, int64_t n1, float* out) {
 #ifdef MQ_HAVE_FMT_AVX512
-  if (avx512) return mq::fmt_decode_rows_avx512(f, n0, n1, out);
+  if (variant == AVX512) return mq::fmt_decode_rows_avx512(f, n0, n1, out);
+  if (variant == AVX2) return mq::fmt_decode_rows_avx2(f, n0, n1, out);
 #endif
-  (void)avx512;
+  (void)variant;
   mq::fmt_decode_rows_scalar(f, n0, n1, out);
+}
+
+void dot_tile(int variant, const float* x, int64_t M, int64_t K, const float* tile, int64_t rows, float* y,
+              int64_t ldy) {
+#ifdef MQ_HAVE_FMT_AVX512
+  if (variant == AVX512) return mq::fmt_dot_tile_avx512(x, M, K, tile, rows, y, ldy);
+  if (variant == AVX2) return mq::fmt_dot_tile_avx2(x, M, K, tile, rows, y, ldy);
+#endif
+  (void)variant;
+  mq::fmt_dot_tile_scalar(x, M, K, tile, rows, y, ldy);
 }
 
 // Weight rows per decoded tile: ~32 KiB of float32.
@@ -152,11 +114,14 @@ int64_t tile_rows(int64_t K) {
 
 extern "C" {
 
+// Bit 0: the AVX-512 format kernels can run here; bit 1: the AVX2/FMA ones.
+int mq_fmt_isa() { return (mq::use_avx512_kernels() ? 1 : 0) | (have_avx2() ? 2 : 0); }
+
 // y[M, N] = x[M, K] @ W.T (float32, x and y contiguous) for a bound weight.
 int mq_fmt_matmul(const mq::FmtWeight* f, const float* x, int64_t M, float* y) {
-  bool avx512 = false;
+  int variant = SCALAR;
   if (!valid(*f)) return BAD_KIND;
-  if (int st = resolve_avx512(f->impl, &avx512)) return st;
+  if (int st = resolve_variant(f->impl, &variant)) return st;
   const int64_t N = f->N, K = f->K, tr = tile_rows(K);
   try {
     // A task decodes its rows' codes once (~K work per row) and does M K multiply-adds.
@@ -165,14 +130,8 @@ int mq_fmt_matmul(const mq::FmtWeight* f, const float* x, int64_t M, float* y) {
       buf.resize(static_cast<size_t>(tr * K));
       for (int64_t n0 = b; n0 < e; n0 += tr) {
         const int64_t n1 = n0 + tr < e ? n0 + tr : e;
-        decode(*f, avx512, n0, n1, buf.data());
-#ifdef MQ_HAVE_FMT_AVX512
-        if (avx512) {
-          mq::fmt_dot_tile_avx512(x, M, K, buf.data(), n1 - n0, y + n0, N);
-          continue;
-        }
-#endif
-        mq::fmt_dot_tile_scalar(x, M, K, buf.data(), n1 - n0, y + n0, N);
+        decode(*f, variant, n0, n1, buf.data());
+        dot_tile(variant, x, M, K, buf.data(), n1 - n0, y + n0, N);
       }
       if (f->kind == mq::FMT_FP8) {  // torch's order: the product, then the scale
         for (int64_t m = 0; m < M; ++m)
@@ -188,26 +147,26 @@ int mq_fmt_matmul(const mq::FmtWeight* f, const float* x, int64_t M, float* y) {
 // Rows [n0, n1) of W into out [(n1 - n0), K]: float32, or bfloat16 (round to nearest even)
 // when bf16. FMT_FP8 gives the unscaled codes' values (see qformats.h).
 int mq_fmt_dequantize(const mq::FmtWeight* f, int64_t n0, int64_t n1, void* out, int bf16) {
-  bool avx512 = false;
+  int variant = SCALAR;
   if (!valid(*f)) return BAD_KIND;
-  if (int st = resolve_avx512(f->impl, &avx512)) return st;
+  if (int st = resolve_variant(f->impl, &variant)) return st;
   const int64_t K = f->K, tr = tile_rows(K);
   try {
     mq::parallel_for(n1 - n0, mq::grain_rows(K * 4), [&](int64_t b, int64_t e) {
       if (!bf16) {
-        decode(*f, avx512, n0 + b, n0 + e, static_cast<float*>(out) + b * K);
+        decode(*f, variant, n0 + b, n0 + e, static_cast<float*>(out) + b * K);
         return;
       }
       static thread_local std::vector<float> buf;
       buf.resize(static_cast<size_t>(tr * K));
       for (int64_t r0 = b; r0 < e; r0 += tr) {
         const int64_t r1 = r0 + tr < e ? r0 + tr : e;
-        decode(*f, avx512, n0 + r0, n0 + r1, buf.data());
+        decode(*f, variant, n0 + r0, n0 + r1, buf.data());
         uint16_t* o = static_cast<uint16_t*>(out) + r0 * K;
         int64_t i = 0;
         const int64_t cnt = (r1 - r0) * K;
 #ifdef MQ_HAVE_FMT_AVX512
-        if (avx512) {
+        if (variant == AVX512) {
           mq::f32_to_bf16_avx512(buf.data(), cnt / 16 * 16, o);
           i = cnt / 16 * 16;
         }

@@ -18,6 +18,9 @@ fallback rounds twice: within an ulp). Outputs differ from the torch path only b
 summation order (float32) — for bfloat16/float16 activations the fused path computes in
 float32 and rounds the result once, where the torch path multiplies in that dtype.
 
+Variants (``IMPLS``), chosen at run time by a CPU check: AVX-512 intrinsics, the portable
+loops compiled for AVX2/FMA, or those loops for the baseline ISA.
+
 ``MISTRALRS_QUANT_NO_CPP=1`` (read when a layer first runs) keeps the torch paths, as for
 the ggml kernels; so does a build failure, a non-CPU weight or a shape the kernels do not
 take.
@@ -40,6 +43,8 @@ FUSED_MAX_M_BF16 = 8
 _TILE_ELEMS = 1 << 20
 
 F8Q8, FP8, FP8_BLOCK, HQQ4, HQQ8 = 1, 2, 3, 4, 5
+# Variants: "auto" is the widest this CPU runs (AVX-512, else AVX2/FMA, else scalar).
+IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx2": 4}
 _ERRORS = {1: "bad weight description", 2: "unknown implementation", 3: "this CPU lacks the instructions",
            5: "kernel raised an exception"}
 
@@ -71,7 +76,7 @@ class FormatKernel:
         self.kind, self.n, self.k = kind, int(n), int(k)
         self.tensors = (w, scale, aux)
         self.tensor_scale = float(tensor_scale)
-        self.desc = _Fmt(kind, cpp.IMPLS[impl], w.data_ptr(), scale.data_ptr() if scale is not None else None,
+        self.desc = _Fmt(kind, IMPLS[impl], w.data_ptr(), scale.data_ptr() if scale is not None else None,
                          aux.data_ptr() if aux is not None else None, self.n, self.k, int(br), int(bc),
                          self.tensor_scale)
         self._ref = ctypes.byref(self.desc)
@@ -130,6 +135,12 @@ class FormatKernel:
         else:
             y = self.dequant_mm(x2d, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
         return y.to(x.dtype).reshape(*lead, self.n)
+
+
+def variants() -> list[str]:
+    """The variants this CPU runs (besides "auto")."""
+    bits = cpp._lib().mq_fmt_isa()
+    return ["scalar"] + (["avx2"] if bits & 2 else []) + (["avx512"] if bits & 1 else [])
 
 
 _UNBOUND = object()
