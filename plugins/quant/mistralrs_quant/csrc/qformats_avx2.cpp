@@ -17,6 +17,7 @@
 
 namespace mq {
 namespace {
+#define MQ_FMA_Q_S_Z(q, s, z) __builtin_fmaf((q), (s), (z))  // vfmadd under this target
 #include "qformats_generic.h"
 }  // namespace
 

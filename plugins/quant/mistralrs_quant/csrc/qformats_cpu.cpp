@@ -34,6 +34,10 @@ struct Fp8TableInit {
 };
 const Fp8TableInit fp8_table_init;
 
+// Without hardware FMA: q s is exact in double, and so is the sum unless the two terms lie
+// ~20 binades apart, so one rounding to float gives the fused result (a software fma()
+// would cost ~20x more here).
+#define MQ_FMA_Q_S_Z(q, s, z) static_cast<float>(static_cast<double>(q) * (s) + (z))
 #include "qformats_generic.h"
 
 }  // namespace

@@ -2,7 +2,8 @@
 // auto-vectoriser. Included inside an anonymous namespace by qformats_cpu.cpp (baseline
 // ISA: the scalar variant) and by qformats_avx2.cpp (under an AVX2/FMA target pragma), so
 // each translation unit gets its own copy and no code compiled for AVX2 is shared with the
-// portable one. Includes nothing: the includer provides <cstdint> and qformats.h.
+// portable one. Includes nothing: the includer provides <cstdint>, qformats.h and
+// MQ_FMA_Q_S_Z(q, s, z), q s + z rounded once to float.
 
 inline int64_t gmin64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -51,10 +52,9 @@ inline void generic_decode_rows(const FmtWeight& f, int64_t n0, int64_t n1, floa
           float* out = o + k;
           for (int64_t i = 0; i < len; ++i) {
             // q s + (-z s) rounded once, as the AVX-512 kernel's FMA and torch's addcmul on
-            // AVX CPUs: q s is exact in double, and so is the sum unless the two terms lie
-            // ~20 binades apart; a software fma() would cost ~20x more here.
+            // AVX CPUs (MQ_FMA_Q_S_Z, defined by the includer; see there)
             const int qv = (q[i] >> shift) & mask;
-            out[i] = static_cast<float>(static_cast<double>(qv) * s[i] + z[i]);
+            out[i] = MQ_FMA_Q_S_Z(static_cast<float>(qv), s[i], z[i]);
           }
           k += len;
         }
