@@ -35,6 +35,7 @@ def _methods():
     # scale blocks and a 32-byte tail)
     yield "f8q8", F8Q8Method.from_float(_weight(37, 256, 1))
     yield "fp8", FP8Method.from_float(_weight(37, 200, 2))
+    yield "fp8_k256", FP8Method.from_float(_weight(37, 256, 7))   # M <= 4: decoded in registers
     yield "fp8_block", _fp8_block(131, 320, (128, 128), 3)
     yield "hqq4", HQQMethod.from_float(_weight(37, 192, 4), 4, steps=2)
     yield "hqq8", HQQMethod.from_float(_weight(37, 128, 5), 8, steps=2)

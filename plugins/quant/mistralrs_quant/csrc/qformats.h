@@ -46,6 +46,9 @@ void fmt_dot_tile_scalar(const float* x, int64_t M, int64_t K, const float* tile
 #if defined(__x86_64__) || defined(_M_X64)
 #define MQ_HAVE_FMT_AVX512 1
 void fmt_decode_rows_avx512(const FmtWeight& f, int64_t n0, int64_t n1, float* out);
+// F8Q8 and FP8 (blocks 32-aligned) with M <= 4: decoded in registers, no tile.
+bool fmt_direct_avx512_supports(const FmtWeight& f, int64_t M);
+void fmt_matmul_direct_avx512(const FmtWeight& f, const float* x, int64_t M, float* y, int64_t n0, int64_t n1);
 void fmt_dot_tile_avx512(const float* x, int64_t M, int64_t K, const float* tile, int64_t rows, float* y,
                          int64_t ldy);
 void fmt_decode_rows_avx2(const FmtWeight& f, int64_t n0, int64_t n1, float* out);

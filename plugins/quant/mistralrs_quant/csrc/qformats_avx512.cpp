@@ -129,7 +129,68 @@ inline void dot_row(const float* x, int64_t K, const float* w, float* y, int64_t
                                                     _mm512_add_ps(acc[m][2], acc[m][3])));
 }
 
+// Decode-and-dot in registers for M <= 4 (no tile round trip through L1): one weight row
+// against MR activation rows, 32 weights at a time, two accumulator chains per row.
+template <int MR, class Dec>
+inline void direct_row(const float* x, int64_t K, float* y, int64_t ldy, Dec&& dec) {
+  __m512 acc[MR][2];
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    __m512 w0, w1;
+    dec(k, &w0, &w1);
+#pragma GCC unroll 4
+    for (int m = 0; m < MR; ++m) {
+      acc[m][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), w0, acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), w1, acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) y[m * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+}
+
+template <int MR>
+void direct_rows(const FmtWeight& f, const float* x, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = f.K;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (f.kind == FMT_F8Q8) {
+      const uint8_t* row = f.w + n * (K / 32) * 33;
+      direct_row<MR>(x, K, y + n, f.N, [&](int64_t k, __m512* w0, __m512* w1) {
+        const uint8_t* blk = row + (k / 32) * 33;
+        _mm_prefetch(reinterpret_cast<const char*>(blk + 1024), _MM_HINT_T0);
+        const __m512 d = _mm512_set1_ps(fp8_table[blk[0]] / 448.0f);
+        *w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 1)))), d);
+        *w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 17)))), d);
+      });
+    } else {
+      const uint8_t* row = f.w + n * K;
+      const bool block = f.kind == FMT_FP8_BLOCK;
+      const int64_t bc = block ? f.bc : K;
+      const float* srow = block ? f.scale + (n / f.br) * ((K + f.bc - 1) / f.bc) : nullptr;
+      direct_row<MR>(x, K, y + n, f.N, [&](int64_t k, __m512* w0, __m512* w1) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k + 1024), _MM_HINT_T0);
+        const __m512 mul = _mm512_set1_ps(block ? srow[k / bc] * 256.0f : 256.0f);
+        fp8x32_div256(row + k, w0, w1);
+        *w0 = _mm512_mul_ps(*w0, mul);
+        *w1 = _mm512_mul_ps(*w1, mul);
+      });
+    }
+  }
+}
+
 }  // namespace
+
+bool fmt_direct_avx512_supports(const FmtWeight& f, int64_t M) {
+  if (M < 1 || M > 4 || f.K % 32) return false;
+  return f.kind == FMT_F8Q8 || f.kind == FMT_FP8 || (f.kind == FMT_FP8_BLOCK && f.bc % 32 == 0);
+}
+
+void fmt_matmul_direct_avx512(const FmtWeight& f, const float* x, int64_t M, float* y, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: return direct_rows<1>(f, x, y, n0, n1);
+    case 2: return direct_rows<2>(f, x, y, n0, n1);
+    case 3: return direct_rows<3>(f, x, y, n0, n1);
+    default: return direct_rows<4>(f, x, y, n0, n1);
+  }
+}
 
 void fmt_decode_rows_avx512(const FmtWeight& f, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {

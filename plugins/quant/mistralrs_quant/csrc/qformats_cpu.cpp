@@ -129,6 +129,17 @@ int mq_fmt_matmul(const mq::FmtWeight* f, const float* x, int64_t M, float* y) {
   const int64_t N = f->N, K = f->K, tr = tile_rows(K);
   try {
     // A task decodes its rows' codes once (~K work per row) and does M K multiply-adds.
+#ifdef MQ_HAVE_FMT_AVX512
+    if (variant == AVX512 && mq::fmt_direct_avx512_supports(*f, M)) {
+      mq::parallel_for(N, mq::grain_rows(K * (M + 2)), [&](int64_t b, int64_t e) {
+        mq::fmt_matmul_direct_avx512(*f, x, M, y, b, e);
+        if (f->kind == mq::FMT_FP8)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = b; n < e; ++n) y[m * N + n] *= f->tensor_scale;
+      });
+      return OK;
+    }
+#endif
     mq::parallel_for(N, mq::grain_rows(K * (M + 2)), [&](int64_t b, int64_t e) {
       static thread_local std::vector<float> buf;
       buf.resize(static_cast<size_t>(tr * K));
