@@ -15,7 +15,7 @@ from mistralrs_quant.kernels import cpp, qformats
 
 pytestmark = pytest.mark.skipif(not cpp.available(), reason="C++ kernels unavailable")
 
-MS = (1, 2, 7, 64)   # decode, tiny batches, prefill (the dequant_mm path)
+MS = (1, 2, 7, 12, 64)   # decode (M <= 4 in registers), 4x4 dot tiles, prefill (dequant_mm)
 
 
 def _weight(n, k, seed):
