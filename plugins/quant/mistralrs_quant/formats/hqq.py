@@ -16,11 +16,18 @@ its step and shrink functions with upstream's beta schedule as the reference.
 
 4-bit codes are packed two per byte down the group axis: byte row ``i`` holds row ``i``
 in its high nibble and row ``i + group_size / 2`` in its low nibble (hqq's bitpack).
+
+``forward`` on CPU runs the C++ kernels of ``kernels/qformats.py``: a weight row is a run
+of consecutive groups (columns of the grouped view), so each row is decoded from its
+codes, scales and ``-zero·scale`` in cache tiles and multiplied in, streaming the codes
+once; without them it dequantizes the whole weight and multiplies.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import qformats
 
 GROUP_SIZE = 64          # upstream's ISQ_HQQ_GROUP_SIZE
 ISQ_STEPS = 10           # upstream's ISQ_HQQ_DEFAULT_OPT_STEPS
@@ -54,7 +61,8 @@ def optimize_zeros(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qma
 
 
 class HQQMethod:
-    """A weight [out, in] in HQQ form; ``forward`` dequantizes then multiplies."""
+    """A weight [out, in] in HQQ form; ``forward`` runs the C++ kernels on CPU, else
+    ``forward_torch`` (dequantize, then multiply)."""
 
     def __init__(self, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape, bits: int,
                  group_size: int = GROUP_SIZE, steps: int = ISQ_STEPS):
@@ -101,11 +109,22 @@ class HQQMethod:
         w = (self._codes().to(torch.float32) - self.zeros) * self.scales
         return w.reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+    def _neg_zero_scales(self) -> torch.Tensor:
         if self._neg_zs is None:
             self._neg_zs = -(self.zeros * self.scales)
-        w = torch.addcmul(self._neg_zs, self._codes().to(torch.float32), self.scales)
+        return self._neg_zs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = qformats.cached(self, lambda: qformats.bind_hqq(
+            self.w_q, self.scales, self._neg_zero_scales(), self.out_features, self.in_features, self.bits,
+            self.group_size))
+        if k is not None:
+            return k.forward(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+        w = torch.addcmul(self._neg_zero_scales(), self._codes().to(torch.float32), self.scales)
         w = w.reshape(self.out_features, self.in_features)
         return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
 
