@@ -22,6 +22,10 @@ VISION_FAMILIES = [
      ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
     ("Llama4", (), f"{_PKG}.llama4:Llama4ForConditionalGeneration", ("llama4",),
      ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
+    ("Qwen2VL", (), f"{_PKG}.qwen2_vl:Qwen2VLForConditionalGeneration", ("qwen2_vl",),
+     ("Qwen2VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
+    ("Qwen2_5VL", (), f"{_PKG}.qwen2_vl:Qwen2_5_VLForConditionalGeneration", ("qwen2_5_vl",),
+     ("Qwen2_5_VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
 ]
 
 
@@ -46,4 +50,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Qwen2VL, Qwen2_5VL)")
