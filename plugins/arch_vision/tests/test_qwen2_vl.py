@@ -98,21 +98,26 @@ def ref_logits(ref, ids, spans):
                **ref_inputs(spans)).logits[0].float()
 
 
-@torch.inference_mode()
-def ref_logits_spans(ref, ids, spans):
+class RefSpans:
     """The reference fed embeddings with features on the prompt's spans only (a random model
     may generate the image token id, an ordinary token then) and positions from its own
-    ``get_rope_index``."""
-    h = ref.get_input_embeddings()(torch.tensor([ids]))
-    kw = ref_inputs(spans)
-    pos = None
-    if spans:
-        feats = ref.model.get_image_features(**kw).pooler_output
-        for s, f in zip(spans, feats):
-            h[0, s.start:s.end] = f
-        pos, _ = ref.model.get_rope_index(torch.tensor([ids]), type_ids(len(ids), spans),
-                                          image_grid_thw=kw["image_grid_thw"])
-    return ref(inputs_embeds=h, position_ids=pos).logits[0].float()
+    ``get_rope_index``; the tower runs once, not once per generated token."""
+
+    @torch.inference_mode()
+    def __init__(self, ref, spans):
+        self.ref, self.spans, self.kw = ref, spans, ref_inputs(spans)
+        self.feats = ref.model.get_image_features(**self.kw).pooler_output if spans else ()
+
+    @torch.inference_mode()
+    def logits(self, ids):
+        h = self.ref.get_input_embeddings()(torch.tensor([ids]))
+        pos = None
+        if self.spans:
+            for s, f in zip(self.spans, self.feats):
+                h[0, s.start:s.end] = f
+            pos, _ = self.ref.model.get_rope_index(torch.tensor([ids]), type_ids(len(ids), self.spans),
+                                                   image_grid_thw=self.kw["image_grid_thw"])
+        return self.ref(inputs_embeds=h, position_ids=pos).logits[0].float()
 
 
 # --------------------------------------------------------------------------- tower, positions
@@ -189,9 +194,9 @@ def test_greedy_32_tokens_identical(tiny):
     for _ in range(32):
         ours.append(int(logits.argmax()))
         logits = run.step([ours[-1]])[-1]
-    seq, theirs = list(ids), []
+    seq, theirs, reference = list(ids), [], RefSpans(ref, spans)
     for _ in range(32):
-        theirs.append(int(ref_logits_spans(ref, seq, spans)[-1].argmax()))
+        theirs.append(int(reference.logits(seq)[-1].argmax()))
         seq.append(theirs[-1])
     assert ours == theirs
 
@@ -284,9 +289,9 @@ def test_processor_refuses_mismatched_settings(tiny):
 # --------------------------------------------------------------------------- through the Runner
 @torch.inference_mode()
 def ref_greedy(ref, ids, spans, n):
-    ids, toks, lps = list(ids), [], []
+    ids, toks, lps, reference = list(ids), [], [], RefSpans(ref, spans)
     for _ in range(n):
-        lp = torch.log_softmax(ref_logits_spans(ref, ids, spans)[-1].double(), -1)
+        lp = torch.log_softmax(reference.logits(ids)[-1].double(), -1)
         toks.append(int(lp.argmax()))
         lps.append(float(lp[toks[-1]]))
         ids.append(toks[-1])
