@@ -13,8 +13,8 @@ flattened patches (``processors/qwen2_vl.py``).
 * The merger normalises, concatenates the ``merge x merge`` patches of each token (consecutive
   rows, by the processor's order) and maps them through linear-GELU-linear.
 
-All images of a call are one packed sequence; attention is block-diagonal over images (or
-windows), expressed by ``EncoderBatch.packed``. Module names equal the checkpoint's
+All images of a call are one packed sequence; attention is block-diagonal over images (and
+over a video's temporal patches, or over windows), expressed by ``EncoderBatch.packed``. Module names equal the checkpoint's
 (``patch_embed.proj``, ``blocks.N.attn.qkv``, ``merger.mlp.0`` ...).
 """
 from __future__ import annotations
@@ -287,7 +287,9 @@ class QwenVisionTower(nn.Module):
         cfg, unit = self.cfg, self.cfg.spatial_merge_size ** 2
         x = self.patch_embed(patches)
         cos, sin = self.rope(grids, x.device)
-        per_image = EncoderBatch.packed([t * h * w for t, h, w in grids])
+        # Full attention is per temporal patch (a video's frame pairs do not see each other
+        # in the tower), as in the reference.
+        per_image = EncoderBatch.packed([h * w for t, h, w in grids for _ in range(t)])
         if not cfg.qwen25:
             for blk in self.blocks:
                 x = blk(x, cos, sin, per_image)
