@@ -82,6 +82,17 @@ class F8Q8Method:
         """Output rows ``start:stop`` (a fused layer's part, for UQFF): blocks run along a row."""
         return type(self)(self.blocks[start:stop], (stop - start, self.in_features))
 
+    # Tensor parallelism: whole rows, or columns at 32-wide block boundaries.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "F8Q8Method":
+        blocks = torch.cat([self.blocks[a:b] for a, b in ranges])
+        return type(self)(blocks, (blocks.shape[0], self.in_features))
+
+    def take_cols(self, start: int, stop: int) -> "F8Q8Method":
+        if start % QK or stop % QK:
+            raise ValueError(f"F8Q8: columns [{start}, {stop}) do not fall on its blocks of {QK}; use a "
+                             f"tensor-parallel size whose shards are multiples of {QK} wide")
+        return type(self)(self.blocks[:, start // QK:stop // QK].contiguous(), (self.out_features, stop - start))
+
     @property
     def nbytes(self) -> int:
         return self.blocks.numel()

@@ -104,6 +104,28 @@ class FP8Method:
         # Per-tensor scales differ between q/k/v; a fused layer would need one per part.
         return None
 
+    # Tensor parallelism: a per-tensor scale goes with every shard; block scales are sliced
+    # with their blocks, so block-scaled shards must fall on block boundaries.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "FP8Method":
+        weight = torch.cat([self.weight[a:b] for a, b in ranges])
+        if self.block is None:
+            return type(self)(weight, self.dequant_scale.clone())
+        br = self.block[0]
+        for a, b in ranges:
+            if a % br or (b % br and b != self.out_features):
+                raise ValueError(f"FP8: rows [{a}, {b}) do not fall on its scale blocks of {br}")
+        scale = torch.cat([self.dequant_scale[a // br:-(-b // br)] for a, b in ranges])
+        return type(self)(weight, scale, self.block)
+
+    def take_cols(self, start: int, stop: int) -> "FP8Method":
+        weight = self.weight[:, start:stop].contiguous()
+        if self.block is None:
+            return type(self)(weight, self.dequant_scale.clone())
+        bc = self.block[1]
+        if start % bc or (stop % bc and stop != self.in_features):
+            raise ValueError(f"FP8: columns [{start}, {stop}) do not fall on its scale blocks of {bc}")
+        return type(self)(weight, self.dequant_scale[:, start // bc:-(-stop // bc)].contiguous(), self.block)
+
     @property
     def nbytes(self) -> int:
         return self.weight.numel() + self.dequant_scale.numel() * 4

@@ -116,6 +116,17 @@ class HQQMethod:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w_q, self.scales, self.zeros))
 
+    # --- tensor parallelism ----------------------------------------------------------
+    # HQQ's groups run down the flattened weight (axis 0 of ``w.reshape(group, -1)``), so a
+    # group holds elements of many rows and columns: no row or column range owns whole
+    # groups. A shard therefore keeps the whole packed layer and multiplies by its part of
+    # the dequantized weight: exact, but it saves no memory on these layers.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "HQQShard":
+        return HQQShard(self, rows=ranges)
+
+    def take_cols(self, start: int, stop: int) -> "HQQShard":
+        return HQQShard(self, cols=(start, stop))
+
     # --- UQFF (upstream's per-tensor entries for an HQQ layer) -----------------------
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -144,3 +155,43 @@ class HQQMethod:
 
     def __repr__(self) -> str:
         return f"HQQMethod({self.bits} bit, out={self.out_features}, in={self.in_features}, group={self.group_size})"
+
+
+class HQQShard:
+    """Rows or columns of an HQQ layer for one tensor-parallel rank (see ``take_rows``)."""
+
+    def __init__(self, full: HQQMethod, rows: list[tuple[int, int]] | None = None,
+                 cols: tuple[int, int] | None = None):
+        self.full, self.rows, self.cols = full, rows, cols
+        self.out_features = sum(b - a for a, b in rows) if rows else full.out_features
+        self.in_features = cols[1] - cols[0] if cols else full.in_features
+
+    def to(self, device) -> "HQQShard":
+        f = self.full
+        moved = HQQMethod(f.w_q.to(device), f.scales.to(device), f.zeros.to(device),
+                          (f.out_features, f.in_features), f.bits, f.group_size, f.steps)
+        return HQQShard(moved, self.rows, self.cols)
+
+    def _part(self, w: torch.Tensor) -> torch.Tensor:
+        if self.rows:
+            w = torch.cat([w[a:b] for a, b in self.rows])
+        if self.cols:
+            w = w[:, self.cols[0]:self.cols[1]]
+        return w
+
+    def dequantize(self) -> torch.Tensor:
+        return self._part(self.full.dequantize())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize()
+        return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantize())
+
+    @property
+    def nbytes(self) -> int:
+        return self.full.nbytes
+
+    def __repr__(self) -> str:
+        return f"HQQShard({self.full!r}, rows={self.rows}, cols={self.cols})"
