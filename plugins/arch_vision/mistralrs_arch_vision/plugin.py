@@ -30,6 +30,10 @@ VISION_FAMILIES = [
      ("Phi4MultimodalForCausalLM", "Phi4MMForCausalLM"), f"{_PKG}.phi4mm:Phi4MMProcessor"),
     ("Gemma3n", (), f"{_PKG}.gemma3n:Gemma3nForConditionalGeneration", ("gemma3n",),
      ("Gemma3nForConditionalGeneration",), f"{_PKG}.gemma3n:Gemma3nProcessor"),
+    ("Qwen2VL", (), f"{_PKG}.qwen2_vl:Qwen2VLForConditionalGeneration", ("qwen2_vl",),
+     ("Qwen2VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
+    ("Qwen2_5VL", (), f"{_PKG}.qwen2_vl:Qwen2_5_VLForConditionalGeneration", ("qwen2_5_vl",),
+     ("Qwen2_5_VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
 ]
 
 
@@ -54,4 +58,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio))")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio), Qwen2VL, Qwen2_5VL)")
