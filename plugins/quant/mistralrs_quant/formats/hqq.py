@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mistralrs_quant.kernels.triton import dispatch as triton_dispatch
+
 GROUP_SIZE = 64          # upstream's ISQ_HQQ_GROUP_SIZE
 ISQ_STEPS = 10           # upstream's ISQ_HQQ_DEFAULT_OPT_STEPS
 BITS = (4, 8)
@@ -64,6 +66,7 @@ class HQQMethod:
         self.out_features, self.in_features = (int(s) for s in shape)
         self.bits, self.group_size, self.steps = int(bits), int(group_size), int(steps)
         self._neg_zs = None
+        self._triton_view = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int | None = 4, group_size: int | None = None,
@@ -102,6 +105,8 @@ class HQQMethod:
         return w.reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_dispatch.use_triton(self.w_q):
+            return triton_dispatch.matmul(x, triton_dispatch.hqq_view(self))
         # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
         if self._neg_zs is None:
             self._neg_zs = -(self.zeros * self.scales)

@@ -6,7 +6,7 @@ Each element is gathered from the bytes exactly as ``formats/`` lays them out, a
 arithmetic follows the torch dequantizers operation by operation (``(q * d) - m``, never
 regrouped), so the interpreter reproduces them bit for bit. A GPU compiler may contract
 ``q * d - m`` into one fused multiply-add: on a device the formats with an offset (Q4_1,
-Q5_1, Q2_K, Q4_K, Q5_K, AFQ) can then differ from torch by one rounding.
+Q5_1, Q2_K, Q4_K, Q5_K) can then differ from torch by one rounding.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def ggml_tile(w_ptr, n, k, ROW_BYTES, FMT: tl.constexpr, QK: tl.constexpr, TS: t
 @triton.jit
 def afq_tile(w_ptr, s_ptr, b_ptr, n, k, WORDS, GROUPS, BITS: tl.constexpr, GROUP: tl.constexpr):
     """MLX affine groups: codes as a little-endian bit stream of int32 words [N, WORDS],
-    scales/biases [N, GROUPS]; ``bias + q * scale`` as ``formats.afq`` computes it."""
+    scales/biases [N, GROUPS]; ``bias + q * scale``."""
     pos = k * BITS
     word = pos // 32
     off = pos % 32
@@ -160,7 +160,8 @@ def afq_tile(w_ptr, s_ptr, b_ptr, n, k, WORDS, GROUPS, BITS: tl.constexpr, GROUP
         lo = lo | (hi << 32)
     q = ((lo >> off) & ((1 << BITS) - 1)).to(tl.float32)
     g = n * GROUPS + k // GROUP
-    return tl.load(b_ptr + g).to(tl.float32) + q * tl.load(s_ptr + g).to(tl.float32)
+    # One rounding, as torch's addcmul (``formats.afq``) computes it on CPU.
+    return tl.fma(q, tl.load(s_ptr + g).to(tl.float32), tl.load(b_ptr + g).to(tl.float32))
 
 
 @triton.jit

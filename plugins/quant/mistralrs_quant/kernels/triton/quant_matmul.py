@@ -104,7 +104,7 @@ def _gemv_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_y
 def _gemm_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym, ROW, AUX,
                  FMT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, QK: tl.constexpr,
                  TS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n = tl.minimum(rn, N - 1).to(tl.int64)[:, None]
@@ -115,10 +115,20 @@ def _gemm_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_y
         w = weight_tile(w_ptr, a_ptr, b_ptr, n, k, K, ROW, AUX, FMT, BITS, GROUP, QK, TS)
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rk[None, :],
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+        w = w.to(x.dtype)
+        if UPCAST:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     tl.store(y_ptr + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=mask)
+
+
+# triton's CPU interpreter (3.9) returns garbage for bfloat16/float16 dot operands: there
+# the already-rounded operands are widened to float32 for the dot, which gives the same
+# products (exact in float32) and leaves only the summation order to differ.
+_INTERPRETED = type(_gemm_kernel).__name__ == "InterpretedFunction"
 
 
 def dequantize(view: QuantizedView) -> torch.Tensor:
@@ -152,5 +162,6 @@ def matmul(x2d: torch.Tensor, view: QuantizedView, out_dtype: torch.dtype | None
     precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
     grid = (triton.cdiv(m, bm), triton.cdiv(view.n, bn))
     _gemm_kernel[grid](x2d, *view.args(), y, m, view.n, view.k, x2d.stride(0), y.stride(0), view.row, view.aux,
-                       **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision)
+                       **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
+                       UPCAST=_INTERPRETED and x2d.dtype != torch.float32)
     return y

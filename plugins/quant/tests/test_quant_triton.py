@@ -1,0 +1,169 @@
+"""The Triton kernels under ``TRITON_INTERPRET=1`` on CPU, against the torch paths.
+
+Contracts tested (tiny shapes: the interpreter runs every program in numpy):
+* dequantize: bit-identical to the torch dequantizers (``formats``), every ggml block type,
+  AFQ 2/3/4/6/8 and HQQ 4/8.
+* matmul (GEMV for M ≤ 8, GEMM above), float32: ``|y − x·Wᵀ| ≤ 1e-5 · (|x|·|W|ᵀ)`` with W
+  the torch dequantization — only the summation order differs (the qlinear contract);
+  bfloat16 GEMM: ``2⁻⁷ · (|x|·|W|ᵀ)`` (weights rounded to bf16 as the torch path does).
+* paged-attention decode: float32 within 1e-5 relative of the torch backend.
+* dispatch: the QuantMethods route to the kernels only for devices in ``DEVICE_TYPES``,
+  ``MISTRALRS_TRITON=0`` turns them off, and nothing imports triton before it is needed.
+"""
+import os
+
+# Before triton is imported anywhere in this process: kernels decorated later run in numpy.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+pytest.importorskip("triton")
+
+from mistralrs_quant.formats import GGML_TYPES  # noqa: E402
+from mistralrs_quant.formats.afq import AFQMethod  # noqa: E402
+from mistralrs_quant.formats.hqq import HQQMethod  # noqa: E402
+from mistralrs_quant.kernels.triton import dispatch  # noqa: E402
+from mistralrs_quant.kernels.triton import quant_matmul as qm  # noqa: E402
+from mistralrs_quant.qlinear import GGMLQuantMethod  # noqa: E402
+from quant_blocks import BLOCK_TYPES, random_raw  # noqa: E402
+
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7}
+N = 7  # odd: the last column tile is partial
+
+
+def _check(y, x, w, dtype):
+    ref = x.double() @ w.double().T
+    scale = x.double().abs() @ w.double().abs().T
+    err = (y.double() - ref).abs()
+    assert (err <= BOUND[dtype] * scale + 1e-30).all(), float((err / (scale + 1e-30)).max())
+
+
+def _ggml(qtype, rng):
+    spec = GGML_TYPES[int(qtype)]
+    blocks = 1 if spec.block_size == 256 else 4  # K = 256 or 128
+    raw = torch.from_numpy(random_raw(qtype, N, blocks, rng))
+    return raw, spec, blocks * spec.block_size
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """Let the dispatch send CPU tensors to the (interpreted) kernels."""
+    monkeypatch.setattr(dispatch, "DEVICE_TYPES", {"cuda", "cpu"})
+    monkeypatch.delenv(dispatch.ENV, raising=False)
+
+
+# ------------------------------------------------------------------ quantized matmuls
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda t: t.name)
+def test_ggml_dequantize_and_matmul(qtype, rng):
+    raw, spec, k = _ggml(qtype, rng)
+    view = qm.ggml_view(raw, int(qtype), spec.block_size, spec.type_size)
+    ref = spec.dequantize(raw)
+    w = qm.dequantize(view)
+    assert torch.equal(w, ref)
+    for m in (1, 3, 17):  # GEMV up to 8 rows, GEMM beyond (a partial row tile)
+        x = torch.randn(m, k)
+        _check(qm.matmul(x, view), x, ref, torch.float32)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q6_K], ids=lambda t: t.name)
+def test_ggml_matmul_bfloat16(qtype, rng):
+    raw, spec, k = _ggml(qtype, rng)
+    view = qm.ggml_view(raw, int(qtype), spec.block_size, spec.type_size)
+    ref = spec.dequantize(raw)
+    for m in (2, 17):
+        x = torch.randn(m, k).bfloat16()
+        y = qm.matmul(x, view)
+        assert y.dtype == torch.bfloat16
+        _check(y, x.float(), ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_afq(bits):
+    torch.manual_seed(bits)
+    method = AFQMethod.from_float(torch.randn(N, 128), bits, group_size=32)
+    view = qm.afq_view(method.w_q, method.scales, method.biases, bits, 32)
+    ref = method.dequantize()
+    assert torch.equal(qm.dequantize(view), ref)
+    for m in (1, 17):
+        x = torch.randn(m, 128)
+        _check(qm.matmul(x, view), x, ref, torch.float32)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq(bits):
+    torch.manual_seed(bits)
+    method = HQQMethod.from_float(torch.randn(N, 128), bits, group_size=64, steps=2)
+    view = qm.hqq_view(method.w_q, method.scales, method.zeros, N, 128, bits, 64)
+    ref = method.dequantize()
+    assert torch.equal(qm.dequantize(view), ref)
+    for m in (1, 17):
+        x = torch.randn(m, 128)
+        _check(qm.matmul(x, view), x, ref, torch.float32)
+
+
+# ------------------------------------------------------------------ dispatch
+
+def test_ggml_method_uses_triton_on_kernel_devices(on_cpu, rng, monkeypatch):
+    raw, spec, k = _ggml(T.Q4_K, rng)
+    m = GGMLQuantMethod(raw, T.Q4_K, compute_dtype=torch.bfloat16, cpp=False)
+    assert m.choose_path(1) == "triton" and m.choose_path(64) == "triton"
+    assert m.dense is None and m.int4 is None  # the kernels read the ggml bytes: no copies
+    assert torch.equal(m.dequantize(), spec.dequantize(raw))
+    x = torch.randn(2, 3, k)
+    y = m.forward(x)
+    assert y.shape == (2, 3, N) and y.dtype == torch.bfloat16
+    _check(y.reshape(-1, N), x.reshape(-1, k).bfloat16().float(), spec.dequantize(raw), torch.bfloat16)
+
+    monkeypatch.setenv(dispatch.ENV, "0")
+    off = GGMLQuantMethod(raw, T.Q4_K, compute_dtype=torch.float32, cpp=False)
+    assert "triton" not in off.available_paths()
+
+
+def test_cpu_paths_unchanged_without_kernel_device(rng):
+    raw, _, _ = _ggml(T.Q8_0, rng)
+    assert "triton" not in GGMLQuantMethod(raw, T.Q8_0, compute_dtype=torch.float32).available_paths()
+    assert not dispatch.use_triton(torch.zeros(1))
+
+
+@pytest.mark.parametrize("kind", ["afq", "hqq"])
+def test_afq_hqq_forward_dispatch(kind, on_cpu, monkeypatch):
+    torch.manual_seed(0)
+    w = torch.randn(N, 128)
+    method = AFQMethod.from_float(w, 4, group_size=64) if kind == "afq" else HQQMethod.from_float(w, 4, steps=2)
+    calls = []
+    real = dispatch.matmul
+    monkeypatch.setattr(dispatch, "matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(2, 128)
+    y = method.forward(x)
+    assert calls and y.shape == (2, N)
+    _check(y, x, method.dequantize(), torch.float32)
+    monkeypatch.setenv(dispatch.ENV, "0")
+    calls.clear()
+    method.forward(x)
+    assert not calls
+
+
+def test_no_triton_import_until_needed():
+    """CPU-only installs: the plugin imports and runs with triton absent."""
+    code = (
+        "import sys, torch\n"
+        "import mistralrs_quant.qlinear, mistralrs_quant.formats.afq, mistralrs_quant.formats.hqq\n"
+        "import mistralrs_quant.kernels.triton.dispatch as d\n"
+        "assert 'triton' not in sys.modules, 'triton imported at module import'\n"
+        "sys.modules['triton'] = None  # now behave as if it were not installed\n"
+        "d.DEVICE_TYPES.add('cpu')\n"
+        "assert not d.use_triton(torch.zeros(1))\n"
+        "from mistralrs_quant.formats.afq import AFQMethod\n"
+        "m = AFQMethod.from_float(torch.randn(4, 64), 4, group_size=64)\n"
+        "assert m.forward(torch.randn(1, 64)).shape == (1, 4)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
