@@ -167,3 +167,74 @@ def test_no_triton_import_until_needed():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ paged-attention decode
+
+def _decode_step(hq, hkv, d, page, ctx_lens, dtype=torch.float32, seed=0):
+    """A cache holding each sequence's past keys in shuffled blocks, and the metadata of a
+    decode step (one new token per sequence) on top of it."""
+    from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = sum(-(-n // page) for n in ctx_lens) + 2
+    cache = LayerKVCache(KVCacheSpec(hkv, d, d), n_blocks, page, dtype, "cpu")
+    perm = torch.randperm(n_blocks, generator=g).tolist()
+    tables, slots = [], []
+    for n in ctx_lens:
+        blocks = [perm.pop() for _ in range(-(-n // page))]
+        tables.append(blocks)
+        past = torch.tensor([blocks[p // page] * page + p % page for p in range(n - 1)], dtype=torch.long)
+        if n > 1:
+            cache.write(past, torch.randn(n - 1, hkv, d, generator=g), torch.randn(n - 1, hkv, d, generator=g))
+        slots.append(blocks[(n - 1) // page] * page + (n - 1) % page)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
+    b = len(ctx_lens)
+    meta = AttentionMetadata(query_lens=[1] * b, context_lens=list(ctx_lens),
+                             slot_mapping=torch.tensor(slots), block_tables=bt, token_index=torch.arange(b),
+                             q_max=1, k_max=max(ctx_lens))
+    q = torch.randn(b, hq, d, generator=g)
+    k, v = torch.randn(b, hkv, d, generator=g), torch.randn(b, hkv, d, generator=g)
+    return q, k, v, meta, cache
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(sliding_window=5),
+    dict(softcap=2.0),
+    dict(sinks=True),
+    dict(chunk=8),
+    dict(fp8=True),
+    dict(hq=4, hkv=4, d=8, page=16),   # no GQA, one page per sequence
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_paged_decode_attention(case, on_cpu):
+    """Against the torch backend (float32): GQA with 3 query heads per KV head (padded to 4),
+    a 12-wide head (padded to 16), pages of 3 tokens, contexts from 1 to 23 tokens."""
+    import copy
+
+    from mistralrs_core.layers.attention import FP8_CACHE_DTYPE, attention
+    from mistralrs_quant.kernels.triton.paged_attention import is_decode
+    case = dict(case)
+    fp8 = case.pop("fp8", False)
+    hq, hkv, d, page = case.pop("hq", 6), case.pop("hkv", 2), case.pop("d", 12), case.pop("page", 3)
+    if case.pop("sinks", False):
+        case["sinks"] = torch.randn(hq)
+    q, k, v, meta, cache = _decode_step(hq, hkv, d, page, [7, 1, 23, 12], FP8_CACHE_DTYPE if fp8 else torch.float32)
+    assert is_decode(meta, cache)
+    ref_cache = copy.deepcopy(cache)
+    ref = attention(q, k, v, meta, ref_cache, scale=d ** -0.5, **case)
+    out = dispatch.triton_paged_self_attention(q, k, v, meta, cache, scale=d ** -0.5, **case)
+    assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)  # the new token written
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_prefill_and_cpu_use_torch_path(monkeypatch):
+    """Only decode steps on kernel devices reach the kernel."""
+    from mistralrs_quant.kernels.triton import paged_attention as pa
+    q, k, v, meta, cache = _decode_step(4, 2, 8, 4, [5, 9])
+    monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **kw: pytest.fail("kernel used"))
+    dispatch.triton_paged_self_attention(q, k, v, meta, cache, scale=0.3)  # CPU not a kernel device
+    monkeypatch.setattr(dispatch, "DEVICE_TYPES", {"cpu"})
+    meta.query_lens = [2, 0]  # not one token per sequence: a prefill/mixed step
+    assert not pa.is_decode(meta, cache)

@@ -1,6 +1,7 @@
 """When the Triton kernels run, decided in one place.
 
-A quantized weight uses them when its tensors live on a device in ``DEVICE_TYPES``
+Quantized weights (``GGMLQuantMethod``, ``AFQMethod``, ``HQQMethod``) and the paged
+attention backend ``triton_paged_self_attention`` ask ``use_triton``. A quantized weight uses them when its tensors live on a device in ``DEVICE_TYPES``
 (CUDA), triton imports, and ``MISTRALRS_TRITON`` is not set to 0/false/no. CPU weights
 keep their C++/torch paths. Nothing here imports triton until a CUDA tensor asks, so
 CPU-only installs never need it. Tests run the kernels on CPU under
@@ -77,3 +78,38 @@ def matmul(x: torch.Tensor, view, out_dtype: torch.dtype | None = None) -> torch
 def dequantize(view) -> torch.Tensor:
     from .quant_matmul import dequantize as deq
     return deq(view)
+
+
+def paged_attention(q, k, v, meta, cache, *, scale: float, **options) -> torch.Tensor:
+    """The torch backend's ``attention`` with decode steps on the Triton kernel: q [T, Hq, D],
+    k/v [T, Hkv, D] -> [T, Hq, Dv]. Prefill, and anything the kernel does not serve, runs
+    the torch path unchanged."""
+    from mistralrs_core.layers.attention import attention
+    if use_triton(q):
+        from .paged_attention import is_decode, paged_decode_attention
+        if is_decode(meta, cache):
+            cache.write(meta.slot_mapping, k, v)
+            return paged_decode_attention(q, cache, meta, scale=scale, **options)
+    return attention(q, k, v, meta, cache, scale=scale, **options)
+
+
+def _backend():
+    from mistralrs_core.layers.attention_backends import PagedSelfAttention
+
+    class TritonPagedSelfAttention(PagedSelfAttention):
+        """``PagedSelfAttention`` whose decode steps run the Triton paged-attention kernel."""
+
+        def forward(self, q, k, v, batch, cache, *, scale: float, sliding_window=None, softcap=None,
+                    sinks=None, chunk=None):
+            return paged_attention(q, k, v, batch, cache, scale=scale, sliding_window=sliding_window,
+                                   softcap=softcap, sinks=sinks, chunk=chunk)
+
+    return TritonPagedSelfAttention()
+
+
+def __getattr__(name):
+    # Built on first use: importing this module must not import the core's layers.
+    if name == "triton_paged_self_attention":
+        globals()[name] = backend = _backend()
+        return backend
+    raise AttributeError(name)
