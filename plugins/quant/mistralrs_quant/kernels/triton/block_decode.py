@@ -4,9 +4,9 @@ Every decoder has the same shape: ``n`` [BN, 1] output rows and ``k`` [1, BK] in
 columns (both already clamped into range, so no load needs a mask) -> float32 [BN, BK].
 Each element is gathered from the bytes exactly as ``formats/`` lays them out, and the
 arithmetic follows the torch dequantizers operation by operation (``(q * d) - m``, never
-regrouped), so the interpreter reproduces them bit for bit. A GPU compiler may contract
-``q * d - m`` into one fused multiply-add: on a device the formats with an offset (Q4_1,
-Q5_1, Q2_K, Q4_K, Q5_K) can then differ from torch by one rounding.
+regrouped), so they reproduce them bit for bit as long as the compiler does not contract
+``q * d - m`` into a fused multiply-add (the launchers in ``quant_matmul`` turn FP fusion
+off; AFQ's one fused operation is an explicit ``tl.fma``, as torch's ``addcmul``).
 """
 from __future__ import annotations
 

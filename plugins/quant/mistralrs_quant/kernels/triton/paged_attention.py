@@ -147,5 +147,5 @@ def paged_decode_attention(q: torch.Tensor, cache, meta, *, scale: float, slidin
         GROUPS=groups, G_PAD=triton.next_power_of_2(groups), D=d, D_PAD=triton.next_power_of_2(d),
         DV=dv, DV_PAD=triton.next_power_of_2(dv), PAGE=cache.block_size, TILE=tile,
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, HAS_CHUNK=chunk is not None,
-        HAS_SINKS=sinks is not None, FP8=fp8)
+        HAS_SINKS=sinks is not None, FP8=fp8, enable_fp_fusion=True)
     return out

@@ -10,8 +10,10 @@ Two kernels share the decoders:
                   weight tile (converted to x's dtype, as the torch path converts the
                   dequantized weight; float32 inputs use IEEE float32 products, not TF32).
 
-Both accumulate in float32. ``dequantize`` writes the float32 weight (bit-identical to the
-torch dequantizers under the interpreter; see ``block_decode`` for the device caveat).
+Both accumulate in float32. ``dequantize`` writes the float32 weight, bit-identical to the
+torch dequantizers. Every launch passes ``enable_fp_fusion=False``: otherwise the GPU
+compiler contracts ``q·d − m`` into one fused multiply-add and the formats with an offset
+(Q4_1, Q5_1, Q2_K, Q4_K, Q5_K) would decode one rounding away from torch.
 """
 from __future__ import annotations
 
@@ -137,7 +139,7 @@ def dequantize(view: QuantizedView) -> torch.Tensor:
     bn, bk = 16, 64
     grid = (triton.cdiv(view.n, bn), triton.cdiv(view.k, bk))
     _dequant_kernel[grid](*view.args(), out, view.n, view.k, view.row, view.aux, **view.meta(),
-                          BLOCK_N=bn, BLOCK_K=bk)
+                          BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False)
     return out
 
 
@@ -153,15 +155,19 @@ def matmul(x2d: torch.Tensor, view: QuantizedView, out_dtype: torch.dtype | None
         return y
     if m <= gemv_max_m:
         bm = triton.next_power_of_2(m)
-        bn, bk = 32, 64
+        # The [BM, BN, BK] product tile lives in registers: ~4096 floats a program keeps
+        # it within the register file at 4 warps (8x32x64 used all 255 registers on sm_90, and
+        # 1x32x128 spilled for Q5_K).
+        bn, bk = 32, max(16, 64 // bm)
         grid = (triton.cdiv(view.n, bn),)
         _gemv_kernel[grid](x2d, *view.args(), y, m, view.n, view.k, x2d.stride(0), y.stride(0), view.row,
-                           view.aux, **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                           view.aux, **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False)
         return y
-    bm, bn, bk = 32, 64, 32
-    precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
+    # float32 tiles of the bit-stream formats spilled at 32x64 on sm_90 (ptxas -v).
+    bm, bn, bk = (32, 64, 32) if x2d.dtype != torch.float32 else (32, 32, 32)
+    precision = "ieee" if x2d.dtype == torch.float32 else None  # None: the default for bf16/f16
     grid = (triton.cdiv(m, bm), triton.cdiv(view.n, bn))
     _gemm_kernel[grid](x2d, *view.args(), y, m, view.n, view.k, x2d.stride(0), y.stride(0), view.row, view.aux,
                        **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
-                       UPCAST=_INTERPRETED and x2d.dtype != torch.float32)
+                       UPCAST=_INTERPRETED and x2d.dtype != torch.float32, enable_fp_fusion=False)
     return y
