@@ -184,7 +184,7 @@ class GGMLQuantMethod:
                                 ("dequant", self.raw is not None), ("dense", self.dense is not None)) if ok]
 
     def choose_path(self, m: int) -> str:
-        if self.triton is not None:
+        if self.triton is not None and self.dense is None:  # a dense copy exists only if asked for
             return "triton"
         if self.cpp is not None and m <= self.cpp_max_m:
             return "cpp"

@@ -1,11 +1,12 @@
 """When the Triton kernels run, decided in one place.
 
 Quantized weights (``GGMLQuantMethod``, ``AFQMethod``, ``HQQMethod``) and the paged
-attention backend ``triton_paged_self_attention`` ask ``use_triton``. A quantized weight uses them when its tensors live on a device in ``DEVICE_TYPES``
-(CUDA), triton imports, and ``MISTRALRS_TRITON`` is not set to 0/false/no. CPU weights
-keep their C++/torch paths. Nothing here imports triton until a CUDA tensor asks, so
-CPU-only installs never need it. Tests run the kernels on CPU under
-``TRITON_INTERPRET=1`` by adding "cpu" to ``DEVICE_TYPES``.
+attention backend ``triton_paged_self_attention`` ask ``use_triton``: the kernels run when
+the tensors live on a device in ``DEVICE_TYPES`` (CUDA), triton imports, and
+``MISTRALRS_TRITON`` is not 0/false/no/off. CPU tensors keep their C++/torch paths.
+Nothing here imports triton until a CUDA tensor asks, so CPU-only installs never need it.
+Tests run the kernels on CPU under ``TRITON_INTERPRET=1`` by adding "cpu" to
+``DEVICE_TYPES``.
 """
 from __future__ import annotations
 
