@@ -70,9 +70,9 @@ def matmul_jobs(only: list[str] | None = None):
             continue
         meta = dict(FMT=fmt, BITS=bits, GROUP=group, QK=qk, TS=ts)
         yield name, "dequantize", qm._dequant_kernel, _mm_types("*fp32", wdt), dict(meta, BLOCK_N=16, BLOCK_K=64)
-        yield name, "gemv M=1", qm._gemv_kernel, _mm_types("*bf16", wdt), dict(meta, BLOCK_M=1, BLOCK_N=32,
-                                                                               BLOCK_K=64)
-        yield name, "gemv M=8", qm._gemv_kernel, _mm_types("*bf16", wdt), dict(meta, BLOCK_M=8, BLOCK_N=32,
+        yield name, "gemv M=1", qm._gemv_kernel, _mm_types("*bf16", wdt), dict(meta, BLOCK_M=1, BLOCK_N=16,
+                                                                               BLOCK_K=128)
+        yield name, "gemv M=8", qm._gemv_kernel, _mm_types("*bf16", wdt), dict(meta, BLOCK_M=8, BLOCK_N=16,
                                                                                BLOCK_K=16)
         yield name, "gemm bf16", qm._gemm_kernel, _mm_types("*bf16", wdt), dict(
             meta, BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, PRECISION=None, UPCAST=False)

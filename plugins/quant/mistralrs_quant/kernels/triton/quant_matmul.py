@@ -155,10 +155,11 @@ def matmul(x2d: torch.Tensor, view: QuantizedView, out_dtype: torch.dtype | None
         return y
     if m <= gemv_max_m:
         bm = triton.next_power_of_2(m)
-        # The [BM, BN, BK] product tile lives in registers: ~4096 floats a program keeps
-        # it within the register file at 4 warps (8x32x64 used all 255 registers on sm_90, and
-        # 1x32x128 spilled for Q5_K).
-        bn, bk = 32, max(16, 64 // bm)
+        # The [BM, BN, BK] product tile lives in registers: ~2048 floats a program keeps it
+        # within the register file at 4 warps (8x32x64 used all 255 registers on sm_90, and
+        # 1x32x128 spilled for Q5_K). 16 columns a program: a 4096-row weight still makes
+        # 256 programs, though decode of narrow layers would want split-K (not done).
+        bn, bk = 16, max(16, 128 // bm)
         grid = (triton.cdiv(view.n, bn),)
         _gemv_kernel[grid](x2d, *view.args(), y, m, view.n, view.k, x2d.stride(0), y.stride(0), view.row,
                            view.aux, **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, enable_fp_fusion=False)
