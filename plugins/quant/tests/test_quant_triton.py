@@ -5,7 +5,8 @@ Contracts tested (tiny shapes: the interpreter runs every program in numpy):
   AFQ 2/3/4/6/8 and HQQ 4/8.
 * matmul (GEMV for M ≤ 8, GEMM above), float32: ``|y − x·Wᵀ| ≤ 1e-5 · (|x|·|W|ᵀ)`` with W
   the torch dequantization — only the summation order differs (the qlinear contract);
-  bfloat16 GEMM: ``2⁻⁷ · (|x|·|W|ᵀ)`` (weights rounded to bf16 as the torch path does).
+  bfloat16: ``2⁻⁷ · (|x|·|W|ᵀ)``, float16: ``2⁻⁹ · (|x|·|W|ᵀ)`` (the GEMM rounds the weight
+  tile to x's dtype as the torch path rounds the dequantized weight).
 * paged-attention decode: float32 within 1e-5 relative of the torch backend.
 * dispatch: the QuantMethods route to the kernels only for devices in ``DEVICE_TYPES``,
   ``MISTRALRS_TRITON=0`` turns them off, and nothing imports triton before it is needed.
@@ -33,7 +34,7 @@ from mistralrs_quant.kernels.triton import quant_matmul as qm  # noqa: E402
 from mistralrs_quant.qlinear import GGMLQuantMethod  # noqa: E402
 from quant_blocks import BLOCK_TYPES, random_raw  # noqa: E402
 
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7}
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -9}
 N = 7  # odd: the last column tile is partial
 
 
@@ -72,16 +73,18 @@ def test_ggml_dequantize_and_matmul(qtype, rng):
         _check(qm.matmul(x, view), x, ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("qtype", [T.Q4_0, T.Q6_K], ids=lambda t: t.name)
-def test_ggml_matmul_bfloat16(qtype, rng):
+def test_ggml_matmul_half(qtype, dtype, rng):
+    """x, the weight tile (GEMM) and y rounded to the half type: each 2⁻⁹ (bf16) or 2⁻¹¹ (f16)."""
     raw, spec, k = _ggml(qtype, rng)
     view = qm.ggml_view(raw, int(qtype), spec.block_size, spec.type_size)
     ref = spec.dequantize(raw)
     for m in (2, 17):
-        x = torch.randn(m, k).bfloat16()
+        x = torch.randn(m, k).to(dtype)
         y = qm.matmul(x, view)
-        assert y.dtype == torch.bfloat16
-        _check(y, x.float(), ref, torch.bfloat16)
+        assert y.dtype == dtype
+        _check(y, x.float(), ref, dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])

@@ -127,9 +127,9 @@ def _gemm_kernel(x_ptr, w_ptr, a_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_y
              mask=mask)
 
 
-# triton's CPU interpreter (3.9) returns garbage for bfloat16/float16 dot operands: there
-# the already-rounded operands are widened to float32 for the dot, which gives the same
-# products (exact in float32) and leaves only the summation order to differ.
+# triton's CPU interpreter (3.9) returns garbage for bfloat16 dot operands (numpy has no
+# bfloat16; float16 is fine): there the already-rounded operands are widened to float32 for
+# the dot, which gives the same products (exact in float32), only summed in another order.
 _INTERPRETED = type(_gemm_kernel).__name__ == "InterpretedFunction"
 
 
@@ -170,5 +170,5 @@ def matmul(x2d: torch.Tensor, view: QuantizedView, out_dtype: torch.dtype | None
     grid = (triton.cdiv(m, bm), triton.cdiv(view.n, bn))
     _gemm_kernel[grid](x2d, *view.args(), y, m, view.n, view.k, x2d.stride(0), y.stride(0), view.row, view.aux,
                        **view.meta(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
-                       UPCAST=_INTERPRETED and x2d.dtype != torch.float32, enable_fp_fusion=False)
+                       UPCAST=_INTERPRETED and x2d.dtype == torch.bfloat16, enable_fp_fusion=False)
     return y
