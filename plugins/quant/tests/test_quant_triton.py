@@ -12,12 +12,16 @@ Contracts tested (tiny shapes: the interpreter runs every program in numpy):
   ``MISTRALRS_TRITON=0`` turns them off, and nothing imports triton before it is needed.
 """
 import os
+import sys
 
-# Before triton is imported anywhere in this process: kernels decorated later run in numpy.
+# triton reads TRITON_INTERPRET when it is first imported (its own language functions are
+# decorated then). If an earlier module of this session already imported it (peft does),
+# the interpreter cannot be switched on any more: this file then runs in a fresh process.
+_PRELOADED = "triton" in sys.modules
 os.environ["TRITON_INTERPRET"] = "1"
 
+import re  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -50,6 +54,28 @@ def _ggml(qtype, rng):
     blocks = 1 if spec.block_size == 256 else 4  # K = 256 or 128
     raw = torch.from_numpy(random_raw(qtype, N, blocks, rng))
     return raw, spec, blocks * spec.block_size
+
+
+_PRELOADED = _PRELOADED and type(sys.modules["triton"].language.zeros).__name__ != "InterpretedFunction"
+
+
+@pytest.fixture(autouse=True)
+def _interpreted(request):
+    if _PRELOADED and request.node.name != "test_in_fresh_process":
+        pytest.skip("triton was imported before the interpreter could be enabled: "
+                    "test_in_fresh_process runs this file")
+
+
+def test_in_fresh_process():
+    if not _PRELOADED:
+        pytest.skip("this process runs the kernels in the interpreter itself")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    print(summary)
+    # Everything but this test (skipped there: that process enabled the interpreter itself).
+    assert re.match(r"\d+ passed, 1 skipped", summary), summary
 
 
 @pytest.fixture
