@@ -18,7 +18,8 @@ import sys
 # decorated then). If an earlier module of this session already imported it (peft does),
 # the interpreter cannot be switched on any more: this file then runs in a fresh process.
 _PRELOADED = "triton" in sys.modules
-os.environ["TRITON_INTERPRET"] = "1"
+_SAVED = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # restored after this module (triton reads it lazily too)
 
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -34,6 +35,7 @@ from mistralrs_quant.formats import GGML_TYPES  # noqa: E402
 from mistralrs_quant.formats.afq import AFQMethod  # noqa: E402
 from mistralrs_quant.formats.hqq import HQQMethod  # noqa: E402
 from mistralrs_quant.kernels.triton import dispatch  # noqa: E402
+from mistralrs_quant.kernels.triton import paged_attention  # noqa: E402,F401
 from mistralrs_quant.kernels.triton import quant_matmul as qm  # noqa: E402
 from mistralrs_quant.qlinear import GGMLQuantMethod  # noqa: E402
 from quant_blocks import BLOCK_TYPES, random_raw  # noqa: E402
@@ -57,6 +59,15 @@ def _ggml(qtype, rng):
 
 
 _PRELOADED = _PRELOADED and type(sys.modules["triton"].language.zeros).__name__ != "InterpretedFunction"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_env():
+    yield
+    if _SAVED is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED
 
 
 @pytest.fixture(autouse=True)
