@@ -1,7 +1,7 @@
 """A linear layer's weight held in a ggml block format.
 
 ``GGMLQuantMethod`` implements ``mistralrs_core.layers.quantized.QuantMethod``. It picks
-one of four execution paths per call:
+one of five execution paths per call:
 
 ``cpp``     the C++ kernels of ``kernels.cpp`` (CPU, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K,
             M ≤ ``cpp_max_m``): float32 straight from the ggml bytes, exact to float32
@@ -11,6 +11,9 @@ one of four execution paths per call:
             ggml bytes: no int4 or dense copy is made unless asked for (``dense=True``).
 ``int4``    torch's CPU int4 weight-only kernel (bfloat16 compute, Q4_0/Q4_1/Q4_K, small M):
             the weight stays 4-bit and is streamed once per call.
+``triton``  the Triton kernels of ``kernels.triton`` (CUDA weights, when triton imports and
+            ``MISTRALRS_TRITON`` is not 0; decided at load): GEMV for decode, tiled GEMM for
+            prefill, both decoding the ggml blocks in registers. No dense copy is made.
 ``dequant`` dequantize tiles of rows, then a dense matmul. Cost is dominated by the
             dequantization, so it pays off for large M (prefill), and is the exact path of
             float32 mode.
@@ -46,6 +49,7 @@ from .kernels import cpp as cpp_kernels
 from .kernels import int4pack
 from mistralrs_core.layers.packed import DenseWeight
 from .kernels.dequant_mm import dequant_matmul, tile_rows
+from .kernels.triton import dispatch as triton_dispatch
 
 # Largest M for which the int4 kernel beats dequantize-then-matmul; its cost grows
 # linearly with M while the dequantization is paid once (see bench/quant_matmul.py).
@@ -113,11 +117,15 @@ class GGMLQuantMethod:
                              cpp=cpp, cpp_max_m=cpp_max_m, cpp_impl=cpp_impl)
 
         on_cpu = raw.device.type == "cpu"
+        self.triton = (triton_dispatch.ggml_view(raw, spec.ggml_type)
+                       if keep_raw and triton_dispatch.ggml_supported(spec.ggml_type)
+                       and triton_dispatch.use_triton(raw) else None)
         self.cpp = _cpp_weight(raw, spec.ggml_type, cpp, cpp_impl) if keep_raw else None
         use_int4 = (compute_dtype == torch.bfloat16 and on_cpu and int4pack.supported(spec.ggml_type)
-                    and int4pack.kernel_available() and self.cpp is None)
+                    and int4pack.kernel_available() and self.cpp is None and self.triton is None)
         if dense is None:
-            dense = compute_dtype != torch.float32 and not use_int4 and self.cpp is None
+            dense = (compute_dtype != torch.float32 and not use_int4 and self.cpp is None
+                     and self.triton is None)
         self.int4 = int4pack.Int4Packed(raw, spec.ggml_type, compute_dtype) if use_int4 and not dense else None
         self.dense = DenseWeight(self._densify(raw), prepack) if dense else None
         if not keep_raw and self.int4 is None and self.dense is None:
@@ -128,6 +136,8 @@ class GGMLQuantMethod:
         """float32 values of ``raw``'s rows (C++ when bound: same bits, far faster)."""
         if self.cpp is not None:
             return cpp_kernels.dequantize(raw, self.ggml_type)
+        if self.triton is not None:
+            return triton_dispatch.dequantize(triton_dispatch.ggml_view(raw, self.ggml_type))
         return self.spec.dequantize(raw)
 
     def _densify(self, raw: torch.Tensor) -> torch.Tensor:
@@ -169,10 +179,13 @@ class GGMLQuantMethod:
         return total
 
     def available_paths(self) -> list[str]:
-        return [p for p, ok in (("cpp", self.cpp is not None), ("int4", self.int4 is not None),
+        return [p for p, ok in (("triton", self.triton is not None), ("cpp", self.cpp is not None),
+                                ("int4", self.int4 is not None),
                                 ("dequant", self.raw is not None), ("dense", self.dense is not None)) if ok]
 
     def choose_path(self, m: int) -> str:
+        if self.triton is not None and self.dense is None:  # a dense copy exists only if asked for
+            return "triton"
         if self.cpp is not None and m <= self.cpp_max_m:
             return "cpp"
         if self.dense is not None:
@@ -194,7 +207,9 @@ class GGMLQuantMethod:
         path = path or self.choose_path(x2d.shape[0])
         if path not in self.available_paths():
             raise ValueError(f"path {path!r} is not available for this weight (have {self.available_paths()})")
-        if path == "cpp":
+        if path == "triton":
+            y = triton_dispatch.matmul(x2d.to(self.compute_dtype), self.triton, self.compute_dtype)
+        elif path == "cpp":
             y = self.cpp.mm(x2d)
         elif path == "int4":
             y = self.int4.mm(x2d)

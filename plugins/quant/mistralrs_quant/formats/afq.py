@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from mistralrs_quant.kernels.triton import dispatch as triton_dispatch
+
 BITS = (2, 3, 4, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 GROUP_SIZE = 64
@@ -89,6 +91,7 @@ class AFQMethod:
         self.w_q, self.scales, self.biases = w_q, scales, biases
         self.bits, self.group_size = int(bits), int(group_size)
         self._int4_packed = None
+        self._triton_view = None
         self.out_features = int(w_q.shape[0])
         self.in_features = int(w_q.shape[1]) * 32 // self.bits
 
@@ -130,6 +133,8 @@ class AFQMethod:
         return self._int4_packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_dispatch.use_triton(self.w_q):
+            return triton_dispatch.matmul(x, triton_dispatch.afq_view(self))
         if x.dtype == torch.bfloat16 and self.bits == 4 and x.device.type == "cpu" and _int4_kernel():
             lead = x.shape[:-1]
             return self._int4().mm(x.reshape(-1, self.in_features)).reshape(*lead, self.out_features)

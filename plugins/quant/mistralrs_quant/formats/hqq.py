@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import qformats
+from ..kernels.triton import dispatch as triton_dispatch
 
 GROUP_SIZE = 64          # upstream's ISQ_HQQ_GROUP_SIZE
 ISQ_STEPS = 10           # upstream's ISQ_HQQ_DEFAULT_OPT_STEPS
@@ -72,6 +73,7 @@ class HQQMethod:
         self.out_features, self.in_features = (int(s) for s in shape)
         self.bits, self.group_size, self.steps = int(bits), int(group_size), int(steps)
         self._neg_zs = None
+        self._triton_view = None
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bits: int | None = 4, group_size: int | None = None,
@@ -115,6 +117,8 @@ class HQQMethod:
         return self._neg_zs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_dispatch.use_triton(self.w_q):          # CUDA weights (a no-op import on CPU)
+            return triton_dispatch.matmul(x, triton_dispatch.hqq_view(self))
         k = qformats.cached(self, lambda: qformats.bind_hqq(
             self.w_q, self.scales, self._neg_zero_scales(), self.out_features, self.in_features, self.bits,
             self.group_size))
