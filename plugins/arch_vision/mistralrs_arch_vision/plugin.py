@@ -22,6 +22,8 @@ VISION_FAMILIES = [
      ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
     ("Llama4", (), f"{_PKG}.llama4:Llama4ForConditionalGeneration", ("llama4",),
      ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
+    ("Qwen3VL", (), f"{_PKG}.qwen3_vl:Qwen3VLForConditionalGeneration", ("qwen3_vl",),
+     ("Qwen3VLForConditionalGeneration",), f"{_PKG}.qwen3_vl:Qwen3VLProcessor"),
 ]
 
 
@@ -46,4 +48,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Qwen3VL)")
