@@ -24,6 +24,8 @@ VISION_FAMILIES = [
      ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
     ("Qwen3VL", (), f"{_PKG}.qwen3_vl:Qwen3VLForConditionalGeneration", ("qwen3_vl",),
      ("Qwen3VLForConditionalGeneration",), f"{_PKG}.qwen3_vl:Qwen3VLProcessor"),
+    ("Qwen3VLMoE", (), f"{_PKG}.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration", ("qwen3_vl_moe",),
+     ("Qwen3VLMoeForConditionalGeneration",), f"{_PKG}.qwen3_vl:Qwen3VLProcessor"),
 ]
 
 
@@ -48,4 +50,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Qwen3VL)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Qwen3VL, Qwen3VLMoE)")

@@ -55,12 +55,12 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-def text_config_of(hf: dict) -> dict:
+def text_config_of(hf: dict, model_type: str = "qwen3_vl_text", defaults: dict = QWEN3_VL_TEXT_DEFAULTS) -> dict:
     text = dict(hf.get("text_config") or {})
-    if text.get("model_type") not in ("qwen3_vl_text", None):
-        raise ValueError(f"text_config.model_type: Qwen3-VL with a {text['model_type']!r} text model is not "
-                         f"supported (qwen3_vl_text only; the MoE variant is qwen3_vl_moe)")
-    return {**QWEN3_VL_TEXT_DEFAULTS, **text}
+    if text.get("model_type") not in (model_type, None):
+        raise ValueError(f"text_config.model_type: {hf.get('model_type', 'qwen3_vl')} with a "
+                         f"{text['model_type']!r} text model is not supported ({model_type} only)")
+    return {**defaults, **text}
 
 
 def mrope_section_of(text: dict) -> list[int]:
@@ -73,8 +73,12 @@ class Qwen3VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
 
     @classmethod
+    def text_config_of(cls, hf: dict) -> dict:
+        return text_config_of(hf)
+
+    @classmethod
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32) -> "Qwen3VLForConditionalGeneration":
-        text = text_config_of(hf)
+        text = cls.text_config_of(hf)
         # transformers ties by the top-level flag; a config that names it only in text_config
         # means it there.
         tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))

@@ -43,8 +43,18 @@ def write_tokenizer(out: Path) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in SPECIALS}
 
 
-def make_reference(vocab: int, ids: dict[str, int], *, seed=1, tie=False, **text):
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+# Qwen3-VL-MoE's text side at the tiny size: 4 experts, top 2, layer 1 dense.
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decoder_sparse_step=1,
+           mlp_only_layers=[1])
+
+
+def make_reference(vocab: int, ids: dict[str, int], *, seed=1, tie=False, moe=False, **text):
+    if moe:
+        from transformers import Qwen3VLMoeConfig as Qwen3VLConfig
+        from transformers import Qwen3VLMoeForConditionalGeneration as Qwen3VLForConditionalGeneration
+        text = {**MOE, **text}
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
     vc = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, patch_size=PATCH,
               temporal_patch_size=TEMPORAL, spatial_merge_size=MERGE, out_hidden_size=64,
               num_position_embeddings=16, deepstack_visual_indexes=DEEPSTACK)
