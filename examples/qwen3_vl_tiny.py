@@ -90,9 +90,9 @@ def data_uri(width: int, height: int, seed: int) -> str:
 def main() -> int:
     model_dir = sys.argv[1] if len(sys.argv) > 1 else str(write_tiny_model(Path(tempfile.mkdtemp())))
     runner = Runner(which=Which.VisionPlain(model_id=model_dir, arch=VisionArchitecture.Qwen3VL))
-    reqs = [ChatCompletionRequest(model="default", max_tokens=12, temperature=0.0, messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": data_uri(w, h, seed)}},
-                {"type": "text", "text": "What is in this image?"}]}])
+    reqs = [ChatCompletionRequest(model="default", max_tokens=12, temperature=0.0, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(w, h, seed)}},
+                                             {"type": "text", "text": "What is in this image?"}]}])
             for seed, (w, h) in enumerate([(160, 96), (64, 300)])]
     reqs.append(ChatCompletionRequest(model="default", max_tokens=12, temperature=0.0,
                                       messages=[{"role": "user", "content": "And a text-only question."}]))

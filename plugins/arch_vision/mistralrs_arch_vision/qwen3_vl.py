@@ -2,12 +2,11 @@
 image processing (``processors/qwen2_vl.py``) and a Qwen3 text decoder (q/k RMSNorm) with
 interleaved M-RoPE.
 
-Each image part becomes ``<|vision_start|><|image_pad|><|vision_end|>`` in the template; its
-``<|image_pad|>`` is expanded to one token per merged 2 x 2 patch block (``t * h * w / 4``),
-one ``FeatureSpan``, as transformers' ``Qwen3VLProcessor`` does. Rope positions are 3-axis
-(``prompt_positions``): text counts up on every axis; an image's tokens take (t, row, col)
-offsets from the position after the preceding text; the text after it resumes at that start
-+ max(rows, cols).
+Images are prepared and placed as in Qwen2-VL (``qwen2_vl.py``'s ``Qwen2VLProcessor``, which
+is this family's processor): the template's ``<|image_pad|>`` between
+``<|vision_start|>``/``<|vision_end|>`` becomes one token per merged 2 x 2 patch block, one
+``FeatureSpan``, as transformers' ``Qwen3VLProcessor`` does for images; the 3-axis rope
+positions follow the same rule (``mrope_prompt_positions``).
 
 Deepstack: the tower also projects the states of a few of its blocks
 (``deepstack_visual_indexes``); feature k is added to the image tokens' hidden states after
@@ -23,18 +22,15 @@ transformers-4 / Qwen2-VL style (``model.*``, ``visual.*``) and ``language_model
 """
 from __future__ import annotations
 
-import attrs
-import numpy as np
 import torch
 
 from mistralrs_core.layers.rope import MultiAxisRotaryEmbedding
 from mistralrs_core.models.decoder import DecoderLM
-from mistralrs_core.models.positions import PromptPositions
 from mistralrs_core.models.text_config import base_config
 
 from mistralrs_arch_vision.family import VisionFamilyMixin
-from mistralrs_arch_vision.pipeline import ImagePrompt
-from mistralrs_arch_vision.processors.qwen2_vl import Qwen2VLImageProcessor, QwenVisionInput
+from mistralrs_arch_vision.processors.qwen2_vl import QwenVisionInput
+from mistralrs_arch_vision.qwen2_vl import mrope_prompt_positions
 from mistralrs_arch_vision.towers.qwen3_vit import Qwen3VisionConfig, Qwen3VisionTower
 
 # transformers' Qwen3VLTextConfig defaults: a text_config lists only what differs from them.
@@ -119,6 +115,9 @@ class Qwen3VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
         return list(wide.split([self.visual.tokens_of(tuple(x.grid_thw)) for x in inputs]))
 
     def encode_features(self, spans):
+        for s in spans:
+            if not isinstance(s.data, QwenVisionInput):
+                raise ValueError(f"a Qwen3-VL span holds {type(s.data).__name__}, not image patches")
         return self.image_features([s.data for s in spans])
 
     def merge_features(self, embeds, rows, features):
@@ -144,51 +143,4 @@ class Qwen3VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
 
     # --- positions ----------------------------------------------------------
     def prompt_positions(self, prompt_ids, spans):
-        """transformers' ``get_rope_index`` for a prompt whose images are ``spans``."""
-        if not spans:
-            return None                  # text only: every axis counts up, plain positions
-        n, m = len(prompt_ids), self.visual.cfg.spatial_merge_size
-        pos = np.empty((3, n), dtype=np.int64)
-        i, nxt = 0, 0
-        for span in sorted(spans, key=lambda s: s.start):
-            pos[:, i:span.start] = np.arange(nxt, nxt + span.start - i)
-            nxt += span.start - i
-            t, h, w = span.data.grid_thw
-            h, w = h // m, w // m
-            if t * h * w != span.length:
-                raise ValueError(f"image span of {span.length} tokens for a grid of {t} x {h} x {w}")
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-            pos[:, span.start:span.end] = np.stack([tt, hh, ww]).reshape(3, -1) + nxt
-            nxt += max(h, w)
-            i = span.end
-        pos[:, i:] = np.arange(nxt, nxt + n - i)
-        return PromptPositions(pos, delta=int(pos.max()) + 1 - n)
-
-
-# --------------------------------------------------------------------------- the processor
-@attrs.define
-class Qwen3VLProcessor:
-    """The family's half of the pipeline: the template's ``<|image_pad|>`` becomes one token
-    per merged patch block, the span's data the flattened patches and grid."""
-    image_processor: Qwen2VLImageProcessor
-    image_token_id: int
-    merge_size: int
-    image_part: dict = attrs.field(factory=lambda: {"type": "image"})
-
-    @classmethod
-    def from_pretrained(cls, *, model, hf_config: dict, preprocessor_config: dict, tokenizer=None,
-                        model_dir=None) -> "Qwen3VLProcessor":
-        vision = model.visual.cfg
-        proc = Qwen2VLImageProcessor.from_config(preprocessor_config)
-        for name, want in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
-                           ("temporal_patch_size", vision.temporal_patch_size)):
-            if getattr(proc, name) != want:
-                raise ValueError(f"preprocessor_config.json: {name} {getattr(proc, name)} does not match the "
-                                 f"vision tower's {want}")
-        if tokenizer is not None and tokenizer.id_to_token(model.image_token_id) is None:
-            raise ValueError(f"config.json: image_token_id {model.image_token_id} is not in the tokenizer")
-        return cls(proc, model.image_token_id, vision.spatial_merge_size)
-
-    def prepare(self, image) -> ImagePrompt:
-        x = self.image_processor(image)
-        return ImagePrompt(self.image_processor.num_tokens(x.grid_thw), x)
+        return mrope_prompt_positions(prompt_ids, spans, self.visual.cfg.spatial_merge_size)

@@ -20,11 +20,11 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from tiny_qwen3_vl import DEEPSTACK, PATCH, PREPROCESSOR, TEMPORAL, write_tiny_qwen3_vl  # noqa: E402
+from tiny_qwen3_vl import DEEPSTACK, PATCH, PREPROCESSOR, TEMPORAL, tokenizer_of, write_tiny_qwen3_vl  # noqa: E402
 from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
 
-from mistralrs_arch_vision.qwen3_vl import Qwen3VLForConditionalGeneration, Qwen3VLProcessor  # noqa: E402
-from mistralrs_arch_vision.processors.qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
+from mistralrs_arch_vision.qwen2_vl import Qwen2VLProcessor  # noqa: E402
+from mistralrs_arch_vision.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
 
 COVERS = ["Qwen3VL"]
 TOL = 1e-4
@@ -51,10 +51,9 @@ def loaded(tiny):
 
 @pytest.fixture(scope="module")
 def proc(loaded, tiny):
-    model = loaded[0]
-    tok = types.SimpleNamespace(id_to_token=lambda i: "x")
-    return Qwen3VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
-                                            tokenizer=tok, model_dir=tiny[0])
+    model, _, ids = loaded
+    return Qwen2VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=tokenizer_of(ids), model_dir=tiny[0])
 
 
 # --------------------------------------------------------------------------- the reference
@@ -229,7 +228,8 @@ def test_prefill_chunked_inside_images_matches_reference(loaded, proc, chunks):
 def test_batched_image_and_text_sequences_equal_each_alone(loaded, proc):
     model, _, ids_of = loaded
     g = torch.Generator().manual_seed(12)
-    a_ids, a_spans = build_prompt(proc, ids_of, [image(*IMAGES[0], seed=7)], torch.randint(0, 300, (9,), generator=g).tolist())
+    a_ids, a_spans = build_prompt(proc, ids_of, [image(*IMAGES[0], seed=7)],
+                                  torch.randint(0, 300, (9,), generator=g).tolist())
     b_ids = torch.randint(0, 300, (13,), generator=g).tolist()
     c_ids, c_spans = build_prompt(proc, ids_of, [image(*IMAGES[1], seed=8), image(*IMAGES[0], seed=7)],
                                   torch.randint(0, 300, (9,), generator=g).tolist())
@@ -277,7 +277,8 @@ SHAPES = {"tall": (20, 90), "wide": (120, 14), "small": (5, 3), "large": (300, 2
 
 
 def _ref_image_processor():
-    return transformers.Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items() if k != "image_processor_type"})
+    return transformers.Qwen2VLImageProcessorPil(**{k: v for k, v in PREPROCESSOR.items()
+                                                     if k != "image_processor_type"})
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
@@ -343,7 +344,8 @@ def test_tied_embeddings_match_reference(tmp_path):
     out, ref, ids_of = write_tiny_qwen3_vl(tmp_path, tie=True)
     model, _ = build_text_model(out, kind="vision")
     assert model.cfg.tie_word_embeddings
-    p = Qwen3VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR)
+    p = Qwen2VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                         tokenizer=tokenizer_of(ids_of))
     ids, spans = build_prompt(p, ids_of, [image(*IMAGES[1], seed=9)], list(range(9)))
     run = Seqs(model)
     run.add(0, ids, spans)
@@ -351,7 +353,7 @@ def test_tied_embeddings_match_reference(tmp_path):
 
 
 def test_bad_configs_and_inputs_are_clear(tiny, loaded, proc):
-    model, _, _ = loaded
+    model, _, ids_of = loaded
     hf = json.loads((tiny[0] / "config.json").read_text())
     with pytest.raises(ValueError, match="text_config.model_type"):
         Qwen3VLForConditionalGeneration.from_hf_config({**hf, "text_config": {**hf["text_config"],
@@ -363,15 +365,16 @@ def test_bad_configs_and_inputs_are_clear(tiny, loaded, proc):
         Qwen3VLForConditionalGeneration.from_hf_config({**hf, "vision_config": {**hf["vision_config"],
                                                                                "deepstack_visual_indexes": [5]}})
     with pytest.raises(ValueError, match="patch_size 8 does not match"):
-        Qwen3VLProcessor.from_pretrained(model=model, hf_config=hf, preprocessor_config={**PREPROCESSOR,
-                                                                                          "patch_size": 8})
-    with pytest.raises(ValueError, match="image_token_id .* is not in the tokenizer"):
-        Qwen3VLProcessor.from_pretrained(model=model, hf_config=hf, preprocessor_config=PREPROCESSOR,
-                                         tokenizer=types.SimpleNamespace(id_to_token=lambda i: None))
+        Qwen2VLProcessor.from_pretrained(model=model, hf_config=hf, preprocessor_config={**PREPROCESSOR,
+                                                                                          "patch_size": 8},
+                                         tokenizer=tokenizer_of(ids_of))
+    with pytest.raises(ValueError, match="image_token_id .* is not the tokenizer's"):
+        Qwen2VLProcessor.from_pretrained(model=model, hf_config=hf, preprocessor_config=PREPROCESSOR,
+                                         tokenizer=types.SimpleNamespace(token_to_id=lambda t: 3))
     bad = types.SimpleNamespace(patches=torch.zeros(6, 3 * TEMPORAL * PATCH * PATCH), grid_thw=(1, 3, 2))
     with pytest.raises(ValueError, match="multiples of the merge size"):
         model.image_features([bad])
-    with pytest.raises(ValueError, match="image span of 5 tokens"):
+    with pytest.raises(ValueError, match="image span of 5 tokens holds a 4 x 4 patch grid"):
         model.prompt_positions(list(range(9)), [FeatureSpan(1, 5, b"x", proc.prepare(image(16, 16)).data)])
 
 

@@ -3,7 +3,6 @@ parameter perturbed; 4 experts, top 2, one dense layer): prefill + cached decode
 0, 1 and 2 images, a prefill chunked inside an image, the hub's transposed expert stacks and
 transformers 5's own, and the Runner batching an image request with a text request. The
 tower, processor and positions are Qwen3-VL's (``test_qwen3_vl.py``)."""
-import types
 
 import pytest
 import torch
@@ -14,10 +13,10 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from test_qwen3_vl import IMAGES, Seqs, _check, _legacy_copy, build_prompt, image, ref_logits  # noqa: E402
-from tiny_qwen3_vl import PREPROCESSOR, write_tiny_qwen3_vl  # noqa: E402
+from tiny_qwen3_vl import PREPROCESSOR, tokenizer_of, write_tiny_qwen3_vl  # noqa: E402
 from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
 
-from mistralrs_arch_vision.qwen3_vl import Qwen3VLProcessor  # noqa: E402
+from mistralrs_arch_vision.qwen2_vl import Qwen2VLProcessor  # noqa: E402
 from mistralrs_arch_vision.qwen3_vl_moe import Qwen3VLMoeForConditionalGeneration  # noqa: E402
 
 COVERS = ["Qwen3VLMoE"]
@@ -38,7 +37,8 @@ def loaded(tiny):
 
 @pytest.fixture(scope="module")
 def proc(loaded):
-    return Qwen3VLProcessor.from_pretrained(model=loaded[0], hf_config={}, preprocessor_config=PREPROCESSOR)
+    return Qwen2VLProcessor.from_pretrained(model=loaded[0], hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=tokenizer_of(loaded[2]))
 
 
 def test_layers_are_sparse_except_mlp_only_layers(loaded):

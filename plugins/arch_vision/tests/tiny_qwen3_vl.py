@@ -48,6 +48,12 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, decod
            mlp_only_layers=[1])
 
 
+def tokenizer_of(ids: dict[str, int]):
+    """A stand-in tokenizer that knows the vision tokens (what the processor looks up)."""
+    import types
+    return types.SimpleNamespace(token_to_id=ids.get, id_to_token={v: k for k, v in ids.items()}.get)
+
+
 def make_reference(vocab: int, ids: dict[str, int], *, seed=1, tie=False, moe=False, **text):
     if moe:
         from transformers import Qwen3VLMoeConfig as Qwen3VLConfig

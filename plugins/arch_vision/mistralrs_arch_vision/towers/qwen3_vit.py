@@ -63,7 +63,8 @@ class Qwen3VisionConfig:
                              f"tower's axial rope")
         if rope.get("rope_theta") is not None:
             kw["rope_theta"] = float(rope["rope_theta"])
-        kw["deepstack_visual_indexes"] = tuple(int(i) for i in kw.get("deepstack_visual_indexes", cls.deepstack_visual_indexes))
+        deep = kw.get("deepstack_visual_indexes", cls.deepstack_visual_indexes)
+        kw["deepstack_visual_indexes"] = tuple(int(i) for i in deep)
         cfg = cls(**kw)
         if cfg.hidden_size % cfg.num_heads or cfg.head_dim % 4:
             raise ValueError(f"vision_config: hidden_size {cfg.hidden_size} / num_heads {cfg.num_heads} must be "
