@@ -456,3 +456,25 @@ def test_runner_bad_image_fails_that_request_only(runner):
         runner.send_chat_completion_request(bad)
     ok = runner.send_chat_completion_request(chat("still fine?", n=2))
     assert ok.usage.completion_tokens == 2
+
+
+def test_runner_prefix_cache_hit_ending_inside_an_image(runner, tiny):
+    """A second request with the same image and other text after it reuses the cached blocks
+    of the first up to a block boundary inside the image: the rest of the image's rows (main
+    and deepstack features) are computed from its cached features' slice."""
+    _, ref, _ = tiny
+    pipe = runner._pipeline(None)
+    url = png_data_uri(image(40, 24, seed=9))
+    first = chat([{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": url}},
+                  {"type": "text", "text": "what is it?"}])
+    second = chat([{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": url}},
+                   {"type": "text", "text": "Rust?"}])
+    pa, pb = pipe.chat_prompt(first), pipe.chat_prompt(second)
+    common = next(i for i, (a, b) in enumerate(zip(pa.ids, pb.ids)) if a != b)
+    span = pb.spans[0]
+    block = pipe.engine.config.block_size
+    assert span.start < common // block * block < span.end       # the hit ends inside the image
+    _check(pipe, ref, first, runner.send_chat_completion_request(first))
+    before = pipe.engine.stats["prompt_tokens_computed"]
+    _check(pipe, ref, second, runner.send_chat_completion_request(second))
+    assert pipe.engine.stats["prompt_tokens_computed"] - before == len(pb.ids) - common // block * block
