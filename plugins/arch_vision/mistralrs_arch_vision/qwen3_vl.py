@@ -133,12 +133,12 @@ class Qwen3VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
         if pending is None or pending[0] is not h:
             return super().forward_embeds(h, positions, meta, caches)
         _, rows, deep = pending
-        rows, deep = rows.to(h.device), deep.to(device=h.device, dtype=h.dtype)
         cs = self.rope.cos_sin(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cs, meta, caches[i] if caches is not None else None)
             if i < self.num_deepstack:
-                h = h.index_add(0, rows, deep[:, i])
+                # .to: under a device map each layer returns h on its own device
+                h = h.index_add(0, rows.to(h.device), deep[:, i].to(device=h.device, dtype=h.dtype))
         return self.model.norm(h)
 
     # --- positions ----------------------------------------------------------
