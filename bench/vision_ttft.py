@@ -15,7 +15,14 @@ The machine these numbers come from is shared, so the two engines alternate for
 time; with ``--threads 1`` CPU time is the contention-proof measure.
 Prints a table and writes bench/results/vision-<date>.json.
 
+``--model qwen2_5_vl`` measures a Qwen2.5-VL-shaped model instead: the real-size ViT (32
+blocks of width 1280, 16 heads, patch 14, merge 2, windows of 112 px with full attention in
+blocks 7/15/23/31), a small Qwen2 text side, time to first token for one image at each of
+``--sizes`` (images keep their size up to the processor's max_pixels), against
+``Qwen2_5_VLForConditionalGeneration`` with ``Qwen2VLImageProcessorPil`` + ``Qwen2_5_VLProcessor``.
+
     .venv/bin/python bench/vision_ttft.py [--dtype bf16|f32] [--threads 2] [--repeats 3]
+    .venv/bin/python bench/vision_ttft.py --model qwen2_5_vl [--sizes 224x224,448x448,896x672]
 """
 from __future__ import annotations
 
@@ -71,6 +78,52 @@ def write_model(out: Path):
     return ref
 
 
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+QWEN_SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen2.5-VL-7B-Instruct's preprocessor_config.json
+QWEN_PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+                     "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                     "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                     "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+
+def write_qwen_model(out: Path):
+    """Qwen2.5-VL-7B's vision tower at full size, a 4-layer Qwen2 text model of width 512."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLTextConfig
+    from tokenizers import AddedToken, Tokenizer
+    from mistralrs_core.testing.parity import perturb_parameters
+    from mistralrs_core.testing.tiny import write_tiny_tokenizer
+    write_tiny_tokenizer(out)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS])
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in QWEN_SPECIALS}
+    text = Qwen2_5_VLTextConfig(vocab_size=max(ids.values()) + 1, hidden_size=512, intermediate_size=1376,
+                                num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                                max_position_embeddings=32768, eos_token_id=None, bos_token_id=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                 "mrope_section": [8, 12, 12]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=512,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+    cfg = Qwen2_5_VLConfig(text_config=text.to_dict(), vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = Qwen2_5_VLForConditionalGeneration(cfg).float().eval()
+    perturb_parameters(ref, seed=1, scale=0.02)
+    ref.save_pretrained(out, safe_serialization=True)
+    (out / "preprocessor_config.json").write_text(json.dumps(QWEN_PREPROCESSOR))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
+    return ref
+
+
 def images(n: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(n)]
@@ -90,10 +143,10 @@ def clock(fn):
 
 
 class Ours:
-    def __init__(self, model_dir: Path, dtype: str, concurrent: int):
+    def __init__(self, model_dir: Path, dtype: str, concurrent: int, arch: str = "LLaVa"):
         from mistralrs import Runner, VisionArchitecture, Which
         t = time.perf_counter()
-        self.runner = Runner(which=Which.VisionPlain(model_id=str(model_dir), arch=VisionArchitecture.LLaVa,
+        self.runner = Runner(which=Which.VisionPlain(model_id=str(model_dir), arch=getattr(VisionArchitecture, arch),
                                                      dtype=dtype), prefix_cache_n=0, max_seqs=concurrent)
         self.load_s = time.perf_counter() - t
 
@@ -149,7 +202,69 @@ class Reference:
         return clock(lambda: self._generate(pngs, tokens))
 
 
+class QwenReference(Reference):
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        from transformers import PreTrainedTokenizerFast, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        from transformers import Qwen2VLImageProcessorPil
+
+        class Processor(Qwen2_5_VLProcessor):
+            # The argument class check loads the video processor registry, which needs
+            # torchvision; the image processor and the tokenizer are the real ones.
+            def check_argument_for_proper_class(self, name, arg):
+                return None
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+        self.dtype = dtype
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(model_dir / "tokenizer.json"))
+        tok.pad_token = tok.pad_token or "<|endoftext|>"
+        ip = Qwen2VLImageProcessorPil(**{k: v for k, v in QWEN_PREPROCESSOR.items() if k != "image_processor_type"})
+        self.proc = Processor(image_processor=ip, tokenizer=tok, chat_template=QWEN_TEMPLATE)
+        self.text = self.proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+            add_generation_prompt=True)
+
+
 PROMPT = "Describe the image."
+
+
+def qwen_main(args, names) -> None:
+    """Time to first token for one image at each size, both engines alternating."""
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    model_dir = Path(tempfile.mkdtemp(prefix="vision-bench-qwen-"))
+    write_qwen_model(model_dir)
+    rng = np.random.default_rng(0)
+    pngs = {wh: png_bytes(Image.fromarray(rng.integers(0, 256, (wh[1], wh[0], 3), dtype=np.uint8)))
+            for wh in sizes}
+    ours = Ours(model_dir, names[args.dtype][0], 1, arch="Qwen2_5VL")
+    ref = QwenReference(model_dir, names[args.reference_dtype or args.dtype][1])
+    for side in (ours, ref):                                    # warm-up at the smallest size
+        side.ttft(pngs[sizes[0]])
+    runs = {wh: {"ours": [], "transformers": []} for wh in sizes}
+    for r in range(args.repeats):
+        order = [("ours", ours), ("transformers", ref)][::1 if r % 2 == 0 else -1]
+        for wh in sizes:
+            for name, side in order:
+                runs[wh][name].append(side.ttft(pngs[wh]))
+    ours.runner.shutdown()
+    print(f"Qwen2.5-VL ViT (32 x 1280, window 112) + 4-layer Qwen2 text; ours {args.dtype}, transformers "
+          f"{args.reference_dtype or args.dtype}; {args.threads} threads; {args.repeats} alternating rounds\n")
+    print("| image | tokens | ours wall / CPU (s) | transformers wall / CPU (s) | speed-up wall / CPU |\n"
+          "|---|---|---|---|---|")
+    summary = {}
+    from mistralrs_arch_vision.processors.qwen2_vl import smart_resize
+    for wh, rs in runs.items():
+        h, w = smart_resize(wh[1], wh[0], 28, QWEN_PREPROCESSOR["min_pixels"], QWEN_PREPROCESSOR["max_pixels"])
+        row = {name: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+               for name, v in rs.items()}
+        a, b = row["ours"], row["transformers"]
+        summary[f"{wh[0]}x{wh[1]}"] = {"tokens": h * w // 784, "ours": a, "transformers": b,
+                                       "speedup_wall": b[0] / a[0], "speedup_cpu": b[1] / a[1]}
+        print(f"| {wh[0]}x{wh[1]} | {h * w // 784} | {a[0]:.3g} / {a[1]:.3g} | {b[0]:.3g} / {b[1]:.3g} | "
+              f"{b[0] / a[0]:.2f}x / {b[1] / a[1]:.2f}x |")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"vision-qwen2_5_vl-{datetime.now():%Y-%m-%d-%H%M%S}.json"
+    out.write_text(json.dumps({"args": vars(args), "our_load_s": ours.load_s, "summary": summary,
+                               "runs": {f"{w}x{h}": v for (w, h), v in runs.items()}}, indent=1))
+    print(f"\nwritten: {out}")
 
 
 def main() -> None:
@@ -164,11 +279,17 @@ def main() -> None:
                     help="transformers' dtype when it should differ from ours (default: the same)")
     ap.add_argument("--compile", default=None, choices=("auto", "1", "0"),
                     help="MISTRALRS_VISION_COMPILE for our tower (default: the environment's, else auto)")
+    ap.add_argument("--model", default="llava", choices=("llava", "qwen2_5_vl"))
+    ap.add_argument("--sizes", default="224x224,448x448,896x672",
+                    help="qwen2_5_vl: image sizes (width x height) to time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.compile is not None:
         os.environ["MISTRALRS_VISION_COMPILE"] = args.compile
     names = {"bf16": ("BF16", torch.bfloat16), "f32": ("F32", torch.float32)}
+    if args.model == "qwen2_5_vl":
+        qwen_main(args, names)
+        return
     model_dir = Path(tempfile.mkdtemp(prefix="vision-bench-"))
     write_model(model_dir)
     pngs = [png_bytes(img) for img in images(args.concurrent + 1)]

@@ -22,12 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mistralrs_core.layers.activations import get_activation
 from mistralrs_core.layers.attention_backends import EncoderBatch, encoder_attention
 from mistralrs_core.layers.linear import Linear
-from mistralrs_core.layers.norms import LayerNorm, RMSNorm
+from mistralrs_core.layers.norms import LayerNorm
 from mistralrs_core.layers.rope import rotate_half
 
 # The reference hard-codes this epsilon for every norm of the tower and the merger.
@@ -144,6 +145,28 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
+def _linear(layer: Linear, x: torch.Tensor) -> torch.Tensor:
+    """A dense layer's bias rides in the GEMM (addmm: one pass over the output, ~25% of a
+    bf16 [3072, 1280] x [1280, 3420] product saved on CPU); quantized or adapted layers take
+    their own path."""
+    if layer.qmethod is None and layer.lora is None:
+        return F.linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+class _RMSNorm(nn.Module):
+    """Qwen2.5-VL's RMSNorm (float32 statistics, the weight applied in the input dtype) as
+    one fused kernel instead of five elementwise passes."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, device="meta"), requires_grad=False)
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 class QwenVisionAttention(nn.Module):
     def __init__(self, cfg: QwenViTConfig):
         super().__init__()
@@ -153,10 +176,11 @@ class QwenVisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, batch: EncoderBatch):
         t = x.shape[0]
-        q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        out = encoder_attention(q, k, v, batch, scale=self.head_dim ** -0.5)
-        return self.proj(out.reshape(t, -1))
+        qkv = _linear(self.qkv, x).view(t, 3, self.heads, self.head_dim)
+        # q and k rotated in one pass: [T, 2, H, D] against cos/sin [T, 1, 1, D]
+        q, k = _rope(qkv[:, :2], cos[:, None], sin[:, None]).unbind(1)
+        out = encoder_attention(q, k, qkv[:, 2], batch, scale=self.head_dim ** -0.5)
+        return _linear(self.proj, out.reshape(t, -1))
 
 
 class _PlainMLP(nn.Module):
@@ -167,7 +191,7 @@ class _PlainMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return _linear(self.fc2, self.act(_linear(self.fc1, x)))
 
 
 class _GatedMLP(nn.Module):
@@ -179,11 +203,11 @@ class _GatedMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return _linear(self.down_proj, self.act(_linear(self.gate_proj, x)) * _linear(self.up_proj, x))
 
 
 def _norm(cfg: QwenViTConfig, dim: int) -> nn.Module:
-    return RMSNorm(dim, _NORM_EPS) if cfg.qwen25 else LayerNorm(dim, eps=_NORM_EPS)
+    return _RMSNorm(dim, _NORM_EPS) if cfg.qwen25 else LayerNorm(dim, eps=_NORM_EPS)
 
 
 class QwenVisionBlock(nn.Module):
@@ -209,7 +233,8 @@ class PatchMerger(nn.Module):
         self.mlp = nn.Sequential(Linear(wide, wide, bias=True), nn.GELU(), Linear(wide, cfg.out_hidden_size, bias=True))
 
     def forward(self, x):
-        return self.mlp(self.ln_q(x).reshape(-1, self.ln_q.weight.shape[0] * self.unit))
+        x = self.ln_q(x).reshape(-1, self.ln_q.weight.shape[0] * self.unit)
+        return _linear(self.mlp[2], self.mlp[1](_linear(self.mlp[0], x)))
 
 
 class _PatchEmbed(nn.Module):
