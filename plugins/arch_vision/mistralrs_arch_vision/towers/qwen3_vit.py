@@ -25,6 +25,8 @@ from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.norms import LayerNorm
 from mistralrs_core.layers.rope import apply_rotary
 
+from mistralrs_arch_vision.towers.qwen_vit import _linear
+
 # The reference hard-codes this epsilon for every LayerNorm of the tower.
 _NORM_EPS = 1e-6
 
@@ -136,12 +138,12 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cos, sin, batch: EncoderBatch):
         t = x.shape[0]
-        q, k, v = self.qkv(x).view(t, 3, self.heads, self.head_dim).unbind(1)
+        q, k, v = _linear(self.qkv, x).view(t, 3, self.heads, self.head_dim).unbind(1)
         # The reference rotates in float32 whatever the model dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         out = encoder_attention(q, k, v, batch, scale=self.head_dim ** -0.5)
-        return self.proj(out.reshape(t, -1))
+        return _linear(self.proj, out.reshape(t, -1))
 
 
 class VisionMLP(nn.Module):
@@ -152,7 +154,7 @@ class VisionMLP(nn.Module):
         self.linear_fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
     def forward(self, x):
-        return self.linear_fc2(self.act(self.linear_fc1(x)))
+        return _linear(self.linear_fc2, self.act(_linear(self.linear_fc1, x)))
 
 
 class VisionBlock(nn.Module):
@@ -183,7 +185,7 @@ class PatchMerger(nn.Module):
 
     def forward(self, x):
         x = self.norm(x.reshape(-1, self.width)) if self.postshuffle else self.norm(x).reshape(-1, self.width)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+        return _linear(self.linear_fc2, F.gelu(_linear(self.linear_fc1, x)))
 
 
 class Qwen3VisionTower(nn.Module):
