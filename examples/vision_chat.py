@@ -2,7 +2,8 @@
 
 MODEL_DIR is a Hugging Face folder (config.json, safetensors, tokenizer, chat template,
 preprocessor_config.json) or hub id already in the local cache; IMAGE a path, file:// or
-http(s) URL, or a data URI; ARCH a ``VisionArchitecture`` name (default LLaVa).
+http(s) URL, or a data URI; ARCH a ``VisionArchitecture`` name (default LLaVa; e.g.
+Gemma3 or Gemma3n for google/gemma-3n-E2B-it).
 
 On CPU a big CLIP/SigLIP tower (LLaVa, LLaVaNext, Gemma3) is compiled once while loading;
 run with ``MISTRALRS_VISION_COMPILE=0`` to skip that and compare the load and answer times.

@@ -488,7 +488,7 @@ CHAT_ERRORS = [
     ),
     (
         dict(messages=[{"role": "user", "content": [{"type": "pdf"}]}]),
-        "messages[0].content[0].type: must be one of text, image_url, audio_url, video_url",
+        "messages[0].content[0].type: must be one of text, image_url, audio_url, input_audio, video_url",
     ),
     (
         dict(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),

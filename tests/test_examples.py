@@ -29,7 +29,8 @@ JOBS = int(os.environ.get("MISTRALRS_EXAMPLE_JOBS") or 2)
 
 # Examples above 30 s even on an idle machine: they start a server process (a second
 # interpreter and model load) and make several requests, or build a model with transformers.
-SLOW = {"anthropic_api.py": 480, "responses_api.py": 480, "vision_chat.py": 360}
+SLOW = {"anthropic_api.py": 480, "responses_api.py": 480, "vision_chat.py": 360, "vision_minicpmo.py": 360,
+        "audio_chat.py": 360}
 
 
 def _tiny_llava(tmp: Path) -> list[str]:
@@ -47,7 +48,48 @@ def _tiny_llava(tmp: Path) -> list[str]:
     return [str(model), str(image), "LLaVa"]
 
 
-ARGS: dict[str, Callable[[Path], list[str]]] = {"vision_chat.py": _tiny_llava}
+def _tiny_minicpmo(tmp: Path) -> list[str]:
+    """vision_minicpmo.py: a tiny random MiniCPM-o (openbmb's layout), a wide and a tall PNG."""
+    pytest.importorskip("transformers")
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "plugins" / "arch_vision" / "tests"))
+    try:
+        from tiny_minicpmo import write_tiny_minicpmo
+    finally:
+        sys.path.pop(0)
+    model, _, _ = write_tiny_minicpmo(tmp / "minicpmo")
+    Image.new("RGB", (48, 20), (200, 30, 30)).save(tmp / "wide.png")
+    Image.new("RGB", (14, 30), (30, 30, 200)).save(tmp / "tall.png")
+    return [str(model), str(tmp / "wide.png"), str(tmp / "tall.png")]
+
+
+def _tiny_gemma3n(tmp: Path) -> list[str]:
+    """audio_chat.py takes a model folder, a clip and an image: a tiny random Gemma 3n (its
+    image tower needs timm, a test extra), a 1 s WAV at 22.05 kHz and a PNG."""
+    pytest.importorskip("transformers")
+    import numpy as np
+    import soundfile
+    from PIL import Image
+    sys.path.insert(0, str(ROOT / "plugins" / "arch_vision" / "tests"))
+    try:
+        from timm_reference import import_timm
+        try:
+            import_timm()
+        except ImportError:
+            pytest.skip("timm is not installed")
+        from tiny_gemma3n import write_tiny_gemma3n
+        model, _, _ = write_tiny_gemma3n(tmp / "gemma3n")
+    finally:
+        sys.path.pop(0)
+    clip, image = tmp / "tone.wav", tmp / "red.png"
+    t = np.arange(22050) / 22050
+    soundfile.write(clip, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(image)
+    return [str(model), str(clip), str(image), "Gemma3n"]
+
+
+ARGS: dict[str, Callable[[Path], list[str]]] = {"vision_chat.py": _tiny_llava, "vision_minicpmo.py": _tiny_minicpmo,
+                                                 "audio_chat.py": _tiny_gemma3n}
 # Smaller settings for examples whose defaults would be too slow here.
 ENV: dict[str, dict[str, str]] = {"vision_chat.py": {"MISTRALRS_VISION_COMPILE": "0"}}
 

@@ -32,7 +32,7 @@ MAX_CHOICES = 128
 MAX_STOP_SEQS = 64
 MAX_STOP_CHARS = 4096
 ROLES = frozenset(r.value for r in Role)
-CONTENT_PART_TYPES = ("text", "image_url", "audio_url", "video_url")
+CONTENT_PART_TYPES = ("text", "image_url", "audio_url", "input_audio", "video_url")
 GRAMMAR_TYPES = ("regex", "lark", "json_schema", "llguidance")
 REASONING_EFFORTS = ("off", "none", "low", "medium", "high", "xhigh")
 _EFFORT_OFF = ("off", "none")
@@ -219,6 +219,11 @@ def _sampling(req: Any) -> None:
 
 
 def _url_part(name: str, part: dict, kind: str) -> None:
+    if kind == "input_audio":           # OpenAI's form: base64 ``data`` plus its ``format``
+        ref = part.get(kind)
+        if not isinstance(ref, dict) or not isinstance(ref.get("data"), str) or not ref["data"]:
+            _fail(f"{name}.input_audio", "must be a dict with non-empty base64 'data' (and 'format')")
+        return
     if kind not in part:
         _fail(name, f"a {kind} part needs a {kind!r} key")
     ref = part[kind]

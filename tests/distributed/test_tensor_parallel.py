@@ -1,8 +1,8 @@
 """Tensor parallelism with 2 ranks on gloo (processes started here) against 1 rank:
 the same logits (float32, <= 1e-5 relative) and greedy tokens for a tiny Llama (KV heads
 split, uneven vocabulary), Qwen3 (one KV head: replicated; tied embeddings), a
-Mixtral-like MoE (expert parallel), a Q8_0 GGUF Llama and the Llama as a Q8_0 UQFF
-(packed blocks sharded); then
+Mixtral-like MoE (expert parallel), a Q8_0 GGUF Llama, the Llama as a Q8_0 UQFF (packed
+blocks sharded) and as a UQFF of the AFQ / F8Q8 / FP8 / HQQ families; then
 the Runner on rank 0 with 4 concurrent requests, and a rank that dies."""
 from __future__ import annotations
 
@@ -45,7 +45,19 @@ def _uqff_entries(llama: Path, out: Path) -> list[dict]:
     from mistralrs_core.api import Which
     from mistralrs_core.runner import Runner
     Runner(which=Which.Plain(model_id=str(llama), write_uqff=str(out)), in_situ_quant="Q8_0").shutdown()
-    return [{"name": "uqff", "uqff": str(out), "shard": "q8_0-0.uqff"}]
+    # Every other UQFF family in one model: AFQ (groups of 64), F8Q8 (blocks of 32), FP8
+    # (per-tensor scale) sharded by their own rows / columns, HQQ kept whole per rank.
+    topology = out.parent / "families.yml"
+    topology.write_text("'/self_attn\\.[qkv]_proj\\.weight$/': {isq: AFQ4}\n"
+                        "'/self_attn\\.o_proj\\.weight$/': {isq: F8Q8}\n"
+                        "'/mlp\\.(gate|up)_proj\\.weight$/': {isq: HQQ4}\n"
+                        "'/layers\\.0\\.mlp\\.down_proj\\.weight$/': {isq: AFQ4}\n"
+                        "'/layers\\.1\\.mlp\\.down_proj\\.weight$/': {isq: FP8}\n")
+    families = out.parent / "llama_uqff_families"
+    Runner(which=Which.Plain(model_id=str(llama), topology=str(topology), write_uqff=str(families))).shutdown()
+    shard = next(p.name for p in families.iterdir() if p.suffix == ".uqff")
+    return [{"name": "uqff", "uqff": str(out), "shard": "q8_0-0.uqff"},
+            {"name": "uqff_families", "uqff": str(families), "shard": shard}]
 
 
 def _port() -> int:
@@ -95,9 +107,10 @@ def test_two_ranks_give_the_logits_and_tokens_of_one(models, tmp_path):
     assert s["qwen3"]["vocab"] == ["model.embed_tokens"]          # tied head: the embedding's gather
     assert s["mixtral"]["moe"] == 2 and s["mixtral"]["mlp"] == 0
     assert s["q8"]["attention"] == 2 and not s["q8"]["replicated"]
-    if "uqff" in s:
-        assert s["uqff"]["attention"] == 2 and s["uqff"]["mlp"] == 2 and not s["uqff"]["replicated"]
-        assert s["uqff"]["vocab"] == ["model.embed_tokens", "lm_head"]
+    for name in ("uqff", "uqff_families"):
+        if name in s:
+            assert s[name]["attention"] == 2 and s[name]["mlp"] == 2 and not s[name]["replicated"]
+            assert s[name]["vocab"] == ["model.embed_tokens", "lm_head"]
 
 
 def test_runner_on_rank_zero_and_a_hung_rank(models, tmp_path):
@@ -157,3 +170,83 @@ def test_serve_tp_starts_its_ranks(models, tmp_path):
         srv.stop()
     assert srv.proc.returncode == 0, srv.log.read_text(errors="replace")
     assert "Traceback" not in srv.log.read_text(errors="replace")
+
+
+def test_torchrun_two_nodes_serve(models, tmp_path):
+    """Two torchrun agents, each a "node" of one process, meeting through torchrun's c10d
+    rendezvous (as on two machines; here both on 127.0.0.1): the rank that becomes 0 serves
+    HTTP and answers as one process does; SIGTERM to the agents stops both."""
+    import httpx
+
+    from mistralrs_core.api import ChatCompletionRequest, Which
+    from mistralrs_core.runner import Runner
+    model = models[0]["dir"]
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    runner = Runner(which=Which.Plain(model_id=model), pa_ctxt_len=512)
+    want = runner.send_chat_completion_request(ChatCompletionRequest(
+        messages=question, max_tokens=8, temperature=0.0)).choices[0].message.content
+    runner.shutdown()
+
+    rdzv, http = _port(), _port()
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "MISTRALRS_API_KEY": "", "OMP_NUM_THREADS": "1"}
+    logs = [open(tmp_path / f"node{n}.log", "wb") for n in range(2)]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv}", "--rdzv-id", "mistralrs-test",
+         "--max-restarts", "0", "-m", "mistralrs_core.cli", "serve", "-m", model, "--device", "cpu",
+         "--pa-ctxt-len", "512", "-p", str(http), "--log-level", "warning"],
+        stdout=logs[n], stderr=subprocess.STDOUT, env=env, start_new_session=True) for n in range(2)]
+
+    def log_text() -> str:
+        return "\n".join((tmp_path / f"node{n}.log").read_text(errors="replace") for n in range(2))
+    try:
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert all(a.poll() is None for a in agents), log_text()
+            assert time.monotonic() < deadline, log_text()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        r = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+            "model": "default", "messages": question, "max_tokens": 8, "temperature": 0.0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want
+        status = httpx.post(url + "/v1/models/status", json={"model_id": "default"}).json()
+        assert status["placement"]["tensor_parallel"]["world"] == 2
+        # Stop it as an operator would: SIGTERM to the serving rank, which drains, stops
+        # the other rank, and exits; both agents then end with success.
+        server = _listening_child(agents, http)
+        os.kill(server, signal.SIGTERM)
+        for a in agents:
+            a.wait(timeout=60)
+        assert [a.returncode for a in agents] == [0, 0], log_text()
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGTERM)
+        for a in agents:
+            try:
+                a.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(a.pid, signal.SIGKILL)
+        for f in logs:
+            f.close()
+    assert "Traceback" not in log_text(), log_text()
+
+
+def _listening_child(agents, port: int) -> int:
+    """The pid of the agents' worker that listens on ``port`` (rank 0, the server)."""
+    import psutil
+    for a in agents:
+        for child in psutil.Process(a.pid).children(recursive=True):
+            try:
+                if any(c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN
+                       for c in child.net_connections("tcp")):
+                    return child.pid
+            except psutil.Error:
+                continue
+    raise AssertionError(f"no worker listens on port {port}")

@@ -3,7 +3,8 @@
     python tp_child.py '<json spec>'
 
 spec: rank, world, port, timeout, mode ("logits" | "runner"), out (rank 0 writes its
-results there), models (logits mode: [{"name", "dir" | "gguf" | "uqff" + "shard"}]), model (runner mode).
+results there), models (logits mode: [{"name", "dir" | "gguf" | "uqff" + "shard"}]), model (runner mode),
+which + requests (chat mode: a Runner of any kind answering message lists, images included).
 """
 from __future__ import annotations
 
@@ -101,6 +102,43 @@ def runner_mode(spec, tp) -> dict:
     return result
 
 
+def chat_answers(runner, requests: list[list[dict]]) -> list[dict]:
+    """Greedy answers (text, token logprobs) to ``requests`` (message lists), sent at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mistralrs_core.api import ChatCompletionRequest
+
+    def ask(messages):
+        req = ChatCompletionRequest(messages=messages, max_tokens=8, temperature=0.0, logprobs=True,
+                                    ignore_eos=True)
+        choice = runner.send_chat_completion_request(req).choices[0]
+        return {"text": choice.message.content, "logprobs": [t.logprob for t in choice.logprobs.content]}
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(ask, requests))
+
+
+def make_runner(which: dict):
+    """A Runner for ``which``: {"kind": "VisionPlain" | "Plain", "model_id", "arch"?}."""
+    from mistralrs_core.api import Which
+    from mistralrs_core.runner import Runner
+    kind = which.pop("kind", "Plain")
+    return Runner(which=getattr(Which, kind)(**which), max_seqs=8, pa_ctxt_len=1024)
+
+
+def chat_mode(spec, tp) -> dict:
+    """Rank 0 answers ``spec["requests"]`` (image parts included) while the others serve."""
+    from mistralrs_core.distributed import serve_workers, stop_workers
+    runner = make_runner(dict(spec["which"]))
+    if tp is not None and not tp.is_driver:
+        serve_workers()
+        return {}
+    result = {"answers": chat_answers(runner, spec["requests"])}
+    if tp is not None:
+        stop_workers()
+    runner.shutdown()
+    return result
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     tp = None
@@ -121,7 +159,7 @@ def main() -> None:
             save_file(tensors, spec["out"] + ".safetensors")
             Path(spec["out"] + ".json").write_text(json.dumps({"tokens": tokens, "summary": summaries}))
     else:
-        result = runner_mode(spec, tp)
+        result = chat_mode(spec, tp) if spec["mode"] == "chat" else runner_mode(spec, tp)
         if spec["rank"] == 0:
             Path(spec["out"] + ".json").write_text(json.dumps(result))
     sys.stdout.flush()

@@ -203,7 +203,8 @@ class DiaModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.logits_dense.weight.device
+        # (The embedding table: linear layers may hold their weight packed.)
+        return self.decoder.embeddings.embed.weight.device
 
     @torch.inference_mode()
     def encode(self, text_ids: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from mistralrs_core.layers.packed import prepack_linears
 from mistralrs_core.loading.hf_config import load_generation_config, load_model_config
 from mistralrs_core.loading.safetensors_io import SafetensorsWeights
 from mistralrs_core.loading.weights import load_module
@@ -34,6 +35,9 @@ def load_dia(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="
     load_module(model, stream, device=device, dtype=dtype)
     # Non-persistent buffers were built on meta: rebuild them where the weights are.
     model.decoder.embeddings.offsets = torch.arange(cfg.channels, device=device) * cfg.audio_vocab
+    # A frame step is 2 rows per request: bf16 weight streaming needs oneDNN's packed layout
+    # to run at memory speed on CPU (a no-op for float32 and on CUDA).
+    prepack_linears(model)
     return model.eval()
 
 

@@ -169,7 +169,7 @@ class Gemma3Processor:
         out = self.image_processor(image)
         return Gemma3Image(list(out.pixel_values))
 
-    def expand_prompt(self, text: str, images) -> Prompt:
+    def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         """Rendered chat text + loaded images -> token ids with one span per image and crop."""
         pieces = text.split(self.boi_token)
         if len(pieces) - 1 != len(images):

@@ -148,7 +148,7 @@ class Idefics2Processor:
         text = text.replace(self.fake_token * 2, self.fake_token)
         return re.sub(re.escape(self.fake_token) + r"(?=[^\s<])", self.fake_token + " ", text)
 
-    def expand_prompt(self, text: str, images) -> Prompt:
+    def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         """Rendered chat text + loaded images -> token ids with one span per crop."""
         found = text.count(self.image_token)
         if found != len(images):

@@ -141,7 +141,7 @@ class Idefics3Processor:
                        for r in range(rows))
         return f"{grid}\n{glob}"
 
-    def expand_prompt(self, text: str, images) -> Prompt:
+    def expand_prompt(self, text: str, images, audios=()) -> Prompt:
         """Rendered chat text + loaded images -> token ids with one span per tile."""
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(images):

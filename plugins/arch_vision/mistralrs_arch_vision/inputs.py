@@ -1,4 +1,5 @@
-"""Images from chat ``image_url`` parts: every source the SDK accepts, decoded to RGB.
+"""Images and audio from chat ``image_url`` / ``audio_url`` / ``input_audio`` parts: every
+source the SDK accepts, decoded to RGB pixels or mono float samples.
 
 A part's ``url`` may be a ``data:`` URI, raw base64, a local file path, a ``file://`` URL
 or an http(s) URL. Whatever the source, the result is the same RGB pixels (EXIF
@@ -26,6 +27,8 @@ from PIL import Image, ImageOps
 
 #: Largest encoded image accepted from any source (bytes).
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+#: Largest encoded audio clip accepted from any source (bytes): ~6 min of 16-bit 44.1 kHz stereo.
+MAX_AUDIO_BYTES = 64 * 1024 * 1024
 #: Seconds an http(s) fetch may take to connect and between reads.
 FETCH_TIMEOUT_S = 10.0
 
@@ -71,6 +74,60 @@ def image_url_of(part: dict, where: str) -> str:
     return ref
 
 
+@attrs.frozen(eq=False)
+class LoadedAudio:
+    samples: np.ndarray           # float32 [n], mono (channels averaged), in [-1, 1]
+    rate: int                     # samples per second of ``samples``
+    content_hash: bytes           # blake2b-256 of (rate, samples): what the model hears
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / self.rate
+
+
+def load_audio(url: str, *, where: str, max_bytes: int = MAX_AUDIO_BYTES,
+               timeout: float = FETCH_TIMEOUT_S) -> LoadedAudio:
+    """Decode the clip an ``audio_url`` part points at (same sources as images) with
+    soundfile: WAV, FLAC, OGG/Vorbis/Opus and MP3 where libsndfile has them."""
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}: expected a non-empty string (data URI, URL, path or base64)")
+    return decode_audio(_read_bytes(url, where, max_bytes, timeout), where)
+
+
+def audio_url_of(part: dict, where: str) -> str:
+    """The source of an ``audio_url`` part (``{"url": ...}`` or a bare string) or of an
+    OpenAI ``input_audio`` part (``{"data": base64, "format": "wav"}``)."""
+    if part.get("type") == "input_audio":
+        ref = part.get("input_audio")
+        data = ref.get("data") if isinstance(ref, dict) else None
+        if not isinstance(data, str) or not data:
+            raise ValueError(f"{where}: expected {{'data': base64 str, 'format': str}}")
+        return data
+    ref = part.get("audio_url")
+    if isinstance(ref, dict):
+        ref = ref.get("url")
+    if not isinstance(ref, str):
+        raise ValueError(f"{where}: expected {{'url': str}} or a string, got {type(ref).__name__}")
+    return ref
+
+
+def decode_audio(data: bytes, where: str) -> LoadedAudio:
+    import soundfile               # imported here: image-only deployments never load libsndfile
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as exc:       # libsndfile reports every malformed file as a RuntimeError-ish
+        raise ValueError(f"{where}: not a decodable audio file ({type(exc).__name__}: {exc})") from None
+    if samples.shape[0] == 0:
+        raise ValueError(f"{where}: the audio clip holds no samples")
+    mono = np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32))
+    if not np.isfinite(mono).all():
+        raise ValueError(f"{where}: the audio clip holds NaN or infinite samples")
+    h = hashlib.blake2b(digest_size=32)
+    h.update(int(rate).to_bytes(8, "little"))
+    h.update(mono.tobytes())
+    return LoadedAudio(mono, int(rate), h.digest())
+
+
 # --------------------------------------------------------------------------- sources
 def _read_bytes(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
     lower = url[:16].lower()
@@ -93,7 +150,7 @@ def _read_bytes(url: str, where: str, max_bytes: int, timeout: float) -> bytes:
 
 def _check_size(n: int, where: str, max_bytes: int) -> None:
     if n > max_bytes:
-        raise ValueError(f"{where}: image is larger than the {max_bytes}-byte limit")
+        raise ValueError(f"{where}: the payload is larger than the {max_bytes}-byte limit")
 
 
 def _from_base64(text: str, where: str, max_bytes: int) -> bytes:
@@ -103,7 +160,7 @@ def _from_base64(text: str, where: str, max_bytes: int) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"{where}: not a data URI, http(s)/file URL, existing file path or valid base64 "
-                         f"image") from None
+                         f"data") from None
 
 
 def _from_data_uri(url: str, where: str, max_bytes: int) -> bytes:

@@ -8,8 +8,17 @@ Families differ only in their processor (``prepare(image) -> ImagePrompt(num_tok
 data, token_ids=None)``, ``image_token_id``, ``image_part``); ``token_ids`` spells out a span
 that holds more than image tokens (Pixtral's row breaks). A processor whose images expand to
 more than one run of placeholder tokens with text around them (Gemma 3: boi/eoi tokens,
-pan-and-scan crops) defines ``expand_prompt(text, images) -> Prompt`` instead, and expands
-the rendered text itself before tokenizing.
+pan-and-scan crops) defines ``expand_prompt(text, images, audios) -> Prompt`` instead, and
+expands the rendered text itself before tokenizing. A processor whose chat templates take
+message content as a string defines ``message_text(parts, before) -> str`` (``before``: how
+many image and audio parts earlier messages held, ``{"image": n, "audio": m}``, for
+numbered tags).
+
+Audio (``audio_url`` and OpenAI ``input_audio`` parts) takes the same road: a processor that
+hears defines ``audio_token_id``, ``audio_part`` (default ``{"type": "audio"}``) and
+``prepare_audio(LoadedAudio) -> ImagePrompt``; the span's ``data`` is whatever that returns,
+and the model's ``encode_features`` tells image from audio data by its type. A processor
+without ``prepare_audio`` refuses audio parts.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.pipeline.text import Prompt, TextPipeline
 from mistralrs_core.tokenization.prompt import encode_prompt, render_chat
 
-from mistralrs_arch_vision.inputs import image_url_of, load_image
+from mistralrs_arch_vision.inputs import audio_url_of, image_url_of, load_audio, load_image
 
 
 @attrs.frozen
@@ -50,11 +59,13 @@ class VisionPipeline(TextPipeline):
         messages = normalize_messages(req.messages)
         if not any(isinstance(m.get("content"), list) for m in messages):
             return super().chat_prompt(req)           # plain strings: exactly the text path
-        images = []
+        images, audios = [], []
+        message_text = getattr(self.processor, "message_text", None)
         for i, m in enumerate(messages):
             content = m.get("content")
             if not isinstance(content, list):
                 continue
+            before = {"image": len(images), "audio": len(audios)}
             parts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -63,14 +74,22 @@ class VisionPipeline(TextPipeline):
                     where += ".image_url"
                     images.append(load_image(image_url_of(part, where), where=where, max_edge=self.max_edge))
                     parts.append(dict(self.processor.image_part))
+                elif kind in ("audio_url", "input_audio"):
+                    where += f".{kind}"
+                    if getattr(self.processor, "prepare_audio", None) is None:
+                        raise ValueError(f"{where}: this model does not take audio input")
+                    audios.append(load_audio(audio_url_of(part, where), where=where))
+                    parts.append(dict(getattr(self.processor, "audio_part", {"type": "audio"})))
                 elif kind == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
                 else:
-                    raise ValueError(f"{where}: unsupported content part type {kind!r} (text or image_url)")
+                    raise ValueError(f"{where}: unsupported content part type {kind!r} "
+                                     f"(text, image_url, audio_url or input_audio)")
             # Parts stay a list, as transformers' processors hand them to the template: the
             # hub's vision templates iterate content parts (a joined string would render
-            # as no text at all in LLaVa's).
-            m["content"] = parts
+            # as no text at all in LLaVa's). A family whose templates take a string
+            # (Phi-3-vision: ``<|image_N|>`` tags in the text) writes the parts as one.
+            m["content"] = parts if message_text is None else message_text(parts, before)
         if self.template is None:
             raise ValueError("messages: this model has no chat template; pass chat_template= to Runner")
         extra = {}
@@ -80,31 +99,40 @@ class VisionPipeline(TextPipeline):
                            tools=template_tools(req), **extra)
         expand_prompt = getattr(self.processor, "expand_prompt", None)
         if expand_prompt is not None:
-            return expand_prompt(text, images)
-        return self.expand_images(encode_prompt(self.tokenizer, text), images)
+            return expand_prompt(text, images, audios)
+        return self.expand_media(encode_prompt(self.tokenizer, text), images, audios)
 
     def expand_images(self, ids: list[int], images) -> Prompt:
-        """Replace the i-th image placeholder token with image i's tokens and span."""
-        token = self.processor.image_token_id
-        found = ids.count(token)
-        if found != len(images):
-            raise ValueError(f"messages: the rendered prompt holds {found} image placeholder(s) for "
-                             f"{len(images)} image(s); the chat template must emit one per image part")
-        out, spans, k = [], [], 0
+        return self.expand_media(ids, images, [])
+
+    def expand_media(self, ids: list[int], images, audios) -> Prompt:
+        """Replace the i-th image (audio) placeholder token with image (clip) i's tokens and span."""
+        proc = self.processor
+        image_token = proc.image_token_id
+        audio_token = getattr(proc, "audio_token_id", None) if audios else None
+        for token, items, what in ((image_token, images, "image"), (audio_token, audios, "audio")):
+            found = ids.count(token) if token is not None else 0
+            if found != len(items):
+                raise ValueError(f"messages: the rendered prompt holds {found} {what} placeholder(s) for "
+                                 f"{len(items)} {what} part(s); the chat template must emit one per part")
+        out, spans, k, a = [], [], 0, 0
         for t in ids:
-            if t != token:
+            if t == image_token:
+                item, token, k = images[k], image_token, k + 1
+                prepared = proc.prepare(item.image)
+            elif audio_token is not None and t == audio_token:
+                item, token, a = audios[a], audio_token, a + 1
+                prepared = proc.prepare_audio(item)
+            else:
                 out.append(t)
                 continue
-            img = images[k]
-            prepared = self.processor.prepare(img.image)
             spans.append(FeatureSpan(start=len(out), length=prepared.num_tokens, data=prepared.data,
-                                     content_hash=img.content_hash))
+                                     content_hash=item.content_hash))
             span_ids = getattr(prepared, "token_ids", None) or [token] * prepared.num_tokens
             if len(span_ids) != prepared.num_tokens:
-                raise ValueError(f"image processor gave {len(span_ids)} token ids for a span of "
+                raise ValueError(f"processor gave {len(span_ids)} token ids for a span of "
                                  f"{prepared.num_tokens} tokens")
             out.extend(span_ids)
-            k += 1
         return Prompt(out, spans)
 
 

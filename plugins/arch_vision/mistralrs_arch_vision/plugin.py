@@ -22,6 +22,14 @@ VISION_FAMILIES = [
      ("MllamaForConditionalGeneration",), f"{_PKG}.mllama:MllamaProcessor"),
     ("Llama4", (), f"{_PKG}.llama4:Llama4ForConditionalGeneration", ("llama4",),
      ("Llama4ForConditionalGeneration",), f"{_PKG}.llama4:Llama4Processor"),
+    ("Phi3V", (), f"{_PKG}.phi3v:Phi3VForCausalLM", ("phi3_v",), ("Phi3VForCausalLM",),
+     f"{_PKG}.phi3v:Phi3VProcessor"),
+    ("MiniCpmO", (), f"{_PKG}.minicpmo:MiniCPMOForConditionalGeneration", ("minicpmo", "minicpmv"),
+     ("MiniCPMO", "MiniCPMV"), f"{_PKG}.minicpmo:MiniCpmOProcessor"),
+    ("Phi4MM", (), f"{_PKG}.phi4mm:Phi4MMForCausalLM", ("phi4_multimodal", "phi4mm"),
+     ("Phi4MultimodalForCausalLM", "Phi4MMForCausalLM"), f"{_PKG}.phi4mm:Phi4MMProcessor"),
+    ("Gemma3n", (), f"{_PKG}.gemma3n:Gemma3nForConditionalGeneration", ("gemma3n",),
+     ("Gemma3nForConditionalGeneration",), f"{_PKG}.gemma3n:Gemma3nProcessor"),
     ("Qwen2VL", (), f"{_PKG}.qwen2_vl:Qwen2VLForConditionalGeneration", ("qwen2_vl",),
      ("Qwen2VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
     ("Qwen2_5VL", (), f"{_PKG}.qwen2_vl:Qwen2_5_VLForConditionalGeneration", ("qwen2_5_vl",),
@@ -54,4 +62,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Qwen2VL, Qwen2_5VL, Qwen3VL, Qwen3VLMoE)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio), Qwen2VL, Qwen2_5VL, Qwen3VL, Qwen3VLMoE)")

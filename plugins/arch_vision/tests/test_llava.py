@@ -253,6 +253,9 @@ def test_pipeline_text_only_unchanged_and_bad_parts_name_the_part(runner, tmp_pa
         pipe.chat_prompt(bad)
     with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]: unsupported content part type 'audio'"):
         pipe.chat_prompt(chat([{"type": "audio", "audio": "x"}]))
+    # LLaVa cannot hear: an audio part is refused by name, before any decoding.
+    with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[0\]\.audio_url: this model does not take audio"):
+        pipe.chat_prompt(chat([{"type": "audio_url", "audio_url": {"url": "data:,x"}}]))
     # A template that drops image parts would silently lose the image: refused instead.
     sneaky = chat([{"type": "text", "text": "<image> twice"},
                    {"type": "image_url", "image_url": {"url": png_data_uri(random_image(3))}}])

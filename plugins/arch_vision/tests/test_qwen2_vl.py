@@ -136,6 +136,22 @@ def test_tower_on_images_of_different_sizes_matches_reference(tiny):
         assert max_rel_err(o, t) <= TOL
 
 
+def test_tower_on_several_frames_matches_reference(tiny):
+    """The model side of video input (the pipeline takes no video parts yet): 4 frames make a
+    grid of t = 2 temporal patches."""
+    _, ref, _, model = tiny
+    proc = processor()
+    frames = torch.stack([proc.pixels(image(40, 24, seed=s)) for s in range(4)])
+    clip = proc.patchify(frames)
+    assert clip.grid_thw == (2, 6, 10)
+    with torch.inference_mode():
+        ours = model.image_features([clip, proc(image(16, 16, seed=2))])
+        theirs = ref.model.get_video_features(pixel_values_videos=clip.patches,
+                                              video_grid_thw=torch.tensor([list(clip.grid_thw)])).pooler_output
+    assert ours[0].shape == theirs[0].shape == (2 * 3 * 5, 64)
+    assert max_rel_err(ours[0], theirs[0]) <= TOL
+
+
 def test_window_order_matches_reference():
     from transformers.vision_utils import get_vision_window_index
     from mistralrs_arch_vision.towers.qwen_vit import window_order

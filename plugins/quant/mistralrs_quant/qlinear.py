@@ -44,7 +44,7 @@ import torch
 from .formats import FormatSpec, get_format
 from .kernels import cpp as cpp_kernels
 from .kernels import int4pack
-from .kernels.dense import DenseWeight
+from mistralrs_core.layers.packed import DenseWeight
 from .kernels.dequant_mm import dequant_matmul, tile_rows
 
 # Largest M for which the int4 kernel beats dequantize-then-matmul; its cost grows

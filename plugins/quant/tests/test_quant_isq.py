@@ -485,10 +485,36 @@ def test_uqff_layers_shard_as_gguf_blocks(tiny, tmp_path):
     with pytest.raises(ValueError, match="whole quantization blocks of 32"):
         w.take_cols(0, 48)
     assert isinstance(w._ggml_view(), GGUFQuantizedWeight)
-    hqq = uqff.UqffQuantizedWeight("x", {"x.weight.format": torch.tensor(uqff.FORMAT_HQQ, dtype=torch.uint8)},
-                                   tmp_path / "h-0.uqff")
-    with pytest.raises(ValueError, match="x: UQFF layers of format tag 2 cannot be sharded"):
-        hqq.take_rows([(0, 1)])
+
+
+@pytest.mark.parametrize("isq", ["AFQ4", "AFQ3", "AFQ6", "F8Q8", "FP8", "HQQ4", "HQQ8"])
+def test_uqff_layers_of_every_family_shard_exactly(isq, tmp_path):
+    """Rows and group-aligned columns of an AFQ / F8Q8 / FP8 / HQQ UQFF layer dequantize to
+    exactly those rows and columns of the whole layer (HQQ keeps the whole packed layer: its
+    groups span rows); a split inside a group is refused by name."""
+    from mistralrs_quant.isq import uqff
+    from mistralrs_quant.isq.types import TYPES
+    torch.manual_seed(0)
+    method = TYPES[isq].load_class().from_float(torch.randn(96, 256), **TYPES[isq].kwargs)
+    entries = {f"x.{k}": v for k, v in method.to_uqff_tensors().items()}
+    w = uqff.UqffQuantizedWeight("x", entries, tmp_path / "m-0.uqff")
+    full = w.dequantize()
+    rows = w.take_rows([(0, 16), (40, 72)])
+    assert rows.dequantize().shape == (48, 256)
+    assert torch.equal(rows.dequantize(), torch.cat([full[:16], full[40:72]]))
+    cols = w.take_cols(128, 256)
+    assert torch.equal(cols.dequantize(), full[:, 128:])
+    x = torch.randn(3, 128)
+    got = uqff.uqff_quant_method(types_config(), "x", None, cols).forward(x)
+    assert torch.allclose(got, x @ full[:, 128:].T, rtol=1e-5, atol=1e-5)
+    if isq.startswith(("AFQ", "F8Q8")):
+        with pytest.raises(ValueError, match="do not fall on its"):
+            w.take_cols(0, 48)
+
+
+def types_config():
+    import types
+    return types.SimpleNamespace(plan=None, compute_dtype=torch.float32, device=None)
 
 
 def test_send_re_isq(tiny):

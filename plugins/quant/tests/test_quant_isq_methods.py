@@ -21,7 +21,14 @@ def _weight(out=96, inn=256, seed=0):
 
 def _check_method(m, w_deq, x_rows=3):
     x = torch.randn(x_rows, m.in_features, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(m.forward(x), x @ w_deq.T, rtol=1e-5, atol=1e-5)
+    # The quantized-kernel contract (qlinear's): |y - x W^T| <= 1e-5 sum |x||w|, against the
+    # float64 product. The C++ kernels sum in another order than torch's BLAS, so an
+    # absolute 1e-5 only held while forward and reference used the same BLAS (FP8 blocks
+    # with |w| ~ 50: either order is ~3e-4 off the float64 product there).
+    ref = x.double() @ w_deq.double().T
+    bound = x.abs().double() @ w_deq.abs().double().T
+    err = (m.forward(x).double() - ref).abs()
+    assert (err <= 1e-5 * bound).all(), float((err / bound).max())
     ids = torch.tensor([[4, 1], [0, 4]])
     torch.testing.assert_close(m.embedding(ids), w_deq[ids])
     assert m.dequantize().dtype == torch.float32 and m.dequantize().shape == (m.out_features, m.in_features)

@@ -16,6 +16,8 @@ float32), shape ``[out, in / group_size]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -152,6 +154,25 @@ class AFQMethod:
         """Output rows ``start:stop`` (a fused layer's part, for UQFF): groups run along a row."""
         return type(self)(self.w_q[start:stop], self.scales[start:stop], self.biases[start:stop],
                           self.bits, self.group_size)
+
+    # Tensor parallelism (``mistralrs_core.distributed.packed``): groups run along a row, so
+    # rows are a plain slice and columns split exactly at group boundaries.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "AFQMethod":
+        parts = [self.slice_rows(a, b) for a, b in ranges]
+        return parts[0] if len(parts) == 1 else type(self).concat(parts)
+
+    def take_cols(self, start: int, stop: int) -> "AFQMethod":
+        g = self.group_size
+        if start % g or stop % g:
+            raise ValueError(f"AFQ: columns [{start}, {stop}) do not fall on its groups of {g}; use a "
+                             f"tensor-parallel size whose shards are multiples of {g} wide")
+        per_word = 32 // math.gcd(32, self.bits)       # columns whose codes fill whole 32-bit words
+        words = self.bits * per_word // 32
+        if start % per_word or stop % per_word:
+            raise ValueError(f"AFQ: columns [{start}, {stop}) split a packed word")
+        ws, we = start // per_word * words, stop // per_word * words
+        return type(self)(self.w_q[:, ws:we].contiguous(), self.scales[:, start // g:stop // g].contiguous(),
+                          self.biases[:, start // g:stop // g].contiguous(), self.bits, self.group_size)
 
     @property
     def nbytes(self) -> int:

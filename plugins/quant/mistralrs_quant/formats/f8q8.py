@@ -5,14 +5,17 @@ A block is 33 bytes: one float8_e4m3fn byte holding ``d · 448`` and 32 int8 cod
 zero, as Rust's ``f32::round``; the codes use the exact ``d``, the stored scale is the
 FP8-rounded one). Dequantized: ``x = q · fp8(d · 448) / 448``.
 
-Upstream runs F8Q8 on the CPU only and its ``forward`` dequantizes then multiplies; so do
-we. Its UQFF entry stores the raw blocks as a flat u8 tensor with the block count and the
+Upstream runs F8Q8 on the CPU only and its ``forward`` dequantizes then multiplies; ours
+runs the C++ kernels of ``kernels/qformats.py`` (the same float32 weight values, decoded a
+cache tile at a time), or dequantizes then multiplies without them. Its UQFF entry stores the raw blocks as a flat u8 tensor with the block count and the
 weight shape.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import qformats
 
 QK = 32
 BLOCK_BYTES = 33
@@ -63,6 +66,12 @@ class F8Q8Method:
         return dequantize_blocks(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = qformats.cached(self, lambda: qformats.bind_f8q8(self.blocks, self.out_features, self.in_features))
+        if k is not None:
+            return k.forward(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize()
         return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
 
@@ -81,6 +90,17 @@ class F8Q8Method:
     def slice_rows(self, start: int, stop: int) -> "F8Q8Method":
         """Output rows ``start:stop`` (a fused layer's part, for UQFF): blocks run along a row."""
         return type(self)(self.blocks[start:stop], (stop - start, self.in_features))
+
+    # Tensor parallelism: whole rows, or columns at 32-wide block boundaries.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "F8Q8Method":
+        blocks = torch.cat([self.blocks[a:b] for a, b in ranges])
+        return type(self)(blocks, (blocks.shape[0], self.in_features))
+
+    def take_cols(self, start: int, stop: int) -> "F8Q8Method":
+        if start % QK or stop % QK:
+            raise ValueError(f"F8Q8: columns [{start}, {stop}) do not fall on its blocks of {QK}; use a "
+                             f"tensor-parallel size whose shards are multiples of {QK} wide")
+        return type(self)(self.blocks[:, start // QK:stop // QK].contiguous(), (self.out_features, stop - start))
 
     @property
     def nbytes(self) -> int:

@@ -13,12 +13,16 @@ Checkpoints (``quantization_config.quant_method == "fp8"``):
   ``[ceil(out / 128), ceil(in / 128)]`` and ``w[i, j] = float(q[i, j]) · s[i // 128, j // 128]``
   (the name says "inv", but it multiplies: it is the inverse of the quantization scale).
 
-``forward`` dequantizes and multiplies in the activation dtype (CPU has no FP8 matmul).
+``forward`` on CPU runs the C++ kernels of ``kernels/qformats.py`` (the codes decoded in
+cache tiles, never a whole dense copy); elsewhere, or without them, it dequantizes and
+multiplies in the activation dtype (CPU has no FP8 matmul).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import qformats
 
 FP8_MAX = 448.0
 _SERDE_FP8 = 3            # upstream's QuantizedSerdeType::Fp8
@@ -87,6 +91,12 @@ class FP8Method:
         return self.weight.to(torch.float32) * self._scale_rows(None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = qformats.cached(self, lambda: qformats.bind_fp8(self.weight, self.dequant_scale, self.block))
+        if k is not None:
+            return k.forward(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         if self.block is None:
             # a per-tensor scale factors out of the product: one conversion pass only
             y = F.linear(x, self.weight.to(x.dtype))
@@ -103,6 +113,28 @@ class FP8Method:
     def concat(cls, methods) -> "FP8Method | None":
         # Per-tensor scales differ between q/k/v; a fused layer would need one per part.
         return None
+
+    # Tensor parallelism: a per-tensor scale goes with every shard; block scales are sliced
+    # with their blocks, so block-scaled shards must fall on block boundaries.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "FP8Method":
+        weight = torch.cat([self.weight[a:b] for a, b in ranges])
+        if self.block is None:
+            return type(self)(weight, self.dequant_scale.clone())
+        br = self.block[0]
+        for a, b in ranges:
+            if a % br or (b % br and b != self.out_features):
+                raise ValueError(f"FP8: rows [{a}, {b}) do not fall on its scale blocks of {br}")
+        scale = torch.cat([self.dequant_scale[a // br:-(-b // br)] for a, b in ranges])
+        return type(self)(weight, scale, self.block)
+
+    def take_cols(self, start: int, stop: int) -> "FP8Method":
+        weight = self.weight[:, start:stop].contiguous()
+        if self.block is None:
+            return type(self)(weight, self.dequant_scale.clone())
+        bc = self.block[1]
+        if start % bc or (stop % bc and stop != self.in_features):
+            raise ValueError(f"FP8: columns [{start}, {stop}) do not fall on its scale blocks of {bc}")
+        return type(self)(weight, self.dequant_scale[:, start // bc:-(-stop // bc)].contiguous(), self.block)
 
     @property
     def nbytes(self) -> int:

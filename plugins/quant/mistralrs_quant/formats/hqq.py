@@ -16,11 +16,18 @@ its step and shrink functions with upstream's beta schedule as the reference.
 
 4-bit codes are packed two per byte down the group axis: byte row ``i`` holds row ``i``
 in its high nibble and row ``i + group_size / 2`` in its low nibble (hqq's bitpack).
+
+``forward`` on CPU runs the C++ kernels of ``kernels/qformats.py``: a weight row is a run
+of consecutive groups (columns of the grouped view), so each row is decoded from its
+codes, scales and ``-zero·scale`` in cache tiles and multiplied in, streaming the codes
+once; without them it dequantizes the whole weight and multiplies.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import qformats
 
 GROUP_SIZE = 64          # upstream's ISQ_HQQ_GROUP_SIZE
 ISQ_STEPS = 10           # upstream's ISQ_HQQ_DEFAULT_OPT_STEPS
@@ -54,7 +61,8 @@ def optimize_zeros(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qma
 
 
 class HQQMethod:
-    """A weight [out, in] in HQQ form; ``forward`` dequantizes then multiplies."""
+    """A weight [out, in] in HQQ form; ``forward`` runs the C++ kernels on CPU, else
+    ``forward_torch`` (dequantize, then multiply)."""
 
     def __init__(self, w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, shape, bits: int,
                  group_size: int = GROUP_SIZE, steps: int = ISQ_STEPS):
@@ -101,11 +109,22 @@ class HQQMethod:
         w = (self._codes().to(torch.float32) - self.zeros) * self.scales
         return w.reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+    def _neg_zero_scales(self) -> torch.Tensor:
         if self._neg_zs is None:
             self._neg_zs = -(self.zeros * self.scales)
-        w = torch.addcmul(self._neg_zs, self._codes().to(torch.float32), self.scales)
+        return self._neg_zs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = qformats.cached(self, lambda: qformats.bind_hqq(
+            self.w_q, self.scales, self._neg_zero_scales(), self.out_features, self.in_features, self.bits,
+            self.group_size))
+        if k is not None:
+            return k.forward(x)
+        return self.forward_torch(x)
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        # q·s − z·s in one fused pass (within an ulp of (q − z)·s, which dequantize() keeps)
+        w = torch.addcmul(self._neg_zero_scales(), self._codes().to(torch.float32), self.scales)
         w = w.reshape(self.out_features, self.in_features)
         return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
 
@@ -115,6 +134,17 @@ class HQQMethod:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w_q, self.scales, self.zeros))
+
+    # --- tensor parallelism ----------------------------------------------------------
+    # HQQ's groups run down the flattened weight (axis 0 of ``w.reshape(group, -1)``), so a
+    # group holds elements of many rows and columns: no row or column range owns whole
+    # groups. A shard therefore keeps the whole packed layer and multiplies by its part of
+    # the dequantized weight: exact, but it saves no memory on these layers.
+    def take_rows(self, ranges: list[tuple[int, int]]) -> "HQQShard":
+        return HQQShard(self, rows=ranges)
+
+    def take_cols(self, start: int, stop: int) -> "HQQShard":
+        return HQQShard(self, cols=(start, stop))
 
     # --- UQFF (upstream's per-tensor entries for an HQQ layer) -----------------------
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
@@ -144,3 +174,43 @@ class HQQMethod:
 
     def __repr__(self) -> str:
         return f"HQQMethod({self.bits} bit, out={self.out_features}, in={self.in_features}, group={self.group_size})"
+
+
+class HQQShard:
+    """Rows or columns of an HQQ layer for one tensor-parallel rank (see ``take_rows``)."""
+
+    def __init__(self, full: HQQMethod, rows: list[tuple[int, int]] | None = None,
+                 cols: tuple[int, int] | None = None):
+        self.full, self.rows, self.cols = full, rows, cols
+        self.out_features = sum(b - a for a, b in rows) if rows else full.out_features
+        self.in_features = cols[1] - cols[0] if cols else full.in_features
+
+    def to(self, device) -> "HQQShard":
+        f = self.full
+        moved = HQQMethod(f.w_q.to(device), f.scales.to(device), f.zeros.to(device),
+                          (f.out_features, f.in_features), f.bits, f.group_size, f.steps)
+        return HQQShard(moved, self.rows, self.cols)
+
+    def _part(self, w: torch.Tensor) -> torch.Tensor:
+        if self.rows:
+            w = torch.cat([w[a:b] for a, b in self.rows])
+        if self.cols:
+            w = w[:, self.cols[0]:self.cols[1]]
+        return w
+
+    def dequantize(self) -> torch.Tensor:
+        return self._part(self.full.dequantize())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize()
+        return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantize())
+
+    @property
+    def nbytes(self) -> int:
+        return self.full.nbytes
+
+    def __repr__(self) -> str:
+        return f"HQQShard({self.full!r}, rows={self.rows}, cols={self.cols})"

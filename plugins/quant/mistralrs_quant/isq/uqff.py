@@ -238,14 +238,13 @@ class UqffQuantizedWeight:
 
     # Tensor parallelism (``mistralrs_core.distributed.packed``): a GGUF-family layer is
     # sharded as a GGUF file's blocks are (whole rows; columns at block boundaries), through
-    # the same code, so both refuse the same splits.
+    # the same code, so both refuse the same splits. The other families slice their own
+    # method (``take_rows`` / ``take_cols`` of AFQ, F8Q8, FP8 and HQQ).
     def _ggml_view(self):
         from ..formats import get_format
         from ..qlinear import GGUFQuantizedWeight
         if self.format != FORMAT_GGUF:
-            raise ValueError(f"{self.where}: {self.key}: UQFF layers of format tag {self.format} cannot be "
-                             f"sharded for tensor parallelism; write the UQFF with a GGUF-family type "
-                             f"(Q4K, Q8_0, ...)")
+            raise ValueError(f"{self.where}: {self.key}: UQFF format tag {self.format} has no GGUF block view")
         row_bytes = get_format(self.ggml_type).row_bytes(self.shape[1])
         raw = self.entries[f"{self.key}.weight"].reshape(self.shape[0], row_bytes)
         return GGUFQuantizedWeight(raw, self.ggml_type, self.shape)
@@ -258,16 +257,58 @@ class UqffQuantizedWeight:
 
     def take_rows(self, ranges) -> "UqffQuantizedWeight":
         from mistralrs_core.distributed.packed import take_rows
-        return self._from_view(take_rows(self._ggml_view(), ranges, f"{self.key}.weight"))
+        if self.format == FORMAT_GGUF:
+            return self._from_view(take_rows(self._ggml_view(), ranges, f"{self.key}.weight"))
+        return self._wrap(self._family_method().take_rows(ranges))
 
     def take_cols(self, start: int, stop: int) -> "UqffQuantizedWeight":
         from mistralrs_core.distributed.packed import take_cols
-        return self._from_view(take_cols(self._ggml_view(), start, stop, f"{self.key}.weight"))
+        if self.format == FORMAT_GGUF:
+            return self._from_view(take_cols(self._ggml_view(), start, stop, f"{self.key}.weight"))
+        return self._wrap(self._family_method().take_cols(start, stop))
+
+    def _wrap(self, part) -> "UqffQuantizedWeight":
+        # A part that is itself a layer of its family is written back as entries (then it
+        # loads, and moves to its device, like any UQFF layer); HQQ's part is a view.
+        to_entries = getattr(part, "to_uqff_tensors", None)
+        if to_entries is not None:
+            return UqffQuantizedWeight(self.key, {f"{self.key}.{k}": v for k, v in to_entries().items()},
+                                       self.where)
+        return _ShardOfLayer(self, part)
+
+    def _family_method(self):
+        if self.format == FORMAT_UNQUANT:
+            raise ValueError(f"{self.where}: {self.key}: an unquantized UQFF entry is sharded as a tensor")
+        try:
+            return self.method(torch.float32, None)
+        except ValueError as exc:
+            raise ValueError(f"{self.where}: {self.key}: cannot be sharded for tensor parallelism: {exc}") from None
 
     def dequantize(self) -> torch.Tensor:
         if self.format == FORMAT_UNQUANT:
             return self.entries[f"{self.key}.weight"]
         return self.method(torch.float32, None).dequantize()
+
+
+class _ShardOfLayer(UqffQuantizedWeight):
+    """A tensor-parallel rank's part of an HQQ UQFF layer (``HQQShard``: the whole packed
+    layer and the rows or columns this rank multiplies by)."""
+
+    def __init__(self, whole: UqffQuantizedWeight, method):
+        self.key, self.entries, self.where, self.format = whole.key, {}, whole.where, whole.format
+        self._method = method
+        self.shape = (method.out_features, method.in_features)
+
+    def method(self, compute_dtype: torch.dtype, device, cpp_impl=None):
+        return self._method if device is None else self._method.to(device)
+
+    def take_rows(self, ranges):
+        raise ValueError(f"{self.where}: {self.key}: a layer is sharded once")
+
+    take_cols = take_rows
+
+    def dequantize(self) -> torch.Tensor:
+        return self._method.dequantize()
 
 
 # Format tag -> an ISQ type of the family whose class reads it.

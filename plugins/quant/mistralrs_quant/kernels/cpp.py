@@ -59,8 +59,8 @@ ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _LIB_NAME = "mistralrs_quant_ggml"
 _SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp",
-            "ggml_quantize.cpp")
-_HEADERS = ("ggml_kernels.h", "mq_parallel.h")
+            "ggml_quantize.cpp", "qformats_cpu.cpp", "qformats_avx512.cpp", "qformats_avx2.cpp")
+_HEADERS = ("ggml_kernels.h", "mq_parallel.h", "qformats.h", "qformats_generic.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
 # reference dequantizer (the AVX-512 code uses explicit FMAs only where they are exact).
 # -fopenmp makes at::parallel_for (an inline template) use torch's OpenMP pool; Apple's
@@ -154,6 +154,13 @@ def _build() -> ctypes.CDLL:
     lib.mq_decoder_step.argtypes = [vp, vp]
     lib.mq_quantize.restype = cint
     lib.mq_quantize.argtypes = [cint, vp, vp, i64, i64, vp]
+    # F8Q8 / FP8 / HQQ (kernels/qformats.py binds the weights)
+    lib.mq_fmt_isa.restype = cint
+    lib.mq_fmt_isa.argtypes = []
+    lib.mq_fmt_matmul.restype = cint
+    lib.mq_fmt_matmul.argtypes = [vp, vp, i64, vp]
+    lib.mq_fmt_dequantize.restype = cint
+    lib.mq_fmt_dequantize.argtypes = [vp, i64, i64, vp, cint]
     lib.mq_set_thread_cap.restype = None
     lib.mq_set_thread_cap.argtypes = [cint]
     # The same library again, for the one function that builds Python objects: PyDLL keeps
