@@ -14,8 +14,8 @@ decoder layer k. A span's features are one tensor [tokens, (1 + K) * hidden] (th
 main rows, then the K deepstack rows side by side), so they are computed once per request and
 sliced per prefill chunk by the model runner exactly as the main features are.
 ``merge_features`` splices the main part and hands the rest, with the rows it belongs to, to
-the ``forward_embeds`` call on the embeddings it returned (checked by identity, so a stale
-hand-over can never reach another step).
+the ``forward_embeds`` call on the embeddings it returned (checked by identity; ``embed``, where
+every step starts, drops a hand-over a failed step left behind).
 
 Checkpoints: the hub's (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``), the
 transformers-4 / Qwen2-VL style (``model.*``, ``visual.*``) and ``language_model.model.*``.
@@ -128,10 +128,19 @@ class Qwen3VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
             self._deepstack = (out, rows, deep)
         return out
 
+    def embed(self, input_ids):
+        # A step starts here: a hand-over left by a step that failed before its layers ran
+        # must not reach this one.
+        self._deepstack = None
+        return super().embed(input_ids)
+
     def forward_embeds(self, h, positions, meta, caches):
         pending, self._deepstack = self._deepstack, None
-        if pending is None or pending[0] is not h:
+        if pending is None:
             return super().forward_embeds(h, positions, meta, caches)
+        if pending[0] is not h:
+            raise RuntimeError("Qwen3-VL: the embeddings reaching the layers are not the ones merge_features "
+                               "returned; their deepstack features would be lost")
         _, rows, deep = pending
         cs = self.rope.cos_sin(positions, h.dtype)
         for i, layer in enumerate(self.model.layers):

@@ -258,6 +258,29 @@ def test_batched_image_and_text_sequences_equal_each_alone(loaded, proc):
         assert max_rel_err(b, a) <= 1e-5
 
 
+def test_deepstack_hand_over_is_per_step(loaded, proc):
+    """merge_features' deepstack rows reach only the forward of the embeddings it returned: a
+    new step (``embed``) drops a left-over, other embeddings are refused, not silently run
+    without them."""
+    from mistralrs_core.engine.model_runner import build_metadata
+    from mistralrs_core.layers.recurrent import make_layer_cache
+    model, _, ids_of = loaded
+    ids, spans = build_prompt(proc, ids_of, [image(*IMAGES[1], seed=3)], list(range(9)))
+    feats = model.encode_features(spans)[0]
+    rows = torch.arange(spans[0].start, spans[0].end)
+    tok, pos, meta = build_metadata([(ids, 0, list(range(16)))], 4, "cpu")
+    pos = torch.from_numpy(model.prompt_positions(ids, spans).positions)
+    caches = [make_layer_cache(s, 16, 4, model.dtype, "cpu") for s in model.kv_cache_specs()]
+    with torch.inference_mode():
+        model.merge_features(model.embed(tok), rows, feats)
+        h = model.embed(tok)                                  # a new step: the left-over is gone
+        assert model._deepstack is None
+        merged = model.merge_features(h, rows, feats)
+        with pytest.raises(RuntimeError, match="deepstack features would be lost"):
+            model.forward_embeds(merged.clone(), pos, meta, caches)
+        assert model._deepstack is None
+
+
 def test_positions_equal_get_rope_index(loaded, proc):
     model, ref, ids_of = loaded
     ids, spans = build_prompt(proc, ids_of, [image(*IMAGES[0], seed=1), image(*IMAGES[1], seed=2)],
