@@ -156,14 +156,28 @@ class MultiAxisRotaryEmbedding(RotaryEmbedding):
     """M-RoPE (Qwen2-VL): positions [axes, T]; frequency ``j`` of the rotary half takes
     its angle from the axis whose section holds ``j`` (sections [t, h, w] sum to
     rotary_dim / 2). Text tokens have equal positions on every axis, which makes this
-    plain rope for them; 1-D positions are accepted as that case."""
+    plain rope for them; 1-D positions are accepted as that case.
 
-    def __init__(self, cfg: RopeConfig, sections: list[int]):
+    ``interleaved`` (Qwen3-VL's ``mrope_interleaved``): the axes take turns instead of
+    holding contiguous blocks, so every axis gets high and low frequencies: frequency ``j``
+    belongs to axis ``a = j % 3`` (a = 1, 2) while ``j < 3 * sections[a]``, else to axis 0."""
+
+    def __init__(self, cfg: RopeConfig, sections: list[int], interleaved: bool = False):
         super().__init__(cfg)
         if sum(sections) != self.rotary_dim // 2:
             raise ValueError(f"mrope_section {sections} must sum to rotary_dim / 2 = {self.rotary_dim // 2}")
         self.sections = list(sections)
-        self._axis_of = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
+        self.interleaved = interleaved
+        if interleaved:
+            if len(sections) != 3:
+                raise ValueError(f"mrope_section {sections}: the interleaved layout takes 3 axes (t, h, w)")
+            j = torch.arange(self.rotary_dim // 2)
+            axis = torch.zeros_like(j)
+            for a in (1, 2):
+                axis[(j % 3 == a) & (j < 3 * sections[a])] = a
+            self._axis_of = axis
+        else:
+            self._axis_of = torch.repeat_interleave(torch.arange(len(sections)), torch.tensor(sections))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if positions.dim() == 1:

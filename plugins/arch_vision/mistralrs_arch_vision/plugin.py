@@ -34,6 +34,10 @@ VISION_FAMILIES = [
      ("Qwen2VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
     ("Qwen2_5VL", (), f"{_PKG}.qwen2_vl:Qwen2_5_VLForConditionalGeneration", ("qwen2_5_vl",),
      ("Qwen2_5_VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
+    ("Qwen3VL", (), f"{_PKG}.qwen3_vl:Qwen3VLForConditionalGeneration", ("qwen3_vl",),
+     ("Qwen3VLForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
+    ("Qwen3VLMoE", (), f"{_PKG}.qwen3_vl_moe:Qwen3VLMoeForConditionalGeneration", ("qwen3_vl_moe",),
+     ("Qwen3VLMoeForConditionalGeneration",), f"{_PKG}.qwen2_vl:Qwen2VLProcessor"),
 ]
 
 
@@ -58,4 +62,4 @@ def mistralrs_select_loader(which, kind):
 
 @hookimpl
 def mistralrs_register_capabilities(register):
-    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio), Qwen2VL, Qwen2_5VL)")
+    register("vision", provides="Which.VisionPlain (LLaVa, LLaVaNext, Gemma3, Mistral3, Idefics2, Idefics3, VLlama, Llama4, Phi3V, MiniCpmO, Phi4MM (image + audio), Gemma3n (image + audio), Qwen2VL, Qwen2_5VL, Qwen3VL, Qwen3VLMoE)")

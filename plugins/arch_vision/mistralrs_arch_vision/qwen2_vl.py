@@ -75,6 +75,35 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
+def mrope_prompt_positions(prompt_ids, spans, merge_size: int) -> PromptPositions | None:
+    """The M-RoPE positions of a prompt whose image runs are ``spans`` (transformers'
+    ``get_rope_index`` for still images; Qwen3-VL's is the same rule)."""
+    if not spans:
+        return None                       # text only: equal axes, i.e. plain positions
+    n, m = len(prompt_ids), merge_size
+    pos = np.empty((3, n), dtype=np.int64)
+    i = nxt = 0
+    for span in sorted(spans, key=lambda s: s.start):
+        if span.start < i:
+            raise ValueError("image spans overlap")
+        pos[:, i:span.start] = np.arange(nxt, nxt + span.start - i)
+        nxt += span.start - i
+        t, h, w = span.data.grid_thw
+        lt, lh, lw = t, h // m, w // m
+        if lt * lh * lw != span.length:
+            raise ValueError(f"an image span of {span.length} tokens holds a {h} x {w} patch grid "
+                             f"({lt * lh * lw} tokens)")
+        tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+        pos[0, span.start:span.end] = nxt + tt.reshape(-1)
+        pos[1, span.start:span.end] = nxt + hh.reshape(-1)
+        pos[2, span.start:span.end] = nxt + ww.reshape(-1)
+        # What the reference advances by (for a still image: its largest position + 1).
+        nxt += max(lh, lw)
+        i = span.end
+    pos[:, i:] = np.arange(nxt, nxt + n - i)
+    return PromptPositions(pos, delta=int(pos.max()) + 1 - n)
+
+
 class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     checkpoint_prefixes = _PREFIXES
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
@@ -133,27 +162,7 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
         return self.image_features(inputs)
 
     def prompt_positions(self, prompt_ids, spans):
-        if not spans:
-            return None                       # text only: equal axes, i.e. plain positions
-        n, m = len(prompt_ids), self.merge_size
-        pos = np.empty((3, n), dtype=np.int64)
-        i = nxt = 0
-        for span in sorted(spans, key=lambda s: s.start):
-            if span.start < i:
-                raise ValueError("image spans overlap")
-            pos[:, i:span.start] = np.arange(nxt, nxt + span.start - i)
-            nxt += span.start - i
-            t, h, w = span.data.grid_thw
-            lt, lh, lw = t, h // m, w // m
-            tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
-            pos[0, span.start:span.end] = nxt + tt.reshape(-1)
-            pos[1, span.start:span.end] = nxt + hh.reshape(-1)
-            pos[2, span.start:span.end] = nxt + ww.reshape(-1)
-            # What the reference advances by (for a still image: its largest position + 1).
-            nxt += max(lh, lw)
-            i = span.end
-        pos[:, i:] = np.arange(nxt, nxt + n - i)
-        return PromptPositions(pos, delta=int(pos.max()) + 1 - n)
+        return mrope_prompt_positions(prompt_ids, spans, self.merge_size)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):

@@ -304,8 +304,8 @@ def test_hub_llava_template_gets_parts(runner):
 def test_arch_naming_another_family_is_refused(tiny_llava):
     from mistralrs import Runner, VisionArchitecture, Which
     out, _, _ = tiny_llava
-    with pytest.raises(ValueError, match=r"^arch: no installed vision family 'Qwen2VL'; known vision families: .*LLaVa"):
-        Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.Qwen2VL, dtype="F32"))
+    with pytest.raises(ValueError, match=r"^arch: no installed vision family 'MuseGlimmer'; known vision families: .*LLaVa"):
+        Runner(which=Which.VisionPlain(model_id=str(out), arch=VisionArchitecture.MuseGlimmer, dtype="F32"))
 
 
 def test_bad_images_fail_alone_while_a_concurrent_image_request_completes(runner, tiny_llava, tmp_path):
