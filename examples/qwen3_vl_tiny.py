@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,11 @@ def write_tiny_model(out: Path) -> Path:
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     tok.save(str(out / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIALS}
+    ids: dict[str, int] = {}
+    for t in SPECIALS:
+        tid = tok.token_to_id(t)
+        assert tid is not None, t
+        ids[t] = tid
     cfg = {
         "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl", "torch_dtype": "float32",
         "image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
@@ -96,9 +101,9 @@ def main() -> int:
             for seed, (w, h) in enumerate([(160, 96), (64, 300)])]
     reqs.append(ChatCompletionRequest(model="default", max_tokens=12, temperature=0.0,
                                       messages=[{"role": "user", "content": "And a text-only question."}]))
-    results = [None] * len(reqs)
+    results: list[Any] = [None] * len(reqs)
 
-    def send(i):
+    def send(i: int) -> None:
         results[i] = runner.send_chat_completion_request(reqs[i])
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
     for t in threads:

@@ -11,11 +11,12 @@ counts printed show the slicing. Images only: MiniCPM-o's audio input is not sup
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 from mistralrs import ChatCompletionRequest, Runner, VisionArchitecture, Which
 
 
-def ask(runner, parts):
+def ask(runner: Runner, parts: list[dict[str, Any]]) -> None:
     req = ChatCompletionRequest(model="default", max_tokens=48, temperature=0.0,
                                 messages=[{"role": "user", "content": parts}])
     res = runner.send_chat_completion_request(req)
@@ -29,7 +30,9 @@ def main() -> int:
     model_dir, first = sys.argv[1], sys.argv[2]
     second = sys.argv[3] if len(sys.argv) > 3 else first
     runner = Runner(which=Which.VisionPlain(model_id=model_dir, arch=VisionArchitecture.MiniCpmO))
-    image = lambda url: {"type": "image_url", "image_url": {"url": url}}  # noqa: E731
+
+    def image(url: str) -> dict[str, Any]:
+        return {"type": "image_url", "image_url": {"url": url}}
     ask(runner, [image(first), {"type": "text", "text": "What is in this image?"}])
     ask(runner, [{"type": "text", "text": "Compare"}, image(first), image(second)])
     runner.shutdown()
