@@ -215,3 +215,42 @@ def test_runner_bad_video_fails_only_its_request(runner, tiny):
     for res in results:
         check(pipe, ref, model.qwen25, good, res)
     check(pipe, ref, model.qwen25, good, runner.send_chat_completion_request(good))
+
+
+def test_video_refused_where_not_taken(runner, tiny):
+    import attrs
+    from mistralrs_arch_vision.inputs import LoadedVideo
+    from mistralrs_arch_vision.qwen2_vl import Qwen2VLProcessor
+    _, _, ids_of, model = tiny
+    pipe = runner._pipeline(None)
+    part = {"type": "video_url", "video_url": {"url": mp4_uri(random_frames(4, 16, 16), 2)}}
+    old = pipe.processor
+    try:
+        pipe.processor = attrs.evolve(old, video_token_id=None)     # what an image-only export loads as
+        with pytest.raises(ValueError, match=r"^messages\[0\]\.content\[1\]\.video_url: this model does not take "
+                                             r"video input"):
+            pipe.chat_prompt(chat([{"type": "text", "text": "hi"}, part]))
+    finally:
+        pipe.processor = old
+    # a template that writes no video placeholder is named, not silently dropped
+    clip = LoadedVideo(random_frames(2, 16, 16), 2.0, b"x")
+    with pytest.raises(ValueError, match=r"0 video placeholder\(s\) for 1 video part\(s\)"):
+        pipe.expand_media([1, 2, 3], [], [], [clip])
+    # a tokenizer without <|video_pad|> loads an image-only processor
+    no_video = type("Tok", (), {"token_to_id": staticmethod(lambda t: None if t == "<|video_pad|>" else ids_of[t])})()
+    from tiny_qwen2_vl import PREPROCESSOR
+    proc = Qwen2VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=no_video)
+    assert proc.video_token_id is None and proc.video_processor is None
+
+
+def test_image_only_use_never_imports_av(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; from PIL import Image; "
+            "from mistralrs_arch_vision import pipeline, qwen2_vl, inputs; "
+            "from mistralrs_arch_vision.processors.qwen2_vl import Qwen2VLImageProcessor; "
+            "Qwen2VLImageProcessor(patch_size=4)(Image.new('RGB', (20, 20))); "
+            "assert 'av' not in sys.modules, 'av imported'")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
