@@ -254,3 +254,73 @@ def test_image_only_use_never_imports_av(tmp_path):
             "assert 'av' not in sys.modules, 'av imported'")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+_HF_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torchvision_shim
+torchvision_shim.install()
+import numpy as np
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+from tiny_qwen2_vl import MAX_PIXELS, MIN_PIXELS, PREPROCESSOR, TEMPLATE
+job = json.loads(open(sys.argv[2]).read())
+settings = {k: v for k, v in PREPROCESSOR.items() if not k.endswith(("_type", "_class"))}
+vp = Qwen2VLVideoProcessor(**{k: v for k, v in settings.items() if k not in ("min_pixels", "max_pixels")},
+                           size={"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS})
+hf = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(**settings), video_processor=vp,
+                         tokenizer=PreTrainedTokenizerFast(tokenizer_file=job["tokenizer"]), chat_template=TEMPLATE)
+text = hf.apply_chat_template([{"role": "user", "content": job["content"]}], add_generation_prompt=True,
+                              tokenize=False)
+out = hf(text=[text], images=[Image.open(job["image"])], videos=[np.load(job["video"])],
+         video_metadata=[job["meta"]], do_sample_frames=True, fps=2, cap_pixels_per_frame=False,
+         return_tensors="pt")
+save_file({k: out[k].contiguous() for k in ("input_ids", "mm_token_type_ids", "pixel_values",
+                                             "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")},
+          sys.argv[3])
+"""
+
+
+def test_prompt_expansion_equals_transformers_processor(runner, tiny, tmp_path):
+    """Our pipeline's prompt for an image + an mp4 against transformers' ``Qwen2_5_VLProcessor``
+    (PIL image processor, torchvision-shimmed video processor, in a subprocess) given the same
+    decoded frames: ids, token types, pixels, grids and seconds per temporal patch."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from safetensors.torch import load_file
+    from mistralrs_arch_vision.inputs import decode_video
+    out = tiny[0]
+    pipe = runner._pipeline(None)
+    data = encode_video(random_frames(19, 36, 28, seed=8), fps=7)
+    uri = "data:video/mp4;base64," + base64.b64encode(data).decode()
+    img = image(30, 20, seed=6)
+    prompt = pipe.chat_prompt(chat([{"type": "text", "text": "Look"},
+                                    {"type": "image_url", "image_url": {"url": png_data_uri(img)}},
+                                    {"type": "video_url", "video_url": {"url": uri}}]))
+    everything = decode_video(data, "v", lambda total, fps: list(range(total)))
+    np.save(tmp_path / "video.npy", everything.frames)
+    img.save(tmp_path / "image.png")
+    job = {"tokenizer": str(out / "tokenizer.json"), "image": str(tmp_path / "image.png"),
+           "video": str(tmp_path / "video.npy"),
+           "meta": {"fps": float(everything.fps), "total_num_frames": len(everything.frames)},
+           "content": [{"type": "text", "text": "Look"}, {"type": "image"}, {"type": "video"}]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    (tmp_path / "ref.py").write_text(_HF_SCRIPT)
+    res = subprocess.run([sys.executable, str(tmp_path / "ref.py"), str(Path(__file__).parent),
+                          str(tmp_path / "job.json"), str(tmp_path / "ref.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = load_file(str(tmp_path / "ref.safetensors"))
+    assert list(prompt.ids) == want["input_ids"][0].tolist()
+    assert type_ids(len(prompt.ids), prompt.spans)[0].tolist() == want["mm_token_type_ids"][0].tolist()
+    image_span, video_span = prompt.spans
+    assert torch.equal(image_span.data.patches, want["pixel_values"])
+    assert torch.equal(video_span.data.patches, want["pixel_values_videos"])
+    assert list(video_span.data.grid_thw) == want["video_grid_thw"][0].tolist()
+    assert video_span.data.second_per_grid_t == pytest.approx(float(want["second_per_grid_ts"][0]))
