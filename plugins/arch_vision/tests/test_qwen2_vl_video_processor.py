@@ -92,20 +92,24 @@ CASES = [
 ]
 
 
-def test_sampled_frames_pixels_and_grids_equal_reference(tmp_path):
+def test_frames_pixels_and_grids_equal_reference(tmp_path):
+    """Sampled clips (CASES), then a frame list taken whole (an odd count pads the last
+    temporal patch), all in one reference run."""
     jobs, mine = [], []
     for k, (n, w, h, fps, extra) in enumerate(CASES):
         frames = random_frames(n, w, h, seed=k)
         cfg = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, **extra}
         size = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
-        kwargs = {"size": size, **{key: v for key, v in extra.items()}}
-        jobs.append((frames, {"fps": fps, "total_num_frames": n}, kwargs,
-                     {"do_sample_frames": True, "fps": 2, "cap_pixels_per_frame": extra.get("cap_pixels_per_frame",
-                                                                                            False)}))
+        jobs.append((frames, {"fps": fps, "total_num_frames": n}, {"size": size, **extra},
+                     {"do_sample_frames": True, "fps": 2,
+                      "cap_pixels_per_frame": extra.get("cap_pixels_per_frame", False)}))
         proc = ours(cfg)
         idx = proc.sample_frames(n, float(fps))
         sampled_fps = len(idx) / n * fps
         mine.append((idx, proc(frames[idx], sampled_fps), sampled_fps))
+    listed = random_frames(3, 30, 22, seed=9)
+    jobs.append((listed, None, {"size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}},
+                 {"do_sample_frames": False}))
     ref = reference(tmp_path, jobs)
     for j, (idx, got, sampled_fps) in enumerate(mine):
         assert idx == ref[f"indices{j}"].tolist(), CASES[j]
@@ -114,17 +118,10 @@ def test_sampled_frames_pixels_and_grids_equal_reference(tmp_path):
         assert sampled_fps == pytest.approx(float(ref[f"fps{j}"]))
         assert got.second_per_grid_t == pytest.approx(TEMPORAL / sampled_fps)
     assert [len(m[0]) for m in mine][:3] == [4, 4, 8]     # 2 fps, min 4 frames, floored to even
-
-
-def test_frame_list_without_sampling_equals_reference(tmp_path):
-    """Frames given as images are taken whole (an odd count pads the last temporal patch)."""
-    frames = random_frames(3, 30, 22, seed=9)
-    ref = reference(tmp_path, [(frames, None, {"size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}},
-                                {"do_sample_frames": False})])
-    got = ours({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})(frames, 2.0)
-    assert list(got.grid_thw) == ref["grid0"][0].tolist()
-    assert got.grid_thw[0] == 2
-    assert torch.equal(got.patches, ref["pixels0"])
+    j = len(CASES)
+    got = ours({"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS})(listed, 2.0)
+    assert got.grid_thw[0] == 2 and list(got.grid_thw) == ref[f"grid{j}"][0].tolist()
+    assert torch.equal(got.patches, ref[f"pixels{j}"])
 
 
 def test_pyav_decoding_equals_transformers_reader():
