@@ -215,12 +215,12 @@ def decode_video(data: bytes, where: str, sample_frames) -> LoadedVideo:
             raise ValueError(f"{where}: cannot sample frames {indices[:4]}... from {total} frames")
         if len(indices) > MAX_VIDEO_FRAMES:
             raise ValueError(f"{where}: {len(indices)} sampled frames exceed the {MAX_VIDEO_FRAMES}-frame limit")
-        wanted, picked = set(indices), {}
+        wanted, picked, last = set(indices), {}, max(indices)
         with av.open(io.BytesIO(data), mode="r") as container:
             for k, frame in enumerate(frames_of(container)):
                 if k in wanted:
                     picked[k] = frame.to_ndarray(format="rgb24")
-                if k >= indices[-1]:
+                if k >= last:
                     break
     except av.FFmpegError as exc:  # some of PyAV's errors are ValueErrors without the part's name
         raise ValueError(f"{where}: not a decodable video file ({type(exc).__name__}: {exc})") from None

@@ -94,6 +94,9 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
     #: Qwen2.5-VL's tower (RMSNorm, gated MLP, window attention)
     qwen25 = False
+    #: the processor enables video parts only for models that place them as these do (Qwen3-VL
+    #: shares the processor but spells video with timestamps and positions it differently)
+    watches_video = True
 
     @classmethod
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32) -> "Qwen2VLForConditionalGeneration":
@@ -218,8 +221,8 @@ class Qwen2VLProcessor:
             raise ValueError(f"config.json: image_token_id {model.image_token_id} is not the tokenizer's "
                              f"{IMAGE_PAD!r} ({token})")
         video_token = tokenizer.token_to_id(VIDEO_PAD)
-        if video_token is None:                   # an image-only export: video parts are refused
-            return cls(proc, token)
+        if video_token is None or not getattr(model, "watches_video", False):
+            return cls(proc, token)               # video parts are refused
         if video_token != model.video_token_id:
             raise ValueError(f"config.json: video_token_id {model.video_token_id} is not the tokenizer's "
                              f"{VIDEO_PAD!r} ({video_token})")

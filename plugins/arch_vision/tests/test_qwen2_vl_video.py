@@ -5,6 +5,7 @@ reference's own cached forward and ``RefSpans``, which the Runner checks use) fo
 and a video with an image, then the Runner: a video request (an mp4 data URI) batched with a text
 request and an image + frame-list request, and a bad video failing only its own request."""
 import base64
+import threading
 
 import numpy as np
 import pytest
@@ -208,13 +209,16 @@ def test_runner_bad_video_fails_only_its_request(runner, tiny):
     pipe = runner._pipeline(None)
     bad = chat([{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"
                                                    + base64.b64encode(b"not a video" * 40).decode()}}])
-    good = chat("Hello there")
-    results = run_concurrently(runner, [good, good])
+    good = chat("Hello there", n=24)
+    results = []
+    worker = threading.Thread(target=lambda: results.append(runner.send_chat_completion_request(good)))
+    worker.start()                                # the good request is in flight while the bad one fails
     with pytest.raises(ValueError, match=r"messages\[0\]\.content\[0\]\.video_url: not a decodable video"):
         runner.send_chat_completion_request(bad)
-    for res in results:
-        check(pipe, ref, model.qwen25, good, res)
-    check(pipe, ref, model.qwen25, good, runner.send_chat_completion_request(good))
+    worker.join(timeout=120)
+    assert len(results) == 1
+    check(pipe, ref, model.qwen25, good, results[0], n=24)
+    check(pipe, ref, model.qwen25, good, runner.send_chat_completion_request(good), n=24)
 
 
 def test_video_refused_where_not_taken(runner, tiny):
@@ -242,6 +246,13 @@ def test_video_refused_where_not_taken(runner, tiny):
     proc = Qwen2VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
                                             tokenizer=no_video)
     assert proc.video_token_id is None and proc.video_processor is None
+    # a model sharing the processor without Qwen2-VL's video placement (Qwen3-VL) gets none either
+    tok = type("Tok", (), {"token_to_id": staticmethod(ids_of.get)})()
+    assert Qwen2VLProcessor.from_pretrained(model=model, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=tok).video_token_id == ids_of["<|video_pad|>"]
+    other = type("Other", (), {"image_token_id": model.image_token_id, "visual": model.visual})()
+    assert Qwen2VLProcessor.from_pretrained(model=other, hf_config={}, preprocessor_config=PREPROCESSOR,
+                                            tokenizer=tok).video_token_id is None
 
 
 def test_image_only_use_never_imports_av(tmp_path):
