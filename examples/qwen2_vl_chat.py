@@ -42,13 +42,13 @@ def write_tiny_qwen25_vl(out: Path) -> Path:
     write_tiny_tokenizer(out)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")])
+                            for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")])
     tok.save(str(out / "tokenizer.json"))
     cfg = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
            "vocab_size": tok.get_vocab_size(), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "tie_word_embeddings": False,
-           "image_token_id": tok.token_to_id("<|image_pad|>"),
+           "image_token_id": tok.token_to_id("<|image_pad|>"), "video_token_id": tok.token_to_id("<|video_pad|>"),
            "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4,
                              "out_hidden_size": 64, "patch_size": 14, "spatial_merge_size": 2,
                              "temporal_patch_size": 2, "window_size": 56, "fullatt_block_indexes": [1]}}

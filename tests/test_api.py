@@ -495,6 +495,14 @@ CHAT_ERRORS = [
         "messages[0].content[0]: a image_url part needs",
     ),
     (
+        dict(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": []}}]}]),
+        "messages[0].content[0].video_url: a frame list must hold non-empty URL strings",
+    ),
+    (
+        dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ["a"]}}]}]),
+        "messages[0].content[0].image_url: must be a URL string",
+    ),
+    (
         dict(messages=[{"role": "system", "content": [{"type": "image_url", "image_url": "u"}]}]),
         "messages[0].content[0].type: image_url parts are only allowed in user messages",
     ),
@@ -551,6 +559,7 @@ def test_chat_validation_accepts_edge_values():
         dict(messages=[{"role": "assistant", "content": None, "tool_calls": []}, *USER]),
         dict(messages=[{"role": "developer", "content": [{"type": "text", "text": "x"}]}]),
         dict(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": "u"}]}]),
+        dict(messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": ["a", "b"]}}]}]),
         dict(messages="<s>[INST] hi [/INST]"),
         dict(tool_schemas=[{"type": "function", "function": {"name": "f"}}]),
         dict(dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2, dry_sequence_breakers=["\n"]),

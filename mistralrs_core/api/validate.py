@@ -228,6 +228,10 @@ def _url_part(name: str, part: dict, kind: str) -> None:
         _fail(name, f"a {kind} part needs a {kind!r} key")
     ref = part[kind]
     url = ref.get("url") if isinstance(ref, dict) else ref
+    if kind == "video_url" and isinstance(url, list):   # a video given as its frames' image URLs
+        if not url or not all(isinstance(u, str) and u for u in url):
+            _fail(f"{name}.{kind}", "a frame list must hold non-empty URL strings")
+        return
     if not isinstance(url, str) or not url:
         _fail(f"{name}.{kind}", "must be a URL string or a dict with a non-empty 'url'")
 

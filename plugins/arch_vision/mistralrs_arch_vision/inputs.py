@@ -1,5 +1,6 @@
-"""Images and audio from chat ``image_url`` / ``audio_url`` / ``input_audio`` parts: every
-source the SDK accepts, decoded to RGB pixels or mono float samples.
+"""Images, audio and video from chat ``image_url`` / ``audio_url`` / ``input_audio`` /
+``video_url`` parts: every source the SDK accepts, decoded to RGB pixels, mono float samples
+or RGB frames.
 
 A part's ``url`` may be a ``data:`` URI, raw base64, a local file path, a ``file://`` URL
 or an http(s) URL. Whatever the source, the result is the same RGB pixels (EXIF
@@ -29,6 +30,10 @@ from PIL import Image, ImageOps
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 #: Largest encoded audio clip accepted from any source (bytes): ~6 min of 16-bit 44.1 kHz stereo.
 MAX_AUDIO_BYTES = 64 * 1024 * 1024
+#: Largest encoded video accepted from any source (bytes).
+MAX_VIDEO_BYTES = 256 * 1024 * 1024
+#: Most frames a video may hold once sampled (transformers' Qwen2-VL ``max_frames``).
+MAX_VIDEO_FRAMES = 768
 #: Seconds an http(s) fetch may take to connect and between reads.
 FETCH_TIMEOUT_S = 10.0
 
@@ -126,6 +131,108 @@ def decode_audio(data: bytes, where: str) -> LoadedAudio:
     h.update(int(rate).to_bytes(8, "little"))
     h.update(mono.tobytes())
     return LoadedAudio(mono, int(rate), h.digest())
+
+
+@attrs.frozen(eq=False)
+class LoadedVideo:
+    """The frames a model sees: already sampled (the processor's ``sample_video_frames``
+    picked them from the decoded stream) or given as a list of images."""
+    frames: np.ndarray            # uint8 [T, H, W, 3] RGB
+    fps: float                    # frames per second of ``frames`` (after sampling)
+    content_hash: bytes           # blake2b-256 of (T, H, W, fps, RGB bytes)
+
+
+def video_digest(frames: np.ndarray, fps: float) -> bytes:
+    # ``fps`` counts: Qwen2.5-VL spaces its temporal positions by it, so the same frames at
+    # another rate are another prompt to the prefix cache.
+    h = hashlib.blake2b(digest_size=32)
+    for v in frames.shape[:3]:
+        h.update(int(v).to_bytes(8, "little"))
+    h.update(np.float64(fps).tobytes())
+    h.update(np.ascontiguousarray(frames).tobytes())
+    return h.digest()
+
+
+def video_url_of(part: dict, where: str) -> tuple[str | list[str], float | None]:
+    """The source of a ``video_url`` part and its optional ``fps``: ``{"url": str}`` (a video
+    file, same sources as images), a bare string, or ``{"url": [frame urls], "fps": float}``
+    (frames already sampled, e.g. by the client)."""
+    ref, fps = part.get("video_url"), None
+    if isinstance(ref, dict):
+        ref, fps = ref.get("url"), ref.get("fps")
+    if isinstance(ref, list):
+        if not ref or not all(isinstance(u, str) for u in ref):
+            raise ValueError(f"{where}: a frame list must be a non-empty list of image url strings")
+    elif not isinstance(ref, str):
+        raise ValueError(f"{where}: expected {{'url': str | list[str]}} or a string, got {type(ref).__name__}")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps < 1e4):
+        raise ValueError(f"{where}: fps must be a positive number, got {fps!r}")
+    return ref, (float(fps) if fps is not None else None)
+
+
+def load_video(url: str | list[str], *, where: str, sample_frames, fps: float,
+               max_bytes: int = MAX_VIDEO_BYTES, timeout: float = FETCH_TIMEOUT_S) -> LoadedVideo:
+    """Decode the video a ``video_url`` part points at. ``sample_frames(total_frames, rate) ->
+    frame indices`` (the processor's rule) picks the frames of a video file; a frame list is
+    taken whole, as frames ``fps`` apart (the part's ``fps`` or the rate the processor samples at)."""
+    if isinstance(url, list):
+        if len(url) > MAX_VIDEO_FRAMES:
+            raise ValueError(f"{where}: {len(url)} frames exceed the {MAX_VIDEO_FRAMES}-frame limit")
+        images = [load_image(u, where=f"{where}.url[{k}]").image for k, u in enumerate(url)]
+        if len({im.size for im in images}) > 1:
+            raise ValueError(f"{where}: the frames have different sizes {sorted({im.size for im in images})}")
+        frames = np.stack([np.asarray(im) for im in images])
+        return LoadedVideo(frames, float(fps), video_digest(frames, float(fps)))
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"{where}: expected a non-empty string (data URI, URL, path or base64)")
+    return decode_video(_read_bytes(url, where, max_bytes, timeout), where, sample_frames)
+
+
+def decode_video(data: bytes, where: str, sample_frames) -> LoadedVideo:
+    """PyAV: frame count and rate from the stream header (as transformers' PyAV reader reads
+    them), then one decoding pass keeping only the sampled frames, so a long clip never
+    sits in memory whole. A header without a frame count costs a counting pass first."""
+    import av                      # imported here: image-only deployments never load FFmpeg
+
+    def frames_of(container):
+        return container.decode(container.streams.video[0])
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise ValueError(f"{where}: the file holds no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            if not rate or rate <= 0:
+                raise ValueError(f"{where}: the video stream has no frame rate")
+            rate, total = float(rate), int(stream.frames or 0)
+            if total <= 0:
+                total = sum(1 for _ in frames_of(container))
+        if total <= 0:
+            raise ValueError(f"{where}: the video holds no frames")
+        indices = [int(i) for i in sample_frames(total, rate)]
+        if not indices or min(indices) < 0 or max(indices) >= total:
+            raise ValueError(f"{where}: cannot sample frames {indices[:4]}... from {total} frames")
+        if len(indices) > MAX_VIDEO_FRAMES:
+            raise ValueError(f"{where}: {len(indices)} sampled frames exceed the {MAX_VIDEO_FRAMES}-frame limit")
+        wanted, picked, last = set(indices), {}, max(indices)
+        with av.open(io.BytesIO(data), mode="r") as container:
+            for k, frame in enumerate(frames_of(container)):
+                if k in wanted:
+                    picked[k] = frame.to_ndarray(format="rgb24")
+                if k >= last:
+                    break
+    except av.FFmpegError as exc:  # some of PyAV's errors are ValueErrors without the part's name
+        raise ValueError(f"{where}: not a decodable video file ({type(exc).__name__}: {exc})") from None
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{where}: not a decodable video file ({type(exc).__name__}: {exc})") from None
+    if len(picked) < len(wanted):
+        raise ValueError(f"{where}: the video decodes to fewer frames than its header's {total}")
+    frames = np.stack([picked[i] for i in indices])
+    sampled_fps = len(indices) / total * rate
+    return LoadedVideo(frames, sampled_fps, video_digest(frames, sampled_fps))
 
 
 # --------------------------------------------------------------------------- sources

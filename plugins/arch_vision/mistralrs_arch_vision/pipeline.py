@@ -19,6 +19,13 @@ hears defines ``audio_token_id``, ``audio_part`` (default ``{"type": "audio"}``)
 ``prepare_audio(LoadedAudio) -> ImagePrompt``; the span's ``data`` is whatever that returns,
 and the model's ``encode_features`` tells image from audio data by its type. A processor
 without ``prepare_audio`` refuses audio parts.
+
+Video (``video_url`` parts: a video file by any image source, or ``{"url": [frame urls],
+"fps": f}``) likewise: a processor that watches defines ``video_token_id``, ``video_part``
+(default ``{"type": "video"}``), ``sample_video_frames(total, fps) -> indices`` (which frames of
+a file to decode), ``video_fps`` (the rate of a frame list whose part names none) and
+``prepare_video(LoadedVideo) -> ImagePrompt``. Frames are decoded by PyAV, imported only when a
+video arrives. A processor without ``prepare_video`` refuses video parts.
 """
 from __future__ import annotations
 
@@ -33,7 +40,8 @@ from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.pipeline.text import Prompt, TextPipeline
 from mistralrs_core.tokenization.prompt import encode_prompt, render_chat
 
-from mistralrs_arch_vision.inputs import audio_url_of, image_url_of, load_audio, load_image
+from mistralrs_arch_vision.inputs import (audio_url_of, image_url_of, load_audio, load_image, load_video,
+                                          video_url_of)
 
 
 @attrs.frozen
@@ -59,13 +67,13 @@ class VisionPipeline(TextPipeline):
         messages = normalize_messages(req.messages)
         if not any(isinstance(m.get("content"), list) for m in messages):
             return super().chat_prompt(req)           # plain strings: exactly the text path
-        images, audios = [], []
+        images, audios, videos = [], [], []
         message_text = getattr(self.processor, "message_text", None)
         for i, m in enumerate(messages):
             content = m.get("content")
             if not isinstance(content, list):
                 continue
-            before = {"image": len(images), "audio": len(audios)}
+            before = {"image": len(images), "audio": len(audios), "video": len(videos)}
             parts = []
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
@@ -80,11 +88,19 @@ class VisionPipeline(TextPipeline):
                         raise ValueError(f"{where}: this model does not take audio input")
                     audios.append(load_audio(audio_url_of(part, where), where=where))
                     parts.append(dict(getattr(self.processor, "audio_part", {"type": "audio"})))
+                elif kind == "video_url":
+                    where += ".video_url"
+                    if not self.takes_video:
+                        raise ValueError(f"{where}: this model does not take video input")
+                    url, fps = video_url_of(part, where)
+                    videos.append(load_video(url, where=where, sample_frames=self.processor.sample_video_frames,
+                                             fps=fps if fps is not None else self.processor.video_fps))
+                    parts.append(dict(getattr(self.processor, "video_part", {"type": "video"})))
                 elif kind == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
                 else:
                     raise ValueError(f"{where}: unsupported content part type {kind!r} "
-                                     f"(text, image_url, audio_url or input_audio)")
+                                     f"(text, image_url, audio_url, input_audio or video_url)")
             # Parts stay a list, as transformers' processors hand them to the template: the
             # hub's vision templates iterate content parts (a joined string would render
             # as no text at all in LLaVa's). A family whose templates take a string
@@ -99,23 +115,33 @@ class VisionPipeline(TextPipeline):
                            tools=template_tools(req), **extra)
         expand_prompt = getattr(self.processor, "expand_prompt", None)
         if expand_prompt is not None:
+            if videos:
+                raise ValueError("messages: this model's processor expands prompts itself and takes no video")
             return expand_prompt(text, images, audios)
-        return self.expand_media(encode_prompt(self.tokenizer, text), images, audios)
+        return self.expand_media(encode_prompt(self.tokenizer, text), images, audios, videos)
+
+    @property
+    def takes_video(self) -> bool:
+        return (getattr(self.processor, "prepare_video", None) is not None
+                and getattr(self.processor, "video_token_id", None) is not None)
 
     def expand_images(self, ids: list[int], images) -> Prompt:
         return self.expand_media(ids, images, [])
 
-    def expand_media(self, ids: list[int], images, audios) -> Prompt:
-        """Replace the i-th image (audio) placeholder token with image (clip) i's tokens and span."""
+    def expand_media(self, ids: list[int], images, audios, videos=()) -> Prompt:
+        """Replace the i-th image (audio, video) placeholder token with image (clip, video) i's
+        tokens and span."""
         proc = self.processor
         image_token = proc.image_token_id
         audio_token = getattr(proc, "audio_token_id", None) if audios else None
-        for token, items, what in ((image_token, images, "image"), (audio_token, audios, "audio")):
+        video_token = getattr(proc, "video_token_id", None) if videos else None
+        for token, items, what in ((image_token, images, "image"), (audio_token, audios, "audio"),
+                                   (video_token, videos, "video")):
             found = ids.count(token) if token is not None else 0
             if found != len(items):
                 raise ValueError(f"messages: the rendered prompt holds {found} {what} placeholder(s) for "
                                  f"{len(items)} {what} part(s); the chat template must emit one per part")
-        out, spans, k, a = [], [], 0, 0
+        out, spans, k, a, v = [], [], 0, 0, 0
         for t in ids:
             if t == image_token:
                 item, token, k = images[k], image_token, k + 1
@@ -123,6 +149,9 @@ class VisionPipeline(TextPipeline):
             elif audio_token is not None and t == audio_token:
                 item, token, a = audios[a], audio_token, a + 1
                 prepared = proc.prepare_audio(item)
+            elif video_token is not None and t == video_token:
+                item, token, v = videos[v], video_token, v + 1
+                prepared = proc.prepare_video(item)
             else:
                 out.append(t)
                 continue

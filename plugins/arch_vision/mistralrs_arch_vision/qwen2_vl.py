@@ -15,12 +15,22 @@ index + ``delta`` (transformers' ``rope_deltas``). The reference computes this f
 ``mm_token_type_ids`` (1 on image tokens, as its processor emits them); here the spans are
 those runs, so no such array is carried.
 
+Video (``video_url`` parts): the template writes ``<|vision_start|><|video_pad|><|vision_end|>``;
+the frames (``processors/qwen2_vl.Qwen2VLVideoProcessor``) make a grid of t temporal patches
+and the one ``<|video_pad|>`` becomes t*h*w / merge^2 tokens, encoded by the same tower. The
+temporal axis of their positions counts temporal patches (Qwen2-VL) or seconds: patch k sits at
+``int(k * tokens_per_second * second_per_grid_t)`` (Qwen2.5-VL, float32 as transformers'
+``get_rope_index``); text after a video resumes at start + max(rows, cols) as after an image.
+
 Checkpoint layouts: the hub's (``model.*`` text, ``visual.*``, ``lm_head``) and transformers
 5's (``model.language_model.*``, ``model.visual.*``, ``lm_head``). Config: the hub's is flat
 (text fields at the top, ``rope_scaling: {type: mrope, mrope_section}``), transformers 5
 nests ``text_config``.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import attrs
 import numpy as np
@@ -33,7 +43,8 @@ from mistralrs_core.models.text_config import base_config
 
 from mistralrs_arch_vision.family import VisionFamilyMixin
 from mistralrs_arch_vision.pipeline import ImagePrompt
-from mistralrs_arch_vision.processors.qwen2_vl import Qwen2VLImageProcessor, QwenVisionInput
+from mistralrs_arch_vision.processors.qwen2_vl import (Qwen2VLImageProcessor, Qwen2VLVideoProcessor,
+                                                       QwenVisionInput)
 from mistralrs_arch_vision.towers.qwen_vit import QwenViTConfig, QwenVisionTower
 
 # transformers' Qwen2VLTextConfig defaults (Qwen2.5-VL's are the same where a config omits them)
@@ -43,6 +54,9 @@ QWEN2_VL_TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_
                               use_sliding_window=False, sliding_window=4096, max_window_layers=80)
 DEFAULT_MROPE_SECTION = (16, 24, 24)
 IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
+VIDEO_PAD = "<|video_pad|>"
+#: transformers' Qwen2_5_VLVisionConfig default: temporal positions per second of video
+DEFAULT_TOKENS_PER_SECOND = 4
 
 
 def text_config_of(hf: dict) -> dict:
@@ -75,9 +89,12 @@ _PREFIXES = (  # checkpoint prefix -> module-tree prefix (first match wins)
 )
 
 
-def mrope_prompt_positions(prompt_ids, spans, merge_size: int) -> PromptPositions | None:
-    """The M-RoPE positions of a prompt whose image runs are ``spans`` (transformers'
-    ``get_rope_index`` for still images; Qwen3-VL's is the same rule)."""
+def mrope_prompt_positions(prompt_ids, spans, merge_size: int, temporal=None) -> PromptPositions | None:
+    """The M-RoPE positions of a prompt whose image (and video) runs are ``spans``
+    (transformers' ``get_rope_index``; Qwen3-VL's is the same rule for images).
+    ``temporal(data)``: the offsets of a span's temporal patches (default 0, 1, ...; Qwen2.5-VL
+    spaces a video's by its seconds). Whatever a span's time axis reaches, the text after it
+    resumes at start + max(rows, cols), as the reference advances."""
     if not spans:
         return None                       # text only: equal axes, i.e. plain positions
     n, m = len(prompt_ids), merge_size
@@ -93,7 +110,8 @@ def mrope_prompt_positions(prompt_ids, spans, merge_size: int) -> PromptPosition
         if lt * lh * lw != span.length:
             raise ValueError(f"an image span of {span.length} tokens holds a {h} x {w} patch grid "
                              f"({lt * lh * lw} tokens)")
-        tt, hh, ww = np.meshgrid(np.arange(lt), np.arange(lh), np.arange(lw), indexing="ij")
+        times = np.arange(lt) if temporal is None else temporal(span.data)
+        tt, hh, ww = np.meshgrid(times, np.arange(lh), np.arange(lw), indexing="ij")
         pos[0, span.start:span.end] = nxt + tt.reshape(-1)
         pos[1, span.start:span.end] = nxt + hh.reshape(-1)
         pos[2, span.start:span.end] = nxt + ww.reshape(-1)
@@ -109,6 +127,9 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
     ignored_weight_suffixes = ("rotary_emb.inv_freq", "position_ids")
     #: Qwen2.5-VL's tower (RMSNorm, gated MLP, window attention)
     qwen25 = False
+    #: the processor enables video parts only for models that place them as these do (Qwen3-VL
+    #: shares the processor but spells video with timestamps and positions it differently)
+    watches_video = True
 
     @classmethod
     def from_hf_config(cls, hf: dict, dtype: torch.dtype = torch.float32) -> "Qwen2VLForConditionalGeneration":
@@ -121,6 +142,10 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
             raise ValueError(f"vision_config: the merger outputs {model.visual.cfg.out_hidden_size} channels for a "
                              f"text model of hidden_size {model.cfg.hidden_size}")
         model.image_token_id = int(hf.get("image_token_id", 151655))
+        model.video_token_id = int(hf.get("video_token_id", 151656))
+        # Qwen2-VL's temporal positions count temporal patches: one position per patch.
+        model.tokens_per_second = (float((hf.get("vision_config") or {}).get("tokens_per_second")
+                                         or DEFAULT_TOKENS_PER_SECOND) if cls.qwen25 else None)
         return model
 
     @classmethod
@@ -153,7 +178,7 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
         inputs = []
         for s in spans:
             if not isinstance(s.data, QwenVisionInput):
-                raise ValueError(f"a Qwen2-VL span holds {type(s.data).__name__}, not image patches")
+                raise ValueError(f"a Qwen2-VL span holds {type(s.data).__name__}, not image or video patches")
             t, h, w = s.data.grid_thw
             if t * h * w // self.merge_size ** 2 != s.length:
                 raise ValueError(f"an image span of {s.length} tokens holds a {h} x {w} patch grid "
@@ -162,7 +187,16 @@ class Qwen2VLForConditionalGeneration(VisionFamilyMixin, DecoderLM):
         return self.image_features(inputs)
 
     def prompt_positions(self, prompt_ids, spans):
-        return mrope_prompt_positions(prompt_ids, spans, self.merge_size)
+        return mrope_prompt_positions(prompt_ids, spans, self.merge_size, self.temporal_positions)
+
+    def temporal_positions(self, data: QwenVisionInput) -> np.ndarray:
+        """Offsets of a span's temporal patches on the temporal axis."""
+        t = data.grid_thw[0]
+        if not data.is_video or self.tokens_per_second is None:
+            return np.arange(t)
+        # float32 products truncated, as the reference computes them
+        interval = np.float32(self.tokens_per_second) * np.float32(data.second_per_grid_t)
+        return (np.arange(t, dtype=np.float32) * interval).astype(np.int64)
 
 
 class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
@@ -172,11 +206,14 @@ class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
 @attrs.define
 class Qwen2VLProcessor:
     """The family's half of the pipeline (transformers' ``Qwen2VLProcessor``): the template
-    writes one ``<|image_pad|>`` per image between vision start/end tokens; it becomes one
-    token per merged patch."""
+    writes one ``<|image_pad|>`` per image (``<|video_pad|>`` per video) between vision
+    start/end tokens; it becomes one token per merged patch."""
     image_processor: Qwen2VLImageProcessor
     image_token_id: int
     image_part: dict = attrs.field(factory=lambda: {"type": "image"})
+    video_processor: Qwen2VLVideoProcessor | None = None
+    video_token_id: int | None = None
+    video_part: dict = attrs.field(factory=lambda: {"type": "video"})
 
     @classmethod
     def from_pretrained(cls, *, model, hf_config: dict, preprocessor_config: dict, tokenizer=None,
@@ -195,8 +232,33 @@ class Qwen2VLProcessor:
         if token != model.image_token_id:
             raise ValueError(f"config.json: image_token_id {model.image_token_id} is not the tokenizer's "
                              f"{IMAGE_PAD!r} ({token})")
-        return cls(proc, token)
+        video_token = tokenizer.token_to_id(VIDEO_PAD)
+        if video_token is None or not getattr(model, "watches_video", False):
+            return cls(proc, token)               # video parts are refused
+        if video_token != model.video_token_id:
+            raise ValueError(f"config.json: video_token_id {model.video_token_id} is not the tokenizer's "
+                             f"{VIDEO_PAD!r} ({video_token})")
+        video_cfg = preprocessor_config
+        path = Path(model_dir) / "video_preprocessor_config.json" if model_dir is not None else None
+        if path is not None and path.is_file():
+            video_cfg = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(video_cfg, dict):
+                raise ValueError("video_preprocessor_config.json: expected a JSON object")
+        return cls(proc, token, video_processor=Qwen2VLVideoProcessor.from_config(video_cfg, proc),
+                   video_token_id=video_token)
 
     def prepare(self, image) -> ImagePrompt:
         data = self.image_processor(image)
+        return ImagePrompt(self.image_processor.num_tokens(data.grid_thw), data)
+
+    @property
+    def video_fps(self) -> float:
+        """The rate a frame list is taken at when its part names none."""
+        return self.video_processor.fps or 2.0
+
+    def sample_video_frames(self, total: int, fps: float) -> list[int]:
+        return self.video_processor.sample_frames(total, fps)
+
+    def prepare_video(self, video) -> ImagePrompt:
+        data = self.video_processor(video.frames, video.fps)
         return ImagePrompt(self.image_processor.num_tokens(data.grid_thw), data)

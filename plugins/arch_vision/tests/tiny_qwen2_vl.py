@@ -18,12 +18,13 @@ WINDOW = 2 * FACTOR                      # Qwen2.5-VL: windows of 2 x 2 merged t
 SPECIALS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
 SECTIONS = [2, 3, 3]                     # text head_dim 16: rotary half of 8
 
-# Qwen2-VL's template reduced to what matters: one image placeholder run per image part.
+# Qwen2-VL's template reduced to what matters: one placeholder run per image (video) part.
 TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
     "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
