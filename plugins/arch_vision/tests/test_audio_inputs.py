@@ -46,6 +46,10 @@ def test_every_source_gives_the_same_samples_and_hash(tmp_path):
     assert decode_audio(pcm16, WHERE).content_hash == decode_audio(flac, WHERE).content_hash
     ogg = decode_audio(encode(tone(), 16000, "OGG", "VORBIS"), WHERE)
     assert ogg.rate == 16000 and abs(ogg.seconds - 0.25) < 0.01
+    if "MP3" in soundfile.available_formats():         # libsndfile >= 1.1
+        mp3 = decode_audio(encode(tone(), 16000, "MP3"), WHERE)
+        assert mp3.rate == 16000 and abs(mp3.seconds - 0.25) < 0.01
+        assert np.abs(mp3.samples).max() > 0.1
     assert decode_audio(encode(tone(freq=880.0), 16000, "WAV", "FLOAT"), WHERE).content_hash != loaded[0].content_hash
 
 
