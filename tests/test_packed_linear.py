@@ -52,3 +52,28 @@ def test_only_dense_unshared_half_precision_linears_are_packed(monkeypatch):
     assert all(model[k].qmethod is None for k in ("head", "f32", "adapted"))
     monkeypatch.setenv("MISTRALRS_PREPACK", "0")
     assert prepack_linears(nn.ModuleDict(dict(a=linear(32, 32)))) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 5, 200])
+def test_epilogues_equal_the_separate_ops(rows):
+    """Bias + tanh-GELU and the binary add ride in the packed GEMM's epilogue; each equals
+    the float32 result of the separate ops to bf16 rounding, packed or plain."""
+    from mistralrs_core.layers.packed import DenseWeight
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=g).bfloat16()
+    b = torch.randn(48, generator=g).bfloat16()
+    x = torch.randn(rows, 64, generator=g).bfloat16()
+    other = torch.randn(rows, 48, generator=g).bfloat16()
+    lin = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    want_gelu = torch.nn.functional.gelu(lin, approximate="tanh")
+    want_add = lin + other.float()
+    for prepack in (True, False):
+        d = DenseWeight(w, prepack=prepack)
+        assert (d.packed is not None) == prepack
+        got = d.mm(x, b, "gelu_tanh")
+        assert (got.float() - want_gelu).abs().max() <= want_gelu.abs().max() * 2 ** -6
+        got = d.mm_add(x, other, b)
+        assert (got.float() - want_add).abs().max() <= want_add.abs().max() * 2 ** -6
+        assert torch.equal(d.mm(x, b, None), d.mm(x, b))
+    with pytest.raises(ValueError, match="act"):
+        DenseWeight(w).mm(x, b, "relu6")

@@ -20,11 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _can_prepack(w: torch.Tensor) -> bool:
-    return (w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available()
+def can_prepack(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether weights of ``dtype`` computed on ``device`` would be prepacked (the setting,
+    a CPU, a half-precision dtype and a torch with the oneDNN ops)."""
+    return (torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+            and prepack_enabled() and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _can_prepack(w: torch.Tensor) -> bool:
+    return can_prepack(w.dtype, w.device)
+
+
+#: activations a packed GEMM can apply in its epilogue: name -> (oneDNN attr, algorithm)
+ACTIVATIONS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh")}
 
 
 class DenseWeight:
@@ -44,11 +54,27 @@ class DenseWeight:
     def nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * torch.finfo(self.dtype).bits // 8
 
-    def mm(self, x2d: torch.Tensor) -> torch.Tensor:
+    def mm(self, x2d: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+        """``x2d @ W.T (+ bias)``, then ``act`` (None or ``"gelu_tanh"``). Packed, the bias
+        and the activation run inside the GEMM's epilogue (no extra pass over the output)."""
+        x2d = x2d.to(self.dtype)
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act: {act!r} is not one of {sorted(ACTIVATIONS, key=str)}")
+        if self.packed is not None:
+            attr, algo = ACTIVATIONS[act]
+            return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, bias, attr, [], algo)
+        out = F.linear(x2d, self.plain, bias)
+        return F.gelu(out, approximate="tanh") if act == "gelu_tanh" else out
+
+    def mm_add(self, x2d: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2d @ W.T (+ bias) + other`` (other [rows, out], this dtype): packed, the sum is
+        the GEMM's epilogue, so a projection of concatenated inputs can run as two GEMMs with
+        no concatenation copy."""
         x2d = x2d.to(self.dtype)
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, None, "none", [], "")
-        return F.linear(x2d, self.plain)
+            return torch.ops.mkldnn._linear_pointwise.binary(x2d.contiguous(), other.contiguous(), self.packed,
+                                                             bias, "add")
+        return torch.add(F.linear(x2d, self.plain, bias), other)
 
     def to_dense(self) -> torch.Tensor:
         return self.plain if self.packed is None else self.packed.to_dense()

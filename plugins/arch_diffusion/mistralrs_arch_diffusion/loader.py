@@ -47,12 +47,18 @@ def load_flux(model_dir: Path, *, name: str, dtype, device, offload: bool, seed:
     t5 = T5EncoderModel(t5_cfg)
     with open_weights(files.folder("text_encoder_2")) as w:
         load_module(t5, w.items(), device=where, dtype=dtype)
-    transformer = FluxTransformer2DModel(flux_cfg)
+    # Prepacked for oneDNN when it computes on this CPU in half precision; never for a
+    # quantized transformer or one that runs on an accelerator (offloaded: stored here only).
+    from mistralrs_core.layers.packed import can_prepack
+    packed = quant_config is None and can_prepack(dtype, placement.compute)
+    transformer = FluxTransformer2DModel(flux_cfg, packed=packed)
     with open_weights(files.transformer_weights) as w:
         stream = w.items()
         if files.transformer_bfl:
             stream = bfl_transformer_weights(stream, flux_cfg.inner_dim)
         load_module(transformer, stream, device=where, dtype=dtype, quant_config=quant_config)
+    if packed:
+        transformer.prepack()
     vae = AutoencoderKLDecoder(vae_cfg)
     with open_weights(files.vae_weights) as w:
         stream = w.items()

@@ -1,0 +1,109 @@
+"""The transformer's CPU half-precision path (``packed=True``): prepacked linears with bias,
+tanh-GELU and the single blocks' output sum in GEMM epilogues, and q/k norm + rope as one
+compiled region. Its layout math equals diffusers in float32 (where nothing is packed, so
+the split layout itself is what is checked); in bf16 the packed model equals the plain one
+to bf16 rounding, and the loader packs exactly when it computes on a CPU in half precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mistralrs_core.layers.compiled import CompiledOrEager
+from mistralrs_core.layers.linear import Linear
+from mistralrs_core.layers.packed import PackedLinear, can_prepack
+from mistralrs_core.loading.weights import load_module
+
+from mistralrs_arch_diffusion import flux_transformer as ft
+from mistralrs_arch_diffusion.loader import load_flux
+from mistralrs_arch_diffusion.pipeline import latent_image_ids
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def _inputs(tr, dtype):
+    g = torch.Generator().manual_seed(3)
+    h2, w2, n_txt = 3, 5, 7
+    x = torch.randn(2, h2 * w2, tr.config.in_channels, generator=g).to(dtype)
+    txt = torch.randn(2, n_txt, tr.config.joint_attention_dim, generator=g).to(dtype)
+    pooled = torch.randn(2, tr.config.pooled_projection_dim, generator=g).to(dtype)
+    guidance = torch.tensor([3.5, 2.0]) if tr.config.guidance_embeds else None
+    return dict(hidden_states=x, encoder_hidden_states=txt, pooled_projections=pooled,
+                timestep=torch.tensor([0.9, 0.3]), img_ids=latent_image_ids(h2, w2),
+                txt_ids=torch.zeros(n_txt, 3), guidance=guidance)
+
+
+def _ours(tr, dtype, packed):
+    m = ft.FluxTransformer2DModel(ft.FluxConfig.from_hf(dict(tr.config)), packed=packed)
+    load_module(m, list(tr.state_dict().items()), device=torch.device("cpu"), dtype=dtype)
+    return m
+
+
+def _run(m, inp):
+    with torch.inference_mode():
+        return m(inp["hidden_states"], inp["encoder_hidden_states"], inp["pooled_projections"], inp["timestep"],
+                 img_ids=inp["img_ids"], txt_ids=inp["txt_ids"], guidance=inp["guidance"])
+
+
+@pytest.mark.parametrize("variant", ["schnell", "dev"])
+def test_packed_layout_equals_diffusers_in_float32(tiny_flux_models, variant):
+    tr = tiny_flux_models[variant][0].transformer
+    ours = _ours(tr, torch.float32, packed=True)
+    blk = ours.single_transformer_blocks[0]
+    assert blk.linear1 is None and blk.qkv is not None and blk.out_attn is not None and blk.out_mlp is not None
+    assert not hasattr(blk, "proj_out")
+    inp = _inputs(tr, torch.float32)
+    with torch.no_grad():
+        want = tr(**inp, return_dict=False)[0]
+    assert rel(_run(ours, inp), want) <= 1e-4
+
+
+@pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="this torch/CPU does not prepack bf16")
+def test_packed_bf16_equals_the_plain_bf16_model(tiny_flux_models, monkeypatch):
+    monkeypatch.setenv(ft.COMPILE_ENV, "0")      # the compiled region has its own test below
+    tr = tiny_flux_models["dev"][0].transformer
+    plain = _ours(tr, torch.bfloat16, packed=False)
+    packed = _ours(tr, torch.bfloat16, packed=True)
+    n = packed.prepack()
+    linears = [m for m in packed.modules() if isinstance(m, Linear)]
+    assert n == len(linears) and all(isinstance(m.qmethod, PackedLinear) for m in linears)
+    inp = _inputs(tr, torch.bfloat16)
+    with torch.no_grad():
+        want = tr.to(torch.float32)(**{k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
+                                      for k, v in inp.items()}, return_dict=False)[0]
+    got, base = _run(packed, inp), _run(plain, inp)
+    # Both are bf16 computations of the float32 reference: the packed one is no further off.
+    assert rel(got, base) <= 3e-2
+    assert rel(got, want) <= max(1.5 * rel(base, want), 2e-2)
+
+
+def test_compiled_norm_rope_equals_eager():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, n, 3, 16, generator=g) for n in (5, 9)]
+    ws = [torch.randn(16, generator=g) for _ in xs]
+    ids = torch.cat([torch.zeros(5, 3), latent_image_ids(3, 3)], 0)
+    cos, sin = ft.rope_tables(ids, (4, 6, 6))
+    fn = CompiledOrEager(ft._norm_rope, "test")
+    want = ft._norm_rope(xs, ws, 1e-6, cos, sin)
+    got = fn(xs, ws, 1e-6, cos, sin)
+    assert fn.compiled, "the region fell back to eager"
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    # One graph serves another length (dynamic shapes) and a single part.
+    got1 = fn([xs[1][:, :4]], ws[:1], 1e-6, cos[:4], sin[:4])
+    assert torch.allclose(got1, ft._norm_rope([xs[1][:, :4]], ws[:1], 1e-6, cos[:4], sin[:4]), atol=1e-5)
+
+
+def test_loader_packs_only_for_half_precision_on_cpu(tiny_flux_models, monkeypatch):
+    folder = tiny_flux_models["schnell"][1]
+    f32 = load_flux(folder, name="t", dtype=torch.float32, device=torch.device("cpu"), offload=False)
+    assert not f32.transformer.packed and f32.transformer.single_transformer_blocks[0].linear1 is not None
+    monkeypatch.setenv("MISTRALRS_PREPACK", "0")
+    off = load_flux(folder, name="t", dtype=torch.bfloat16, device=torch.device("cpu"), offload=False)
+    assert not off.transformer.packed
+    if can_prepack(torch.bfloat16, "cpu"):
+        monkeypatch.setenv("MISTRALRS_PREPACK", "1")
+        monkeypatch.setenv(ft.COMPILE_ENV, "0")
+        on = load_flux(folder, name="t", dtype=torch.bfloat16, device=torch.device("cpu"), offload=False)
+        assert on.transformer.packed
+        assert isinstance(on.transformer.proj_out.qmethod, PackedLinear)
