@@ -94,13 +94,21 @@ def _clean_file_runs(lo: int, hi: int, pagemap) -> list[tuple[int, int]]:
 def release_pages(module: nn.Module) -> int:
     """Drop ``module``'s file-backed weight pages from the resident set; returns the bytes
     advised. A no-op where ``madvise`` is unavailable."""
-    if os.name != "posix":
+    return release_ranges(file_backed_ranges(module))
+
+
+def release_ranges(ranges: list[tuple[int, int]]) -> int:
+    """Drop the clean file pages of ``ranges`` (from ``file_backed_ranges``, possibly taken
+    before the tensors were dropped) from the resident set; returns the bytes advised. Only
+    ranges still inside a safetensors mapping are touched."""
+    if os.name != "posix" or not ranges:
         return 0
     try:
         madvise = _madvise()
     except (OSError, AttributeError):
         return 0
-    ranges = file_backed_ranges(module)
+    spans = _safetensors_mappings()
+    ranges = [(lo, hi) for lo, hi in ranges if any(a <= lo and hi <= b for a, b in spans)]
     if not ranges:
         return 0
     try:

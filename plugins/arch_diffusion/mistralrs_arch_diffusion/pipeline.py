@@ -170,7 +170,7 @@ class FluxPipeline(ImageGeneration):
             if self.transformer.cfg.guidance_embeds:
                 guidance = torch.full([1], 3.5 if gs is None else gs, device=dev, dtype=torch.float32)
             with self.placement.running(self.transformer):
-                rope = tuple(t.to(dev) for t in self.transformer.rope(txt_ids, img_ids))
+                rope = self.transformer.rope(txt_ids, img_ids).to(dev)
                 for i in tqdm(range(steps), desc="Denoising", unit="step", file=sys.stderr,
                               disable=not _progress_enabled(), leave=False):
                     # The reference hands timesteps through the latents' dtype, then /1000.

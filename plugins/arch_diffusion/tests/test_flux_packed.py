@@ -1,6 +1,6 @@
 """The transformer's CPU half-precision path (``packed=True``): prepacked linears with bias,
-tanh-GELU and the single blocks' output sum in GEMM epilogues, and q/k norm + rope as one
-compiled region. Its layout math equals diffusers in float32 (where nothing is packed, so
+tanh-GELU and the single blocks' output sum in GEMM epilogues; and the shared q/k norm +
+rope. Its layout math equals diffusers in float32 (where nothing is packed, so
 the split layout itself is what is checked); in bf16 the packed model equals the plain one
 to bf16 rounding, and the loader packs exactly when it computes on a CPU in half precision."""
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mistralrs_core.layers.compiled import CompiledOrEager
 from mistralrs_core.layers.linear import Linear
 from mistralrs_core.layers.packed import PackedLinear, can_prepack
 from mistralrs_core.loading.weights import load_module
@@ -61,7 +60,6 @@ def test_packed_layout_equals_diffusers_in_float32(tiny_flux_models, variant):
 
 @pytest.mark.skipif(not can_prepack(torch.bfloat16, "cpu"), reason="this torch/CPU does not prepack bf16")
 def test_packed_bf16_equals_the_plain_bf16_model(tiny_flux_models, monkeypatch):
-    monkeypatch.setenv(ft.COMPILE_ENV, "0")      # the compiled region has its own test below
     tr = tiny_flux_models["dev"][0].transformer
     plain = _ours(tr, torch.bfloat16, packed=False)
     packed = _ours(tr, torch.bfloat16, packed=True)
@@ -78,20 +76,26 @@ def test_packed_bf16_equals_the_plain_bf16_model(tiny_flux_models, monkeypatch):
     assert rel(got, want) <= max(1.5 * rel(base, want), 2e-2)
 
 
-def test_compiled_norm_rope_equals_eager():
+def test_norm_rope_equals_the_textbook_form():
+    """Per-part RMSNorm, concatenation, then x * cos + rotate_pairs(x) * sin, in float64."""
+    from mistralrs_core.layers.rope import rotate_pairs
     g = torch.Generator().manual_seed(0)
-    xs = [torch.randn(2, n, 3, 16, generator=g) for n in (5, 9)]
+    qkv = torch.randn(2, 9, 3, 3, 16, generator=g)          # a strided q, as the fused projection gives it
+    xs = [torch.randn(2, 5, 3, 16, generator=g), qkv[:, :, 0]]
     ws = [torch.randn(16, generator=g) for _ in xs]
     ids = torch.cat([torch.zeros(5, 3), latent_image_ids(3, 3)], 0)
-    cos, sin = ft.rope_tables(ids, (4, 6, 6))
-    fn = CompiledOrEager(ft._norm_rope, "test")
-    want = ft._norm_rope(xs, ws, 1e-6, cos, sin)
-    got = fn(xs, ws, 1e-6, cos, sin)
-    assert fn.compiled, "the region fell back to eager"
-    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
-    # One graph serves another length (dynamic shapes) and a single part.
-    got1 = fn([xs[1][:, :4]], ws[:1], 1e-6, cos[:4], sin[:4])
-    assert torch.allclose(got1, ft._norm_rope([xs[1][:, :4]], ws[:1], 1e-6, cos[:4], sin[:4]), atol=1e-5)
+    freqs = ft.rope_freqs(ids, (4, 6, 6))
+    got = ft._norm_rope(xs, ws, 1e-6, freqs)
+    parts = [x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
+             for x, w in zip(xs, ws)]
+    x = torch.cat(parts, 1)
+    cos = freqs.real.double().repeat_interleave(2, -1)[None, :, None]
+    sin = freqs.imag.double().repeat_interleave(2, -1)[None, :, None]
+    want = x * cos + rotate_pairs(x) * sin
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert (got.double() - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+    bf = ft._norm_rope([x_.bfloat16() for x_ in xs], ws, 1e-6, freqs)
+    assert bf.dtype == torch.bfloat16 and rel(bf, want) <= 2 ** -7
 
 
 def test_loader_packs_only_for_half_precision_on_cpu(tiny_flux_models, monkeypatch):
@@ -103,7 +107,6 @@ def test_loader_packs_only_for_half_precision_on_cpu(tiny_flux_models, monkeypat
     assert not off.transformer.packed
     if can_prepack(torch.bfloat16, "cpu"):
         monkeypatch.setenv("MISTRALRS_PREPACK", "1")
-        monkeypatch.setenv(ft.COMPILE_ENV, "0")
         on = load_flux(folder, name="t", dtype=torch.bfloat16, device=torch.device("cpu"), offload=False)
         assert on.transformer.packed
         assert isinstance(on.transformer.proj_out.qmethod, PackedLinear)

@@ -20,13 +20,14 @@ CPU), ``0`` (never). A failed compile logs a warning and the tower stays eager.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 
 import torch
 from torch import nn
 
 from mistralrs_core import progress
-from mistralrs_core.layers.compiled import have_cxx, setting
 from mistralrs_core.layers.attention_backends import EncoderBatch
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,17 @@ INDUCTOR_OPTIONS = {"freezing": True}
 
 def compile_setting() -> str:
     """``auto``, ``on`` or ``off`` from the environment (unknown values read as ``auto``)."""
-    return setting(ENV)
+    raw = os.environ.get(ENV, "auto").strip().lower()
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    return "auto"
+
+
+def have_cxx() -> bool:
+    """Whether inductor's C++ backend has a compiler to call."""
+    return any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))
 
 
 class FrozenEncoder:
