@@ -11,13 +11,14 @@ kernel (``MISTRALRS_DECODE_ATTENTION=triton``) so it runs on CPU in triton's int
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
 
-from mistralrs import ChatCompletionRequest, Runner, Which  # noqa: E402
+from mistralrs import ChatCompletionRequest, ModelDType, Runner, Which  # noqa: E402
 from mistralrs_core import plugins  # noqa: E402
 from mistralrs_core.layers.decode_kernels import ENV  # noqa: E402
 from mistralrs_core.testing.tiny import write_random_llama  # noqa: E402
@@ -27,9 +28,14 @@ def generate(model_dir: Path, mode: str) -> tuple[str, int]:
     """Greedy text for a prompt, and how many attention calls the Triton kernel served."""
     from mistralrs_quant.kernels.triton import paged_attention
     os.environ[ENV] = mode
-    calls, real = [], paged_attention.paged_decode_attention
-    paged_attention.paged_decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
-    runner = Runner(which=Which.Plain(model_id=str(model_dir), dtype="F32"), seed=0)
+    calls: list[int] = []
+    real = paged_attention.paged_decode_attention
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)
+    paged_attention.paged_decode_attention = counted
+    runner = Runner(which=Which.Plain(model_id=str(model_dir), dtype=ModelDType.F32), seed=0)
     try:
         res = runner.send_chat_completion_request(ChatCompletionRequest(
             messages=[{"role": "user", "content": "hello there"}], max_tokens=6, temperature=0.0,

@@ -97,7 +97,7 @@ class TritonDecodeAttention:
             return False
         if q.dim() != 3 or q.shape[-1] != kc.shape[-1] or q.shape[1] % kc.shape[2] or vc.shape[2] != kc.shape[2]:
             return False
-        if kc.device != q.device or meta.block_tables.device != q.device:
+        if kc.device != q.device:
             return False
         if sinks is not None and sinks.numel() != q.shape[1]:
             return False
