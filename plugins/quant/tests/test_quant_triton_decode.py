@@ -4,7 +4,8 @@ Tiny random models decode three sequences of different lengths in one batch thro
 model runner, once with ``MISTRALRS_DECODE_ATTENTION=triton`` (the kernel, interpreted on CPU)
 and once with ``torch``: the logits agree to float32 rounding at every decode step, and the
 kernel served every layer of every decode step (calls counted). Families: Llama (GQA; also
-with the FP8 cache) and Gemma 2 (alternating sliding-window/global layers, logit soft-capping).
+with the FP8 cache), Gemma 2 (alternating sliding-window/global layers, logit soft-capping)
+and GPT-OSS (attention sinks, sliding-window/global layers, MoE).
 Prefill steps are not pure decode and stay on the torch path in both runs.
 """
 import pytest
@@ -53,6 +54,18 @@ def gemma2(tmp_path_factory):
     return load_for_test(save_reference(ref, tmp_path_factory.mktemp("gemma2")), "Gemma2")
 
 
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    from transformers import GptOssConfig, GptOssForCausalLM
+    cfg = GptOssConfig(vocab_size=300, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                       head_dim=8, sliding_window=4, swiglu_limit=0.3, eos_token_id=None)
+    torch.manual_seed(0)
+    ref = GptOssForCausalLM(cfg).float().eval()
+    perturb_parameters(ref)
+    return load_for_test(save_reference(ref, tmp_path_factory.mktemp("gpt_oss")), "GptOss")
+
+
 def _run(model, mode, monkeypatch, cache_dtype):
     """Prefill the three prompts together, then three batched decode steps: per decode step
     the [3, vocab] logits, and how many times the kernel ran."""
@@ -71,7 +84,8 @@ def _run(model, mode, monkeypatch, cache_dtype):
 
 
 @pytest.mark.parametrize("family,cache_dtype", [("llama", torch.float32), ("llama", FP8_CACHE_DTYPE),
-                                                ("gemma2", torch.float32)], ids=["llama", "llama-fp8", "gemma2"])
+                                                ("gemma2", torch.float32), ("gpt_oss", torch.float32)],
+                         ids=["llama", "llama-fp8", "gemma2", "gpt_oss"])
 def test_decode_through_kernel_matches_torch(family, cache_dtype, request, monkeypatch):
     model = request.getfixturevalue(family)
     layers = len(model.kv_cache_specs())
@@ -85,12 +99,14 @@ def test_decode_through_kernel_matches_torch(family, cache_dtype, request, monke
     assert all(a.shape == (3, model.cfg.vocab_size) for a in kernel_steps)
 
 
-def test_gemma2_layers_use_window_and_softcap(gemma2):
-    """The Gemma 2 run above exercises both options (a config change must not drop them)."""
-    attn = [layer.self_attn for layer in gemma2.model.layers] if hasattr(gemma2, "model") else None
-    attn = attn or [m for m in gemma2.modules() if hasattr(m, "sliding_window") and hasattr(m, "scale")]
-    assert [a.sliding_window for a in attn] == [4, None]
-    assert {a.cfg.attn_softcap for a in attn} == {0.5}
+def test_families_exercise_the_kernel_options(gemma2, gpt_oss):
+    """The runs above pass the kernel a sliding window and soft-capping (Gemma 2) and sinks
+    with a sliding window (GPT-OSS); a config change must not silently drop them."""
+    g2 = [layer.self_attn for layer in gemma2.model.layers]
+    assert [a.sliding_window for a in g2] == [4, None] and {a.cfg.attn_softcap for a in g2} == {0.5}
+    oss = [layer.self_attn for layer in gpt_oss.model.layers]
+    assert [a.sliding_window for a in oss] == [4, None]
+    assert all(a.sinks is not None and float(a.sinks.abs().max()) > 0 for a in oss)
 
 
 def test_without_triton_the_torch_path_serves(llama, monkeypatch):
