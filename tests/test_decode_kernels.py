@@ -50,8 +50,8 @@ def fake(monkeypatch):
         register("fake", kernel, device_types=("cpu",))
         register("cudaonly", cuda_only, device_types=("cuda",))
     monkeypatch.delenv(ENV, raising=False)
-    plugins.register_plugin(types.SimpleNamespace(mistralrs_register_decode_attention=mistralrs_register_decode_attention),
-                            "fake_decode_kernel")
+    plugin = types.SimpleNamespace(mistralrs_register_decode_attention=mistralrs_register_decode_attention)
+    plugins.register_plugin(plugin, "fake_decode_kernel")
     try:
         assert "fake_decode_kernel" not in plugins.failed_plugins()
         yield kernel, cuda_only
@@ -94,7 +94,7 @@ def test_other_steps_and_caches_stay_on_the_torch_path(fake):
     kernel, _ = fake
     q, k, v, meta, cache = _step([5, 3])
     # prefill (several queries per sequence)
-    ids, _, pre = build_metadata([([1, 2, 3], 0, [0]), ([4, 5], 0, [1])], 4, "cpu")
+    _, _, pre = build_metadata([([1, 2, 3], 0, [0]), ([4, 5], 0, [1])], 4, "cpu")
     attention(torch.randn(5, 4, 8), torch.randn(5, 2, 8), torch.randn(5, 2, 8), pre, cache, scale=0.3)
     # a non-causal (embedding) step, bidirectional spans, a wrapped cache, no cache
     for change in (dict(causal=False), dict(bidirectional_spans=[[(0, 5)], []])):
@@ -164,8 +164,8 @@ def test_registration_errors_fail_the_plugin():
     def dup(register):
         register("triton", "x:y", device_types=("cuda",))
     try:
-        plugins.register_plugin(types.SimpleNamespace(mistralrs_register_decode_attention=mistralrs_register_decode_attention),
-                                "bad_decode_kernel")
+        bad = types.SimpleNamespace(mistralrs_register_decode_attention=mistralrs_register_decode_attention)
+        plugins.register_plugin(bad, "bad_decode_kernel")
         plugins.register_plugin(types.SimpleNamespace(mistralrs_register_decode_attention=dup), "dup_decode_kernel")
         failed = plugins.failed_plugins()
         assert "device_types" in failed["bad_decode_kernel"]
