@@ -174,3 +174,23 @@ def test_registration_errors_fail_the_plugin():
         assert "decode-attention kernels:" in plugins.describe()
     finally:
         plugins.reset()
+
+
+def test_core_alone_runs_the_torch_path(monkeypatch):
+    """No plugin installed (MISTRALRS_PLUGINS=none): decode steps run torch; naming a kernel
+    that nobody registered is a clear error."""
+    monkeypatch.setenv(plugins.ENV_ALLOWLIST, "none")
+    monkeypatch.delenv(ENV, raising=False)
+    plugins.reset()
+    try:
+        assert plugins.get_registry().decode_attention == {}
+        q, k, v, meta, cache = _step([4, 7])
+        ref_cache = copy.deepcopy(cache)
+        out = attention(q, k, v, meta, cache, scale=0.3)
+        torch.testing.assert_close(out, _torch_decode(q, *_written(ref_cache, meta, k, v), meta, 0.3),
+                                   rtol=1e-6, atol=1e-6)
+        monkeypatch.setenv(ENV, "triton")
+        with pytest.raises(ValueError, match="none registered"):
+            attention(q, k, v, meta, cache, scale=0.3)
+    finally:
+        plugins.reset()
