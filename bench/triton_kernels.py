@@ -8,7 +8,8 @@ Quantized matmuls: for each weight shape [out, in], format and M, the Triton ker
 device: dequantize the packed weight with the torch dequantizer, then ``F.linear`` in bf16
 (what a CUDA weight without triton runs), and a dense bf16 ``F.linear`` as the yardstick.
 Paged attention: one decode step (one query per sequence, GQA 32/8 heads of 128, pages of
-32 tokens) against the torch backend (gather the context, SDPA). Times are medians from
+32 tokens): the kernel alone, ``attention()`` reaching it through the core's decode-attention
+seam, and the torch backend (gather the context, SDPA; ``MISTRALRS_DECODE_ATTENTION=torch``). Times are medians from
 ``triton.testing.do_bench``; the table is markdown.
 
 Without a CUDA device (or without triton) it says so and exits with status 0: the kernels
@@ -82,11 +83,22 @@ def bench_matmuls(shapes, types, ms):
 def bench_attention(batches, contexts):
     from triton.testing import do_bench
 
+    import os
+
     from mistralrs_core.layers.attention import AttentionMetadata, KVCacheSpec, LayerKVCache, attention
+    from mistralrs_core.layers.decode_kernels import ENV
     from mistralrs_quant.kernels.triton.paged_attention import paged_decode_attention
     hq, hkv, d, page = 32, 8, 128, 32
-    print("\n| batch | context | triton µs | torch backend µs | speed-up |")
-    print("| --- | --- | --- | --- | --- |")
+    saved = os.environ.get(ENV)
+
+    def through_core(mode):
+        # attention() as a model calls it: "auto" reaches the kernel through the core's
+        # decode-attention seam (K/V write included), "torch" is the torch backend.
+        os.environ[ENV] = mode
+        return do_bench(lambda: attention(q, k, k, meta, cache, scale=d ** -0.5)) * 1e3
+
+    print("\n| batch | context | triton µs | attention() auto µs | torch backend µs | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for b in batches:
         for ctx in contexts:
             per_seq = -(-ctx // page)
@@ -100,8 +112,12 @@ def bench_attention(batches, contexts):
             q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
             k = torch.randn(b, hkv, d, device="cuda", dtype=torch.bfloat16)
             t_tri = do_bench(lambda: paged_decode_attention(q, cache, meta, scale=d ** -0.5)) * 1e3
-            t_ref = do_bench(lambda: attention(q, k, k, meta, cache, scale=d ** -0.5)) * 1e3
-            print(f"| {b} | {ctx} | {t_tri:.1f} | {t_ref:.1f} | {t_ref / t_tri:.2f}x |", flush=True)
+            t_auto, t_ref = through_core("auto"), through_core("torch")
+            print(f"| {b} | {ctx} | {t_tri:.1f} | {t_auto:.1f} | {t_ref:.1f} | {t_ref / t_auto:.2f}x |", flush=True)
+    if saved is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = saved
 
 
 def main(argv=None) -> int:

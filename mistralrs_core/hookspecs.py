@@ -74,6 +74,15 @@ def mistralrs_register_logits_processors(register):
     asked for each request; those returning None do not apply to it."""
 
 
+@hookspec
+def mistralrs_register_decode_attention(register):
+    """Register kernels for pure-decode paged attention: ``register(name, target, *,
+    device_types=("cuda",))``, ``target`` a ``"module:attr"`` of an object with
+    ``supports(q, cache, meta, **options) -> bool`` and ``__call__(q, cache, meta, *, scale,
+    **options) -> Tensor`` (contract in ``mistralrs_core.layers.decode_kernels``). The core
+    asks it only on the listed device types unless ``MISTRALRS_DECODE_ATTENTION`` names it."""
+
+
 @hookspec(firstresult=True)
 def mistralrs_select_loader(which, kind):
     """Return the registered loader name that handles this ``Which`` variant, or None."""

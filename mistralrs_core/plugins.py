@@ -97,6 +97,7 @@ class Registry:
         self.tool_providers: dict[str, Entry] = {}
         self.capabilities: dict[str, Entry] = {}
         self.logits_processors: dict[str, Entry] = {}
+        self.decode_attention: dict[str, Entry] = {}
 
     def architecture(self, name: str, kind: str | None = None) -> ArchitectureEntry | None:
         key = name.lower()
@@ -232,6 +233,17 @@ def _capability_register(stage: list, plugin_name: str):
     return register
 
 
+def _decode_attention_extra(name: str, kw: dict) -> dict:
+    unknown = set(kw) - {"device_types"}
+    if unknown:
+        raise TypeError(f"register(): unknown keyword(s) {sorted(unknown)} for decode-attention kernel {name!r}")
+    types = kw.get("device_types", ())
+    if isinstance(types, str) or not all(isinstance(t, str) for t in types):
+        raise TypeError(f"register(): device_types of decode-attention kernel {name!r} must be a sequence "
+                        f"of device type names like ('cuda',), got {types!r}")
+    return {"device_types": tuple(types)}
+
+
 def _table_register(stage: list, table: str, plugin_name: str):
     def register(name, target, **kw):
         if not isinstance(name, str) or not name:
@@ -241,6 +253,8 @@ def _table_register(stage: list, table: str, plugin_name: str):
             # Families are keyed by kind too: the text and the vision "Gemma3" coexist.
             key = f"{entry.kind}:{name.lower()}"
         else:
+            if table == "decode_attention":
+                kw = _decode_attention_extra(name, kw)
             entry, key = Entry(name=name, target=target, plugin=plugin_name, extra=kw), name.lower()
         stage.append((table, key, entry))
     return register
@@ -254,7 +268,11 @@ _HOOKS = (
     ("mistralrs_register_tool_providers", "tool_providers"),
     ("mistralrs_register_capabilities", "capabilities"),
     ("mistralrs_register_logits_processors", "logits_processors"),
+    ("mistralrs_register_decode_attention", "decode_attention"),
 )
+
+
+_ENTRY_NOUN = {"capabilities": "capability", "decode_attention": "decode-attention kernel"}
 
 
 def _plugin_registrations(pm: pluggy.PluginManager, name: str) -> list:
@@ -289,7 +307,7 @@ def _fill_registry(pm: pluggy.PluginManager) -> Registry:
             seen: dict[tuple, str] = {}
             for table, key, entry in stage:
                 current = getattr(reg, table).get(key)
-                what = table[:-1].replace("_", " ") if table != "capabilities" else "capability"
+                what = _ENTRY_NOUN.get(table) or table[:-1].replace("_", " ")
                 if current is not None:
                     raise DuplicateRegistration(
                         f"{what} {entry.name!r} is registered by both {current.plugin!r} and {name!r}")
@@ -383,7 +401,8 @@ def describe() -> str:
     for title, table in (("architectures", reg.architectures), ("loaders", reg.loaders),
                          ("quantizers", reg.quantizers), ("samplers", reg.samplers),
                          ("tool providers", reg.tool_providers),
-                         ("logits processors", reg.logits_processors)):
+                         ("logits processors", reg.logits_processors),
+                         ("decode-attention kernels", reg.decode_attention)):
         lines.append(f"{title}:")
         for e in table.values():
             kind = f" [{e.kind}]" if isinstance(e, ArchitectureEntry) else ""

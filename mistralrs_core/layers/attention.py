@@ -14,6 +14,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from mistralrs_core.layers.decode_kernels import try_decode_kernel
+
 
 @attrs.define
 class KVCacheSpec:
@@ -204,7 +206,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
               softcap: float | None = None, sinks: torch.Tensor | None = None,
               chunk: int | None = None) -> torch.Tensor:
     """q [T, Hq, D], k/v [T, Hkv, D] (rope applied) -> [T, Hq, Dv]; ``chunk``: see
-    ``AttentionMetadata.mask``."""
+    ``AttentionMetadata.mask``. Pure-decode steps may be served by a kernel a plugin
+    registered (``layers/decode_kernels.py``); everything else runs here."""
+    if cache is not None and meta.q_max == 1 and not meta.fresh_prefill:
+        out = try_decode_kernel(q, k, v, meta, cache, scale=scale, sliding_window=sliding_window,
+                                softcap=softcap, sinks=sinks, chunk=chunk)
+        if out is not None:
+            return out
     if cache is not None:
         cache.write(meta.slot_mapping, k, v)
     if meta.fresh_prefill or cache is None:

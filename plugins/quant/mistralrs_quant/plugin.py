@@ -60,6 +60,12 @@ def mistralrs_packed_weights(quant_config, weights):
     return packed_weights(quant_config, weights)
 
 
+@hookimpl
+def mistralrs_register_decode_attention(register):
+    # The target module imports triton only when the kernel first runs.
+    register("triton", "mistralrs_quant.kernels.triton.dispatch:decode_attention", device_types=("cuda",))
+
+
 # ISQ, topology files, UQFF and importance matrices for Which.Plain text models
 # (mistralrs_quant.isq); other model kinds refuse them (runner._check_quant_args).
 _CAPABILITIES = {"isq": "mistralrs_quant.isq", "topology": "mistralrs_quant.isq.topology",

@@ -7,7 +7,8 @@ Contracts tested (tiny shapes: the interpreter runs every program in numpy):
   the torch dequantization — only the summation order differs (the qlinear contract);
   bfloat16: ``2⁻⁷ · (|x|·|W|ᵀ)``, float16: ``2⁻⁹ · (|x|·|W|ᵀ)`` (the GEMM rounds the weight
   tile to x's dtype as the torch path rounds the dequantized weight).
-* paged-attention decode: float32 within 1e-5 relative of the torch backend.
+* paged-attention decode: float32 within 1e-5 relative of the torch backend, called through
+  the core's decode-attention seam (``MISTRALRS_DECODE_ATTENTION=triton``).
 * dispatch: the QuantMethods route to the kernels only for devices in ``DEVICE_TYPES``,
   ``MISTRALRS_TRITON=0`` turns them off, and nothing imports triton before it is needed.
 """
@@ -250,23 +251,28 @@ def _decode_step(hq, hkv, d, page, ctx_lens, dtype=torch.float32, seed=0):
     dict(fp8=True),
     dict(hq=4, hkv=4, d=8, page=16),   # no GQA, one page per sequence
 ], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
-def test_paged_decode_attention(case, on_cpu):
+def test_paged_decode_attention(case, monkeypatch):
     """Against the torch backend (float32): GQA with 3 query heads per KV head (padded to 4),
     a 12-wide head (padded to 16), pages of 3 tokens, contexts from 1 to 23 tokens."""
     import copy
 
     from mistralrs_core.layers.attention import FP8_CACHE_DTYPE, attention
-    from mistralrs_quant.kernels.triton.paged_attention import is_decode
+    from mistralrs_core.layers.decode_kernels import ENV, is_pure_decode
     case = dict(case)
     fp8 = case.pop("fp8", False)
     hq, hkv, d, page = case.pop("hq", 6), case.pop("hkv", 2), case.pop("d", 12), case.pop("page", 3)
     if case.pop("sinks", False):
         case["sinks"] = torch.randn(hq)
     q, k, v, meta, cache = _decode_step(hq, hkv, d, page, [7, 1, 23, 12], FP8_CACHE_DTYPE if fp8 else torch.float32)
-    assert is_decode(meta, cache)
+    assert is_pure_decode(meta, cache)
     ref_cache = copy.deepcopy(cache)
-    ref = attention(q, k, v, meta, ref_cache, scale=d ** -0.5, **case)
-    out = dispatch.triton_paged_self_attention(q, k, v, meta, cache, scale=d ** -0.5, **case)
+    ref = attention(q, k, v, meta, ref_cache, scale=d ** -0.5, **case)  # CPU: the torch path
+    calls = []
+    real = paged_attention.paged_decode_attention
+    monkeypatch.setattr(paged_attention, "paged_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv(ENV, "triton")  # the core's seam, told to use the kernel on CPU
+    out = attention(q, k, v, meta, cache, scale=d ** -0.5, **case)
+    assert calls == [1]
     assert torch.equal(cache.k, ref_cache.k) and torch.equal(cache.v, ref_cache.v)  # the new token written
     assert out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -274,10 +280,16 @@ def test_paged_decode_attention(case, on_cpu):
 
 def test_paged_attention_prefill_and_cpu_use_torch_path(monkeypatch):
     """Only decode steps on kernel devices reach the kernel."""
+    from mistralrs_core.layers.attention import attention
+    from mistralrs_core.layers.decode_kernels import ENV, is_pure_decode
     from mistralrs_quant.kernels.triton import paged_attention as pa
     q, k, v, meta, cache = _decode_step(4, 2, 8, 4, [5, 9])
     monkeypatch.setattr(pa, "paged_decode_attention", lambda *a, **kw: pytest.fail("kernel used"))
-    dispatch.triton_paged_self_attention(q, k, v, meta, cache, scale=0.3)  # CPU not a kernel device
-    monkeypatch.setattr(dispatch, "DEVICE_TYPES", {"cpu"})
+    monkeypatch.delenv(ENV, raising=False)
+    attention(q, k, v, meta, cache, scale=0.3)  # CPU not a kernel device
+    monkeypatch.setenv(ENV, "triton")
+    monkeypatch.setenv(dispatch.ENV, "0")
+    attention(q, k, v, meta, cache, scale=0.3)  # MISTRALRS_TRITON=0: the kernel declines
+    monkeypatch.delenv(dispatch.ENV)
     meta.query_lens = [2, 0]  # not one token per sequence: a prefill/mixed step
-    assert not pa.is_decode(meta, cache)
+    assert not is_pure_decode(meta, cache)

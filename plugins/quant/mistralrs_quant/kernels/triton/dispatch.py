@@ -1,12 +1,16 @@
 """When the Triton kernels run, decided in one place.
 
-Quantized weights (``GGMLQuantMethod``, ``AFQMethod``, ``HQQMethod``) and the paged
-attention backend ``triton_paged_self_attention`` ask ``use_triton``: the kernels run when
-the tensors live on a device in ``DEVICE_TYPES`` (CUDA), triton imports, and
-``MISTRALRS_TRITON`` is not 0/false/no/off. CPU tensors keep their C++/torch paths.
-Nothing here imports triton until a CUDA tensor asks, so CPU-only installs never need it.
-Tests run the kernels on CPU under ``TRITON_INTERPRET=1`` by adding "cpu" to
+Quantized weights (``GGMLQuantMethod``, ``AFQMethod``, ``HQQMethod``) ask ``use_triton``:
+the kernels run when the tensors live on a device in ``DEVICE_TYPES`` (CUDA), triton
+imports, and ``MISTRALRS_TRITON`` is not 0/false/no/off. CPU tensors keep their C++/torch
+paths. Nothing here imports triton until a CUDA tensor asks, so CPU-only installs never
+need it. Tests run the kernels on CPU under ``TRITON_INTERPRET=1`` by adding "cpu" to
 ``DEVICE_TYPES``.
+
+Paged attention: ``decode_attention`` is the core's decode-attention kernel
+(``mistralrs_core.layers.decode_kernels``), which the core asks on pure-decode steps on
+CUDA (or on any device when ``MISTRALRS_DECODE_ATTENTION=triton``); it declines when triton
+is missing or ``MISTRALRS_TRITON`` is off, and the core's torch path runs instead.
 """
 from __future__ import annotations
 
@@ -81,36 +85,33 @@ def dequantize(view) -> torch.Tensor:
     return deq(view)
 
 
-def paged_attention(q, k, v, meta, cache, *, scale: float, **options) -> torch.Tensor:
-    """The torch backend's ``attention`` with decode steps on the Triton kernel: q [T, Hq, D],
-    k/v [T, Hkv, D] -> [T, Hq, Dv]. Prefill, and anything the kernel does not serve, runs
-    the torch path unchanged."""
-    from mistralrs_core.layers.attention import attention
-    if use_triton(q):
-        from .paged_attention import is_decode, paged_decode_attention
-        if is_decode(meta, cache):
-            cache.write(meta.slot_mapping, k, v)
-            return paged_decode_attention(q, cache, meta, scale=scale, **options)
-    return attention(q, k, v, meta, cache, scale=scale, **options)
+class TritonDecodeAttention:
+    """The paged-attention decode kernel as the core's decode-attention kernel
+    (``mistralrs_core.layers.decode_kernels``; registered for CUDA in ``plugin.py``)."""
+
+    def supports(self, q, cache, meta, *, sliding_window=None, softcap=None, sinks=None, chunk=None) -> bool:
+        if switched_off() or not triton_importable():
+            return False
+        kc, vc = cache.k, cache.v
+        if q.dtype not in _FLOAT_TYPES or not (getattr(cache, "fp8", False) or kc.dtype in _FLOAT_TYPES):
+            return False
+        if q.dim() != 3 or q.shape[-1] != kc.shape[-1] or q.shape[1] % kc.shape[2] or vc.shape[2] != kc.shape[2]:
+            return False
+        if kc.device != q.device:
+            return False
+        if sinks is not None and sinks.numel() != q.shape[1]:
+            return False
+        from . import paged_attention as pa
+        # CPU tensors (named through MISTRALRS_DECODE_ATTENTION=triton) run only in the
+        # interpreter; a compiled kernel would be handed host pointers.
+        return q.device.type == "cuda" or type(pa._paged_decode_kernel).__name__ == "InterpretedFunction"
+
+    def __call__(self, q, cache, meta, *, scale: float, sliding_window=None, softcap=None, sinks=None,
+                 chunk=None):
+        from . import paged_attention as pa
+        return pa.paged_decode_attention(q, cache, meta, scale=scale, sliding_window=sliding_window,
+                                         softcap=softcap, sinks=sinks, chunk=chunk)
 
 
-def _backend():
-    from mistralrs_core.layers.attention_backends import PagedSelfAttention
-
-    class TritonPagedSelfAttention(PagedSelfAttention):
-        """``PagedSelfAttention`` whose decode steps run the Triton paged-attention kernel."""
-
-        def forward(self, q, k, v, batch, cache, *, scale: float, sliding_window=None, softcap=None,
-                    sinks=None, chunk=None):
-            return paged_attention(q, k, v, batch, cache, scale=scale, sliding_window=sliding_window,
-                                   softcap=softcap, sinks=sinks, chunk=chunk)
-
-    return TritonPagedSelfAttention()
-
-
-def __getattr__(name):
-    # Built on first use: importing this module must not import the core's layers.
-    if name == "triton_paged_self_attention":
-        globals()[name] = backend = _backend()
-        return backend
-    raise AttributeError(name)
+_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+decode_attention = TritonDecodeAttention()

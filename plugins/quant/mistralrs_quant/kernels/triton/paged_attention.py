@@ -6,7 +6,8 @@ One program per (sequence, KV head) serves all the query heads of its group (GQA
 K/V tile is read once; keys are gathered position by position through the block table
 (any block size), and softmax is computed online in float32 (one pass over the context).
 Options as the torch backend: ``sliding_window``, ``softcap``, ``sinks``, ``chunk``; an FP8
-(E4M3) cache is decoded from its bits in the kernel.
+(E4M3) cache is decoded from its bits in the kernel. The core calls it through
+``dispatch.decode_attention`` on pure-decode steps (``mistralrs_core.layers.decode_kernels``).
 """
 from __future__ import annotations
 
@@ -111,14 +112,6 @@ def _context_lens(meta, device) -> torch.Tensor:
     if t is None:
         t = meta._masks[key] = torch.tensor(meta.context_lens, dtype=torch.int32, device=device)
     return t
-
-
-def is_decode(meta, cache) -> bool:
-    """Whether the step is pure decode this kernel serves: one causal query per sequence
-    over a paged cache that holds values."""
-    return (cache is not None and cache.v is not None and meta.causal and not meta.fresh_prefill
-            and meta.q_max == 1 and all(n == 1 for n in meta.query_lens)
-            and not meta.has_bidirectional_spans)
 
 
 def paged_decode_attention(q: torch.Tensor, cache, meta, *, scale: float, sliding_window: int | None = None,
