@@ -332,14 +332,18 @@ def test_shrink_shared_block_survives_for_other_holder():
 def test_hashing_a_full_block_is_cheap():
     import time
     toks = [(i * 7919) % 150000 for i in range(4097)]
-    bm = BlockManager(256, 32)
-    blocks, hashes = [], []
-    bm.grow(blocks, 4097)
-    t = time.perf_counter()
-    bm.register_full_blocks(blocks, hashes, toks, 4097)
-    per_block = (time.perf_counter() - t) / 128
-    assert len(hashes) == 128
-    assert per_block < 50e-6      # ~2 us on the dev box; generous for a loaded CI machine
+    # This thread's CPU time, best of 3: a descheduled thread (a loaded CI machine) adds wall
+    # time, not CPU time, and the check is about the cost of hashing, not the scheduler.
+    best = float("inf")
+    for _ in range(3):
+        bm = BlockManager(256, 32)
+        blocks, hashes = [], []
+        bm.grow(blocks, 4097)
+        t = time.thread_time()
+        bm.register_full_blocks(blocks, hashes, toks, 4097)
+        best = min(best, (time.thread_time() - t) / 128)
+        assert len(hashes) == 128
+    assert best < 50e-6      # ~2 us on the dev box
 
 
 def test_spans_key_whole_prompt_separates_blocks_before_the_image():
