@@ -75,10 +75,35 @@ def dense_layer_tensors(key: str, weight: torch.Tensor, bias: Optional[torch.Ten
     return out
 
 
+def _expert_layers(experts):
+    """(checkpoint name, method, bias) of every quantized expert weight of a MoE layer: one
+    entry per expert and part (``...experts.3.w1``), as per-expert checkpoints name them, so
+    the reader's ``MoEWeightsMixin`` routes them back into the same expert slots."""
+    from mistralrs_core.layers.moe import QuantizedExperts
+    quant = experts.quant
+    layer = experts.__dict__.get("hf_name")
+    if not isinstance(quant, QuantizedExperts):
+        raise ValueError(f"{layer}: experts run by {type(quant).__name__} cannot be written to UQFF")
+    first, i = getattr(experts, "first", 0), experts.intermediate
+    for (e, part), method in sorted(quant.parts.items()):
+        name = experts.part_names.get((e + first, part))
+        if name is None:
+            raise ValueError(f"{layer}: expert {e + first} {part} has no checkpoint name to write it under")
+        bias = quant.down_bias if part == "down" else quant.gate_up_bias
+        if bias is not None:
+            bias = bias[e] if part == "down" else bias[e, :i] if part == "gate" else bias[e, i:]
+        yield name, method, bias
+
+
 def _quantized_layers(model):
     """(HF layer name, quant method, bias) for every quantized layer; fused layers are split
     back into their checkpoint parts (GGML rows are whole blocks, so a row slice is exact)."""
+    from mistralrs_core.layers.moe import MoEExperts
     for module in model.modules():
+        if isinstance(module, MoEExperts):
+            if module.quant is not None:
+                yield from _expert_layers(module)
+            continue
         method = getattr(module, "qmethod", None)
         if method is None:
             continue
