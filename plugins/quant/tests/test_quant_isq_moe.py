@@ -167,3 +167,122 @@ def test_expert_biases_round_trip_uqff(tmp_path):
         assert torch.equal(_logits(r2._pipeline(None).model), want)
     finally:
         r2.shutdown()
+
+
+# --------------------------------------------------------------------------- importance matrices
+
+def _routed_reference(path, ids):
+    """Plain torch over transformers' model: per layer and expert, the mean squared input
+    columns of the rows its router sent there (gate/up) and of act(gate) * up (down)."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    out = {}
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        top = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        layer = layers[id(module)]
+        for e in range(module.num_experts):
+            rows = x[(top == e).any(-1)].double()
+            gate, up = torch.nn.functional.linear(rows, module.gate_up_proj[e].double()).chunk(2, dim=-1)
+            mid = module.act_fn(gate) * up
+            for part, v in (("gate", rows), ("up", rows), ("down", mid)):
+                key = f"model.layers.{layer}.mlp.experts.{e}.{part}_proj"
+                s, n = out.get(key, (0, 0))
+                out[key] = (s + (v * v).sum(0), n + len(v))
+
+    layers = {}
+    for i, block in enumerate(ref.model.layers):
+        layers[id(block.mlp.experts)] = i
+        block.mlp.experts.register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.inference_mode():
+        ref(torch.tensor([ids]))
+    return {k: (s / n).float() if n else torch.ones(len(s) if torch.is_tensor(s) else 0) for k, (s, n) in out.items()}
+
+
+def test_calibration_imatrix_per_expert_equals_routed_inputs(qwen3_moe):
+    from mistralrs_quant.isq.imatrix import collect_imatrix
+    ids = [int(i) for i in torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))]
+    got = collect_imatrix(load_for_test(qwen3_moe), ids)
+    want = _routed_reference(qwen3_moe, ids)
+    assert len(want) == 2 * 4 * 3
+    for key, value in want.items():
+        assert got[key].shape == value.shape and max_rel_err(got[key], value) < 1e-5, key
+    # experts differ: each is calibrated on its own rows
+    assert not torch.allclose(got["model.layers.0.mlp.experts.0.gate_proj"],
+                              got["model.layers.0.mlp.experts.1.gate_proj"])
+    assert "model.layers.0.self_attn.q_proj" in got          # dense layers as before
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+def test_calibration_file_quantizes_each_expert_with_its_imatrix(qwen3_moe, tmp_path):
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_quant.formats import T
+    text = tmp_path / "cal.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. Paris is the capital of France. " * 6)
+    r, model = _load(qwen3_moe, "Q4K", calibration_file=str(text))
+    try:
+        imatrix = model.quant_config.plan.imatrix
+        parts = model.model.layers[1].mlp.experts.quant.parts
+        weights = SafetensorsWeights(qwen3_moe)
+        for e, part in ((2, "gate"), (2, "down"), (3, "up")):
+            name = f"model.layers.1.mlp.experts.{e}.{part}_proj"
+            w = weights.get(f"{name}.weight").float()
+            assert torch.equal(parts[(e, part)].raw, cpp_kernels.quantize(w, T.Q4_K, imatrix[name]))
+            assert not torch.equal(parts[(e, part)].raw, cpp_kernels.quantize(w, T.Q4_K))
+    finally:
+        r.shutdown()
+
+
+def _write_gguf_imatrix(path, entries: dict):
+    import gguf
+    w = gguf.GGUFWriter(str(path), "imatrix")
+    for name, (sums, counts) in entries.items():
+        w.add_tensor(f"{name}.in_sum2", np.asarray(sums, np.float32))
+        w.add_tensor(f"{name}.counts", np.asarray(counts, np.float32).reshape(-1, 1))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+def test_llama_cpp_expert_imatrix_entries_map_to_per_expert_names(qwen3_moe, tmp_path):
+    """llama.cpp stores an MoE layer's experts as one ``blk.N.ffn_*_exps`` entry: a GGUF
+    imatrix [E, n] with one count per expert (zero: read as ones, as llama.cpp's quantize
+    does), the legacy format E*n values already divided per expert; both land on the
+    per-expert checkpoint names (and on Mixtral's ``w1/w2/w3`` spelling of them)."""
+    import struct
+    from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.model_loader import detect_architecture
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_quant.formats import T
+    from mistralrs_quant.isq import imatrix as imx
+    from mistralrs_quant.isq.plan import build_plan
+    rng = np.random.default_rng(1)
+    down = rng.gamma(0.5, 2.0, (4, 256)).astype(np.float32)
+    counts = np.array([7, 3, 0, 5], np.float32)
+    _write_gguf_imatrix(tmp_path / "m.gguf", {"blk.1.ffn_down_exps.weight": (down, counts),
+                                              "blk.0.attn_q.weight": (down[0], [2])})
+    hf = load_model_config(qwen3_moe)
+    entry = detect_architecture(hf)
+    plan = build_plan("Q4K", imatrix=imx.load_imatrix(str(tmp_path / "m.gguf"), hf, entry))
+    for e in (0, 1, 3):
+        want = torch.from_numpy(down[e] / counts[e])
+        assert torch.equal(plan.imatrix_for(f"model.layers.1.mlp.experts.{e}.down_proj"), want)
+        assert torch.equal(plan.imatrix_for(f"model.layers.1.block_sparse_moe.experts.{e}.w2"), want)
+    assert torch.equal(plan.imatrix_for("model.layers.1.mlp.experts.2.down_proj"), torch.ones(256))
+    assert torch.equal(plan.imatrix_for("model.layers.0.self_attn.q_proj"), torch.from_numpy(down[0] / 2))
+    assert plan.imatrix_for("model.layers.1.mlp.experts.2.up_proj") is None
+
+    gate = rng.gamma(0.5, 2.0, (4, 256)).astype(np.float32)
+    with open(tmp_path / "m.imatrix", "wb") as f:       # legacy: (sums / count) * ncall, ncall = 3
+        name = b"blk.0.ffn_gate_exps.weight"
+        f.write(struct.pack("<i", 1) + struct.pack("<i", len(name)) + name + struct.pack("<ii", 3, gate.size))
+        f.write((gate * 3).astype("<f4").tobytes())
+    legacy = imx.load_imatrix(str(tmp_path / "m.imatrix"), hf, entry)
+    assert torch.allclose(legacy["model.layers.0.mlp.experts.3.gate_proj"], torch.from_numpy(gate[3]))
+
+    r, model = _load(qwen3_moe, "Q4K", imatrix=str(tmp_path / "m.gguf"))
+    try:
+        w = SafetensorsWeights(qwen3_moe).get("model.layers.1.mlp.experts.3.down_proj.weight").float()
+        got = model.model.layers[1].mlp.experts.quant.parts[(3, "down")].raw
+        assert torch.equal(got, cpp_kernels.quantize(w, T.Q4_K, torch.from_numpy(down[3] / counts[3])))
+    finally:
+        r.shutdown()
