@@ -286,3 +286,62 @@ def test_llama_cpp_expert_imatrix_entries_map_to_per_expert_names(qwen3_moe, tmp
         assert torch.equal(got, cpp_kernels.quantize(w, T.Q4_K, torch.from_numpy(down[3] / counts[3])))
     finally:
         r.shutdown()
+
+
+# --------------------------------------------------------------------------- the C++ decoder step
+
+def _schedule(vocab=384, block_size=4):
+    """Prefill of three sequences (torch path), batched decode steps, a mixed step and a
+    twelve-token step (the 9-16-row kernels), over scrambled blocks."""
+    from mistralrs_core.testing.parity import random_prompt
+    lens = [13, 5, 22]
+    prompts = [random_prompt(n, vocab, 10 + i) for i, n in enumerate(lens)]
+    per_seq = [-(-(n + 24) // block_size) for n in lens]
+    pool = iter(sorted(range(sum(per_seq)), key=lambda b: (b % 3, b)))
+    blocks = [[next(pool) for _ in range(n)] for n in per_seq]
+    sched = [[(p, 0, blocks[i]) for i, p in enumerate(prompts)]]
+    pos = list(lens)
+    for step in range(3):
+        sched.append([([(7 * step + i) % vocab], pos[i], blocks[i]) for i in range(3)])
+        pos = [p + 1 for p in pos]
+    sched.append([([3], pos[0], blocks[0]), ([4, 5, 6, 7], pos[1], blocks[1]), ([8], pos[2], blocks[2])])
+    pos = [pos[0] + 1, pos[1] + 4, pos[2] + 1]
+    sched.append([([9], pos[0], blocks[0]), (list(range(20, 30)), pos[1], blocks[1]), ([10], pos[2], blocks[2])])
+    return sched
+
+
+def _fused_vs_torch(model, fused):
+    from test_quant_fused_decoder import Counting, run_schedule
+    sched = _schedule()
+    counting = Counting(fused)
+    got = run_schedule(model, counting, sched)
+    want = run_schedule(model, None, sched)
+    assert counting.calls == len(sched) - 1       # every step but the prefill
+    return max(max_rel_err(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+def test_fused_decoder_step_serves_isq_experts(qwen3_moe):
+    """ISQ'd experts (Q4_K blocks) run inside the C++ decoder step: routing, per-expert
+    products and the weighted sum equal the torch path up to summation order."""
+    from mistralrs_quant.fused_decoder import FusedDecoder
+    r, model = _load(qwen3_moe, "Q4K")
+    try:
+        assert isinstance(model.fast_forward, FusedDecoder)
+        assert _fused_vs_torch(model, model.fast_forward) <= 1e-5
+    finally:
+        r.shutdown()
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+@pytest.mark.parametrize("force_scalar", [False, True])
+def test_fused_decoder_step_dense_experts_and_mixed_layers(tmp_path, force_scalar):
+    """Dense float32 expert stacks, a dense layer beside a sparse one (Qwen3-MoE's
+    decoder_sparse_step), no renormalisation; and the portable kernels."""
+    from mistralrs_quant.fused_decoder import FusedDecoder
+    path = _write(tmp_path / "mixed", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", hidden_size=64, intermediate_size=96,
+                  moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, num_experts=8, num_experts_per_tok=3, decoder_sparse_step=2, norm_topk_prob=False)
+    model = load_for_test(path)
+    assert model.cfg.moe_layers == [False, True]
+    assert _fused_vs_torch(model, FusedDecoder(model, force_scalar=force_scalar)) <= 1e-5
