@@ -109,6 +109,12 @@ def test_isq_experts_equal_dequantized_reference_and_round_trip_uqff(qwen3_moe, 
         want = _logits(model)
         ref = _logits(_dequantized_reference(qwen3_moe, model))
         assert max_rel_err(want, ref) < 1e-5
+        if isq == "Q4K" and cpp_kernels.available():
+            # ISQ'd experts run inside the C++ decoder step: routing, per-expert products and
+            # the weighted sum equal the torch path up to summation order.
+            from mistralrs_quant.fused_decoder import FusedDecoder
+            assert isinstance(model.fast_forward, FusedDecoder)
+            assert _fused_vs_torch(model, model.fast_forward) <= 1e-5
     finally:
         r.shutdown()
     shard = next(p for p in out.iterdir() if p.suffix == ".uqff")
@@ -124,27 +130,29 @@ def test_isq_experts_equal_dequantized_reference_and_round_trip_uqff(qwen3_moe, 
         r2.shutdown()
 
 
-def test_moqe_quantizes_the_experts_only(qwen3_moe):
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+def test_moqe_then_send_re_isq(qwen3_moe):
+    """MoQE quantizes the experts only; ``send_re_isq`` re-reads every expert from the
+    checkpoint and quantizes it to the new type (the organization kept)."""
     from mistralrs import IsqOrganization
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_quant.formats import T
     r, model = _load(qwen3_moe, "Q4K", organization=IsqOrganization.MoQE)
     try:
         assert _part_types(model) == {"Q4_K"}
         assert not any(getattr(m, "qmethod", None) is not None for m in model.modules())
         assert max_rel_err(_logits(model), _logits(_dequantized_reference(qwen3_moe, model))) < 1e-5
-    finally:
-        r.shutdown()
-
-
-def test_send_re_isq_requantizes_the_experts(qwen3_moe):
-    r, model = _load(qwen3_moe, "Q4K")
-    fresh, want = _load(qwen3_moe, "Q8_0")
-    try:
         r.send_re_isq("Q8_0")
         assert _part_types(model) == {"Q8_0"}
-        assert torch.equal(_logits(model), _logits(want))
+        assert not any(getattr(m, "qmethod", None) is not None for m in model.modules())
+        weights = SafetensorsWeights(qwen3_moe)
+        for layer, (name, ex) in enumerate(_experts(model)):
+            for (e, part), method in ex.quant.parts.items():
+                w = weights.get(f"model.layers.{layer}.mlp.experts.{e}.{part}_proj.weight").float()
+                assert torch.equal(method.raw, cpp_kernels.quantize(w, T.Q8_0))
+        assert max_rel_err(_logits(model), _logits(_dequantized_reference(qwen3_moe, model))) < 1e-5
     finally:
         r.shutdown()
-        fresh.shutdown()
 
 
 def test_expert_biases_round_trip_uqff(tmp_path):
@@ -321,21 +329,7 @@ def _fused_vs_torch(model, fused):
 
 
 @pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
-def test_fused_decoder_step_serves_isq_experts(qwen3_moe):
-    """ISQ'd experts (Q4_K blocks) run inside the C++ decoder step: routing, per-expert
-    products and the weighted sum equal the torch path up to summation order."""
-    from mistralrs_quant.fused_decoder import FusedDecoder
-    r, model = _load(qwen3_moe, "Q4K")
-    try:
-        assert isinstance(model.fast_forward, FusedDecoder)
-        assert _fused_vs_torch(model, model.fast_forward) <= 1e-5
-    finally:
-        r.shutdown()
-
-
-@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
-@pytest.mark.parametrize("force_scalar", [False, True])
-def test_fused_decoder_step_dense_experts_and_mixed_layers(tmp_path, force_scalar):
+def test_fused_decoder_step_dense_experts_and_mixed_layers(tmp_path):
     """Dense float32 expert stacks, a dense layer beside a sparse one (Qwen3-MoE's
     decoder_sparse_step), no renormalisation; and the portable kernels."""
     from mistralrs_quant.fused_decoder import FusedDecoder
@@ -344,4 +338,5 @@ def test_fused_decoder_step_dense_experts_and_mixed_layers(tmp_path, force_scala
                   head_dim=16, num_experts=8, num_experts_per_tok=3, decoder_sparse_step=2, norm_topk_prob=False)
     model = load_for_test(path)
     assert model.cfg.moe_layers == [False, True]
-    assert _fused_vs_torch(model, FusedDecoder(model, force_scalar=force_scalar)) <= 1e-5
+    for force_scalar in (False, True):      # and the portable kernels
+        assert _fused_vs_torch(model, FusedDecoder(model, force_scalar=force_scalar)) <= 1e-5
