@@ -157,20 +157,28 @@ def test_moqe_then_send_re_isq(qwen3_moe):
 
 def test_expert_biases_round_trip_uqff(tmp_path):
     """GPT-OSS: stacked, gate/up-interleaved checkpoint tensors with expert biases; the UQFF
-    writes each expert's weight and bias slices under per-expert names, read back exactly."""
+    writes each expert's weight and bias slices under per-expert names, read back exactly,
+    whether the experts are quantized (layer 0) or stay dense under the topology (layer 1:
+    its stacks would otherwise be read back in the checkpoint's interleaved layout)."""
     from mistralrs import Runner, Which
     path = _write(tmp_path / "gptoss", "GptOssForCausalLM", "GptOssConfig", hidden_size=64, intermediate_size=64,
-                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
                   num_experts_per_tok=2, head_dim=16, sliding_window=8)
     out = tmp_path / "uq"
-    r, model = _load(path, "Q8_0", write_uqff=str(out))
+    topo = tmp_path / "t.yml"
+    topo.write_text("0:\n  isq: Q8_0\n")
+    r = Runner(which=Which.Plain(model_id=str(path), dtype="F32", topology=str(topo), write_uqff=str(out)),
+               max_seqs=2)
+    model = r._pipeline(None).model
     try:
-        assert _part_types(model) == {"Q8_0"} and model.model.layers[0].mlp.experts.quant.gate_up_bias is not None
+        layers = [layer.mlp.experts for layer in model.model.layers]
+        assert isinstance(layers[0].quant, QuantizedExperts) and layers[0].quant.gate_up_bias is not None
+        assert layers[1].quant is None
         want = _logits(model)
         assert max_rel_err(want, _logits(_dequantized_reference(path, model))) < 1e-5
     finally:
         r.shutdown()
-    r2 = Runner(which=Which.Plain(model_id=str(out), from_uqff="q8_0-0.uqff", dtype="F32"), max_seqs=2)
+    r2 = Runner(which=Which.Plain(model_id=str(out), from_uqff="uqff-0.uqff", dtype="F32"), max_seqs=2)
     try:
         assert torch.equal(_logits(r2._pipeline(None).model), want)
     finally:

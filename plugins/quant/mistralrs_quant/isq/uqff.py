@@ -129,8 +129,11 @@ def _quantized_layers(model):
 
 def _residual_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every dense parameter under its checkpoint name (fused dense layers split)."""
+    from mistralrs_core.layers.moe import MoEExperts
     out: dict[str, torch.Tensor] = {}
     for module in model.modules():
+        if isinstance(module, MoEExperts) and module.quant is None and _dense_experts(module, out):
+            continue
         prefix = module.__dict__.get("hf_name")
         parts = getattr(module, "fused_parts", None)
         for attr, p in module.named_parameters(recurse=False):
@@ -146,6 +149,27 @@ def _residual_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
             else:
                 out[f"{prefix}.{attr}" if prefix else attr] = t.contiguous()
     return out
+
+
+def _dense_experts(experts, out: dict) -> bool:
+    """Dense expert stacks written one tensor per expert and part under the checkpoint's
+    names (``<name>.weight`` / ``<name>.bias``), which every family's loader routes back
+    (a stacked tensor would be read in the family's checkpoint layout, e.g. GPT-OSS's
+    interleaved, transposed one). False when a name is unknown: the stacks are written."""
+    first, i = getattr(experts, "first", 0), experts.intermediate
+    keys = [(e, p) for e in range(experts.num_experts) for p in ("gate", "up", "down")]
+    names = {k: experts.part_names.get((k[0] + first, k[1])) for k in keys}
+    if any(n is None for n in names.values()) or experts.gate_up_proj is None \
+            or experts.gate_up_proj.device.type == "meta":
+        return False
+    rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}
+    for (e, part), name in names.items():
+        stack = experts.down_proj if part == "down" else experts.gate_up_proj
+        bias = experts.down_proj_bias if part == "down" else experts.gate_up_proj_bias
+        out[f"{name}.weight"] = stack.detach()[e, rows[part]].cpu().contiguous()
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach()[e, rows[part]].cpu().contiguous()
+    return True
 
 
 def write_uqff(model, target: str | Path, source_dir: Optional[Path], stem: str,
