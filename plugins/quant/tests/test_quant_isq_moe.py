@@ -348,3 +348,10 @@ def test_fused_decoder_step_dense_experts_and_mixed_layers(tmp_path):
     assert model.cfg.moe_layers == [False, True]
     for force_scalar in (False, True):      # and the portable kernels
         assert _fused_vs_torch(model, FusedDecoder(model, force_scalar=force_scalar)) <= 1e-5
+    # A routed scaling factor after renormalisation (DeepSeek's), and the other routing the
+    # step implements: top-k on the logits, softmax over the k (GPT-OSS, Granite), which
+    # neither renormalises nor scales (as moe.route).
+    moe = model.model.layers[1].mlp
+    for after_topk in (False, True):
+        moe.cfg.softmax_after_topk, moe.cfg.renormalize, moe.cfg.routed_scaling_factor = after_topk, True, 1.5
+        assert _fused_vs_torch(model, FusedDecoder(model)) <= 1e-5

@@ -186,6 +186,7 @@ void moe_ffn(const MqMoE& M, const float* xn, int64_t T, int64_t H, float* out, 
       float top[64];
       for (int j = 0; j < K; ++j) top[j] = l[ids[j]];
       softmax(top, K, w);
+      continue;   // these weights sum to one already: no renormalisation or scaling (moe.route)
     } else {
       softmax(l, E, sc.probs.data());
       top_k(sc.probs.data(), E, K, ids);
