@@ -266,7 +266,10 @@ def _requantize_experts(experts, plan: IsqPlan, weights, compute, device, cpp_im
     types = {k: plan.type_for(n, experts) if n else None for k, n in names.items()}
     if all(t is None for t in types.values()):
         return None
-    if any(t is None for t in types.values()) or any(f"{n}.weight" not in weights for n in names.values()):
+    if any(t is None for t in types.values()):
+        raise ValueError(f"send_re_isq: the topology quantizes only some of {layer}'s experts; "
+                         "a layer's experts are quantized all or none")
+    if any(f"{n}.weight" not in weights for n in names.values()):
         raise NotAvailableYet(f"send_re_isq on {layer}'s experts",
                               "the checkpoint does not store them one tensor per expert")
     parts = {}
