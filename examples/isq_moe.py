@@ -21,11 +21,11 @@ from mistralrs import CompletionRequest, IsqOrganization, Runner, Which
 from mistralrs_core.testing.tiny import tokenizer_vocab_size, write_tiny_tokenizer
 
 
-def write_tiny_qwen3_moe(out: Path, hidden=256, experts=4, layers=2) -> Path:
+def write_tiny_qwen3_moe(out: Path, hidden: int = 256, experts: int = 4, layers: int = 2) -> Path:
     write_tiny_tokenizer(out)
     vocab, g = tokenizer_vocab_size(out), torch.Generator().manual_seed(0)
 
-    def rnd(*shape, std):
+    def rnd(*shape: int, std: float) -> torch.Tensor:
         return torch.randn(*shape, generator=g) * std
 
     w = {"model.embed_tokens.weight": rnd(vocab, hidden, std=1.0), "model.norm.weight": 1 + rnd(hidden, std=0.1),
@@ -60,7 +60,7 @@ calibration.write_text("The quick brown fox jumps over the lazy dog. Paris is th
 ask = CompletionRequest(prompt="Once upon a time", model="default", max_tokens=8, temperature=0.0)
 
 
-def experts_of(runner):
+def experts_of(runner: Runner) -> str:
     experts = runner._pipeline(None).model.model.layers[0].mlp.experts
     method = experts.quant.parts[(0, "gate")]
     return f"{type(method).__name__} {getattr(getattr(method, 'spec', None), 'name', '')}".strip()
