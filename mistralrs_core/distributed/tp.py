@@ -182,6 +182,10 @@ class ExpertShard(MoEExperts):
         if self.owns(e):
             super().load_expert(e - self.first, part, value, device, dtype, quantize)
 
+    def load_expert_bias(self, e: int, part: str, value, device, dtype) -> None:
+        if self.owns(e):
+            super().load_expert_bias(e - self.first, part, value, device, dtype)
+
 
 def dispatch_owned(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertShard) -> torch.Tensor:
     """This rank's share of sum_k weights[t, k] * expert_{ids[t, k]}(x[t]): the pairs whose

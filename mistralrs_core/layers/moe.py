@@ -105,6 +105,9 @@ class MoEExperts(nn.Module):
         self.quant = None
         self._filled: dict[str, set] = {}
         self._quant_parts: dict[tuple[int, str], object] = {}   # (expert, part) -> hook's method
+        # (global expert, part) -> the checkpoint's name for it (``...experts.3.w1``), so that
+        # UQFF, re-quantization and importance matrices name an expert weight as its checkpoint does.
+        self.part_names: dict[tuple[int, str], str] = {}
 
     def set_quant(self, method) -> None:
         """Install a quantized implementation (``method.forward(expert, x)``, the whole expert
@@ -155,6 +158,23 @@ class MoEExperts(nn.Module):
                              f"expected {tuple(target.shape)}")
         target.copy_(value.to(device=device, dtype=dtype))
         self._filled.setdefault(name, set()).add((e, part))
+
+    def load_expert_bias(self, e: int, part: str, value: torch.Tensor, device, dtype) -> None:
+        """One expert's ``gate`` / ``up`` / ``down`` bias (a UQFF file stores them per expert,
+        next to each quantized weight) into its slice of the stacked bias."""
+        name = "down_proj_bias" if part == "down" else "gate_up_proj_bias"
+        stack = getattr(self, name)
+        if stack is None:
+            raise ValueError(f"expert {e} {part} bias given, but this family's experts have no biases")
+        if stack.device.type == "meta":
+            stack = nn.Parameter(torch.empty(stack.shape, device=device, dtype=dtype), requires_grad=False)
+            setattr(self, name, stack)
+        i = self.intermediate
+        rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}[part]
+        target = stack.data[e, rows]
+        if tuple(target.shape) != tuple(value.shape):
+            raise ValueError(f"expert {e} {part} bias has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        target.copy_(value.to(device=device, dtype=dtype))
 
     def install_quantized_parts(self, layer_name: str) -> None:
         """After loading: run the experts from the hook's methods when it took every part."""
@@ -304,7 +324,7 @@ class QuantizedExperts:
         return y + self.down_bias[e] if self.down_bias is not None else y
 
 
-_EXPERT_NAME = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.(?P<part>[A-Za-z0-9_]+)\.weight$")
+_EXPERT_NAME = re.compile(r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.(?P<part>[A-Za-z0-9_]+)\.(?P<kind>weight|bias)$")
 _PARTS = {"w1": "gate", "w3": "up", "w2": "down",
           "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 
@@ -322,7 +342,12 @@ class MoEWeightsMixin:
             experts = modules.get(m["moe"] + ".experts") if m else None
             if isinstance(experts, MoEExperts) and m["part"] in _PARTS:
                 prefix = raw.rpartition(".")[0]
-                experts.load_expert(int(m["e"]), _PARTS[m["part"]], value, loader.device_for(experts), loader.dtype,
+                e, part = int(m["e"]), _PARTS[m["part"]]
+                if m["kind"] == "bias":
+                    experts.load_expert_bias(e, part, value, loader.device_for(experts), loader.dtype)
+                    continue
+                experts.part_names[(e, part)] = prefix
+                experts.load_expert(e, part, value, loader.device_for(experts), loader.dtype,
                                     quantize=lambda w, prefix=prefix: loader.quant_method(prefix, experts, w))
                 del value      # a quantized expert's dense tensor is freed before the next arrives
                 continue

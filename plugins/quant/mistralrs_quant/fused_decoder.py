@@ -13,7 +13,10 @@ Covered: float32 models of the ``models/decoder.py`` layout with RMS norms (offs
 q/k norms, sandwich norms), rotate-half rope (any scaling: the tables come from the
 model), sliding windows, attention soft-capping, gated MLPs (silu / gelu / gelu-tanh),
 biases, and weights as ggml blocks of the C++ kernels' types or dense float32/float16/
-bfloat16 rows, over a float32 paged KV cache. Anything else keeps the torch path.
+bfloat16 rows, over a float32 paged KV cache; sparse MoE feed-forwards (``layers/moe.py``,
+softmax routing, top-k, optional renormalisation and scaling, no shared experts) with each
+expert's weights as ggml blocks (ISQ, UQFF) or rows of the dense stacks. Anything else keeps
+the torch path.
 ``MISTRALRS_QUANT_NO_FUSED=1`` turns it off.
 
 Its thread count (and the kernels' for the rest of the step, e.g. the LM head) follows a
@@ -29,6 +32,7 @@ from typing import Optional
 
 import torch
 from mistralrs_core.layers.mlp import GatedMLP
+from mistralrs_core.layers.moe import MoEExperts, SparseMoE
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.models.decoder import DecoderAttention, DecoderLayer, DecoderLM
 
@@ -59,9 +63,14 @@ _LINS = ("q", "k", "v", "o", "gate", "up", "down")
 _NORMS = ("in_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm", "q_norm", "k_norm")
 
 
+class _MoE(ctypes.Structure):
+    _fields_ = ([(n, c_i32) for n in ("n_experts", "top_k", "inter", "act", "renormalize", "softmax_after_topk")]
+                + [("renorm_eps", c_f32), ("routed_scale", c_f32), ("router", _Lin), ("experts", c_vp)])
+
+
 class _Layer(ctypes.Structure):
     _fields_ = ([(n, _Lin) for n in _LINS] + [(n, c_vp) for n in _NORMS]
-                + [("kc", c_vp), ("vc", c_vp), ("window", c_i32), ("rope", c_i32)])
+                + [("kc", c_vp), ("vc", c_vp), ("window", c_i32), ("rope", c_i32), ("moe", c_vp)])
 
 
 class _Model(ctypes.Structure):
@@ -117,10 +126,11 @@ class FusedDecoder:
         inter = None
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
+            moe = isinstance(mlp, SparseMoE)
             if (type(layer).forward is not DecoderLayer.forward or not isinstance(attn, DecoderAttention)
                     or type(attn).forward is not DecoderAttention.forward
                     or type(attn).project_qkv is not DecoderAttention.project_qkv
-                    or not isinstance(mlp, GatedMLP) or type(mlp).forward is not GatedMLP.forward):
+                    or not (moe or isinstance(mlp, GatedMLP) and type(mlp).forward is GatedMLP.forward)):
                 raise Unsupported(f"layer {i} overrides the decoder layout")
             L = layers[i]
             q_out, kv_out = attn.nh * attn.hd, attn.nkv * attn.hd
@@ -130,14 +140,14 @@ class FusedDecoder:
             else:
                 L.q, L.k, L.v = (self._lin(attn.q_proj), self._lin(attn.k_proj), self._lin(attn.v_proj))
             L.o = self._lin(getattr(attn, cfg.o_name))
-            if mlp.fused:
-                half = mlp.gate_up_proj.out_features // 2
-                L.gate, L.up = self._split(mlp.gate_up_proj, [half, half])
+            if moe:
+                L.moe = self._moe(mlp, cfg, i)
             else:
-                L.gate, L.up = self._lin(mlp.gate_proj), self._lin(mlp.up_proj)
-            L.down = self._lin(mlp.down_proj)
-            inter = L.gate.n if inter is None else inter
-            if L.gate.n != inter or L.down.k != inter or L.q.n != q_out or L.k.n != kv_out:
+                L.gate, L.up, L.down = self._mlp(mlp)
+                inter = L.gate.n if inter is None else inter
+                if L.gate.n != inter or L.down.k != inter:
+                    raise Unsupported(f"layer {i} projection shapes differ from the config")
+            if L.q.n != q_out or L.k.n != kv_out:
                 raise Unsupported(f"layer {i} projection shapes differ from the config")
             L.in_norm = self._norm(layer.input_layernorm)
             L.post_attn_norm = self._norm(layer.post_attention_layernorm)
@@ -158,7 +168,7 @@ class FusedDecoder:
             raise Unsupported("norms with different eps")
         self.layers = layers
         self.desc = _Model(n_layers=cfg.num_layers, hidden=cfg.hidden_size, n_heads=cfg.num_heads,
-                           n_kv=cfg.num_kv_heads, head_dim=cfg.head_dim, inter=inter, rot_dim=self.rot_dim,
+                           n_kv=cfg.num_kv_heads, head_dim=cfg.head_dim, inter=inter or 0, rot_dim=self.rot_dim,
                            act=_ACTS[cfg.hidden_act], sandwich=int(cfg.sandwich_norms), block_size=0,
                            eps=eps.pop(), scale=model.model.layers[0].self_attn.scale,
                            softcap=cfg.attn_softcap or 0.0, force_scalar=int(force_scalar),
@@ -184,12 +194,65 @@ class FusedDecoder:
         w = norm.weight.float() + norm.offset if norm.offset else norm.weight.float()
         return self._ptr(w.contiguous())
 
+    def _mlp(self, mlp) -> tuple[_Lin, _Lin, _Lin]:
+        if not isinstance(mlp, GatedMLP) or type(mlp).forward is not GatedMLP.forward:
+            raise Unsupported(f"{type(mlp).__name__} feed-forward")
+        if mlp.fused:
+            half = mlp.gate_up_proj.out_features // 2
+            gate, up = self._split(mlp.gate_up_proj, [half, half])
+        else:
+            gate, up = self._lin(mlp.gate_proj), self._lin(mlp.up_proj)
+        return gate, up, self._lin(mlp.down_proj)
+
+    def _moe(self, moe, cfg, i: int) -> int:
+        """A SparseMoE layer as the C++ step's ``MqMoE``: the routings it implements, each
+        expert's gate / up / down as ggml blocks (ISQ, UQFF) or rows of the dense stacks."""
+        from mistralrs_core.layers.moe import QuantizedExperts
+        c, ex = moe.cfg, moe.experts
+        if (type(moe).forward is not SparseMoE.forward or type(moe).dispatch is not SparseMoE.dispatch
+                or type(ex).expert_forward is not MoEExperts.expert_forward or "expert_forward" in ex.__dict__):
+            raise Unsupported(f"layer {i}: {type(moe).__name__} overrides the MoE layout")
+        checks = {"scoring": c.scoring == "softmax", "groups": c.n_group is None or c.n_group <= 1,
+                  "score_correction_bias": not c.score_correction_bias, "activation": c.activation == "gated",
+                  "expert_bias": not c.expert_bias, "hidden_act": c.hidden_act in _ACTS, "top_k": 0 < c.top_k <= 64,
+                  "shared_experts": not c.shared_intermediate_size}
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise Unsupported(f"layer {i}: MoE option(s) {', '.join(bad)}")
+        router = getattr(moe, c.router_name)
+        e, h, inter = ex.num_experts, ex.hidden, ex.intermediate
+        parts = (_Lin * (3 * e))()
+        if isinstance(ex.quant, QuantizedExperts):
+            for j in range(e):
+                for n, p in enumerate(("gate", "up", "down")):
+                    q = ex.quant.parts[(j, p)]
+                    parts[3 * j + n] = self._weight(q, None, q.in_features, q.out_features, None)
+        elif ex.quant is None and ex.gate_up_proj is not None:
+            for j in range(e):
+                gu, dn = ex.gate_up_proj.data[j], ex.down_proj.data[j]
+                parts[3 * j] = self._weight(None, gu, h, 2 * inter, None, 0, inter)
+                parts[3 * j + 1] = self._weight(None, gu, h, 2 * inter, None, inter, 2 * inter)
+                parts[3 * j + 2] = self._weight(None, dn, inter, h, None)
+        else:
+            raise Unsupported(f"layer {i}: experts run by {type(ex.quant).__name__}")
+        self._keep.append(parts)
+        desc = _MoE(n_experts=e, top_k=c.top_k, inter=inter, act=_ACTS[c.hidden_act], renormalize=int(c.renormalize),
+                    softmax_after_topk=int(c.softmax_after_topk), renorm_eps=c.renormalize_eps,
+                    routed_scale=c.routed_scaling_factor,
+                    router=self._weight(None, router.weight, h, e, router.bias),
+                    experts=ctypes.addressof(parts))
+        self._keep.append(desc)
+        return ctypes.addressof(desc)
+
     def _lin(self, lin, r0: int = 0, r1: Optional[int] = None) -> _Lin:
         """Rows [r0, r1) of a Linear as the C++ step sees them."""
+        return self._weight(lin.qmethod, lin.weight, lin.in_features, lin.out_features, lin.bias, r0, r1)
+
+    def _weight(self, q, w, k: int, n: int, bias, r0: int = 0, r1: Optional[int] = None) -> _Lin:
+        """Rows [r0, r1) of a weight [n, k] (a quant method ``q``, else the dense ``w``)."""
         from .qlinear import GGMLQuantMethod
 
-        q = lin.qmethod
-        r1 = lin.out_features if r1 is None else r1
+        r1 = n if r1 is None else r1
         if q is not None:
             if type(q) is not GGMLQuantMethod or q.raw is None or not cpp_kernels.supports(q.ggml_type):
                 raise Unsupported(f"weight storage {q!r}")
@@ -197,16 +260,15 @@ class FusedDecoder:
             self._keep.append(raw)
             typ, base, stride = q.ggml_type, raw.data_ptr(), raw.stride(0)
         else:
-            w = lin.weight
             if w is None or w.dtype not in _DENSE_TYPES or w.device.type != "cpu" or w.shape[1] % 16:
                 raise Unsupported(f"dense weight {None if w is None else (w.dtype, tuple(w.shape))}")
             w = w.data.contiguous()
             self._keep.append(w)
             typ, base, stride = _DENSE_TYPES[w.dtype], w.data_ptr(), w.stride(0) * w.element_size()
-        bias = 0
-        if lin.bias is not None:
-            bias = self._ptr(lin.bias.data.float()[r0:r1].contiguous())
-        return _Lin(type=typ, w=base + r0 * stride, w_stride=stride, n=r1 - r0, k=lin.in_features, bias=bias or None)
+        b = 0
+        if bias is not None:
+            b = self._ptr(bias.data.float()[r0:r1].contiguous())
+        return _Lin(type=typ, w=base + r0 * stride, w_stride=stride, n=r1 - r0, k=k, bias=b or None)
 
     def _split(self, lin, sizes) -> list[_Lin]:
         out, r0 = [], 0

@@ -28,6 +28,17 @@ struct MqLin {            // y = x W^T (+ bias); W's row n at w + n * w_stride, 
   const float* bias;      // nullable
 };
 
+// A sparse mixture-of-experts feed-forward (layers/moe.py's SparseMoE, the routings the
+// Python side accepts): router, softmax over all experts then top-k (or top-k on the
+// logits then softmax over the k), optional renormalisation and scaling, each expert a
+// gated MLP. Shared experts are not covered (no family the step serves has them).
+struct MqMoE {
+  int32_t n_experts, top_k, inter, act, renormalize, softmax_after_topk;
+  float renorm_eps, routed_scale;
+  MqLin router;            // [E, hidden]
+  const MqLin* experts;    // 3 per expert: gate, up, down
+};
+
 struct MqLayer {
   MqLin q, k, v, o, gate, up, down;
   // Norm weights with any offset already added (Gemma's 1 + w); null when absent.
@@ -35,6 +46,7 @@ struct MqLayer {
   float *kc, *vc;          // [blocks, block_size, n_kv, head_dim] float32
   int32_t window;          // sliding window (0: full attention)
   int32_t rope;            // 0: none, 1: global cos/sin, 2: local cos/sin
+  const MqMoE* moe;        // non-null: the feed-forward is this instead of gate/up/down
 };
 
 struct MqModel {
@@ -117,7 +129,96 @@ inline float activate(float x, int32_t act) {
 
 struct Scratch {
   std::vector<float> xn, q, k, v, att, a, g, u, d;
+  std::vector<float> logits, probs, wsel, xe, ge, ue, ye;
+  std::vector<int32_t> esel;
+  std::vector<int64_t> rows;
 };
+
+// y = down(act(gate(x)) * up(x)) for T rows of x; g and u are [T, I] scratch.
+void gated_mlp(const MqLin& gate, const MqLin& up, const MqLin& down, const float* x, int64_t T, int64_t I,
+               int32_t act, float* g, float* u, float* y, bool avx512) {
+  const LinJob gu[2] = {{&gate, x, g}, {&up, x, u}};
+  run_linears(gu, 2, T, avx512);
+  // libm's expf/tanhf cost ~10 ns each: split the T x inter activations across threads.
+  mq::parallel_for(T * I, 8192, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) g[i] = activate(g[i], act) * u[i];
+  });
+  const LinJob dn[1] = {{&down, g, y}};
+  run_linears(dn, 1, T, avx512);
+}
+
+// Indices of the k largest of v[0..n) in descending order (the first on ties, as a
+// stable sort would give them).
+void top_k(const float* v, int n, int k, int32_t* out) {
+  for (int j = 0; j < k; ++j) {
+    int best = -1;
+    for (int i = 0; i < n; ++i) {
+      bool taken = false;
+      for (int q = 0; q < j; ++q) taken |= out[q] == i;
+      if (!taken && (best < 0 || v[i] > v[best])) best = i;
+    }
+    out[j] = best;
+  }
+}
+
+void softmax(const float* x, int n, float* out) {
+  float mx = x[0];
+  for (int i = 1; i < n; ++i) mx = std::max(mx, x[i]);
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) sum += (out[i] = std::exp(x[i] - mx));
+  for (int i = 0; i < n; ++i) out[i] /= sum;
+}
+
+// out [T, H] = the MoE feed-forward of xn [T, H]: per expert, one gate/up and one down
+// product over the rows routed to it, each row then added with its routing weight.
+void moe_ffn(const MqMoE& M, const float* xn, int64_t T, int64_t H, float* out, Scratch& sc, bool avx512) {
+  const int E = M.n_experts, K = M.top_k;
+  const int64_t I = M.inter;
+  sc.logits.resize(T * E); sc.probs.resize(E); sc.wsel.resize(T * K); sc.esel.resize(T * K);
+  const LinJob r[1] = {{&M.router, xn, sc.logits.data()}};
+  run_linears(r, 1, T, avx512);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* l = sc.logits.data() + t * E;
+    int32_t* ids = sc.esel.data() + t * K;
+    float* w = sc.wsel.data() + t * K;
+    if (M.softmax_after_topk) {
+      top_k(l, E, K, ids);
+      float top[64];
+      for (int j = 0; j < K; ++j) top[j] = l[ids[j]];
+      softmax(top, K, w);
+      continue;   // these weights sum to one already: no renormalisation or scaling (moe.route)
+    } else {
+      softmax(l, E, sc.probs.data());
+      top_k(sc.probs.data(), E, K, ids);
+      for (int j = 0; j < K; ++j) w[j] = sc.probs[ids[j]];
+    }
+    if (M.renormalize) {
+      float sum = 0.0f;
+      for (int j = 0; j < K; ++j) sum += w[j];
+      for (int j = 0; j < K; ++j) w[j] = w[j] / (sum + M.renorm_eps);
+    }
+    if (M.routed_scale != 1.0f)
+      for (int j = 0; j < K; ++j) w[j] *= M.routed_scale;
+  }
+  std::fill(out, out + T * H, 0.0f);
+  sc.xe.resize(T * H); sc.ye.resize(T * H); sc.ge.resize(T * I); sc.ue.resize(T * I); sc.rows.resize(T * K);
+  for (int e = 0; e < E; ++e) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < T * K; ++i)
+      if (sc.esel[i] == e) sc.rows[n++] = i;
+    if (!n) continue;
+    for (int64_t j = 0; j < n; ++j)
+      std::memcpy(sc.xe.data() + j * H, xn + (sc.rows[j] / K) * H, H * sizeof(float));
+    const MqLin* ex = M.experts + 3 * e;
+    gated_mlp(ex[0], ex[1], ex[2], sc.xe.data(), n, I, M.act, sc.ge.data(), sc.ue.data(), sc.ye.data(), avx512);
+    for (int64_t j = 0; j < n; ++j) {
+      const float w = sc.wsel[sc.rows[j]];
+      float* o = out + (sc.rows[j] / K) * H;
+      const float* y = sc.ye.data() + j * H;
+      for (int64_t d = 0; d < H; ++d) o[d] += y[d] * w;
+    }
+  }
+}
 
 int decoder_step(const MqModel& m, const MqStep& s) {
   const bool avx512 = mq::use_avx512_kernels() && !m.force_scalar;
@@ -183,17 +284,10 @@ int decoder_step(const MqModel& m, const MqStep& s) {
       rms_norm(h, L.post_attn_norm, sc.xn.data(), T, H, m.eps);
     }
     // --- MLP
-    const LinJob gu[2] = {{&L.gate, sc.xn.data(), sc.g.data()}, {&L.up, sc.xn.data(), sc.u.data()}};
-    run_linears(gu, 2, T, avx512);
-    // libm's expf/tanhf cost ~10 ns each: split the T x inter activations across threads.
-    float* gbuf = sc.g.data();
-    const float* ubuf = sc.u.data();
-    const int32_t act = m.act;
-    mq::parallel_for(T * I, 8192, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) gbuf[i] = activate(gbuf[i], act) * ubuf[i];
-    });
-    const LinJob dn[1] = {{&L.down, sc.g.data(), sc.d.data()}};
-    run_linears(dn, 1, T, avx512);
+    if (L.moe)
+      moe_ffn(*L.moe, sc.xn.data(), T, H, sc.d.data(), sc, avx512);
+    else
+      gated_mlp(L.gate, L.up, L.down, sc.xn.data(), T, I, m.act, sc.g.data(), sc.u.data(), sc.d.data(), avx512);
     if (m.sandwich) rms_norm(sc.d.data(), L.post_ffn_norm, sc.d.data(), T, H, m.eps);
     for (int64_t i = 0; i < T * H; ++i) h[i] += sc.d[i];
   }

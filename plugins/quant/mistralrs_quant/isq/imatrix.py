@@ -16,10 +16,12 @@ GGUF tensor names are mapped to HF layer names with the family's GGUF name table
 
 ``calibration_file``: the model is loaded dense (float32) once, the text is run through it
 in windows of ``CALIBRATION_CTX`` tokens, and every linear layer's input columns' squares
-are averaged (the llama.cpp ``imatrix`` tool's statistic).
+are averaged (the llama.cpp ``imatrix`` tool's statistic); MoE experts get one importance
+per expert from the rows routed to it (``_ExpertStats``).
 """
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -77,9 +79,13 @@ def read_gguf_imatrix(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: {base}.in_sum2 has no {base}.counts")
         counts = counts.reshape(-1)
         if sums.ndim == 2 and sums.shape[0] == counts.size and counts.size > 1:
-            out[base] = sums / np.maximum(counts, 1)[:, None]   # per expert
+            # Per expert; an expert no calibration token reached reads as ones, as
+            # llama.cpp's quantize tool reads such partial data.
+            per = sums / np.maximum(counts, 1)[:, None]
+            per[counts <= 0] = 1.0
+            out[base] = per
         else:
-            out[base] = sums.reshape(-1) / max(float(counts[0]), 1.0)
+            out[base] = sums.reshape(-1) / float(counts[0]) if counts[0] > 0 else np.ones(sums.size, np.float32)
     return out
 
 
@@ -102,15 +108,51 @@ def write_cimatrix(path: Path, data: dict[str, torch.Tensor]) -> None:
             f.write(struct.pack("<Q", len(k)) + k + struct.pack("<Q", v.size) + v.tobytes())
 
 
+_GGUF_EXPERTS = re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<part>gate|up|down)(?:_exps|\.(?P<e>\d+))(?:\.weight)?$")
+_NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _num_experts(hf: dict) -> int | None:
+    cfg = hf.get("text_config") or hf
+    return next((int(cfg[k]) for k in _NUM_EXPERTS_KEYS if cfg.get(k)), None)
+
+
+def _expert_entries(m, vals: np.ndarray, hf: dict, where: str) -> dict[str, torch.Tensor]:
+    """llama.cpp's ``blk.N.ffn_{gate,up,down}_exps`` (one 3-D tensor for all experts: a
+    GGUF imatrix stores [E, n], the legacy format E*n values, expert after expert) or an
+    older per-expert ``blk.N.ffn_gate.E`` -> one entry per expert, named as
+    ``IsqPlan.imatrix_for`` matches them to any family's per-expert checkpoint names."""
+    layer, part = int(m["layer"]), m["part"]
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if m["e"] is not None:
+        return {f"{prefix}.{m['e']}.{part}_proj": torch.from_numpy(np.ascontiguousarray(vals, np.float32).reshape(-1))}
+    if vals.ndim == 2:
+        rows = vals
+    else:
+        n_exp = _num_experts(hf)
+        if not n_exp or vals.size % n_exp:
+            raise ValueError(f"{where}: {m.string}: {vals.size} values do not split into the model's "
+                             f"{n_exp} experts")
+        rows = vals.reshape(n_exp, -1)
+    return {f"{prefix}.{e}.{part}_proj": torch.from_numpy(np.ascontiguousarray(rows[e], np.float32))
+            for e in range(rows.shape[0])}
+
+
 def _to_hf(data: dict[str, np.ndarray], hf: dict, entry, where: str) -> dict[str, torch.Tensor]:
     """Keys -> HF layer names (``model.layers.0.self_attn.q_proj``)."""
     from ..gguf_names import hf_targets
-    archs = list(getattr(entry, "gguf_architectures", ()) or ())
+    # A family llama.cpp names like Llama but we read no GGUF of (the MoE families) still has
+    # Llama's block tensor names in its imatrix.
+    archs = list(getattr(entry, "gguf_architectures", ()) or ()) or ["llama"]
     out: dict[str, torch.Tensor] = {}
     for key, vals in data.items():
         name = key[:-len(".weight")] if key.endswith(".weight") else key
+        m = _GGUF_EXPERTS.match(key)
+        if m is not None:
+            out.update(_expert_entries(m, vals, hf, where))
+            continue
         t = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32))
-        if key.startswith(("blk.", "token_embd", "output")) and archs:
+        if key.startswith(("blk.", "token_embd", "output")):
             targets = hf_targets(archs[0], key if key.endswith(".weight") else f"{key}.weight", hf) or []
             for target in targets:
                 out[target.name.rpartition(".")[0]] = t
@@ -142,6 +184,7 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
     of ``ctx`` tokens, each a fresh sequence), keyed by HF layer name; a fused layer gives
     its value to each of its parts (they share their input)."""
     from mistralrs_core.layers.linear import Linear
+    from mistralrs_core.layers.moe import MoEExperts
     from mistralrs_core.testing.parity import SingleSequence
 
     sums: dict[int, torch.Tensor] = {}
@@ -160,6 +203,7 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
         if isinstance(module, Linear):
             layers[id(module)] = module
             handles.append(module.register_forward_pre_hook(hook))
+    experts = [_ExpertStats(m) for m in model.modules() if isinstance(m, MoEExperts)]
     # The fused decoder step would bypass the layers' forward.
     fast, model.fast_forward = model.fast_forward, None
     try:
@@ -171,6 +215,8 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
     finally:
         for h in handles:
             h.remove()
+        for stats in experts:
+            stats.remove()
         model.fast_forward = fast
     out: dict[str, torch.Tensor] = {}
     for key, s in sums.items():
@@ -183,7 +229,65 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
                     out[part] = value
         elif module.__dict__.get("hf_name"):
             out[module.hf_name] = value
+    for stats in experts:
+        out.update(stats.importance())
     return out
+
+
+class _ExpertStats:
+    """llama.cpp's imatrix statistic for one MoE layer's experts (its ``MUL_MAT_ID``
+    branch): per expert, the squared input columns summed over the rows routed to that
+    expert, divided by that expert's own row count. Gate and up read the layer input, down
+    reads the activated product. An expert no token reached gets ones, as llama.cpp's
+    quantize tool reads such partial data. Recorded by shadowing the module's
+    ``expert_forward`` / ``activate`` on the instance, so the dense math itself is unchanged."""
+
+    def __init__(self, experts):
+        self.experts = experts
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+        self.current: list[int] = []
+        forward, activate = experts.expert_forward, experts.activate
+
+        def expert_forward(e, x):
+            self.add(e, "in", x)
+            self.current.append(e)
+            try:
+                return forward(e, x)
+            finally:
+                self.current.pop()
+
+        def act(gate_up):
+            y = activate(gate_up)
+            if self.current:
+                self.add(self.current[-1], "mid", y)
+            return y
+
+        experts.expert_forward, experts.activate = expert_forward, act
+
+    def add(self, e: int, where: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        s = (x * x).sum(0)
+        key = (e, where)
+        self.sums[key] = s if key not in self.sums else self.sums[key] + s
+        self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+    def remove(self) -> None:
+        self.experts.__dict__.pop("expert_forward", None)
+        self.experts.__dict__.pop("activate", None)
+
+    def importance(self) -> dict[str, torch.Tensor]:
+        ex = self.experts
+        out = {}
+        width = {"in": ex.hidden, "mid": ex.intermediate}
+        for (e, part), name in ex.part_names.items():
+            where = "mid" if part == "down" else "in"
+            key = (e - getattr(ex, "first", 0), where)
+            if self.counts.get(key):
+                out[name] = (self.sums[key] / self.counts[key]).float()
+            else:
+                out[name] = torch.ones(width[where])
+        return out
 
 
 def imatrix_from_calibration(model_dir: Path, which, calibration_file: str, hf: dict, entry) -> dict:

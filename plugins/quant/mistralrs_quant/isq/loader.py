@@ -75,8 +75,13 @@ def _load_weights(model, weights, device, where):
 
 
 def count_quantizable(model, plan: IsqPlan) -> int:
+    from mistralrs_core.layers.moe import MoEExperts
     n = 0
     for module in model.modules():
+        if isinstance(module, MoEExperts):
+            # the hook sees one tensor per expert and part
+            n += 3 * module.num_experts * (plan.type_for(f"{module.hf_name}.0.gate_proj", module) is not None)
+            continue
         if hasattr(module, "set_quant_method") and module.__dict__.get("hf_name"):
             n += plan.type_for(module.hf_name, module) is not None
     return n
@@ -199,6 +204,7 @@ class _ReIsq:
         self.pipe, self.model_dir, self.which, self.opts, self.plan = pipe, model_dir, which, opts, plan
 
     def __call__(self, dtype: str) -> None:
+        from mistralrs_core.layers.moe import MoEExperts
         from mistralrs_core.loading.safetensors_io import SafetensorsWeights
 
         from ..fused_decoder import install
@@ -228,8 +234,14 @@ class _ReIsq:
                                      plan.imatrix_for(module.hf_name), getattr(self.plan, "cpp_impl", None))
             if method is not None:
                 swaps.append((module, method))
+        expert_swaps = [_requantize_experts(m, plan, weights, compute, model.quant_config.device,
+                                            getattr(self.plan, "cpp_impl", None))
+                        for m in model.modules() if isinstance(m, MoEExperts)]
         for module, method in swaps:
             module.set_quant_method(method)
+        for swap in expert_swaps:
+            if swap is not None:
+                swap()
         plan.cpp_impl = getattr(self.plan, "cpp_impl", None)
         self.plan = plan
         model.fast_forward = None
@@ -237,3 +249,41 @@ class _ReIsq:
         changed = getattr(getattr(self.pipe, "engine", None), "weights_changed", None)
         if changed is not None:
             changed()
+
+
+def _requantize_experts(experts, plan: IsqPlan, weights, compute, device, cpp_impl):
+    """The new methods of one MoE layer's experts, read from the checkpoint's per-expert
+    tensors; returns the swap to run once every layer is ready (None: the plan leaves the
+    experts as they are)."""
+    from mistralrs_core.errors import NotAvailableYet
+    from mistralrs_core.layers.moe import QuantizedExperts
+
+    from .hook import quantize_weight
+    layer = experts.__dict__.get("hf_name")
+    first = getattr(experts, "first", 0)
+    keys = [(e, p) for e in range(experts.num_experts) for p in ("gate", "up", "down")]
+    names = {k: experts.part_names.get((k[0] + first, k[1])) for k in keys}
+    types = {k: plan.type_for(n, experts) if n else None for k, n in names.items()}
+    if all(t is None for t in types.values()):
+        return None
+    if any(t is None for t in types.values()):
+        raise ValueError(f"send_re_isq: the topology quantizes only some of {layer}'s experts; "
+                         "a layer's experts are quantized all or none")
+    if any(f"{n}.weight" not in weights for n in names.values()):
+        raise NotAvailableYet(f"send_re_isq on {layer}'s experts",
+                              "the checkpoint does not store them one tensor per expert")
+    parts = {}
+    for k, name in names.items():
+        method = quantize_weight(weights.get(f"{name}.weight"), parse_isq_type(types[k]), compute, device,
+                                 plan.imatrix_for(name), cpp_impl)
+        if method is None:
+            raise NotAvailableYet(f"send_re_isq to {types[k]} on {layer}'s experts",
+                                  "their rows are not whole blocks of that type")
+        parts[k] = method
+    if isinstance(experts.quant, QuantizedExperts):
+        quant = experts.quant
+        # One attribute store: a step already running read the old dict and finishes on it.
+        return lambda: setattr(quant, "parts", parts)
+    if experts.quant is not None:
+        raise NotAvailableYet(f"send_re_isq on {layer}'s {type(experts.quant).__name__} experts")
+    return lambda: experts.set_quant(QuantizedExperts(experts, parts))

@@ -24,6 +24,16 @@ _ROUTER = re.compile(r"(?:^|\.)(?:mlp\.gate|block_sparse_moe\.gate|router|gate\.
 _EXPERT = re.compile(r"(?:^|\.)experts(?:\.\d+)?\.")
 
 
+_EXPERT_PART = re.compile(r"(?:^|\.)layers\.(\d+)\..*\bexperts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)$")
+_PART = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def expert_key(hf_name: str) -> Optional[tuple[int, int, str]]:
+    """(layer, expert, gate|up|down) of a per-expert weight name, whatever the family calls it."""
+    m = _EXPERT_PART.search(hf_name)
+    return None if m is None else (int(m.group(1)), int(m.group(2)), _PART[m.group(3)])
+
+
 @dataclass
 class IsqPlan:
     default: Optional[IsqType]
@@ -34,6 +44,7 @@ class IsqPlan:
     imatrix: Optional[dict] = None                 # HF layer name -> float32 [in_features]
     cpp_impl: Optional[str] = None                 # Runner(quant_kernel=...) for the methods
     tick: Optional[Callable[[], None]] = None      # progress, once per quantized layer
+    _experts: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     def resolve(self, hf_name: str, is_embedding: bool = False) -> Optional[IsqType]:
         weight_name = f"{hf_name}.weight"
@@ -61,7 +72,18 @@ class IsqPlan:
         return None if isq is None else isq.name
 
     def imatrix_for(self, hf_name: str):
-        return None if self.imatrix is None else self.imatrix.get(hf_name)
+        if self.imatrix is None:
+            return None
+        found = self.imatrix.get(hf_name)
+        if found is None and (key := expert_key(hf_name)) is not None:
+            # An expert weight named otherwise by the imatrix (llama.cpp's ``ffn_gate_exps``
+            # read as ``mlp.experts.E.gate_proj``; Mixtral's checkpoint says
+            # ``block_sparse_moe.experts.E.w1``): matched by layer, expert and part.
+            if self._experts is None or self._experts[0] is not self.imatrix:
+                index = {k: v for n, v in self.imatrix.items() if (k := expert_key(n)) is not None}
+                self._experts = (self.imatrix, index)
+            found = self._experts[1].get(key)
+        return found
 
     def types_used(self) -> set[str]:
         out = {t.name for t in [self.default, *self.layers.values(), *(t for _, t in self.patterns)] if t}

@@ -75,10 +75,35 @@ def dense_layer_tensors(key: str, weight: torch.Tensor, bias: Optional[torch.Ten
     return out
 
 
+def _expert_layers(experts):
+    """(checkpoint name, method, bias) of every quantized expert weight of a MoE layer: one
+    entry per expert and part (``...experts.3.w1``), as per-expert checkpoints name them, so
+    the reader's ``MoEWeightsMixin`` routes them back into the same expert slots."""
+    from mistralrs_core.layers.moe import QuantizedExperts
+    quant = experts.quant
+    layer = experts.__dict__.get("hf_name")
+    if not isinstance(quant, QuantizedExperts):
+        raise ValueError(f"{layer}: experts run by {type(quant).__name__} cannot be written to UQFF")
+    first, i = getattr(experts, "first", 0), experts.intermediate
+    for (e, part), method in sorted(quant.parts.items()):
+        name = experts.part_names.get((e + first, part))
+        if name is None:
+            raise ValueError(f"{layer}: expert {e + first} {part} has no checkpoint name to write it under")
+        bias = quant.down_bias if part == "down" else quant.gate_up_bias
+        if bias is not None:
+            bias = bias[e] if part == "down" else bias[e, :i] if part == "gate" else bias[e, i:]
+        yield name, method, bias
+
+
 def _quantized_layers(model):
     """(HF layer name, quant method, bias) for every quantized layer; fused layers are split
     back into their checkpoint parts (GGML rows are whole blocks, so a row slice is exact)."""
+    from mistralrs_core.layers.moe import MoEExperts
     for module in model.modules():
+        if isinstance(module, MoEExperts):
+            if module.quant is not None:
+                yield from _expert_layers(module)
+            continue
         method = getattr(module, "qmethod", None)
         if method is None:
             continue
@@ -104,8 +129,11 @@ def _quantized_layers(model):
 
 def _residual_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
     """Every dense parameter under its checkpoint name (fused dense layers split)."""
+    from mistralrs_core.layers.moe import MoEExperts
     out: dict[str, torch.Tensor] = {}
     for module in model.modules():
+        if isinstance(module, MoEExperts) and module.quant is None and _dense_experts(module, out):
+            continue
         prefix = module.__dict__.get("hf_name")
         parts = getattr(module, "fused_parts", None)
         for attr, p in module.named_parameters(recurse=False):
@@ -121,6 +149,27 @@ def _residual_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
             else:
                 out[f"{prefix}.{attr}" if prefix else attr] = t.contiguous()
     return out
+
+
+def _dense_experts(experts, out: dict) -> bool:
+    """Dense expert stacks written one tensor per expert and part under the checkpoint's
+    names (``<name>.weight`` / ``<name>.bias``), which every family's loader routes back
+    (a stacked tensor would be read in the family's checkpoint layout, e.g. GPT-OSS's
+    interleaved, transposed one). False when a name is unknown: the stacks are written."""
+    first, i = getattr(experts, "first", 0), experts.intermediate
+    keys = [(e, p) for e in range(experts.num_experts) for p in ("gate", "up", "down")]
+    names = {k: experts.part_names.get((k[0] + first, k[1])) for k in keys}
+    if any(n is None for n in names.values()) or experts.gate_up_proj is None \
+            or experts.gate_up_proj.device.type == "meta":
+        return False
+    rows = {"gate": slice(0, i), "up": slice(i, 2 * i), "down": slice(None)}
+    for (e, part), name in names.items():
+        stack = experts.down_proj if part == "down" else experts.gate_up_proj
+        bias = experts.down_proj_bias if part == "down" else experts.gate_up_proj_bias
+        out[f"{name}.weight"] = stack.detach()[e, rows[part]].cpu().contiguous()
+        if bias is not None:
+            out[f"{name}.bias"] = bias.detach()[e, rows[part]].cpu().contiguous()
+    return True
 
 
 def write_uqff(model, target: str | Path, source_dir: Optional[Path], stem: str,
