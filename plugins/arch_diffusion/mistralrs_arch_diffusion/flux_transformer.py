@@ -25,7 +25,7 @@ from mistralrs_core.layers.linear import Linear, fuse_linears
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.layers.rope import rotate_pairs
 
-from mistralrs_arch_diffusion.page_release import release_pages
+from mistralrs_core.loading.page_release import release_pages
 
 
 @attrs.frozen

@@ -225,7 +225,8 @@ class _ReIsq:
             if isq is None or name not in weights:
                 continue
             method = quantize_weight(weights.get(name), parse_isq_type(isq), compute, model.quant_config.device,
-                                     plan.imatrix_for(module.hf_name), getattr(self.plan, "cpp_impl", None))
+                                     plan.imatrix_for(module.hf_name), getattr(self.plan, "cpp_impl", None),
+                                     release=True)
             if method is not None:
                 swaps.append((module, method))
         for module, method in swaps:
