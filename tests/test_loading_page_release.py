@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from mistralrs_core.layers.linear import Linear
-from mistralrs_core.loading.page_release import file_backed_ranges, release_pages, release_tensor_pages
+from mistralrs_core.loading.page_release import (copy_out_of_files, file_backed_ranges, release_pages,
+                                                 release_tensor_pages)
 from mistralrs_core.loading.safetensors_io import SafetensorsWeights
 from mistralrs_core.loading.weights import load_module
 
@@ -76,3 +77,22 @@ def test_tensor_pages_released_one_tensor_at_a_time(tmp_path):
     assert release_tensor_pages(tb[:, :8]) >= 4 * 2**20 - 2 * 4096
     assert release_tensor_pages(tb.clone(), torch.empty(0)) == 0
     assert torch.equal(tb, b)
+
+
+def test_copy_out_of_files_leaves_nothing_mapped(tmp_path):
+    """In-situ quantization's last step: what stayed dense gets its own memory (ties kept),
+    so the checkpoint's mapping can close."""
+    w, b, n = torch.randn(512, 512), torch.randn(512), torch.randn(512)
+    save_file({"weight": w, "bias": b, "norm": n}, tmp_path / "m.safetensors")
+    layer = Linear(512, 512, bias=True)
+    with SafetensorsWeights(tmp_path / "m.safetensors") as sw:
+        load_module(layer, [(k, v) for k, v in sw.items() if k != "norm"])
+        layer.register_buffer("norm", sw.get("norm"))
+        layer.tied = layer.weight
+        views = {t.data_ptr() for t in (layer.weight, layer.bias, layer.norm)}
+        assert copy_out_of_files(layer) == (512 * 512 + 2 * 512) * 4
+    assert file_backed_ranges(layer) == []
+    assert not views & {t.data_ptr() for t in (layer.weight, layer.bias, layer.norm)}
+    assert torch.equal(layer.weight, w) and torch.equal(layer.bias, b) and torch.equal(layer.norm, n)
+    assert layer.tied is layer.weight
+    assert copy_out_of_files(layer) == 0

@@ -30,6 +30,8 @@ from torch import nn
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
+# The largest page-cache folio a file fault maps at once (a PMD: 2 MiB on x86-64/arm64 4K).
+_FOLIO = 2 << 20
 _libc = None
 # The safetensors mappings last seen in /proc/self/maps. Reading that file costs ~1 ms in
 # a process that has imported torch, once per tensor during ISQ; a tensor outside these
@@ -158,3 +160,43 @@ def release_tensor_pages(*tensors: torch.Tensor) -> int:
     if os.name != "posix":
         return 0
     return _release(_page_ranges(tensors, fresh=False))
+
+
+def copy_out_of_files(module: nn.Module) -> int:
+    """Give every CPU parameter and buffer of ``module`` that still views a safetensors
+    mapping its own memory, then release the mapped pages; returns the bytes copied.
+
+    For a model whose weights were all read into memory anyway (in-situ quantization
+    leaves only norms and biases dense): once nothing views the checkpoint its mapping
+    goes away, and with it any chance of its pages coming back. Kernels that cache file
+    pages in large folios map a whole folio when one page of it is touched, so a 2 KiB
+    norm between two large tensors would otherwise bring up to megabytes of its
+    neighbours back into the resident set on the first forward pass (reading it here
+    does the same, so each copy releases the folios around it too: pages of the
+    mapping that this module no longer views, clean ones only, as everywhere here)."""
+    spans = _safetensors_mappings()
+    if not spans:
+        return 0
+    copied, done = 0, {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in store.items():
+                ext = _extent(t) if t is not None else None
+                span = next(((lo, hi) for lo, hi in spans if lo <= ext[0] and ext[1] <= hi), None) \
+                    if ext is not None else None
+                if span is None:
+                    continue
+                if id(t) not in done:
+                    own = t.data.clone()
+                    lo = max(span[0], (ext[0] - _FOLIO) // _PAGE * _PAGE)
+                    hi = min(span[1], (ext[1] + _FOLIO + _PAGE - 1) // _PAGE * _PAGE)
+                    _release([(lo, hi)])
+                    if isinstance(t, nn.Parameter):
+                        t.data = own          # the same Parameter object: ties stay tied
+                        done[id(t)] = t
+                    else:
+                        done[id(t)] = own
+                    copied += own.numel() * own.element_size()
+                if not isinstance(t, nn.Parameter):
+                    store[name] = done[id(t)]
+    return copied

@@ -63,7 +63,10 @@ _CHILD = textwrap.dedent("""
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             dense += t.numel() * t.element_size()
-    print(json.dumps({"floor": floor, "peak": peak, "after": after, "quantized": quantized, "dense": dense}))
+    mapped = any(line.rstrip().endswith(str(Path(sys.argv[2]) / "model.safetensors"))
+                 for line in open("/proc/self/maps"))
+    print(json.dumps({"floor": floor, "peak": peak, "after": after, "quantized": quantized, "dense": dense,
+                      "mapped": mapped}))
 """)
 
 
@@ -93,7 +96,8 @@ def test_isq_peak_rss_is_quantized_model_plus_one_tensor(tmp_path):
               f"(floor {m['floor']['RssFile'] / MiB:.1f})")
     assert checkpoint > 75 * MiB and m["quantized"] < 16 * MiB
     assert grew <= bound, detail
-    # Nothing of the float checkpoint stays resident once loaded: neither its file pages
-    # nor an anonymous float32 copy.
+    # Nothing of the float checkpoint stays once loaded: not its mapping (the dense norms
+    # have their own memory), its file pages or an anonymous float32 copy.
+    assert not m["mapped"], "the checkpoint is still mapped after the load"
     assert m["after"]["RssFile"] - m["floor"]["RssFile"] <= 4 * MiB, detail
     assert m["after"]["RssAnon"] - m["floor"]["RssAnon"] <= m["quantized"] + m["dense"] + SLACK, detail

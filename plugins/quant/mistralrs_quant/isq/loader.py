@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.loading.page_release import copy_out_of_files
 from mistralrs_core.loading.quant_config import QuantConfig
 
 from .plan import IsqPlan, build_plan
@@ -110,6 +111,10 @@ def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: I
     finally:
         progress.close()
         plan.tick = None
+    # What stayed dense (norms, biases, layers kept dense) gets its own memory, so nothing
+    # views the checkpoint and its mapping closes with the handles.
+    copy_out_of_files(model)
+    weights.close()
     model.isq_seconds = time.perf_counter() - t0
     model.family = entry
     return model, hf, entry, plan
