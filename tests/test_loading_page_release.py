@@ -80,8 +80,8 @@ def test_tensor_pages_released_one_tensor_at_a_time(tmp_path):
 
 
 def test_copy_out_of_files_leaves_nothing_mapped(tmp_path):
-    """In-situ quantization's last step: what stayed dense gets its own memory (ties kept),
-    so the checkpoint's mapping can close."""
+    """In-situ quantization's last step: the small tensors that stayed dense get their own
+    memory (ties kept), so the checkpoint's mapping can close."""
     w, b, n = torch.randn(512, 512), torch.randn(512), torch.randn(512)
     save_file({"weight": w, "bias": b, "norm": n}, tmp_path / "m.safetensors")
     layer = Linear(512, 512, bias=True)
@@ -90,7 +90,10 @@ def test_copy_out_of_files_leaves_nothing_mapped(tmp_path):
         layer.register_buffer("norm", sw.get("norm"))
         layer.tied = layer.weight
         views = {t.data_ptr() for t in (layer.weight, layer.bias, layer.norm)}
-        assert copy_out_of_files(layer) == (512 * 512 + 2 * 512) * 4
+        # Only tensors below the size limit: the 1 MiB weight stays mapped at first.
+        assert copy_out_of_files(layer, max_bytes=4096) == 2 * 512 * 4
+        assert layer.weight.data_ptr() in views and file_backed_ranges(layer)
+        assert copy_out_of_files(layer) == 512 * 512 * 4
     assert file_backed_ranges(layer) == []
     assert not views & {t.data_ptr() for t in (layer.weight, layer.bias, layer.norm)}
     assert torch.equal(layer.weight, w) and torch.equal(layer.bias, b) and torch.equal(layer.norm, n)

@@ -162,18 +162,20 @@ def release_tensor_pages(*tensors: torch.Tensor) -> int:
     return _release(_page_ranges(tensors, fresh=False))
 
 
-def copy_out_of_files(module: nn.Module) -> int:
-    """Give every CPU parameter and buffer of ``module`` that still views a safetensors
-    mapping its own memory, then release the mapped pages; returns the bytes copied.
+def copy_out_of_files(module: nn.Module, max_bytes: int = _FOLIO) -> int:
+    """Give each CPU parameter and buffer of ``module`` smaller than ``max_bytes`` that still
+    views a safetensors mapping its own memory, then release the mapped pages; returns the
+    bytes copied.
 
-    For a model whose weights were all read into memory anyway (in-situ quantization
-    leaves only norms and biases dense): once nothing views the checkpoint its mapping
-    goes away, and with it any chance of its pages coming back. Kernels that cache file
-    pages in large folios map a whole folio when one page of it is touched, so a 2 KiB
-    norm between two large tensors would otherwise bring up to megabytes of its
-    neighbours back into the resident set on the first forward pass (reading it here
-    does the same, so each copy releases the folios around it too: pages of the
-    mapping that this module no longer views, clean ones only, as everywhere here)."""
+    For a model whose large weights were all read into memory anyway (in-situ quantization
+    leaves norms and biases dense): once nothing views the checkpoint its mapping goes
+    away, and with it any chance of its pages coming back. Kernels that cache file pages
+    in large folios map a whole folio when one page of it is touched, so a 2 KiB norm
+    between two large tensors would otherwise bring up to megabytes of its neighbours back
+    into the resident set on the first forward pass (reading it here does the same, so
+    each copy releases the folios around it too: pages of the mapping that this module no
+    longer views, clean ones only, as everywhere here). Larger tensors stay mapped: clean
+    file pages the kernel can reclaim under pressure, where a copy could only be swapped."""
     spans = _safetensors_mappings()
     if not spans:
         return 0
@@ -184,7 +186,7 @@ def copy_out_of_files(module: nn.Module) -> int:
                 ext = _extent(t) if t is not None else None
                 span = next(((lo, hi) for lo, hi in spans if lo <= ext[0] and ext[1] <= hi), None) \
                     if ext is not None else None
-                if span is None:
+                if span is None or ext[1] - ext[0] >= max_bytes:
                     continue
                 if id(t) not in done:
                     own = t.data.clone()

@@ -111,8 +111,9 @@ def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: I
     finally:
         progress.close()
         plan.tick = None
-    # What stayed dense (norms, biases, layers kept dense) gets its own memory, so nothing
-    # views the checkpoint and its mapping closes with the handles.
+    # The small tensors that stayed dense (norms, biases) get their own memory, so nothing
+    # views the checkpoint (unless a large layer was kept dense) and the mapping closes
+    # with the handles.
     copy_out_of_files(model)
     weights.close()
     model.isq_seconds = time.perf_counter() - t0
