@@ -5,18 +5,21 @@ touches stays in this process's resident set for as long as the mapping lives, e
 nothing will read it again. Two kinds of reader are done with their pages early:
 
 * in-situ quantization reads each dense tensor once and keeps only its quantized copy
-  (``release_tensor_pages``, called by the quant plugin's ISQ hook): without it, peak RSS
-  is the whole float checkpoint plus the quantized model;
+  (``release_tensor_pages`` after each slab, called by the quant plugin's quantizer):
+  without it, peak RSS is the whole float checkpoint plus the quantized model; at the end
+  of the load ``copy_out_of_files`` gives the small dense leftovers (norms) their own
+  memory so the mapping can close;
 * Flux's components run one after another on the host, so the ones not running need not
   stay resident (``release_pages(module)``, called by the diffusion plugin).
 
 ``MADV_DONTNEED`` on a clean page of a private file mapping drops it, and the next use
 faults it back in from the page cache (or the disk, if the kernel reclaimed it
 meanwhile), so a released tensor still reads the same values. Only whole pages inside a
-tensor's bytes are released, and only pages that are still the file's own: dropping a
-private page that was written to (copy-on-write, now anonymous) would throw the write
-away, so ``/proc/self/pagemap`` is read first and such pages are kept. That check, not the
-mapping lookup, is what makes a release safe.
+tensor's bytes are released (``copy_out_of_files``: also the folios around a tensor it
+copied), and only pages that are still the file's own: dropping a private page that was
+written to (copy-on-write, now anonymous) would throw the write away, so
+``/proc/self/pagemap`` is read first and such pages are kept. That check, not the mapping
+lookup, is what makes a release safe.
 """
 from __future__ import annotations
 
