@@ -389,6 +389,15 @@ def child(engine: str, model_path: Path, group: str, threads: int) -> dict:
     # ru_maxrss is KiB on Linux; the child is the engine's only process, so this is its own peak.
     ru = resource.getrusage(resource.RUSAGE_SELF)
     res["peak_rss_mib"] = ru.ru_maxrss / 1024
+    # Where the resident set is at the end: file pages (mapped weights, libraries) against
+    # anonymous memory (copies, caches, heap); Linux only.
+    try:
+        with open("/proc/self/status") as f:
+            kb = {k: int(v.split()[0]) for k, _, v in (line.partition(":") for line in f)
+                  if k in ("RssFile", "RssAnon")}
+        res["end_rss_file_mib"], res["end_rss_anon_mib"] = kb["RssFile"] / 1024, kb["RssAnon"] / 1024
+    except (OSError, KeyError, ValueError):
+        pass
     # CPU time against child_wall_s tells how much of the machine the child actually got.
     res["cpu_s"] = ru.ru_utime + ru.ru_stime
     # Major faults: weights read back from disk (mmap'd files after reclaim), not compute.
@@ -680,10 +689,11 @@ def main():
 ISQ_CACHE = Path.home() / ".cache" / "mistralrs-bench"
 
 
-def _isq_inputs() -> dict[str, Path]:
+def _isq_inputs(engines: list[str]) -> dict[str, Path]:
     """The float32 folder, the UQFF directory ISQ writes from it, and a Q4_K_S GGUF that
     llama.cpp's quantizer makes from the same weights (the float32 folder is the bundled
-    Q4_1 GGUF dequantized; llama.cpp requantizes that GGUF through float32)."""
+    Q4_1 GGUF dequantized; llama.cpp requantizes that GGUF through float32). The GGUF is
+    made only when an engine that reads it runs."""
     code = ("from mistralrs_quant.real_models import smollm2_f32, smollm2_gguf; "
             "print(smollm2_f32()); print(smollm2_gguf())")
     r = subprocess.run([str(OURS_PY), "-c", code], capture_output=True, text=True, cwd=str(ROOT))
@@ -698,7 +708,7 @@ def _isq_inputs() -> dict[str, Path]:
         if r.returncode:
             sys.exit(f"writing the UQFF: {r.stderr.strip()[-400:]}")
     gguf = ISQ_CACHE / "smollm2-135m-q4_k_s.gguf"
-    if not gguf.exists():
+    if not gguf.exists() and {"ours", "llamacpp"} & set(engines):
         code = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
                 "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S; p.allow_requantize = True; "
                 "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))")
@@ -712,12 +722,18 @@ def _isq_inputs() -> dict[str, Path]:
 def isq_main(args) -> None:
     """ISQ Q4K (ours, from float32 safetensors) against llama.cpp on a Q4_K_S GGUF of the
     same weights: decode/prefill ratios, ISQ time at load, UQFF load vs GGUF load, peak RSS."""
-    if skip_reason("llamacpp"):
+    # --engines picks among ISQ_ENGINES here; its default (the main benchmark's list) runs all.
+    asked = [e for e in args.engines.split(",") if e]
+    engines = list(ISQ_ENGINES) if args.engines == ",".join(ENGINES) else asked
+    unknown = [e for e in engines if e not in ISQ_ENGINES]
+    if unknown:
+        sys.exit(f"--isq --engines: unknown {', '.join(unknown)} (choose from {', '.join(ISQ_ENGINES)})")
+    if "llamacpp" in engines and skip_reason("llamacpp"):
         sys.exit(f"llama.cpp: {skip_reason('llamacpp')}")
-    paths = _isq_inputs()
+    paths = _isq_inputs(engines)
     runs = []
     for rep in range(args.repeats):
-        order = list(ISQ_ENGINES)
+        order = engines
         k = rep % len(order)
         for e in order[k:] + order[:k]:
             res = run_child(e, paths[e], "single", args.threads, args.timeout, args.idle_wait)
@@ -737,10 +753,12 @@ def isq_main(args) -> None:
 
     rows = [("load (s)", "load_s", "{:.2f}"), ("ISQ at load (s)", "isq_s", "{:.2f}"),
             (f"prefill tok/s ({PROMPT_TOKENS})", "prefill_tps", "{:.0f}"),
-            (f"decode tok/s ({DECODE_TOKENS})", "decode_tps", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}")]
-    lines = ["| measure | " + " | ".join(ISQ_ENGINES.values()) + " |", "|---" * (len(ISQ_ENGINES) + 1) + "|"]
+            (f"decode tok/s ({DECODE_TOKENS})", "decode_tps", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
+            ("RSS at the end: file MiB", "end_rss_file_mib", "{:.0f}"),
+            ("RSS at the end: anonymous MiB", "end_rss_anon_mib", "{:.0f}")]
+    lines = ["| measure | " + " | ".join(ISQ_ENGINES[e] for e in engines) + " |", "|---" * (len(engines) + 1) + "|"]
     for label, key, fmt in rows:
-        vals = [med(e, key) for e in ISQ_ENGINES]
+        vals = [med(e, key) for e in engines]
         lines.append(f"| {label} | " + " | ".join("-" if v is None else fmt.format(v) for v in vals) + " |")
     summary = {"decode_isq_over_llamacpp": ratio("ours_isq", "llamacpp", "decode_tps"),
                "prefill_isq_over_llamacpp": ratio("ours_isq", "llamacpp", "prefill_tps"),

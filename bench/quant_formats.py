@@ -82,3 +82,22 @@ for m_rows in (1, 64):
         fwd = timeit(lambda: m.forward(xb))
         print(f"  {name + ' bf16 x':12s} {fwd[0]:7.3f}/{fwd[1]:7.3f} {'':15s} {'':9s} {fwd[0] / d32[0]:7.2f}x "
               f"{fwd[0] / d16[0]:7.2f}x")
+
+# Tensor-parallel HQQ shards (formats/hqq.py HQQShard): a rank's half of the layer against
+# what a shard did before (dequantize the whole layer, slice, multiply), same run.
+h = methods["HQQ4"]
+idx_half = torch.arange(N // 2)
+odd = [(0, N // 2 - 8)]                         # not whole bands of rows: runs the whole layer
+shards = {"rows 0:N/2": (h.take_rows([(0, N // 2)]), lambda w: w[idx_half], K),
+          "cols K/2:K": (h.take_cols(K // 2, K), lambda w: w[:, K // 2:], K - K // 2),
+          "rows 0:N/2-8": (h.take_rows(odd), lambda w: w[:N // 2 - 8], K)}
+print(f"\nHQQ4 tensor-parallel shard forward (best wall ms / mean CPU ms): kernel over the shard "
+      f"vs dequantize-all-and-slice")
+for m_rows in (1, 64):
+    for name, (shard, part, k_in) in shards.items():
+        x = torch.randn(m_rows, k_in)
+        new = timeit(lambda: shard.forward(x))
+        old = timeit(lambda: torch.nn.functional.linear(x, part(h.dequantize())))
+        kind = "own layer" if shard.local is not None else "whole layer"
+        print(f"  M={m_rows:<3d} {name:13s} ({kind:11s}) {new[0]:7.3f}/{new[1]:7.3f}  old {old[0]:7.3f}/{old[1]:7.3f}"
+              f"  {old[1] / new[1]:5.1f}x CPU")

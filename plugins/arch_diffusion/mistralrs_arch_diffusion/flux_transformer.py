@@ -34,7 +34,7 @@ from mistralrs_core.layers.linear import Linear, fuse_linears
 from mistralrs_core.layers.norms import RMSNorm
 from mistralrs_core.layers.packed import PackedLinear
 
-from mistralrs_arch_diffusion.page_release import file_backed_ranges, release_pages, release_ranges
+from mistralrs_core.loading.page_release import release_pages, release_tensor_pages
 
 
 @attrs.frozen
@@ -400,9 +400,11 @@ class FluxTransformer2DModel(nn.Module):
         n = 0
         for part in (*self.transformer_blocks, *self.single_transformer_blocks, self.time_text_embed,
                      self.context_embedder, self.x_embedder, self.norm_out, self.proj_out):
-            ranges = file_backed_ranges(part)
+            # Held here, so still mapped when their pages are released after the packing.
+            weights = [m.weight for m in part.modules() if isinstance(m, Linear) and m.weight is not None]
             n += prepack_linears(part)
-            release_ranges(ranges)
+            release_tensor_pages(*weights)
+            del weights
         return n
 
     def rope(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@
 compute device only while it runs (CLIP, then T5, then the transformer for all steps, then
 the VAE), so the accelerator holds one component at a time. When the compute device is the
 host itself the moves are no-ops and the two behave alike: there, each component's
-memory-mapped weight pages are handed back to the page cache once it has run
-(``page_release.py``), so neither keeps every component resident at once.
+memory-mapped weight pages are handed back to the page cache once it has run (the core's
+``loading/page_release.py``), so neither keeps every component resident at once.
 
 The move itself is a parameter (``move(module, device)``) so the order can be checked
 without an accelerator.
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mistralrs_arch_diffusion.page_release import release_pages
+from mistralrs_core.loading.page_release import release_pages
 
 
 def _move(module: nn.Module, device: torch.device) -> None:
@@ -34,7 +34,8 @@ class Placement:
         self.storage = torch.device("cpu") if offload else self.compute
         self._move = move
         # On the host, a component's memory-mapped weight pages go back to the page cache
-        # when it finishes (page_release.py), so peak RSS is the largest component.
+        # when it finishes (the core's loading/page_release.py), so peak RSS is the largest
+        # component.
         self.release_idle = self.compute.type == "cpu" if release_idle is None else release_idle
 
     @property

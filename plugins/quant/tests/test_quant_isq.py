@@ -490,8 +490,9 @@ def test_uqff_layers_shard_as_gguf_blocks(tiny, tmp_path):
 @pytest.mark.parametrize("isq", ["AFQ4", "AFQ3", "AFQ6", "F8Q8", "FP8", "HQQ4", "HQQ8"])
 def test_uqff_layers_of_every_family_shard_exactly(isq, tmp_path):
     """Rows and group-aligned columns of an AFQ / F8Q8 / FP8 / HQQ UQFF layer dequantize to
-    exactly those rows and columns of the whole layer (HQQ keeps the whole packed layer: its
-    groups span rows); a split inside a group is refused by name."""
+    exactly those rows and columns of the whole layer (HQQ's 96 rows are not whole bands of
+    its 64 groups, so its shards keep the whole packed layer); a split inside a group is
+    refused by name."""
     from mistralrs_quant.isq import uqff
     from mistralrs_quant.isq.types import TYPES
     torch.manual_seed(0)

@@ -104,6 +104,51 @@ def test_hqq_matches_reference(bits):
     _check_method(m, deq)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq_shards_equal_the_whole_layer_sliced(bits):
+    """A tensor-parallel shard's forward is the whole layer's output at its rows, or the
+    whole layer's output for its columns' inputs (zeros elsewhere). Whole bands of rows and
+    any columns of a layer with rows a multiple of the group are HQQ layers of their own
+    (``local``: own codes, the C++ kernel over only them); other ranges run the whole layer."""
+    from mistralrs_quant.formats.hqq import HQQShard
+    from mistralrs_quant.kernels import cpp as cpp_kernels
+    torch.manual_seed(1)
+    full = HQQMethod.from_float(torch.randn(128, 96), bits, steps=2)    # 2 rows per band
+    odd = HQQMethod.from_float(torch.randn(96, 128), bits, steps=2)     # rows not whole bands
+    cases = [(full, {"rows": [(0, 64)]}, True), (full, {"rows": [(64, 128)]}, True),
+             (full, {"rows": [(0, 32), (96, 128)]}, True),              # a fused q/k/v's parts
+             (full, {"rows": [(0, 2)]}, bits == 8),                     # one band: 4-bit packs pairs
+             (full, {"rows": [(0, 31), (64, 97)]}, False),              # not whole bands
+             (full, {"cols": (0, 48)}, True), (full, {"cols": (40, 96)}, True),
+             (odd, {"rows": [(0, 48)]}, False), (odd, {"cols": (64, 128)}, False)]
+    for layer, part, local in cases:
+        shard = layer.take_rows(part["rows"]) if "rows" in part else layer.take_cols(*part["cols"])
+        assert isinstance(shard, HQQShard) and (shard.local is not None) == local, part
+        whole = layer.dequantize()
+        for m in (1, 3, 40):                  # the fused decode path and the tiled prefill path
+            x = torch.randn(m, layer.in_features)
+            if "rows" in part:
+                idx = torch.cat([torch.arange(a, b) for a, b in part["rows"]])
+                assert torch.equal(shard.dequantize(), whole[idx])
+                want, got = layer.forward(x)[:, idx], shard.forward(x)
+            else:
+                c0, c1 = part["cols"]
+                assert torch.equal(shard.dequantize(), whole[:, c0:c1])
+                wide = torch.zeros_like(x)
+                wide[:, c0:c1] = x[:, c0:c1]
+                want, got = layer.forward(wide), shard.forward(x[:, c0:c1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda e: f"{part} M={m}: {e}")
+        if local:
+            assert shard.nbytes < layer.nbytes and shard.full is None
+            if cpp_kernels.available():
+                assert shard.local._cpu_kernel is not None      # the C++ kernel ran, not the torch path
+        assert torch.equal(shard.to("cpu").dequantize(), shard.dequantize())
+    # Two column shards add up to the whole layer (what the all-reduce of a row-parallel layer does).
+    x = torch.randn(2, 96)
+    halves = full.take_cols(0, 48).forward(x[:, :48]) + full.take_cols(48, 96).forward(x[:, 48:])
+    torch.testing.assert_close(halves, full.forward(x), rtol=1e-5, atol=1e-5)
+
+
 # --- FP8 ---------------------------------------------------------------------------
 def test_fp8_per_tensor_isq():
     w = _weight()

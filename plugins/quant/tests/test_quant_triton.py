@@ -152,6 +152,20 @@ def test_hqq(bits):
         _check(qm.matmul(x, view), x, ref, torch.float32)
 
 
+def test_hqq_tensor_parallel_shards():
+    """A tensor-parallel HQQ shard is an HQQ layer of its own (a row shard's group size is
+    its band count, 32 here): the kernels read it as any other."""
+    torch.manual_seed(3)
+    method = HQQMethod.from_float(torch.randn(128, 96), 4, steps=2)
+    for shard in (method.take_rows([(0, 64)]), method.take_cols(32, 96)):
+        loc = shard.local
+        view = qm.hqq_view(loc.w_q, loc.scales, loc.zeros, loc.out_features, loc.in_features, 4, loc.group_size)
+        ref = shard.dequantize()
+        assert torch.equal(qm.dequantize(view), ref)
+        x = torch.randn(3, loc.in_features)
+        _check(qm.matmul(x, view), x, ref, torch.float32)
+
+
 # ------------------------------------------------------------------ dispatch
 
 def test_ggml_method_uses_triton_on_kernel_devices(on_cpu, rng, monkeypatch):

@@ -141,14 +141,26 @@ class HQQMethod:
 
     # --- tensor parallelism ----------------------------------------------------------
     # HQQ's groups run down the flattened weight (axis 0 of ``w.reshape(group, -1)``), so a
-    # group holds elements of many rows and columns: no row or column range owns whole
-    # groups. A shard therefore keeps the whole packed layer and multiplies by its part of
-    # the dequantized weight: exact, but it saves no memory on these layers.
+    # group holds one element of each of ``group`` bands of rows. A shard is a smaller HQQ
+    # layer where its range keeps every element with its own group (see ``HQQShard``), else
+    # the whole packed layer run by the kernel and sliced.
     def take_rows(self, ranges: list[tuple[int, int]]) -> "HQQShard":
         return HQQShard(self, rows=ranges)
 
     def take_cols(self, start: int, stop: int) -> "HQQShard":
         return HQQShard(self, cols=(start, stop))
+
+    def _code_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of the unpacked codes [group, numel / group] (uint8)."""
+        if self.bits == 8:
+            return self.w_q[r0:r1]
+        half = self.group_size // 2
+        parts = []
+        if r0 < half:
+            parts.append(self.w_q[r0:min(r1, half)] >> 4)
+        if r1 > half:
+            parts.append(self.w_q[max(r0, half) - half:r1 - half] & 0x0F)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     # --- UQFF (upstream's per-tensor entries for an HQQ layer) -----------------------
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
@@ -180,20 +192,82 @@ class HQQMethod:
         return f"HQQMethod({self.bits} bit, out={self.out_features}, in={self.in_features}, group={self.group_size})"
 
 
+def _bands(full: HQQMethod) -> int | None:
+    """Rows per band (``out / group``) when every weight row lies in one row of the grouped
+    view; None otherwise (then no range of rows or columns is an HQQ layer of its own)."""
+    return full.out_features // full.group_size if full.out_features % full.group_size == 0 else None
+
+
+def _row_shard(full: HQQMethod, ranges: list[tuple[int, int]]) -> HQQMethod | None:
+    """Rows ``ranges`` as an HQQ layer of their own, when each range is whole bands.
+
+    With ``R = out / group`` rows per band, weight row ``n`` is row ``n // R`` of the grouped
+    view and its element ``k`` lies in group (column) ``(n % R) * in + k``. Stacking whole
+    bands keeps ``n % R`` and so every element's group: the shard is the same scales and
+    zeros over the chosen view rows, i.e. an HQQ layer whose group size is its band count."""
+    R = _bands(full)
+    ranges = [(a, b) for a, b in ranges if b > a]
+    if R is None or not ranges or any(a % R or b % R for a, b in ranges):
+        return None
+    codes = torch.cat([full._code_rows(a // R, b // R) for a, b in ranges])
+    group = codes.shape[0]
+    if full.bits == 4:
+        if group % 2:
+            return None
+        codes = (codes[:group // 2] << 4) | codes[group // 2:]
+    return HQQMethod(codes.contiguous(), full.scales, full.zeros, (group * R, full.in_features), full.bits, group,
+                     full.steps)
+
+
+def _col_shard(full: HQQMethod, start: int, stop: int) -> HQQMethod | None:
+    """Columns [start, stop) as an HQQ layer of their own (whole groups: a group is one
+    column of one band of rows), when the rows fall in whole bands."""
+    R = _bands(full)
+    if R is None:
+        return None
+    k = full.in_features
+
+    def cols(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(t.shape[0], R, k)[:, :, start:stop].reshape(t.shape[0], -1).contiguous()
+
+    return HQQMethod(cols(full.w_q), cols(full.scales.reshape(1, -1)), cols(full.zeros.reshape(1, -1)),
+                     (full.out_features, stop - start), full.bits, full.group_size, full.steps)
+
+
 class HQQShard:
-    """Rows or columns of an HQQ layer for one tensor-parallel rank (see ``take_rows``)."""
+    """Rows or columns of an HQQ layer for one tensor-parallel rank (``take_rows`` /
+    ``take_cols``).
+
+    Where the range is whole bands of rows (rows) or the layer's rows are (columns), the
+    shard is a smaller ``HQQMethod`` (``local``): its own codes, the C++ kernel over just
+    its part, and about half the layer's memory on 2 ranks (row shards keep all scales and
+    zeros, a quarter of a 4-bit layer). Otherwise (a fused q/k/v whose parts are not whole
+    bands, rows not a multiple of the group) it keeps the whole packed layer, runs the
+    kernel over all of it and takes its outputs (rows) or feeds zeros for the other
+    columns (columns): exact either way, one full layer of work per rank."""
 
     def __init__(self, full: HQQMethod, rows: list[tuple[int, int]] | None = None,
-                 cols: tuple[int, int] | None = None):
-        self.full, self.rows, self.cols = full, rows, cols
-        self.out_features = sum(b - a for a, b in rows) if rows else full.out_features
-        self.in_features = cols[1] - cols[0] if cols else full.in_features
+                 cols: tuple[int, int] | None = None, local: HQQMethod | None = None):
+        self.rows, self.cols = rows, cols
+        base = full if full is not None else local
+        self.out_features = sum(b - a for a, b in rows) if rows else base.out_features
+        self.in_features = cols[1] - cols[0] if cols else base.in_features
+        if local is None and full is not None:
+            local = _row_shard(full, rows) if rows else _col_shard(full, *cols) if cols else None
+        self.local = local
+        # A local layer needs nothing of the whole one: keep it only for the fallback.
+        self.full = None if local is not None else full
+        self._index = None
+        if self.full is not None and rows:
+            self._index = torch.cat([torch.arange(a, b) for a, b in rows]).to(full.w_q.device)
 
     def to(self, device) -> "HQQShard":
-        f = self.full
-        moved = HQQMethod(f.w_q.to(device), f.scales.to(device), f.zeros.to(device),
-                          (f.out_features, f.in_features), f.bits, f.group_size, f.steps)
-        return HQQShard(moved, self.rows, self.cols)
+        def moved(f: HQQMethod) -> HQQMethod:
+            return HQQMethod(f.w_q.to(device), f.scales.to(device), f.zeros.to(device),
+                             (f.out_features, f.in_features), f.bits, f.group_size, f.steps)
+        if self.local is not None:
+            return HQQShard(None, self.rows, self.cols, local=moved(self.local))
+        return HQQShard(moved(self.full), self.rows, self.cols)
 
     def _part(self, w: torch.Tensor) -> torch.Tensor:
         if self.rows:
@@ -203,18 +277,28 @@ class HQQShard:
         return w
 
     def dequantize(self) -> torch.Tensor:
+        if self.local is not None:
+            return self.local.dequantize()
         return self._part(self.full.dequantize())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize()
-        return F.linear(x, w if x.dtype == torch.float32 else w.to(x.dtype))
+        if self.local is not None:
+            return self.local.forward(x)
+        if self.cols:
+            # The other columns' inputs as zeros: their products add exact zeros.
+            wide = x.new_zeros(*x.shape[:-1], self.full.in_features)
+            wide[..., self.cols[0]:self.cols[1]] = x
+            return self.full.forward(wide)
+        y = self.full.forward(x)
+        return y if self._index is None else y.index_select(-1, self._index)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.dequantize())
 
     @property
     def nbytes(self) -> int:
-        return self.full.nbytes
+        return (self.local or self.full).nbytes
 
     def __repr__(self) -> str:
-        return f"HQQShard({self.full!r}, rows={self.rows}, cols={self.cols})"
+        kept = f"local={self.local!r}" if self.local is not None else f"whole={self.full!r}"
+        return f"HQQShard({kept}, rows={self.rows}, cols={self.cols})"

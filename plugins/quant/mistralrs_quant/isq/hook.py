@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from mistralrs_core.loading.page_release import release_tensor_pages
+
 from ..formats import T
 from .quantize import can_quantize, quantize_tensor
 from .types import IsqType, parse_isq_type
@@ -34,20 +36,26 @@ def ggml_type_for(ggml_type: int, in_features: int) -> Optional[int]:
 
 
 def quantize_weight(weight: torch.Tensor, isq: IsqType, compute_dtype: torch.dtype = torch.float32,
-                    device=None, imatrix: Optional[torch.Tensor] = None, cpp_impl: Optional[str] = None):
-    """One dense weight [out, in] -> a quant method of type ``isq`` (None: stays dense)."""
+                    device=None, imatrix: Optional[torch.Tensor] = None, cpp_impl: Optional[str] = None,
+                    release: bool = False):
+    """One dense weight [out, in] -> a quant method of type ``isq`` (None: stays dense).
+    ``release``: ``weight`` is a checkpoint tensor nobody reads again once quantized, so its
+    memory-mapped pages are given back (``mistralrs_core.loading.page_release``)."""
     if isq.is_ggml:
         from ..qlinear import GGMLQuantMethod
         t = ggml_type_for(isq.ggml_type, weight.shape[1])
         if t is None:
             log.warning("ISQ %s: rows of %d values are not whole blocks; layer kept dense", isq.name, weight.shape[1])
             return None
-        raw = quantize_tensor(weight, t, imatrix)
+        raw = quantize_tensor(weight, t, imatrix, release=release)
         if device is not None and torch.device(device).type != "cpu":
             raw = raw.to(device)
         return GGMLQuantMethod(raw, t, compute_dtype=compute_dtype, cpp_impl=cpp_impl)
     cls = isq.load_class()
-    return cls.from_float(weight, isq.kwargs.get("bits"), isq.kwargs.get("group_size"), device)
+    method = cls.from_float(weight, isq.kwargs.get("bits"), isq.kwargs.get("group_size"), device)
+    if release:
+        release_tensor_pages(weight)
+    return method
 
 
 def isq_quant_method(quant_config, hf_name: str, module, weight):
@@ -62,8 +70,11 @@ def isq_quant_method(quant_config, hf_name: str, module, weight):
         return None   # a type another plugin serves (names are checked when the load starts)
     plan = quant_config.plan
     imatrix = plan.imatrix_for(hf_name) if plan is not None else None
+    # The loader drops the dense tensor once quantized, but its pages would stay resident
+    # for as long as the checkpoint is mapped: without the release, peak RSS during ISQ
+    # is the whole float checkpoint plus the quantized model.
     method = quantize_weight(weight, isq, quant_config.compute_dtype or torch.float32, quant_config.device,
-                             imatrix, getattr(plan, "cpp_impl", None))
+                             imatrix, getattr(plan, "cpp_impl", None), release=True)
     tick = getattr(plan, "tick", None)
     if tick is not None:
         tick()

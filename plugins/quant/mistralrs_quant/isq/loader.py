@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mistralrs_core.errors import NotAvailableYet
+from mistralrs_core.loading.page_release import copy_out_of_files
 from mistralrs_core.loading.quant_config import QuantConfig
 
 from .plan import IsqPlan, build_plan
@@ -115,6 +116,11 @@ def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: I
     finally:
         progress.close()
         plan.tick = None
+    # The small tensors that stayed dense (norms, biases) get their own memory, so nothing
+    # views the checkpoint (unless a large layer was kept dense) and the mapping closes
+    # with the handles.
+    copy_out_of_files(model)
+    weights.close()
     model.isq_seconds = time.perf_counter() - t0
     model.family = entry
     return model, hf, entry, plan
@@ -231,7 +237,8 @@ class _ReIsq:
             if isq is None or name not in weights:
                 continue
             method = quantize_weight(weights.get(name), parse_isq_type(isq), compute, model.quant_config.device,
-                                     plan.imatrix_for(module.hf_name), getattr(self.plan, "cpp_impl", None))
+                                     plan.imatrix_for(module.hf_name), getattr(self.plan, "cpp_impl", None),
+                                     release=True)
             if method is not None:
                 swaps.append((module, method))
         expert_swaps = [_requantize_experts(m, plan, weights, compute, model.quant_config.device,

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from mistralrs_core.loading.page_release import release_tensor_pages
+
 from ..formats import T, get_format
 from ..formats._bits import flatten_rows
 from ..kernels import cpp as cpp_kernels
@@ -61,8 +63,13 @@ def quantize_rows(x: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tenso
     return spec.quantize(x)       # the gguf-py-exact torch quantizers
 
 
-def quantize_tensor(weight: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A 2-D weight [out, in] in any float dtype -> its ggml blocks uint8 [out, row bytes]."""
+def quantize_tensor(weight: torch.Tensor, ggml_type: int, imatrix: Optional[torch.Tensor] = None,
+                    release: bool = False) -> torch.Tensor:
+    """A 2-D weight [out, in] in any float dtype -> its ggml blocks uint8 [out, row bytes].
+
+    ``release``: the caller reads ``weight`` only here (ISQ's checkpoint tensors), so each
+    slab's memory-mapped file pages leave the resident set as soon as it is quantized:
+    at most one slab of the checkpoint is resident at a time, however large the tensor."""
     spec = get_format(ggml_type)
     if weight.dim() != 2:
         raise ValueError(f"only 2-D weights are quantized, got shape {tuple(weight.shape)}")
@@ -72,6 +79,8 @@ def quantize_tensor(weight: torch.Tensor, ggml_type: int, imatrix: Optional[torc
     for r0 in range(0, n, step):
         slab = weight[r0:r0 + step].to(device="cpu", dtype=torch.float32)
         out[r0:r0 + step] = quantize_rows(slab, ggml_type, imatrix)
+        if release:
+            release_tensor_pages(weight[r0:r0 + step])
     return out
 
 
