@@ -9,11 +9,13 @@ logits stay in Python (one call each per step). It is installed as the model's
 ``fast_forward`` and declines (returns None) any step it does not cover, which then takes
 the torch path.
 
-Covered: float32 models of the ``models/decoder.py`` layout with RMS norms (offsets,
+Covered: float32 and bfloat16 models of the ``models/decoder.py`` layout with RMS norms (offsets,
 q/k norms, sandwich norms), rotate-half rope (any scaling: the tables come from the
 model), sliding windows, attention soft-capping, gated MLPs (silu / gelu / gelu-tanh),
 biases, and weights as ggml blocks of the C++ kernels' types or dense float32/float16/
-bfloat16 rows, over a float32 paged KV cache; sparse MoE feed-forwards (``layers/moe.py``,
+bfloat16 rows, over a float32 or bfloat16 paged KV cache (a bfloat16 model's residual
+stream is float32 inside the step: rounded where the torch path stores, the cache and the
+hidden state it returns, so it is at least as close to float32 as the op-by-op bf16 path); sparse MoE feed-forwards (``layers/moe.py``,
 softmax routing, top-k, optional renormalisation and scaling, no shared experts) with each
 expert's weights as ggml blocks (ISQ, UQFF) or rows of the dense stacks. Anything else keeps
 the torch path.
@@ -77,7 +79,7 @@ class _Model(ctypes.Structure):
     _fields_ = ([(n, c_i32) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "inter", "rot_dim",
                                       "act", "sandwich", "block_size")]
                 + [(n, c_f32) for n in ("eps", "scale", "softcap")] + [("force_scalar", c_i32)]
-                + [("layers", c_vp), ("final_norm", c_vp)])
+                + [("layers", c_vp), ("final_norm", c_vp), ("kv_bf16", c_i32)])
 
 
 class _Step(ctypes.Structure):
@@ -105,8 +107,8 @@ class FusedDecoder:
         # features merged into placeholder rows) and still use the step.
         if not isinstance(model, DecoderLM) or type(model).forward_embeds is not DecoderLM.forward_embeds:
             raise Unsupported(f"{type(model).__name__} is not a plain DecoderLM")
-        if model.dtype != torch.float32:
-            raise Unsupported(f"model dtype {model.dtype} (the step computes in float32)")
+        if model.dtype not in (torch.float32, torch.bfloat16):
+            raise Unsupported(f"model dtype {model.dtype} (the step serves float32 and bfloat16 models)")
         checks = {"norm_kind": cfg.norm_kind == "rms", "parallel_block": not cfg.parallel_block,
                   "mlp_kind": cfg.mlp_kind == "gated", "attn_sinks": not cfg.attn_sinks,
                   "rope_interleaved": not cfg.rope_interleaved, "causal": cfg.causal,
@@ -282,13 +284,16 @@ class FusedDecoder:
         key = tuple(id(c) for c in caches)
         if key == self._caches_key:
             return True
+        kv_dtype = getattr(getattr(caches[0], "k", None), "dtype", None)
         for L, c in zip(self.layers, caches):
             k, v = getattr(c, "k", None), getattr(c, "v", None)
-            if (k is None or v is None or k.dtype != torch.float32 or v.dtype != torch.float32
-                    or not k.is_contiguous() or not v.is_contiguous() or k.device.type != "cpu"):
+            if (k is None or v is None or k.dtype not in (torch.float32, torch.bfloat16) or k.dtype != kv_dtype
+                    or v.dtype != kv_dtype or not k.is_contiguous() or not v.is_contiguous()
+                    or k.device.type != "cpu"):
                 return False
             L.kc, L.vc = k.data_ptr(), v.data_ptr()
         self.desc.block_size = caches[0].block_size
+        self.desc.kv_bf16 = int(kv_dtype == torch.bfloat16)
         self._caches_key = key
         self._bound_caches = list(caches)  # keep them alive while their pointers are held
         return True
@@ -332,7 +337,9 @@ class FusedDecoder:
             rc = self.lib.mq_decoder_step(self._desc_ref, self._step_ref)
         if rc:
             raise RuntimeError(f"mistralrs_quant decoder step failed (code {rc})")
-        return h
+        # A bfloat16 model's residual stream runs in float32 inside the step (rounded only
+        # where the torch path stores: the cache, and the hidden state handed back).
+        return h if embeds.dtype == torch.float32 else h.to(embeds.dtype)
 
 
 def install(model) -> Optional[FusedDecoder]:

@@ -110,9 +110,9 @@ def test_declines_what_it_does_not_cover(tmp_path):
     h = model.embed(ids)
     assert fused(h, pos, meta, caches) is None             # 17 tokens: more than MAX_TOKENS
     assert fused(h[:1], pos[:1], meta, None) is None       # no cache
-    bf16 = [make_layer_cache(s, 5, 4, torch.bfloat16, "cpu") for s in model.kv_cache_specs()]
+    f16 = [make_layer_cache(s, 5, 4, torch.float16, "cpu") for s in model.kv_cache_specs()]
     ids, pos, meta = build_metadata([([1], 0, [0])], 4, "cpu")
-    assert fused(model.embed(ids), pos, meta, bf16) is None  # cache not float32
+    assert fused(model.embed(ids), pos, meta, f16) is None  # cache neither float32 nor bfloat16
     assert fused(model.embed(ids), pos.expand(3, -1), meta, caches) is None  # M-RoPE positions
 
 
@@ -190,3 +190,30 @@ def test_fused_step_takes_embeddings_with_spliced_features(tmp_path):
             model.fast_forward = fused
     assert counting.calls == 1 and torch.equal(h, before)
     assert max_rel_err(outs[0], outs[1]) <= TOL
+
+
+@pytest.mark.parametrize("case,qtype", [("llama", "Q4_K"), ("gemma2", "Q8_0"), ("qwen2", "F32")])
+@pytest.mark.parametrize("portable", [False, True])
+def test_bfloat16_models_take_the_step(tmp_path, case, qtype, portable):
+    """A bfloat16 model (residual stream and paged cache in bf16) runs the C++ step: its
+    float32 inside rounds only where the op-by-op path stores (the cache, the returned
+    hidden state), so against the same weights in float32 it is no further off than the
+    bf16 torch path it replaces."""
+    arch, _, cfg, ref = tiny(case)
+    path = tmp_path / f"{case}.{qtype}.gguf"
+    write_gguf(path, arch, ref, cfg, qtype)
+    model, _, _ = load_gguf_model([path], torch.bfloat16)
+    f32, _, _ = load_gguf_model([path], torch.float32)
+    assert model.dtype == torch.bfloat16 and isinstance(model.fast_forward, fused_decoder.FusedDecoder)
+    fused = fused_decoder.FusedDecoder(model, force_scalar=True) if portable else model.fast_forward
+    counting = Counting(fused)
+    sched = make_schedule()
+    got = run_schedule(model, counting, sched)
+    torch_bf16 = run_schedule(model, None, sched)
+    want = run_schedule(f32, None, sched)
+    assert counting.calls == len(sched) - 1
+    assert all(g.dtype == w.dtype for g, w in zip(got, torch_bf16))
+    for i, (g, b, w) in enumerate(zip(got, torch_bf16, want)):
+        step_err, base_err = max_rel_err(g.float(), w), max_rel_err(b.float(), w)
+        print(f"{case} {qtype} step {i}: fused bf16 {step_err:.2e}, torch bf16 {base_err:.2e}")
+        assert step_err <= max(1.25 * base_err, 2 ** -8), (i, step_err, base_err)

@@ -43,7 +43,7 @@ struct MqLayer {
   MqLin q, k, v, o, gate, up, down;
   // Norm weights with any offset already added (Gemma's 1 + w); null when absent.
   const float *in_norm, *post_attn_norm, *pre_ffn_norm, *post_ffn_norm, *q_norm, *k_norm;
-  float *kc, *vc;          // [blocks, block_size, n_kv, head_dim] float32
+  void *kc, *vc;           // [blocks, block_size, n_kv, head_dim] float32 (bfloat16: kv_bf16)
   int32_t window;          // sliding window (0: full attention)
   int32_t rope;            // 0: none, 1: global cos/sin, 2: local cos/sin
   const MqMoE* moe;        // non-null: the feed-forward is this instead of gate/up/down
@@ -55,6 +55,7 @@ struct MqModel {
   int32_t force_scalar;    // run the portable kernels even where AVX-512 is available (tests)
   const MqLayer* layers;
   const float* final_norm;
+  int32_t kv_bf16;         // the paged cache holds bfloat16 (the residual stays float32 inside)
 };
 
 struct MqStep {
@@ -247,8 +248,17 @@ int decoder_step(const MqModel& m, const MqStep& s) {
       rope(sc.k.data(), T, nkv, hd, m.rot_dim, c, sn);
     }
     for (int64_t t = 0; t < T; ++t) {
-      std::memcpy(L.kc + s.slots[t] * row, sc.k.data() + t * row, row * sizeof(float));
-      std::memcpy(L.vc + s.slots[t] * row, sc.v.data() + t * row, row * sizeof(float));
+      if (m.kv_bf16) {
+        uint16_t* kd = static_cast<uint16_t*>(L.kc) + s.slots[t] * row;
+        uint16_t* vd = static_cast<uint16_t*>(L.vc) + s.slots[t] * row;
+        for (int64_t i = 0; i < row; ++i) {
+          kd[i] = mq::float_to_bf16(sc.k[t * row + i]);
+          vd[i] = mq::float_to_bf16(sc.v[t * row + i]);
+        }
+      } else {
+        std::memcpy(static_cast<float*>(L.kc) + s.slots[t] * row, sc.k.data() + t * row, row * sizeof(float));
+        std::memcpy(static_cast<float*>(L.vc) + s.slots[t] * row, sc.v.data() + t * row, row * sizeof(float));
+      }
     }
     // Raw pointers: inside the tasks `sc` would name the worker thread's own (empty) copy.
     const float* qbuf = sc.q.data();
@@ -261,7 +271,7 @@ int decoder_step(const MqModel& m, const MqStep& s) {
         const int64_t lo = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
         if (static_cast<int64_t>(scores.size()) < p + 1 - lo) scores.resize(p + 1 - lo);
         const mq::AttendArgs a{L.kc, L.vc, row, (head / group) * hd, hd, s.btab + s.seq[t] * s.btab_stride,
-                               m.block_size, m.scale, m.softcap};
+                               m.block_size, m.scale, m.softcap, m.kv_bf16 != 0};
         const float* qv = qbuf + (t * nh + head) * hd;
         float* out = attbuf + (t * nh + head) * hd;
 #ifdef MQ_HAVE_AVX512_TU

@@ -485,10 +485,19 @@ void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, 
   auto key = [&](int64_t j) {
     return a.btab[j / a.bs] * a.bs + j % a.bs;
   };
+  // 16 cache values from element offset i of a row, as float32 (bfloat16: the high halves).
+  const bool bf16 = a.bf16;
+  auto load16 = [bf16](const void* base, int64_t i) {
+    if (bf16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  };
   auto dotk = [&](int64_t slot) {
-    const float* k = a.kc + slot * a.row_stride + a.head_off;
-    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(k));
-    for (int c = 1; c < nv; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), _mm512_loadu_ps(k + 16 * c), s);
+    const int64_t k = slot * a.row_stride + a.head_off;
+    __m512 s = _mm512_mul_ps(_mm512_loadu_ps(q), load16(a.kc, k));
+    for (int c = 1; c < nv; ++c) s = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * c), load16(a.kc, k + 16 * c), s);
     return s;
   };
   int64_t j = lo;
@@ -509,9 +518,9 @@ void attend_avx512(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, 
   __m512 acc[MAXV];
   for (int c = 0; c < nv; ++c) acc[c] = _mm512_setzero_ps();
   for (int64_t jj = lo; jj < hi; ++jj) {
-    const float* v = a.vc + key(jj) * a.row_stride + a.head_off;
+    const int64_t v = key(jj) * a.row_stride + a.head_off;
     const __m512 p = _mm512_set1_ps(scores[jj - lo]);
-    for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * c), acc[c]);
+    for (int c = 0; c < nv; ++c) acc[c] = _mm512_fmadd_ps(p, load16(a.vc, v + 16 * c), acc[c]);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / sum);
   for (int c = 0; c < nv; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(acc[c], inv));

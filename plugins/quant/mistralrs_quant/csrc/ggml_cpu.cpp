@@ -258,13 +258,20 @@ void matmul_f32_scalar(int type, const MatmulArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
-void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
+namespace {
+inline float cache_at(const float* p, int64_t i) { return p[i]; }
+inline float cache_at(const uint16_t* p, int64_t i) { return bf16_to_float(p[i]); }
+
+template <class T>
+void attend_scalar_t(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
+  const T* kc = static_cast<const T*>(a.kc);
+  const T* vc = static_cast<const T*>(a.vc);
   float mx = -INFINITY;
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
-    const float* k = a.kc + slot * a.row_stride + a.head_off;
+    const T* k = kc + slot * a.row_stride + a.head_off;
     float s = 0.0f;
-    for (int64_t d = 0; d < a.hd; ++d) s += q[d] * k[d];
+    for (int64_t d = 0; d < a.hd; ++d) s += q[d] * cache_at(k, d);
     s *= a.scale;
     if (a.softcap > 0.0f) s = std::tanh(s / a.softcap) * a.softcap;
     scores[j - lo] = s;
@@ -275,12 +282,20 @@ void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, 
   std::fill(out, out + a.hd, 0.0f);
   for (int64_t j = lo; j < hi; ++j) {
     const int64_t slot = a.btab[j / a.bs] * a.bs + j % a.bs;
-    const float* v = a.vc + slot * a.row_stride + a.head_off;
+    const T* v = vc + slot * a.row_stride + a.head_off;
     const float p = scores[j - lo];
-    for (int64_t d = 0; d < a.hd; ++d) out[d] += p * v[d];
+    for (int64_t d = 0; d < a.hd; ++d) out[d] += p * cache_at(v, d);
   }
   const float inv = 1.0f / sum;
   for (int64_t d = 0; d < a.hd; ++d) out[d] *= inv;
+}
+}  // namespace
+
+void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out) {
+  if (a.bf16)
+    attend_scalar_t<uint16_t>(a, q, lo, hi, scores, out);
+  else
+    attend_scalar_t<float>(a, q, lo, hi, scores, out);
 }
 
 #ifdef MQ_HAVE_AVX512_TU

@@ -6,6 +6,7 @@
 // the portable code: the extension must load and fall back on any x86-64 or ARM CPU.
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 namespace mq {
 
@@ -69,11 +70,28 @@ struct QuantizedActs {
 // One query row of one head against keys [lo, hi) of a sequence in the paged KV cache:
 // the key of position j is at kc + slot(j) * row_stride + head_off with
 // slot(j) = btab[j / bs] * bs + j % bs (values likewise in vc). out[hd] = softmax(q.k *
-// scale, optionally soft-capped) @ v. `scores` has room for hi - lo floats.
+// scale, optionally soft-capped) @ v. `scores` has room for hi - lo floats. The cache holds
+// float32, or bfloat16 when bf16 (row_stride and head_off count elements either way).
 struct AttendArgs {
-  const float* kc; const float* vc; int64_t row_stride; int64_t head_off; int64_t hd;
-  const int64_t* btab; int64_t bs; float scale; float softcap;
+  const void* kc; const void* vc; int64_t row_stride; int64_t head_off; int64_t hd;
+  const int64_t* btab; int64_t bs; float scale; float softcap; bool bf16;
 };
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: torch's float -> bfloat16 conversion.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
 void attend_scalar(const AttendArgs& a, const float* q, int64_t lo, int64_t hi, float* scores, float* out);
 
 #if defined(__x86_64__) || defined(_M_X64)
