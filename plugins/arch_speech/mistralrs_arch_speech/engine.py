@@ -20,8 +20,7 @@ from mistralrs_core.layers.attention_backends import CrossAttentionCache
 
 from mistralrs_arch_speech.dia import DecodeStep, DiaModel
 from mistralrs_arch_speech.kv_pool import DecoderKVPool
-from mistralrs_arch_speech.sampling import (SpeechSampling, eos_channel_filter, force_delay_pattern,
-                                            guided_scores, top_k_top_p)
+from mistralrs_arch_speech.sampling import SpeechSampling, sample_frame
 
 
 class _Request:
@@ -185,39 +184,33 @@ class SpeechEngine:
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        # Requests may carry different settings: group those that share them.
-        out = torch.empty(len(reqs), cfg.channels, dtype=torch.long)
+        # Requests may carry different settings: one vectorised draw per distinct setting
+        # (usually one: the pipeline's).
         groups: dict[SpeechSampling, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.sampling, []).append(i)
+        if len(groups) == 1:
+            return self._sample_group(reqs, logits, next(iter(groups)))
+        out = torch.empty(len(reqs), cfg.channels, dtype=torch.long)
         for s, idx in groups.items():
-            sub = logits[idx]
-            scores = eos_channel_filter(guided_scores(sub, s), cfg.eos_id)
-            if not s.greedy:
-                scores = top_k_top_p(scores, s.top_k, s.top_p)
-            ended = torch.tensor([reqs[i].ended for i in idx])
-            was_ended = ended.clone()
-            delay_left = torch.stack([reqs[i].delay_left for i in idx])
-            finished_codebooks = delay_left < 0        # ended earlier: these codebooks pad
-            at_max = torch.tensor([reqs[i].position + 1 >= s.max_frames - 1 for i in idx])
-            natural_end = scores[:, 0].argmax(-1) == cfg.eos_id
-            scores = force_delay_pattern(scores, ended, delay_left, at_max, cfg.eos_id)
-            if s.greedy:
-                tok = scores.max(-1).indices
-            else:
-                probs = scores.softmax(-1)
-                tok = torch.stack([torch.multinomial(probs[j], 1, generator=reqs[i].generator).squeeze(-1)
-                                   for j, i in enumerate(idx)])
-            tok = tok.masked_fill(finished_codebooks, cfg.pad_id)
-            for j, i in enumerate(idx):
-                r = reqs[i]
-                if bool(ended[j]) and not bool(was_ended[j]):
-                    r.eos_frame = r.position + 1
-                    r.truncated = bool(at_max[j]) and not bool(natural_end[j])
-                r.ended = bool(ended[j])
-                r.delay_left = delay_left[j]
-            out[idx] = tok
+            out[idx] = self._sample_group([reqs[i] for i in idx], logits[idx], s)
         return out
+
+    def _sample_group(self, reqs: list[_Request], logits: torch.Tensor, s: SpeechSampling) -> torch.Tensor:
+        cfg = self.cfg
+        was_ended = [r.ended for r in reqs]
+        draw = sample_frame(logits, s, torch.tensor(was_ended),
+                            torch.stack([r.delay_left for r in reqs]),
+                            torch.tensor([r.position + 1 >= s.max_frames - 1 for r in reqs]),
+                            [r.generator for r in reqs], cfg.eos_id, cfg.pad_id)
+        ended = draw.ended.tolist()
+        for j, r in enumerate(reqs):
+            if ended[j] and not was_ended[j]:
+                r.eos_frame = r.position + 1
+                r.truncated = not bool(draw.natural_end[j])
+            r.ended = ended[j]
+            r.delay_left = draw.delay_left[j]
+        return draw.tokens
 
     def _codes(self, r: _Request) -> tuple[torch.Tensor, bool]:
         """Undo the delay pattern: audio frame t of codebook c is generated frame 1 + t + delay[c];
