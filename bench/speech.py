@@ -10,16 +10,18 @@ length: every request yields the same number of frames. transformers gets all re
 one batched `generate` call (its best case); its processor-side delay revert and DAC decode
 run after it, as `DiaProcessor.batch_decode` does.
 
-    .venv/bin/python bench/speech.py [--threads 2] [--requests 4] [--frames 120] [--also-dtype auto]
+    .venv/bin/python bench/speech.py [--threads 2] [--requests 4] [--frames 120] [--also-dtype auto] [--rounds 3]
 
 Both wall time and process CPU time are reported: on a shared machine the wall clock
-mostly measures the other processes.
+mostly measures the other processes. ``--rounds`` repeats the whole comparison, the engines
+interleaved within each round, and reports every round and the median ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -143,29 +145,36 @@ def main():
     ap.add_argument("--frames", type=int, default=120, help="frames per request (86 frames = 1 s of audio)")
     ap.add_argument("--also-dtype", nargs="*", default=["auto"],
                     help="our extra dtypes to run besides f32 (auto: bf16 where the CPU has fast bf16)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the interleaved comparison; report the median")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dia, dac, gen = write_models(root, args.frames)
-        rows = {}
-        ref = {}
-        for n in sorted({1, args.requests}):
-            ref[n] = run_transformers(dia, dac, gen, n)
-            for dtype in ("f32", *args.also_dtype):
-                a, w, c = run_ours(root, n, dtype)
-                ra, rw, rc = ref[n]
-                rows[f"{n} req, ours {dtype}"] = {
-                    "ours_audio_s": a, "ours_wall_s": w, "ours_cpu_s": c, "ref_audio_s": ra, "ref_wall_s": rw,
-                    "ref_cpu_s": rc, "ours_rtf": a / w, "ref_rtf": ra / rw,
-                    "speedup_wall": (a / w) / (ra / rw), "speedup_cpu": (a / c) / (ra / rc)}
+        rounds = []
+        for rnd in range(args.rounds):
+            rows = {}
+            for n in sorted({1, args.requests}):
+                ra, rw, rc = run_transformers(dia, dac, gen, n)
+                for dtype in ("f32", *args.also_dtype):
+                    a, w, c = run_ours(root, n, dtype)
+                    rows[f"{n} req, ours {dtype}"] = {
+                        "ours_audio_s": a, "ours_wall_s": w, "ours_cpu_s": c, "ref_audio_s": ra, "ref_wall_s": rw,
+                        "ref_cpu_s": rc, "ours_rtf": a / w, "ref_rtf": ra / rw,
+                        "speedup_wall": (a / w) / (ra / rw), "speedup_cpu": (a / c) / (ra / rc)}
+            rounds.append(rows)
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {r['speedup_cpu']:.2f}x cpu ({r['speedup_wall']:.2f}x wall)"
+                                                  for k, r in rows.items()), flush=True)
+    median = {k: {m: statistics.median(r[k][m] for r in rounds) for m in rounds[0][k]} for k in rounds[0]}
+    print(f"median of {len(rounds)} round(s):")
     print(f"{'run':>18} | {'ours audio s/s':>14} | {'transformers f32 audio s/s':>26} | speed-up (wall) | (cpu time)")
-    for name, r in rows.items():
+    for name, r in median.items():
         print(f"{name:>18} | {r['ours_rtf']:>14.3f} | {r['ref_rtf']:>26.3f} | {r['speedup_wall']:>14.2f}x |"
               f" {r['speedup_cpu']:.2f}x")
+    rows = median
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"speech-{datetime.now():%Y%m%d-%H%M}.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "rows": rows, "rounds": rounds}, indent=2))
     print(f"wrote {out}")
 
 
