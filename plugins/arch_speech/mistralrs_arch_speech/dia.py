@@ -210,17 +210,24 @@ class DecodeStep:
             self.cross_mask = (torch.arange(max(enc_lens), device=dev)[None, :] < lens[:, None])[:, None, None, :]
         self.cos = self.sin = None
 
-    def set_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """cos/sin [R, D] in rotate-half layout ([f, f]). rotate_half(x) * sin equals
-        roll(x, D/2) * sin with its first half negated, which saves the split, negation and
-        concatenation in every layer (bit for bit the same products)."""
-        half = cos.shape[-1] // 2
-        self.cos = cos[:, None, :]
-        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), -1)[:, None, :]
+    def set_rope(self, tables: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The rows' cos and signed sin [R, 1, D] from per-position tables (``rope_tables``)."""
+        cos, sin = tables
+        self.cos = cos.index_select(0, self.positions)[:, None, :]
+        self.sin = sin.index_select(0, self.positions)[:, None, :]
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, heads, D] (every head dim rotated, as Dia does)."""
         return x * self.cos + x.roll(self.cos.shape[-1] // 2, -1) * self.sin
+
+
+def rope_tables(positions: int, inv_freq: torch.Tensor, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin [positions, D] for the decode step's rotary embedding.
+    rotate_half(x) * sin equals roll(x, D/2) * sin with its first half negated, which saves
+    the split, negation and concatenation in every layer (bit for bit the same products)."""
+    cos, sin = rope_cos_sin(torch.arange(positions, device=device), inv_freq, dtype)
+    half = cos.shape[-1] // 2
+    return cos, torch.cat((-sin[:, :half], sin[:, half:]), -1)
 
 
 class DiaModel(nn.Module):
@@ -233,6 +240,7 @@ class DiaModel(nn.Module):
         self.encoder = DiaEncoder(cfg)
         self.decoder = DiaDecoder(cfg)
         self.logits_dense = Linear(cfg.decoder.hidden, cfg.channels * cfg.audio_vocab)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def post_load(self) -> None:
         for layer in list(self.encoder.layers) + list(self.decoder.layers):
@@ -262,7 +270,10 @@ class DiaModel(nn.Module):
         """frames [R, C] (already duplicated per guidance branch) -> logits [R, C, V] float32."""
         dec = self.decoder
         x = dec.embeddings(frames).to(self.dtype)
-        step.set_rope(*rope_cos_sin(step.positions, dec.cfg.inv_freq, x.dtype))
+        if self._rope is None or self._rope[0].dtype != x.dtype or self._rope[0].device != x.device:
+            # Every position at once (the decoder's maximum: a few MB), computed on first use.
+            self._rope = rope_tables(dec.cfg.max_positions, dec.cfg.inv_freq, x.dtype, x.device)
+        step.set_rope(self._rope)
         for i, layer in enumerate(dec.layers):
             x = layer(x, step, i)
         logits = self.logits_dense(dec.norm(x)).float()

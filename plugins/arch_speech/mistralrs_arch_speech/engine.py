@@ -33,6 +33,7 @@ class _Request:
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_len = len(text_ids)
         self.ended = False
+        self.finished = False
         self.delay_left: torch.Tensor | None = None
         self.eos_frame: int | None = None
         self.truncated = False
@@ -152,12 +153,15 @@ class SpeechEngine:
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], n)
         try:
-            positions = torch.tensor([r.position for r in reqs], dtype=torch.long).repeat_interleave(2)
-            self.pool.ensure(int(positions.max()) + 1)
-            frames = torch.stack([self._input_frame(r) for r in reqs]).repeat_interleave(2, dim=0)
+            pos = [r.position for r in reqs]
+            self.pool.ensure(max(pos) + 1)
+            positions = torch.tensor(pos, dtype=torch.long)
+            # The delay pattern: codebook c starts after ``delay[c]`` frames of BOS.
+            frames = torch.where(positions[:, None] <= self._delay, cfg.bos_id,
+                                 torch.stack([r.frames[-1] for r in reqs])).repeat_interleave(2, dim=0)
             dev = self.model.device
-            step = DecodeStep(self.pool, self.cross, torch.arange(2 * n, device=dev), positions.to(dev),
-                              [r.enc_len for r in reqs for _ in (0, 1)])
+            step = DecodeStep(self.pool, self.cross, torch.arange(2 * n, device=dev),
+                              positions.repeat_interleave(2).to(dev), [r.enc_len for r in reqs for _ in (0, 1)])
             logits = self.model.decode(frames.to(dev), step).view(n, 2, cfg.channels, cfg.audio_vocab).cpu()
             tokens = self._sample(reqs, logits)
         except Exception as exc:
@@ -167,20 +171,14 @@ class SpeechEngine:
             return
         finished = []
         self.stats["generated_frames"] += n
-        for i, r in enumerate(reqs):
-            r.frames.append(tokens[i])
-            if r.ended and int(r.delay_left.max()) < 0:
+        for i, (r, frame) in enumerate(zip(reqs, tokens.unbind(0))):
+            r.frames.append(frame)
+            if r.finished:
                 finished.append(i)
         for i in finished:
             r = reqs[i]
             r.done.put(("ok", self._codes(r)))
         self._release(finished)
-
-    def _input_frame(self, r: _Request) -> torch.Tensor:
-        # The delay pattern: codebook c starts after ``delay[c]`` frames of BOS.
-        t = r.position
-        frame = r.frames[-1]
-        return torch.where(t <= self._delay, torch.full_like(frame, self.cfg.bos_id), frame)
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -204,12 +202,15 @@ class SpeechEngine:
                             torch.tensor([r.position + 1 >= s.max_frames - 1 for r in reqs]),
                             [r.generator for r in reqs], cfg.eos_id, cfg.pad_id)
         ended = draw.ended.tolist()
-        for j, r in enumerate(reqs):
+        # Finished: every codebook has emitted its delayed EOS.
+        finished = (draw.delay_left.amax(-1) < 0).tolist()
+        for j, (r, delay_left) in enumerate(zip(reqs, draw.delay_left.unbind(0))):
             if ended[j] and not was_ended[j]:
                 r.eos_frame = r.position + 1
                 r.truncated = not bool(draw.natural_end[j])
             r.ended = ended[j]
-            r.delay_left = draw.delay_left[j]
+            r.finished = finished[j]
+            r.delay_left = delay_left
         return draw.tokens
 
     def _codes(self, r: _Request) -> tuple[torch.Tensor, bool]:
