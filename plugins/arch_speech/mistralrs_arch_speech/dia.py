@@ -149,7 +149,8 @@ class DecoderLayer(nn.Module):
         qk, v = sa.qk_v(self.pre_sa_norm(x))
         qk = step.rotate(qk)
         q, k = qk[:, :sa.heads], qk[:, sa.heads:]
-        keys, values = step.pool.write_and_view(layer, step.rows, step.positions, k, v, step.kv_len, step.leading)
+        keys, values = step.pool.write_and_view(layer, step.rows, step.positions, k, v, step.kv_len, step.leading,
+                                                same_position=step.self_mask is None)
         a = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
                                            attn_mask=step.self_mask, scale=1.0, enable_gqa=sa.heads != sa.kv_heads)
         x = x + sa.o_proj(a.reshape(r, -1))

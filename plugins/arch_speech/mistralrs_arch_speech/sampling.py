@@ -17,6 +17,8 @@ race ``torch.multinomial`` itself uses, here over k candidates instead of the wh
 """
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 
@@ -63,6 +65,14 @@ def _first_argmax(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(scores == best, ids, big).amin(-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _banned_from(channels: int, eos: int, device) -> torch.Tensor:
+    """[C, 1]: the first id each codebook may not emit (EOS + 1 for codebook 0, EOS after)."""
+    limit = torch.full((channels, 1), eos, device=device)
+    limit[0] = eos + 1
+    return limit
+
+
 @attrs.define
 class FrameDraw:
     """One frame's outcome for n requests."""
@@ -100,8 +110,7 @@ def candidate_scores(logits: torch.Tensor, s: SpeechSampling,
 
     # EOS channel filter: codebook 0 keeps ids <= EOS, the others ids < EOS; a codebook whose
     # best is EOS keeps only EOS, any other never EOS.
-    first = torch.arange(scores.shape[1], device=scores.device)[:, None] == 0
-    scores.masked_fill_(torch.where(first, ids > eos, ids >= eos), _NEG_INF)
+    scores.masked_fill_(ids >= _banned_from(scores.shape[1], eos, scores.device), _NEG_INF)
     eos_best = _first_argmax(scores, ids) == eos                  # [n, C]
     scores.masked_fill_(torch.where(eos_best[..., None], ids < eos, ids == eos), _NEG_INF)
 
