@@ -11,15 +11,19 @@ one batched `generate` call (its best case); its processor-side delay revert and
 run after it, as `DiaProcessor.batch_decode` does.
 
     .venv/bin/python bench/speech.py [--threads 2] [--requests 4] [--frames 120] [--also-dtype auto]
+        [--rounds 3] [--repeats 3]
 
 Both wall time and process CPU time are reported: on a shared machine the wall clock
-mostly measures the other processes.
+mostly measures the other processes. ``--repeats`` times each engine several times within a
+round, alternating, and keeps each one's least CPU time; ``--rounds`` repeats the whole
+comparison and reports every round and the median ratio.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -69,31 +73,32 @@ def write_models(root: Path, frames: int):
     return dia, dac, gen
 
 
-def run_ours(root: Path, n: int, dtype: str = "f32") -> tuple[float, float, float]:
+def open_ours(root: Path, n: int, dtype: str = "f32"):
     from mistralrs import Runner, SpeechLoaderType, Which
     runner = Runner(which=Which.Speech(model_id=str(root / "dia"), arch=SpeechLoaderType.Dia,
                                        dac_model_id=str(root / "dac"), dtype=dtype), seed=0, max_seqs=n)
-    try:
-        runner.generate_audio("[S1] warm up")
-        out = [None] * n
-
-        def work(i):
-            out[i] = runner.generate_audio(PROMPTS[i % len(PROMPTS)])
-
-        t0, c0 = time.perf_counter(), time.process_time()
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        audio = sum(len(o.pcm) / o.rate for o in out)
-        return audio, wall, cpu
-    finally:
-        runner.shutdown()
+    runner.generate_audio("[S1] warm up")
+    return runner
 
 
-def run_transformers(dia, dac, gen: dict, n: int) -> tuple[float, float, float]:
+def run_ours(runner, n: int) -> tuple[float, float, float]:
+    out = [None] * n
+
+    def work(i):
+        out[i] = runner.generate_audio(PROMPTS[i % len(PROMPTS)])
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    audio = sum(len(o.pcm) / o.rate for o in out)
+    return audio, wall, cpu
+
+
+def run_transformers(dia, dac, gen: dict, n: int, warm_up: bool = True) -> tuple[float, float, float]:
     from transformers.models.dia.processing_dia import DiaProcessor
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
@@ -129,7 +134,8 @@ def run_transformers(dia, dac, gen: dict, n: int) -> tuple[float, float, float]:
         t.join()
         return box["out"]
 
-    in_thread(["[S1] warm up"])
+    if warm_up:
+        in_thread(["[S1] warm up"])
     t0, c0 = time.perf_counter(), time.process_time()
     waves = in_thread(prompts)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -143,29 +149,50 @@ def main():
     ap.add_argument("--frames", type=int, default=120, help="frames per request (86 frames = 1 s of audio)")
     ap.add_argument("--also-dtype", nargs="*", default=["auto"],
                     help="our extra dtypes to run besides f32 (auto: bf16 where the CPU has fast bf16)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the interleaved comparison; report the median")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="within a round, time each engine this many times, alternating, and keep each one's "
+                         "fastest (least CPU time): a busy machine only ever adds time")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         dia, dac, gen = write_models(root, args.frames)
-        rows = {}
-        ref = {}
-        for n in sorted({1, args.requests}):
-            ref[n] = run_transformers(dia, dac, gen, n)
-            for dtype in ("f32", *args.also_dtype):
-                a, w, c = run_ours(root, n, dtype)
-                ra, rw, rc = ref[n]
-                rows[f"{n} req, ours {dtype}"] = {
-                    "ours_audio_s": a, "ours_wall_s": w, "ours_cpu_s": c, "ref_audio_s": ra, "ref_wall_s": rw,
-                    "ref_cpu_s": rc, "ours_rtf": a / w, "ref_rtf": ra / rw,
-                    "speedup_wall": (a / w) / (ra / rw), "speedup_cpu": (a / c) / (ra / rc)}
+        rounds = []
+        for rnd in range(args.rounds):
+            rows = {}
+            for n in sorted({1, args.requests}):
+                dtypes = ("f32", *args.also_dtype)
+                runners = {d: open_ours(root, n, d) for d in dtypes}
+                try:
+                    ref_runs, our_runs = [], {d: [] for d in dtypes}
+                    for rep in range(args.repeats):
+                        ref_runs.append(run_transformers(dia, dac, gen, n, warm_up=rep == 0))
+                        for d in dtypes:
+                            our_runs[d].append(run_ours(runners[d], n))
+                finally:
+                    for r in runners.values():
+                        r.shutdown()
+                ra, rw, rc = min(ref_runs, key=lambda x: x[2])
+                for dtype in dtypes:
+                    a, w, c = min(our_runs[dtype], key=lambda x: x[2])
+                    rows[f"{n} req, ours {dtype}"] = {
+                        "ours_audio_s": a, "ours_wall_s": w, "ours_cpu_s": c, "ref_audio_s": ra, "ref_wall_s": rw,
+                        "ref_cpu_s": rc, "ours_rtf": a / w, "ref_rtf": ra / rw,
+                        "speedup_wall": (a / w) / (ra / rw), "speedup_cpu": (a / c) / (ra / rc)}
+            rounds.append(rows)
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {r['speedup_cpu']:.2f}x cpu ({r['speedup_wall']:.2f}x wall)"
+                                                  for k, r in rows.items()), flush=True)
+    median = {k: {m: statistics.median(r[k][m] for r in rounds) for m in rounds[0][k]} for k in rounds[0]}
+    print(f"median of {len(rounds)} round(s):")
     print(f"{'run':>18} | {'ours audio s/s':>14} | {'transformers f32 audio s/s':>26} | speed-up (wall) | (cpu time)")
-    for name, r in rows.items():
+    for name, r in median.items():
         print(f"{name:>18} | {r['ours_rtf']:>14.3f} | {r['ref_rtf']:>26.3f} | {r['speedup_wall']:>14.2f}x |"
               f" {r['speedup_cpu']:.2f}x")
+    rows = median
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"speech-{datetime.now():%Y%m%d-%H%M}.json"
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "rows": rows, "rounds": rounds}, indent=2))
     print(f"wrote {out}")
 
 

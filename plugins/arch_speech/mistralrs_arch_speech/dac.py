@@ -60,9 +60,18 @@ class Snake(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.empty(1, channels, 1, device="meta"), requires_grad=False)
+        self._inv_alpha: torch.Tensor | None = None
+
+    def post_load(self) -> None:
+        self._inv_alpha = (self.alpha + 1e-9).reciprocal()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + (self.alpha + 1e-9).reciprocal() * torch.sin(self.alpha * x).pow(2)
+        inv = self._inv_alpha if self._inv_alpha is not None else (self.alpha + 1e-9).reciprocal()
+        # One temporary, updated in place: the activations are [channels, samples] (up to
+        # millions of values), so each fresh tensor is a page-faulting allocation. The same
+        # operations in the same order as the out-of-place form, so the same values.
+        t = torch.mul(self.alpha, x).sin_().pow_(2).mul_(inv)
+        return t.add_(x)
 
 
 def _conv(cin: int, cout: int, k: int, **kw) -> nn.Conv1d:
@@ -78,7 +87,7 @@ class ResidualUnit(nn.Module):
         self.conv2 = _conv(dim, dim, 1)
 
     def forward(self, x):
-        return x + self.conv2(self.snake2(self.conv1(self.snake1(x))))
+        return self.conv2(self.snake2(self.conv1(self.snake1(x)))).add_(x)
 
 
 class DecoderBlock(nn.Module):

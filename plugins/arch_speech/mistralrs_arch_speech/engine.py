@@ -20,8 +20,7 @@ from mistralrs_core.layers.attention_backends import CrossAttentionCache
 
 from mistralrs_arch_speech.dia import DecodeStep, DiaModel
 from mistralrs_arch_speech.kv_pool import DecoderKVPool
-from mistralrs_arch_speech.sampling import (SpeechSampling, eos_channel_filter, force_delay_pattern,
-                                            guided_scores, top_k_top_p)
+from mistralrs_arch_speech.sampling import SpeechSampling, sample_frame
 
 
 class _Request:
@@ -34,6 +33,7 @@ class _Request:
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_len = len(text_ids)
         self.ended = False
+        self.finished = False
         self.delay_left: torch.Tensor | None = None
         self.eos_frame: int | None = None
         self.truncated = False
@@ -153,12 +153,15 @@ class SpeechEngine:
         self.stats["steps"] += 1
         self.stats["max_running"] = max(self.stats["max_running"], n)
         try:
-            positions = torch.tensor([r.position for r in reqs], dtype=torch.long).repeat_interleave(2)
-            self.pool.ensure(int(positions.max()) + 1)
-            frames = torch.stack([self._input_frame(r) for r in reqs]).repeat_interleave(2, dim=0)
+            pos = [r.position for r in reqs]
+            self.pool.ensure(max(pos) + 1)
+            positions = torch.tensor(pos, dtype=torch.long)
+            # The delay pattern: codebook c starts after ``delay[c]`` frames of BOS.
+            frames = torch.where(positions[:, None] <= self._delay, cfg.bos_id,
+                                 torch.stack([r.frames[-1] for r in reqs])).repeat_interleave(2, dim=0)
             dev = self.model.device
-            step = DecodeStep(self.pool, self.cross, torch.arange(2 * n, device=dev), positions.to(dev),
-                              [r.enc_len for r in reqs for _ in (0, 1)])
+            step = DecodeStep(self.pool, self.cross, torch.arange(2 * n, device=dev),
+                              positions.repeat_interleave(2).to(dev), [r.enc_len for r in reqs for _ in (0, 1)])
             logits = self.model.decode(frames.to(dev), step).view(n, 2, cfg.channels, cfg.audio_vocab).cpu()
             tokens = self._sample(reqs, logits)
         except Exception as exc:
@@ -168,56 +171,47 @@ class SpeechEngine:
             return
         finished = []
         self.stats["generated_frames"] += n
-        for i, r in enumerate(reqs):
-            r.frames.append(tokens[i])
-            if r.ended and int(r.delay_left.max()) < 0:
+        for i, (r, frame) in enumerate(zip(reqs, tokens.unbind(0))):
+            r.frames.append(frame)
+            if r.finished:
                 finished.append(i)
         for i in finished:
             r = reqs[i]
             r.done.put(("ok", self._codes(r)))
         self._release(finished)
 
-    def _input_frame(self, r: _Request) -> torch.Tensor:
-        # The delay pattern: codebook c starts after ``delay[c]`` frames of BOS.
-        t = r.position
-        frame = r.frames[-1]
-        return torch.where(t <= self._delay, torch.full_like(frame, self.cfg.bos_id), frame)
-
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        # Requests may carry different settings: group those that share them.
-        out = torch.empty(len(reqs), cfg.channels, dtype=torch.long)
+        # Requests may carry different settings: one vectorised draw per distinct setting
+        # (usually one: the pipeline's).
         groups: dict[SpeechSampling, list[int]] = {}
         for i, r in enumerate(reqs):
             groups.setdefault(r.sampling, []).append(i)
+        if len(groups) == 1:
+            return self._sample_group(reqs, logits, next(iter(groups)))
+        out = torch.empty(len(reqs), cfg.channels, dtype=torch.long)
         for s, idx in groups.items():
-            sub = logits[idx]
-            scores = eos_channel_filter(guided_scores(sub, s), cfg.eos_id)
-            if not s.greedy:
-                scores = top_k_top_p(scores, s.top_k, s.top_p)
-            ended = torch.tensor([reqs[i].ended for i in idx])
-            was_ended = ended.clone()
-            delay_left = torch.stack([reqs[i].delay_left for i in idx])
-            finished_codebooks = delay_left < 0        # ended earlier: these codebooks pad
-            at_max = torch.tensor([reqs[i].position + 1 >= s.max_frames - 1 for i in idx])
-            natural_end = scores[:, 0].argmax(-1) == cfg.eos_id
-            scores = force_delay_pattern(scores, ended, delay_left, at_max, cfg.eos_id)
-            if s.greedy:
-                tok = scores.max(-1).indices
-            else:
-                probs = scores.softmax(-1)
-                tok = torch.stack([torch.multinomial(probs[j], 1, generator=reqs[i].generator).squeeze(-1)
-                                   for j, i in enumerate(idx)])
-            tok = tok.masked_fill(finished_codebooks, cfg.pad_id)
-            for j, i in enumerate(idx):
-                r = reqs[i]
-                if bool(ended[j]) and not bool(was_ended[j]):
-                    r.eos_frame = r.position + 1
-                    r.truncated = bool(at_max[j]) and not bool(natural_end[j])
-                r.ended = bool(ended[j])
-                r.delay_left = delay_left[j]
-            out[idx] = tok
+            out[idx] = self._sample_group([reqs[i] for i in idx], logits[idx], s)
         return out
+
+    def _sample_group(self, reqs: list[_Request], logits: torch.Tensor, s: SpeechSampling) -> torch.Tensor:
+        cfg = self.cfg
+        was_ended = [r.ended for r in reqs]
+        draw = sample_frame(logits, s, torch.tensor(was_ended),
+                            torch.stack([r.delay_left for r in reqs]),
+                            torch.tensor([r.position + 1 >= s.max_frames - 1 for r in reqs]),
+                            [r.generator for r in reqs], cfg.eos_id, cfg.pad_id)
+        ended = draw.ended.tolist()
+        # Finished: every codebook has emitted its delayed EOS.
+        finished = (draw.delay_left.amax(-1) < 0).tolist()
+        for j, (r, delay_left) in enumerate(zip(reqs, draw.delay_left.unbind(0))):
+            if ended[j] and not was_ended[j]:
+                r.eos_frame = r.position + 1
+                r.truncated = not bool(draw.natural_end[j])
+            r.ended = ended[j]
+            r.finished = finished[j]
+            r.delay_left = delay_left
+        return draw.tokens
 
     def _codes(self, r: _Request) -> tuple[torch.Tensor, bool]:
         """Undo the delay pattern: audio frame t of codebook c is generated frame 1 + t + delay[c];

@@ -50,16 +50,24 @@ class DecoderKVPool:
         self.frames = new
 
     def write_and_view(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
-                       v: torch.Tensor, kv_len: int, leading: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       v: torch.Tensor, kv_len: int, leading: bool,
+                       same_position: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v [R, Hkv, D] at (rows, positions); return the keys/values those rows
         see, [R, kv_len, Hkv, D] (the caller masks positions past each row's own).
-        ``leading``: rows are 0 .. R-1, so the view is a slice, not a copy."""
+        ``leading``: rows are 0 .. R-1, so the view is a slice, not a copy.
+        ``same_position``: every row writes at ``kv_len - 1`` (a plain slice copy)."""
         kt, vt = self.k[layer], self.v[layer]
-        kt[rows, positions] = k.to(kt.dtype)
-        vt[rows, positions] = v.to(vt.dtype)
         if leading:
             n = rows.shape[0]
+            if same_position:
+                kt[:n, kv_len - 1] = k
+                vt[:n, kv_len - 1] = v
+            else:
+                kt[rows, positions] = k.to(kt.dtype)
+                vt[rows, positions] = v.to(vt.dtype)
             return kt[:n, :kv_len], vt[:n, :kv_len]
+        kt[rows, positions] = k.to(kt.dtype)
+        vt[rows, positions] = v.to(vt.dtype)
         return kt[rows, :kv_len], vt[rows, :kv_len]
 
     def move(self, src: int, dst: int, frames: int) -> None:

@@ -7,8 +7,17 @@ guidance (conditional + scale x (conditional - unconditional)), whose top-k filt
 0 may end, and only when EOS is its best token: then it is the only candidate); top-k and
 top-p when sampling; then the delay pattern: once codebook 0 ends (or the maximum length is
 reached), codebook c is forced to EOS ``delay[c]`` frames later and pads after that.
+
+One call handles every codebook of every request that shares the settings. With guidance and
+a top-k (Dia's defaults) only the guided top-k survive the first filter, so everything after
+it runs on those k candidates per codebook ([n, C, k]) instead of the 1028-wide rows: one
+top-k over the vocabulary is the only full-width sort left. Sampling draws one exponential
+per candidate from the request's own generator and takes ``argmax(p / q)`` (the exponential
+race ``torch.multinomial`` itself uses, here over k candidates instead of the whole row).
 """
 from __future__ import annotations
+
+import functools
 
 import attrs
 import torch
@@ -45,61 +54,101 @@ class SpeechSampling:
                    max_frames=min(int(max_frames), model_max_frames))
 
 
-def guided_scores(logits: torch.Tensor, s: SpeechSampling) -> torch.Tensor:
-    """logits [n, 2, C, V] (conditional, unconditional) -> scores [n, C, V] before the
-    EOS rules."""
+_NEG_INF = float("-inf")
+
+
+def _first_argmax(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The token id of each row's best score, the lowest id among ties (``argmax`` over the
+    full row picks the first), whatever order the candidates are in. ids broadcasts to scores."""
+    best = scores.amax(-1, keepdim=True)
+    big = torch.iinfo(torch.long).max
+    return torch.where(scores == best, ids, big).amin(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _banned_from(channels: int, eos: int, device) -> torch.Tensor:
+    """[C, 1]: the first id each codebook may not emit (EOS + 1 for codebook 0, EOS after)."""
+    limit = torch.full((channels, 1), eos, device=device)
+    limit[0] = eos + 1
+    return limit
+
+
+@attrs.define
+class FrameDraw:
+    """One frame's outcome for n requests."""
+    tokens: torch.Tensor        # [n, C] the codes to feed back
+    ended: torch.Tensor         # [n] the speech has ended (naturally or at the maximum)
+    delay_left: torch.Tensor    # [n, C] frames until codebook c is forced to EOS; < 0: padding
+    natural_end: torch.Tensor   # [n] codebook 0 chose EOS this frame
+
+
+def candidate_scores(logits: torch.Tensor, s: SpeechSampling,
+                     eos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [n, 2, C, V] -> (scores [n, C, K], their token ids [n, C, K] or [1, 1, V],
+    eos_best [n, C]) after guidance, temperature, the EOS channel filter and (when sampling)
+    top-k and top-p; -inf marks a dropped candidate. K is the CFG filter's top-k where it
+    applies, else the vocabulary. eos_best: EOS was the codebook's best token (then it is its
+    only candidate)."""
     cond = logits[:, 0]
+    vocab = cond.shape[-1]
+    cfg_filter = s.cfg_scale != 1.0 and s.top_k is not None
     if s.cfg_scale != 1.0:
         guided = cond + (cond - logits[:, 1]) * s.cfg_scale
-        if s.top_k is not None:
-            keep = torch.zeros_like(guided, dtype=torch.bool)
-            keep.scatter_(-1, guided.topk(min(s.top_k, guided.shape[-1]), dim=-1).indices, True)
-            scores = cond.masked_fill(~keep, float("-inf"))
+        if cfg_filter:
+            ids = guided.topk(min(s.top_k, vocab), dim=-1).indices
+            scores = cond.gather(-1, ids)
         else:
             scores = guided
     else:
-        scores = cond.clone()
+        scores = cond
+    if not cfg_filter:
+        ids = torch.arange(vocab, device=cond.device)[None, None]
     if s.temperature != 1.0:
         scores = scores / s.temperature
-    return scores
+    else:
+        scores = scores.clone()       # filled in place below; the logits stay untouched
 
+    # EOS channel filter: codebook 0 keeps ids <= EOS, the others ids < EOS; a codebook whose
+    # best is EOS keeps only EOS, any other never EOS.
+    scores.masked_fill_(ids >= _banned_from(scores.shape[1], eos, scores.device), _NEG_INF)
+    eos_best = _first_argmax(scores, ids) == eos                  # [n, C]
+    scores.masked_fill_(torch.where(eos_best[..., None], ids < eos, ids == eos), _NEG_INF)
 
-def eos_channel_filter(scores: torch.Tensor, eos: int) -> torch.Tensor:
-    """Codebooks past the first never emit EOS or the ids above it; codebook 0 emits EOS
-    exactly when it is its best token, and then nothing else."""
-    scores[:, 1:, eos:] = float("-inf")
-    scores[:, 0, eos + 1:] = float("-inf")
-    eos_best = (scores.argmax(-1) == eos)[..., None]            # [n, C, 1]
-    below = torch.arange(scores.shape[-1], device=scores.device) < eos
-    scores = scores.masked_fill(eos_best & below, float("-inf"))
-    is_eos = torch.arange(scores.shape[-1], device=scores.device) == eos
-    return scores.masked_fill(~eos_best & is_eos, float("-inf"))
-
-
-def top_k_top_p(scores: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    if top_k is not None and top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None:
-        # Drop the least likely tokens whose total mass is at most 1 - top_p; keep the best.
+    if s.greedy:
+        return scores, ids, eos_best
+    # The sampling top-k: after the CFG filter at most top_k candidates are left, so it only
+    # acts without guidance or without that filter (keeping ties at the k-th score, as before).
+    if not cfg_filter and s.top_k is not None and s.top_k < scores.shape[-1]:
+        kth = scores.topk(s.top_k, dim=-1).values[..., -1:]
+        scores.masked_fill_(scores < kth, _NEG_INF)
+    if s.top_p is not None:
+        # Drop the least likely candidates whose total mass is at most 1 - top_p; keep the best.
         ordered, order = scores.sort(dim=-1)
-        mass = ordered.softmax(-1).cumsum(-1)
-        drop = mass <= 1 - top_p
+        drop = ordered.softmax(-1).cumsum(-1) <= 1 - s.top_p
         drop[..., -1] = False
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return scores
+        scores.masked_fill_(drop.scatter(-1, order, drop), _NEG_INF)
+    return scores, ids, eos_best
 
 
-def force_delay_pattern(scores: torch.Tensor, ended: torch.Tensor, delay_left: torch.Tensor,
-                        at_max: torch.Tensor, eos: int) -> torch.Tensor:
-    """Updates ``ended`` [n] and ``delay_left`` [n, C] in place; forces EOS on codebooks whose
-    delay has run out this frame."""
-    ended |= scores[:, 0].argmax(-1) == eos
-    ended |= at_max
+def sample_frame(logits: torch.Tensor, s: SpeechSampling, ended: torch.Tensor, delay_left: torch.Tensor,
+                 at_max: torch.Tensor, generators: list[torch.Generator], eos: int, pad: int) -> FrameDraw:
+    """One frame for n requests sharing ``s``: logits [n, 2, C, V] float32, ended [n],
+    delay_left [n, C], at_max [n] (this frame is the last one allowed), one generator per
+    request (a request's draw never depends on the others in the batch)."""
+    scores, ids, eos_best = candidate_scores(logits, s, eos)
+    natural_end = eos_best[:, 0]
+    ended = ended | natural_end | at_max
     forced = ended[:, None] & (delay_left == 0)
-    if bool(forced.any()):
-        only_eos = torch.full_like(scores[0, 0], float("-inf"))
-        only_eos[eos] = 0.0
-        scores = torch.where(forced[..., None], only_eos, scores)
-    delay_left -= ended[:, None].to(delay_left.dtype)
-    return scores
+    padding = delay_left < 0
+    if s.greedy:
+        tokens = _first_argmax(scores, ids)
+    else:
+        probs = scores.softmax(-1)
+        race = torch.empty_like(probs)
+        for j, g in enumerate(generators):
+            race[j].exponential_(generator=g)
+        # (An exponential of exactly 0 must not turn a dropped candidate's 0 into NaN.)
+        pick = (probs / race.clamp_min_(torch.finfo(race.dtype).tiny)).argmax(-1, keepdim=True)
+        tokens = ids.expand_as(scores).gather(-1, pick)[..., 0]
+    tokens = torch.where(forced, eos, tokens).masked_fill_(padding, pad)
+    return FrameDraw(tokens, ended, delay_left - ended[:, None].to(delay_left.dtype), natural_end)
