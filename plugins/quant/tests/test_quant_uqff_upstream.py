@@ -123,3 +123,62 @@ def test_hqq_and_fp8_layers_read_within_the_formats_error(folders, q, bound):
         # As good as our own quantization of the same weights (a misread layout is ~1 off).
         assert err <= 2 * ours_err + 1e-3, f"{q}: {name}: {err:.3g} vs ours {ours_err:.3g}"
     assert _greedy(upstream)
+
+
+def test_upstream_moe_expert_stacks_load(tmp_path):
+    """Upstream writes a MoE layer's experts as 3-D stacks (``experts.gate_proj`` [E, out,
+    in], one entry per projection) and quantizes the router too (Mixtral, Q8_0 here): each
+    expert reads back as gguf-py dequantizes its slice of the stack, in expert order, and
+    the router as its dequantized rows."""
+    import sys
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    sys.path.insert(0, str(DATA.parent))
+    from make_upstream_uqff import mixtral_weights
+    d = tmp_path / "mixtral"
+    shutil.copytree(DATA / "mixtral", d)
+    shutil.copy(DATA / "tokenizer.json", d / "tokenizer.json")
+    runner = Runner(which=Which.Plain(model_id=str(d), from_uqff="tiny-0.uqff"))
+    model = runner._pipeline(None).model
+    moe = model.model.layers[0].mlp
+    stored = _entries(d / "tiny-0.uqff")
+    floats = {k: torch.from_numpy(v.astype(np.float32)) for k, v in mixtral_weights().items()}
+    prefix = "model.layers.0.block_sparse_moe"
+    for part, name, hf in (("gate", "gate_proj", "w1"), ("up", "up_proj", "w3"), ("down", "down_proj", "w2")):
+        key = f"{prefix}.experts.{name}.weight"
+        n_exp, out, k = (int(s) for s in stored[key + ".shape"])
+        ggml = GGMLQuantizationType(int(stored[key + ".dtype"]))
+        want = torch.from_numpy(dequantize(stored[key].numpy(), ggml).reshape(n_exp, out, k).astype(np.float32))
+        for e in range(n_exp):
+            got = moe.experts.quant.parts[(e, part)].dequantize().float()
+            assert torch.equal(got, want[e]), f"expert {e} {name}"
+            ref = floats[f"{prefix}.experts.{e}.{hf}.weight"]
+            assert (got - ref).abs().max() <= 0.01 * ref.abs().max(), f"expert {e} {name} is another expert's"
+    router = stored[f"{prefix}.gate.weight"]
+    want = dequantize(router.numpy(), GGMLQuantizationType(int(stored[f"{prefix}.gate.weight.dtype"])))
+    got = [p for n, p in moe.named_parameters() if "gate" in n and "experts" not in n]
+    assert len(got) == 1 and torch.equal(got[0].float(), torch.from_numpy(want.astype(np.float32)).reshape(got[0].shape))
+    assert _greedy(runner)
+
+
+def test_our_moe_uqff_writes_upstreams_expert_stacks(tmp_path):
+    """Our ISQ Q8_0 of the same Mixtral writes the experts as upstream does: one 3-D stack
+    per projection under the checkpoint's prefix, byte for byte (upstream's own loader then
+    reads our file: checked by hand with the 0.9.5 wheel, same greedy text as its own file).
+    The router stays dense here (a residual tensor), where upstream quantizes it too."""
+    import sys
+    sys.path.insert(0, str(DATA.parent))
+    from make_upstream_uqff import mixtral_weights
+    src = tmp_path / "f32"
+    src.mkdir()
+    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in mixtral_weights().items()},
+              str(src / "model.safetensors"))
+    shutil.copy(DATA / "mixtral" / "config.json", src / "config.json")
+    shutil.copy(DATA / "tokenizer.json", src / "tokenizer.json")
+    Runner(which=Which.Plain(model_id=str(src), write_uqff=str(tmp_path / "out" / "tiny.uqff")), in_situ_quant="Q8_0")
+    ours, theirs = _entries(tmp_path / "out" / "tiny-0.uqff"), _entries(DATA / "mixtral" / "tiny-0.uqff")
+    stacks = [k for k in theirs if ".experts." in k]
+    assert len(stacks) == 12                      # 3 projections x (weight, format, dtype, shape)
+    for k in stacks:
+        assert k in ours and ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+    assert not [k for k in ours if ".experts." in k and k not in theirs]

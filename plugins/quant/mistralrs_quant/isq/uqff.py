@@ -75,15 +75,62 @@ def dense_layer_tensors(key: str, weight: torch.Tensor, bias: Optional[torch.Ten
     return out
 
 
+class _ExpertStack:
+    """One projection of all of a MoE layer's experts as upstream writes it: a single 3-D
+    GGUF entry (``...experts.gate_proj``, shape [E, out, in], expert e's block rows after
+    expert e-1's). ``UqffQuantizedWeight.experts`` reads it back."""
+
+    def __init__(self, methods):
+        self.methods = methods
+
+    def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
+        m0 = self.methods[0]
+        return {"weight.format": _u8(FORMAT_GGUF), "weight.dtype": _u32(int(m0.ggml_type)),
+                "weight.shape": _u32([len(self.methods), m0.out_features, m0.in_features]),
+                "weight": torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods])}
+
+
+_STACK_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _stacked_experts(experts, quant, layer):
+    """Upstream's layout (one ``_ExpertStack`` per projection) when it can hold the layer:
+    every expert a ggml method of one type and shape per projection, no biases, no
+    expert-parallel offset; else None (one entry per expert, below)."""
+    from ..qlinear import GGMLQuantMethod
+    if getattr(experts, "first", 0) or quant.gate_up_bias is not None or quant.down_bias is not None:
+        return None
+    # Under the checkpoint's prefix (``...block_sparse_moe.experts``), not our module path.
+    first_name = experts.part_names.get((0, "gate"))
+    m = re.match(r"^(?P<stack>.+)\.0\.[A-Za-z0-9_]+$", first_name or "")
+    if m is None:
+        return None
+    layer = m.group("stack")
+    out = []
+    for part, name in _STACK_NAMES.items():
+        methods = [quant.parts.get((e, part)) for e in range(experts.num_experts)]
+        if any(type(m) is not GGMLQuantMethod or m.raw is None for m in methods) \
+                or len({(m.ggml_type, m.out_features, m.in_features) for m in methods}) != 1:
+            return None
+        out.append((f"{layer}.{name}", _ExpertStack(methods), None))
+    return out
+
+
 def _expert_layers(experts):
-    """(checkpoint name, method, bias) of every quantized expert weight of a MoE layer: one
-    entry per expert and part (``...experts.3.w1``), as per-expert checkpoints name them, so
-    the reader's ``MoEWeightsMixin`` routes them back into the same expert slots."""
+    """(name, method, bias) of a MoE layer's quantized experts. GGML experts are written as
+    upstream writes them, one 3-D stack per projection (``...experts.gate_proj``), so
+    upstream's loader reads our files and ours reads its; other experts one entry per
+    expert and part under the checkpoint's names (``...experts.3.w1``), which the reader's
+    ``MoEWeightsMixin`` routes back into the same expert slots."""
     from mistralrs_core.layers.moe import QuantizedExperts
     quant = experts.quant
     layer = experts.__dict__.get("hf_name")
     if not isinstance(quant, QuantizedExperts):
         raise ValueError(f"{layer}: experts run by {type(quant).__name__} cannot be written to UQFF")
+    stacked = _stacked_experts(experts, quant, layer)
+    if stacked is not None:
+        yield from stacked
+        return
     first, i = getattr(experts, "first", 0), experts.intermediate
     for (e, part), method in sorted(quant.parts.items()):
         name = experts.part_names.get((e + first, part))
@@ -249,6 +296,10 @@ def expand_shards(from_uqff, model_dir: Optional[Path]) -> list[Path]:
     return out
 
 
+#: the 3-D expert stacks upstream writes for MoE layers (one entry per projection)
+_STACKED_EXPERTS = re.compile(r"(?:^|\.)experts\.(?:gate_proj|up_proj|down_proj)$")
+
+
 class UqffQuantizedWeight:
     """One layer read from a shard: its entries, turned into the method by the quant hook
     (``uqff_quant_method``) or dequantized when no layer can hold it packed."""
@@ -258,10 +309,31 @@ class UqffQuantizedWeight:
         self.format = int(entries[f"{key}.weight.format"].item())
         if self.format == FORMAT_GGUF:
             shape = entries[f"{key}.weight.shape"].to(torch.int64).tolist()
-            if len(shape) != 2:
-                raise ValueError(f"{where}: {key}: only 2-D GGUF entries are supported, shape {shape}")
+            stacked = len(shape) == 3 and _STACKED_EXPERTS.search(key) is not None
+            if len(shape) != 2 and not stacked:
+                raise ValueError(f"{where}: {key}: only 2-D GGUF entries (and 3-D expert stacks named "
+                                 f"experts.gate_proj/up_proj/down_proj) are supported, shape {shape}")
             self.shape = tuple(shape)
             self.ggml_type = int(entries[f"{key}.weight.dtype"].item())
+
+    def experts(self) -> list[tuple[str, "UqffQuantizedWeight"]]:
+        """Upstream writes a MoE layer's experts as one 3-D GGUF entry per projection
+        (``...experts.gate_proj`` [E, out, in], expert e's rows after expert e-1's): the
+        per-expert layers, named as per-expert checkpoints name them
+        (``...experts.<e>.gate_proj``), so the MoE layer takes them as its own writer's."""
+        from ..formats import get_format
+        n_exp, out, k = self.shape
+        size = out * get_format(self.ggml_type).row_bytes(k)
+        raw = self.entries[f"{self.key}.weight"].reshape(-1)
+        if raw.numel() != n_exp * size:
+            raise ValueError(f"{self.where}: {self.key}: {raw.numel()} bytes for {n_exp} experts of [{out}, {k}]")
+        stack, part = self.key.rsplit(".", 1)
+        return [(f"{stack}.{e}.{part}", UqffQuantizedWeight(f"{stack}.{e}.{part}", {
+            f"{stack}.{e}.{part}.weight": raw[e * size:(e + 1) * size],
+            f"{stack}.{e}.{part}.weight.format": self.entries[f"{self.key}.weight.format"],
+            f"{stack}.{e}.{part}.weight.dtype": self.entries[f"{self.key}.weight.dtype"],
+            f"{stack}.{e}.{part}.weight.shape": torch.tensor([out, k], dtype=torch.int64)}, self.where))
+            for e in range(n_exp)]
 
     def method(self, compute_dtype: torch.dtype, device, cpp_impl=None):
         if self.format == FORMAT_GGUF:
@@ -396,6 +468,9 @@ def iter_uqff(shards: Iterable[Path]):
                 layer = UqffQuantizedWeight(key, entries, path)
                 if layer.format == FORMAT_UNQUANT:
                     yield f"{key}.weight", entries[f"{key}.weight"]
+                elif layer.format == FORMAT_GGUF and len(layer.shape) == 3:
+                    for name, expert in layer.experts():
+                        yield f"{name}.weight", expert
                 else:
                     yield f"{key}.weight", layer
                 if f"{key}.bias" in names:

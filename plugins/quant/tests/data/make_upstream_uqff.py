@@ -70,6 +70,49 @@ def weights() -> dict[str, np.ndarray]:
     return out
 
 
+MIXTRAL = {**CONFIG, "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "num_local_experts": 4,
+           "num_experts_per_tok": 2, "router_aux_loss_coef": 0.0, "output_router_logits": False,
+           "sliding_window": None, "tie_word_embeddings": False}
+
+
+def mixtral_weights() -> dict[str, np.ndarray]:
+    """One MoE layer of 4 experts: upstream writes the experts as 3-D stacks."""
+    rng = np.random.default_rng(1)
+    h, i, v = CONFIG["hidden_size"], CONFIG["intermediate_size"], CONFIG["vocab_size"]
+    kv = CONFIG["num_key_value_heads"] * CONFIG["head_dim"]
+    moe = "model.layers.0.block_sparse_moe"
+    shapes = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
+              "model.layers.0.input_layernorm.weight": (h,), "model.layers.0.post_attention_layernorm.weight": (h,),
+              "model.layers.0.self_attn.q_proj.weight": (h, h), "model.layers.0.self_attn.k_proj.weight": (kv, h),
+              "model.layers.0.self_attn.v_proj.weight": (kv, h), "model.layers.0.self_attn.o_proj.weight": (h, h),
+              f"{moe}.gate.weight": (4, h)}
+    for e in range(4):
+        shapes.update({f"{moe}.experts.{e}.w1.weight": (i, h), f"{moe}.experts.{e}.w3.weight": (i, h),
+                       f"{moe}.experts.{e}.w2.weight": (h, i)})
+    return {name: ((1 + 0.1 * rng.standard_normal(s)) if name.endswith("norm.weight")
+                   else rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float16) for name, s in shapes.items()}
+
+
+def write_mixtral(tmp: Path) -> None:
+    """``mixtral/``: the MoE model quantized by upstream to Q8_0 (experts and router)."""
+    import mistralrs
+    from safetensors.numpy import save_file
+    keep = OUT / "mixtral"
+    shutil.rmtree(keep, ignore_errors=True)
+    keep.mkdir()
+    w16 = mixtral_weights()     # not stored: the test remakes them from the seed
+    (keep / "config.json").write_text(json.dumps(MIXTRAL, indent=1))
+    src = tmp / "mixtral-f32"
+    src.mkdir()
+    save_file({k: v.astype(np.float32) for k, v in w16.items()}, str(src / "model.safetensors"))
+    shutil.copy(keep / "config.json", src / "config.json")
+    shutil.copy(OUT / "tokenizer.json", src / "tokenizer.json")
+    mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(src), write_uqff=str(tmp / "mq" / "tiny.uqff")),
+                     in_situ_quant="Q8_0")
+    for f in ("tiny-0.uqff", "residual.safetensors"):
+        shutil.copy(tmp / "mq" / f, keep / f)
+
+
 def main() -> None:
     from safetensors.numpy import save_file
     OUT.mkdir(exist_ok=True)
@@ -101,6 +144,7 @@ def main() -> None:
                 if f.suffix in (".uqff",) or f.name == "residual.safetensors":
                     shutil.copy(f, keep / f.name)
             done[q] = sorted(p.name for p in keep.iterdir())
+        write_mixtral(Path(tmp))
         (OUT / "written_by.json").write_text(json.dumps(
             {"mistralrs": md.version("mistralrs"), "types": done}, indent=1))
         print(json.dumps(done, indent=1))
