@@ -58,11 +58,11 @@ class DenseWeight:
         """``x2d @ W.T (+ bias)``, then ``act`` (None or ``"gelu_tanh"``). Packed, the bias
         and the activation run inside the GEMM's epilogue (no extra pass over the output)."""
         x2d = x2d.to(self.dtype)
-        if act not in ACTIVATIONS:
+        spec = ACTIVATIONS.get(act)
+        if spec is None:
             raise ValueError(f"act: {act!r} is not one of {sorted(ACTIVATIONS, key=str)}")
         if self.packed is not None:
-            attr, algo = ACTIVATIONS[act]
-            return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, bias, attr, [], algo)
+            return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, bias, spec[0], [], spec[1])
         out = F.linear(x2d, self.plain, bias)
         return F.gelu(out, approximate="tanh") if act == "gelu_tanh" else out
 
@@ -91,9 +91,17 @@ class PackedLinear:
         self.out_features, self.in_features = w.shape
         self.weight = DenseWeight(w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+        """``x`` [..., in] -> [..., out]; ``bias`` and ``act`` as ``DenseWeight.mm`` (in the
+        GEMM's epilogue). ``Linear`` calls it with neither and adds its bias itself."""
         lead = x.shape[:-1]
-        return self.weight.mm(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
+        return self.weight.mm(x.reshape(-1, self.in_features), bias, act).view(*lead, self.out_features)
+
+    def forward_add(self, x: torch.Tensor, other: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(x, bias) + other`` (other [..., out]), the sum in the GEMM's epilogue."""
+        lead = x.shape[:-1]
+        return self.weight.mm_add(x.reshape(-1, self.in_features), other.reshape(-1, self.out_features),
+                                  bias).view(*lead, self.out_features)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight.rows(ids.reshape(-1)).view(*ids.shape, self.in_features)

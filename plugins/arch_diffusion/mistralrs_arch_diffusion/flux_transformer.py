@@ -76,8 +76,7 @@ def _linear(layer: Linear, x: torch.Tensor, act: str | None = None) -> torch.Ten
     into the matmul: one pass over the output instead of two or three."""
     q = layer.qmethod
     if isinstance(q, PackedLinear):
-        lead = x.shape[:-1]
-        return q.weight.mm(x.reshape(-1, x.shape[-1]), layer.bias, act).view(*lead, q.out_features)
+        return q.forward(x, layer.bias, act)
     out = F.linear(x, layer.weight, layer.bias) if q is None else layer(x)
     return F.gelu(out, approximate="tanh") if act == "gelu_tanh" else out
 
@@ -86,9 +85,7 @@ def _linear_add(layer: Linear, x: torch.Tensor, other: torch.Tensor) -> torch.Te
     """``layer(x) + other``, the sum in the GEMM's epilogue when the weight is prepacked."""
     q = layer.qmethod
     if isinstance(q, PackedLinear):
-        lead = x.shape[:-1]
-        return q.weight.mm_add(x.reshape(-1, x.shape[-1]), other.reshape(-1, q.out_features),
-                               layer.bias).view(*lead, q.out_features)
+        return q.forward_add(x, other, layer.bias)
     return _linear(layer, x) + other
 
 

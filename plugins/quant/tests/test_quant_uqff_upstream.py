@@ -64,6 +64,15 @@ def _entries(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _mixtral_weights() -> dict[str, np.ndarray]:
+    """The Mixtral's float16 weights, remade from the data script's seed (not stored)."""
+    import sys
+    if str(DATA.parent) not in sys.path:
+        sys.path.insert(0, str(DATA.parent))
+    from make_upstream_uqff import mixtral_weights
+    return mixtral_weights()
+
+
 def _greedy(runner) -> str:
     res = runner.send_completion_request(CompletionRequest(
         prompt="the rain in spain", model="default", max_tokens=6, temperature=0.0, ignore_eos=True))
@@ -130,11 +139,8 @@ def test_upstream_moe_expert_stacks_load(tmp_path):
     in], one entry per projection) and quantizes the router too (Mixtral, Q8_0 here): each
     expert reads back as gguf-py dequantizes its slice of the stack, in expert order, and
     the router as its dequantized rows."""
-    import sys
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
-    sys.path.insert(0, str(DATA.parent))
-    from make_upstream_uqff import mixtral_weights
     d = tmp_path / "mixtral"
     shutil.copytree(DATA / "mixtral", d)
     shutil.copy(DATA / "tokenizer.json", d / "tokenizer.json")
@@ -142,7 +148,7 @@ def test_upstream_moe_expert_stacks_load(tmp_path):
     model = runner._pipeline(None).model
     moe = model.model.layers[0].mlp
     stored = _entries(d / "tiny-0.uqff")
-    floats = {k: torch.from_numpy(v.astype(np.float32)) for k, v in mixtral_weights().items()}
+    floats = {k: torch.from_numpy(v.astype(np.float32)) for k, v in _mixtral_weights().items()}
     prefix = "model.layers.0.block_sparse_moe"
     for part, name, hf in (("gate", "gate_proj", "w1"), ("up", "up_proj", "w3"), ("down", "down_proj", "w2")):
         key = f"{prefix}.experts.{name}.weight"
@@ -166,12 +172,9 @@ def test_our_moe_uqff_writes_upstreams_expert_stacks(tmp_path):
     per projection under the checkpoint's prefix, byte for byte (upstream's own loader then
     reads our file: checked by hand with the 0.9.5 wheel, same greedy text as its own file).
     The router stays dense here (a residual tensor), where upstream quantizes it too."""
-    import sys
-    sys.path.insert(0, str(DATA.parent))
-    from make_upstream_uqff import mixtral_weights
     src = tmp_path / "f32"
     src.mkdir()
-    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in mixtral_weights().items()},
+    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in _mixtral_weights().items()},
               str(src / "model.safetensors"))
     shutil.copy(DATA / "mixtral" / "config.json", src / "config.json")
     shutil.copy(DATA / "tokenizer.json", src / "tokenizer.json")

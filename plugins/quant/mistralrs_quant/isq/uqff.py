@@ -53,10 +53,9 @@ def layer_tensors(key: str, method, bias: Optional[torch.Tensor]) -> dict[str, t
     if isinstance(method, GGMLQuantMethod):
         if method.raw is None:
             raise ValueError(f"{key}: the layer keeps no ggml bytes to write")
-        raw = method.raw.contiguous().cpu()
-        out = {f"{key}.weight.format": _u8(FORMAT_GGUF), f"{key}.weight": raw.reshape(-1).clone(),
-               f"{key}.weight.dtype": _u32(int(method.ggml_type)),
-               f"{key}.weight.shape": _u32([method.out_features, method.in_features])}
+        entries = _gguf_entries(method.raw.contiguous().cpu().reshape(-1).clone(), method.ggml_type,
+                                [method.out_features, method.in_features])
+        out = {f"{key}.{name}": t for name, t in entries.items()}
     else:
         to_uqff = getattr(method, "to_uqff_tensors", None)
         if to_uqff is None:
@@ -75,6 +74,13 @@ def dense_layer_tensors(key: str, weight: torch.Tensor, bias: Optional[torch.Ten
     return out
 
 
+def _gguf_entries(raw: torch.Tensor, ggml_type: int, shape: list[int]) -> dict[str, torch.Tensor]:
+    """A GGUF-family layer's entries, relative to the layer: the block bytes, the family tag,
+    the ggml type id and the shape ([out, in], or [E, out, in] for an expert stack)."""
+    return {"weight.format": _u8(FORMAT_GGUF), "weight": raw, "weight.dtype": _u32(int(ggml_type)),
+            "weight.shape": _u32(shape)}
+
+
 class _ExpertStack:
     """One projection of all of a MoE layer's experts as upstream writes it: a single 3-D
     GGUF entry (``...experts.gate_proj``, shape [E, out, in], expert e's block rows after
@@ -85,15 +91,14 @@ class _ExpertStack:
 
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
         m0 = self.methods[0]
-        return {"weight.format": _u8(FORMAT_GGUF), "weight.dtype": _u32(int(m0.ggml_type)),
-                "weight.shape": _u32([len(self.methods), m0.out_features, m0.in_features]),
-                "weight": torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods])}
+        return _gguf_entries(torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods]),
+                             m0.ggml_type, [len(self.methods), m0.out_features, m0.in_features])
 
 
 _STACK_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def _stacked_experts(experts, quant, layer):
+def _stacked_experts(experts, quant):
     """Upstream's layout (one ``_ExpertStack`` per projection) when it can hold the layer:
     every expert a ggml method of one type and shape per projection, no biases, no
     expert-parallel offset; else None (one entry per expert, below)."""
@@ -101,11 +106,10 @@ def _stacked_experts(experts, quant, layer):
     if getattr(experts, "first", 0) or quant.gate_up_bias is not None or quant.down_bias is not None:
         return None
     # Under the checkpoint's prefix (``...block_sparse_moe.experts``), not our module path.
-    first_name = experts.part_names.get((0, "gate"))
-    m = re.match(r"^(?P<stack>.+)\.0\.[A-Za-z0-9_]+$", first_name or "")
-    if m is None:
+    match = re.match(r"^(?P<stack>.+)\.0\.[A-Za-z0-9_]+$", experts.part_names.get((0, "gate")) or "")
+    if match is None:
         return None
-    layer = m.group("stack")
+    layer = match.group("stack")
     out = []
     for part, name in _STACK_NAMES.items():
         methods = [quant.parts.get((e, part)) for e in range(experts.num_experts)]
@@ -127,7 +131,7 @@ def _expert_layers(experts):
     layer = experts.__dict__.get("hf_name")
     if not isinstance(quant, QuantizedExperts):
         raise ValueError(f"{layer}: experts run by {type(quant).__name__} cannot be written to UQFF")
-    stacked = _stacked_experts(experts, quant, layer)
+    stacked = _stacked_experts(experts, quant)
     if stacked is not None:
         yield from stacked
         return
