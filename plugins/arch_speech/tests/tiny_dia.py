@@ -109,7 +109,11 @@ def make_reference_dac(seed: int = 1):
     from transformers import DacModel
     torch.manual_seed(seed)
     ref = DacModel(dac_config()).eval()
-    perturb_parameters(ref, seed=seed, scale=0.2)
+    # 0.1, not the decoder's 0.2: at 0.2 the activations grow to ~150 before the last
+    # convolution cancels them down to a waveform, and transformers' own float32 output is
+    # then 1-3e-4 (relative) away from its float64 one, so a 1e-4 comparison could only pass
+    # by repeating its exact operation order. At 0.1 both sides are ~5e-7 from float64.
+    perturb_parameters(ref, seed=seed, scale=0.1)
     return ref
 
 
