@@ -214,10 +214,15 @@ def _routed_reference(path, ids):
                 s, n = out.get(key, (0, 0))
                 out[key] = (s + (v * v).sum(0), n + len(v))
 
+    def router_hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        out[f"model.layers.{layers[id(module)]}.mlp.gate"] = ((x * x).sum(0), len(x))
+
     layers = {}
     for i, block in enumerate(ref.model.layers):
-        layers[id(block.mlp.experts)] = i
+        layers[id(block.mlp.experts)] = layers[id(block.mlp.gate)] = i
         block.mlp.experts.register_forward_pre_hook(hook, with_kwargs=True)
+        block.mlp.gate.register_forward_pre_hook(router_hook)
     with torch.inference_mode():
         ref(torch.tensor([ids]))
     return {k: (s / n).float() if n else torch.ones(len(s) if torch.is_tensor(s) else 0) for k, (s, n) in out.items()}
@@ -228,7 +233,8 @@ def test_calibration_imatrix_per_expert_equals_routed_inputs(qwen3_moe):
     ids = [int(i) for i in torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))]
     got = collect_imatrix(load_for_test(qwen3_moe), ids)
     want = _routed_reference(qwen3_moe, ids)
-    assert len(want) == 2 * 4 * 3
+    # every expert part, and each router (calibrated too: some families' ISQ quantizes it)
+    assert len(want) == 2 * 4 * 3 + 2
     for key, value in want.items():
         assert got[key].shape == value.shape and max_rel_err(got[key], value) < 1e-5, key
     # experts differ: each is calibrated on its own rows

@@ -1,12 +1,14 @@
 """UQFF files written by upstream itself (the Rust ``mistralrs`` 0.9.5 wheel, ISQ of a tiny
-Llama: ``data/make_upstream_uqff.py``) load here with ``from_uqff`` and no quantization pass.
+Llama and a tiny Mixtral: ``data/make_upstream_uqff.py``) load here with ``from_uqff`` and no
+quantization pass; ours of MoE models have upstream's layout (expert stacks, which routers are
+quantized, MoQE).
 
 * Every GGML-family layer dequantizes to exactly what gguf-py's reference dequantizer makes
   of upstream's stored blocks (its tags, dtype ids and shapes are read as upstream meant them).
 * For Q4_0 and Q8_0 our ISQ of the same float weights writes byte-identical files (every
   entry, metadata included). Upstream's K-quant quantizer is not llama.cpp's (ours is, as
-  the quantizer tests check): a few blocks round differently, so for Q4K only the reading
-  is compared.
+  the quantizer tests check): every K-quant block's bytes differ (at about the same error),
+  so for Q4K only the reading (and, for MoE, the layout) is compared.
 * HQQ4 and FP8 layers (upstream's own scale/zero and scale layouts) dequantize to within
   the format's error of the float weights and of our own ISQ of them; a misread layout
   (a transposed shape, swapped scales) would be off by the weights' own size.
