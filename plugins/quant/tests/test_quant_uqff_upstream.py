@@ -305,7 +305,8 @@ def test_moqe_quantizes_only_the_experts(tmp_path):
 def test_quantized_router_takes_llama_cpp_router_imatrix(tmp_path):
     """With ``imatrix=``, the quantized Mixtral router is weighted by llama.cpp's
     ``blk.N.ffn_gate_inp`` entry (upstream's ``gguf_imatrix_names``: ``.gate`` ->
-    ``ffn_gate_inp``), and the fused decoder step runs the quantized router as the torch path."""
+    ``ffn_gate_inp``), the fused decoder step runs the quantized router as the torch path, and
+    ``send_re_isq`` re-quantizes it."""
     import gguf
     from mistralrs_quant.formats import T
     from mistralrs_quant.kernels import cpp as cpp_kernels
@@ -330,3 +331,5 @@ def test_quantized_router_takes_llama_cpp_router_imatrix(tmp_path):
     got, want = run_schedule(model, counting, sched), run_schedule(model, None, sched)
     assert counting.calls == len(sched) - 1
     assert max(max_rel_err(g, w) for g, w in zip(got, want)) <= 1e-5
+    runner.send_re_isq("Q8_0")                    # the router is re-quantized with the rest
+    assert router.qmethod.ggml_type == T.Q8_0
