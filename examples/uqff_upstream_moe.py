@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,13 +28,13 @@ from mistralrs import CompletionRequest, IsqOrganization, Runner, Which
 DATA = Path(__file__).resolve().parents[1] / "plugins" / "quant" / "tests" / "data"
 UPSTREAM = DATA / "upstream_uqff"
 sys.path.insert(0, str(DATA))
-from make_upstream_uqff import MIXTRAL, mixtral_weights  # noqa: E402  (the float weights, from their seed)
+from make_upstream_uqff import MIXTRAL, mixtral_weights  # type: ignore[import-not-found]  # noqa: E402
 
 work = Path(tempfile.mkdtemp())
 ask = CompletionRequest(prompt="the rain in spain", model="default", max_tokens=6, temperature=0.0, ignore_eos=True)
 
 
-def entries(path: Path) -> dict:
+def entries(path: Path) -> dict[str, Any]:
     with safe_open(str(path), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}
 
@@ -77,8 +78,8 @@ from mistralrs_quant.isq.plan import build_plan  # noqa: E402
 
 with open(work / "m.imatrix", "wb") as f:
     f.write(struct.pack("<i", 2))
-    for name, n in ((b"blk.1.ffn_gate_shexp.weight", 64), (b"blk.0.ffn_gate_inp.weight", 256)):
-        f.write(struct.pack("<i", len(name)) + name + struct.pack("<ii", 3, n) + np.full(n, 6.0, "<f4").tobytes())
+    for entry, n in ((b"blk.1.ffn_gate_shexp.weight", 64), (b"blk.0.ffn_gate_inp.weight", 256)):
+        f.write(struct.pack("<i", len(entry)) + entry + struct.pack("<ii", 3, n) + np.full(n, 6.0, "<f4").tobytes())
 plan = build_plan("Q4K", imatrix=load_imatrix(str(work / "m.imatrix"), {}, None))
 for layer in ("model.layers.1.mlp.shared_experts.gate_proj",       # DeepSeek
               "model.layers.1.shared_mlp.input_linear",            # Granite
