@@ -197,6 +197,16 @@ def test_upstream_moe_expert_stacks_load(tmp_path):
     assert _greedy(runner)
 
 
+def test_stacks_of_other_families_are_refused():
+    """Upstream stacks only GGUF and AFQ experts; a 3-D entry of another family is a clear
+    error, not a misread layer."""
+    from mistralrs_quant.isq.uqff import FORMAT_HQQ, UqffQuantizedWeight
+    key = "model.layers.0.block_sparse_moe.experts.gate_proj"
+    with pytest.raises(ValueError, match="only GGUF and AFQ expert stacks"):
+        UqffQuantizedWeight(key, {f"{key}.weight.format": torch.tensor(FORMAT_HQQ, dtype=torch.uint8),
+                                  f"{key}.weight": torch.zeros(4, 8, 16, dtype=torch.uint8)}, Path("x.uqff"))
+
+
 def _afq_error_bound(entries: dict, key: str, weight: torch.Tensor, got: torch.Tensor) -> None:
     """Upstream's AFQ quantizer (its CPU path: ``scale = (max - min) / (2^bits - 1)``, ``bias =
     min``, round to nearest) leaves every value within half its group's stored scale: a

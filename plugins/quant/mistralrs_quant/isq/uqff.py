@@ -97,9 +97,10 @@ class _ExpertStack:
         if type(m0) is GGMLQuantMethod:
             return _gguf_entries(torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods]),
                                  m0.ggml_type, [len(self.methods), m0.out_features, m0.in_features])
-        out = m0.to_uqff_tensors()
+        per_expert = [m.to_uqff_tensors() for m in self.methods]
+        out = dict(per_expert[0])
         for name in _STACKED_TENSORS:
-            out[name] = torch.stack([m.to_uqff_tensors()[name].cpu() for m in self.methods])
+            out[name] = torch.stack([t[name].cpu() for t in per_expert])
         return out
 
 
