@@ -68,16 +68,33 @@ class MoEConfig:
 
 
 class Router(nn.Module):
+    """The gate's logits ``x @ W^T (+ b)``. Like a ``Linear`` it can hold a quantized method
+    (``set_quant_method``): upstream's ISQ quantizes some families' routers (Mixtral's), and
+    its UQFF files store them quantized."""
+
     def __init__(self, hidden: int, num_experts: int, bias: bool, correction_bias: bool):
         super().__init__()
+        self.in_features, self.out_features = hidden, num_experts
         self.weight = nn.Parameter(torch.empty(num_experts, hidden, device="meta"), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(num_experts, device="meta"), requires_grad=False)
                      if bias else None)
         self.e_score_correction_bias = (
             nn.Parameter(torch.empty(num_experts, device="meta"), requires_grad=False)
             if correction_bias else None)
+        self.qmethod = None
+
+    def set_quant_method(self, method) -> None:
+        if (method.out_features, method.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"quantized router weight has shape {(method.out_features, method.in_features)}, "
+                             f"expected {(self.out_features, self.in_features)}")
+        self.qmethod = method
+        self.weight = None
 
     def forward(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        if self.qmethod is not None:
+            y = self.qmethod.forward(x.float() if fp32 else x)
+            y = y.float() if fp32 else y.to(x.dtype)
+            return y if self.bias is None else y + (self.bias.float() if fp32 else self.bias)
         w, b = self.weight, self.bias
         if fp32:
             x, w = x.float(), w.float()

@@ -241,7 +241,7 @@ class FusedDecoder:
         desc = _MoE(n_experts=e, top_k=c.top_k, inter=inter, act=_ACTS[c.hidden_act], renormalize=int(c.renormalize),
                     softmax_after_topk=int(c.softmax_after_topk), renorm_eps=c.renormalize_eps,
                     routed_scale=c.routed_scaling_factor,
-                    router=self._weight(None, router.weight, h, e, router.bias),
+                    router=self._weight(getattr(router, "qmethod", None), router.weight, h, e, router.bias),
                     experts=ctypes.addressof(parts))
         self._keep.append(desc)
         return ctypes.addressof(desc)

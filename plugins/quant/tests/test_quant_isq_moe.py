@@ -121,9 +121,10 @@ def test_isq_experts_equal_dequantized_reference_and_round_trip_uqff(qwen3_moe, 
     from safetensors import safe_open
     with safe_open(str(shard), "pt") as f:
         keys = set(f.keys())
-    # GGML experts as upstream writes them, one 3-D stack per projection (see
-    # test_quant_uqff_upstream.py); other formats one entry per expert.
-    if isq in ("Q4K", "Q8_0"):
+    # GGML and AFQ experts as upstream writes them, one 3-D stack per projection (see
+    # test_quant_uqff_upstream.py); HQQ (which upstream cannot quantize as experts) one
+    # entry per expert.
+    if isq in ("Q4K", "Q8_0", "AFQ4"):
         assert "model.layers.1.mlp.experts.down_proj.weight.format" in keys
         assert not any(".experts.3." in k for k in keys)
     else:
@@ -213,10 +214,15 @@ def _routed_reference(path, ids):
                 s, n = out.get(key, (0, 0))
                 out[key] = (s + (v * v).sum(0), n + len(v))
 
+    def router_hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        out[f"model.layers.{layers[id(module)]}.mlp.gate"] = ((x * x).sum(0), len(x))
+
     layers = {}
     for i, block in enumerate(ref.model.layers):
-        layers[id(block.mlp.experts)] = i
+        layers[id(block.mlp.experts)] = layers[id(block.mlp.gate)] = i
         block.mlp.experts.register_forward_pre_hook(hook, with_kwargs=True)
+        block.mlp.gate.register_forward_pre_hook(router_hook)
     with torch.inference_mode():
         ref(torch.tensor([ids]))
     return {k: (s / n).float() if n else torch.ones(len(s) if torch.is_tensor(s) else 0) for k, (s, n) in out.items()}
@@ -227,7 +233,8 @@ def test_calibration_imatrix_per_expert_equals_routed_inputs(qwen3_moe):
     ids = [int(i) for i in torch.randint(0, 384, (40,), generator=torch.Generator().manual_seed(3))]
     got = collect_imatrix(load_for_test(qwen3_moe), ids)
     want = _routed_reference(qwen3_moe, ids)
-    assert len(want) == 2 * 4 * 3
+    # every expert part, and each router (calibrated too: some families' ISQ quantizes it)
+    assert len(want) == 2 * 4 * 3 + 2
     for key, value in want.items():
         assert got[key].shape == value.shape and max_rel_err(got[key], value) < 1e-5, key
     # experts differ: each is calibrated on its own rows
@@ -307,6 +314,81 @@ def test_llama_cpp_expert_imatrix_entries_map_to_per_expert_names(qwen3_moe, tmp
         w = SafetensorsWeights(qwen3_moe).get("model.layers.1.mlp.experts.3.down_proj.weight").float()
         got = model.model.layers[1].mlp.experts.quant.parts[(3, "down")].raw
         assert torch.equal(got, cpp_kernels.quantize(w, T.Q4_K, torch.from_numpy(down[3] / counts[3])))
+    finally:
+        r.shutdown()
+
+
+@pytest.fixture(scope="module")
+def deepseek_v2(tmp_path_factory):
+    """A tiny DeepSeek-V2 with two shared experts (``mlp.shared_experts``, intermediate 64) on
+    its MoE layer 1; every row 64 or 32 wide (whole Q4_0 blocks)."""
+    return _write(tmp_path_factory.mktemp("moe") / "deepseekv2", "DeepseekV2ForCausalLM", "DeepseekV2Config",
+                  hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+                  kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                  n_shared_experts=2)
+
+
+def _write_legacy_imatrix(path, entries: dict):
+    """llama.cpp's legacy format: per entry the name, ncall and the sums (importance * ncall)."""
+    import struct
+    with open(path, "wb") as f:
+        f.write(struct.pack("<i", len(entries)))
+        for name, (vals, ncall) in entries.items():
+            b = name.encode()
+            f.write(struct.pack("<i", len(b)) + b + struct.pack("<ii", ncall, vals.size))
+            f.write((vals * ncall).astype("<f4").tobytes())
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ kernels unavailable")
+@pytest.mark.parametrize("fmt", ["gguf", "legacy"])
+def test_llama_cpp_shared_expert_imatrix_entries(deepseek_v2, tmp_path, fmt):
+    """llama.cpp names a shared expert ``blk.N.ffn_{gate,up,down}_shexp`` (Qwen2-MoE, DeepSeek,
+    Granite, Llama4); upstream looks them up for ``shared_expert(s).*_proj`` and Granite's
+    ``shared_mlp.input_linear`` / ``output_linear`` (``pipeline/isq.rs``
+    ``gguf_imatrix_names``). Read from either file format, they weight the shared expert's
+    quantization exactly as ``quantize(W, Q4_0, imatrix)``, whatever the family calls it."""
+    from mistralrs_core.loading.hf_config import load_model_config
+    from mistralrs_core.loading.model_loader import detect_architecture
+    from mistralrs_core.loading.safetensors_io import SafetensorsWeights
+    from mistralrs_quant.formats import T
+    from mistralrs_quant.isq import imatrix as imx
+    from mistralrs_quant.isq.plan import build_plan
+    rng = np.random.default_rng(4)
+    want = {p: rng.gamma(0.5, 2.0, 64).astype(np.float32) for p in ("gate", "up", "down")}
+    path = tmp_path / ("m.gguf" if fmt == "gguf" else "m.imatrix")
+    entries = {f"blk.1.ffn_{p}_shexp.weight": (v, 3) for p, v in want.items()}
+    if fmt == "gguf":
+        _write_gguf_imatrix(path, {n: (v * c, [c]) for n, (v, c) in entries.items()})
+    else:
+        _write_legacy_imatrix(path, entries)
+    hf = load_model_config(deepseek_v2)
+    plan = build_plan("Q4_0", imatrix=imx.load_imatrix(str(path), hf, detect_architecture(hf)))
+    for p, v in want.items():
+        for spelling in (f"model.layers.1.mlp.shared_experts.{p}_proj", f"model.layers.1.mlp.shared_expert.{p}_proj"):
+            assert torch.allclose(plan.imatrix_for(spelling), torch.from_numpy(v), rtol=1e-6), spelling
+    assert torch.allclose(plan.imatrix_for("model.layers.1.shared_mlp.input_linear"), torch.from_numpy(want["gate"]))
+    assert torch.allclose(plan.imatrix_for("model.layers.1.shared_mlp.output_linear"), torch.from_numpy(want["down"]))
+    assert plan.imatrix_for("model.layers.0.mlp.shared_experts.gate_proj") is None
+    assert plan.imatrix_for("model.layers.1.mlp.experts.0.gate_proj") is None
+
+    r, model = _load(deepseek_v2, "Q4_0", imatrix=str(path))
+    try:
+        shared = model.model.layers[1].mlp.shared_experts
+        ckpt = SafetensorsWeights(deepseek_v2)
+        for p, v in want.items():
+            w = ckpt.get(f"model.layers.1.mlp.shared_experts.{p}_proj.weight").float()
+            if p == "down":
+                got = shared.down_proj.qmethod.raw
+            elif hasattr(shared, "gate_up_proj"):        # gate and up fused after the load
+                rows = shared.gate_up_proj.qmethod.raw.reshape(128, -1)
+                got = rows[:64] if p == "gate" else rows[64:]
+            else:
+                got = getattr(shared, f"{p}_proj").qmethod.raw
+            imp = plan.imatrix_for(f"model.layers.1.mlp.shared_experts.{p}_proj")
+            expect = cpp_kernels.quantize(w, T.Q4_0, imp).reshape(64, -1)
+            assert torch.equal(got.reshape(64, -1), expect), p
+            assert not torch.equal(expect, cpp_kernels.quantize(w, T.Q4_0, None).reshape(64, -1))
     finally:
         r.shutdown()
 

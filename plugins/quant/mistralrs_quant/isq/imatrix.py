@@ -109,6 +109,15 @@ def write_cimatrix(path: Path, data: dict[str, torch.Tensor]) -> None:
 
 
 _GGUF_EXPERTS = re.compile(r"^blk\.(?P<layer>\d+)\.ffn_(?P<part>gate|up|down)(?:_exps|\.(?P<e>\d+))(?:\.weight)?$")
+# llama.cpp's names for a MoE layer's other matrices -> canonical HF names, which
+# ``IsqPlan.imatrix_for`` matches to any family's spelling (``plan.moe_key``): the shared
+# expert (Qwen2-MoE, DeepSeek, Granite, Llama4: ``ffn_*_shexp``), the router (``ffn_gate_inp``)
+# and Qwen2-MoE's shared-expert gate (``ffn_gate_inp_shexp``).
+_GGUF_MOE_OTHER = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<part>ffn_(?:gate|up|down)_shexp|ffn_gate_inp|"
+                             r"ffn_gate_inp_shexp)(?:\.weight)?$")
+_MOE_OTHER_NAMES = {"ffn_gate_shexp": "mlp.shared_experts.gate_proj", "ffn_up_shexp": "mlp.shared_experts.up_proj",
+                    "ffn_down_shexp": "mlp.shared_experts.down_proj", "ffn_gate_inp": "mlp.gate",
+                    "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
 _NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -151,6 +160,11 @@ def _to_hf(data: dict[str, np.ndarray], hf: dict, entry, where: str) -> dict[str
         if m is not None:
             out.update(_expert_entries(m, vals, hf, where))
             continue
+        m = _GGUF_MOE_OTHER.match(key)
+        if m is not None:
+            out[f"model.layers.{m['layer']}.{_MOE_OTHER_NAMES[m['part']]}"] = torch.from_numpy(
+                np.ascontiguousarray(vals, dtype=np.float32).reshape(-1))
+            continue
         t = torch.from_numpy(np.ascontiguousarray(vals, dtype=np.float32))
         if key.startswith(("blk.", "token_embd", "output")):
             targets = hf_targets(archs[0], key if key.endswith(".weight") else f"{key}.weight", hf) or []
@@ -184,7 +198,7 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
     of ``ctx`` tokens, each a fresh sequence), keyed by HF layer name; a fused layer gives
     its value to each of its parts (they share their input)."""
     from mistralrs_core.layers.linear import Linear
-    from mistralrs_core.layers.moe import MoEExperts
+    from mistralrs_core.layers.moe import MoEExperts, Router
     from mistralrs_core.testing.parity import SingleSequence
 
     sums: dict[int, torch.Tensor] = {}
@@ -200,7 +214,8 @@ def collect_imatrix(model, token_ids: list[int], ctx: int = CALIBRATION_CTX) -> 
 
     layers = {}
     for module in model.modules():
-        if isinstance(module, Linear):
+        # Routers too: some families' ISQ quantizes them (``plan.QUANTIZED_ROUTERS``).
+        if isinstance(module, (Linear, Router)):
             layers[id(module)] = module
             handles.append(module.register_forward_pre_hook(hook))
     experts = [_ExpertStats(m) for m in model.modules() if isinstance(m, MoEExperts)]

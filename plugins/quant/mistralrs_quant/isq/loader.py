@@ -56,7 +56,7 @@ def make_plan(which, opts, model_dir: Path, hf: dict, entry) -> IsqPlan:
     from .topology import load_topology
     topology = load_topology(which.topology) if getattr(which, "topology", None) else None
     default = getattr(opts, "in_situ_quant", None)
-    plan = build_plan(default, topology, moqe=_is_moqe(which))
+    plan = build_plan(default, topology, moqe=_is_moqe(which), family=getattr(entry, "name", None))
     for t in plan.types_used():
         check_available(parse_isq_type(t))
     if getattr(which, "imatrix", None):
@@ -221,7 +221,7 @@ class _ReIsq:
             raise NotAvailableYet("send_re_isq on a model loaded from_uqff",
                                   "its original weights are not part of the UQFF directory")
         plan = IsqPlan(new_default, patterns=self.plan.patterns, layers=self.plan.layers, moqe=self.plan.moqe,
-                       imatrix=self.plan.imatrix)
+                       imatrix=self.plan.imatrix, routers=self.plan.routers)
         check_available(new_default)
         model = self.pipe.model
         weights = SafetensorsWeights(self.model_dir)

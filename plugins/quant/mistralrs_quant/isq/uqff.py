@@ -83,26 +83,51 @@ def _gguf_entries(raw: torch.Tensor, ggml_type: int, shape: list[int]) -> dict[s
 
 class _ExpertStack:
     """One projection of all of a MoE layer's experts as upstream writes it: a single 3-D
-    GGUF entry (``...experts.gate_proj``, shape [E, out, in], expert e's block rows after
-    expert e-1's). ``UqffQuantizedWeight.experts`` reads it back."""
+    entry (``...experts.gate_proj``) instead of one per expert. GGUF family: the block bytes
+    of expert e after expert e-1's, shape [E, out, in]; AFQ: ``weight`` [E, out, words],
+    ``weight.scales`` / ``weight.biases`` [E, out, groups], one ``bits`` / ``group_size``
+    (upstream 0.9.5's files; ``UqffQuantizedWeight.experts`` reads both back)."""
 
     def __init__(self, methods):
         self.methods = methods
 
     def to_uqff_tensors(self) -> dict[str, torch.Tensor]:
+        from ..qlinear import GGMLQuantMethod
         m0 = self.methods[0]
-        return _gguf_entries(torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods]),
-                             m0.ggml_type, [len(self.methods), m0.out_features, m0.in_features])
+        if type(m0) is GGMLQuantMethod:
+            return _gguf_entries(torch.cat([m.raw.contiguous().cpu().reshape(-1) for m in self.methods]),
+                                 m0.ggml_type, [len(self.methods), m0.out_features, m0.in_features])
+        per_expert = [m.to_uqff_tensors() for m in self.methods]
+        out = dict(per_expert[0])
+        for name in _STACKED_TENSORS:
+            out[name] = torch.stack([t[name].cpu() for t in per_expert])
+        return out
 
 
 _STACK_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+#: an AFQ layer's per-row tensors, which upstream stacks along a leading expert dimension
+_STACKED_TENSORS = ("weight", "weight.scales", "weight.biases")
+
+
+def _stackable(methods) -> bool:
+    """Every expert of one projection stored alike: GGML blocks of one type and shape, or
+    AFQ of one width, group size and shape (upstream stacks only these two families: its
+    ``IsqType::supports_stacked_gather``, and 0.9.5 refuses HQQ/FP8/F8Q8/MXFP4 experts)."""
+    from ..formats.afq import AFQMethod
+    from ..qlinear import GGMLQuantMethod
+    kinds = {type(m) for m in methods}
+    if kinds == {GGMLQuantMethod}:
+        return all(m.raw is not None for m in methods) \
+            and len({(m.ggml_type, m.out_features, m.in_features) for m in methods}) == 1
+    if kinds == {AFQMethod}:
+        return len({(m.bits, m.group_size, m.out_features, m.in_features) for m in methods}) == 1
+    return False
 
 
 def _stacked_experts(experts, quant):
     """Upstream's layout (one ``_ExpertStack`` per projection) when it can hold the layer:
-    every expert a ggml method of one type and shape per projection, no biases, no
-    expert-parallel offset; else None (one entry per expert, below)."""
-    from ..qlinear import GGMLQuantMethod
+    every projection ``_stackable``, no biases, no expert-parallel offset; else None (one
+    entry per expert, below)."""
     if getattr(experts, "first", 0) or quant.gate_up_bias is not None or quant.down_bias is not None:
         return None
     # Under the checkpoint's prefix (``...block_sparse_moe.experts``), not our module path.
@@ -113,18 +138,18 @@ def _stacked_experts(experts, quant):
     out = []
     for part, name in _STACK_NAMES.items():
         methods = [quant.parts.get((e, part)) for e in range(experts.num_experts)]
-        if any(type(m) is not GGMLQuantMethod or m.raw is None for m in methods) \
-                or len({(m.ggml_type, m.out_features, m.in_features) for m in methods}) != 1:
+        if any(m is None for m in methods) or not _stackable(methods):
             return None
         out.append((f"{layer}.{name}", _ExpertStack(methods), None))
     return out
 
 
 def _expert_layers(experts):
-    """(name, method, bias) of a MoE layer's quantized experts. GGML experts are written as
-    upstream writes them, one 3-D stack per projection (``...experts.gate_proj``), so
-    upstream's loader reads our files and ours reads its; other experts one entry per
-    expert and part under the checkpoint's names (``...experts.3.w1``), which the reader's
+    """(name, method, bias) of a MoE layer's quantized experts. GGML and AFQ experts are
+    written as upstream writes them, one 3-D stack per projection (``...experts.gate_proj``),
+    so upstream's loader reads our files and ours reads its; other experts (HQQ, FP8, F8Q8,
+    MXFP4, which upstream cannot quantize as experts at all) one entry per expert and part
+    under the checkpoint's names (``...experts.3.w1``), which the reader's
     ``MoEWeightsMixin`` routes back into the same expert slots."""
     from mistralrs_core.layers.moe import QuantizedExperts
     quant = experts.quant
@@ -311,33 +336,58 @@ class UqffQuantizedWeight:
     def __init__(self, key: str, entries: dict[str, torch.Tensor], where: Path):
         self.key, self.entries, self.where = key, entries, where
         self.format = int(entries[f"{key}.weight.format"].item())
+        named_stack = _STACKED_EXPERTS.search(key) is not None
         if self.format == FORMAT_GGUF:
             shape = entries[f"{key}.weight.shape"].to(torch.int64).tolist()
-            stacked = len(shape) == 3 and _STACKED_EXPERTS.search(key) is not None
-            if len(shape) != 2 and not stacked:
+            if len(shape) != 2 and not (len(shape) == 3 and named_stack):
                 raise ValueError(f"{where}: {key}: only 2-D GGUF entries (and 3-D expert stacks named "
                                  f"experts.gate_proj/up_proj/down_proj) are supported, shape {shape}")
             self.shape = tuple(shape)
             self.ggml_type = int(entries[f"{key}.weight.dtype"].item())
+            self.stacked = len(shape) == 3
+        else:
+            weight = entries.get(f"{key}.weight")
+            self.stacked = weight is not None and weight.dim() == 3 and self.format != FORMAT_UNQUANT
+            if self.stacked and not (named_stack and self.format == FORMAT_AFQ):
+                raise ValueError(f"{where}: {key}: a 3-D entry of UQFF format tag {self.format}; only GGUF and "
+                                 "AFQ expert stacks named experts.gate_proj/up_proj/down_proj are supported "
+                                 "(upstream stacks no other family)")
 
     def experts(self) -> list[tuple[str, "UqffQuantizedWeight"]]:
-        """Upstream writes a MoE layer's experts as one 3-D GGUF entry per projection
-        (``...experts.gate_proj`` [E, out, in], expert e's rows after expert e-1's): the
-        per-expert layers, named as per-expert checkpoints name them
+        """Upstream writes a MoE layer's experts as one 3-D entry per projection
+        (``...experts.gate_proj``; GGUF: [E, out, in] blocks, expert e's rows after expert
+        e-1's; AFQ: each of ``weight`` / ``weight.scales`` / ``weight.biases`` with a leading
+        expert dimension): the per-expert layers, named as per-expert checkpoints name them
         (``...experts.<e>.gate_proj``), so the MoE layer takes them as its own writer's."""
+        stack, part = self.key.rsplit(".", 1)
+        names = [f"{stack}.{e}.{part}" for e in range(self._num_stacked())]
+        if self.format != FORMAT_GGUF:
+            per_row = {f"{self.key}.{t}" for t in _STACKED_TENSORS}
+            return [(name, UqffQuantizedWeight(name, {
+                name + k[len(self.key):]: (v[e] if k in per_row else v) for k, v in self.entries.items()}, self.where))
+                for e, name in enumerate(names)]
         from ..formats import get_format
         n_exp, out, k = self.shape
         size = out * get_format(self.ggml_type).row_bytes(k)
         raw = self.entries[f"{self.key}.weight"].reshape(-1)
         if raw.numel() != n_exp * size:
             raise ValueError(f"{self.where}: {self.key}: {raw.numel()} bytes for {n_exp} experts of [{out}, {k}]")
-        stack, part = self.key.rsplit(".", 1)
-        return [(f"{stack}.{e}.{part}", UqffQuantizedWeight(f"{stack}.{e}.{part}", {
-            f"{stack}.{e}.{part}.weight": raw[e * size:(e + 1) * size],
-            f"{stack}.{e}.{part}.weight.format": self.entries[f"{self.key}.weight.format"],
-            f"{stack}.{e}.{part}.weight.dtype": self.entries[f"{self.key}.weight.dtype"],
-            f"{stack}.{e}.{part}.weight.shape": torch.tensor([out, k], dtype=torch.int64)}, self.where))
-            for e in range(n_exp)]
+        return [(name, UqffQuantizedWeight(name, {
+            f"{name}.weight": raw[e * size:(e + 1) * size],
+            f"{name}.weight.format": self.entries[f"{self.key}.weight.format"],
+            f"{name}.weight.dtype": self.entries[f"{self.key}.weight.dtype"],
+            f"{name}.weight.shape": torch.tensor([out, k], dtype=torch.int64)}, self.where))
+            for e, name in enumerate(names)]
+
+    def _num_stacked(self) -> int:
+        if self.format == FORMAT_GGUF:
+            return self.shape[0]
+        sizes = {self.entries[f"{self.key}.{t}"].shape[0] for t in _STACKED_TENSORS
+                 if f"{self.key}.{t}" in self.entries}
+        if len(sizes) != 1 or any(self.entries[f"{self.key}.{t}"].dim() != 3 for t in _STACKED_TENSORS
+                                  if f"{self.key}.{t}" in self.entries):
+            raise ValueError(f"{self.where}: {self.key}: the stacked tensors disagree on the number of experts")
+        return sizes.pop()
 
     def method(self, compute_dtype: torch.dtype, device, cpp_impl=None):
         if self.format == FORMAT_GGUF:
@@ -472,7 +522,7 @@ def iter_uqff(shards: Iterable[Path]):
                 layer = UqffQuantizedWeight(key, entries, path)
                 if layer.format == FORMAT_UNQUANT:
                     yield f"{key}.weight", entries[f"{key}.weight"]
-                elif layer.format == FORMAT_GGUF and len(layer.shape) == 3:
+                elif layer.stacked:
                     for name, expert in layer.experts():
                         yield f"{name}.weight", expert
                 else:

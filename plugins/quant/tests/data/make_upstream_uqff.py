@@ -9,6 +9,14 @@ in-situ quantization, one directory per type. Run once, with the Rust wheel in i
 (from a directory where ``import mistralrs`` finds the wheel, not this checkout). The float
 model is kept as float16 (``model.f16.safetensors``, every value exactly representable) so the
 test can rebuild the float32 input the wheel quantized.
+
+MoE data (``write_moe``): a tiny Mixtral (one layer, 4 experts) quantized to Q8_0
+(``mixtral/``), AFQ4 and AFQ3 (``mixtral_afq4/``, ``mixtral_afq3/``), kept whole, its float
+weights remade from the seed by the tests; ``moe_layouts.json``, the entries (names, dtypes,
+shapes, small integer values) upstream writes for that Mixtral at Q8_0/AFQ4/AFQ3/Q4K and for a
+tiny Qwen3-MoE at Q8_0/AFQ4; and, in ``written_by.json``, the types the wheel refuses for MoE
+experts. Tensors whose bytes did not change keep their committed files (safetensors headers
+list upstream's metadata in a random order).
 """
 from __future__ import annotations
 
@@ -93,24 +101,89 @@ def mixtral_weights() -> dict[str, np.ndarray]:
                    else rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float16) for name, s in shapes.items()}
 
 
-def write_mixtral(tmp: Path) -> None:
-    """``mixtral/``: the MoE model quantized by upstream to Q8_0 (experts and router)."""
-    import mistralrs
+#: MoE UQFFs kept whole: Q8_0 (``mixtral/``, GGML experts stacked [E, out, in] blocks) and
+#: the AFQ widths (``mixtral_afq4/`` ...: experts stacked as [E, out, words] + scales/biases).
+#: Upstream 0.9.5 refuses HQQ4/HQQ8/FP8/F8Q8/MXFP4 for MoE experts ("that target does not
+#: support stacked expert gather"), recorded in ``written_by.json`` under ``moe_refused``.
+MOE_TYPES = {"Q8_0": "mixtral", "AFQ4": "mixtral_afq4", "AFQ3": "mixtral_afq3"}
+MOE_REFUSED = ["HQQ4", "HQQ8", "FP8", "F8Q8", "MXFP4"]
+
+QWEN3_MOE = {**CONFIG, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4,
+             "num_experts_per_tok": 2, "moe_intermediate_size": 256, "norm_topk_prob": True,
+             "decoder_sparse_step": 1, "mlp_only_layers": [], "max_window_layers": 1, "use_sliding_window": False,
+             "sliding_window": None, "tie_word_embeddings": False}
+
+
+def qwen3_moe_weights() -> dict[str, np.ndarray]:
+    """A Qwen3-MoE layer (router ``mlp.gate``): only its UQFF layout is recorded."""
+    rng = np.random.default_rng(2)
+    h = CONFIG["hidden_size"]
+    shapes = {"model.embed_tokens.weight": (CONFIG["vocab_size"], h), "lm_head.weight": (CONFIG["vocab_size"], h),
+              "model.norm.weight": (h,), "model.layers.0.input_layernorm.weight": (h,),
+              "model.layers.0.post_attention_layernorm.weight": (h,), "model.layers.0.self_attn.q_proj.weight": (h, h),
+              "model.layers.0.self_attn.k_proj.weight": (128, h), "model.layers.0.self_attn.v_proj.weight": (128, h),
+              "model.layers.0.self_attn.o_proj.weight": (h, h), "model.layers.0.self_attn.q_norm.weight": (64,),
+              "model.layers.0.self_attn.k_norm.weight": (64,), "model.layers.0.mlp.gate.weight": (4, h)}
+    for e in range(4):
+        for p, shape in (("gate_proj", (256, h)), ("up_proj", (256, h)), ("down_proj", (h, 256))):
+            shapes[f"model.layers.0.mlp.experts.{e}.{p}.weight"] = shape
+    return {name: ((1 + 0.1 * rng.standard_normal(s)) if name.endswith("norm.weight")
+                   else rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float16) for name, s in shapes.items()}
+
+
+def _float_folder(tmp: Path, name: str, config: dict, w16: dict) -> Path:
     from safetensors.numpy import save_file
-    keep = OUT / "mixtral"
-    shutil.rmtree(keep, ignore_errors=True)
-    keep.mkdir()
-    w16 = mixtral_weights()     # not stored: the test remakes them from the seed
-    (keep / "config.json").write_text(json.dumps(MIXTRAL, indent=1))
-    src = tmp / "mixtral-f32"
+    src = tmp / name
     src.mkdir()
     save_file({k: v.astype(np.float32) for k, v in w16.items()}, str(src / "model.safetensors"))
-    shutil.copy(keep / "config.json", src / "config.json")
+    (src / "config.json").write_text(json.dumps(config, indent=1))
     shutil.copy(OUT / "tokenizer.json", src / "tokenizer.json")
-    mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(src), write_uqff=str(tmp / "mq" / "tiny.uqff")),
-                     in_situ_quant="Q8_0")
+    return src
+
+
+def _layout(directory: Path) -> dict:
+    """Every entry's dtype and shape of a UQFF directory, with the values of the small
+    integer ones (format tags, bits, group sizes, ggml type ids, shapes, version)."""
+    from safetensors import safe_open
+    out = {}
     for f in ("tiny-0.uqff", "residual.safetensors"):
-        shutil.copy(tmp / "mq" / f, keep / f)
+        with safe_open(str(directory / f), "np") as h:
+            out[f] = {k: [str(t.dtype), list(t.shape)] + ([t.reshape(-1).tolist()] if t.size <= 4 and
+                                                            t.dtype.kind in "ui" else [])
+                      for k in sorted(h.keys()) for t in [h.get_tensor(k)]}
+    return out
+
+
+def write_moe(tmp: Path) -> dict:
+    """The MoE data: Mixtral UQFFs kept whole (``MOE_TYPES``; the test remakes the float
+    weights from the seed), and the layouts (entry names, dtypes, shapes) upstream writes
+    for Mixtral at Q4K and for a Qwen3-MoE at Q8_0 and AFQ4: which tensors it quantizes
+    (the router of one family and not the other's)."""
+    import mistralrs
+    src = _float_folder(tmp, "mixtral-f32", MIXTRAL, mixtral_weights())
+    qwen = _float_folder(tmp, "qwen3moe-f32", QWEN3_MOE, qwen3_moe_weights())
+    layouts, refused = {}, {}
+    runs = [(src, q, d) for q, d in MOE_TYPES.items()] + [(src, "Q4K", None), (qwen, "Q8_0", None),
+                                                         (qwen, "AFQ4", None)]
+    runs += [(src, q, None) for q in MOE_REFUSED]
+    for model, q, keep in runs:
+        dest = tmp / f"{model.name}-{q}"
+        try:
+            mistralrs.Runner(which=mistralrs.Which.Plain(model_id=str(model), write_uqff=str(dest / "tiny.uqff")),
+                             in_situ_quant=q)
+        except Exception as e:  # noqa: BLE001 - record what the wheel refuses
+            refused[q] = str(e).splitlines()[0]
+            continue
+        layouts[f"{model.name.split('-')[0]}/{q}"] = _layout(dest)
+        if keep is not None:
+            out = OUT / keep
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            (out / "config.json").write_text(json.dumps(MIXTRAL, indent=1))
+            for f in ("tiny-0.uqff", "residual.safetensors"):
+                shutil.copy(dest / f, out / f)
+    (OUT / "moe_layouts.json").write_text(json.dumps(layouts, indent=1))
+    return refused
 
 
 def main() -> None:
@@ -144,9 +217,10 @@ def main() -> None:
                 if f.suffix in (".uqff",) or f.name == "residual.safetensors":
                     shutil.copy(f, keep / f.name)
             done[q] = sorted(p.name for p in keep.iterdir())
-        write_mixtral(Path(tmp))
+        refused = write_moe(Path(tmp))
         (OUT / "written_by.json").write_text(json.dumps(
-            {"mistralrs": md.version("mistralrs"), "types": done}, indent=1))
+            {"mistralrs": md.version("mistralrs"), "types": done, "moe_types": MOE_TYPES,
+             "moe_refused": refused}, indent=1))
         print(json.dumps(done, indent=1))
 
 
