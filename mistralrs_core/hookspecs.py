@@ -87,9 +87,9 @@ def mistralrs_register_decode_attention(register):
 def mistralrs_register_dense_kernels(register):
     """Register small-M dense matmul kernels for prepacked bf16/f16 linears: ``register(name,
     target, *, device_types=("cpu",))``, ``target`` a ``"module:attr"`` of an object with
-    ``supports(dtype, device) -> bool``, ``max_rows(dtype) -> int`` and ``mm(x2d, w, bias,
-    act, other) -> Tensor`` (contract in ``mistralrs_core.layers.dense_kernels``). Asked only
-    for layers prepacked with ``small_m=True``, unless ``MISTRALRS_DENSE_KERNEL=torch``."""
+    ``supports(dtype, device) -> bool``, ``max_rows(dtype) -> int`` and ``bind(w) -> mm``
+    (contract in ``mistralrs_core.layers.dense_kernels``). Asked only for layers prepacked
+    with ``small_m=True``, unless ``MISTRALRS_DENSE_KERNEL=torch``."""
 
 
 @hookspec(firstresult=True)

@@ -22,10 +22,11 @@ The target is an object (see ``DenseKernel``) with
   this dtype on this device, on this CPU);
 * ``max_rows(dtype) -> int``: the kernel serves calls of at most this many rows (beyond,
   the layer runs torch's matmul on the plain weight);
-* ``mm(x2d, w, bias, act, other) -> Tensor``: ``act(x2d @ w.T + bias) + other`` in
-  ``w.dtype``, ``x2d`` [M, K] in ``w.dtype`` with unit stride along K, ``bias`` [N] or None,
-  ``act`` None or ``"gelu_tanh"``, ``other`` [M, N] or None (then ``act`` is None), the sum
-  kept in float32 and rounded once (as oneDNN's epilogue does).
+* ``bind(w) -> mm``: called once per layer with its plain weight ``w`` [N, K] (contiguous);
+  ``mm(x2d, bias, act, other) -> Tensor`` computes ``act(x2d @ w.T + bias) + other`` in
+  ``w.dtype`` for ``x2d`` [M, K] in ``w.dtype``, ``bias`` [N] or None, ``act`` None or
+  ``"gelu_tanh"``, ``other`` [M, N] or None (then ``act`` is None), the sum kept in float32
+  and rounded once (as oneDNN's epilogue does).
 
 Which kernel a layer gets is decided when it is built, from ``MISTRALRS_DENSE_KERNEL``:
 
@@ -38,7 +39,7 @@ Which kernel a layer gets is decided when it is built, from ``MISTRALRS_DENSE_KE
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -53,8 +54,7 @@ class DenseKernel(Protocol):
     def max_rows(self, dtype: torch.dtype) -> int:
         ...
 
-    def mm(self, x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: str | None,
-           other: torch.Tensor | None) -> torch.Tensor:
+    def bind(self, w: torch.Tensor) -> Callable[..., torch.Tensor]:
         ...
 
 

@@ -1,6 +1,7 @@
 // Dispatch, scalar kernel and C ABI of the small-M dense matmul (dense_small_m.h).
 #include "dense_small_m.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -109,18 +110,19 @@ int mq_dense_mm(int wtype, int impl, const uint16_t* x, int64_t m, int64_t k, in
   if (impl == AVX512BF16 && f16) return BAD_TYPE;
   if (m <= 0 || n <= 0) return OK;
   try {
-    // Contiguous, zero-padded copies of the few activation rows (the kernels then load
-    // whole vectors past k), in the weight dtype and in float32.
+    // A contiguous, zero-padded copy of the few activation rows (the kernels then load
+    // whole vectors past k): bf16 pairs for vdpbf16ps, float32 for the others.
     const int64_t kp = (k + 31) & ~int64_t(31);
     static thread_local std::vector<uint16_t> xh;
     static thread_local std::vector<float> xf;
-    xh.assign(m * kp, 0);
-    xf.assign(m * kp, 0.f);
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < k; ++j) {
-        xh[i * kp + j] = x[i * sx + j];
-        xf[i * kp + j] = mq_dense::to_f32(x[i * sx + j], f16);
-      }
+    if (impl == AVX512BF16) {
+      xh.assign(m * kp, 0);
+      for (int64_t i = 0; i < m; ++i) std::memcpy(xh.data() + i * kp, x + i * sx, k * sizeof(uint16_t));
+    } else {
+      xf.assign(m * kp, 0.f);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < k; ++j) xf[i * kp + j] = mq_dense::to_f32(x[i * sx + j], f16);
+    }
     const mq_dense::Args a{f16, m, k, kp, xh.data(), xf.data(), w, n, sw, bias, act, other, so, y, sy};
     const int64_t tiles = (n + mq_dense::TILE - 1) / mq_dense::TILE;
     const int64_t grain = (mq::grain_rows(k * m) + mq_dense::TILE - 1) / mq_dense::TILE;

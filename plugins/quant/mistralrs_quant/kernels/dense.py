@@ -22,9 +22,11 @@ from . import cpp
 IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512bf16": 3}
 _WTYPE = {torch.bfloat16: 0, torch.float16: 1}
 _ACTS = {None: 0, "gelu_tanh": 1}
-# Rows up to which the kernel beats torch's matmul on the plain weight (measured: see
-# docs/architecture.md, "Small-M dense kernel").
-MAX_ROWS = 16
+# Rows up to which the kernel beats oneDNN on the plain weight (``W @ x.T``): it streams W
+# once for all rows but spends M FMAs per weight vector, so from ~4 rows on it is bound by
+# the FMA units, where oneDNN's AMX is not (measured: docs/architecture.md, "Small-M dense
+# kernel").
+MAX_ROWS = 3
 
 
 class _Lib:
@@ -88,6 +90,42 @@ def mm(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act
     return y
 
 
+class _Bound:
+    """``mm`` for one weight, with its checks and pointers done once: a decode step calls
+    it for every layer."""
+
+    __slots__ = ("w", "dtype", "wtype", "n", "k", "wp", "fn")
+
+    def __init__(self, w: torch.Tensor):
+        self.wtype = _WTYPE.get(w.dtype)
+        if self.wtype is None or w.dim() != 2 or w.device.type != "cpu":
+            raise ValueError(f"w must be a 2-D bf16/f16 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+        self.w = w.contiguous()
+        self.dtype = w.dtype
+        self.n, self.k = w.shape
+        self.wp = self.w.data_ptr()
+        self.fn = _fn()
+
+    def __call__(self, x2d, bias=None, act=None, other=None):
+        if x2d.dtype != self.dtype or x2d.stride(-1) != 1 or x2d.dim() != 2 or x2d.shape[1] != self.k:
+            return mm(x2d, self.w, bias, act, other)
+        m, n = x2d.shape[0], self.n
+        so = 0
+        if bias is not None and (bias.dtype != self.dtype or bias.shape != (n,) or bias.stride(0) != 1):
+            return mm(x2d, self.w, bias, act, other)
+        if other is not None:
+            if other.dtype != self.dtype or other.shape != (m, n) or other.stride(-1) != 1:
+                return mm(x2d, self.w, bias, act, other)
+            so = other.stride(0)
+        y = torch.empty((m, n), dtype=self.dtype)
+        rc = self.fn(self.wtype, 0, x2d.data_ptr(), m, self.k, x2d.stride(0), self.wp, n, self.k,
+                     None if bias is None else bias.data_ptr(), _ACTS[act],
+                     None if other is None else other.data_ptr(), so, y.data_ptr(), n)
+        if rc:
+            raise RuntimeError(f"mq_dense_mm failed ({cpp._ERRORS.get(rc, rc)}, {self.dtype})")
+        return y
+
+
 class CppDenseKernel:
     """The ``DenseKernel`` the plugin registers (``mistralrs_core.layers.dense_kernels``)."""
 
@@ -99,8 +137,8 @@ class CppDenseKernel:
     def max_rows(self, dtype: torch.dtype) -> int:
         return MAX_ROWS
 
-    def mm(self, x2d, w, bias, act, other):
-        return mm(x2d, w, bias, act, other)
+    def bind(self, w: torch.Tensor) -> _Bound:
+        return _Bound(w)
 
 
 kernel = CppDenseKernel()
