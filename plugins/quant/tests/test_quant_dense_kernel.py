@@ -131,3 +131,22 @@ def test_special_values_and_errors():
         with pytest.raises(RuntimeError, match="unsupported"):
             dense.mm(x.half(), w.half(), impl="avx512bf16")
     assert dense.mm(x[:0], w).shape == (0, 3)
+
+
+def test_plugin_serves_small_m_layers(monkeypatch):
+    """Registered through the plugin hook: a ``small_m`` layer on an AVX-512 CPU gets this
+    kernel for a few rows and gives the kernel's numbers."""
+    from mistralrs_core import plugins
+    from mistralrs_core.layers.dense_kernels import ENV
+    from mistralrs_core.layers.packed import DenseWeight
+    monkeypatch.delenv(ENV, raising=False)
+    plugins.reset()
+    assert "cpp" in plugins.get_registry().dense_kernels
+    x, w, bias, other = _data(2, 50, 64, torch.bfloat16, seed=3)
+    d = DenseWeight(w, small_m=True)
+    if not dense.isa()["avx512"]:
+        assert d.kernel is None
+        return
+    assert d.kernel is dense.kernel and d.packed is None
+    assert torch.equal(d.mm(x, bias, "gelu_tanh"), dense.mm(x, w, bias, "gelu_tanh"))
+    assert torch.equal(d.mm_add(x, other, bias), dense.mm(x, w, bias, None, other))
