@@ -100,11 +100,15 @@ class DenseWeight:
         return torch.add(F.linear(x2d, self.plain, bias), other)
 
     def _mm_wide(self, x2d, bias, act, other) -> torch.Tensor:
-        """More rows than the small-M kernel serves, on the plain weight: ``W @ x.T`` lets
-        oneDNN use W as it lies (``x @ W.T`` re-lays W out on every call): measured on 1
-        core, as fast as the packed GEMM from 64 rows on and 10-40% slower for 4-16 rows,
-        where ``x @ W.T`` is 1.5-2x slower."""
-        out = torch.mm(self.plain, x2d.t()).t().contiguous()
+        """More rows than the small-M kernel serves, on the plain weight. Below 64 rows
+        ``W @ x.T`` (oneDNN takes W as it lies; ``x @ W.T`` re-lays it out on every call and
+        is 1.5-2x slower there); from 64 rows ``x @ W.T``, whose transposed output needs no
+        copy. Measured on 1 core (bench/dense_matmul.py): 15-50% slower than the packed GEMM
+        for 5-256 rows, as fast or faster beyond."""
+        if x2d.shape[0] >= 64:
+            out = F.linear(x2d, self.plain)
+        else:
+            out = torch.mm(self.plain, x2d.t()).t().contiguous()
         if bias is not None:
             out += bias
         if act == "gelu_tanh":

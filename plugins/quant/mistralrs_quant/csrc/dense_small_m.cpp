@@ -96,15 +96,17 @@ int mq_dense_isa() { return (have_avx512() ? 1 : 0) | (have_avx512bf16() ? 2 : 0
 
 // y[m, :n] = epilogue(x[m, :k] @ W.T) for bf16 (wtype 0) or f16 (wtype 1) tensors: x's row
 // i at x + i * sx, W's row j at w + j * sw, other's at other + i * so, y's at y + i * sy;
-// bias [n] and other may be null; act 0 (none) or 1 (gelu_tanh). impl: 0 the best this
-// CPU has, 1 scalar, 2 AVX-512F, 3 AVX-512 BF16 (bf16 only).
+// bias [n] and other may be null; act 0 (none) or 1 (gelu_tanh). impl: 0 the fastest this
+// CPU has for m rows, 1 scalar, 2 AVX-512F, 3 AVX-512 BF16 (bf16 only).
 int mq_dense_mm(int wtype, int impl, const uint16_t* x, int64_t m, int64_t k, int64_t sx, const uint16_t* w,
                 int64_t n, int64_t sw, const uint16_t* bias, int act, const uint16_t* other, int64_t so,
                 uint16_t* y, int64_t sy) {
   if (wtype != 0 && wtype != 1) return BAD_TYPE;
   if (act != 0 && act != 1) return BAD_TYPE;
   const bool f16 = wtype == 1;
-  if (impl == AUTO) impl = (!f16 && have_avx512bf16()) ? AVX512BF16 : have_avx512() ? AVX512 : SCALAR;
+  // vdpbf16ps is a little faster on 1-2 rows, the widening FMA kernel from 3 rows on
+  // (measured on a Sapphire Rapids core: bench/dense_matmul.py).
+  if (impl == AUTO) impl = (!f16 && m <= 2 && have_avx512bf16()) ? AVX512BF16 : have_avx512() ? AVX512 : SCALAR;
   if (impl != SCALAR && impl != AVX512 && impl != AVX512BF16) return BAD_IMPL;
   if ((impl == AVX512 && !have_avx512()) || (impl == AVX512BF16 && !have_avx512bf16())) return NO_ISA;
   if (impl == AVX512BF16 && f16) return BAD_TYPE;

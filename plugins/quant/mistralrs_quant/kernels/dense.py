@@ -6,9 +6,9 @@ float32, one rounding to the weight dtype. Each output is therefore the exactly 
 value of its float32 result, whose error is float32 summation error (the bf16 products are
 exact in float32). Variants (``impl``): ``avx512bf16`` (vdpbf16ps, bf16 only; flushes
 bf16 subnormals to zero), ``avx512`` (weights widened to float32, FMA), ``scalar``;
-``auto`` picks the fastest this CPU has (measured on a Sapphire Rapids core: the widening
-kernel streams the weights a little faster than vdpbf16ps, both ~30% faster than oneDNN's
-packed GEMM at M = 2). ``kernel`` (``DenseKernel``) is what the plugin registers; it
+``auto`` picks the fastest this CPU has for the row count (measured on a Sapphire Rapids
+core, ``bench/dense_matmul.py``: vdpbf16ps for 1-2 rows, widening from 3; both stream the
+weights ~25-35% faster than oneDNN's packed GEMM at M = 1-2). ``kernel`` (``DenseKernel``) is what the plugin registers; it
 supports a CPU with AVX-512 (without it, the scalar loop would lose to oneDNN).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ _ACTS = {None: 0, "gelu_tanh": 1}
 # once for all rows but spends M FMAs per weight vector, so from ~4 rows on it is bound by
 # the FMA units, where oneDNN's AMX is not (measured: docs/architecture.md, "Small-M dense
 # kernel").
-MAX_ROWS = 3
+MAX_ROWS = 4
 
 
 class _Lib:
