@@ -31,6 +31,8 @@ def _impls(dtype):
         out.append("avx512")
     if isa["avx512bf16"] and dtype == torch.bfloat16:
         out.append("avx512bf16")
+    if isa["amx"] and dtype == torch.bfloat16:
+        out.append("amx")
     return out
 
 
@@ -77,7 +79,7 @@ def _data(m, n, k, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_the_float64_reference(dtype):
     for impl in _impls(dtype):
-        for m in range(1, 18):
+        for m in list(range(1, 18)) + [40]:             # 40: AMX's activation rows in three tiles
             n, k = (37, 70) if m % 2 else (131, 17)     # N odd and across tiles; K no multiple of 16/32
             x, w, bias, other = _data(m, n, k, dtype, seed=m)
             for b, act, o in ((None, None, None), (bias, None, None), (bias, "gelu_tanh", None),
@@ -127,9 +129,10 @@ def test_special_values_and_errors():
         dense.mm(x.float(), w.float())
     with pytest.raises(ValueError, match="other must be"):
         dense.mm(x, w, other=torch.zeros(2, 2, dtype=torch.bfloat16))
-    if dense.isa()["avx512bf16"]:
-        with pytest.raises(RuntimeError, match="unsupported"):
-            dense.mm(x.half(), w.half(), impl="avx512bf16")
+    for impl in ("avx512bf16", "amx"):
+        if dense.isa()[impl]:
+            with pytest.raises(RuntimeError, match="unsupported"):
+                dense.mm(x.half(), w.half(), impl=impl)
     assert dense.mm(x[:0], w).shape == (0, 3)
 
 

@@ -38,6 +38,14 @@ void tile_scalar(const Args& a, int64_t n0, int64_t n1, float* buf);
 #define MQ_DENSE_X86 1
 void tile_avx512(const Args& a, int64_t n0, int64_t n1, float* buf);      // convert + FMA
 void tile_avx512bf16(const Args& a, int64_t n0, int64_t n1, float* buf);  // vdpbf16ps, bf16 only
+#if defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define MQ_DENSE_AMX 1
+// AMX tiles, bf16 only: the activations in pairs of k first (amx_pack_x: kp/2 * m dwords),
+// then tiles; amx_usable asks the OS for the tile state (once per process).
+bool amx_usable();
+void amx_pack_x(const Args& a, uint32_t* xt);
+void tile_amx(const Args& a, const uint32_t* xt, int64_t n0, int64_t n1, float* buf);
+#endif
 #endif
 
 }  // namespace mq_dense

@@ -4,11 +4,13 @@
 f16 ``w`` [N, K] (plain rows) and x [M, K] of that dtype: float32 sums, the epilogue in
 float32, one rounding to the weight dtype. Each output is therefore the exactly rounded
 value of its float32 result, whose error is float32 summation error (the bf16 products are
-exact in float32). Variants (``impl``): ``avx512bf16`` (vdpbf16ps, bf16 only; flushes
-bf16 subnormals to zero), ``avx512`` (weights widened to float32, FMA), ``scalar``;
-``auto`` picks the fastest this CPU has for the row count (measured on a Sapphire Rapids
-core, ``bench/dense_matmul.py``: vdpbf16ps for 1-2 rows, widening from 3; both stream the
-weights ~25-35% faster than oneDNN's packed GEMM at M = 1-2). ``kernel`` (``DenseKernel``) is what the plugin registers; it
+exact in float32). Variants (``impl``): ``amx`` (AMX tiles on the plain weight rows,
+bf16 only), ``avx512bf16`` (vdpbf16ps, bf16 only), ``avx512`` (weights widened to float32,
+FMA), ``scalar``; ``auto`` picks the fastest this CPU has for the row count (measured on a
+Sapphire Rapids core, ``bench/dense_matmul.py``: vdpbf16ps for 1-2 rows, widening for 3,
+AMX from 4). vdpbf16ps and AMX treat bf16 subnormals as zero. At 1-2 rows the AVX-512
+variants stream the weights ~25-35% faster than oneDNN's packed GEMM; AMX matches it up to
+16 rows. ``kernel`` (``DenseKernel``) is what the plugin registers; it
 supports a CPU with AVX-512 (without it, the scalar loop would lose to oneDNN).
 """
 from __future__ import annotations
@@ -19,14 +21,15 @@ import torch
 
 from . import cpp
 
-IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512bf16": 3}
+IMPLS = {"auto": 0, "scalar": 1, "avx512": 2, "avx512bf16": 3, "amx": 4}
 _WTYPE = {torch.bfloat16: 0, torch.float16: 1}
 _ACTS = {None: 0, "gelu_tanh": 1}
-# Rows up to which the kernel beats oneDNN on the plain weight (``W @ x.T``): it streams W
-# once for all rows but spends M FMAs per weight vector, so from ~4 rows on it is bound by
-# the FMA units, where oneDNN's AMX is not (measured: docs/architecture.md, "Small-M dense
-# kernel").
+# Rows up to which the kernel is at least as fast as oneDNN's packed GEMM. The AVX-512
+# variants stream W once for all rows but spend a multiply per weight and row, so from ~4
+# rows on they are bound by the FMA units; AMX tiles are not, up to one 16-row tile of
+# activations (measured: docs/architecture.md, "Small-M dense kernel").
 MAX_ROWS = 4
+MAX_ROWS_AMX = 16
 
 
 class _Lib:
@@ -49,9 +52,9 @@ def _fn():
 
 
 def isa() -> dict:
-    """Which variants this CPU runs: ``{"avx512": bool, "avx512bf16": bool}``."""
+    """Which variants this CPU (and OS) runs: ``{"avx512": bool, "avx512bf16": bool, "amx": bool}``."""
     _fn()
-    return {"avx512": bool(_Lib.isa & 1), "avx512bf16": bool(_Lib.isa & 2)}
+    return {"avx512": bool(_Lib.isa & 1), "avx512bf16": bool(_Lib.isa & 2), "amx": bool(_Lib.isa & 4)}
 
 
 def mm(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
@@ -135,7 +138,7 @@ class CppDenseKernel:
         return isa()["avx512"]
 
     def max_rows(self, dtype: torch.dtype) -> int:
-        return MAX_ROWS
+        return MAX_ROWS_AMX if dtype == torch.bfloat16 and isa()["amx"] else MAX_ROWS
 
     def bind(self, w: torch.Tensor) -> _Bound:
         return _Bound(w)
