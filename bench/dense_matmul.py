@@ -5,7 +5,7 @@
 
 Two tables. "step": the 37 matmuls of one Dia decode step (6 decoder layers' q/k/v/o,
 MLP in/out, the audio head; [out, in] shapes of the bench model) on 2 rows, per path, in
-ms per step and GB/s of weight read. "rows": per shape and row count, microseconds per
+ms per step and GB/s of weight read (``--threads 2`` for the parallel scaling). "rows": per shape and row count, microseconds per
 call of each path. Paths: ``packed`` (``DenseWeight(w)``, today's default), ``small_m``
 (``DenseWeight(w, small_m=True)``: the registered small-M kernel up to its row limit, then
 ``W @ x.T`` on the plain weight), ``kernel avx512``/``kernel avx512bf16`` (the quant
@@ -63,9 +63,10 @@ def main() -> None:
     packed = [DenseWeight(w) for w in ws]
     small = [DenseWeight(w, small_m=True) for w in ws]
     xs = {k: torch.randn(2, k).bfloat16() for _, k in STEP}
+    # (No "x @ W.T" here: its per-call re-layout of every weight, ~50 MB of temporaries a
+    # step, disturbs the caches for whichever path runs next.)
     fns = {"packed": lambda: [d.mm(xs[k]) for d, (_, k) in zip(packed, STEP)],
-           "small_m": lambda: [d.mm(xs[k]) for d, (_, k) in zip(small, STEP)],
-           "x @ W.T": lambda: [F.linear(xs[k], w) for w, (_, k) in zip(ws, STEP)]}
+           "small_m": lambda: [d.mm(xs[k]) for d, (_, k) in zip(small, STEP)]}
     for v in variants:
         fns[f"kernel {v}"] = lambda v=v: [dense.mm(xs[k], w, impl=v) for w, (_, k) in zip(ws, STEP)]
     nbytes = sum(n * k * 2 for n, k in STEP)
