@@ -10,6 +10,8 @@ weights stay plain tensors.
 ``DenseWeight`` is the storage (the quant plugin keeps its dense fallbacks in it);
 ``prepack_linears`` turns a loaded module's bf16/f16 ``Linear`` layers into ``PackedLinear``
 quant methods, so a decode step of a few rows streams half the bytes at full speed.
+``small_m=True`` (a model of mostly few-row steps opts in) keeps the plain weight instead
+and lets a plugin's small-M kernel serve those steps (``layers/dense_kernels.py``).
 """
 from __future__ import annotations
 
