@@ -153,3 +153,14 @@ def test_plugin_serves_small_m_layers(monkeypatch):
     assert d.kernel is dense.kernel and d.packed is None
     assert torch.equal(d.mm(x, bias, "gelu_tanh"), dense.mm(x, w, bias, "gelu_tanh"))
     assert torch.equal(d.mm_add(x, other, bias), dense.mm(x, w, bias, None, other))
+
+
+def test_declines_without_the_library(monkeypatch):
+    """With the C++ kernels disabled the plugin's kernel declines, so a small_m layer is
+    prepacked for oneDNN as before."""
+    from mistralrs_core.layers.packed import DenseWeight
+    monkeypatch.setenv(cpp.ENV_DISABLE, "1")
+    assert not dense.kernel.supports(torch.bfloat16, "cpu")
+    assert not dense.kernel.supports(torch.float32, "cpu")
+    d = DenseWeight(torch.randn(8, 16).bfloat16(), small_m=True)
+    assert d.kernel is None and d.packed is not None
