@@ -79,14 +79,17 @@ def test_small_calls_reach_the_kernel_and_wide_ones_run_torch(fake):
     assert fake.calls == [(2, True, "gelu_tanh", False), (2, True, None, True)]
     # More rows than the kernel takes: torch on the plain weight, same numbers as the
     # packed path to bf16 rounding (W @ x.T, then the epilogue ops one by one).
-    xs = torch.randn(7, 40).bfloat16()
-    wide = F.linear(xs.float(), w.float(), b.float())
     packed = DenseWeight(w)
-    for got, want in ((d.mm(xs, b), wide), (d.mm(xs, b, "gelu_tanh"), F.gelu(wide, approximate="tanh")),
-                      (d.mm_add(xs, torch.ones(7, 24).bfloat16(), b), wide + 1)):
-        assert got.shape == (7, 24) and got.is_contiguous()
-        assert (got.float() - want).abs().max() <= want.abs().max() * 2 ** -6
-    assert (packed.mm(xs, b).float() - d.mm(xs, b).float()).abs().max() <= wide.abs().max() * 2 ** -6
+    for rows in (7, 70):                      # W @ x.T below 64 rows, x @ W.T from 64
+        xs = torch.randn(rows, 40).bfloat16()
+        wide = F.linear(xs.float(), w.float(), b.float())
+        for got, want in ((d.mm(xs, b), wide), (d.mm(xs, b, "gelu_tanh"), F.gelu(wide, approximate="tanh")),
+                          (d.mm_add(xs, torch.ones(rows, 24).bfloat16(), b), wide + 1)):
+            assert got.shape == (rows, 24) and got.is_contiguous()
+            assert (got.float() - want).abs().max() <= want.abs().max() * 2 ** -6
+        assert (packed.mm(xs, b).float() - d.mm(xs, b).float()).abs().max() <= wide.abs().max() * 2 ** -6
+    with pytest.raises(ValueError, match="act"):
+        d.mm(xs, b, "relu6")
     assert len(fake.calls) == 2
 
 

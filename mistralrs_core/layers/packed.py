@@ -51,7 +51,7 @@ class DenseWeight:
         self.packed = None
         self.plain = w
         self.kernel = None
-        self.kernel_rows = 0
+        self.kernel_rows = -1          # calls of at most this many rows go to the kernel
         if small_m and prepack and _can_prepack(w):
             from mistralrs_core.layers.dense_kernels import kernel_for
             self.kernel = kernel_for(w.dtype, w.device)
@@ -74,13 +74,13 @@ class DenseWeight:
     def mm(self, x2d: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
         """``x2d @ W.T (+ bias)``, then ``act`` (None or ``"gelu_tanh"``). Packed, the bias
         and the activation run inside the GEMM's epilogue (no extra pass over the output)."""
+        if x2d.shape[0] <= self.kernel_rows and act in ACTIVATIONS:   # first: a decode step's call
+            return self._small_mm(x2d.to(self.dtype), bias, act, None)
         x2d = x2d.to(self.dtype)
         spec = ACTIVATIONS.get(act)
         if spec is None:
             raise ValueError(f"act: {act!r} is not one of {sorted(ACTIVATIONS, key=str)}")
         if self.kernel is not None:
-            if x2d.shape[0] <= self.kernel_rows:
-                return self._small_mm(x2d, bias, act, None)
             return self._mm_wide(x2d, bias, act, None)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, bias, spec[0], [], spec[1])
@@ -108,11 +108,11 @@ class DenseWeight:
         copy. Measured on 1 core (bench/dense_matmul.py): 15-50% slower than the packed GEMM
         for 5-256 rows, as fast or faster beyond."""
         if x2d.shape[0] >= 64:
-            out = F.linear(x2d, self.plain)
+            out = F.linear(x2d, self.plain, bias)
         else:
             out = torch.mm(self.plain, x2d.t()).t().contiguous()
-        if bias is not None:
-            out += bias
+            if bias is not None:
+                out += bias
         if act == "gelu_tanh":
             out = F.gelu(out, approximate="tanh")
         return out if other is None else out.add_(other)
