@@ -9,8 +9,8 @@ bf16 only), ``avx512bf16`` (vdpbf16ps, bf16 only), ``avx512`` (weights widened t
 FMA), ``scalar``; ``auto`` picks the fastest this CPU has for the row count (measured on a
 Sapphire Rapids core, ``bench/dense_matmul.py``: vdpbf16ps for 1-2 rows, widening for 3,
 AMX from 4). vdpbf16ps and AMX treat bf16 subnormals as zero. At 1-2 rows the AVX-512
-variants stream the weights ~25-35% faster than oneDNN's packed GEMM; AMX matches it up to
-16 rows. ``kernel`` (``DenseKernel``) is what the plugin registers; it
+variants stream the weights ~20-35% faster than oneDNN's packed GEMM; for 4-16 rows AMX is
+within ~15% of it, either way, depending on the shape. ``kernel`` (``DenseKernel``) is what the plugin registers; it
 supports a CPU with AVX-512 (without it, the scalar loop would lose to oneDNN).
 """
 from __future__ import annotations
