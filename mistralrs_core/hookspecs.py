@@ -83,6 +83,15 @@ def mistralrs_register_decode_attention(register):
     asks it only on the listed device types unless ``MISTRALRS_DECODE_ATTENTION`` names it."""
 
 
+@hookspec
+def mistralrs_register_dense_kernels(register):
+    """Register small-M dense matmul kernels for prepacked bf16/f16 linears: ``register(name,
+    target, *, device_types=("cpu",))``, ``target`` a ``"module:attr"`` of an object with
+    ``supports(dtype, device) -> bool``, ``max_rows(dtype) -> int`` and ``bind(w) -> mm``
+    (contract in ``mistralrs_core.layers.dense_kernels``). Asked only for layers prepacked
+    with ``small_m=True``, unless ``MISTRALRS_DENSE_KERNEL=torch``."""
+
+
 @hookspec(firstresult=True)
 def mistralrs_select_loader(which, kind):
     """Return the registered loader name that handles this ``Which`` variant, or None."""

@@ -98,6 +98,7 @@ class Registry:
         self.capabilities: dict[str, Entry] = {}
         self.logits_processors: dict[str, Entry] = {}
         self.decode_attention: dict[str, Entry] = {}
+        self.dense_kernels: dict[str, Entry] = {}
 
     def architecture(self, name: str, kind: str | None = None) -> ArchitectureEntry | None:
         key = name.lower()
@@ -233,13 +234,15 @@ def _capability_register(stage: list, plugin_name: str):
     return register
 
 
-def _decode_attention_extra(name: str, kw: dict) -> dict:
+def _kernel_extra(table: str, name: str, kw: dict) -> dict:
+    """The keywords of a kernel registration (decode attention, dense): ``device_types``."""
+    what = _ENTRY_NOUN[table]
     unknown = set(kw) - {"device_types"}
     if unknown:
-        raise TypeError(f"register(): unknown keyword(s) {sorted(unknown)} for decode-attention kernel {name!r}")
+        raise TypeError(f"register(): unknown keyword(s) {sorted(unknown)} for {what} {name!r}")
     types = kw.get("device_types", ())
     if isinstance(types, str) or not all(isinstance(t, str) for t in types):
-        raise TypeError(f"register(): device_types of decode-attention kernel {name!r} must be a sequence "
+        raise TypeError(f"register(): device_types of {what} {name!r} must be a sequence "
                         f"of device type names like ('cuda',), got {types!r}")
     return {"device_types": tuple(types)}
 
@@ -253,8 +256,8 @@ def _table_register(stage: list, table: str, plugin_name: str):
             # Families are keyed by kind too: the text and the vision "Gemma3" coexist.
             key = f"{entry.kind}:{name.lower()}"
         else:
-            if table == "decode_attention":
-                kw = _decode_attention_extra(name, kw)
+            if table in ("decode_attention", "dense_kernels"):
+                kw = _kernel_extra(table, name, kw)
             entry, key = Entry(name=name, target=target, plugin=plugin_name, extra=kw), name.lower()
         stage.append((table, key, entry))
     return register
@@ -269,10 +272,12 @@ _HOOKS = (
     ("mistralrs_register_capabilities", "capabilities"),
     ("mistralrs_register_logits_processors", "logits_processors"),
     ("mistralrs_register_decode_attention", "decode_attention"),
+    ("mistralrs_register_dense_kernels", "dense_kernels"),
 )
 
 
-_ENTRY_NOUN = {"capabilities": "capability", "decode_attention": "decode-attention kernel"}
+_ENTRY_NOUN = {"capabilities": "capability", "decode_attention": "decode-attention kernel",
+               "dense_kernels": "dense kernel"}
 
 
 def _plugin_registrations(pm: pluggy.PluginManager, name: str) -> list:
@@ -402,7 +407,8 @@ def describe() -> str:
                          ("quantizers", reg.quantizers), ("samplers", reg.samplers),
                          ("tool providers", reg.tool_providers),
                          ("logits processors", reg.logits_processors),
-                         ("decode-attention kernels", reg.decode_attention)):
+                         ("decode-attention kernels", reg.decode_attention),
+                         ("dense kernels", reg.dense_kernels)):
         lines.append(f"{title}:")
         for e in table.values():
             kind = f" [{e.kind}]" if isinstance(e, ArchitectureEntry) else ""

@@ -10,6 +10,8 @@ weights stay plain tensors.
 ``DenseWeight`` is the storage (the quant plugin keeps its dense fallbacks in it);
 ``prepack_linears`` turns a loaded module's bf16/f16 ``Linear`` layers into ``PackedLinear``
 quant methods, so a decode step of a few rows streams half the bytes at full speed.
+``small_m=True`` (a model of mostly few-row steps opts in) keeps the plain weight instead
+and lets a plugin's small-M kernel serve those steps (``layers/dense_kernels.py``).
 """
 from __future__ import annotations
 
@@ -38,11 +40,26 @@ ACTIVATIONS = {None: ("none", ""), "gelu_tanh": ("gelu", "tanh")}
 
 
 class DenseWeight:
-    def __init__(self, w: torch.Tensor, prepack: bool = True):
+    """A dense weight [out, in] and its matmuls. ``prepack``: hold it in oneDNN's packed
+    layout where ``can_prepack`` allows. ``small_m``: where a registered small-M kernel
+    supports it (``layers/dense_kernels.py``), hold the plain weight instead and let the
+    kernel serve calls of up to ``kernel.max_rows`` rows (torch's matmul the larger ones)."""
+
+    def __init__(self, w: torch.Tensor, prepack: bool = True, small_m: bool = False):
         self.shape = tuple(w.shape)
         self.dtype = w.dtype
         self.packed = None
         self.plain = w
+        self.kernel = None
+        self.kernel_rows = -1          # calls of at most this many rows go to the kernel
+        if small_m and prepack and _can_prepack(w):
+            from mistralrs_core.layers.dense_kernels import kernel_for
+            self.kernel = kernel_for(w.dtype, w.device)
+            if self.kernel is not None:
+                self.plain = w.contiguous()
+                self.kernel_rows = int(self.kernel.max_rows(w.dtype))
+                self._small_mm = self.kernel.bind(self.plain)
+                return
         if prepack and _can_prepack(w):
             try:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
@@ -57,10 +74,14 @@ class DenseWeight:
     def mm(self, x2d: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
         """``x2d @ W.T (+ bias)``, then ``act`` (None or ``"gelu_tanh"``). Packed, the bias
         and the activation run inside the GEMM's epilogue (no extra pass over the output)."""
+        if x2d.shape[0] <= self.kernel_rows and act in ACTIVATIONS:   # first: a decode step's call
+            return self._small_mm(x2d.to(self.dtype), bias, act, None)
         x2d = x2d.to(self.dtype)
         spec = ACTIVATIONS.get(act)
         if spec is None:
             raise ValueError(f"act: {act!r} is not one of {sorted(ACTIVATIONS, key=str)}")
+        if self.kernel is not None:
+            return self._mm_wide(x2d, bias, act, None)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x2d.contiguous(), self.packed, bias, spec[0], [], spec[1])
         out = F.linear(x2d, self.plain, bias)
@@ -71,10 +92,30 @@ class DenseWeight:
         the GEMM's epilogue, so a projection of concatenated inputs can run as two GEMMs with
         no concatenation copy."""
         x2d = x2d.to(self.dtype)
+        if self.kernel is not None:
+            if x2d.shape[0] <= self.kernel_rows:
+                return self._small_mm(x2d, bias, None, other)
+            return self._mm_wide(x2d, bias, None, other)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x2d.contiguous(), other.contiguous(), self.packed,
                                                              bias, "add")
         return torch.add(F.linear(x2d, self.plain, bias), other)
+
+    def _mm_wide(self, x2d, bias, act, other) -> torch.Tensor:
+        """More rows than the small-M kernel serves, on the plain weight. Below 64 rows
+        ``W @ x.T`` (oneDNN takes W as it lies; ``x @ W.T`` re-lays it out on every call and
+        is 1.5-2x slower there); from 64 rows ``x @ W.T``, whose transposed output needs no
+        copy. Measured on 1 core (bench/dense_matmul.py): 15-50% slower than the packed GEMM
+        for 5-256 rows, as fast or faster beyond."""
+        if x2d.shape[0] >= 64:
+            out = F.linear(x2d, self.plain, bias)
+        else:
+            out = torch.mm(self.plain, x2d.t()).t().contiguous()
+            if bias is not None:
+                out += bias
+        if act == "gelu_tanh":
+            out = F.gelu(out, approximate="tanh")
+        return out if other is None else out.add_(other)
 
     def to_dense(self) -> torch.Tensor:
         return self.plain if self.packed is None else self.packed.to_dense()
@@ -87,9 +128,9 @@ class PackedLinear:
     """A ``QuantMethod`` over a prepacked dense weight: ``Linear`` runs it like a quantized
     layer (and drops its own parameter, so the weight is held once)."""
 
-    def __init__(self, w: torch.Tensor):
+    def __init__(self, w: torch.Tensor, small_m: bool = False):
         self.out_features, self.in_features = w.shape
-        self.weight = DenseWeight(w)
+        self.weight = DenseWeight(w, small_m=small_m)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
         """``x`` [..., in] -> [..., out]; ``bias`` and ``act`` as ``DenseWeight.mm`` (in the
@@ -114,11 +155,14 @@ def prepack_enabled() -> bool:
     return os.environ.get("MISTRALRS_PREPACK", "1").lower() not in ("0", "false", "off", "no")
 
 
-def prepack_linears(module: nn.Module) -> int:
+def prepack_linears(module: nn.Module, small_m: bool = False) -> int:
     """Prepack every dense bf16/f16 CPU ``Linear`` of ``module`` (call once its weights are
     final: after loading, fusing, merging). Layers already quantized or carrying a LoRA hook
     keep their form; a weight shared with another module (a tied head) stays plain, since
-    packing would hold it twice. ``MISTRALRS_PREPACK=0`` turns it off. Returns the count."""
+    packing would hold it twice. ``MISTRALRS_PREPACK=0`` turns it off. ``small_m``: the model
+    runs mostly steps of a few rows, so a registered small-M kernel serves those on the
+    plain weight where one supports it (``layers/dense_kernels.py``; calls of more rows then
+    run torch's slower unpacked matmul). Returns the count."""
     from mistralrs_core.layers.linear import Linear
     if not prepack_enabled():
         return 0
@@ -133,8 +177,8 @@ def prepack_linears(module: nn.Module) -> int:
         w = m.weight
         if w is None or not _can_prepack(w) or owners.get(id(w), 0) > 1:
             continue
-        packed = PackedLinear(w.detach())
-        if packed.weight.packed is None:         # this torch cannot pack: leave the layer as it is
+        packed = PackedLinear(w.detach(), small_m=small_m)
+        if packed.weight.packed is None and packed.weight.kernel is None:  # this torch cannot pack: leave it
             continue
         m.set_quant_method(packed)
         n += 1

@@ -35,9 +35,10 @@ def load_dia(model_dir: str | Path, dtype: torch.dtype = torch.float32, device="
     load_module(model, stream, device=device, dtype=dtype)
     # Non-persistent buffers were built on meta: rebuild them where the weights are.
     model.decoder.embeddings.offsets = torch.arange(cfg.channels, device=device) * cfg.audio_vocab
-    # A frame step is 2 rows per request: bf16 weight streaming needs oneDNN's packed layout
-    # to run at memory speed on CPU (a no-op for float32 and on CUDA).
-    prepack_linears(model)
+    # A frame step is 2 rows per request: bf16 weights stream at memory speed on CPU only
+    # through a small-M kernel (the quant plugin's) or oneDNN's packed layout, which then
+    # serves where no kernel is registered (a no-op for float32 and on CUDA).
+    prepack_linears(model, small_m=True)
     return model.eval()
 
 

@@ -66,6 +66,12 @@ def mistralrs_register_decode_attention(register):
     register("triton", "mistralrs_quant.kernels.triton.dispatch:decode_attention", device_types=("cuda",))
 
 
+@hookimpl
+def mistralrs_register_dense_kernels(register):
+    # The target module loads the C++ library only when a layer first asks it.
+    register("cpp", "mistralrs_quant.kernels.dense:kernel", device_types=("cpu",))
+
+
 # ISQ, topology files, UQFF and importance matrices for Which.Plain text models
 # (mistralrs_quant.isq); other model kinds refuse them (runner._check_quant_args).
 _CAPABILITIES = {"isq": "mistralrs_quant.isq", "topology": "mistralrs_quant.isq.topology",

@@ -59,8 +59,11 @@ ENV_IMPL = "MISTRALRS_QUANT_CPP_IMPL"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _LIB_NAME = "mistralrs_quant_ggml"
 _SOURCES = ("ggml_cpu.cpp", "ggml_avx512.cpp", "ggml_vnni.cpp", "decoder_step.cpp", "gguf_strings.cpp",
-            "ggml_quantize.cpp", "qformats_cpu.cpp", "qformats_avx512.cpp", "qformats_avx2.cpp")
-_HEADERS = ("ggml_kernels.h", "mq_parallel.h", "qformats.h", "qformats_generic.h")
+            "ggml_quantize.cpp", "qformats_cpu.cpp", "qformats_avx512.cpp", "qformats_avx2.cpp",
+            "dense_small_m.cpp", "dense_small_m_avx512.cpp", "dense_small_m_bf16.cpp",  # kernels/dense.py
+            "dense_small_m_amx.cpp")
+_HEADERS = ("ggml_kernels.h", "mq_parallel.h", "qformats.h", "qformats_generic.h", "dense_small_m.h",
+            "dense_small_m_avx512.h")
 # -ffp-contract=off: a fused a*b+c in the scalar decoders would round differently from the
 # reference dequantizer (the AVX-512 code uses explicit FMAs only where they are exact).
 # -fopenmp makes at::parallel_for (an inline template) use torch's OpenMP pool; Apple's
