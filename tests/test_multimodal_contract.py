@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mistralrs import ChatCompletionRequest, Runner, Which
+from mistralrs_core.testing.concurrency import submitted_together
 from mistralrs_core.testing.parity import perturb_parameters
 from mistralrs_core.testing.tiny import tokenizer_vocab_size, write_tiny_tokenizer
 
@@ -142,10 +143,11 @@ def test_image_and_text_requests_batched_match_reference(mm_model):
         def work(i):
             results[i] = runner.send_chat_completion_request(reqs[i])
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        with submitted_together(pipe.engine, len(reqs)):
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
         for req, res in zip(reqs, results):
             ids, spans, images = prompt_of(pipe, req)
             want_toks, want_lps = ref_greedy(ref, ids, images, spans, 6)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mistralrs_core.testing.concurrency import submitted_together
+
 
 def random_image(seed: int, size=(37, 29)) -> Image.Image:
     rng = np.random.default_rng(seed)
@@ -37,10 +39,11 @@ def run_concurrently(runner, reqs) -> list:
     def work(i):
         results[i] = runner.send_chat_completion_request(reqs[i])
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    with submitted_together(runner._pipeline(None).engine, len(reqs)):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
     return results
 
 
