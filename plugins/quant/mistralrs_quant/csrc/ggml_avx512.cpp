@@ -116,18 +116,17 @@ inline __m512i with_bit4(__m512i nib, __mmask16 bit) {
 // be as exact but give +0 where the reference's (q - 16) * d is -0 for a negative d.)
 struct FQ5_0 {
   static constexpr int BS = 32, TS = 22, G = 32;
-  struct S { __m512 t0, t1; uint32_t qh; };
+  struct S { __m512 t0, t1; __mmask16 hl, hh; };
   static S prep(const uint8_t* b) {
     const __m512 d = _mm512_set1_ps(f16_at(b));
     return {_mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f)), d), _mm512_mul_ps(iota16(), d),
-            u32_at(b + 2)};
+            u16_at(b + 2), u16_at(b + 4)};
   }
+  // The fifth bit as in FQ5_1 (below).
   static void group(const S& s, const uint8_t* b, int, __m512* w) {
-    __m512i v = u8x16(b + 6);
-    __m512i lo = with_bit4(_mm512_and_si512(v, _mm512_set1_epi32(15)), static_cast<__mmask16>(s.qh));
-    __m512i hi = with_bit4(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(s.qh >> 16));
-    w[0] = _mm512_permutex2var_ps(s.t0, lo, s.t1);
-    w[1] = _mm512_permutex2var_ps(s.t0, hi, s.t1);
+    const __m512i v = u8x16(b + 6), hi = _mm512_srli_epi32(v, 4);
+    w[0] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, s.t0), s.hl, v, s.t1);
+    w[1] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, s.t0), s.hh, hi, s.t1);
   }
 };
 
