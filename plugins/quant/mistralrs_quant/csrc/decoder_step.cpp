@@ -135,15 +135,47 @@ struct Scratch {
   std::vector<int64_t> rows;
 };
 
+// Rows [n0, n1) of y = x W^T (+ bias) for T rows of x, by the exact kernels.
+void linear_rows(const MqLin& L, const float* x, int64_t T, float* y, int64_t n0, int64_t n1, bool avx512) {
+  const mq::MatmulArgs a{x, L.k, T, L.k, L.w, L.w_stride, y, L.n};
+#ifdef MQ_HAVE_AVX512_TU
+  if (avx512)
+    mq::matmul_f32_avx512(L.type, a, n0, n1);
+  else
+#endif
+    mq::matmul_f32_scalar(L.type, a, n0, n1);
+  if (L.bias)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = n0; n < n1; ++n) y[t * L.n + n] += L.bias[n];
+}
+
 // y = down(act(gate(x)) * up(x)) for T rows of x; g and u are [T, I] scratch.
 void gated_mlp(const MqLin& gate, const MqLin& up, const MqLin& down, const float* x, int64_t T, int64_t I,
                int32_t act, float* g, float* u, float* y, bool avx512) {
-  const LinJob gu[2] = {{&gate, x, g}, {&up, x, u}};
-  run_linears(gu, 2, T, avx512);
-  // libm's expf/tanhf cost ~10 ns each: split the T x inter activations across threads.
-  mq::parallel_for(T * I, 8192, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) g[i] = activate(g[i], act) * u[i];
-  });
+#ifdef MQ_HAVE_AVX512_TU
+  const bool bcast = avx512 && T >= mq::BCAST_MIN_M && T <= mq::BCAST_MAX_M;
+#else
+  const bool bcast = false;
+#endif
+  if (!bcast) {
+    // One parallel range over the intermediate rows: each thread computes the same rows of
+    // gate and up and applies the activation to them at once, so the activation (libm
+    // expf/tanhf, ~10 ns each) is spread over the threads without a second dispatch. Every
+    // output is still one kernel call's, whatever the split: same bits as separate products.
+    mq::parallel_for(I, mq::grain_rows(2 * gate.k * T), [&](int64_t b, int64_t e) {
+      linear_rows(gate, x, T, g, b, e, avx512);
+      linear_rows(up, x, T, u, b, e, avx512);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = b; i < e; ++i) g[t * I + i] = activate(g[t * I + i], act) * u[t * I + i];
+    });
+  } else {
+    const LinJob gu[2] = {{&gate, x, g}, {&up, x, u}};
+    run_linears(gu, 2, T, avx512);
+    // libm's expf/tanhf cost ~10 ns each: split the T x inter activations across threads.
+    mq::parallel_for(T * I, 8192, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) g[i] = activate(g[i], act) * u[i];
+    });
+  }
   const LinJob dn[1] = {{&down, g, y}};
   run_linears(dn, 1, T, avx512);
 }
