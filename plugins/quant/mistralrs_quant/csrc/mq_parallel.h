@@ -15,6 +15,8 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <mutex>
+#include <thread>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -64,6 +66,80 @@ void parallel_for(int64_t n, int64_t grain, F&& f) {
 #endif
   (void)chunks;
   f(int64_t{0}, n);
+}
+
+// Threads a team would get now: min(torch's count, the cap); 1 inside a parallel region.
+inline int team_threads() {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+  return std::max(1, std::min(at::get_num_threads(), thread_cap()));
+#else
+  return 1;
+#endif
+}
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// A barrier for the threads of one parallel region (run_team). It spins first, the
+// partner being normally a few hundred ns away, then yields the CPU, so that a thread the
+// OS has descheduled (a busy machine) does not keep its partner's core busy spinning. The
+// first exception a member reports (fail) is rethrown by the caller after the region.
+class SpinBarrier {
+ public:
+  void set_size(int n) { n_ = n; }
+  void wait() {
+    const unsigned g = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.store(g + 1, std::memory_order_release);
+      return;
+    }
+    for (int i = 0; gen_.load(std::memory_order_acquire) == g; ++i) {
+      if (i < kSpins)
+        cpu_relax();
+      else
+        std::this_thread::yield();
+    }
+  }
+  void fail(std::exception_ptr e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!err_) err_ = e;
+  }
+  void rethrow() {
+    if (err_) std::rethrow_exception(err_);
+  }
+
+ private:
+  static constexpr int kSpins = 1 << 12;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<unsigned> gen_{0};
+  int n_ = 1;
+  std::mutex mu_;
+  std::exception_ptr err_;
+};
+
+// f(tid, n) on every thread of one parallel region of (up to) nt threads, bar sized to
+// the team that actually started. f must not throw (report through bar.fail).
+template <class F>
+void run_team(int nt, SpinBarrier& bar, F&& f) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp single
+    bar.set_size(omp_get_num_threads());
+    f(omp_get_thread_num(), omp_get_num_threads());
+  }
+#else
+  (void)nt;
+  bar.set_size(1);
+  f(0, 1);
+#endif
 }
 
 }  // namespace mq
