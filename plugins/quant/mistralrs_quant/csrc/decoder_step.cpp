@@ -4,8 +4,8 @@
 // At batch 1 a small model's decode is mostly overhead when run op by op from Python
 // (~30 tensor ops per layer, each a dispatch, an allocation and often a thread-pool
 // wake-up); here a layer is five parallel phases on the kernel pool (q/k/v, attention,
-// o, gate/up, down) with the small elementwise work done in between on the calling
-// thread. The math is the float32 math of the torch path (models/decoder.py): the same
+// o, gate/up with the activation, down) with the small elementwise work done in between
+// on one thread; decode steps run all of them in one parallel region (see Phases). The math is the float32 math of the torch path (models/decoder.py): the same
 // norms, rotary embedding, attention and activations, in float32, so results differ only
 // by summation order. Python (fused_decoder.py) checks that a model fits this layout and
 // falls back to the torch path for anything it does not cover.
@@ -255,8 +255,8 @@ void moe_ffn(const MqMoE& M, const float* xn, int64_t T, int64_t H, float* out, 
 
 // How the step's parallel phases run. Alone (no barrier): each phase is its own
 // mq::parallel_for. In a team (decode steps): the whole step is one OpenMP region, each
-// thread takes its share of a phase and waits at a spin barrier, the serial parts run on
-// thread 0 between barriers. A SmolLM2 step has ~150 phases; a libgomp fork/join costs
+// thread takes its share of a phase and waits at a barrier (mq::SpinBarrier: spins, then
+// sleeps), the serial parts run on thread 0 between barriers. A SmolLM2 step has ~150 phases; a libgomp fork/join costs
 // ~1 us on this class of machine against ~0.12 us for the barrier. Shares are contiguous
 // ranges as parallel_for's, and every output is still computed by one kernel call, so the
 // mode changes no result.
