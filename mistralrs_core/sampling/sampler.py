@@ -15,7 +15,11 @@ def greedy_tokens(x: torch.Tensor) -> torch.Tensor:
     """The index of each row's maximum (its first, as ``argmax``; NaN counts as largest).
 
     ``max(dim).indices`` rather than ``argmax``: on CPU torch's argmax is a scalar loop, ~3x
-    slower over a 262k vocabulary (0.38 vs 0.12 ms a row; 3.2 vs 1.2 ms for 16 rows)."""
+    slower over a 262k vocabulary (0.38 vs 0.12 ms a row; 3.2 vs 1.2 ms for 16 rows). On CPU
+    float32, numpy's vectorised argmax (same first-maximum and NaN rules) is faster still:
+    15 against 70 us a row over a 49k vocabulary, a small model's whole sampling step."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2:
+        return torch.from_numpy(x.detach().numpy().argmax(-1))
     return x.max(dim=-1).indices
 
 

@@ -149,6 +149,30 @@ def test_thread_count_does_not_change_results(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(one[1:], two[1:]))
 
 
+def test_step_team_of_more_threads_than_cores(tmp_path, monkeypatch):
+    """A decode step runs as one team of threads meeting at spin barriers that yield the
+    CPU after a while: three threads on (at most) two cores must still finish and agree
+    bit for bit with one thread."""
+    monkeypatch.setenv(fused_decoder.ENV_NO_TUNING, "1")
+    arch, _, cfg, ref = tiny("qwen2")
+    path = tmp_path / "qwen2.gguf"
+    write_gguf(path, arch, ref, cfg, "Q4_K")
+    model, _, _ = load_gguf_model([path], torch.float32)
+    sched = make_schedule()
+    lib = cpp_kernels._lib()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        lib.mq_set_thread_cap(1)
+        one = run_schedule(model, model.fast_forward, sched)
+        lib.mq_set_thread_cap(0)
+        three = run_schedule(model, model.fast_forward, sched)
+    finally:
+        lib.mq_set_thread_cap(0)
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one[1:], three[1:]))
+
+
 @pytest.mark.parametrize("case,qtype", [("gemma3", "Q8_0"), ("qwen2", "F32"), ("mistral", "Q4_K")])
 def test_portable_code_paths_match_torch(tmp_path, case, qtype):
     """The scalar kernels and attention that CPUs without AVX-512 run."""

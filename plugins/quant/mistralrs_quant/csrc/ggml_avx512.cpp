@@ -94,6 +94,12 @@ struct FQ4_1 {
   }
 };
 
+inline uint16_t u16_at(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
 inline uint32_t u32_at(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
@@ -110,34 +116,36 @@ inline __m512i with_bit4(__m512i nib, __mmask16 bit) {
 // be as exact but give +0 where the reference's (q - 16) * d is -0 for a negative d.)
 struct FQ5_0 {
   static constexpr int BS = 32, TS = 22, G = 32;
-  struct S { __m512 t0, t1; uint32_t qh; };
+  struct S { __m512 t0, t1; __mmask16 hl, hh; };
   static S prep(const uint8_t* b) {
     const __m512 d = _mm512_set1_ps(f16_at(b));
     return {_mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(16.0f)), d), _mm512_mul_ps(iota16(), d),
-            u32_at(b + 2)};
+            u16_at(b + 2), u16_at(b + 4)};
   }
+  // The fifth bit as in FQ5_1 (below).
   static void group(const S& s, const uint8_t* b, int, __m512* w) {
-    __m512i v = u8x16(b + 6);
-    __m512i lo = with_bit4(_mm512_and_si512(v, _mm512_set1_epi32(15)), static_cast<__mmask16>(s.qh));
-    __m512i hi = with_bit4(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(s.qh >> 16));
-    w[0] = _mm512_permutex2var_ps(s.t0, lo, s.t1);
-    w[1] = _mm512_permutex2var_ps(s.t0, hi, s.t1);
+    const __m512i v = u8x16(b + 6), hi = _mm512_srli_epi32(v, 4);
+    w[0] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, s.t0), s.hl, v, s.t1);
+    w[1] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, s.t0), s.hh, hi, s.t1);
   }
 };
 
+// The fifth bit picks between the two 16-entry halves of the table by a masked second
+// lookup (vpermps reads only the low 4 index bits, so the nibbles need no masking), the
+// masks loaded straight from the block: two uops fewer per 32 codes than assembling
+// 5-bit indices for vpermt2ps.
 struct FQ5_1 {
   static constexpr int BS = 32, TS = 24, G = 32;
-  struct S { __m512 t0, t1; uint32_t qh; };
+  struct S { __m512 t0, t1; __mmask16 hl, hh; };
   static S prep(const uint8_t* b) {
     const __m512 d = _mm512_set1_ps(f16_at(b)), m = _mm512_set1_ps(f16_at(b + 2));
-    return {_mm512_fmadd_ps(iota16(), d, m), _mm512_fmadd_ps(iota16_hi(), d, m), u32_at(b + 4)};
+    return {_mm512_fmadd_ps(iota16(), d, m), _mm512_fmadd_ps(iota16_hi(), d, m),
+            u16_at(b + 4), u16_at(b + 6)};
   }
   static void group(const S& s, const uint8_t* b, int, __m512* w) {
-    __m512i v = u8x16(b + 8);
-    __m512i lo = with_bit4(_mm512_and_si512(v, _mm512_set1_epi32(15)), static_cast<__mmask16>(s.qh));
-    __m512i hi = with_bit4(_mm512_srli_epi32(v, 4), static_cast<__mmask16>(s.qh >> 16));
-    w[0] = _mm512_permutex2var_ps(s.t0, lo, s.t1);
-    w[1] = _mm512_permutex2var_ps(s.t0, hi, s.t1);
+    const __m512i v = u8x16(b + 8), hi = _mm512_srli_epi32(v, 4);
+    w[0] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(v, s.t0), s.hl, v, s.t1);
+    w[1] = _mm512_mask_permutexvar_ps(_mm512_permutexvar_ps(hi, s.t0), s.hh, hi, s.t1);
   }
 };
 
@@ -169,6 +177,11 @@ inline void k_scales(const uint8_t* b, float* out) {
                                     _mm512_and_si512(_mm512_srli_epi32(hi, 2), mhi));
   const __m512 scale = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(f16_at(b)), _mm512_set1_ps(-f16_at(b + 2)));
   _mm512_storeu_ps(out, _mm512_mul_ps(_mm512_cvtepi32_ps(v), scale));
+  // Kept in memory: the group decoders broadcast single scales from it, a load-port uop
+  // each. Left to itself GCC keeps the vector in a register and broadcasts lanes with
+  // vpermd from spilled index vectors, shuffle-port uops that the 4-bit decode is bound by
+  // (Q4_K ~25% slower at four rows in flight).
+  asm volatile("" : : "r"(out) : "memory");
 }
 
 struct FQ4_K {
@@ -332,11 +345,76 @@ inline void dot_row(const float* x, int64_t ldx, const uint8_t* row, int64_t nb,
   }
 }
 
+// One activation row (a decode step) against NR consecutive weight rows at once. A single
+// row's accumulator chains get one FMA per block each, so a row of few blocks (K = 576:
+// 18 of Q4_1) waits on FMA latency and then on its horizontal sum; NR independent rows
+// keep the FMA ports busy and share each activation load. Each row's arithmetic is
+// dot_row<F, 1>'s, in the same order (same chains, same final sum), so outputs are
+// bit-identical to it.
+template <class F, int NR>
+inline void dot_rows_m1(const float* x, const uint8_t* row0, int64_t stride, int64_t nb, float* y) {
+  constexpr int NW = F::G / 16;
+  __m512 acc[NR][NW];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < NW; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t ib = 0; ib < nb; ++ib) {
+    const uint8_t* blk0 = row0 + ib * F::TS;
+#if MQ_PF_DIST > 0
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      const char* p = reinterpret_cast<const char*>(blk0 + r * stride + MQ_PF_DIST);
+      _mm_prefetch(p, _MM_HINT_T0);
+      if (F::TS > 64) _mm_prefetch(p + 64, _MM_HINT_T0);
+      if (F::TS > 128) _mm_prefetch(p + 128, _MM_HINT_T0);
+      if (F::TS > 192) _mm_prefetch(p + 192, _MM_HINT_T0);
+    }
+#endif
+    typename F::S s[NR];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) s[r] = F::prep(blk0 + r * stride);
+    const float* xb = x + ib * F::BS;
+#pragma GCC unroll 16
+    for (int j = 0; j < F::BS / F::G; ++j) {
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        __m512 w[NW];
+        F::group(s[r], blk0 + r * stride, j, w);
+#pragma GCC unroll 16
+        for (int c = 0; c < NW; ++c)
+          acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + j * F::G + c * 16), w[c], acc[r][c]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    __m512 t = acc[r][0];
+#pragma GCC unroll 16
+    for (int c = 1; c < NW; ++c) t = _mm512_add_ps(t, acc[r][c]);
+    y[r] = _mm512_reduce_add_ps(t);
+  }
+}
+
+// Rows in flight for dot_rows_m1: as many as keep the accumulators (NR x G/16) and the
+// decoded group within the register file.
+template <class F>
+constexpr int rows_in_flight() {
+  return F::G / 16 >= 8 ? 2 : F::G / 16 >= 4 ? 4 : 4;
+}
+
 constexpr int MR_MAX = 8;
 
 template <class F>
 void matmul_rows(const MatmulArgs& a, int64_t n0, int64_t n1) {
   const int64_t nb = a.K / F::BS;
+  if (a.M == 1) {
+    constexpr int NR = rows_in_flight<F>();
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) dot_rows_m1<F, NR>(a.x, a.w + n * a.w_stride, a.w_stride, nb, a.y + n);
+    for (; n < n1; ++n) dot_rows_m1<F, 1>(a.x, a.w + n * a.w_stride, a.w_stride, nb, a.y + n);
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = a.w + n * a.w_stride;
     for (int64_t m0 = 0; m0 < a.M; m0 += MR_MAX) {
