@@ -114,10 +114,10 @@ def _load_pipeline(which, opts: LoadOptions, name: str):
 
 def _check_quant_args(which, opts, loader_name: str) -> None:
     """Topologies, UQFF and importance matrices are served for ``Which.Plain`` text models
-    (the safetensors loader hands them to the quant plugin); any other loader would ignore
-    them, so they are refused there. (``in_situ_quant`` is each loader's to take or refuse:
-    the diffusion loader quantizes through the same hook, GGUF refuses it.)"""
-    if loader_name.lower() in ("safetensors", "isq"):
+    and ``Which.VisionPlain`` models (their loaders hand them to the quant plugin); any other
+    loader would ignore them, so they are refused there. (``in_situ_quant`` is each loader's
+    to take or refuse: the diffusion loader quantizes through the same hook, GGUF refuses it.)"""
+    if loader_name.lower() in ("safetensors", "isq", "vision"):
         return
     from mistralrs_core.loading.model_loader import QUANT_WHICH_FIELDS
     variant = type(which).__name__

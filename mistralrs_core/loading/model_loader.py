@@ -105,10 +105,11 @@ def quant_requested(which, opts) -> bool:
     return bool(getattr(opts, "in_situ_quant", None)) or any(getattr(which, f, None) for f in QUANT_WHICH_FIELDS)
 
 
-def _quantizing_loader(which, opts):
+def quantizing_loader(which, opts):
     """The plugin loader registered as "isq" when this load asks for in-situ quantization,
     a topology, an importance matrix or UQFF (None: a dense load; without the plugin the
-    capability gate has already refused those arguments)."""
+    capability gate has already refused those arguments). The vision loader asks it too:
+    the plugin then builds the model and the vision loader the rest of the pipeline."""
     if not quant_requested(which, opts):
         return None
     entry = get_registry().loaders.get("isq")
@@ -119,7 +120,7 @@ class SafetensorsLoader:
     """``Which.Plain``: a local or hub directory with config.json, safetensors and tokenizer."""
 
     def load(self, which, opts, name: str):
-        delegate = _quantizing_loader(which, opts)
+        delegate = quantizing_loader(which, opts)
         if delegate is not None:
             return delegate.load(which, opts, name)
         reject_unsupported_fields(which)

@@ -15,6 +15,17 @@ class VisionFamilyMixin:
     #: SigLIP at one image size); the loader compiles them once after the weights are in
     compiled_towers: tuple[str, ...] = ()
 
+    #: top-level attributes holding the language model (``DecoderLM``'s decoder stack and
+    #: head); every other child is a tower, projector or encoder of another modality
+    text_modules: tuple[str, ...] = ("model", "lm_head")
+
+    def isq_dense_modules(self):
+        """The children in-situ quantization leaves dense: all but the language model.
+        Upstream's vision loaders list only the text decoder's layers for ISQ (LLaVA:
+        ``language_model`` layers and ``lm_head``) and save the tower and projector as
+        residual tensors."""
+        return [child for name, child in self.named_children() if name not in self.text_modules]
+
     def compile_for_inference(self) -> None:
         """Compile the towers named in ``compiled_towers`` where towers/compiled.py's setting
         says so (CPU, big tower, a C++ compiler); a failure leaves them eager."""
@@ -29,4 +40,9 @@ class VisionFamilyMixin:
 
     @property
     def lm_device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        weight = self.model.embed_tokens.weight
+        if weight is not None:
+            return weight.device
+        # A quantized embedding (in-situ quantization) holds no dense weight; the first
+        # dense tensor of the language model (layer 0's norm) sits on the same device.
+        return next(self.model.parameters()).device

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mistralrs_core.errors import NotAvailableYet
-
 PREPROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 _IMAGE_KEYS = ("size", "crop_size", "image_mean", "image_std", "image_processor_type")
 
@@ -35,7 +33,7 @@ def load_preprocessor_config(model_dir: Path) -> dict:
 class VisionLoader:
     def load(self, which, opts, name: str):
         from mistralrs_core.loading.hf_config import load_generation_config
-        from mistralrs_core.loading.model_loader import (build_text_model, make_text_pipeline,
+        from mistralrs_core.loading.model_loader import (build_text_model, make_text_pipeline, quantizing_loader,
                                                          reject_unsupported_fields)
         from mistralrs_core.loading.options import pick_device, pick_dtype
         from mistralrs_core.loading.resolve import resolve_model_dir
@@ -45,16 +43,23 @@ class VisionLoader:
         from mistralrs_arch_vision.pipeline import VisionPipeline
 
         reject_unsupported_fields(which)
-        if opts.in_situ_quant is not None:
-            raise NotAvailableYet("in_situ_quant for vision models", "the vision loader keeps weights dense")
+        # In-situ quantization, a topology, an imatrix or UQFF: the quant plugin builds the
+        # model (language model quantized, towers dense); the rest of the pipeline is ours.
+        quant = quantizing_loader(which, opts)
+        if quant is not None:
+            quant.check(which, opts)   # a bad ISQ type fails before any download
         model_dir = resolve_model_dir(which.model_id, hf_cache_path=which.hf_cache_path,
                                       token_source=opts.token_source)
         # Checked before any weight is read: without it no image can be prepared.
         pre_cfg = load_preprocessor_config(model_dir)
         device = pick_device(opts.device)
         dtype = pick_dtype(which.dtype, device)
-        tokenizer = Tokenizer.from_dir(model_dir, tokenizer_json=which.tokenizer_json)
-        model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device, kind="vision")
+        asset_dir = model_dir
+        if quant is not None:
+            model, hf, asset_dir, _ = quant.build_model(model_dir, which, opts, device, kind="vision")
+        else:
+            model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device, kind="vision")
+        tokenizer = Tokenizer.from_dir(asset_dir, tokenizer_json=which.tokenizer_json)
         family = model.family
         compile_towers = getattr(model, "compile_for_inference", None)
         if compile_towers is not None:
@@ -63,9 +68,9 @@ class VisionLoader:
         if proc_cls is None:
             raise ValueError(f"arch: vision family {family.name!r} registers no processor")
         processor = proc_cls.from_pretrained(model=model, hf_config=hf, preprocessor_config=pre_cfg,
-                                             tokenizer=tokenizer, model_dir=model_dir)
-        template = resolve_chat_template(model_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
-        gen_cfg = load_generation_config(model_dir)
+                                             tokenizer=tokenizer, model_dir=asset_dir)
+        template = resolve_chat_template(asset_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
+        gen_cfg = load_generation_config(asset_dir)
         pipeline_cls = family.load_pipeline() or VisionPipeline
         # EOS ids live in text_config for most vision checkpoints; top-level keys still win.
         eos_cfg = {**(hf.get("text_config") or {}), **hf}

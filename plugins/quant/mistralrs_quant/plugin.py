@@ -72,8 +72,9 @@ def mistralrs_register_dense_kernels(register):
     register("cpp", "mistralrs_quant.kernels.dense:kernel", device_types=("cpu",))
 
 
-# ISQ, topology files, UQFF and importance matrices for Which.Plain text models
-# (mistralrs_quant.isq); other model kinds refuse them (runner._check_quant_args).
+# ISQ, topology files, UQFF and importance matrices for Which.Plain text models and
+# Which.VisionPlain models (mistralrs_quant.isq; the vision loader calls
+# IsqLoader.build_model); other model kinds refuse them (runner._check_quant_args).
 _CAPABILITIES = {"isq": "mistralrs_quant.isq", "topology": "mistralrs_quant.isq.topology",
                  "uqff": "mistralrs_quant.isq.uqff", "imatrix": "mistralrs_quant.isq.imatrix"}
 

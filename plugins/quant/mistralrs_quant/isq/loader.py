@@ -75,6 +75,19 @@ def _load_weights(model, weights, device, where):
     model.eval()
 
 
+def keep_dense(model) -> None:
+    """Mark the modules a family keeps out of in-situ quantization (``isq_dense_modules()``:
+    a vision model's towers and projectors), so the plan gives them no type: upstream's
+    vision loaders list only the language model's layers for ISQ and store the rest as
+    residual tensors."""
+    dense = getattr(model, "isq_dense_modules", None)
+    if dense is None:
+        return
+    for top in dense():
+        for module in top.modules():
+            module.__dict__["isq_dense"] = True
+
+
 def count_quantizable(model, plan: IsqPlan) -> int:
     from mistralrs_core.layers.moe import MoEExperts
     n = 0
@@ -88,15 +101,17 @@ def count_quantizable(model, plan: IsqPlan) -> int:
     return n
 
 
-def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: IsqPlan | None = None):
-    """(model, hf, entry, plan): a Plain checkpoint quantized while it streams in."""
+def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: IsqPlan | None = None,
+                   kind: str = "text"):
+    """(model, hf, entry, plan): a Plain checkpoint quantized while it streams in
+    (``kind``: the registry kind of its family, "text" or "vision")."""
     from mistralrs_core.loading.hf_config import load_model_config
     from mistralrs_core.loading.model_loader import detect_architecture
     from mistralrs_core.loading.safetensors_io import SafetensorsWeights
     from mistralrs_core.loading.weights import assign_prefixes
 
     hf = load_model_config(model_dir)
-    entry = detect_architecture(hf, "text", which.arch)
+    entry = detect_architecture(hf, kind, which.arch)
     if plan is None:
         plan = make_plan(which, opts, model_dir, hf, entry)
         if getattr(which, "calibration_file", None):
@@ -106,6 +121,7 @@ def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: I
     model.quant_compute_dtype = compute
     model.quant_config = QuantConfig(kind="isq", compute_dtype=compute, plan=plan)
     assign_prefixes(model)
+    keep_dense(model)
     from .progress import bar
     progress = bar(count_quantizable(model, plan), f"ISQ {plan.default.name if plan.default else 'topology'}")
     plan.tick = lambda: progress.update(1)
@@ -126,7 +142,7 @@ def load_isq_model(model_dir: Path, which, opts, device, dtype, compute, plan: I
     return model, hf, entry, plan
 
 
-def load_uqff_model(model_dir: Path, which, opts, device, dtype, compute):
+def load_uqff_model(model_dir: Path, which, opts, device, dtype, compute, kind: str = "text"):
     from mistralrs_core.loading.hf_config import load_model_config
     from mistralrs_core.loading.model_loader import detect_architecture
     from mistralrs_core.loading.safetensors_io import SafetensorsWeights
@@ -136,7 +152,7 @@ def load_uqff_model(model_dir: Path, which, opts, device, dtype, compute):
     base = shards[0].parent
     cfg_dir = model_dir if (model_dir / "config.json").is_file() else base
     hf = load_model_config(cfg_dir)
-    entry = detect_architecture(hf, "text", which.arch)
+    entry = detect_architecture(hf, kind, which.arch)
     residual = base / RESIDUAL
     if not residual.is_file():
         residual = model_dir / RESIDUAL
@@ -159,6 +175,39 @@ def load_uqff_model(model_dir: Path, which, opts, device, dtype, compute):
 
 
 class IsqLoader:
+    def check(self, which, opts) -> None:
+        """The arguments' contradictions and the ISQ type's name, before any download."""
+        check_args(which, opts)
+        if opts.in_situ_quant is not None:
+            parse_isq_type(opts.in_situ_quant)
+
+    def build_model(self, model_dir: Path, which, opts, device, kind: str = "text"):
+        """(model, hf, asset_dir, plan): the model of ``model_dir`` quantized in situ, or
+        read from ``which.from_uqff`` (``plan`` None), written out when ``which.write_uqff``
+        asks; ``asset_dir`` holds its tokenizer and templates. ``kind="vision"`` is the
+        vision loader's call: the family is looked up among vision families, and the fused
+        decoder step (built for text decoders) is left out."""
+        from ..fused_decoder import install
+        from ..gguf_loader import pick_dtypes
+
+        self.check(which, opts)
+        dtype, compute = pick_dtypes(which, device)
+        t0 = time.perf_counter()
+        if which.from_uqff:
+            model, hf, entry, asset_dir = load_uqff_model(model_dir, which, opts, device, dtype, compute, kind)
+            plan = None
+        else:
+            model, hf, entry, plan = load_isq_model(model_dir, which, opts, device, dtype, compute, kind=kind)
+            asset_dir = model_dir
+        model.load_seconds = time.perf_counter() - t0
+        if kind == "text":
+            install(model)
+        if getattr(which, "write_uqff", None):
+            from .uqff import shard_stem, write_uqff
+            write_uqff(model, which.write_uqff, model_dir, shard_stem(opts.in_situ_quant and
+                                                                     parse_isq_type(opts.in_situ_quant).uqff_stem))
+        return model, hf, asset_dir, plan
+
     def load(self, which, opts, name: str):
         from mistralrs_core.loading.hf_config import load_generation_config
         from mistralrs_core.loading.model_loader import make_text_pipeline, reject_unsupported_fields
@@ -167,34 +216,16 @@ class IsqLoader:
         from mistralrs_core.tokenization.chat_template import resolve_chat_template
         from mistralrs_core.tokenization.tokenizer import Tokenizer
 
-        from ..fused_decoder import install
-        from ..gguf_loader import pick_dtypes
-
         reject_unsupported_fields(which, frozenset(FIELDS))
-        check_args(which, opts)
-        if opts.in_situ_quant is not None:
-            parse_isq_type(opts.in_situ_quant)   # a bad name fails before any download
+        self.check(which, opts)   # a bad name fails before any download
         model_dir = resolve_model_dir(which.model_id, hf_cache_path=getattr(which, "hf_cache_path", None),
                                       token_source=opts.token_source)
         device = pick_device(opts.device)
-        dtype, compute = pick_dtypes(which, device)
-        t0 = time.perf_counter()
-        if which.from_uqff:
-            model, hf, entry, asset_dir = load_uqff_model(model_dir, which, opts, device, dtype, compute)
-            plan = None
-        else:
-            model, hf, entry, plan = load_isq_model(model_dir, which, opts, device, dtype, compute)
-            asset_dir = model_dir
-        model.load_seconds = time.perf_counter() - t0
-        install(model)
+        model, hf, asset_dir, plan = self.build_model(model_dir, which, opts, device)
         tokenizer = Tokenizer.from_dir(asset_dir, tokenizer_json=which.tokenizer_json)
         template = resolve_chat_template(asset_dir, tokenizer, opts.chat_template, opts.jinja_explicit)
         gen_cfg = load_generation_config(asset_dir)
-        if getattr(which, "write_uqff", None):
-            from .uqff import shard_stem, write_uqff
-            write_uqff(model, which.write_uqff, model_dir, shard_stem(opts.in_situ_quant and
-                                                                     parse_isq_type(opts.in_situ_quant).uqff_stem))
-        pipeline_cls = entry.load_pipeline()
+        pipeline_cls = model.family.load_pipeline()
         pipe = make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device, pipeline_cls)
         pipe.re_isq = _ReIsq(pipe, model_dir, which, opts, plan)
         return pipe

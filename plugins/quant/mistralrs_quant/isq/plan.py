@@ -98,6 +98,8 @@ class IsqPlan:
 
     def type_for(self, hf_name: str, module=None) -> Optional[str]:
         from mistralrs_core.layers.linear import Embedding
+        if module is not None and module.__dict__.get("isq_dense"):
+            return None   # outside the language model (loader.keep_dense): even a topology regex
         isq = self.resolve(hf_name, isinstance(module, Embedding))
         return None if isq is None else isq.name
 
