@@ -155,3 +155,21 @@ def test_uqff_round_trip_is_bit_identical(q8, tiny_llava):
             [e.logprob for e in b.choices[0].logprobs.content]
     finally:
         r2.shutdown()
+
+
+def test_compiled_tower_under_isq(q8, tiny_llava, monkeypatch):
+    """The loader still compiles the (dense) tower of a quantized model when asked, and the
+    compiled tower's answer is the eager one's."""
+    from mistralrs_arch_vision.towers import compiled
+    out, _, _ = tiny_llava
+    monkeypatch.setenv(compiled.ENV, "1")
+    r = _runner(out, in_situ_quant="Q8_0")
+    try:
+        assert r._pipeline(None).model.vision_tower.frozen is not None
+        req = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(4))}}], n=3)
+        a, b = r.send_chat_completion_request(req), q8[0].send_chat_completion_request(req)
+        assert [e.token for e in a.choices[0].logprobs.content] == [e.token for e in b.choices[0].logprobs.content]
+        assert [e.logprob for e in a.choices[0].logprobs.content] == \
+            pytest.approx([e.logprob for e in b.choices[0].logprobs.content], abs=1e-4)
+    finally:
+        r.shutdown()
