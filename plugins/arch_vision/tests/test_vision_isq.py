@@ -173,3 +173,34 @@ def test_compiled_tower_under_isq(q8, tiny_llava, monkeypatch):
             pytest.approx([e.logprob for e in b.choices[0].logprobs.content], abs=1e-4)
     finally:
         r.shutdown()
+
+
+@pytest.mark.parametrize("family, arch", [("gemma3", "Gemma3"),      # tied head: the quantized embedding
+                                          ("qwen2_vl", "Qwen2VL"),   # M-RoPE, its own forward
+                                          ("mllama", "VLlama")])     # cross-attention layers
+def test_other_families_quantize_their_language_model_only(family, arch, tmp_path):
+    import importlib
+    from mistralrs import Runner, VisionArchitecture, Which
+    out = tmp_path / family
+    getattr(importlib.import_module(f"tiny_{family}"), f"write_tiny_{family}")(out)
+    req = chat([{"type": "text", "text": "Describe"},
+                {"type": "image_url", "image_url": {"url": png_data_uri(random_image(1, size=(64, 64)))}}], n=3)
+    answers = []
+    for isq in ("Q8_0", None):
+        r = Runner(which=Which.VisionPlain(model_id=str(out), arch=getattr(VisionArchitecture, arch), dtype="F32"),
+                   in_situ_quant=isq, pa_blk_size=4, seed=0, max_seqs=2)
+        try:
+            model = r._pipeline(None).model
+            quantized = {name.split(".")[0] for name, m in model.named_modules()
+                         if getattr(m, "qmethod", None) is not None}
+            if isq:
+                assert quantized and quantized <= {"model", "lm_head"}, quantized
+                tower = [m for top in model.isq_dense_modules() for m in top.modules()
+                         if isinstance(m, Linear) and m.__dict__.get("hf_name")]
+                assert tower and all(m.weight is not None for m in tower)
+            answers.append(r.send_chat_completion_request(req).choices[0].logprobs.content)
+        finally:
+            r.shutdown()
+    got, want = answers
+    assert [e.token for e in got] == [e.token for e in want]
+    assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=0.05)
