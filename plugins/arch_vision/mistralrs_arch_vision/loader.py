@@ -56,7 +56,7 @@ class VisionLoader:
         dtype = pick_dtype(which.dtype, device)
         asset_dir = model_dir
         if quant is not None:
-            model, hf, asset_dir, _ = quant.build_model(model_dir, which, opts, device, kind="vision")
+            model, hf, asset_dir, plan = quant.build_model(model_dir, which, opts, device, kind="vision")
         else:
             model, hf = build_text_model(model_dir, arch=which.arch, dtype=dtype, device=device, kind="vision")
         tokenizer = Tokenizer.from_dir(asset_dir, tokenizer_json=which.tokenizer_json)
@@ -77,4 +77,6 @@ class VisionLoader:
         pipe = make_text_pipeline(name, model, tokenizer, template, eos_cfg, gen_cfg, opts, device, pipeline_cls)
         pipe.processor = processor
         pipe.max_edge = which.max_edge
+        if quant is not None:
+            pipe.re_isq = quant.re_isq(pipe, model_dir, which, opts, plan, kind="vision")
         return pipe

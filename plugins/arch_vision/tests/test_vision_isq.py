@@ -204,3 +204,28 @@ def test_other_families_quantize_their_language_model_only(family, arch, tmp_pat
     got, want = answers
     assert [e.token for e in got] == [e.token for e in want]
     assert [e.logprob for e in got] == pytest.approx([e.logprob for e in want], abs=0.05)
+
+
+def test_send_re_isq_requantizes_the_language_model_only(tiny_llava):
+    out, _, _ = tiny_llava
+    r = _runner(out, in_situ_quant="Q8_0")
+    try:
+        req = chat([{"type": "image_url", "image_url": {"url": png_data_uri(random_image(5))}}], n=3)
+        before = r.send_chat_completion_request(req).choices[0].logprobs.content
+        r.send_re_isq("Q4_0")
+        text, rest = _text_and_tower(r._pipeline(None).model)
+        # the 14 decoder linears; the embedding and head get the promoted type (Q6K, here
+        # Q5_1: their 64-value rows are not whole K-quant blocks)
+        assert sum(m.qmethod.spec.name == "Q4_0" for m in text) == 14
+        assert not any(m.qmethod.spec.name == "Q8_0" for m in text)
+        assert all(m.qmethod is None and m.weight is not None for m in rest)
+        after = r.send_chat_completion_request(req).choices[0].logprobs.content
+        assert [e.logprob for e in after] != [e.logprob for e in before]
+        fresh = _runner(out, in_situ_quant="Q4_0")   # re-quantized = loaded at that type
+        try:
+            want = fresh.send_chat_completion_request(req).choices[0].logprobs.content
+        finally:
+            fresh.shutdown()
+        assert [e.logprob for e in after] == [e.logprob for e in want]
+    finally:
+        r.shutdown()

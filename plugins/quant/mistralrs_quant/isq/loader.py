@@ -227,8 +227,12 @@ class IsqLoader:
         gen_cfg = load_generation_config(asset_dir)
         pipeline_cls = model.family.load_pipeline()
         pipe = make_text_pipeline(name, model, tokenizer, template, hf, gen_cfg, opts, device, pipeline_cls)
-        pipe.re_isq = _ReIsq(pipe, model_dir, which, opts, plan)
+        pipe.re_isq = self.re_isq(pipe, model_dir, which, opts, plan)
         return pipe
+
+    def re_isq(self, pipe, model_dir: Path, which, opts, plan, kind: str = "text"):
+        """``pipe.re_isq``: what ``Runner.send_re_isq`` calls for a model ``build_model`` made."""
+        return _ReIsq(pipe, model_dir, which, opts, plan, fused=kind == "text")
 
 
 class _ReIsq:
@@ -237,8 +241,9 @@ class _ReIsq:
     the load still apply). New methods are built aside, then swapped in and the fused
     decoder step rebuilt; a step already running finishes on the old weights."""
 
-    def __init__(self, pipe, model_dir: Path, which, opts, plan):
+    def __init__(self, pipe, model_dir: Path, which, opts, plan, fused: bool = True):
         self.pipe, self.model_dir, self.which, self.opts, self.plan = pipe, model_dir, which, opts, plan
+        self.fused = fused   # rebuild the fused decoder step (text models; build_model's kind)
 
     def __call__(self, dtype: str) -> None:
         from mistralrs_core.layers.moe import MoEExperts
@@ -283,7 +288,8 @@ class _ReIsq:
         plan.cpp_impl = getattr(self.plan, "cpp_impl", None)
         self.plan = plan
         model.fast_forward = None
-        install(model)
+        if self.fused:
+            install(model)
         changed = getattr(getattr(self.pipe, "engine", None), "weights_changed", None)
         if changed is not None:
             changed()
