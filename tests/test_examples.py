@@ -30,7 +30,7 @@ JOBS = int(os.environ.get("MISTRALRS_EXAMPLE_JOBS") or 2)
 # Examples above 30 s even on an idle machine: they start a server process (a second
 # interpreter and model load) and make several requests, or build a model with transformers.
 SLOW = {"anthropic_api.py": 480, "responses_api.py": 480, "vision_chat.py": 360, "vision_minicpmo.py": 360,
-        "audio_chat.py": 360}
+        "audio_chat.py": 360, "vision_isq.py": 360}
 
 
 def _tiny_llava(tmp: Path) -> list[str]:
@@ -89,9 +89,10 @@ def _tiny_gemma3n(tmp: Path) -> list[str]:
 
 
 ARGS: dict[str, Callable[[Path], list[str]]] = {"vision_chat.py": _tiny_llava, "vision_minicpmo.py": _tiny_minicpmo,
-                                                 "audio_chat.py": _tiny_gemma3n}
+                                                 "audio_chat.py": _tiny_gemma3n, "vision_isq.py": _tiny_llava}
 # Smaller settings for examples whose defaults would be too slow here.
-ENV: dict[str, dict[str, str]] = {"vision_chat.py": {"MISTRALRS_VISION_COMPILE": "0"}}
+ENV: dict[str, dict[str, str]] = {"vision_chat.py": {"MISTRALRS_VISION_COMPILE": "0"},
+                                  "vision_isq.py": {"MISTRALRS_VISION_COMPILE": "0"}}
 
 
 def test_examples_found():
