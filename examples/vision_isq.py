@@ -22,7 +22,7 @@ def ask(runner: Runner, image: str) -> str:
         model="default", max_tokens=32, temperature=0.0,
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                {"type": "text", "text": "What is in this image?"}]}]))
-    return res.choices[0].message.content
+    return str(res.choices[0].message.content)
 
 
 def main() -> int:
