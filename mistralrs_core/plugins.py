@@ -247,6 +247,28 @@ def _kernel_extra(table: str, name: str, kw: dict) -> dict:
     return {"device_types": tuple(types)}
 
 
+#: Settings of a kernel seam's environment variable that ask for the torch path only.
+KERNELS_OFF = ("torch", "off", "0", "none", "false", "no")
+
+
+def select_kernels(table: str, env: str, device_type: str) -> tuple:
+    """The registered kernels of ``table`` (``decode_attention``, ``dense_kernels``) that the
+    setting of ``env`` picks, loaded: unset or ``auto``, those registered for
+    ``device_type`` in registration order; ``torch`` (``off``, ...), none; a kernel's name,
+    that kernel on any device. An unknown name is a ``ValueError`` naming the variable."""
+    mode = os.environ.get(env, "").strip()
+    if mode.lower() in KERNELS_OFF:
+        return ()
+    entries = getattr(get_registry(), table)
+    if mode.lower() in ("", "auto"):
+        return tuple(e.load() for e in entries.values() if device_type in e.extra.get("device_types", ()))
+    entry = entries.get(mode.lower())
+    if entry is None:
+        raise ValueError(f"{env}={mode!r} names no registered {_ENTRY_NOUN[table]}; use 'auto', 'torch' "
+                         f"or one of: {', '.join(sorted(entries)) or 'none registered'}")
+    return (entry.load(),)
+
+
 def _table_register(stage: list, table: str, plugin_name: str):
     def register(name, target, **kw):
         if not isinstance(name, str) or not name:

@@ -35,7 +35,6 @@ from typing import Protocol
 import torch
 
 ENV = "MISTRALRS_DECODE_ATTENTION"
-_OFF = ("torch", "off", "0", "none", "false", "no")
 
 
 class DecodeAttentionKernel(Protocol):
@@ -60,28 +59,14 @@ def is_pure_decode(meta, cache) -> bool:
             and not meta.has_bidirectional_spans)
 
 
-def _select(device_type: str, mode: str) -> tuple:
-    mode = mode.strip()
-    if mode.lower() in _OFF:
-        return ()
-    from mistralrs_core.plugins import get_registry
-    table = get_registry().decode_attention
-    if mode.lower() in ("", "auto"):
-        return tuple(e.load() for e in table.values() if device_type in e.extra.get("device_types", ()))
-    entry = table.get(mode.lower())
-    if entry is None:
-        raise ValueError(f"{ENV}={mode!r} names no registered decode-attention kernel; use 'auto', 'torch' "
-                         f"or one of: {', '.join(sorted(table)) or 'none registered'}")
-    return (entry.load(),)
-
-
 def kernels_for(meta, device: torch.device) -> tuple:
     """The kernels to ask this step (the first that supports a call serves it)."""
     mode = os.environ.get(ENV, "")
     key = ("decode_kernels", device.type, mode)
     hit = meta._masks.get(key)
     if hit is None:
-        hit = meta._masks[key] = _select(device.type, mode)
+        from mistralrs_core.plugins import select_kernels
+        hit = meta._masks[key] = select_kernels("decode_attention", ENV, device.type)
     return hit
 
 

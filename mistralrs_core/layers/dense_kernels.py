@@ -38,13 +38,11 @@ Which kernel a layer gets is decided when it is built, from ``MISTRALRS_DENSE_KE
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Protocol
 
 import torch
 
 ENV = "MISTRALRS_DENSE_KERNEL"
-_OFF = ("torch", "off", "0", "none", "false", "no")
 
 
 class DenseKernel(Protocol):
@@ -61,22 +59,9 @@ class DenseKernel(Protocol):
 def kernel_for(dtype: torch.dtype, device: torch.device | str):
     """The registered kernel that would serve small-M calls on weights of ``dtype`` on
     ``device``, or None (the torch path)."""
+    from mistralrs_core.plugins import select_kernels
     device = torch.device(device)
-    mode = os.environ.get(ENV, "").strip().lower()
-    if mode in _OFF:
-        return None
-    from mistralrs_core.plugins import get_registry
-    table = get_registry().dense_kernels
-    if mode in ("", "auto"):
-        entries = [e for e in table.values() if device.type in e.extra.get("device_types", ())]
-    else:
-        entry = table.get(mode)
-        if entry is None:
-            raise ValueError(f"{ENV}={mode!r} names no registered dense kernel; use 'auto', 'torch' or one of: "
-                             f"{', '.join(sorted(table)) or 'none registered'}")
-        entries = [entry]
-    for entry in entries:
-        kernel = entry.load()
+    for kernel in select_kernels("dense_kernels", ENV, device.type):
         if kernel.supports(dtype, device):
             return kernel
     return None
