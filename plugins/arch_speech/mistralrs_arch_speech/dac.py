@@ -61,25 +61,18 @@ class Snake(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.alpha = nn.Parameter(torch.empty(1, channels, 1, device="meta"), requires_grad=False)
-        self._alpha4: torch.Tensor | None = None
-        self._inv_alpha4: torch.Tensor | None = None
 
     def post_load(self) -> None:
         # Shaped [1, C, 1, 1] for the decoder's [B, C, 1, T] activations.
         self._alpha4 = self.alpha.detach()[..., None]
         self._inv_alpha4 = (self._alpha4 + 1e-9).reciprocal()
 
-    def forward(self, x: torch.Tensor, scratch: "_Scratch | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scratch: "_Scratch") -> torch.Tensor:
         """x [B, C, 1, T] (channels-last). The output goes to ``scratch``'s buffer for its
-        shape when one is given: activations are up to millions of values, and a fresh
-        tensor that size is a page-faulting allocation. The same operations in the same
-        order as the out-of-place form, so the same values."""
-        if self._alpha4 is None:
-            self.post_load()
-        if scratch is not None:
-            t = torch.mul(self._alpha4, x, out=scratch.like(x))
-        else:
-            t = torch.mul(self._alpha4, x)
+        shape: activations are up to millions of values, and a fresh tensor that size is a
+        page-faulting allocation. The same operations in the same order as the out-of-place
+        form, so the same values."""
+        t = torch.mul(self._alpha4, x, out=scratch.like(x))
         t.sin_().pow_(2).mul_(self._inv_alpha4)
         return t.add_(x)
 
@@ -120,8 +113,6 @@ class Conv(nn.Module):
             self.weight = nn.Parameter(w, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dim() == 3:
-            self.post_load()
         if self.k == 1:
             # Channels-last [B, C, 1, T] is [B, 1, T, C] in memory: a matmul over C.
             return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
@@ -145,8 +136,6 @@ class ConvTranspose(nn.Module):
                                        requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dim() == 3:
-            self.post_load()
         return F.conv_transpose2d(x, self.weight, self.bias, (1, self.stride), (0, self.padding))
 
 
@@ -158,7 +147,7 @@ class ResidualUnit(nn.Module):
         self.snake2 = Snake(dim)
         self.conv2 = Conv(dim, dim, 1)
 
-    def forward(self, x, scratch=None):
+    def forward(self, x, scratch):
         return self.conv2(self.snake2(self.conv1(self.snake1(x, scratch)), scratch)).add_(x)
 
 
@@ -171,7 +160,7 @@ class DecoderBlock(nn.Module):
         self.res_unit2 = ResidualUnit(cout, 3)
         self.res_unit3 = ResidualUnit(cout, 9)
 
-    def forward(self, x, scratch=None):
+    def forward(self, x, scratch):
         x = self.conv_t1(self.snake1(x, scratch))
         return self.res_unit3(self.res_unit2(self.res_unit1(x, scratch), scratch), scratch)
 
@@ -208,8 +197,6 @@ class ResidualQuantizer(nn.Module):
     def __init__(self, cfg: DacDecoderConfig):
         super().__init__()
         self.quantizers = nn.ModuleList(Quantizer(cfg) for _ in range(cfg.n_codebooks))
-        self._proj: tuple[torch.Tensor, torch.Tensor] | None = None
-
     def post_load(self) -> None:
         # The codebooks' 1x1 output projections side by side: the latent (their sum) is one
         # matmul over the concatenated code embeddings.
@@ -219,8 +206,6 @@ class ResidualQuantizer(nn.Module):
 
     def latent(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """codes [B, n_codebooks, T] -> the latent [B, latent, 1, T], channels-last."""
-        if self._proj is None:
-            self.post_load()
         emb = torch.cat([q.codebook(codes[:, i]) for i, q in enumerate(self.quantizers)], -1).to(dtype)
         w, b = self._proj
         return F.linear(emb, w.to(dtype), b.to(dtype))[:, None].permute(0, 3, 1, 2)
