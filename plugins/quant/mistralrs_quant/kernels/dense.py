@@ -57,12 +57,17 @@ def isa() -> dict:
     return {"avx512": bool(_Lib.isa & 1), "avx512bf16": bool(_Lib.isa & 2), "amx": bool(_Lib.isa & 4)}
 
 
-def mm(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
-       other: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
-    """``act(x2d @ w.T + bias) + other`` in ``w.dtype`` (see the module docstring)."""
+def _weight_type(w: torch.Tensor) -> int:
     wtype = _WTYPE.get(w.dtype)
     if wtype is None or w.dim() != 2 or w.device.type != "cpu":
         raise ValueError(f"w must be a 2-D bf16/f16 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+    return wtype
+
+
+def mm(x2d: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None,
+       other: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """``act(x2d @ w.T + bias) + other`` in ``w.dtype`` (see the module docstring)."""
+    wtype = _weight_type(w)
     if act not in _ACTS:
         raise ValueError(f"act: {act!r} is not one of {sorted(_ACTS, key=str)}")
     n, k = w.shape
@@ -100,9 +105,7 @@ class _Bound:
     __slots__ = ("w", "dtype", "wtype", "n", "k", "wp", "fn")
 
     def __init__(self, w: torch.Tensor):
-        self.wtype = _WTYPE.get(w.dtype)
-        if self.wtype is None or w.dim() != 2 or w.device.type != "cpu":
-            raise ValueError(f"w must be a 2-D bf16/f16 CPU tensor, got {w.dtype} {tuple(w.shape)} on {w.device}")
+        self.wtype = _weight_type(w)
         self.w = w.contiguous()
         self.dtype = w.dtype
         self.n, self.k = w.shape
