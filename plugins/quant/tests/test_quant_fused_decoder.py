@@ -125,6 +125,24 @@ def test_env_switch_disables(tmp_path, monkeypatch):
     assert model.fast_forward is None
 
 
+def _one_thread_and_team(model, threads: int):
+    """The fused step's outputs over one schedule, capped to one thread, then with a team of
+    ``threads`` (torch's count restored after)."""
+    sched = make_schedule()
+    lib = cpp_kernels._lib()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        lib.mq_set_thread_cap(1)
+        one = run_schedule(model, model.fast_forward, sched)
+        lib.mq_set_thread_cap(0)
+        team = run_schedule(model, model.fast_forward, sched)
+    finally:
+        lib.mq_set_thread_cap(0)
+        torch.set_num_threads(before)
+    return one, team
+
+
 def test_thread_count_does_not_change_results(tmp_path, monkeypatch):
     """The kernels give every output to one thread, so one thread and all of them agree
     bit for bit (the thread tuner may switch between them while serving)."""
@@ -133,18 +151,7 @@ def test_thread_count_does_not_change_results(tmp_path, monkeypatch):
     path = tmp_path / "gemma3.gguf"
     write_gguf(path, arch, ref, cfg, "Q8_0")
     model, _, _ = load_gguf_model([path], torch.float32)
-    sched = make_schedule()
-    lib = cpp_kernels._lib()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        lib.mq_set_thread_cap(1)
-        one = run_schedule(model, model.fast_forward, sched)
-        lib.mq_set_thread_cap(0)
-        two = run_schedule(model, model.fast_forward, sched)
-    finally:
-        lib.mq_set_thread_cap(0)
-        torch.set_num_threads(threads)
+    one, two = _one_thread_and_team(model, 2)
     # The prefill step takes torch's path, whose reductions may split by thread count.
     assert all(torch.equal(a, b) for a, b in zip(one[1:], two[1:]))
 
@@ -158,18 +165,7 @@ def test_step_team_of_more_threads_than_cores(tmp_path, monkeypatch):
     path = tmp_path / "qwen2.gguf"
     write_gguf(path, arch, ref, cfg, "Q4_K")
     model, _, _ = load_gguf_model([path], torch.float32)
-    sched = make_schedule()
-    lib = cpp_kernels._lib()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        lib.mq_set_thread_cap(1)
-        one = run_schedule(model, model.fast_forward, sched)
-        lib.mq_set_thread_cap(0)
-        three = run_schedule(model, model.fast_forward, sched)
-    finally:
-        lib.mq_set_thread_cap(0)
-        torch.set_num_threads(threads)
+    one, three = _one_thread_and_team(model, 3)
     assert all(torch.equal(a, b) for a, b in zip(one[1:], three[1:]))
 
 
