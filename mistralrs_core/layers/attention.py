@@ -159,6 +159,21 @@ class AttentionMetadata:
             self._masks[key] = m
         return m
 
+    def sequence_mask(self, b: int, device, sliding_window: int | None = None) -> torch.Tensor:
+        """Boolean [n, c] for sequence ``b`` alone (its n new queries, its c keys): causal,
+        windowed as ``mask``. Built once per step, as ``mask``: every layer asks for it."""
+        key = ("sequence", b, sliding_window)
+        m = self._masks.get(key)
+        if m is None:
+            n, c = self.query_lens[b], self.context_lens[b]
+            q_pos = torch.arange(c - n, c, device=device)[:, None]
+            kj = torch.arange(c, device=device)[None, :]
+            m = kj <= q_pos
+            if sliding_window is not None:
+                m = m & (kj > q_pos - sliding_window)
+            self._masks[key] = m
+        return m
+
     @property
     def has_bidirectional_spans(self) -> bool:
         return bool(self.bidirectional_spans) and any(self.bidirectional_spans)
@@ -279,11 +294,7 @@ def _per_sequence(q, k, v, meta: AttentionMetadata, cache: LayerKVCache | None, 
         elif n == 1 and not windowed:
             o = F.scaled_dot_product_attention(qb, kb, vb, scale=scale, enable_gqa=gqa)
         else:
-            q_pos = torch.arange(c - n, c, device=q.device)[:, None]
-            kj = torch.arange(c, device=q.device)[None, :]
-            m = kj <= q_pos
-            if windowed:
-                m = m & (kj > q_pos - sliding_window)
+            m = meta.sequence_mask(b, q.device, sliding_window if windowed else None)
             o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=m, scale=scale, enable_gqa=gqa)
         outs.append(o[0].transpose(0, 1))
         off += n
