@@ -3,9 +3,16 @@
 On CPU the eager tower spends its non-GEMM time in separate passes over the activations
 (bias adds, layer norms, GELU, residual adds: ~10% of the eager tower's time in float32 and
 ~22% in bf16 for CLIP-L at 336 px, see bench/README.md). Inductor fuses those passes into a
-few C++ loops, and with ``freezing`` it folds the weights into constants, prepacks them for
-oneDNN/MKL and fuses bias and activation into the matmul. The GEMMs and the attention are the
-same library kernels either way, so the gain is bounded by the non-GEMM share.
+few C++ loops. The GEMMs and the attention are the same library kernels either way, so the
+gain is bounded by the non-GEMM share.
+
+``freezing`` is asked for, but on torch 2.13 it folds nothing: dynamo inlines the layers, so
+inductor sees the weights as graph inputs (its freezing pass finds no parameters) and the
+GEMMs are ``aten::mm`` on the plain weights. Prepacking them ourselves does not pay: the
+tower with its 1024-wide linears on oneDNN's prepacked GEMM (through a custom op) against
+this graph, interleaved in one process, had the same best time (0.569 against 0.562 s), and
+for the 4096 -> 1024 linear the prepacked GEMM is slower (0.70 against 0.95 TFLOP/s, see
+``bench/amx_gemm_ceiling.py``).
 
 The graph is compiled for one shape, [1, tokens, hidden] (one image; a tower's processor
 resizes every image to one size), and a batch runs image by image through it: a GEMM with
