@@ -9,9 +9,7 @@ from functools import partial
 import pytest
 import torch
 
-from mistralrs_core.engine.model_runner import build_metadata
-from mistralrs_core.engine.step import FeatureSpan, record
-from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -19,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_gemma3 import BOI, EOI, IMAGE, MM_TOKENS, PREPROCESSOR, SOFT, write_tiny_gemma3  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Gemma3"]
 TOL = 1e-4
@@ -35,29 +33,6 @@ def loaded(tiny):
     out, ref, ids = tiny
     model, _ = build_text_model(out, kind="vision")
     return model, ref, ids
-
-
-class Ours:
-    """One sequence through our model: features spliced into the prefill, the spans'
-    bidirectional attention through the step metadata, paged cache."""
-
-    def __init__(self, model, block_size=4, num_blocks=64):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def prompt_with_images(ids_of, pixels_list, text_ids):
@@ -115,7 +90,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     text = torch.randint(0, ids_of[BOI], (9,), generator=g).tolist()
     ids, spans = prompt_with_images(ids_of, pixels, text)
     where = [(s.start, s.length) for s in spans]
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels, where))
     seq = list(ids)
     for i in range(4):
@@ -123,7 +98,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, pixels, where)[-1]))
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         t = int(logits.argmax())
@@ -142,8 +117,8 @@ def test_image_tokens_attend_both_ways(loaded):
     ids, spans = prompt_with_images(ids_of, px, list(range(20, 29)))
     causal = [FeatureSpan(s.start, s.length, s.content_hash, s.data) for s in spans]
     want = ref_logits(ref, ids, px, [(s.start, s.length) for s in spans])
-    assert max_rel_err(Ours(model).step(ids, spans), want) <= TOL
-    assert max_rel_err(Ours(model).step(ids, causal), want) > 1e-3
+    assert max_rel_err(OneSequence(model).step(ids, spans), want) <= TOL
+    assert max_rel_err(OneSequence(model).step(ids, causal), want) > 1e-3
 
 
 def _hub(name: str) -> str:
@@ -181,7 +156,7 @@ def test_checkpoint_layouts_load(tmp_path, loaded, layout):
     ids, spans = prompt_with_images(ids_of, [px[0]], list(range(20, 29)))
     with torch.inference_mode():
         assert torch.equal(other.image_features(px), model.image_features(px))
-    assert torch.equal(Ours(other).step(ids, spans), Ours(model).step(ids, spans))
+    assert torch.equal(OneSequence(other).step(ids, spans), OneSequence(model).step(ids, spans))
 
 
 # gemma-3-4b-it's config.json (the keys that shape the model).

@@ -18,7 +18,6 @@ import torch
 
 from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.engine.step import FeatureSpan, record
-from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -26,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_gemma3n import (AUD, AUDIO_TOKENS, BOA, BOI, EOA, EOI, IMAGE, IMG, SOFT_TOKENS,  # noqa: E402
                           PREPROCESSOR, ReferenceAudioExtractor, write_tiny_gemma3n)
 from timm_reference import import_timm  # noqa: E402
+from vision_testing import OneSequence  # noqa: E402
 
 try:
     import_timm()
@@ -55,28 +55,6 @@ def load_ours(out):
 def loaded(tiny):
     out, ref, ids = tiny
     return load_ours(out), ref, ids
-
-
-class Ours:
-    """One sequence through our model with a paged cache; features spliced as the runner does."""
-
-    def __init__(self, model, block_size=4, num_blocks=64):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def prompt_with_images(ids_of, pixels, text):
@@ -135,7 +113,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     pixels = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(n_images)]
     text = torch.randint(0, ids_of[BOI], (9,), generator=g).tolist()
     ids, spans = prompt_with_images(ids_of, pixels, text)
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels))
     seq = list(ids)
     for i in range(4):
@@ -144,7 +122,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
     # the same through the span-wise reference (what greedy decoding below compares with)
     where = [(s.start, s.length) for s in spans]
-    assert max_rel_err(Ours(model).step(ids, spans), ref_logits_spans(ref, ids, pixels, where)) <= TOL
+    assert max_rel_err(OneSequence(model).step(ids, spans), ref_logits_spans(ref, ids, pixels, where)) <= TOL
 
 
 def test_greedy_32_tokens_with_two_images(loaded):
@@ -153,7 +131,7 @@ def test_greedy_32_tokens_with_two_images(loaded):
     pixels = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(2)]
     ids, spans = prompt_with_images(ids_of, pixels, torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
     where = [(s.start, s.length) for s in spans]
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(32):
         ours.append(int(logits.argmax()))
@@ -173,7 +151,7 @@ def test_chunked_prefill_through_an_image(loaded):
     px = [torch.randn(3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(8))]
     ids, spans = prompt_with_images(ids_of, px, list(range(20, 29)))
     span = spans[0]
-    run, outs = Ours(model), []
+    run, outs = OneSequence(model), []
     for a, b in ((0, span.start + 2), (span.start + 2, len(ids) - 3), (len(ids) - 3, len(ids))):
         rec_spans = [span] if a < span.end and b > span.start else []
         outs.append(_chunk(run, ids[a:b], rec_spans))
@@ -229,7 +207,7 @@ def test_checkpoint_with_shared_layers_kv_weights_and_audio_tower_loads(tmp_path
     save_file(weights, str(out / "model.safetensors"))
     other = load_ours(out)
     ids, spans = prompt_with_images(ids_of, [torch.randn(3, IMAGE, IMAGE)], list(range(20, 29)))
-    assert torch.equal(Ours(other).step(ids, spans), Ours(model).step(ids, spans))
+    assert torch.equal(OneSequence(other).step(ids, spans), OneSequence(model).step(ids, spans))
 
 
 # --------------------------------------------------------------------------- the processor
@@ -316,7 +294,7 @@ def test_batch_of_image_and_text_sequences_equals_each_alone(loaded):
     blocks = [list(range(i, 3 * per_seq, 3)) for i in range(3)]          # interleaved block ids
     recs = [record(ids, 0, blocks[i], spans=tuple(sp), num_logits=len(ids)) for i, (ids, sp) in enumerate(prompts)]
     batched = runner.run(recs)
-    alone = [Ours(model) for _ in prompts]
+    alone = [OneSequence(model) for _ in prompts]
     off, worst, last = 0, 0.0, []
     for run, (ids, sp) in zip(alone, prompts):
         mine = run.step(ids, sp)
@@ -381,7 +359,7 @@ def test_audio_clip_logits_match_reference(loaded, with_image):
         enc, ok = model.audio_tower(torch.from_numpy(clip.mel[None]), torch.from_numpy(clip.valid[None]))
     assert 0 < enc.shape[1] < AUDIO_TOKENS and not ok.all()         # both kinds of padding are exercised
     ids, spans = prompt_with_media(ids_of, pixels, [clip], torch.randint(0, ids_of[BOI], (9,), generator=g).tolist())
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits_media(ref, ids, pixels, [clip]))
     seq = list(ids)
     for i in range(3):

@@ -11,9 +11,7 @@ from functools import partial
 import pytest
 import torch
 
-from mistralrs_core.engine.model_runner import build_metadata
-from mistralrs_core.engine.step import FeatureSpan, record
-from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -21,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_idefics2 import FAKE, IMG, LATENTS, PATCH, PREPROCESSOR, write_tiny_idefics2  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Idefics2"]
 TOL = 1e-4
@@ -37,28 +35,6 @@ def loaded(tiny):
     out, ref, ids = tiny
     model, _ = build_text_model(out, kind="vision")
     return model, ref, ids
-
-
-class Ours:
-    """One sequence through our model: features spliced into the prefill, paged cache."""
-
-    def __init__(self, model, block_size=4, num_blocks=64):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def padded(images):
@@ -156,7 +132,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     images = [pixels(g, h, w) for h, w in SIZES[:n_images]]
     text = torch.randint(0, ids_of[FAKE], (9,), generator=g).tolist()
     ids, spans = prompt_with_images(ids_of, images, text)
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, images))
     seq = list(ids)
     for i in range(4):
@@ -165,7 +141,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
     where = [(s.start, s.length) for s in spans]
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         t = int(logits.argmax())
@@ -346,7 +322,7 @@ def test_llama_text_model_matches_reference(tmp_path):
     g = torch.Generator().manual_seed(5)
     images = [pixels(g, 16, 24)]
     ids, spans = prompt_with_images(ids_of, images, torch.randint(0, ids_of[FAKE], (9,), generator=g).tolist())
-    assert max_rel_err(Ours(model).step(ids, spans), ref_logits(ref, ids, images)) <= TOL
+    assert max_rel_err(OneSequence(model).step(ids, spans), ref_logits(ref, ids, images)) <= TOL
 
 
 def test_runner_chunked_prefill_keeps_image_spans_whole(runner, tiny):

@@ -12,9 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mistralrs_core.engine.model_runner import build_metadata
-from mistralrs_core.engine.step import FeatureSpan, record
-from mistralrs_core.layers.recurrent import make_layer_cache
+from mistralrs_core.engine.step import FeatureSpan
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -23,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 from tiny_idefics3 import (FAKE, GLOBAL, IMAGE, PREPROCESSOR, TILE, TOKENS,  # noqa: E402
                            write_tiny_idefics3)
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Idefics3"]
 TOL = 1e-4
@@ -40,28 +38,6 @@ def loaded(tiny):
     out, ref, ids = tiny
     model, _ = build_text_model(out, kind="vision")
     return model, ref, ids
-
-
-class Ours:
-    """One sequence through our model: features spliced into the prefill, paged cache."""
-
-    def __init__(self, model, block_size=4, num_blocks=96):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def prompt_with_tiles(ids_of, tiles_per_image, text_ids, generator):
@@ -128,7 +104,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, tiles_per_image):
     g = torch.Generator().manual_seed(len(tiles_per_image))
     text = torch.randint(0, ids_of[FAKE], (9,), generator=g).tolist()
     ids, spans, pixels = prompt_with_tiles(ids_of, tiles_per_image, text, g)
-    run = Ours(model)
+    run = OneSequence(model, num_blocks=96)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels))
     seq = list(ids)
     for i in range(4):
@@ -137,7 +113,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, tiles_per_image):
     assert worst <= TOL, f"{tiles_per_image}: relative logit error {worst:.2e}"
 
     where = [(s.start, s.length) for s in spans]
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model, num_blocks=96), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         t = int(logits.argmax())

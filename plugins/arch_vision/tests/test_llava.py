@@ -10,9 +10,7 @@ from functools import partial
 import pytest
 import torch
 
-from mistralrs_core.engine.model_runner import build_metadata
 from mistralrs_core.engine.step import FeatureSpan
-from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -20,32 +18,11 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_llava import IMAGE, write_tiny_llava  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["LLaVa"]
 TOL = 1e-4
 TOKENS = (IMAGE // 7) ** 2
-
-
-class Ours:
-    """One sequence through our model: features spliced into the prefill, paged cache."""
-
-    def __init__(self, model, block_size=4, num_blocks=64):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        tok, pos, meta = build_metadata([(ids, self.pos, self.blocks)], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def prompt_with_images(image_token, pixels_list, text_ids):
@@ -103,7 +80,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     pixels = [torch.randn(3, IMAGE, IMAGE, generator=g) for _ in range(n_images)]
     text = torch.randint(0, image_token, (9,), generator=g).tolist()
     ids, spans = prompt_with_images(image_token, pixels, text)
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels))
     seq = list(ids)
     for i in range(4):
@@ -112,7 +89,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
     # Greedy: 12 tokens, the reference recomputing the whole sequence each step.
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(12):
         t = int(logits.argmax())

@@ -7,15 +7,11 @@ merged, the speech LoRA not used), prompts with ``<|image_N|>`` tags, and the Ru
 request batched with a text one, greedy 32 tokens identical."""
 from __future__ import annotations
 
-import json
 from functools import partial
 
 import pytest
 import torch
 
-from mistralrs_core.engine.model_runner import build_metadata
-from mistralrs_core.engine.step import record
-from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.loading.model_loader import build_text_model
 from mistralrs_core.testing.parity import max_rel_err
 
@@ -23,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_phi4mm import AUDIO_TOKEN, CROP, IMAGE_TOKEN, write_microsoft_layout, write_tiny_phi4mm  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["Phi4MM"]
 TOL = 1e-4
@@ -46,28 +42,6 @@ def loaded(tiny):
 def processor():
     from mistralrs_arch_vision.processors.phi4mm import Phi4MMImageProcessor
     return Phi4MMImageProcessor(crop=CROP)
-
-
-class Ours:
-    """One sequence through our model: features spliced into the prefill, paged cache."""
-
-    def __init__(self, model, block_size=4, num_blocks=600):
-        self.model = model
-        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
-                       for s in model.kv_cache_specs()]
-        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
-
-    @torch.inference_mode()
-    def step(self, ids, spans=()):
-        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
-        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
-        h = self.model.embed(tok)
-        if spans:
-            feats = self.model.encode_features(list(spans))
-            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
-            h = self.model.merge_features(h, rows, torch.cat(feats))
-        self.pos += len(ids)
-        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def reference_image_inputs(images):
@@ -150,7 +124,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, processor, n_images):
     images = [processor(random_image(10 + i, size)) for i, size in enumerate(SIZES[:n_images])]
     text = torch.randint(0, ids_of[IMAGE_TOKEN], (9,), generator=g).tolist()
     ids, spans = prompt_with_images(ids_of[IMAGE_TOKEN], images, text)
-    run = Ours(model)
+    run = OneSequence(model, num_blocks=600)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, images))
     feats = ref_image_features(ref, images, ids_of[IMAGE_TOKEN]) if images else []
     where = [(s.start, s.length) for s in spans]
@@ -199,7 +173,7 @@ def test_audio_prefill_and_decode_logits_match_reference(loaded, processor, extr
         ids += [ids_of[IMAGE_TOKEN]] * im.num_tokens + [40]
     spans.append(FeatureSpan(start=len(ids), length=clip.num_tokens, content_hash=b"a", data=clip))
     ids += [ids_of[AUDIO_TOKEN]] * clip.num_tokens + [51, 62, 73]
-    run = Ours(model)
+    run = OneSequence(model, num_blocks=600)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, images, clip))
     feats = (ref_image_features(ref, images, ids_of[IMAGE_TOKEN]) if images else []) + \
         [ref_audio_features(ref, clip, with_image)]
@@ -226,7 +200,7 @@ def test_long_prompt_switches_to_long_rope_factors(loaded):
     model, ref, ids_of = loaded
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, ids_of[IMAGE_TOKEN], (2100,), generator=g).tolist()
-    assert max_rel_err(Ours(model).step(ids), ref_logits(ref, ids, [])) <= TOL
+    assert max_rel_err(OneSequence(model, num_blocks=600).step(ids), ref_logits(ref, ids, [])) <= TOL
 
 
 # --------------------------------------------------------------------------- Microsoft's layout
@@ -263,7 +237,7 @@ def test_microsoft_layout_merges_vision_lora(loaded, microsoft, processor, extra
     ids += [ids_of[IMAGE_TOKEN]] * images[0].num_tokens + [9]
     spans.append(FeatureSpan(start=len(ids), length=clip.num_tokens, content_hash=b"a", data=clip))
     ids += [ids_of[AUDIO_TOKEN]] * clip.num_tokens + [10, 11]
-    run = Ours(model)
+    run = OneSequence(model, num_blocks=600)
     assert max_rel_err(run.step(ids, spans), ref_logits(ref_merged, ids, images, clip)) <= TOL
     seq = ids + [5]
     assert max_rel_err(run.step([5])[-1], ref_logits(ref_merged, seq, images, clip)[-1]) <= TOL
@@ -284,7 +258,7 @@ def test_both_layouts_load_to_identical_logits(tiny, microsoft, tmp_path, proces
     b, _ = build_text_model(t5, kind="vision")
     images = [processor(random_image(6, (480, 70)))]
     ids, spans = prompt_with_images(ids_of[IMAGE_TOKEN], images, list(range(20, 31)))
-    la, lb = Ours(a).step(ids, spans), Ours(b).step(ids, spans)
+    la, lb = OneSequence(a, num_blocks=600).step(ids, spans), OneSequence(b, num_blocks=600).step(ids, spans)
     assert torch.equal(la, lb)
 
 
@@ -425,7 +399,6 @@ def test_runner_audio_and_image_in_one_message(runner, tiny):
     """The spec's example: an ``audio_url`` and an ``image_url`` part referenced by
     ``<|audio_1|><|image_1|>`` in the text, batched with an audio-only request (a 22.05 kHz clip,
     resampled) and an ``input_audio`` one."""
-    import base64
     _, ref, ids_of = tiny
     pipe = runner._pipeline(None)
     wav = wav_data_uri(tone(0.9, seed=3))

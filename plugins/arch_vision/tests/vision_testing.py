@@ -1,6 +1,7 @@
-"""What the vision families' tests share: random images, data URIs, greedy chat requests
-with logprobs, sending requests to a Runner at once, and checking a greedy answer against
-the reference model."""
+"""What the vision families' tests share: one sequence stepped through a model's text side
+as the runner drives it, random images, data URIs, greedy chat requests with logprobs,
+sending requests to a Runner at once, and checking a greedy answer against the reference
+model."""
 from __future__ import annotations
 
 import base64
@@ -12,7 +13,36 @@ import pytest
 import torch
 from PIL import Image
 
+from mistralrs_core.engine.model_runner import build_metadata
+from mistralrs_core.engine.step import record
+from mistralrs_core.layers.recurrent import make_layer_cache
 from mistralrs_core.testing.concurrency import submitted_together
+
+
+class OneSequence:
+    """One sequence through a vision model with a paged cache, step by step: a step's
+    feature spans go into its record (Gemma 3's bidirectional image attention comes from
+    them) and their features are spliced into the step's rows, as the runner does."""
+
+    def __init__(self, model, block_size=4, num_blocks=64):
+        self.model = model
+        self.caches = [make_layer_cache(s, num_blocks, block_size, model.dtype, "cpu")
+                       for s in model.kv_cache_specs()]
+        self.blocks, self.block_size, self.pos = list(range(num_blocks)), block_size, 0
+
+    @torch.inference_mode()
+    def step(self, ids, spans=()):
+        """The logits of ``ids`` (the next tokens of the sequence); ``spans``: the feature
+        spans they cover."""
+        rec = record(ids, self.pos, self.blocks, spans=tuple(spans))
+        tok, pos, meta = build_metadata([rec], self.block_size, "cpu")
+        h = self.model.embed(tok)
+        if spans:
+            feats = self.model.encode_features(list(spans))
+            rows = torch.cat([torch.arange(s.start, s.end) for s in spans]) - self.pos
+            h = self.model.merge_features(h, rows, torch.cat(feats))
+        self.pos += len(ids)
+        return self.model.compute_logits(self.model.forward_embeds(h, pos, meta, self.caches))
 
 
 def random_image(seed: int, size=(37, 29)) -> Image.Image:
