@@ -9,9 +9,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours  # noqa: E402
 from tiny_llama4 import IMAGE, PATCH, write_tiny_llama4  # noqa: E402
-from vision_testing import run_concurrently  # noqa: E402
+from vision_testing import mixed_requests, OneSequence, run_concurrently  # noqa: E402
 
 COVERS = ["Llama4"]
 TOL = 1e-4
@@ -44,7 +43,7 @@ def test_text_prefill_and_decode_match_reference(loaded):
     vocab = min(ids_of.values())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (13,), generator=g).tolist()      # > 2 chunks of 5
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids), ref_embeds_logits(ref, ids))
     seq = list(ids)
     for i in range(6):                                              # crosses the chunk border at 15
@@ -58,7 +57,7 @@ def test_text_chunked_prefill_matches_reference(loaded):
     model, ref, ids_of = loaded
     vocab = min(ids_of.values())
     ids = torch.randint(0, vocab, (17,), generator=torch.Generator().manual_seed(1)).tolist()
-    run, outs = Ours(model), []
+    run, outs = OneSequence(model), []
     for a, b in ((0, 3), (3, 11), (11, 17)):
         outs.append(run.step(ids[a:b]))
     assert max_rel_err(torch.cat(outs), ref_embeds_logits(ref, ids)) <= TOL
@@ -68,7 +67,7 @@ def test_text_greedy_matches_reference(loaded):
     model, ref, ids_of = loaded
     vocab = min(ids_of.values())
     ids = torch.randint(0, vocab, (8,), generator=torch.Generator().manual_seed(2)).tolist()
-    run, ours, seq, theirs = Ours(model), [], list(ids), []
+    run, ours, seq, theirs = OneSequence(model), [], list(ids), []
     logits = run.step(ids)[-1]
     for _ in range(10):
         ours.append(int(logits.argmax()))
@@ -242,7 +241,7 @@ def test_prefill_and_decode_logits_with_images_match_reference(tiny, loaded, n_i
     ids, spans = build_prompt(proc, images, text)
     if n_images == 2:
         assert spans[0].data.tiles.shape[0] != spans[1].data.tiles.shape[0]
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, spans))
     seq = list(ids)
     for i in range(4):
@@ -250,7 +249,7 @@ def test_prefill_and_decode_logits_with_images_match_reference(tiny, loaded, n_i
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_embeds_logits(ref, seq, spans)[-1]))
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(8):
         ours.append(int(logits.argmax()))
@@ -285,17 +284,13 @@ def ref_greedy(ref, ids, spans, n):
 
 def test_runner_batches_image_and_text_requests(runner, tiny):
 
-    from vision_testing import chat, png_data_uri
+    from vision_testing import png_data_uri
     from mistralrs_arch_vision.pipeline import VisionPipeline
     _, ref, ids_of = tiny
     pipe = runner._pipeline(None)
     assert isinstance(pipe, VisionPipeline)
     url_a, url_b = png_data_uri(image(40, 20, seed=5)), png_data_uri(image(12, 45, seed=6))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     steps = pipe.engine.stats["steps"]
     results = run_concurrently(runner, reqs)
     prompts = []
@@ -355,7 +350,7 @@ def test_text_variants_match_reference(tmp_path, name):
     model, _ = build_text_model(out, kind="vision")
     vocab = min(ids_of.values())
     ids = torch.randint(0, vocab, (12,), generator=torch.Generator().manual_seed(5)).tolist()
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids), ref_embeds_logits(ref, ids))
     seq = list(ids)
     for i in range(4):

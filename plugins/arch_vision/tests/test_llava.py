@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from tiny_llava import IMAGE, write_tiny_llava  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import OneSequence, chat, png_data_uri, random_image, run_concurrently  # noqa: E402
+from vision_testing import chat, mixed_requests, OneSequence, png_data_uri, random_image, run_concurrently  # noqa: E402
 
 COVERS = ["LLaVa"]
 TOL = 1e-4
@@ -154,11 +154,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny_llava):
     pipe = runner._pipeline(None)
     assert isinstance(pipe, VisionPipeline)
     url_a, url_b = png_data_uri(random_image(1)), png_data_uri(random_image(2, size=(20, 50)))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     steps = pipe.engine.stats["steps"]
     results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]

@@ -17,9 +17,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
+from vision_testing import chat, mixed_requests, OneSequence, png_data_uri, run_concurrently  # noqa: E402
 from tiny_llava import IMAGE, PATCH  # noqa: E402
 from tiny_llava_next import NEXT_PREPROCESSOR, PINPOINTS, write_tiny_llava_next  # noqa: E402
 
@@ -182,7 +181,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
     text = torch.randint(0, image_token, (9,), generator=g).tolist()
     counts = [model.tokens_for(*p.image_size) for p in pixels]
     ids, spans = prompt_with_images(image_token, pixels, text, counts)
-    run = Ours(model, num_blocks=128)
+    run = OneSequence(model, num_blocks=128)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, pixels))
     seq = list(ids)
     for i in range(4):
@@ -190,7 +189,7 @@ def test_prefill_and_decode_logits_match_reference(loaded, n_images):
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, pixels)[-1]))
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
-    run, seq, ours, theirs = Ours(model, num_blocks=128), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model, num_blocks=128), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         t = int(logits.argmax())
@@ -209,7 +208,7 @@ def test_mistral_text_backbone(tmp_path):
     pixels = pixels_of([(37, 29)], seed=3)
     text = list(range(1, 10))
     ids, spans = prompt_with_images(image_token, pixels, text, [model.tokens_for(*pixels[0].image_size)])
-    assert max_rel_err(Ours(model, num_blocks=128).step(ids, spans), ref_logits(ref, ids, pixels)) <= TOL
+    assert max_rel_err(OneSequence(model, num_blocks=128).step(ids, spans), ref_logits(ref, ids, pixels)) <= TOL
 
 
 @pytest.mark.parametrize("layout", ["hub", "renamed"])
@@ -270,11 +269,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     pipe = runner._pipeline(None)
     assert isinstance(pipe, VisionPipeline)
     url_a, url_b = png_data_uri(image(37, 29, 1)), png_data_uri(image(20, 61, 2))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     steps = pipe.engine.stats["steps"]
     results = run_concurrently(runner, reqs)
     prompts = [check_against_reference(pipe, ref, q, r) for q, r in zip(reqs, results)]

@@ -15,8 +15,7 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours  # noqa: E402
-from vision_testing import chat, png_data_uri  # noqa: E402
+from vision_testing import chat, mixed_requests, OneSequence, png_data_uri  # noqa: E402
 from tiny_mistral3 import LONGEST, PATCH, PREPROCESSOR, UNIT, write_tiny_mistral3  # noqa: E402
 
 from mistralrs_arch_vision.mistral3 import Mistral3Processor  # noqa: E402
@@ -217,7 +216,7 @@ def test_prefill_and_decode_logits_match_reference(tiny, loaded, n_images):
     ids, spans = build_prompt(proc, images, text)
     if n_images == 2:
         assert spans[0].length != spans[1].length             # different sizes
-    run = Ours(model)
+    run = OneSequence(model)
     worst = max_rel_err(run.step(ids, spans), ref_logits(ref, ids, spans))
     seq = list(ids)
     for i in range(4):
@@ -225,7 +224,7 @@ def test_prefill_and_decode_logits_match_reference(tiny, loaded, n_images):
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref_logits(ref, seq, spans)[-1]))
     assert worst <= TOL, f"{n_images} image(s): relative logit error {worst:.2e}"
 
-    run, seq, ours, theirs = Ours(model), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         t = int(logits.argmax())
@@ -247,7 +246,7 @@ def test_sliding_window_text_matches_reference(tmp_path):
                                              model_dir=out)
     text = torch.randint(0, ids_of["[IMG]"], (9,), generator=torch.Generator().manual_seed(9)).tolist()
     ids, spans = build_prompt(proc, [image(24, 24, seed=4)], text)
-    assert max_rel_err(Ours(model).step(ids, spans), ref_logits(ref, ids, spans)) <= TOL
+    assert max_rel_err(OneSequence(model).step(ids, spans), ref_logits(ref, ids, spans)) <= TOL
 
 
 # --------------------------------------------------------------------------- through the Runner
@@ -279,11 +278,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     pipe = runner._pipeline(None)
     assert isinstance(pipe, VisionPipeline)
     url_a, url_b = png_data_uri(image(70, 30, seed=5)), png_data_uri(image(20, 45, seed=6))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     steps = pipe.engine.stats["steps"]
     results = run_concurrently(runner, reqs)
     prompts = []

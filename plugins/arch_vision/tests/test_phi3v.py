@@ -22,9 +22,8 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from test_llava import Ours  # noqa: E402
 import vision_testing  # noqa: E402
-from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
+from vision_testing import chat, OneSequence, png_data_uri, run_concurrently  # noqa: E402
 from tiny_phi3v import CLIP_MEAN, CLIP_STD, NUM_CROPS, PREPROCESSOR, write_tiny_phi3v  # noqa: E402
 
 from mistralrs_arch_vision.processors.phi3v import Phi3VImageProcessor, hd_size  # noqa: E402
@@ -229,7 +228,7 @@ def check_logits_and_greedy(model, ref, image_token, shapes, seed):
     ids, spans = prompt_with_images(image_token, pixels, text, model)
     feats = ref_features(ref, pixels) if pixels else None
     where = [(s.start, s.length) for s in spans]
-    run = Ours(model, num_blocks=640)
+    run = OneSequence(model, num_blocks=640)
     worst = max_rel_err(run.step(ids, spans), ref.logits(ids, feats, where))
     seq = list(ids)
     for i in range(4):
@@ -237,7 +236,7 @@ def check_logits_and_greedy(model, ref, image_token, shapes, seed):
         worst = max(worst, max_rel_err(run.step(seq[-1:])[-1], ref.logits(seq, feats, where)[-1]))
     assert worst <= TOL, f"{shapes}: relative logit error {worst:.2e}"
 
-    run, seq, ours, theirs = Ours(model, num_blocks=640), list(ids), [], []
+    run, seq, ours, theirs = OneSequence(model, num_blocks=640), list(ids), [], []
     logits = run.step(ids, spans)[-1]
     for _ in range(10):
         ours.append(int(logits.argmax()))
@@ -446,7 +445,7 @@ def test_bfloat16_model_runs_close_to_float32(tiny, loaded):
         f16, f32 = model16.encode_features(spans)[0], model32.encode_features(spans)[0]
     assert f16.dtype == torch.bfloat16 and max_rel_err(f16.float(), f32) < 5e-2
     ids, spans = prompt_with_images(image_token, pixels, list(range(9)), model16)
-    logits = Ours(model16, num_blocks=256).step(ids, spans)
+    logits = OneSequence(model16, num_blocks=256).step(ids, spans)
     assert torch.isfinite(logits).all()
 
 

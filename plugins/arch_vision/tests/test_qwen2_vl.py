@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_mistral3 import image  # noqa: E402
 from tiny_qwen2_vl import FACTOR, MERGE, PATCH, PREPROCESSOR, TEMPLATE, write_tiny_qwen2_vl  # noqa: E402
-from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
+from vision_testing import chat, mixed_requests, png_data_uri, run_concurrently  # noqa: E402
 
 from mistralrs_arch_vision.processors.qwen2_vl import Qwen2VLImageProcessor, QwenVisionInput  # noqa: E402
 from mistralrs_arch_vision.qwen2_vl import Qwen2VLProcessor  # noqa: E402
@@ -327,11 +327,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     ref = tiny[1]
     pipe = runner._pipeline(None)
     url_a, url_b = png_data_uri(image(70, 30, seed=5)), png_data_uri(image(20, 45, seed=6))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     alone = [runner.send_chat_completion_request(q) for q in reqs]
     steps = pipe.engine.stats["steps"]
     together = run_concurrently(runner, reqs)

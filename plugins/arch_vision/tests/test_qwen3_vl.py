@@ -21,7 +21,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_qwen3_vl import DEEPSTACK, PATCH, PREPROCESSOR, TEMPORAL, tokenizer_of, write_tiny_qwen3_vl  # noqa: E402
-from vision_testing import chat, png_data_uri, run_concurrently  # noqa: E402
+from vision_testing import chat, mixed_requests, png_data_uri, run_concurrently  # noqa: E402
 
 from mistralrs_arch_vision.qwen2_vl import Qwen2VLProcessor  # noqa: E402
 from mistralrs_arch_vision.qwen3_vl import Qwen3VLForConditionalGeneration  # noqa: E402
@@ -437,11 +437,7 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
     pipe = runner._pipeline(None)
     assert isinstance(pipe, VisionPipeline)
     url_a, url_b = png_data_uri(image(70, 30, seed=5)), png_data_uri(image(20, 45, seed=6))
-    reqs = [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
-                  {"type": "text", "text": "in words."}]),
-            chat("Tell me a story about the Rust type system."),
-            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
-                  {"type": "image_url", "image_url": url_a}])]
+    reqs = mixed_requests(url_a, url_b)
     steps = pipe.engine.stats["steps"]
     results = run_concurrently(runner, reqs)
     prompts = [_check(pipe, ref, q, res) for q, res in zip(reqs, results)]

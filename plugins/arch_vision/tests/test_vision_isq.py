@@ -18,9 +18,9 @@ pytest.importorskip("mistralrs_quant")
 
 from mistralrs_quant.qlinear import GGMLQuantMethod  # noqa: E402
 
-from test_llava import Ours, prompt_with_images  # noqa: E402
+from test_llava import prompt_with_images  # noqa: E402
 from tiny_llava import IMAGE  # noqa: E402
-from vision_testing import chat, png_data_uri, random_image  # noqa: E402
+from vision_testing import chat, OneSequence, png_data_uri, random_image  # noqa: E402
 
 #: the quantized model against the dense model holding its dequantized weights: only the
 #: summation order differs
@@ -63,7 +63,7 @@ def _logits(model, image_token, steps=3):
     g = torch.Generator().manual_seed(3)
     px = [torch.randn(3, IMAGE, IMAGE, generator=g)]
     ids, spans = prompt_with_images(image_token, px, torch.randint(0, image_token, (9,), generator=g).tolist())
-    run = Ours(model)
+    run = OneSequence(model)
     out = [run.step(ids, spans)]
     for i in range(steps):
         out.append(run.step([(ids[-1] * 7 + i) % image_token]))

@@ -62,6 +62,16 @@ def chat(parts, n=6):
                                  max_tokens=n, temperature=0.0, logprobs=True, ignore_eos=True)
 
 
+def mixed_requests(url_a: str, url_b: str) -> list:
+    """What the runner-batching tests send at once: text around image a, text alone, and
+    images b and a with text between (two sizes in one request, a reused)."""
+    return [chat([{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url_a}},
+                  {"type": "text", "text": "in words."}]),
+            chat("Tell me a story about the Rust type system."),
+            chat([{"type": "image_url", "image_url": {"url": url_b}}, {"type": "text", "text": "and"},
+                  {"type": "image_url", "image_url": url_a}])]
+
+
 def run_concurrently(runner, reqs) -> list:
     """Each request from its own thread, so the engine batches them; results in order."""
     results = [None] * len(reqs)
