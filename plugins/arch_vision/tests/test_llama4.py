@@ -10,7 +10,7 @@ from mistralrs_core.testing.parity import max_rel_err
 transformers = pytest.importorskip("transformers")
 
 from tiny_llama4 import IMAGE, PATCH, write_tiny_llama4  # noqa: E402
-from vision_testing import mixed_requests, OneSequence, run_concurrently  # noqa: E402
+from vision_testing import chat, mixed_requests, OneSequence, png_data_uri, run_concurrently  # noqa: E402
 
 COVERS = ["Llama4"]
 TOL = 1e-4
@@ -283,8 +283,6 @@ def ref_greedy(ref, ids, spans, n):
 
 
 def test_runner_batches_image_and_text_requests(runner, tiny):
-
-    from vision_testing import png_data_uri
     from mistralrs_arch_vision.pipeline import VisionPipeline
     _, ref, ids_of = tiny
     pipe = runner._pipeline(None)
@@ -312,7 +310,6 @@ def test_runner_batches_image_and_text_requests(runner, tiny):
 
 
 def test_runner_chunked_prefill_splits_inside_an_image(runner, tiny):
-    from vision_testing import chat, png_data_uri
     _, ref, _ = tiny
     pipe = runner._pipeline(None)
     sched = pipe.engine.scheduler

@@ -15,12 +15,11 @@ from mistralrs_core.testing.parity import max_rel_err
 
 transformers = pytest.importorskip("transformers")
 
-from vision_testing import chat, mixed_requests, OneSequence, png_data_uri  # noqa: E402
+from vision_testing import chat, mixed_requests, OneSequence, png_data_uri, run_concurrently  # noqa: E402
 from tiny_mistral3 import LONGEST, PATCH, PREPROCESSOR, UNIT, write_tiny_mistral3  # noqa: E402
 
 from mistralrs_arch_vision.mistral3 import Mistral3Processor  # noqa: E402
 from mistralrs_arch_vision.processors.pixtral import PixtralImageProcessor  # noqa: E402
-from vision_testing import run_concurrently  # noqa: E402
 
 COVERS = ["Mistral3"]
 TOL = 1e-4
